@@ -1,0 +1,74 @@
+//! `POST /events`: one event or `{"events":[…]}`; 202 once durably queued.
+
+use actix_web::{web, HttpResponse};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::{read_body, State};
+use crate::domain::{now_ms, Envelope};
+use crate::error::ApiError;
+
+/// Split a request into raw events: a batch object `{"events":[…]}` or one event object.
+/// Raw values let each event's own size be checked against `events.max_event_bytes`.
+fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
+    let top: serde_json::Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("body is not a JSON object: {e}")))?;
+    let validate_only = match top.get("validate_only") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::field("validate_only", "must be a boolean")),
+    };
+    if top.contains_key("events") {
+        #[derive(serde::Deserialize)]
+        struct Batch {
+            events: Vec<Box<RawValue>>,
+        }
+        let b: Batch = serde_json::from_slice(body).map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
+        Ok((b.events, true, validate_only))
+    } else {
+        let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
+        Ok((vec![raw], false, validate_only))
+    }
+}
+
+pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let s = &state.settings;
+    let body = read_body(body, s.http.max_body_bytes).await?;
+    let (raws, batch, validate_only) = split(&body)?;
+    if raws.is_empty() {
+        return Err(ApiError::field("events", "must hold at least one event"));
+    }
+    if raws.len() > s.events.max_batch {
+        return Err(ApiError::field("events", format!("holds more than {} events", s.events.max_batch)));
+    }
+    let now = now_ms();
+    let mut events = Vec::with_capacity(raws.len());
+    for (i, raw) in raws.iter().enumerate() {
+        let prefix = if batch { format!("events[{i}]") } else { String::new() };
+        let within = |e: ApiError| if batch { e.within(&prefix) } else { e };
+        if raw.get().len() > s.events.max_event_bytes {
+            return Err(within(ApiError::TooLarge { max_bytes: s.events.max_event_bytes, field: Some("event".into()) }));
+        }
+        let mut v: Value = serde_json::from_str(raw.get()).map_err(|e| within(ApiError::bad(e.to_string())))?;
+        if !batch {
+            if let Value::Object(o) = &mut v {
+                o.remove("validate_only");
+            }
+        }
+        events.push(Envelope::parse(v, now, s.delivery.https_only).map_err(within)?);
+    }
+    // Callback URLs that are IP literals are checked now; host names when they are dialled.
+    for (i, e) in events.iter().enumerate() {
+        if let Some(ip) = e.callback_url.as_ref().and_then(crate::domain::literal_ip) {
+            if !state.engine.client().policy().permits(ip) {
+                let err = ApiError::field("callback_url", format!("{ip} is a non-global address that deliveries may not reach"));
+                return Err(if batch { err.within(&format!("events[{i}]")) } else { err });
+            }
+        }
+    }
+    if validate_only {
+        return Ok(HttpResponse::Ok().json(json!({"valid": true, "events": events.len()})));
+    }
+    let routed = state.engine.ingest(&events, "api").await?;
+    Ok(HttpResponse::Accepted().json(json!({ "accepted": routed.len(), "events": routed })))
+}

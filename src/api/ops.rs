@@ -1,0 +1,120 @@
+//! Delivery log, dead letters, health and metrics.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{list_response, read_body, PageQuery, State};
+use crate::domain::{now_ms, Envelope};
+use crate::error::{parse_json, ApiError};
+use crate::store::{DeadLetterFilter, DeliveryFilter};
+
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Ready when the store answers a real round trip.
+pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
+    match state.engine.store.ping().await {
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok", "store": "ok", "bus": "embedded"}))),
+        Err(e) => Err(ApiError::Unavailable(format!("store: {e}"))),
+    }
+}
+
+pub async fn metrics(state: State) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.engine.metrics.render())
+}
+
+pub async fn list_deliveries(
+    state: State,
+    page: web::Query<PageQuery>,
+    filter: web::Query<DeliveryFilter>,
+) -> Result<HttpResponse, ApiError> {
+    let mut f = filter.into_inner();
+    if let Some(s) = &f.status {
+        // The API's names for the queue states.
+        f.status = Some(
+            match s.as_str() {
+                "pending" => "ready",
+                "queued" => "waiting",
+                "delivered" | "dead" => s.as_str(),
+                _ => return Err(ApiError::field("status", "must be one of pending, queued, delivered, dead")),
+            }
+            .to_string(),
+        );
+    }
+    let p = state.engine.store.list_deliveries(&f, page.after()?, page.limit()?).await?;
+    Ok(list_response(p.results, p.next_cursor))
+}
+
+pub async fn get_delivery(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    match state.engine.store.get_delivery(&id).await? {
+        Some(d) => Ok(HttpResponse::Ok().json(d)),
+        None => Err(ApiError::not_found("delivery", &id)),
+    }
+}
+
+pub async fn list_dead_letters(
+    state: State,
+    page: web::Query<PageQuery>,
+    filter: web::Query<DeadLetterFilter>,
+) -> Result<HttpResponse, ApiError> {
+    let p = state
+        .engine
+        .store
+        .list_dead_letters(&filter, page.after()?, page.limit()?)
+        .await?;
+    Ok(list_response(p.results, p.next_cursor))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Replay {
+    ids: Option<Vec<String>>,
+    webhook_id: Option<String>,
+    reason: Option<String>,
+    event_id: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Re-drive dead letters with the same `webhook-id`: by id, or every open one matching a filter.
+pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let req: Replay = parse_json(&body)?;
+    if req.ids.is_none() && req.webhook_id.is_none() && req.reason.is_none() && req.event_id.is_none() {
+        return Err(ApiError::field("ids", "name dead letters by ids, or filter by webhook_id, reason or event_id"));
+    }
+    let limit = req.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::field("limit", "must be between 1 and 10000"));
+    }
+    let filter = DeadLetterFilter {
+        webhook_id: req.webhook_id,
+        reason: req.reason,
+        event_id: req.event_id,
+        include_replayed: false,
+    };
+    let now = now_ms();
+    let (requeued, raws) = state
+        .engine
+        .store
+        .replay_dead_letters(req.ids.as_deref(), &filter, limit, now)
+        .await?;
+    // Unroutable events are routed again: their webhook may exist now.
+    let mut envelopes = Vec::new();
+    for raw in raws {
+        if let Ok(e) = serde_json::from_str(&raw)
+            .map_err(|e| ApiError::bad(e.to_string()))
+            .and_then(|v| Envelope::parse(v, now, false))
+        {
+            envelopes.push(e);
+        }
+    }
+    let rerouted = state.engine.ingest(&envelopes, "api").await?;
+    state.engine.notify();
+    let total = requeued as usize + rerouted.len();
+    state.engine.metrics.dead_letters_replayed.inc_by(total as u64);
+    Ok(HttpResponse::Accepted().json(json!({"replayed": total, "requeued": requeued, "rerouted": rerouted})))
+}

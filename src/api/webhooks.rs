@@ -1,0 +1,216 @@
+//! `/webhook`: registrations. The secret is returned on create and rotate only, never by list
+//! or get.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{list_response, read_body, PageQuery, State};
+use crate::domain::{now_ms, parse_target_url, parse_uuid, rfc3339_ms, valid_event_name};
+use crate::error::{parse_json, ApiError};
+use crate::signing::Secret;
+use crate::store::Webhook;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateWebhook {
+    target_url: String,
+    #[serde(default)]
+    event_types: Vec<String>,
+    #[serde(default = "yes")]
+    is_active: bool,
+    description: Option<String>,
+    /// Optional: bring your own `whsec_…` secret.
+    secret: Option<String>,
+    #[serde(default)]
+    validate_only: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateWebhook {
+    target_url: Option<String>,
+    event_types: Option<Vec<String>>,
+    is_active: Option<bool>,
+    description: Option<String>,
+}
+
+pub fn webhook_json(w: &Webhook) -> Value {
+    json!({
+        "id": w.id,
+        "target_url": w.target_url,
+        "event_types": w.event_types,
+        "is_active": w.is_active,
+        "description": w.description,
+        "previous_secret_expires_at": w.previous_secret.as_ref().filter(|(_, e)| *e > now_ms()).map(|(_, e)| rfc3339_ms(*e)),
+        "created_at": rfc3339_ms(w.created_at),
+        "updated_at": rfc3339_ms(w.updated_at),
+    })
+}
+
+fn check_event_types(types: &[String]) -> Result<(), ApiError> {
+    for (i, t) in types.iter().enumerate() {
+        if !valid_event_name(t, true) {
+            return Err(ApiError::field(
+                format!("event_types[{i}]"),
+                "must be an event name like sync_job_run:record, or entity:* or *",
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn check_target(state: &State, raw: &str) -> Result<url::Url, ApiError> {
+    let url = parse_target_url("target_url", raw, state.settings.delivery.https_only)?;
+    state
+        .engine
+        .client()
+        .policy()
+        .check_url(&url)
+        .await
+        .map_err(|m| ApiError::field("target_url", m))?;
+    Ok(url)
+}
+
+fn webhook_id(raw: &str) -> Result<String, ApiError> {
+    parse_uuid("id", raw).map_err(|_| ApiError::not_found("webhook", raw))
+}
+
+async fn load(state: &State, id: &str) -> Result<Webhook, ApiError> {
+    let id = webhook_id(id)?;
+    state
+        .engine
+        .store
+        .get_webhook(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook", &id))
+}
+
+pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let req: CreateWebhook = parse_json(&body)?;
+    let url = check_target(&state, &req.target_url).await?;
+    check_event_types(&req.event_types)?;
+    let secret = match &req.secret {
+        Some(s) => Secret::parse(s).map_err(|e| ApiError::field("secret", e.to_string()))?,
+        None => Secret::generate(),
+    };
+    if req.validate_only {
+        return Ok(HttpResponse::Ok().json(json!({"valid": true})));
+    }
+    let now = now_ms();
+    let w = Webhook {
+        id: uuid::Uuid::new_v4().to_string(),
+        target_url: url.to_string(),
+        event_types: req.event_types,
+        is_active: req.is_active,
+        description: req.description,
+        secret,
+        previous_secret: None,
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let w = state.engine.store.insert_webhook(&w).await?;
+    state.engine.webhooks.put(w.clone());
+    let mut body = webhook_json(&w);
+    body["secret"] = Value::String(w.secret.expose().to_string());
+    Ok(HttpResponse::Created().json(body))
+}
+
+pub async fn list(state: State, q: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+    let page = state.engine.store.list_webhooks(q.after()?, q.limit()?).await?;
+    Ok(list_response(
+        page.results.iter().map(webhook_json).collect(),
+        page.next_cursor,
+    ))
+}
+
+pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(webhook_json(&load(&state, &id).await?)))
+}
+
+pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let req: UpdateWebhook = parse_json(&body)?;
+    let mut w = load(&state, &id).await?;
+    if let Some(u) = &req.target_url {
+        w.target_url = check_target(&state, u).await?.to_string();
+    }
+    if let Some(t) = req.event_types {
+        check_event_types(&t)?;
+        w.event_types = t;
+    }
+    if let Some(a) = req.is_active {
+        w.is_active = a;
+    }
+    if req.description.is_some() {
+        w.description = req.description;
+    }
+    w.updated_at = now_ms();
+    state.engine.store.update_webhook(&w).await?;
+    state.engine.webhooks.put(w.clone());
+    if w.is_active {
+        // Deliveries parked for a re-enabled webhook may be due now.
+        state.engine.notify();
+    }
+    Ok(HttpResponse::Ok().json(webhook_json(&w)))
+}
+
+pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let w = load(&state, &id).await?;
+    state.engine.store.delete_webhook(&w.id).await?;
+    state.engine.webhooks.remove(&w.id);
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let mut w = load(&state, &id).await?;
+    let now = now_ms();
+    let old = std::mem::replace(&mut w.secret, Secret::generate());
+    w.previous_secret = Some((old, now + state.engine.rotation_grace_ms()));
+    w.updated_at = now;
+    state.engine.store.update_webhook(&w).await?;
+    state.engine.webhooks.put(w.clone());
+    let mut body = webhook_json(&w);
+    body["secret"] = Value::String(w.secret.expose().to_string());
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// Send a signed `webhook:test` event now and return the attempt.
+pub async fn test(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let w = load(&state, &id).await?;
+    let url = url::Url::parse(&w.target_url).map_err(|e| ApiError::Internal(e.into()))?;
+    let event_id = format!("test_{}", uuid::Uuid::now_v7().simple());
+    let now = now_ms();
+    let body = json!({
+        "id": event_id,
+        "event": "webhook:test",
+        "payload": {"message": "syncrelay test event"},
+        "environment_id": null,
+        "created_at": rfc3339_ms(now),
+        "webhook_id": w.id,
+    })
+    .to_string();
+    let mut secrets = vec![w.secret.clone()];
+    if let Some((p, until)) = &w.previous_secret {
+        if *until > now {
+            secrets.push(p.clone());
+        }
+    }
+    let a = state.engine.send(&url, &secrets, &event_id, 1, body).await;
+    Ok(HttpResponse::Ok().json(json!({
+        "event_id": event_id,
+        "delivered": a.status.is_some_and(|s| (200..300).contains(&s)),
+        "attempt": {
+            "status": a.status,
+            "duration_ms": a.duration.as_millis() as u64,
+            "response_excerpt": a.excerpt,
+            "error": a.error,
+        }
+    })))
+}

@@ -1,0 +1,463 @@
+//! Settings: defaults compiled in from `config/default.toml`, then an optional file, then
+//! environment variables `SYNCRELAY__SECTION__KEY`. Unknown keys and ill-typed values stop the
+//! start with an error naming the key (`serde_path_to_error` gives the path).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const ENV_PREFIX: &str = "SYNCRELAY__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub store: StoreSettings,
+    pub bus: BusSettings,
+    pub events: EventSettings,
+    pub delivery: DeliverySettings,
+    pub webhooks: WebhookSettings,
+    pub callbacks: CallbackSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub tokens: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    // Tokens are secrets: never printed, only counted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("tokens", &format!("<{} redacted>", self.tokens.len()))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub kind: StoreKind,
+    pub path: PathBuf,
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    Embedded,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusSettings {
+    pub kind: BusKind,
+    pub kafka: KafkaSettings,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub commands_topic: String,
+    pub dlq_topic: String,
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    // librdkafka properties include sasl.password and ssl keys: print names only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("librdkafka", &self.librdkafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    pub max_event_bytes: usize,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub max_in_flight: usize,
+    pub max_in_flight_per_webhook: usize,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub response_excerpt_bytes: usize,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub https_only: bool,
+    pub poll_interval_ms: u64,
+    pub retention_hours: u64,
+    pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub initial_interval_ms: u64,
+    pub multiplier: f64,
+    pub max_interval_ms: u64,
+    pub randomization_factor: f64,
+    pub max_attempts: u32,
+    pub max_elapsed_ms: u64,
+    pub retry_after_ceiling_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub secret_rotation_grace_seconds: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackSettings {
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CallbackSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackSettings")
+            .field("secret", &if self.secret.is_empty() { "<generated>" } else { "<redacted>" })
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("configuration key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+impl Settings {
+    /// Defaults, then `file` (if any), then the given environment variables.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut tree: toml::Value = toml::from_str(DEFAULT_TOML).expect("default.toml parses");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let overlay: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            merge(&mut tree, overlay);
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (var, raw) in env {
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::Env {
+                    var,
+                    message: "empty key segment".into(),
+                });
+            }
+            let value = env_value(&raw);
+            set_path(&mut tree, &path, value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        let settings: Settings =
+            serde_path_to_error::deserialize(tree).map_err(|e: serde_path_to_error::Error<_>| {
+                let message = e.inner().to_string();
+                let mut key = e.path().to_string();
+                // serde reports an unknown field at its parent: append the field itself so
+                // the operator sees the full key they wrote.
+                if let Some(rest) = message.strip_prefix("unknown field `") {
+                    if let Some(field) = rest.split('`').next() {
+                        key = if key == "." { field.to_string() } else { format!("{key}.{field}") };
+                    }
+                }
+                ConfigError::Key { key, message }
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Key {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("http.listen", "must be an address like 127.0.0.1:8080");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return bad("http.max_body_bytes", "must be at least 1024");
+        }
+        if self.events.max_event_bytes == 0 || self.events.max_event_bytes > self.http.max_body_bytes {
+            return bad("events.max_event_bytes", "must be between 1 and http.max_body_bytes");
+        }
+        if self.events.max_batch == 0 {
+            return bad("events.max_batch", "must be at least 1");
+        }
+        if self.delivery.max_in_flight == 0 {
+            return bad("delivery.max_in_flight", "must be at least 1");
+        }
+        if self.delivery.max_in_flight_per_webhook == 0 {
+            return bad("delivery.max_in_flight_per_webhook", "must be at least 1");
+        }
+        let r = &self.delivery.retry;
+        if r.multiplier < 1.0 {
+            return bad("delivery.retry.multiplier", "must be >= 1.0");
+        }
+        if !(0.0..1.0).contains(&r.randomization_factor) {
+            return bad("delivery.retry.randomization_factor", "must be in [0, 1)");
+        }
+        if r.max_attempts == 0 {
+            return bad("delivery.retry.max_attempts", "must be at least 1");
+        }
+        if r.initial_interval_ms == 0 || r.initial_interval_ms > r.max_interval_ms {
+            return bad(
+                "delivery.retry.initial_interval_ms",
+                "must be between 1 and delivery.retry.max_interval_ms",
+            );
+        }
+        match self.store.kind {
+            StoreKind::Postgres if self.store.url.is_empty() => {
+                return bad("store.url", "required when store.kind = \"postgres\"")
+            }
+            StoreKind::Postgres => return bad("store.kind", "postgres is not supported by this build yet; use sqlite"),
+            StoreKind::Sqlite if self.store.path.as_os_str().is_empty() => {
+                return bad("store.path", "must not be empty")
+            }
+            _ => {}
+        }
+        if self.bus.kind == BusKind::Kafka {
+            return bad("bus.kind", "kafka is not supported by this build yet; use embedded");
+        }
+        if !self.callbacks.secret.is_empty() && crate::signing::Secret::parse(&self.callbacks.secret).is_err() {
+            return bad("callbacks.secret", "must be whsec_ followed by base64 of at least 24 bytes");
+        }
+        Ok(())
+    }
+
+    pub fn is_allowed_ip(&self, ip: IpAddr) -> bool {
+        self.delivery.allowed_cidrs.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.delivery.request_timeout_ms)
+    }
+}
+
+/// Environment values: JSON when they parse as JSON (numbers, booleans, lists, tables),
+/// otherwise the raw string.
+fn env_value(raw: &str) -> toml::Value {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(serde_json::Value::Null) | Err(_) => toml::Value::String(raw.to_string()),
+        Ok(json) => json_to_toml(json).unwrap_or_else(|| toml::Value::String(raw.to_string())),
+    }
+}
+
+fn json_to_toml(v: serde_json::Value) -> Option<toml::Value> {
+    Some(match v {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Bool(b) => toml::Value::Boolean(b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64()?),
+        },
+        serde_json::Value::String(s) => toml::Value::String(s),
+        serde_json::Value::Array(a) => {
+            toml::Value::Array(a.into_iter().map(json_to_toml).collect::<Option<_>>()?)
+        }
+        serde_json::Value::Object(o) => toml::Value::Table(
+            o.into_iter()
+                .map(|(k, v)| json_to_toml(v).map(|v| (k, v)))
+                .collect::<Option<_>>()?,
+        ),
+    })
+}
+
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) if existing.is_table() && v.is_table() => merge(existing, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn set_path(tree: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
+    let mut node = tree;
+    for (i, seg) in path.iter().enumerate() {
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is not a section", path[..i].join(".")))?;
+        if i == path.len() - 1 {
+            match (table.get_mut(seg), value) {
+                (Some(existing @ toml::Value::Table(_)), v @ toml::Value::Table(_)) => merge(existing, v),
+                (_, v) => {
+                    table.insert(seg.clone(), v);
+                }
+            }
+            return Ok(());
+        }
+        node = table
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_contract() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert_eq!(s.http.listen, "127.0.0.1:8080");
+        assert!(s.auth.tokens.is_empty());
+        assert_eq!(s.store.kind, StoreKind::Sqlite);
+        assert_eq!(s.store.path, PathBuf::from("./data/syncrelay.db"));
+        assert_eq!(s.bus.kind, BusKind::Embedded);
+        assert_eq!(s.bus.kafka.group_id, "syncrelay");
+        assert_eq!(s.bus.kafka.topics, vec!["sync_job_run.events"]);
+        assert!(s.delivery.allowed_cidrs.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_with_json_lists_and_numbers() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("SYNCRELAY__AUTH__TOKENS", r#"["t1","t2"]"#),
+                ("SYNCRELAY__DELIVERY__RETRY__MAX_ATTEMPTS", "3"),
+                ("SYNCRELAY__DELIVERY__ALLOWED_CIDRS", r#"["127.0.0.0/8"]"#),
+                ("SYNCRELAY__HTTP__LISTEN", "0.0.0.0:9000"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.auth.tokens, vec!["t1", "t2"]);
+        assert_eq!(s.delivery.retry.max_attempts, 3);
+        assert!(s.is_allowed_ip("127.0.0.1".parse().unwrap()));
+        assert!(!s.is_allowed_ip("10.0.0.1".parse().unwrap()));
+        assert_eq!(s.http.listen, "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__MAX_INFLIGHT", "3")])).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("delivery.max_inflight"), "{msg}");
+    }
+
+    #[test]
+    fn ill_typed_value_is_named() {
+        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "fast")])).unwrap_err();
+        assert!(e.to_string().contains("delivery.retry.multiplier"), "{e}");
+    }
+
+    #[test]
+    fn file_overlay_applies_and_unknown_file_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[http]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        assert_eq!(Settings::load(Some(&p), env(&[])).unwrap().http.listen, "127.0.0.1:0");
+        std::fs::write(&p, "[htp]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let e = Settings::load(Some(&p), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("htp"), "{e}");
+    }
+
+    #[test]
+    fn semantic_validation_names_the_key() {
+        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR", "1.5")])).unwrap_err();
+        assert!(e.to_string().contains("delivery.retry.randomization_factor"), "{e}");
+    }
+}

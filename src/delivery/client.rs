@@ -1,0 +1,225 @@
+//! The only place that knows reqwest. Redirects are never followed, environment proxies are
+//! ignored, every attempt has connect and total timeouts, response bodies are read only up to a
+//! cap, and the address dialled is checked: a custom resolver drops non-global addresses (unless
+//! allowed) so the connection can only go to an address that passed the check, and IP-literal
+//! URLs (which skip the resolver) are checked before the request is sent.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::Url;
+
+use super::retry::{parse_retry_after, AttemptResult};
+use crate::domain::{is_global, literal_ip};
+
+#[derive(Clone, Debug)]
+pub struct AddressPolicy {
+    allowed: Arc<Vec<IpNet>>,
+}
+
+impl AddressPolicy {
+    pub fn new(allowed: Vec<IpNet>) -> Self {
+        AddressPolicy {
+            allowed: Arc::new(allowed),
+        }
+    }
+
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        is_global(ip) || self.allowed.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Resolve a URL's host and refuse it when any address it resolves to is not permitted.
+    /// Used at registration, where the user can fix the URL.
+    pub async fn check_url(&self, url: &Url) -> Result<(), String> {
+        let port = url.port_or_known_default().unwrap_or(443);
+        let addrs: Vec<IpAddr> = match literal_ip(url) {
+            Some(ip) => vec![ip],
+            None => {
+                let host = url.host_str().unwrap_or_default().to_string();
+                let resolved = tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| format!("host {host} does not resolve ({e})"))?;
+                resolved.map(|a| a.ip()).collect()
+            }
+        };
+        match addrs.iter().find(|ip| !self.permits(**ip)) {
+            Some(ip) => Err(format!(
+                "resolves to {ip}, a non-global address (loopback, private, link-local or reserved) that deliveries may not reach"
+            )),
+            None if addrs.is_empty() => Err("host resolves to no address".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// DNS resolution for deliveries: only permitted addresses are returned, so hyper can only dial
+/// an address that passed the check (no time-of-check/time-of-use gap).
+struct GuardedResolver {
+    policy: AddressPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("all addresses of the host are non-global and not allowed")]
+struct Blocked;
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let ok: Vec<SocketAddr> = all.into_iter().filter(|a| policy.permits(a.ip())).collect();
+            if ok.is_empty() {
+                return Err(Box::new(Blocked) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(ok.into_iter()) as Addrs)
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct DeliveryClient {
+    http: reqwest::Client,
+    policy: AddressPolicy,
+    excerpt_bytes: usize,
+    timeout: Duration,
+    user_agent: String,
+}
+
+/// One attempt, as recorded.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub result: AttemptResult,
+    pub status: Option<u16>,
+    pub duration: Duration,
+    pub excerpt: Option<String>,
+    pub error: Option<String>,
+}
+
+impl DeliveryClient {
+    pub fn new(policy: AddressPolicy, connect_timeout: Duration, timeout: Duration, excerpt_bytes: usize) -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(connect_timeout)
+            .timeout(timeout)
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
+            .build()
+            .expect("reqwest client builds");
+        DeliveryClient {
+            http,
+            policy,
+            excerpt_bytes,
+            timeout,
+            user_agent: format!("syncrelay/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    pub fn policy(&self) -> &AddressPolicy {
+        &self.policy
+    }
+
+    /// POST `body` with the given headers. Never panics, never follows redirects.
+    pub async fn post(&self, url: &Url, headers: &[(&'static str, String)], body: String) -> Attempt {
+        let started = Instant::now();
+        if let Some(ip) = literal_ip(url) {
+            if !self.policy.permits(ip) {
+                return Attempt {
+                    result: AttemptResult::BlockedAddress,
+                    status: None,
+                    duration: started.elapsed(),
+                    excerpt: None,
+                    error: Some(format!("address {ip} is non-global and not allowed")),
+                };
+            }
+        }
+        let mut req = self
+            .http
+            .post(url.clone())
+            .header("content-type", "application/json")
+            .header("user-agent", &self.user_agent);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        // The total timeout also bounds reading the (capped) body.
+        let fut = async {
+            let resp = req.body(body).send().await?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let mut excerpt = Vec::new();
+            let mut resp = resp;
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                let room = self.excerpt_bytes.saturating_sub(excerpt.len());
+                excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if excerpt.len() >= self.excerpt_bytes {
+                    break;
+                }
+            }
+            Ok::<_, reqwest::Error>((status, retry_after, excerpt))
+        };
+        let outcome = tokio::time::timeout(self.timeout, fut).await;
+        let duration = started.elapsed();
+        match outcome {
+            Ok(Ok((code, retry_after, excerpt))) => Attempt {
+                result: AttemptResult::Status { code, retry_after },
+                status: Some(code),
+                duration,
+                excerpt: Some(String::from_utf8_lossy(&excerpt).into_owned()),
+                error: None,
+            },
+            Ok(Err(e)) => {
+                let (result, error) = describe(&e);
+                Attempt {
+                    result,
+                    status: None,
+                    duration,
+                    excerpt: None,
+                    error: Some(error),
+                }
+            }
+            Err(_) => Attempt {
+                result: AttemptResult::Timeout,
+                status: None,
+                duration,
+                excerpt: None,
+                error: Some(format!("timed out after {} ms", self.timeout.as_millis())),
+            },
+        }
+    }
+}
+
+/// Classify a reqwest error without leaking the URL (it may carry a token in its query).
+fn describe(e: &reqwest::Error) -> (AttemptResult, String) {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if s.is::<Blocked>() {
+            return (AttemptResult::BlockedAddress, Blocked.to_string());
+        }
+        source = s.source();
+    }
+    let chain = {
+        let mut parts = Vec::new();
+        let mut s = std::error::Error::source(e);
+        while let Some(x) = s {
+            parts.push(x.to_string());
+            s = x.source();
+        }
+        parts.join(": ")
+    };
+    if e.is_timeout() {
+        (AttemptResult::Timeout, "timed out".into())
+    } else if e.is_connect() {
+        (AttemptResult::Connect, format!("connection failed: {chain}"))
+    } else {
+        (AttemptResult::Other, format!("request failed: {chain}"))
+    }
+}

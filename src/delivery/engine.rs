@@ -1,0 +1,609 @@
+//! The delivery engine: routes events to targets, dispatches due deliveries under a global and a
+//! per-target in-flight cap, performs signed attempts and records their outcomes.
+//!
+//! Concurrency shape:
+//! - one dispatcher task picks due `ready` rows (see `store` for the ready/waiting model that
+//!   keeps each run in order) and spawns one task per attempt, never more than
+//!   `delivery.max_in_flight` at once nor more than `delivery.max_in_flight_per_webhook` for
+//!   one target — targets at their cap are excluded from the query itself, so a hanging webhook
+//!   cannot fill the dispatcher's view and starve the others;
+//! - attempt tasks send their outcome to one writer task that commits outcomes in batches
+//!   (group commit) and only then releases the row from the in-flight set. A row is therefore
+//!   never picked twice, and a crash at any point leaves it `ready` to be attempted again
+//!   (at-least-once, same `webhook-id`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::client::{Attempt, DeliveryClient};
+use super::retry::{classify, result_label, RetryPolicy, Verdict};
+use crate::config::Settings;
+use crate::domain::{now_ms, subscribed, Envelope};
+use crate::metrics::Metrics;
+use crate::signing::{signature_headers, Secret};
+use crate::store::{
+    AttemptRecord, Completion, NewDeadLetter, NewDelivery, Next, QueuedDelivery, Store, Webhook,
+};
+
+/// Webhooks by id, kept in step with the store by the API (single process) and reloaded at start.
+#[derive(Default)]
+pub struct WebhookCache {
+    map: RwLock<HashMap<String, Arc<Webhook>>>,
+}
+
+impl WebhookCache {
+    pub fn get(&self, id: &str) -> Option<Arc<Webhook>> {
+        self.map.read().expect("lock").get(id).cloned()
+    }
+    pub fn put(&self, w: Webhook) {
+        self.map.write().expect("lock").insert(w.id.clone(), Arc::new(w));
+    }
+    pub fn remove(&self, id: &str) {
+        self.map.write().expect("lock").remove(id);
+    }
+    pub fn all(&self) -> Vec<Arc<Webhook>> {
+        self.map.read().expect("lock").values().cloned().collect()
+    }
+}
+
+/// What happened to one event at ingest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Routed {
+    pub id: String,
+    /// `queued`, `dead_lettered` or `filtered`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    pub deliveries: usize,
+}
+
+pub struct Engine {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub webhooks: WebhookCache,
+    client: DeliveryClient,
+    policy: RetryPolicy,
+    callback_secret: Secret,
+    max_in_flight: usize,
+    per_target_cap: usize,
+    poll_interval: Duration,
+    rotation_grace_ms: i64,
+    retention: Duration,
+    in_flight: Mutex<InFlight>,
+    wake: Notify,
+    done_tx: mpsc::UnboundedSender<Completion>,
+    done_rx: Mutex<Option<mpsc::UnboundedReceiver<Completion>>>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    rows: HashSet<i64>,
+    per_target: HashMap<String, usize>,
+}
+
+impl Engine {
+    pub fn new(settings: &Settings, store: Store, metrics: Metrics, callback_secret: Secret) -> Arc<Engine> {
+        let d = &settings.delivery;
+        let client = DeliveryClient::new(
+            super::client::AddressPolicy::new(d.allowed_cidrs.clone()),
+            Duration::from_millis(d.connect_timeout_ms),
+            Duration::from_millis(d.request_timeout_ms),
+            d.response_excerpt_bytes,
+        );
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Arc::new(Engine {
+            store,
+            metrics,
+            webhooks: WebhookCache::default(),
+            client,
+            policy: RetryPolicy::from(&d.retry),
+            callback_secret,
+            max_in_flight: d.max_in_flight,
+            per_target_cap: d.max_in_flight_per_webhook,
+            poll_interval: Duration::from_millis(d.poll_interval_ms.max(10)),
+            rotation_grace_ms: (settings.webhooks.secret_rotation_grace_seconds * 1000) as i64,
+            retention: Duration::from_secs(d.retention_hours * 3600),
+            in_flight: Mutex::new(InFlight::default()),
+            wake: Notify::new(),
+            done_tx,
+            done_rx: Mutex::new(Some(done_rx)),
+        })
+    }
+
+    pub fn client(&self) -> &DeliveryClient {
+        &self.client
+    }
+
+    pub fn rotation_grace_ms(&self) -> i64 {
+        self.rotation_grace_ms
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().expect("lock").rows.len()
+    }
+
+    /// Wake the dispatcher: new work was queued.
+    pub fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    pub async fn load_webhooks(&self) -> anyhow::Result<()> {
+        for w in self.store.all_webhooks().await? {
+            self.webhooks.put(w);
+        }
+        Ok(())
+    }
+
+    // ---- routing ----------------------------------------------------------------------------
+
+    /// Decide the deliveries (and dead letters) of one event.
+    fn route(&self, e: &Envelope, now: i64, out: &mut Vec<NewDelivery>, dead: &mut Vec<NewDeadLetter>) -> Routed {
+        let before = out.len();
+        let mut unroutable = |reason: &'static str, webhook_id: Option<String>| {
+            dead.push(NewDeadLetter {
+                delivery_id: None,
+                event_id: e.id.clone(),
+                event: e.event.clone(),
+                webhook_id,
+                kind: "webhook",
+                reason,
+                attempts: 0,
+                last_status: None,
+                last_error: None,
+                raw: e.to_json().to_string(),
+            });
+            reason
+        };
+        let mut reason = None;
+        let mut filtered = false;
+        match &e.webhook_id {
+            // Runs are not known to this relay yet: an event must name its webhook.
+            None => reason = Some(unroutable("unknown_run", None)),
+            Some(wid) => match self.webhooks.get(wid) {
+                None => reason = Some(unroutable("unknown_webhook", Some(wid.clone()))),
+                Some(w) if !w.is_active => reason = Some(unroutable("webhook_disabled", Some(wid.clone()))),
+                Some(w) if !subscribed(&w.event_types, &e.event) => filtered = true,
+                Some(w) => out.push(NewDelivery {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    event_id: e.id.clone(),
+                    event: e.event.clone(),
+                    run_id: e.sync_job_run_id.clone(),
+                    kind: "webhook",
+                    webhook_id: Some(w.id.clone()),
+                    target_url: None,
+                    target_key: format!("w:{}", w.id),
+                    order_key: e.sync_job_run_id.as_ref().map(|r| format!("w:{}:{r}", w.id)),
+                    body: e.body(Some(&w.id)),
+                    created_at: now,
+                }),
+            },
+        }
+        if let Some(cb) = &e.callback_url {
+            let target_key = format!("c:{}:{}", cb.host_str().unwrap_or(""), cb.port_or_known_default().unwrap_or(0));
+            out.push(NewDelivery {
+                id: uuid::Uuid::now_v7().to_string(),
+                event_id: e.id.clone(),
+                event: e.event.clone(),
+                run_id: e.sync_job_run_id.clone(),
+                kind: "callback",
+                webhook_id: e.webhook_id.clone(),
+                target_url: Some(cb.to_string()),
+                order_key: e.sync_job_run_id.as_ref().map(|r| format!("c:{cb}:{r}")),
+                target_key,
+                body: e.body(e.webhook_id.as_deref()),
+                created_at: now,
+            });
+        }
+        let deliveries = out.len() - before;
+        Routed {
+            id: e.id.clone(),
+            status: if deliveries > 0 {
+                "queued"
+            } else if reason.is_some() {
+                "dead_lettered"
+            } else if filtered {
+                "filtered"
+            } else {
+                "queued"
+            },
+            reason,
+            deliveries,
+        }
+    }
+
+    /// Route and durably queue events; returns once they are committed.
+    pub async fn ingest(&self, events: &[Envelope], source: &str) -> anyhow::Result<Vec<Routed>> {
+        let now = now_ms();
+        let mut out = Vec::with_capacity(events.len());
+        let mut dead = Vec::new();
+        let routed: Vec<Routed> = events.iter().map(|e| self.route(e, now, &mut out, &mut dead)).collect();
+        self.store.enqueue(&out, &dead, now).await?;
+        self.metrics
+            .events_ingested
+            .with_label_values(&[source])
+            .inc_by(events.len() as u64);
+        for d in &dead {
+            self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+        }
+        for r in &routed {
+            if r.status == "filtered" {
+                self.metrics.events_filtered.inc();
+            }
+        }
+        if !out.is_empty() {
+            self.notify();
+        }
+        Ok(routed)
+    }
+
+    /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
+    /// subscribes to it.
+    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, except: Option<&str>) -> anyhow::Result<()> {
+        let serde_json::Value::Object(payload) = payload else {
+            anyhow::bail!("payload must be an object")
+        };
+        let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+        let now = now_ms();
+        let envelopes: Vec<Envelope> = self
+            .webhooks
+            .all()
+            .iter()
+            .filter(|w| w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event))
+            .map(|w| Envelope {
+                id: id.clone(),
+                event: event.to_string(),
+                sync_job_run_id: None,
+                webhook_id: Some(w.id.clone()),
+                callback_url: None,
+                environment_id: None,
+                created_at_ms: now,
+                payload: payload.clone(),
+            })
+            .collect();
+        if !envelopes.is_empty() {
+            self.ingest(&envelopes, "api").await?;
+        }
+        Ok(())
+    }
+
+    // ---- dispatch ---------------------------------------------------------------------------
+
+    /// Run the dispatcher and the outcome writer until `stop` is cancelled, then wait up to
+    /// `deadline` for in-flight attempts to be recorded. Unfinished rows stay queued.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, deadline: Duration) {
+        let rx = self.done_rx.lock().expect("lock").take().expect("engine runs once");
+        let writer = tokio::spawn(self.clone().write_outcomes(rx));
+        let housekeeping = tokio::spawn(self.clone().housekeeping(stop.clone(), self.retention));
+        self.clone().dispatch(stop).await;
+        let until = Instant::now() + deadline;
+        while self.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.in_flight();
+        if left > 0 {
+            tracing::warn!(in_flight = left, "shutdown deadline passed; unfinished deliveries stay queued");
+        }
+        writer.abort();
+        housekeeping.abort();
+    }
+
+    async fn dispatch(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let (free, skip, in_flight_now) = {
+                let f = self.in_flight.lock().expect("lock");
+                let skip: Vec<String> = f
+                    .per_target
+                    .iter()
+                    .filter(|(_, n)| **n >= self.per_target_cap)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                (self.max_in_flight.saturating_sub(f.rows.len()), skip, f.rows.len())
+            };
+            let mut started = 0usize;
+            let mut exhausted = true;
+            if free > 0 {
+                let now = now_ms();
+                let limit = (free + in_flight_now) as i64;
+                match self.store.due(now, limit, &skip).await {
+                    Ok(rows) => {
+                        exhausted = (rows.len() as i64) < limit;
+                        let mut f = self.in_flight.lock().expect("lock");
+                        for row in rows {
+                            if started >= free {
+                                exhausted = false;
+                                break;
+                            }
+                            if f.rows.contains(&row.seq) {
+                                continue;
+                            }
+                            let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
+                            if *n >= self.per_target_cap {
+                                continue;
+                            }
+                            *n += 1;
+                            f.rows.insert(row.seq);
+                            started += 1;
+                            self.metrics.in_flight.inc();
+                            tokio::spawn(self.clone().attempt(row));
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "dispatcher query failed"),
+                }
+            }
+            if started > 0 && !exhausted {
+                continue;
+            }
+            // Nothing more to start now: sleep until woken (new work, a finished attempt), the
+            // next retry is due, or the poll interval passes.
+            let mut sleep = self.poll_interval;
+            if let Ok(Some(next)) = self.store.next_due_at().await {
+                let wait = next - now_ms();
+                if wait > 0 {
+                    sleep = sleep.min(Duration::from_millis(wait as u64));
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// The URL and secrets for a queued delivery, or why it cannot be attempted.
+    fn target(&self, q: &QueuedDelivery, now: i64) -> Result<(Url, Vec<Secret>), &'static str> {
+        if q.kind == "callback" {
+            let url = q.target_url.as_deref().and_then(|u| Url::parse(u).ok()).ok_or("malformed")?;
+            return Ok((url, vec![self.callback_secret.clone()]));
+        }
+        let id = q.webhook_id.as_deref().ok_or("unknown_webhook")?;
+        let w = self.webhooks.get(id).ok_or("unknown_webhook")?;
+        if !w.is_active {
+            return Err("webhook_disabled");
+        }
+        let url = Url::parse(&w.target_url).map_err(|_| "malformed")?;
+        let mut secrets = vec![w.secret.clone()];
+        if let Some((prev, until)) = &w.previous_secret {
+            if *until > now {
+                secrets.push(prev.clone());
+            }
+        }
+        Ok((url, secrets))
+    }
+
+    /// One signed POST (used by deliveries and by `POST /webhook/{id}/test`).
+    pub async fn send(&self, url: &Url, secrets: &[Secret], event_id: &str, attempt_no: i64, body: String) -> Attempt {
+        let ts = now_ms() / 1000;
+        let refs: Vec<&Secret> = secrets.iter().collect();
+        let (sig, truto) = signature_headers(&refs, event_id, ts, body.as_bytes());
+        let headers = [
+            ("webhook-id", event_id.to_string()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sig),
+            ("x-truto-signature", truto),
+            ("webhook-attempt", attempt_no.to_string()),
+        ];
+        self.client.post(url, &headers, body).await
+    }
+
+    async fn attempt(self: Arc<Self>, q: QueuedDelivery) {
+        let now = now_ms();
+        let attempt_no = q.attempts + 1;
+        let kind: &'static str = if q.kind == "callback" { "callback" } else { "webhook" };
+        let dead = |reason: &'static str, status: Option<i64>, error: Option<String>, attempts: i64| NewDeadLetter {
+            delivery_id: Some(q.id.clone()),
+            event_id: q.event_id.clone(),
+            event: q.event.clone(),
+            webhook_id: q.webhook_id.clone(),
+            kind,
+            reason,
+            attempts,
+            last_status: status,
+            last_error: error,
+            raw: q.body.clone(),
+        };
+        let (url, secrets) = match self.target(&q, now) {
+            Ok(t) => t,
+            Err(reason) => {
+                let dl = dead(reason, None, Some(reason.to_string()), q.attempts);
+                let res = self.store.dead_letter_queued(&q, &dl, now).await;
+                if let Err(e) = res {
+                    tracing::error!(error = %format!("{e:#}"), "could not dead-letter delivery");
+                } else {
+                    self.metrics.dead_letters.with_label_values(&[reason]).inc();
+                    self.metrics.deliveries.with_label_values(&["dead_lettered", kind]).inc();
+                }
+                self.release(&q);
+                return;
+            }
+        };
+        let a = self.send(&url, &secrets, &q.event_id, attempt_no, q.body.clone()).await;
+        let finished = now_ms();
+        self.metrics
+            .attempts
+            .with_label_values(&[result_label(&a.result), kind])
+            .inc();
+        self.metrics
+            .attempt_duration
+            .with_label_values(&[kind])
+            .observe(a.duration.as_secs_f64());
+        let first = q.first_attempt_at.unwrap_or(now);
+        let status = a.status.map(|s| s as i64);
+        let next = match classify(&a.result) {
+            Verdict::Delivered => Next::Delivered,
+            Verdict::Retry { not_before } => {
+                let elapsed = Duration::from_millis((finished - first).max(0) as u64);
+                match self.policy.next_delay(attempt_no as u32, elapsed, not_before) {
+                    Some(d) => Next::Retry {
+                        at_ms: finished + d.as_millis() as i64,
+                    },
+                    None => Next::Dead(dead("attempts_exhausted", status, a.error.clone(), attempt_no)),
+                }
+            }
+            Verdict::DeadLetter { reason } => Next::Dead(dead(reason, status, a.error.clone(), attempt_no)),
+            Verdict::DisableWebhook => {
+                if let Some(id) = &q.webhook_id {
+                    if q.kind == "webhook" {
+                        self.disable_webhook(id).await;
+                    }
+                }
+                Next::Dead(dead("webhook_disabled", status, a.error.clone(), attempt_no))
+            }
+        };
+        tracing::debug!(
+            delivery_id = %q.id, event_id = %q.event_id, attempt = attempt_no,
+            status = ?a.status, result = result_label(&a.result), "attempt finished"
+        );
+        let c = Completion {
+            seq: q.seq,
+            delivery_id: q.id.clone(),
+            order_key: q.order_key.clone(),
+            attempt_no,
+            first_attempt_at: first,
+            attempt: AttemptRecord {
+                started_at: now,
+                duration_ms: a.duration.as_millis() as i64,
+                status,
+                error: a.error,
+                excerpt: a.excerpt,
+            },
+            next,
+            kind,
+            target_key: q.target_key.clone(),
+            created_at: q.created_at,
+        };
+        if self.done_tx.send(c).is_err() {
+            // Shutting down: the row stays ready and is attempted again after restart.
+            self.release(&q);
+        }
+    }
+
+    fn release(&self, q: &QueuedDelivery) {
+        let mut f = self.in_flight.lock().expect("lock");
+        if f.rows.remove(&q.seq) {
+            self.metrics.in_flight.dec();
+        }
+        if let Some(n) = f.per_target.get_mut(&q.target_key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                f.per_target.remove(&q.target_key);
+            }
+        }
+        drop(f);
+        self.wake.notify_one();
+    }
+
+    async fn disable_webhook(&self, id: &str) {
+        let Some(w) = self.webhooks.get(id) else { return };
+        if !w.is_active {
+            return;
+        }
+        let mut w = (*w).clone();
+        w.is_active = false;
+        w.updated_at = now_ms();
+        if let Err(e) = self.store.update_webhook(&w).await {
+            tracing::error!(error = %format!("{e:#}"), "could not disable webhook");
+            return;
+        }
+        tracing::warn!(webhook_id = %id, "receiver answered 410 Gone: webhook disabled");
+        self.webhooks.put(w);
+        self.metrics.webhooks_disabled.inc();
+        let payload = json!({"webhook_id": id, "reason": "receiver answered 410 Gone", "disabled_at": crate::domain::rfc3339_ms(now_ms())});
+        if let Err(e) = self.broadcast("webhook:disabled", payload, Some(id)).await {
+            tracing::error!(error = %format!("{e:#}"), "could not queue webhook:disabled");
+        }
+    }
+
+    /// Commit outcomes in batches; only after the commit are rows released from in-flight.
+    async fn write_outcomes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+        let mut batch = Vec::with_capacity(512);
+        loop {
+            let Some(first) = rx.recv().await else { return };
+            batch.push(first);
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            // A failed commit is retried: an outcome is never dropped (the row would otherwise
+            // be attempted again, which is allowed, but we prefer not to).
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.store.complete(&batch, now_ms()).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            let now = now_ms();
+            let mut f = self.in_flight.lock().expect("lock");
+            for c in batch.drain(..) {
+                match &c.next {
+                    Next::Delivered => {
+                        self.metrics.deliveries.with_label_values(&["delivered", c.kind]).inc();
+                        self.metrics.attempts_per_delivery.observe(c.attempt_no as f64);
+                        self.metrics
+                            .end_to_end_latency
+                            .observe((now - c.created_at).max(0) as f64 / 1000.0);
+                    }
+                    Next::Retry { .. } => self.metrics.retries.with_label_values(&[c.kind]).inc(),
+                    Next::Dead(dl) => {
+                        self.metrics.deliveries.with_label_values(&["dead_lettered", c.kind]).inc();
+                        self.metrics.dead_letters.with_label_values(&[dl.reason]).inc();
+                    }
+                }
+                if f.rows.remove(&c.seq) {
+                    self.metrics.in_flight.dec();
+                }
+                if let Some(n) = f.per_target.get_mut(&c.target_key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        f.per_target.remove(&c.target_key);
+                    }
+                }
+            }
+            drop(f);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queue depth and oldest-undelivered gauges, and retention of delivered rows.
+    async fn housekeeping(self: Arc<Self>, stop: CancellationToken, retention: Duration) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut last_purge = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.store.queue_stats().await {
+                Ok((depth, oldest)) => {
+                    self.metrics.queue_depth.set(depth);
+                    let age = oldest.map(|o| (now_ms() - o).max(0) as f64 / 1000.0).unwrap_or(0.0);
+                    self.metrics.oldest_undelivered_age.set(age);
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "queue stats failed"),
+            }
+            if last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = Instant::now();
+                let before = now_ms() - retention.as_millis() as i64;
+                if let Err(e) = self.store.purge_delivered(before).await {
+                    tracing::warn!(error = %format!("{e:#}"), "retention purge failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Parsed, valid types: handlers and the delivery engine only ever see these.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use url::Url;
+
+use crate::error::ApiError;
+
+pub fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// `2026-11-25T10:00:00.000Z`: RFC 3339, UTC, milliseconds.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .ok()
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+pub fn parse_uuid(field: &str, s: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(s)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| ApiError::field(field, "must be a UUID"))
+}
+
+fn valid_event_id(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `<entity>:<action>`, each part `[a-z0-9_]+`; `*` is allowed as the action in subscriptions.
+pub fn valid_event_name(s: &str, allow_wildcard: bool) -> bool {
+    let part = |p: &str| !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    match s.split_once(':') {
+        Some((e, a)) => part(e) && (part(a) || (allow_wildcard && a == "*")),
+        None => allow_wildcard && s == "*",
+    }
+}
+
+/// Does a subscription list (empty = everything) include `event`?
+pub fn subscribed(event_types: &[String], event: &str) -> bool {
+    event_types.is_empty()
+        || event_types.iter().any(|t| {
+            t == "*" || t == event || (t.ends_with(":*") && event.split(':').next() == t.split(':').next())
+        })
+}
+
+/// One valid event (CONTRACT §1).
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub id: String,
+    pub event: String,
+    pub sync_job_run_id: Option<String>,
+    pub webhook_id: Option<String>,
+    pub callback_url: Option<Url>,
+    pub environment_id: Option<String>,
+    pub created_at_ms: i64,
+    pub payload: Map<String, Value>,
+}
+
+impl Envelope {
+    /// Validate a JSON value as an event. Errors name the field.
+    pub fn parse(v: Value, now: i64, https_only: bool) -> Result<Envelope, ApiError> {
+        let Value::Object(mut o) = v else {
+            return Err(ApiError::bad("an event must be a JSON object"));
+        };
+        let string = |o: &mut Map<String, Value>, f: &str, required: bool| -> Result<Option<String>, ApiError> {
+            match o.remove(f) {
+                None | Some(Value::Null) if required => Err(ApiError::field(f, "is required")),
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(_) => Err(ApiError::field(f, "must be a string")),
+            }
+        };
+        let id = string(&mut o, "id", true)?.unwrap_or_default();
+        if !valid_event_id(&id) {
+            return Err(ApiError::field("id", "must be 1-128 characters of [A-Za-z0-9_-]"));
+        }
+        let event = string(&mut o, "event", true)?.unwrap_or_default();
+        if !valid_event_name(&event, false) {
+            return Err(ApiError::field("event", "must look like <entity>:<action>, e.g. sync_job_run:record"));
+        }
+        let sync_job_run_id = match string(&mut o, "sync_job_run_id", false)? {
+            Some(s) => Some(parse_uuid("sync_job_run_id", &s)?),
+            None if event.starts_with("sync_job_run:") => {
+                return Err(ApiError::field("sync_job_run_id", "is required for sync_job_run:* events"))
+            }
+            None => None,
+        };
+        let webhook_id = string(&mut o, "webhook_id", false)?
+            .map(|s| parse_uuid("webhook_id", &s))
+            .transpose()?;
+        if webhook_id.is_none() && sync_job_run_id.is_none() {
+            return Err(ApiError::field("webhook_id", "is required when the event has no sync_job_run_id"));
+        }
+        let callback_url = string(&mut o, "callback_url", false)?
+            .map(|s| parse_target_url("callback_url", &s, https_only))
+            .transpose()?;
+        let environment_id = string(&mut o, "environment_id", false)?;
+        let created_at_ms = match string(&mut o, "created_at", false)? {
+            Some(s) => parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
+            None => now,
+        };
+        let payload = match o.remove("payload") {
+            Some(Value::Object(p)) => p,
+            None | Some(Value::Null) => return Err(ApiError::field("payload", "is required")),
+            Some(_) => return Err(ApiError::field("payload", "must be a JSON object")),
+        };
+        Ok(Envelope {
+            id,
+            event,
+            sync_job_run_id,
+            webhook_id,
+            callback_url,
+            environment_id,
+            created_at_ms,
+            payload,
+        })
+    }
+
+    /// The delivery body (CONTRACT §2): compact JSON, the bytes that are signed.
+    pub fn body(&self, webhook_id: Option<&str>) -> String {
+        let mut o = Map::new();
+        o.insert("id".into(), Value::String(self.id.clone()));
+        o.insert("event".into(), Value::String(self.event.clone()));
+        o.insert("payload".into(), Value::Object(self.payload.clone()));
+        o.insert(
+            "environment_id".into(),
+            self.environment_id.clone().map(Value::String).unwrap_or(Value::Null),
+        );
+        o.insert("created_at".into(), Value::String(rfc3339_ms(self.created_at_ms)));
+        o.insert(
+            "webhook_id".into(),
+            webhook_id.map(|s| Value::String(s.to_string())).unwrap_or(Value::Null),
+        );
+        if let Some(run) = &self.sync_job_run_id {
+            o.insert("sync_job_run_id".into(), Value::String(run.clone()));
+        }
+        serde_json::to_string(&Value::Object(o)).expect("JSON values serialize")
+    }
+
+    /// The event as received, normalised (for dead letters and replay).
+    pub fn to_json(&self) -> Value {
+        let mut o = Map::new();
+        o.insert("id".into(), self.id.clone().into());
+        o.insert("event".into(), self.event.clone().into());
+        if let Some(r) = &self.sync_job_run_id {
+            o.insert("sync_job_run_id".into(), r.clone().into());
+        }
+        if let Some(w) = &self.webhook_id {
+            o.insert("webhook_id".into(), w.clone().into());
+        }
+        if let Some(c) = &self.callback_url {
+            o.insert("callback_url".into(), c.as_str().into());
+        }
+        if let Some(e) = &self.environment_id {
+            o.insert("environment_id".into(), e.clone().into());
+        }
+        o.insert("created_at".into(), rfc3339_ms(self.created_at_ms).into());
+        o.insert("payload".into(), Value::Object(self.payload.clone()));
+        Value::Object(o)
+    }
+}
+
+/// A delivery target URL: http(s), a host, no fragment. IP-literal hosts are checked for being
+/// global here; host names are checked when resolved (registration and connect time).
+pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
+    let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if !https_only => {}
+        _ if https_only => return Err(ApiError::field(field, "must be an https URL")),
+        _ => return Err(ApiError::field(field, "must be an http or https URL")),
+    }
+    if url.host().is_none() {
+        return Err(ApiError::field(field, "must have a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ApiError::field(field, "must not carry credentials; use the signature to authenticate"));
+    }
+    Ok(url)
+}
+
+/// The address an IP-literal URL host names, if it is one.
+pub fn literal_ip(url: &Url) -> Option<IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(a) => Some(IpAddr::V4(a)),
+        url::Host::Ipv6(a) => Some(IpAddr::V6(a)),
+        url::Host::Domain(_) => None,
+    }
+}
+
+/// Is this address reachable on the public internet? Loopback, private, link-local (cloud
+/// metadata at 169.254.169.254), CGNAT, documentation, benchmarking, multicast, reserved and
+/// unspecified ranges are not, nor IPv4-mapped/NAT64 forms of them.
+pub fn is_global(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => is_global_v4(a),
+        IpAddr::V6(a) => is_global_v6(a),
+    }
+}
+
+fn is_global_v4(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_private()
+        || a.is_link_local()
+        || a.is_broadcast()
+        || a.is_documentation()
+        || a.is_multicast()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 shared address space
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24 protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15 benchmarking
+        || o[0] >= 240) // reserved
+}
+
+fn is_global_v6(a: Ipv6Addr) -> bool {
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return is_global_v4(v4);
+    }
+    let s = a.segments();
+    if s[0] == 0x64 && s[1] == 0xff9b {
+        // NAT64 well-known prefix: judge the embedded IPv4 address.
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+        return is_global_v4(v4);
+    }
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00 // unique local
+        || (s[0] & 0xffc0) == 0xfe80 // link-local
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+        || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0)) // IPv4-compatible
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn non_global_addresses_are_recognised() {
+        for a in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.3.4",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_global(a.parse().unwrap()), "{a} should not be global");
+        }
+        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_global(a.parse().unwrap()), "{a} should be global");
+        }
+    }
+
+    fn field(e: ApiError) -> String {
+        match e {
+            ApiError::BadRequest { field, .. } => field.unwrap_or_default(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn envelope_validation_names_fields() {
+        let run = "3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11";
+        let ok = json!({"id":"e1","event":"sync_job_run:record","sync_job_run_id":run,"payload":{"a":1}});
+        assert!(Envelope::parse(ok.clone(), 0, false).is_ok());
+        let cases = [
+            (json!({"event":"x:y","webhook_id":run,"payload":{}}), "id"),
+            (json!({"id":"bad id!","event":"x:y","webhook_id":run,"payload":{}}), "id"),
+            (json!({"id":"e","event":"nocolon","webhook_id":run,"payload":{}}), "event"),
+            (json!({"id":"e","event":"sync_job_run:record","payload":{}}), "sync_job_run_id"),
+            (json!({"id":"e","event":"sync_job_run:record","sync_job_run_id":"nope","payload":{}}), "sync_job_run_id"),
+            (json!({"id":"e","event":"x:y","payload":{}}), "webhook_id"),
+            (json!({"id":"e","event":"x:y","webhook_id":"zz","payload":{}}), "webhook_id"),
+            (json!({"id":"e","event":"x:y","webhook_id":run}), "payload"),
+            (json!({"id":"e","event":"x:y","webhook_id":run,"payload":[1]}), "payload"),
+            (json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"created_at":"yesterday"}), "created_at"),
+            (json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"callback_url":"ftp://x"}), "callback_url"),
+            (json!({"id":1,"event":"x:y","webhook_id":run,"payload":{}}), "id"),
+        ];
+        for (v, f) in cases {
+            assert_eq!(field(Envelope::parse(v.clone(), 0, false).unwrap_err()), f, "{v}");
+        }
+    }
+
+    #[test]
+    fn body_is_compact_ordered_and_keeps_payload_key_order() {
+        let v = json!({"id":"e1","event":"a:b","webhook_id":"3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11",
+            "created_at":"2026-11-25T10:00:00Z","payload":{"z":1,"a":{"y":2,"b":3}}});
+        let e = Envelope::parse(v, 0, false).unwrap();
+        assert_eq!(
+            e.body(Some("w")),
+            r#"{"id":"e1","event":"a:b","payload":{"z":1,"a":{"y":2,"b":3}},"environment_id":null,"created_at":"2026-11-25T10:00:00.000Z","webhook_id":"w"}"#
+        );
+    }
+
+    #[test]
+    fn subscriptions_match() {
+        assert!(subscribed(&[], "a:b"));
+        assert!(subscribed(&["a:b".into()], "a:b"));
+        assert!(subscribed(&["a:*".into()], "a:c"));
+        assert!(!subscribed(&["a:b".into()], "a:c"));
+        assert!(!subscribed(&["x:*".into()], "a:c"));
+    }
+}

@@ -1,0 +1,91 @@
+//! The syncrelay binary: `serve` (default) and `healthcheck` (for container HEALTHCHECKs).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use syncrelay::config::{LogFormat, Settings};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "syncrelay", version, about = "Sync job run events in, signed webhooks out")]
+struct Cli {
+    /// Configuration file (TOML) layered over the compiled-in defaults.
+    #[arg(long, short, global = true, env = "SYNCRELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API and deliver events (the default).
+    Serve,
+    /// Check /health/ready on the configured address; exit 0 when ready.
+    Healthcheck,
+    /// Print the effective configuration (secrets redacted) and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("syncrelay: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match settings.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => rt.block_on(async {
+            match syncrelay::Application::build(settings).await {
+                Ok(app) => match app.run_until_stopped(syncrelay::shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "stopped with an error");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "could not start");
+                    eprintln!("syncrelay: could not start: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        Command::Healthcheck => rt.block_on(async {
+            let addr = settings.http.listen.replace("0.0.0.0", "127.0.0.1");
+            let url = format!("http://{addr}/health/ready");
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+                .expect("client");
+            match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+                Ok(r) => {
+                    eprintln!("not ready: {}", r.status());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("not reachable: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        Command::CheckConfig => {
+            println!("{settings:#?}");
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Every metric syncrelay exports, in one place (CONTRACT §5): names start with `syncrelay_`,
+//! counters end in `_total`, durations are `_seconds` histograms, and label values come from the
+//! small fixed sets listed beside each metric — never a URL, an id or an error string.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// `source`: `api`, `kafka`.
+pub const INGEST_SOURCES: &[&str] = &["api", "kafka"];
+/// `result` of one attempt.
+pub const ATTEMPT_RESULTS: &[&str] = &[
+    "success",
+    "http_3xx",
+    "http_4xx",
+    "http_5xx",
+    "timeout",
+    "connect_error",
+    "blocked_address",
+    "other_error",
+];
+/// `outcome` of a delivery (terminal).
+pub const DELIVERY_OUTCOMES: &[&str] = &["delivered", "dead_lettered"];
+/// `reason` of a dead letter.
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "attempts_exhausted",
+    "payload_too_large",
+    "webhook_disabled",
+    "unknown_webhook",
+    "unknown_run",
+    "blocked_address",
+    "malformed",
+    "run_finished",
+];
+/// `kind` of a delivery target.
+pub const TARGET_KINDS: &[&str] = &["webhook", "callback"];
+/// `status_class` of an API response.
+pub const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_ingested: IntCounterVec,
+    pub events_filtered: IntCounter,
+    pub attempts: IntCounterVec,
+    pub attempt_duration: HistogramVec,
+    pub deliveries: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub dead_letters_replayed: IntCounter,
+    pub in_flight: IntGauge,
+    pub queue_depth: IntGauge,
+    pub oldest_undelivered_age: prometheus::Gauge,
+    pub end_to_end_latency: Histogram,
+    pub attempts_per_delivery: Histogram,
+    pub webhooks_disabled: IntCounter,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+
+        let oldest = prometheus::Gauge::new(
+            "syncrelay_oldest_undelivered_age_seconds",
+            "Age of the oldest event not yet delivered or dead-lettered.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(oldest.clone())).expect("unique metric");
+
+        let m = Metrics {
+            events_ingested: counter_vec(
+                "syncrelay_events_ingested_total",
+                "Events accepted and durably queued, by source.",
+                &["source"],
+            ),
+            events_filtered: counter(
+                "syncrelay_events_filtered_total",
+                "Events not delivered to a webhook because its event_types do not include them.",
+            ),
+            attempts: counter_vec(
+                "syncrelay_delivery_attempts_total",
+                "HTTP delivery attempts, by result.",
+                &["result", "kind"],
+            ),
+            attempt_duration: histogram_vec(
+                "syncrelay_delivery_attempt_duration_seconds",
+                "Duration of one delivery attempt (connect to end of capped response body).",
+                &["kind"],
+            ),
+            deliveries: counter_vec(
+                "syncrelay_deliveries_total",
+                "Deliveries that reached a terminal outcome.",
+                &["outcome", "kind"],
+            ),
+            retries: counter_vec(
+                "syncrelay_delivery_retries_total",
+                "Failed attempts that were scheduled for another attempt.",
+                &["kind"],
+            ),
+            dead_letters: counter_vec(
+                "syncrelay_dead_letters_total",
+                "Events or deliveries dead-lettered, by reason.",
+                &["reason"],
+            ),
+            dead_letters_replayed: counter("syncrelay_dead_letters_replayed_total", "Dead letters re-driven by replay."),
+            in_flight: gauge("syncrelay_deliveries_in_flight", "Delivery attempts in progress."),
+            queue_depth: gauge(
+                "syncrelay_queue_depth",
+                "Deliveries queued (ready, waiting behind their run, or in retry).",
+            ),
+            oldest_undelivered_age: oldest,
+            end_to_end_latency: histogram(
+                "syncrelay_delivery_latency_seconds",
+                "From the event's ingest to its 2xx answer.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            attempts_per_delivery: histogram(
+                "syncrelay_delivery_attempts_per_delivery",
+                "Attempts a delivered event needed.",
+                vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0],
+            ),
+            webhooks_disabled: counter(
+                "syncrelay_webhooks_disabled_total",
+                "Webhooks disabled because their receiver answered 410 Gone.",
+            ),
+            http_requests: counter_vec(
+                "syncrelay_http_requests_total",
+                "API requests, by route template, method and status class.",
+                &["route", "method", "status_class"],
+            ),
+            http_request_duration: histogram_vec(
+                "syncrelay_http_request_duration_seconds",
+                "API request duration, by route template.",
+                &["route"],
+            ),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        // Pre-create every labelled series so dashboards and alerts see zeros, not gaps.
+        for s in INGEST_SOURCES {
+            m.events_ingested.with_label_values(&[s]);
+        }
+        for k in TARGET_KINDS {
+            for r in ATTEMPT_RESULTS {
+                m.attempts.with_label_values(&[r, k]);
+            }
+            for o in DELIVERY_OUTCOMES {
+                m.deliveries.with_label_values(&[o, k]);
+            }
+            m.retries.with_label_values(&[k]);
+            m.attempt_duration.with_label_values(&[k]);
+        }
+        for r in DEAD_LETTER_REASONS {
+            m.dead_letters.with_label_values(&[r]);
+        }
+        m
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

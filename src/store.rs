@@ -1,0 +1,823 @@
+//! The durable store and embedded queue (SQLite, WAL). The only module that knows SQL.
+//!
+//! Queue model: every (event, target) pair is a row of `deliveries`. Rows that share an
+//! `order_key` (target + run) are delivered strictly in `seq` order: only the oldest unfinished
+//! row of a key is `ready` (eligible once `next_attempt_at` is due); the rows behind it are
+//! `waiting` and are promoted, one at a time, in the same transaction that finishes their
+//! predecessor. The dispatcher therefore only ever scans ready rows by due time, however long a
+//! run's backlog grows behind a failing receiver.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::config::StoreSettings;
+use crate::signing::Secret;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS webhooks (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  target_url TEXT NOT NULL,
+  event_types TEXT NOT NULL,
+  is_active INTEGER NOT NULL,
+  description TEXT,
+  secret TEXT NOT NULL,
+  previous_secret TEXT,
+  previous_secret_expires_at INTEGER,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  event_id TEXT NOT NULL,
+  event TEXT NOT NULL,
+  run_id TEXT,
+  kind TEXT NOT NULL,
+  webhook_id TEXT,
+  target_url TEXT,
+  target_key TEXT NOT NULL,
+  order_key TEXT,
+  body TEXT NOT NULL,
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at INTEGER NOT NULL,
+  first_attempt_at INTEGER,
+  last_status INTEGER,
+  last_error TEXT,
+  created_at INTEGER NOT NULL,
+  finished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_attempt_at, seq) WHERE state = 'ready';
+CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(order_key, seq) WHERE state IN ('ready', 'waiting');
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries(finished_at) WHERE state = 'delivered';
+CREATE TABLE IF NOT EXISTS attempts (
+  delivery_id TEXT NOT NULL,
+  n INTEGER NOT NULL,
+  started_at INTEGER NOT NULL,
+  duration_ms INTEGER NOT NULL,
+  status INTEGER,
+  error TEXT,
+  response_excerpt TEXT,
+  PRIMARY KEY (delivery_id, n)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  delivery_id TEXT,
+  event_id TEXT NOT NULL,
+  event TEXT NOT NULL,
+  webhook_id TEXT,
+  kind TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  attempts INTEGER NOT NULL,
+  last_status INTEGER,
+  last_error TEXT,
+  raw TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  replayed_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS dead_letters_open ON dead_letters(seq) WHERE replayed_at IS NULL;
+"#;
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+#[derive(Clone)]
+pub struct Webhook {
+    pub id: String,
+    pub target_url: String,
+    pub event_types: Vec<String>,
+    pub is_active: bool,
+    pub description: Option<String>,
+    pub secret: Secret,
+    pub previous_secret: Option<(Secret, i64)>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub seq: i64,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("id", &self.id)
+            .field("is_active", &self.is_active)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: String,
+    pub event_id: String,
+    pub event: String,
+    pub run_id: Option<String>,
+    pub kind: &'static str,
+    pub webhook_id: Option<String>,
+    pub target_url: Option<String>,
+    pub target_key: String,
+    pub order_key: Option<String>,
+    pub body: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub delivery_id: Option<String>,
+    pub event_id: String,
+    pub event: String,
+    pub webhook_id: Option<String>,
+    pub kind: &'static str,
+    pub reason: &'static str,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub raw: String,
+}
+
+/// A queued delivery, as the dispatcher sees it.
+#[derive(Debug, Clone)]
+pub struct QueuedDelivery {
+    pub seq: i64,
+    pub id: String,
+    pub event_id: String,
+    pub event: String,
+    pub run_id: Option<String>,
+    pub kind: String,
+    pub webhook_id: Option<String>,
+    pub target_url: Option<String>,
+    pub target_key: String,
+    pub order_key: Option<String>,
+    pub body: String,
+    pub attempts: i64,
+    pub first_attempt_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub started_at: i64,
+    pub duration_ms: i64,
+    pub status: Option<i64>,
+    pub error: Option<String>,
+    pub excerpt: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Next {
+    Delivered,
+    Retry { at_ms: i64 },
+    Dead(NewDeadLetter),
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub seq: i64,
+    pub delivery_id: String,
+    pub order_key: Option<String>,
+    pub attempt_no: i64,
+    pub first_attempt_at: i64,
+    pub attempt: AttemptRecord,
+    pub next: Next,
+    /// For the engine's bookkeeping and metrics; not stored.
+    pub kind: &'static str,
+    pub target_key: String,
+    pub created_at: i64,
+}
+
+pub struct Page<T> {
+    pub results: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+fn page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|(seq, _)| seq.to_string())
+    } else {
+        None
+    };
+    Page {
+        results: rows.into_iter().map(|(_, t)| t).collect(),
+        next_cursor,
+    }
+}
+
+pub fn parse_cursor(c: Option<&str>) -> Result<i64, crate::error::ApiError> {
+    match c {
+        None | Some("") => Ok(0),
+        Some(c) => c
+            .parse::<i64>()
+            .map_err(|_| crate::error::ApiError::field("cursor", "is not a cursor this API returned")),
+    }
+}
+
+impl Store {
+    pub async fn open(settings: &StoreSettings, synchronous_full: bool) -> anyhow::Result<Store> {
+        if let Some(dir) = settings.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
+            }
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&settings.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(false);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening store {}", settings.path.display()))?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.context("creating schema")?;
+        Ok(Store { pool })
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- key/value --------------------------------------------------------------------------
+
+    pub async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String> {
+        sqlx::query("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = ?")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    // ---- webhooks ---------------------------------------------------------------------------
+
+    fn webhook_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Webhook> {
+        let secret = Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
+        let prev: Option<String> = r.get("previous_secret");
+        let prev_exp: Option<i64> = r.get("previous_secret_expires_at");
+        let previous_secret = match (prev, prev_exp) {
+            (Some(p), Some(e)) => Some((Secret::parse(&p).context("stored previous secret")?, e)),
+            _ => None,
+        };
+        Ok(Webhook {
+            seq: r.get("seq"),
+            id: r.get("id"),
+            target_url: r.get("target_url"),
+            event_types: serde_json::from_str(r.get::<String, _>("event_types").as_str())?,
+            is_active: r.get::<i64, _>("is_active") != 0,
+            description: r.get("description"),
+            secret,
+            previous_secret,
+            created_at: r.get("created_at"),
+            updated_at: r.get("updated_at"),
+        })
+    }
+
+    pub async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook> {
+        sqlx::query(
+            "INSERT INTO webhooks (id, target_url, event_types, is_active, description, secret, previous_secret, \
+             previous_secret_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+        )
+        .bind(&w.id)
+        .bind(&w.target_url)
+        .bind(serde_json::to_string(&w.event_types)?)
+        .bind(w.is_active as i64)
+        .bind(&w.description)
+        .bind(w.secret.expose())
+        .bind(w.created_at)
+        .bind(w.updated_at)
+        .execute(&self.pool)
+        .await?;
+        self.get_webhook(&w.id).await?.context("webhook just inserted")
+    }
+
+    pub async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE webhooks SET target_url = ?, event_types = ?, is_active = ?, description = ?, secret = ?, \
+             previous_secret = ?, previous_secret_expires_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&w.target_url)
+        .bind(serde_json::to_string(&w.event_types)?)
+        .bind(w.is_active as i64)
+        .bind(&w.description)
+        .bind(w.secret.expose())
+        .bind(w.previous_secret.as_ref().map(|(s, _)| s.expose().to_string()))
+        .bind(w.previous_secret.as_ref().map(|(_, e)| *e))
+        .bind(w.updated_at)
+        .bind(&w.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>> {
+        let row = sqlx::query("SELECT * FROM webhooks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Self::webhook_from_row).transpose()
+    }
+
+    pub async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>> {
+        let rows = sqlx::query("SELECT * FROM webhooks WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(|r| Self::webhook_from_row(r).map(|w| (w.seq, w)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(page(items, limit))
+    }
+
+    pub async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
+        let rows = sqlx::query("SELECT * FROM webhooks").fetch_all(&self.pool).await?;
+        rows.iter().map(Self::webhook_from_row).collect()
+    }
+
+    pub async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {
+        let r = sqlx::query("DELETE FROM webhooks WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- queue ------------------------------------------------------------------------------
+
+    /// Durably queue deliveries and record dead letters, in one transaction: when this returns
+    /// Ok the events are committed.
+    pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for d in deliveries {
+            let busy = match &d.order_key {
+                Some(k) => sqlx::query_scalar::<_, i64>(
+                    "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+                )
+                .bind(k)
+                .fetch_one(&mut *tx)
+                .await?
+                    != 0,
+                None => false,
+            };
+            sqlx::query(
+                "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+                 order_key, body, state, attempts, next_attempt_at, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            )
+            .bind(&d.id)
+            .bind(&d.event_id)
+            .bind(&d.event)
+            .bind(&d.run_id)
+            .bind(d.kind)
+            .bind(&d.webhook_id)
+            .bind(&d.target_url)
+            .bind(&d.target_key)
+            .bind(&d.order_key)
+            .bind(&d.body)
+            .bind(if busy { "waiting" } else { "ready" })
+            .bind(now)
+            .bind(d.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for dl in dead {
+            insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ready deliveries due by `now`, oldest due first, skipping targets at their in-flight cap.
+    pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut sql = String::from(
+            "SELECT seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, \
+             attempts, first_attempt_at, created_at FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?",
+        );
+        if !skip_targets.is_empty() {
+            sql.push_str(" AND target_key NOT IN (");
+            sql.push_str(&vec!["?"; skip_targets.len()].join(","));
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ?");
+        let mut q = sqlx::query(&sql).bind(now);
+        for t in skip_targets {
+            q = q.bind(t);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| QueuedDelivery {
+                seq: r.get("seq"),
+                id: r.get("id"),
+                event_id: r.get("event_id"),
+                event: r.get("event"),
+                run_id: r.get("run_id"),
+                kind: r.get("kind"),
+                webhook_id: r.get("webhook_id"),
+                target_url: r.get("target_url"),
+                target_key: r.get("target_key"),
+                order_key: r.get("order_key"),
+                body: r.get("body"),
+                attempts: r.get("attempts"),
+                first_attempt_at: r.get("first_attempt_at"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    /// When the next ready delivery becomes due, if any.
+    pub async fn next_due_at(&self) -> anyhow::Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Record a batch of finished attempts in one transaction (group commit).
+    pub async fn complete(&self, batch: &[Completion], now: i64) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for c in batch {
+            sqlx::query(
+                "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&c.delivery_id)
+            .bind(c.attempt_no)
+            .bind(c.attempt.started_at)
+            .bind(c.attempt.duration_ms)
+            .bind(c.attempt.status)
+            .bind(&c.attempt.error)
+            .bind(&c.attempt.excerpt)
+            .execute(&mut *tx)
+            .await?;
+            let (state, next_at, finished) = match &c.next {
+                Next::Delivered => ("delivered", now, Some(now)),
+                Next::Retry { at_ms } => ("ready", *at_ms, None),
+                Next::Dead(_) => ("dead", now, Some(now)),
+            };
+            sqlx::query(
+                "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, first_attempt_at = ?, \
+                 last_status = ?, last_error = ?, finished_at = ? WHERE seq = ?",
+            )
+            .bind(state)
+            .bind(c.attempt_no)
+            .bind(next_at)
+            .bind(c.first_attempt_at)
+            .bind(c.attempt.status)
+            .bind(&c.attempt.error)
+            .bind(finished)
+            .bind(c.seq)
+            .execute(&mut *tx)
+            .await?;
+            if let Next::Dead(dl) = &c.next {
+                insert_dead_letter(&mut tx, dl, now).await?;
+            }
+            if finished.is_some() {
+                if let Some(k) = &c.order_key {
+                    promote_next(&mut tx, k, now).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Dead-letter a queued delivery without an attempt (e.g. its webhook was deleted).
+    pub async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?")
+            .bind(now)
+            .bind(dl.reason)
+            .bind(q.seq)
+            .execute(&mut *tx)
+            .await?;
+        insert_dead_letter(&mut tx, dl, now).await?;
+        if let Some(k) = &q.order_key {
+            promote_next(&mut tx, k, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// (queued deliveries, ingest time of the oldest)
+    pub async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)> {
+        let r = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((r.get("n"), r.get("oldest")))
+    }
+
+    /// Forget delivered rows finished before `before` (and their attempts).
+    pub async fn purge_delivered(&self, before: i64) -> anyhow::Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM attempts WHERE delivery_id IN \
+             (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        let r = sqlx::query(
+            "DELETE FROM deliveries WHERE seq IN \
+             (SELECT seq FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected())
+    }
+
+    // ---- delivery log -----------------------------------------------------------------------
+
+    pub async fn list_deliveries(&self, filter: &DeliveryFilter, after: i64, limit: i64) -> anyhow::Result<Page<Value>> {
+        let mut sql = String::from("SELECT * FROM deliveries WHERE seq > ?");
+        let mut binds: Vec<String> = Vec::new();
+        for (col, v) in [
+            ("event_id", &filter.event_id),
+            ("webhook_id", &filter.webhook_id),
+            ("run_id", &filter.sync_job_run_id),
+            ("state", &filter.status),
+        ] {
+            if let Some(v) = v {
+                sql.push_str(&format!(" AND {col} = ?"));
+                binds.push(v.clone());
+            }
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        let mut q = sqlx::query(&sql).bind(after);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
+        Ok(page(rows.iter().map(|r| (r.get("seq"), delivery_json(r))).collect(), limit))
+    }
+
+    pub async fn get_delivery(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let Some(row) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut d = delivery_json(&row);
+        let attempts = sqlx::query("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY n")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        d["attempts"] = Value::Array(
+            attempts
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "attempt": a.get::<i64, _>("n"),
+                        "started_at": crate::domain::rfc3339_ms(a.get("started_at")),
+                        "duration_ms": a.get::<i64, _>("duration_ms"),
+                        "status": a.get::<Option<i64>, _>("status"),
+                        "error": a.get::<Option<String>, _>("error"),
+                        "response_excerpt": a.get::<Option<String>, _>("response_excerpt"),
+                    })
+                })
+                .collect(),
+        );
+        d["body"] = serde_json::from_str(row.get::<String, _>("body").as_str()).unwrap_or(Value::Null);
+        Ok(Some(d))
+    }
+
+    // ---- dead letters -----------------------------------------------------------------------
+
+    pub async fn list_dead_letters(&self, filter: &DeadLetterFilter, after: i64, limit: i64) -> anyhow::Result<Page<Value>> {
+        let mut sql = String::from("SELECT * FROM dead_letters WHERE seq > ?");
+        if !filter.include_replayed {
+            sql.push_str(" AND replayed_at IS NULL");
+        }
+        let mut binds = Vec::new();
+        for (col, v) in [
+            ("webhook_id", &filter.webhook_id),
+            ("reason", &filter.reason),
+            ("event_id", &filter.event_id),
+        ] {
+            if let Some(v) = v {
+                sql.push_str(&format!(" AND {col} = ?"));
+                binds.push(v.clone());
+            }
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        let mut q = sqlx::query(&sql).bind(after);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
+        Ok(page(rows.iter().map(|r| (r.get("seq"), dead_letter_json(r))).collect(), limit))
+    }
+
+    /// Take dead letters out for replay: rows backed by a delivery are re-queued (a new delivery
+    /// of the same event to the same target, at the end of its run's queue, same `webhook-id`);
+    /// the raw events of unroutable ones are returned for the caller to route again.
+    pub async fn replay_dead_letters(
+        &self,
+        ids: Option<&[String]>,
+        filter: &DeadLetterFilter,
+        max: i64,
+        now: i64,
+    ) -> anyhow::Result<(u64, Vec<String>)> {
+        let mut tx = self.pool.begin().await?;
+        let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
+        let mut binds: Vec<String> = Vec::new();
+        if let Some(ids) = ids {
+            sql.push_str(" AND id IN (");
+            sql.push_str(&vec!["?"; ids.len().max(1)].join(","));
+            sql.push(')');
+            binds.extend(ids.iter().cloned());
+            if ids.is_empty() {
+                binds.push(String::new());
+            }
+        }
+        for (col, v) in [("webhook_id", &filter.webhook_id), ("reason", &filter.reason), ("event_id", &filter.event_id)] {
+            if let Some(v) = v {
+                sql.push_str(&format!(" AND {col} = ?"));
+                binds.push(v.clone());
+            }
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(max).fetch_all(&mut *tx).await?;
+        let mut requeued = 0;
+        let mut raws = Vec::new();
+        for r in &rows {
+            let dl_id: String = r.get("id");
+            let delivery_id: Option<String> = r.get("delivery_id");
+            match delivery_id {
+                Some(did) => {
+                    let Some(d) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
+                        .bind(&did)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    else {
+                        raws.push(r.get::<String, _>("raw"));
+                        continue;
+                    };
+                    let order_key: Option<String> = d.get("order_key");
+                    let busy = match &order_key {
+                        Some(k) => sqlx::query_scalar::<_, i64>(
+                            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+                        )
+                        .bind(k)
+                        .fetch_one(&mut *tx)
+                        .await?
+                            != 0,
+                        None => false,
+                    };
+                    sqlx::query(
+                        "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+                         order_key, body, state, attempts, next_attempt_at, created_at) \
+                         SELECT ?, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, ?, 0, ?, ? \
+                         FROM deliveries WHERE id = ?",
+                    )
+                    .bind(uuid::Uuid::now_v7().to_string())
+                    .bind(if busy { "waiting" } else { "ready" })
+                    .bind(now)
+                    .bind(now)
+                    .bind(&did)
+                    .execute(&mut *tx)
+                    .await?;
+                    requeued += 1;
+                }
+                None => raws.push(r.get::<String, _>("raw")),
+            }
+            sqlx::query("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(&dl_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((requeued, raws))
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct DeliveryFilter {
+    pub event_id: Option<String>,
+    pub webhook_id: Option<String>,
+    pub sync_job_run_id: Option<String>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct DeadLetterFilter {
+    pub webhook_id: Option<String>,
+    pub reason: Option<String>,
+    pub event_id: Option<String>,
+    #[serde(default)]
+    pub include_replayed: bool,
+}
+
+async fn insert_dead_letter(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    dl: &NewDeadLetter,
+    now: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO dead_letters (id, delivery_id, event_id, event, webhook_id, kind, reason, attempts, last_status, \
+         last_error, raw, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&dl.delivery_id)
+    .bind(&dl.event_id)
+    .bind(&dl.event)
+    .bind(&dl.webhook_id)
+    .bind(dl.kind)
+    .bind(dl.reason)
+    .bind(dl.attempts)
+    .bind(dl.last_status)
+    .bind(&dl.last_error)
+    .bind(&dl.raw)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn promote_next(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: &str, now: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE seq = \
+         (SELECT seq FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting') ORDER BY seq LIMIT 1) \
+         AND state = 'waiting'",
+    )
+    .bind(now)
+    .bind(order_key)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn opt_time(ms: Option<i64>) -> Value {
+    ms.map(|m| Value::String(crate::domain::rfc3339_ms(m))).unwrap_or(Value::Null)
+}
+
+fn delivery_json(r: &sqlx::sqlite::SqliteRow) -> Value {
+    let state: String = r.get("state");
+    serde_json::json!({
+        "id": r.get::<String, _>("id"),
+        "event_id": r.get::<String, _>("event_id"),
+        "event": r.get::<String, _>("event"),
+        "sync_job_run_id": r.get::<Option<String>, _>("run_id"),
+        "kind": r.get::<String, _>("kind"),
+        "webhook_id": r.get::<Option<String>, _>("webhook_id"),
+        "status": if state == "waiting" { "queued".to_string() } else if state == "ready" { "pending".to_string() } else { state },
+        "attempts_made": r.get::<i64, _>("attempts"),
+        "next_attempt_at": if r.get::<Option<i64>, _>("finished_at").is_some() { Value::Null } else { opt_time(Some(r.get("next_attempt_at"))) },
+        "last_status": r.get::<Option<i64>, _>("last_status"),
+        "last_error": r.get::<Option<String>, _>("last_error"),
+        "created_at": crate::domain::rfc3339_ms(r.get("created_at")),
+        "finished_at": opt_time(r.get("finished_at")),
+    })
+}
+
+fn dead_letter_json(r: &sqlx::sqlite::SqliteRow) -> Value {
+    serde_json::json!({
+        "id": r.get::<String, _>("id"),
+        "delivery_id": r.get::<Option<String>, _>("delivery_id"),
+        "event_id": r.get::<String, _>("event_id"),
+        "event": r.get::<String, _>("event"),
+        "webhook_id": r.get::<Option<String>, _>("webhook_id"),
+        "kind": r.get::<String, _>("kind"),
+        "reason": r.get::<String, _>("reason"),
+        "attempts": r.get::<i64, _>("attempts"),
+        "last_status": r.get::<Option<i64>, _>("last_status"),
+        "last_error": r.get::<Option<String>, _>("last_error"),
+        "event_body": serde_json::from_str::<Value>(r.get::<String, _>("raw").as_str()).unwrap_or(Value::Null),
+        "created_at": crate::domain::rfc3339_ms(r.get("created_at")),
+        "replayed_at": opt_time(r.get("replayed_at")),
+    })
+}
