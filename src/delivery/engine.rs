@@ -85,6 +85,27 @@ pub struct Engine {
 struct InFlight {
     rows: HashSet<i64>,
     per_target: HashMap<String, usize>,
+    /// Bumped each time rows are released after their outcome was committed.
+    epoch: u64,
+    /// Rows released at a given epoch. A dispatcher query that started before that epoch may
+    /// have read such a row in its pre-commit state (still `ready`), so its result is not
+    /// trusted for these rows; a query that starts later sees the committed state.
+    released: HashMap<i64, u64>,
+}
+
+impl InFlight {
+    /// Forget a row after its outcome is committed. Returns whether it was in flight.
+    fn release(&mut self, seq: i64, target_key: &str) -> bool {
+        let was = self.rows.remove(&seq);
+        self.released.insert(seq, self.epoch);
+        if let Some(n) = self.per_target.get_mut(target_key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_target.remove(target_key);
+            }
+        }
+        was
+    }
 }
 
 impl Engine {
@@ -298,15 +319,18 @@ impl Engine {
             if stop.is_cancelled() {
                 return;
             }
-            let (free, skip, in_flight_now) = {
-                let f = self.in_flight.lock().expect("lock");
+            let (free, skip, in_flight_now, epoch) = {
+                let mut f = self.in_flight.lock().expect("lock");
+                // Releases before now are visible to the query we are about to run.
+                f.released.clear();
+                f.epoch += 1;
                 let skip: Vec<String> = f
                     .per_target
                     .iter()
                     .filter(|(_, n)| **n >= self.per_target_cap)
                     .map(|(k, _)| k.clone())
                     .collect();
-                (self.max_in_flight.saturating_sub(f.rows.len()), skip, f.rows.len())
+                (self.max_in_flight.saturating_sub(f.rows.len()), skip, f.rows.len(), f.epoch)
             };
             let mut started = 0usize;
             let mut exhausted = true;
@@ -322,7 +346,8 @@ impl Engine {
                                 exhausted = false;
                                 break;
                             }
-                            if f.rows.contains(&row.seq) {
+                            if f.rows.contains(&row.seq) || f.released.get(&row.seq).is_some_and(|e| *e >= epoch) {
+                                exhausted = false;
                                 continue;
                             }
                             let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
@@ -489,14 +514,8 @@ impl Engine {
 
     fn release(&self, q: &QueuedDelivery) {
         let mut f = self.in_flight.lock().expect("lock");
-        if f.rows.remove(&q.seq) {
+        if f.release(q.seq, &q.target_key) {
             self.metrics.in_flight.dec();
-        }
-        if let Some(n) = f.per_target.get_mut(&q.target_key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                f.per_target.remove(&q.target_key);
-            }
         }
         drop(f);
         self.wake.notify_one();
@@ -565,14 +584,8 @@ impl Engine {
                         self.metrics.dead_letters.with_label_values(&[dl.reason]).inc();
                     }
                 }
-                if f.rows.remove(&c.seq) {
+                if f.release(c.seq, &c.target_key) {
                     self.metrics.in_flight.dec();
-                }
-                if let Some(n) = f.per_target.get_mut(&c.target_key) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        f.per_target.remove(&c.target_key);
-                    }
                 }
             }
             drop(f);
