@@ -73,7 +73,14 @@ impl std::fmt::Debug for StoreSettings {
         f.debug_struct("StoreSettings")
             .field("kind", &self.kind)
             .field("path", &self.path)
-            .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "url",
+                &if self.url.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
             .finish()
     }
 }
@@ -162,7 +169,14 @@ pub struct CallbackSettings {
 impl std::fmt::Debug for CallbackSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallbackSettings")
-            .field("secret", &if self.secret.is_empty() { "<generated>" } else { "<redacted>" })
+            .field(
+                "secret",
+                &if self.secret.is_empty() {
+                    "<generated>"
+                } else {
+                    "<redacted>"
+                },
+            )
             .finish()
     }
 }
@@ -237,19 +251,24 @@ impl Settings {
                 message,
             })?;
         }
-        let settings: Settings =
-            serde_path_to_error::deserialize(tree).map_err(|e: serde_path_to_error::Error<_>| {
+        let settings: Settings = serde_path_to_error::deserialize(tree).map_err(
+            |e: serde_path_to_error::Error<_>| {
                 let message = e.inner().to_string();
                 let mut key = e.path().to_string();
                 // serde reports an unknown field at its parent: append the field itself so
                 // the operator sees the full key they wrote.
                 if let Some(rest) = message.strip_prefix("unknown field `") {
                     if let Some(field) = rest.split('`').next() {
-                        key = if key == "." { field.to_string() } else { format!("{key}.{field}") };
+                        key = if key == "." {
+                            field.to_string()
+                        } else {
+                            format!("{key}.{field}")
+                        };
                     }
                 }
                 ConfigError::Key { key, message }
-            })?;
+            },
+        )?;
         settings.validate()?;
         Ok(settings)
     }
@@ -267,8 +286,13 @@ impl Settings {
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes", "must be at least 1024");
         }
-        if self.events.max_event_bytes == 0 || self.events.max_event_bytes > self.http.max_body_bytes {
-            return bad("events.max_event_bytes", "must be between 1 and http.max_body_bytes");
+        if self.events.max_event_bytes == 0
+            || self.events.max_event_bytes > self.http.max_body_bytes
+        {
+            return bad(
+                "events.max_event_bytes",
+                "must be between 1 and http.max_body_bytes",
+            );
         }
         if self.events.max_batch == 0 {
             return bad("events.max_batch", "must be at least 1");
@@ -299,17 +323,30 @@ impl Settings {
             StoreKind::Postgres if self.store.url.is_empty() => {
                 return bad("store.url", "required when store.kind = \"postgres\"")
             }
-            StoreKind::Postgres => return bad("store.kind", "postgres is not supported by this build yet; use sqlite"),
+            StoreKind::Postgres => {
+                return bad(
+                    "store.kind",
+                    "postgres is not supported by this build yet; use sqlite",
+                )
+            }
             StoreKind::Sqlite if self.store.path.as_os_str().is_empty() => {
                 return bad("store.path", "must not be empty")
             }
             _ => {}
         }
         if self.bus.kind == BusKind::Kafka {
-            return bad("bus.kind", "kafka is not supported by this build yet; use embedded");
+            return bad(
+                "bus.kind",
+                "kafka is not supported by this build yet; use embedded",
+            );
         }
-        if !self.callbacks.secret.is_empty() && crate::signing::Secret::parse(&self.callbacks.secret).is_err() {
-            return bad("callbacks.secret", "must be whsec_ followed by base64 of at least 24 bytes");
+        if !self.callbacks.secret.is_empty()
+            && crate::signing::Secret::parse(&self.callbacks.secret).is_err()
+        {
+            return bad(
+                "callbacks.secret",
+                "must be whsec_ followed by base64 of at least 24 bytes",
+            );
         }
         Ok(())
     }
@@ -376,7 +413,9 @@ fn set_path(tree: &mut toml::Value, path: &[String], value: toml::Value) -> Resu
             .ok_or_else(|| format!("`{}` is not a section", path[..i].join(".")))?;
         if i == path.len() - 1 {
             match (table.get_mut(seg), value) {
-                (Some(existing @ toml::Value::Table(_)), v @ toml::Value::Table(_)) => merge(existing, v),
+                (Some(existing @ toml::Value::Table(_)), v @ toml::Value::Table(_)) => {
+                    merge(existing, v)
+                }
                 (_, v) => {
                     table.insert(seg.clone(), v);
                 }
@@ -395,7 +434,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -433,14 +475,19 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__MAX_INFLIGHT", "3")])).unwrap_err();
+        let e =
+            Settings::load(None, env(&[("SYNCRELAY__DELIVERY__MAX_INFLIGHT", "3")])).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("delivery.max_inflight"), "{msg}");
     }
 
     #[test]
     fn ill_typed_value_is_named() {
-        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "fast")])).unwrap_err();
+        let e = Settings::load(
+            None,
+            env(&[("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "fast")]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("delivery.retry.multiplier"), "{e}");
     }
 
@@ -449,7 +496,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[http]\nlisten = \"127.0.0.1:0\"\n").unwrap();
-        assert_eq!(Settings::load(Some(&p), env(&[])).unwrap().http.listen, "127.0.0.1:0");
+        assert_eq!(
+            Settings::load(Some(&p), env(&[])).unwrap().http.listen,
+            "127.0.0.1:0"
+        );
         std::fs::write(&p, "[htp]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let e = Settings::load(Some(&p), env(&[])).unwrap_err();
         assert!(e.to_string().contains("htp"), "{e}");
@@ -457,7 +507,15 @@ mod tests {
 
     #[test]
     fn semantic_validation_names_the_key() {
-        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR", "1.5")])).unwrap_err();
-        assert!(e.to_string().contains("delivery.retry.randomization_factor"), "{e}");
+        let e = Settings::load(
+            None,
+            env(&[("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR", "1.5")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("delivery.retry.randomization_factor"),
+            "{e}"
+        );
     }
 }

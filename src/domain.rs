@@ -15,7 +15,8 @@ pub fn now_ms() -> i64 {
 
 /// `2026-11-25T10:00:00.000Z`: RFC 3339, UTC, milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -41,12 +42,19 @@ pub fn parse_uuid(field: &str, s: &str) -> Result<String, ApiError> {
 }
 
 fn valid_event_id(s: &str) -> bool {
-    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `<entity>:<action>`, each part `[a-z0-9_]+`; `*` is allowed as the action in subscriptions.
 pub fn valid_event_name(s: &str, allow_wildcard: bool) -> bool {
-    let part = |p: &str| !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 64
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
     match s.split_once(':') {
         Some((e, a)) => part(e) && (part(a) || (allow_wildcard && a == "*")),
         None => allow_wildcard && s == "*",
@@ -57,7 +65,9 @@ pub fn valid_event_name(s: &str, allow_wildcard: bool) -> bool {
 pub fn subscribed(event_types: &[String], event: &str) -> bool {
     event_types.is_empty()
         || event_types.iter().any(|t| {
-            t == "*" || t == event || (t.ends_with(":*") && event.split(':').next() == t.split(':').next())
+            t == "*"
+                || t == event
+                || (t.ends_with(":*") && event.split(':').next() == t.split(':').next())
         })
 }
 
@@ -80,7 +90,10 @@ impl Envelope {
         let Value::Object(mut o) = v else {
             return Err(ApiError::bad("an event must be a JSON object"));
         };
-        let string = |o: &mut Map<String, Value>, f: &str, required: bool| -> Result<Option<String>, ApiError> {
+        let string = |o: &mut Map<String, Value>,
+                      f: &str,
+                      required: bool|
+         -> Result<Option<String>, ApiError> {
             match o.remove(f) {
                 None | Some(Value::Null) if required => Err(ApiError::field(f, "is required")),
                 None | Some(Value::Null) => Ok(None),
@@ -90,16 +103,25 @@ impl Envelope {
         };
         let id = string(&mut o, "id", true)?.unwrap_or_default();
         if !valid_event_id(&id) {
-            return Err(ApiError::field("id", "must be 1-128 characters of [A-Za-z0-9_-]"));
+            return Err(ApiError::field(
+                "id",
+                "must be 1-128 characters of [A-Za-z0-9_-]",
+            ));
         }
         let event = string(&mut o, "event", true)?.unwrap_or_default();
         if !valid_event_name(&event, false) {
-            return Err(ApiError::field("event", "must look like <entity>:<action>, e.g. sync_job_run:record"));
+            return Err(ApiError::field(
+                "event",
+                "must look like <entity>:<action>, e.g. sync_job_run:record",
+            ));
         }
         let sync_job_run_id = match string(&mut o, "sync_job_run_id", false)? {
             Some(s) => Some(parse_uuid("sync_job_run_id", &s)?),
             None if event.starts_with("sync_job_run:") => {
-                return Err(ApiError::field("sync_job_run_id", "is required for sync_job_run:* events"))
+                return Err(ApiError::field(
+                    "sync_job_run_id",
+                    "is required for sync_job_run:* events",
+                ))
             }
             None => None,
         };
@@ -107,14 +129,18 @@ impl Envelope {
             .map(|s| parse_uuid("webhook_id", &s))
             .transpose()?;
         if webhook_id.is_none() && sync_job_run_id.is_none() {
-            return Err(ApiError::field("webhook_id", "is required when the event has no sync_job_run_id"));
+            return Err(ApiError::field(
+                "webhook_id",
+                "is required when the event has no sync_job_run_id",
+            ));
         }
         let callback_url = string(&mut o, "callback_url", false)?
             .map(|s| parse_target_url("callback_url", &s, https_only))
             .transpose()?;
         let environment_id = string(&mut o, "environment_id", false)?;
         let created_at_ms = match string(&mut o, "created_at", false)? {
-            Some(s) => parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
+            Some(s) => parse_rfc3339_ms(&s)
+                .ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
             None => now,
         };
         let payload = match o.remove("payload") {
@@ -142,12 +168,20 @@ impl Envelope {
         o.insert("payload".into(), Value::Object(self.payload.clone()));
         o.insert(
             "environment_id".into(),
-            self.environment_id.clone().map(Value::String).unwrap_or(Value::Null),
+            self.environment_id
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
         );
-        o.insert("created_at".into(), Value::String(rfc3339_ms(self.created_at_ms)));
+        o.insert(
+            "created_at".into(),
+            Value::String(rfc3339_ms(self.created_at_ms)),
+        );
         o.insert(
             "webhook_id".into(),
-            webhook_id.map(|s| Value::String(s.to_string())).unwrap_or(Value::Null),
+            webhook_id
+                .map(|s| Value::String(s.to_string()))
+                .unwrap_or(Value::Null),
         );
         if let Some(run) = &self.sync_job_run_id {
             o.insert("sync_job_run_id".into(), Value::String(run.clone()));
@@ -181,7 +215,8 @@ impl Envelope {
 /// A delivery target URL: http(s), a host, no fragment. IP-literal hosts are checked for being
 /// global here; host names are checked when resolved (registration and connect time).
 pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
-    let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
+    let url =
+        Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
     match url.scheme() {
         "https" => {}
         "http" if !https_only => {}
@@ -192,7 +227,10 @@ pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, A
         return Err(ApiError::field(field, "must have a host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ApiError::field(field, "must not carry credentials; use the signature to authenticate"));
+        return Err(ApiError::field(
+            field,
+            "must not carry credentials; use the signature to authenticate",
+        ));
     }
     Ok(url)
 }
@@ -248,7 +286,8 @@ fn is_global_v6(a: Ipv6Addr) -> bool {
         || (s[0] & 0xfe00) == 0xfc00 // unique local
         || (s[0] & 0xffc0) == 0xfe80 // link-local
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0)) // IPv4-compatible
+        || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0))
+    // IPv4-compatible
 }
 
 #[cfg(test)]
@@ -280,7 +319,12 @@ mod tests {
         ] {
             assert!(!is_global(a.parse().unwrap()), "{a} should not be global");
         }
-        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for a in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_global(a.parse().unwrap()), "{a} should be global");
         }
     }
@@ -299,20 +343,51 @@ mod tests {
         assert!(Envelope::parse(ok.clone(), 0, false).is_ok());
         let cases = [
             (json!({"event":"x:y","webhook_id":run,"payload":{}}), "id"),
-            (json!({"id":"bad id!","event":"x:y","webhook_id":run,"payload":{}}), "id"),
-            (json!({"id":"e","event":"nocolon","webhook_id":run,"payload":{}}), "event"),
-            (json!({"id":"e","event":"sync_job_run:record","payload":{}}), "sync_job_run_id"),
-            (json!({"id":"e","event":"sync_job_run:record","sync_job_run_id":"nope","payload":{}}), "sync_job_run_id"),
+            (
+                json!({"id":"bad id!","event":"x:y","webhook_id":run,"payload":{}}),
+                "id",
+            ),
+            (
+                json!({"id":"e","event":"nocolon","webhook_id":run,"payload":{}}),
+                "event",
+            ),
+            (
+                json!({"id":"e","event":"sync_job_run:record","payload":{}}),
+                "sync_job_run_id",
+            ),
+            (
+                json!({"id":"e","event":"sync_job_run:record","sync_job_run_id":"nope","payload":{}}),
+                "sync_job_run_id",
+            ),
             (json!({"id":"e","event":"x:y","payload":{}}), "webhook_id"),
-            (json!({"id":"e","event":"x:y","webhook_id":"zz","payload":{}}), "webhook_id"),
+            (
+                json!({"id":"e","event":"x:y","webhook_id":"zz","payload":{}}),
+                "webhook_id",
+            ),
             (json!({"id":"e","event":"x:y","webhook_id":run}), "payload"),
-            (json!({"id":"e","event":"x:y","webhook_id":run,"payload":[1]}), "payload"),
-            (json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"created_at":"yesterday"}), "created_at"),
-            (json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"callback_url":"ftp://x"}), "callback_url"),
-            (json!({"id":1,"event":"x:y","webhook_id":run,"payload":{}}), "id"),
+            (
+                json!({"id":"e","event":"x:y","webhook_id":run,"payload":[1]}),
+                "payload",
+            ),
+            (
+                json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"created_at":"yesterday"}),
+                "created_at",
+            ),
+            (
+                json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"callback_url":"ftp://x"}),
+                "callback_url",
+            ),
+            (
+                json!({"id":1,"event":"x:y","webhook_id":run,"payload":{}}),
+                "id",
+            ),
         ];
         for (v, f) in cases {
-            assert_eq!(field(Envelope::parse(v.clone(), 0, false).unwrap_err()), f, "{v}");
+            assert_eq!(
+                field(Envelope::parse(v.clone(), 0, false).unwrap_err()),
+                f,
+                "{v}"
+            );
         }
     }
 

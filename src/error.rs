@@ -9,7 +9,10 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
-    BadRequest { field: Option<String>, message: String },
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
     #[error("missing or invalid bearer token")]
     Unauthenticated,
     #[error("{0}")]
@@ -17,7 +20,10 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("request body is larger than {max_bytes} bytes")]
-    TooLarge { max_bytes: usize, field: Option<String> },
+    TooLarge {
+        max_bytes: usize,
+        field: Option<String>,
+    },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -102,7 +108,9 @@ impl ResponseError for ApiError {
                 "detail": { "field": field },
                 "max_bytes": max_bytes,
             }),
-            ApiError::Unavailable(m) => json!({"type": "service_unavailable", "message": m, "detail": null}),
+            ApiError::Unavailable(m) => {
+                json!({"type": "service_unavailable", "message": m, "detail": null})
+            }
             ApiError::Internal(e) => {
                 let reference_id = uuid::Uuid::new_v4().to_string();
                 tracing::error!(%reference_id, error = %format!("{e:#}"), "internal error");
@@ -135,7 +143,11 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         }
         let field = if let Some(rest) = message.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default();
-            if path == "." { name.to_string() } else { format!("{path}.{name}") }
+            if path == "." {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            }
         } else if let Some(rest) = message.strip_prefix("unknown field `") {
             let name = rest.split('`').next().unwrap_or_default();
             if path == "." {
@@ -180,13 +192,23 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_field() {
-        assert_eq!(field_of(parse_json::<T>(br#"{"b":[]}"#).unwrap_err()).as_deref(), Some("a"));
-        assert_eq!(field_of(parse_json::<T>(br#"{"a":"x","b":[]}"#).unwrap_err()).as_deref(), Some("a"));
         assert_eq!(
-            field_of(parse_json::<T>(br#"{"a":1,"b":[{"c":"x"},{"c":3}]}"#).unwrap_err()).as_deref(),
+            field_of(parse_json::<T>(br#"{"b":[]}"#).unwrap_err()).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            field_of(parse_json::<T>(br#"{"a":"x","b":[]}"#).unwrap_err()).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            field_of(parse_json::<T>(br#"{"a":1,"b":[{"c":"x"},{"c":3}]}"#).unwrap_err())
+                .as_deref(),
             Some("b[1].c")
         );
-        assert_eq!(field_of(parse_json::<T>(br#"{"a":1,"b":[],"z":1}"#).unwrap_err()).as_deref(), Some("z"));
+        assert_eq!(
+            field_of(parse_json::<T>(br#"{"a":1,"b":[],"z":1}"#).unwrap_err()).as_deref(),
+            Some("z")
+        );
         assert_eq!(field_of(parse_json::<T>(b"{nope").unwrap_err()), None);
     }
 }

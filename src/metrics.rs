@@ -3,8 +3,8 @@
 //! small fixed sets listed beside each metric — never a URL, an id or an error string.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// `source`: `api`, `kafka`.
@@ -39,7 +39,8 @@ pub const TARGET_KINDS: &[&str] = &["webhook", "callback"];
 pub const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
 ];
 
 #[derive(Clone)]
@@ -68,28 +69,42 @@ impl Metrics {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
-                .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
 
@@ -98,7 +113,9 @@ impl Metrics {
             "Age of the oldest event not yet delivered or dead-lettered.",
         )
         .expect("valid metric");
-        registry.register(Box::new(oldest.clone())).expect("unique metric");
+        registry
+            .register(Box::new(oldest.clone()))
+            .expect("unique metric");
 
         let m = Metrics {
             events_ingested: counter_vec(
@@ -135,8 +152,14 @@ impl Metrics {
                 "Events or deliveries dead-lettered, by reason.",
                 &["reason"],
             ),
-            dead_letters_replayed: counter("syncrelay_dead_letters_replayed_total", "Dead letters re-driven by replay."),
-            in_flight: gauge("syncrelay_deliveries_in_flight", "Delivery attempts in progress."),
+            dead_letters_replayed: counter(
+                "syncrelay_dead_letters_replayed_total",
+                "Dead letters re-driven by replay.",
+            ),
+            in_flight: gauge(
+                "syncrelay_deliveries_in_flight",
+                "Delivery attempts in progress.",
+            ),
             queue_depth: gauge(
                 "syncrelay_queue_depth",
                 "Deliveries queued (ready, waiting behind their run, or in retry).",

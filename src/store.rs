@@ -215,9 +215,9 @@ fn page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
 pub fn parse_cursor(c: Option<&str>) -> Result<i64, crate::error::ApiError> {
     match c {
         None | Some("") => Ok(0),
-        Some(c) => c
-            .parse::<i64>()
-            .map_err(|_| crate::error::ApiError::field("cursor", "is not a cursor this API returned")),
+        Some(c) => c.parse::<i64>().map_err(|_| {
+            crate::error::ApiError::field("cursor", "is not a cursor this API returned")
+        }),
     }
 }
 
@@ -225,7 +225,8 @@ impl Store {
     pub async fn open(settings: &StoreSettings, synchronous_full: bool) -> anyhow::Result<Store> {
         if let Some(dir) = settings.path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating data folder {}", dir.display()))?;
             }
         }
         let opts = SqliteConnectOptions::from_str("sqlite://")?
@@ -244,7 +245,10 @@ impl Store {
             .connect_with(opts)
             .await
             .with_context(|| format!("opening store {}", settings.path.display()))?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.context("creating schema")?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .context("creating schema")?;
         Ok(Store { pool })
     }
 
@@ -274,7 +278,8 @@ impl Store {
     // ---- webhooks ---------------------------------------------------------------------------
 
     fn webhook_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Webhook> {
-        let secret = Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
+        let secret =
+            Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
         let prev: Option<String> = r.get("previous_secret");
         let prev_exp: Option<i64> = r.get("previous_secret_expires_at");
         let previous_secret = match (prev, prev_exp) {
@@ -310,7 +315,9 @@ impl Store {
         .bind(w.updated_at)
         .execute(&self.pool)
         .await?;
-        self.get_webhook(&w.id).await?.context("webhook just inserted")
+        self.get_webhook(&w.id)
+            .await?
+            .context("webhook just inserted")
     }
 
     pub async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
@@ -354,7 +361,9 @@ impl Store {
     }
 
     pub async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
-        let rows = sqlx::query("SELECT * FROM webhooks").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM webhooks")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(Self::webhook_from_row).collect()
     }
 
@@ -370,8 +379,13 @@ impl Store {
 
     /// Durably queue deliveries and record dead letters, in one transaction: when this returns
     /// Ok the events are committed.
-    pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn enqueue(
+        &self,
+        deliveries: &[NewDelivery],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for d in deliveries {
             let busy = match &d.order_key {
                 Some(k) => sqlx::query_scalar::<_, i64>(
@@ -412,7 +426,12 @@ impl Store {
     }
 
     /// Ready deliveries due by `now`, oldest due first, skipping targets at their in-flight cap.
-    pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
+    pub async fn due(
+        &self,
+        now: i64,
+        limit: i64,
+        skip_targets: &[String],
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut sql = String::from(
             "SELECT seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, \
              attempts, first_attempt_at, created_at FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?",
@@ -460,7 +479,7 @@ impl Store {
 
     /// Record a batch of finished attempts in one transaction (group commit).
     pub async fn complete(&self, batch: &[Completion], now: i64) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for c in batch {
             sqlx::query(
                 "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) \
@@ -508,14 +527,21 @@ impl Store {
     }
 
     /// Dead-letter a queued delivery without an attempt (e.g. its webhook was deleted).
-    pub async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?")
-            .bind(now)
-            .bind(dl.reason)
-            .bind(q.seq)
-            .execute(&mut *tx)
-            .await?;
+    pub async fn dead_letter_queued(
+        &self,
+        q: &QueuedDelivery,
+        dl: &NewDeadLetter,
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?",
+        )
+        .bind(now)
+        .bind(dl.reason)
+        .bind(q.seq)
+        .execute(&mut *tx)
+        .await?;
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
             promote_next(&mut tx, k, now).await?;
@@ -534,7 +560,7 @@ impl Store {
 
     /// Forget delivered rows finished before `before` (and their attempts).
     pub async fn purge_delivered(&self, before: i64) -> anyhow::Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "DELETE FROM attempts WHERE delivery_id IN \
              (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
@@ -555,7 +581,12 @@ impl Store {
 
     // ---- delivery log -----------------------------------------------------------------------
 
-    pub async fn list_deliveries(&self, filter: &DeliveryFilter, after: i64, limit: i64) -> anyhow::Result<Page<Value>> {
+    pub async fn list_deliveries(
+        &self,
+        filter: &DeliveryFilter,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<Value>> {
         let mut sql = String::from("SELECT * FROM deliveries WHERE seq > ?");
         let mut binds: Vec<String> = Vec::new();
         for (col, v) in [
@@ -575,7 +606,12 @@ impl Store {
             q = q.bind(b);
         }
         let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
-        Ok(page(rows.iter().map(|r| (r.get("seq"), delivery_json(r))).collect(), limit))
+        Ok(page(
+            rows.iter()
+                .map(|r| (r.get("seq"), delivery_json(r)))
+                .collect(),
+            limit,
+        ))
     }
 
     pub async fn get_delivery(&self, id: &str) -> anyhow::Result<Option<Value>> {
@@ -606,13 +642,19 @@ impl Store {
                 })
                 .collect(),
         );
-        d["body"] = serde_json::from_str(row.get::<String, _>("body").as_str()).unwrap_or(Value::Null);
+        d["body"] =
+            serde_json::from_str(row.get::<String, _>("body").as_str()).unwrap_or(Value::Null);
         Ok(Some(d))
     }
 
     // ---- dead letters -----------------------------------------------------------------------
 
-    pub async fn list_dead_letters(&self, filter: &DeadLetterFilter, after: i64, limit: i64) -> anyhow::Result<Page<Value>> {
+    pub async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<Value>> {
         let mut sql = String::from("SELECT * FROM dead_letters WHERE seq > ?");
         if !filter.include_replayed {
             sql.push_str(" AND replayed_at IS NULL");
@@ -634,7 +676,12 @@ impl Store {
             q = q.bind(b);
         }
         let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
-        Ok(page(rows.iter().map(|r| (r.get("seq"), dead_letter_json(r))).collect(), limit))
+        Ok(page(
+            rows.iter()
+                .map(|r| (r.get("seq"), dead_letter_json(r)))
+                .collect(),
+            limit,
+        ))
     }
 
     /// Take dead letters out for replay: rows backed by a delivery are re-queued (a new delivery
@@ -647,7 +694,7 @@ impl Store {
         max: i64,
         now: i64,
     ) -> anyhow::Result<(u64, Vec<String>)> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
         let mut binds: Vec<String> = Vec::new();
         if let Some(ids) = ids {
@@ -659,7 +706,11 @@ impl Store {
                 binds.push(String::new());
             }
         }
-        for (col, v) in [("webhook_id", &filter.webhook_id), ("reason", &filter.reason), ("event_id", &filter.event_id)] {
+        for (col, v) in [
+            ("webhook_id", &filter.webhook_id),
+            ("reason", &filter.reason),
+            ("event_id", &filter.event_id),
+        ] {
             if let Some(v) = v {
                 sql.push_str(&format!(" AND {col} = ?"));
                 binds.push(v.clone());
@@ -768,7 +819,11 @@ async fn insert_dead_letter(
     Ok(())
 }
 
-async fn promote_next(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: &str, now: i64) -> anyhow::Result<()> {
+async fn promote_next(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    order_key: &str,
+    now: i64,
+) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE seq = \
          (SELECT seq FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting') ORDER BY seq LIMIT 1) \
@@ -782,7 +837,8 @@ async fn promote_next(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: &
 }
 
 fn opt_time(ms: Option<i64>) -> Value {
-    ms.map(|m| Value::String(crate::domain::rfc3339_ms(m))).unwrap_or(Value::Null)
+    ms.map(|m| Value::String(crate::domain::rfc3339_ms(m)))
+        .unwrap_or(Value::Null)
 }
 
 fn delivery_json(r: &sqlx::sqlite::SqliteRow) -> Value {

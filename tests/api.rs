@@ -33,7 +33,16 @@ async fn requests_without_a_valid_token_are_refused_with_a_typed_error() {
     }
     // Health and metrics need no token.
     for p in ["/health/live", "/health/ready", "/metrics"] {
-        assert_eq!(app.http.get(format!("{}{p}", app.base)).send().await.unwrap().status(), 200, "{p}");
+        assert_eq!(
+            app.http
+                .get(format!("{}{p}", app.base))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{p}"
+        );
     }
     let (s, b) = app.get("/nope").await;
     assert_typed(s, &b, 404, "not_found", None);
@@ -47,15 +56,33 @@ async fn webhook_registration_validates_and_refuses_non_global_targets() {
         (json!({"target_url": 5}), "target_url"),
         (json!({"target_url": "not a url"}), "target_url"),
         (json!({"target_url": "ftp://example.com/x"}), "target_url"),
-        (json!({"target_url": "http://169.254.169.254/latest/meta-data"}), "target_url"),
+        (
+            json!({"target_url": "http://169.254.169.254/latest/meta-data"}),
+            "target_url",
+        ),
         (json!({"target_url": "http://10.0.0.1/hook"}), "target_url"),
-        (json!({"target_url": "http://127.0.0.1:9/hook"}), "target_url"),
+        (
+            json!({"target_url": "http://127.0.0.1:9/hook"}),
+            "target_url",
+        ),
         (json!({"target_url": "http://[::1]/hook"}), "target_url"),
         (json!({"target_url": "http://localhost/hook"}), "target_url"),
-        (json!({"target_url": "http://user:pw@93.184.216.34/"}), "target_url"),
-        (json!({"target_url": "https://93.184.216.34/", "event_types": ["ok:x", "Bad Name"]}), "event_types[1]"),
-        (json!({"target_url": "https://93.184.216.34/", "secret": "plain"}), "secret"),
-        (json!({"target_url": "https://93.184.216.34/", "surprise": 1}), "surprise"),
+        (
+            json!({"target_url": "http://user:pw@93.184.216.34/"}),
+            "target_url",
+        ),
+        (
+            json!({"target_url": "https://93.184.216.34/", "event_types": ["ok:x", "Bad Name"]}),
+            "event_types[1]",
+        ),
+        (
+            json!({"target_url": "https://93.184.216.34/", "secret": "plain"}),
+            "secret",
+        ),
+        (
+            json!({"target_url": "https://93.184.216.34/", "surprise": 1}),
+            "surprise",
+        ),
     ];
     for (body, field) in cases {
         let (s, b) = app.post("/webhook", body.clone()).await;
@@ -63,7 +90,10 @@ async fn webhook_registration_validates_and_refuses_non_global_targets() {
     }
     // validate_only validates without creating.
     let (s, b) = app
-        .post("/webhook", json!({"target_url": "https://93.184.216.34/hook", "validate_only": true}))
+        .post(
+            "/webhook",
+            json!({"target_url": "https://93.184.216.34/hook", "validate_only": true}),
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     let (_, list) = app.get("/webhook").await;
@@ -79,15 +109,28 @@ async fn bad_events_get_typed_errors_or_dead_letters_and_good_events_still_flow(
     let good = |n: usize| event(&format!("good{n}"), &wid, Some(&run), json!({"n": n}));
 
     // Malformed: not JSON, wrong shapes; each names the field, nothing is queued.
-    let (s, b) = app
-        .call(reqwest::Method::POST, "/events", None)
-        .await;
+    let (s, b) = app.call(reqwest::Method::POST, "/events", None).await;
     assert_typed(s, &b, 400, "bad_request", None);
-    let resp = app.req(reqwest::Method::POST, "/events").body("{not json").send().await.unwrap();
+    let resp = app
+        .req(reqwest::Method::POST, "/events")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
-    let (s, b) = app.post("/events", json!({"events": [good(0), {"id": "x", "event": "a:b", "webhook_id": wid}]})).await;
+    let (s, b) = app
+        .post(
+            "/events",
+            json!({"events": [good(0), {"id": "x", "event": "a:b", "webhook_id": wid}]}),
+        )
+        .await;
     assert_typed(s, &b, 400, "bad_request", Some("events[1].payload"));
-    let (s, b) = app.post("/events", json!({"id": "has space", "event": "a:b", "webhook_id": wid, "payload": {}})).await;
+    let (s, b) = app
+        .post(
+            "/events",
+            json!({"id": "has space", "event": "a:b", "webhook_id": wid, "payload": {}}),
+        )
+        .await;
     assert_typed(s, &b, 400, "bad_request", Some("id"));
     let (s, b) = app.post("/events", json!({"events": "nope"})).await;
     assert_typed(s, &b, 400, "bad_request", Some("events"));
@@ -100,7 +143,12 @@ async fn bad_events_get_typed_errors_or_dead_letters_and_good_events_still_flow(
     assert_typed(s, &b, 413, "request_entity_too_large", Some("events[1]"));
     assert_eq!(b["max_bytes"], 2048);
     let huge = "x".repeat(5 * 1024 * 1024);
-    let resp = app.req(reqwest::Method::POST, "/events").body(huge).send().await.unwrap();
+    let resp = app
+        .req(reqwest::Method::POST, "/events")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 413);
     let b: Value = resp.json().await.unwrap();
     assert_eq!(b["type"], "request_entity_too_large");
@@ -118,15 +166,25 @@ async fn bad_events_get_typed_errors_or_dead_letters_and_good_events_still_flow(
     // An unknown webhook is accepted and dead-lettered with its reason; the good one flows.
     let unknown = "5b6c1a52-0000-4000-8000-000000000000";
     let (s, b) = app
-        .post("/events", json!({"events": [event("lost", unknown, Some(&run), json!({})), good(3)]}))
+        .post(
+            "/events",
+            json!({"events": [event("lost", unknown, Some(&run), json!({})), good(3)]}),
+        )
         .await;
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["events"][0]["status"], "dead_lettered");
     assert_eq!(b["events"][0]["reason"], "unknown_webhook");
     assert_eq!(b["events"][1]["status"], "queued");
-    let got = rx.wait_for(Duration::from_secs(10), "good3", |g| g.iter().any(|r| r.header("webhook-id") == "good3")).await;
+    let got = rx
+        .wait_for(Duration::from_secs(10), "good3", |g| {
+            g.iter().any(|r| r.header("webhook-id") == "good3")
+        })
+        .await;
     // None of the refused events reached the receiver.
-    let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id").to_string()).collect();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
     assert_eq!(ids, vec!["good3"]);
     let (_, dl) = app.get("/dead-letters?reason=unknown_webhook").await;
     assert_eq!(dl["results"][0]["event_id"], "lost");
@@ -147,7 +205,12 @@ async fn a_host_name_resolving_to_a_blocked_address_is_never_dialled() {
     let mut reasons = Vec::new();
     for _ in 0..200 {
         let (_, dl) = app.get("/dead-letters?event_id=dns1").await;
-        reasons = dl["results"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap().to_string()).collect();
+        reasons = dl["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap().to_string())
+            .collect();
         if reasons.len() == 2 {
             break;
         }
@@ -155,7 +218,10 @@ async fn a_host_name_resolving_to_a_blocked_address_is_never_dialled() {
     }
     reasons.sort();
     assert_eq!(reasons, vec!["blocked_address", "unknown_webhook"]);
-    assert!(rx.received().is_empty(), "the blocked address was never dialled");
+    assert!(
+        rx.received().is_empty(),
+        "the blocked address was never dialled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +248,9 @@ async fn lists_page_with_a_cursor_and_never_show_secrets() {
         for w in b["results"].as_array().unwrap() {
             assert!(w.get("secret").is_none());
             seen.push(w["id"].as_str().unwrap().to_string());
-            let (_, one) = app.get(&format!("/webhook/{}", w["id"].as_str().unwrap())).await;
+            let (_, one) = app
+                .get(&format!("/webhook/{}", w["id"].as_str().unwrap()))
+                .await;
             assert!(one.get("secret").is_none(), "{one}");
         }
         match b["next_cursor"].as_str() {
@@ -203,23 +271,41 @@ async fn lists_page_with_a_cursor_and_never_show_secrets() {
 async fn webhook_patch_delete_and_event_type_filters() {
     let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(200))).await;
     let app = spawn_app(&[]).await;
-    let (wid, _) = app.webhook(&rx.url("/a"), &["sync_job_run:completed"]).await;
+    let (wid, _) = app
+        .webhook(&rx.url("/a"), &["sync_job_run:completed"])
+        .await;
     // Filtered: not subscribed.
-    let (_, b) = app.post("/events", event("f1", &wid, Some(&run_id(1)), json!({}))).await;
+    let (_, b) = app
+        .post("/events", event("f1", &wid, Some(&run_id(1)), json!({})))
+        .await;
     assert_eq!(b["events"][0]["status"], "filtered");
     let (s, w) = app
-        .call(reqwest::Method::PATCH, &format!("/webhook/{wid}"), Some(json!({"target_url": rx.url("/b"), "event_types": []})))
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/webhook/{wid}"),
+            Some(json!({"target_url": rx.url("/b"), "event_types": []})),
+        )
         .await;
     assert_eq!(s, 200, "{w}");
     assert_eq!(w["target_url"], rx.url("/b"));
-    app.send_events(vec![event("f2", &wid, Some(&run_id(1)), json!({}))]).await;
-    rx.wait_for(Duration::from_secs(10), "delivery to the new URL", |g| g.iter().any(|r| r.path == "/b")).await;
+    app.send_events(vec![event("f2", &wid, Some(&run_id(1)), json!({}))])
+        .await;
+    rx.wait_for(Duration::from_secs(10), "delivery to the new URL", |g| {
+        g.iter().any(|r| r.path == "/b")
+    })
+    .await;
     let (s, b) = app
-        .call(reqwest::Method::PATCH, &format!("/webhook/{wid}"), Some(json!({"target_url": "http://10.1.2.3/"})))
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/webhook/{wid}"),
+            Some(json!({"target_url": "http://10.1.2.3/"})),
+        )
         .await;
     assert_eq!(s, 400, "{b}");
     assert_eq!(b["detail"]["field"], "target_url");
-    let (s, _) = app.call(reqwest::Method::DELETE, &format!("/webhook/{wid}"), None).await;
+    let (s, _) = app
+        .call(reqwest::Method::DELETE, &format!("/webhook/{wid}"), None)
+        .await;
     assert_eq!(s, 204);
     let (s, b) = app.get(&format!("/webhook/{wid}")).await;
     assert_eq!(s, 404);
@@ -228,13 +314,30 @@ async fn webhook_patch_delete_and_event_type_filters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
-    let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen == 0 { 500 } else { 200 }))).await;
+    let rx = Receiver::with_script(Arc::new(|_, seen| {
+        Reply::status(if seen == 0 { 500 } else { 200 })
+    }))
+    .await;
     let app = spawn_app(&[]).await;
     let (wid, _) = app.webhook(&rx.url("/m"), &[]).await;
-    app.send_events((0..5).map(|i| event(&format!("m{i}"), &wid, None, json!({}))).collect()).await;
-    rx.wait_for(Duration::from_secs(10), "10 attempts", |g| g.len() >= 10).await;
+    app.send_events(
+        (0..5)
+            .map(|i| event(&format!("m{i}"), &wid, None, json!({})))
+            .collect(),
+    )
+    .await;
+    rx.wait_for(Duration::from_secs(10), "10 attempts", |g| g.len() >= 10)
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series))
@@ -242,12 +345,29 @@ async fn metrics_count_what_happened() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no series {series}"))
     };
-    assert_eq!(value("syncrelay_events_ingested_total{source=\"api\"}"), 5.0);
-    assert_eq!(value("syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}"), 5.0);
-    assert_eq!(value("syncrelay_delivery_retries_total{kind=\"webhook\"}"), 5.0);
-    assert_eq!(value("syncrelay_delivery_attempts_total{kind=\"webhook\",result=\"http_5xx\"}"), 5.0);
-    assert_eq!(value("syncrelay_delivery_attempts_total{kind=\"webhook\",result=\"success\"}"), 5.0);
+    assert_eq!(
+        value("syncrelay_events_ingested_total{source=\"api\"}"),
+        5.0
+    );
+    assert_eq!(
+        value("syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}"),
+        5.0
+    );
+    assert_eq!(
+        value("syncrelay_delivery_retries_total{kind=\"webhook\"}"),
+        5.0
+    );
+    assert_eq!(
+        value("syncrelay_delivery_attempts_total{kind=\"webhook\",result=\"http_5xx\"}"),
+        5.0
+    );
+    assert_eq!(
+        value("syncrelay_delivery_attempts_total{kind=\"webhook\",result=\"success\"}"),
+        5.0
+    );
     assert_eq!(value("syncrelay_deliveries_in_flight"), 0.0);
-    assert!(text.contains("syncrelay_http_requests_total{method=\"POST\",route=\"/events\",status_class=\"2xx\"}"));
+    assert!(text.contains(
+        "syncrelay_http_requests_total{method=\"POST\",route=\"/events\",status_class=\"2xx\"}"
+    ));
     assert!(text.contains("syncrelay_delivery_latency_seconds_count 5"));
 }

@@ -26,8 +26,13 @@ async fn delivered_event_verifies_with_standard_webhooks_and_truto_signature_rec
     })])
     .await;
     // No webhook_id on the event and no known run: must name a webhook. Send the explicit one.
-    let got = rx.wait_for(Duration::from_secs(10), "nothing (unknown run)", |_| true).await;
-    assert!(got.is_empty(), "an event of an unknown run without webhook_id must not be delivered");
+    let got = rx
+        .wait_for(Duration::from_secs(10), "nothing (unknown run)", |_| true)
+        .await;
+    assert!(
+        got.is_empty(),
+        "an event of an unknown run without webhook_id must not be delivered"
+    );
 
     app.send_events(vec![json!({
         "id": "evt_sig_2", "event": "sync_job_run:record", "sync_job_run_id": run, "webhook_id": wid,
@@ -35,12 +40,16 @@ async fn delivered_event_verifies_with_standard_webhooks_and_truto_signature_rec
         "payload": {"z": 1, "a": {"nested": [1, 2, "three"]}, "unicode": "héllo ✓"}
     })])
     .await;
-    let got = rx.wait_for(Duration::from_secs(10), "one delivery", |g| !g.is_empty()).await;
+    let got = rx
+        .wait_for(Duration::from_secs(10), "one delivery", |g| !g.is_empty())
+        .await;
     let r = &got[0];
 
     // The independent reference verifier accepts it.
     let verifier = standardwebhooks::Webhook::new(&secret).unwrap();
-    verifier.verify(&r.body, &r.header_map()).expect("standardwebhooks verifies the signature");
+    verifier
+        .verify(&r.body, &r.header_map())
+        .expect("standardwebhooks verifies the signature");
     // A wrong secret does not.
     let other = standardwebhooks::Webhook::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
     assert!(other.verify(&r.body, &r.header_map()).is_err());
@@ -68,26 +77,45 @@ async fn delivered_event_verifies_with_standard_webhooks_and_truto_signature_rec
     assert_eq!(body["payload"]["unicode"], "héllo ✓");
     // Payload passed through with its key order, compact.
     let text = String::from_utf8(r.body.clone()).unwrap();
-    assert!(text.contains(r#""payload":{"z":1,"a":{"nested":[1,2,"three"]},"unicode":"héllo ✓"}"#), "{text}");
+    assert!(
+        text.contains(r#""payload":{"z":1,"a":{"nested":[1,2,"three"]},"unicode":"héllo ✓"}"#),
+        "{text}"
+    );
 
     // The unroutable one is a dead letter with its reason.
     let (_, dl) = app.get("/dead-letters").await;
-    let reasons: Vec<_> = dl["results"].as_array().unwrap().iter().map(|d| (d["event_id"].clone(), d["reason"].clone())).collect();
+    let reasons: Vec<_> = dl["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["event_id"].clone(), d["reason"].clone()))
+        .collect();
     assert_eq!(reasons, vec![(json!("evt_sig_1"), json!("unknown_run"))]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id() {
     // 500, 500, 500, then 200.
-    let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen < 3 { 500 } else { 200 }))).await;
+    let rx = Receiver::with_script(Arc::new(|_, seen| {
+        Reply::status(if seen < 3 { 500 } else { 200 })
+    }))
+    .await;
     let app = spawn_app(&[
         ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "100"),
         ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "3"),
     ])
     .await;
     let (wid, _) = app.webhook(&rx.url("/flaky"), &[]).await;
-    app.send_events(vec![event("evt_retry", &wid, Some(&run_id(7)), json!({"n": 1}))]).await;
-    let got = rx.wait_for(Duration::from_secs(20), "4 attempts", |g| g.len() >= 4).await;
+    app.send_events(vec![event(
+        "evt_retry",
+        &wid,
+        Some(&run_id(7)),
+        json!({"n": 1}),
+    )])
+    .await;
+    let got = rx
+        .wait_for(Duration::from_secs(20), "4 attempts", |g| g.len() >= 4)
+        .await;
     assert_eq!(got.len(), 4);
     for (i, r) in got.iter().enumerate() {
         assert_eq!(r.header("webhook-id"), "evt_retry");
@@ -99,7 +127,10 @@ async fn failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id
     assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
     assert!(gaps[1] >= Duration::from_millis(300), "{gaps:?}");
     assert!(gaps[2] >= Duration::from_millis(900), "{gaps:?}");
-    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "gaps grow: {gaps:?}");
+    assert!(
+        gaps[0] < gaps[1] && gaps[1] < gaps[2],
+        "gaps grow: {gaps:?}"
+    );
 
     // The delivery log shows every attempt.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -107,7 +138,12 @@ async fn failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id
     let id = list["results"][0]["id"].as_str().unwrap().to_string();
     let (_, d) = app.get(&format!("/deliveries/{id}")).await;
     assert_eq!(d["status"], "delivered");
-    let statuses: Vec<_> = d["attempts"].as_array().unwrap().iter().map(|a| a["status"].as_i64().unwrap()).collect();
+    let statuses: Vec<_> = d["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_i64().unwrap())
+        .collect();
     assert_eq!(statuses, vec![500, 500, 500, 200]);
     assert_eq!(d["attempts"][0]["response_excerpt"], "receiver says hi");
 }
@@ -125,17 +161,29 @@ async fn events_of_each_run_arrive_in_order_while_runs_interleave() {
     let mut events = Vec::new();
     for i in 0..10 {
         for run in 0..20 {
-            events.push(event(&format!("r{run}-e{i}"), &wid, Some(&run_id(run)), json!({"run": run, "i": i})));
+            events.push(event(
+                &format!("r{run}-e{i}"),
+                &wid,
+                Some(&run_id(run)),
+                json!({"run": run, "i": i}),
+            ));
         }
     }
     app.send_events(events).await;
-    let got = rx.wait_for(Duration::from_secs(30), "200 deliveries", |g| g.len() >= 200).await;
+    let got = rx
+        .wait_for(Duration::from_secs(30), "200 deliveries", |g| {
+            g.len() >= 200
+        })
+        .await;
     let mut per_run: HashMap<i64, Vec<i64>> = HashMap::new();
     let mut first_run_sequence = Vec::new();
     for r in &got {
         let b = r.json();
         let run = b["payload"]["run"].as_i64().unwrap();
-        per_run.entry(run).or_default().push(b["payload"]["i"].as_i64().unwrap());
+        per_run
+            .entry(run)
+            .or_default()
+            .push(b["payload"]["i"].as_i64().unwrap());
         first_run_sequence.push(run);
     }
     assert_eq!(per_run.len(), 20);
@@ -144,7 +192,11 @@ async fn events_of_each_run_arrive_in_order_while_runs_interleave() {
     }
     // Runs interleave: the first 40 deliveries span many runs, not one run after another.
     let distinct: std::collections::HashSet<_> = first_run_sequence[..40].iter().collect();
-    assert!(distinct.len() >= 10, "runs did not proceed in parallel: {:?}", &first_run_sequence[..40]);
+    assert!(
+        distinct.len() >= 10,
+        "runs did not proceed in parallel: {:?}",
+        &first_run_sequence[..40]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +218,9 @@ async fn a_hanging_webhook_does_not_slow_another_webhook() {
     let (hang, _) = app.webhook(&rx.url("/hang"), &[]).await;
     let (fast, _) = app.webhook(&rx.url("/fast"), &[]).await;
     // 200 independent events to the hanging webhook first, then 100 to the healthy one.
-    let mut events: Vec<_> = (0..200).map(|i| event(&format!("h{i}"), &hang, None, json!({}))).collect();
+    let mut events: Vec<_> = (0..200)
+        .map(|i| event(&format!("h{i}"), &hang, None, json!({})))
+        .collect();
     events.extend((0..100).map(|i| event(&format!("f{i}"), &fast, None, json!({}))));
     let started = std::time::Instant::now();
     app.send_events(events).await;
@@ -176,18 +230,32 @@ async fn a_hanging_webhook_does_not_slow_another_webhook() {
     .await;
     let took = started.elapsed();
     let hung = rx.on("/hang").len();
-    assert!(took < Duration::from_secs(10), "healthy webhook took {took:?}");
-    assert!(hung <= 4, "the per-webhook cap holds: {hung} concurrent requests to the hanging webhook");
+    assert!(
+        took < Duration::from_secs(10),
+        "healthy webhook took {took:?}"
+    );
+    assert!(
+        hung <= 4,
+        "the per-webhook cap holds: {hung} concurrent requests to the hanging webhook"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_webhook_and_tells_subscribers() {
-    let rx = Receiver::with_script(Arc::new(|r, _| Reply::status(if r.path == "/gone" { 410 } else { 200 }))).await;
+    let rx = Receiver::with_script(Arc::new(|r, _| {
+        Reply::status(if r.path == "/gone" { 410 } else { 200 })
+    }))
+    .await;
     let app = spawn_app(&[]).await;
     let (gone, _) = app.webhook(&rx.url("/gone"), &[]).await;
     let (watcher, _) = app.webhook(&rx.url("/watch"), &["webhook:disabled"]).await;
-    app.send_events(vec![event("g1", &gone, Some(&run_id(1)), json!({}))]).await;
-    let got = rx.wait_for(Duration::from_secs(10), "webhook:disabled", |g| g.iter().any(|r| r.path == "/watch")).await;
+    app.send_events(vec![event("g1", &gone, Some(&run_id(1)), json!({}))])
+        .await;
+    let got = rx
+        .wait_for(Duration::from_secs(10), "webhook:disabled", |g| {
+            g.iter().any(|r| r.path == "/watch")
+        })
+        .await;
     let note = got.iter().find(|r| r.path == "/watch").unwrap().json();
     assert_eq!(note["event"], "webhook:disabled");
     assert_eq!(note["payload"]["webhook_id"], gone.as_str());
@@ -195,7 +263,8 @@ async fn gone_disables_the_webhook_and_tells_subscribers() {
     let (_, w) = app.get(&format!("/webhook/{gone}")).await;
     assert_eq!(w["is_active"], false);
     // Later events for the disabled webhook are dead-lettered, not attempted.
-    app.send_events(vec![event("g2", &gone, Some(&run_id(1)), json!({}))]).await;
+    app.send_events(vec![event("g2", &gone, Some(&run_id(1)), json!({}))])
+        .await;
     let (_, dl) = app.get("/dead-letters?event_id=g2").await;
     assert_eq!(dl["results"][0]["reason"], "webhook_disabled");
     assert_eq!(rx.on("/gone").len(), 1);
@@ -204,7 +273,11 @@ async fn gone_disables_the_webhook_and_tells_subscribers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_too_large_answer_dead_letters_and_the_run_goes_on() {
     let rx = Receiver::with_script(Arc::new(|r, _| {
-        Reply::status(if r.header("webhook-id") == "big" { 413 } else { 200 })
+        Reply::status(if r.header("webhook-id") == "big" {
+            413
+        } else {
+            200
+        })
     }))
     .await;
     let app = spawn_app(&[]).await;
@@ -215,8 +288,18 @@ async fn payload_too_large_answer_dead_letters_and_the_run_goes_on() {
         event("after", &wid, Some(&run), json!({})),
     ])
     .await;
-    let got = rx.wait_for(Duration::from_secs(10), "the next event", |g| g.iter().any(|r| r.header("webhook-id") == "after")).await;
-    assert_eq!(got.iter().filter(|r| r.header("webhook-id") == "big").count(), 1, "413 is not retried");
+    let got = rx
+        .wait_for(Duration::from_secs(10), "the next event", |g| {
+            g.iter().any(|r| r.header("webhook-id") == "after")
+        })
+        .await;
+    assert_eq!(
+        got.iter()
+            .filter(|r| r.header("webhook-id") == "big")
+            .count(),
+        1,
+        "413 is not retried"
+    );
     let (_, dl) = app.get("/dead-letters?event_id=big").await;
     assert_eq!(dl["results"][0]["reason"], "payload_too_large");
     assert_eq!(dl["results"][0]["last_status"], 413);
@@ -234,9 +317,16 @@ async fn retry_after_is_honoured() {
     .await;
     let app = spawn_app(&[]).await; // initial backoff 50 ms
     let (wid, _) = app.webhook(&rx.url("/ra"), &[]).await;
-    app.send_events(vec![event("ra1", &wid, None, json!({}))]).await;
-    let got = rx.wait_for(Duration::from_secs(10), "second attempt", |g| g.len() >= 2).await;
-    assert!(got[1].at - got[0].at >= Duration::from_secs(1), "{:?}", got[1].at - got[0].at);
+    app.send_events(vec![event("ra1", &wid, None, json!({}))])
+        .await;
+    let got = rx
+        .wait_for(Duration::from_secs(10), "second attempt", |g| g.len() >= 2)
+        .await;
+    assert!(
+        got[1].at - got[0].at >= Duration::from_secs(1),
+        "{:?}",
+        got[1].at - got[0].at
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +341,8 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_redelivers_with_the_s
     ])
     .await;
     // dl1 fails twice, is dead-lettered, then dl2 (behind it in the run) gets its turn.
-    rx.wait_for(Duration::from_secs(10), "4 attempts", |g| g.len() >= 4).await;
+    rx.wait_for(Duration::from_secs(10), "4 attempts", |g| g.len() >= 4)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, dl) = app.get(&format!("/dead-letters?webhook_id={wid}")).await;
     let rows = dl["results"].as_array().unwrap();
@@ -260,16 +351,31 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_redelivers_with_the_s
     assert_eq!(rows[0]["reason"], "attempts_exhausted");
     assert_eq!(rows[0]["attempts"], 2);
     assert_eq!(rows[0]["last_status"], 500);
-    let order: Vec<_> = rx.received().iter().map(|r| r.header("webhook-id").to_string()).collect();
+    let order: Vec<_> = rx
+        .received()
+        .iter()
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
     assert_eq!(order, vec!["dl1", "dl1", "dl2", "dl2"]);
 
     rx.set_script(Arc::new(|_, _| Reply::status(200)));
-    let (s, b) = app.post("/dead-letters/replay", json!({"webhook_id": wid})).await;
+    let (s, b) = app
+        .post("/dead-letters/replay", json!({"webhook_id": wid}))
+        .await;
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["replayed"], 2);
-    let got = rx.wait_for(Duration::from_secs(10), "replayed", |g| g.len() >= 6).await;
-    let replayed: Vec<_> = got[4..].iter().map(|r| r.header("webhook-id").to_string()).collect();
-    assert_eq!(replayed, vec!["dl1", "dl2"], "replay keeps the run's order and the ids");
+    let got = rx
+        .wait_for(Duration::from_secs(10), "replayed", |g| g.len() >= 6)
+        .await;
+    let replayed: Vec<_> = got[4..]
+        .iter()
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
+    assert_eq!(
+        replayed,
+        vec!["dl1", "dl2"],
+        "replay keeps the run's order and the ids"
+    );
     let (_, dl) = app.get(&format!("/dead-letters?webhook_id={wid}")).await;
     assert!(dl["results"].as_array().unwrap().is_empty());
 }
@@ -279,17 +385,28 @@ async fn during_rotation_both_secrets_sign() {
     let rx = Receiver::start().await;
     let app = spawn_app(&[]).await;
     let (wid, old) = app.webhook(&rx.url("/rot"), &[]).await;
-    let (s, rotated) = app.post(&format!("/webhook/{wid}/rotate-secret"), json!({})).await;
+    let (s, rotated) = app
+        .post(&format!("/webhook/{wid}/rotate-secret"), json!({}))
+        .await;
     assert_eq!(s, 200, "{rotated}");
     let new = rotated["secret"].as_str().unwrap().to_string();
     assert_ne!(new, old);
     assert!(rotated["previous_secret_expires_at"].is_string());
-    app.send_events(vec![event("rot1", &wid, None, json!({}))]).await;
-    let got = rx.wait_for(Duration::from_secs(10), "delivery", |g| !g.is_empty()).await;
+    app.send_events(vec![event("rot1", &wid, None, json!({}))])
+        .await;
+    let got = rx
+        .wait_for(Duration::from_secs(10), "delivery", |g| !g.is_empty())
+        .await;
     let r = &got[0];
     assert_eq!(r.header("webhook-signature").split(' ').count(), 2);
-    standardwebhooks::Webhook::new(&new).unwrap().verify(&r.body, &r.header_map()).expect("new secret verifies");
-    standardwebhooks::Webhook::new(&old).unwrap().verify(&r.body, &r.header_map()).expect("old secret verifies");
+    standardwebhooks::Webhook::new(&new)
+        .unwrap()
+        .verify(&r.body, &r.header_map())
+        .expect("new secret verifies");
+    standardwebhooks::Webhook::new(&old)
+        .unwrap()
+        .verify(&r.body, &r.header_map())
+        .expect("old secret verifies");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,9 +418,17 @@ async fn callback_urls_get_the_event_signed_with_the_callback_secret() {
     let mut e = event("cb1", &wid, Some(&run_id(4)), json!({"k": "v"}));
     e["callback_url"] = json!(rx.url("/callback?x=1"));
     app.send_events(vec![e]).await;
-    let got = rx.wait_for(Duration::from_secs(10), "both", |g| g.len() >= 2).await;
-    let cb = got.iter().find(|r| r.path == "/callback").expect("callback delivered");
-    standardwebhooks::Webhook::new(secret).unwrap().verify(&cb.body, &cb.header_map()).expect("callback secret verifies");
+    let got = rx
+        .wait_for(Duration::from_secs(10), "both", |g| g.len() >= 2)
+        .await;
+    let cb = got
+        .iter()
+        .find(|r| r.path == "/callback")
+        .expect("callback delivered");
+    standardwebhooks::Webhook::new(secret)
+        .unwrap()
+        .verify(&cb.body, &cb.header_map())
+        .expect("callback secret verifies");
     assert_eq!(cb.header("webhook-id"), "cb1");
     assert!(got.iter().any(|r| r.path == "/wh"));
 }
@@ -319,5 +444,8 @@ async fn test_endpoint_sends_a_signed_test_event() {
     assert_eq!(b["attempt"]["status"], 200);
     let got = rx.received();
     assert_eq!(got[0].json()["event"], "webhook:test");
-    standardwebhooks::Webhook::new(&secret).unwrap().verify(&got[0].body, &got[0].header_map()).unwrap();
+    standardwebhooks::Webhook::new(&secret)
+        .unwrap()
+        .verify(&got[0].body, &got[0].header_map())
+        .unwrap();
 }

@@ -27,17 +27,21 @@ fn registry_families() -> BTreeMap<String, Family> {
     // A registry omits vectors that have no series yet; the API series only appear with the first
     // request, so create one of each here. (If a new labelled metric is added without pre-created
     // series, touch it here too, or its documentation row is reported as unknown.)
-    m.http_requests.with_label_values(&["/catalogue-test", "GET", "2xx"]).inc();
-    m.http_request_duration.with_label_values(&["/catalogue-test"]).observe(0.001);
+    m.http_requests
+        .with_label_values(&["/catalogue-test", "GET", "2xx"])
+        .inc();
+    m.http_request_duration
+        .with_label_values(&["/catalogue-test"])
+        .observe(0.001);
     let mut out = BTreeMap::new();
     for mf in m.registry.gather() {
         let labels = mf
             .get_metric()
             .iter()
-            .flat_map(|metric| metric.get_label().iter().map(|l| l.get_name().to_string()))
+            .flat_map(|metric| metric.get_label().iter().map(|l| l.name().to_string()))
             .collect();
         let kind = format!("{:?}", mf.get_field_type()).to_lowercase();
-        out.insert(mf.get_name().to_string(), Family { kind, labels });
+        out.insert(mf.name().to_string(), Family { kind, labels });
     }
     out
 }
@@ -52,7 +56,11 @@ fn names_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut rest = text;
     let mut prev: Option<char> = None;
     while let Some(pos) = rest.find(prefix) {
-        let before = if pos == 0 { prev } else { rest[..pos].chars().next_back() };
+        let before = if pos == 0 {
+            prev
+        } else {
+            rest[..pos].chars().next_back()
+        };
         let tail = &rest[pos..];
         let len = tail.find(|c: char| !is_word(c)).unwrap_or(tail.len());
         let word = &tail[..len];
@@ -103,7 +111,11 @@ struct Row {
 }
 
 fn backticked(s: &str) -> Vec<String> {
-    s.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    s.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
 
 fn catalogue_rows(doc: &str) -> Vec<Row> {
@@ -115,20 +127,30 @@ fn catalogue_rows(doc: &str) -> Vec<Row> {
         }
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
         assert!(cells.len() >= 5, "catalogue row needs 5 columns: {line}");
-        let name = backticked(cells[0]).into_iter().next().expect("name in backticks");
+        let name = backticked(cells[0])
+            .into_iter()
+            .next()
+            .expect("name in backticks");
         let mut labels = BTreeMap::new();
         for part in cells[2].split("<br>") {
             let part = part.trim();
             if part.is_empty() || part == "—" || part == "-" {
                 continue;
             }
-            let (label, values) = part
-                .split_once(':')
-                .unwrap_or_else(|| panic!("{name}: label cell part must read \"`label`: values\": {part}"));
-            let label = backticked(label).into_iter().next().unwrap_or_else(|| panic!("{name}: label name in backticks: {part}"));
+            let (label, values) = part.split_once(':').unwrap_or_else(|| {
+                panic!("{name}: label cell part must read \"`label`: values\": {part}")
+            });
+            let label = backticked(label)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| panic!("{name}: label name in backticks: {part}"));
             labels.insert(label, backticked(values).into_iter().collect());
         }
-        rows.push(Row { name, kind: cells[1].to_lowercase(), labels });
+        rows.push(Row {
+            name,
+            kind: cells[1].to_lowercase(),
+            labels,
+        });
     }
     rows
 }
@@ -144,13 +166,20 @@ fn every_metric_is_documented_and_every_documented_metric_exists() {
         .keys()
         .filter(|n| n.starts_with("syncrelay_") && !documented.contains(n.as_str()))
         .collect();
-    assert!(undocumented.is_empty(), "metrics missing from the table in docs/METRICS.md: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "metrics missing from the table in docs/METRICS.md: {undocumented:?}"
+    );
 
     assert_names_exist("docs/METRICS.md", &doc, &families);
 
     let mut seen = BTreeSet::new();
     for row in &rows {
-        assert!(seen.insert(row.name.as_str()), "docs/METRICS.md documents {} twice", row.name);
+        assert!(
+            seen.insert(row.name.as_str()),
+            "docs/METRICS.md documents {} twice",
+            row.name
+        );
     }
 }
 
@@ -169,14 +198,28 @@ fn catalogue_types_and_labels_match_the_registry() {
     .collect();
 
     for row in catalogue_rows(&read("docs/METRICS.md")) {
-        let Some(family) = families.get(&row.name) else { continue }; // reported by the other test
-        assert_eq!(row.kind, family.kind, "docs/METRICS.md: type of {}", row.name);
+        let Some(family) = families.get(&row.name) else {
+            continue;
+        }; // reported by the other test
+        assert_eq!(
+            row.kind, family.kind,
+            "docs/METRICS.md: type of {}",
+            row.name
+        );
         let documented: BTreeSet<String> = row.labels.keys().cloned().collect();
-        assert_eq!(documented, family.labels, "docs/METRICS.md: label names of {}", row.name);
+        assert_eq!(
+            documented, family.labels,
+            "docs/METRICS.md: label names of {}",
+            row.name
+        );
         for (label, values) in &row.labels {
             if let Some(expected) = fixed_sets.get(label.as_str()) {
                 let expected: BTreeSet<String> = expected.iter().map(|v| v.to_string()).collect();
-                assert_eq!(values, &expected, "docs/METRICS.md: values of label `{label}` of {}", row.name);
+                assert_eq!(
+                    values, &expected,
+                    "docs/METRICS.md: values of label `{label}` of {}",
+                    row.name
+                );
             }
         }
     }
@@ -221,15 +264,23 @@ fn datasource_refs<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a Va
 #[test]
 fn dashboard_imports() {
     let text = read("dashboards/syncrelay.json");
-    let dashboard: Value = serde_json::from_str(&text).expect("dashboards/syncrelay.json is valid JSON");
+    let dashboard: Value =
+        serde_json::from_str(&text).expect("dashboards/syncrelay.json is valid JSON");
     let variable = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
 
-    assert!(dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36), "schemaVersion");
+    assert!(
+        dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36),
+        "schemaVersion"
+    );
     assert!(dashboard["title"].is_string(), "title");
 
-    let templating = dashboard["templating"]["list"].as_array().expect("templating.list");
+    let templating = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
     assert!(
-        templating.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        templating.iter().any(|v| v["name"] == "datasource"
+            && v["type"] == "datasource"
+            && v["query"] == "prometheus"),
         "a `datasource` variable of type datasource (prometheus) is declared"
     );
 
@@ -238,25 +289,42 @@ fn dashboard_imports() {
     let mut ids = BTreeSet::new();
     for p in &panels {
         let title = p["title"].as_str().unwrap_or("<untitled>");
-        let id = p["id"].as_u64().unwrap_or_else(|| panic!("panel {title:?} has a numeric id"));
+        let id = p["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("panel {title:?} has a numeric id"));
         assert!(ids.insert(id), "panel id {id} ({title:?}) is not unique");
         if p["type"] == "row" {
             continue;
         }
-        assert_eq!(p["datasource"], variable, "panel {title:?} datasource is the ${{datasource}} variable");
-        let targets = p["targets"].as_array().unwrap_or_else(|| panic!("panel {title:?} has targets"));
-        assert!(!targets.is_empty(), "panel {title:?} has at least one target");
+        assert_eq!(
+            p["datasource"], variable,
+            "panel {title:?} datasource is the ${{datasource}} variable"
+        );
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("panel {title:?} has targets"));
+        assert!(
+            !targets.is_empty(),
+            "panel {title:?} has at least one target"
+        );
         let mut ref_ids = BTreeSet::new();
         for t in targets {
             let ref_id = t["refId"].as_str().filter(|s| !s.is_empty());
-            let ref_id = ref_id.unwrap_or_else(|| panic!("a target of panel {title:?} has no refId"));
-            assert!(ref_ids.insert(ref_id), "panel {title:?}: refId {ref_id} repeated");
+            let ref_id =
+                ref_id.unwrap_or_else(|| panic!("a target of panel {title:?} has no refId"));
+            assert!(
+                ref_ids.insert(ref_id),
+                "panel {title:?}: refId {ref_id} repeated"
+            );
             assert!(
                 t["expr"].as_str().is_some_and(|e| !e.trim().is_empty()),
                 "panel {title:?} target {ref_id} has no expr"
             );
             if !t["datasource"].is_null() {
-                assert_eq!(t["datasource"], variable, "panel {title:?} target {ref_id} datasource");
+                assert_eq!(
+                    t["datasource"], variable,
+                    "panel {title:?} target {ref_id} datasource"
+                );
             }
         }
     }
@@ -265,24 +333,36 @@ fn dashboard_imports() {
     let mut refs = Vec::new();
     datasource_refs(&dashboard, String::new(), &mut refs);
     for (path, ds) in refs {
-        let builtin = ds["uid"] == "-- Grafana --" || ds["type"] == "grafana" || ds["type"] == "datasource";
-        assert!(ds == &variable || builtin, "{path}: datasource {ds} is not the ${{datasource}} variable");
+        let builtin =
+            ds["uid"] == "-- Grafana --" || ds["type"] == "grafana" || ds["type"] == "datasource";
+        assert!(
+            ds == &variable || builtin,
+            "{path}: datasource {ds} is not the ${{datasource}} variable"
+        );
     }
 }
 
 #[test]
 fn dashboard_and_alerts_only_use_exported_metrics() {
     let families = registry_families();
-    let dashboard: Value = serde_json::from_str(&read("dashboards/syncrelay.json")).expect("valid JSON");
+    let dashboard: Value =
+        serde_json::from_str(&read("dashboards/syncrelay.json")).expect("valid JSON");
     let exprs: String = all_panels(&dashboard)
         .iter()
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
         .filter_map(|t| t["expr"].as_str())
         .collect::<Vec<_>>()
         .join("\n");
-    assert!(exprs.contains("syncrelay_"), "dashboard queries syncrelay metrics");
+    assert!(
+        exprs.contains("syncrelay_"),
+        "dashboard queries syncrelay metrics"
+    );
     assert_names_exist("dashboards/syncrelay.json", &exprs, &families);
-    assert_names_exist("dashboards/alerts.yml", &read("dashboards/alerts.yml"), &families);
+    assert_names_exist(
+        "dashboards/alerts.yml",
+        &read("dashboards/alerts.yml"),
+        &families,
+    );
 }
 
 /// GitHub's heading anchor: lower case, spaces to dashes, punctuation other than - and _ dropped.
@@ -317,7 +397,10 @@ fn every_alert_has_for_severity_summary_and_a_runbook_that_exists() {
             assert!(chunk.contains(key), "alert {name} has no `{key}`");
         }
         let link = format!("docs/OPERATIONS.md#{}", name.to_lowercase());
-        assert!(chunk.contains(&link), "alert {name} points the operator to {link}");
+        assert!(
+            chunk.contains(&link),
+            "alert {name} points the operator to {link}"
+        );
         assert!(
             anchors.contains(&name.to_lowercase()),
             "docs/OPERATIONS.md has no heading for alert {name} (anchor #{})",

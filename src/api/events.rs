@@ -23,10 +23,12 @@ fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
         struct Batch {
             events: Vec<Box<RawValue>>,
         }
-        let b: Batch = serde_json::from_slice(body).map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
+        let b: Batch = serde_json::from_slice(body)
+            .map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
         Ok((b.events, true, validate_only))
     } else {
-        let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
+        let raw: Box<RawValue> =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
         Ok((vec![raw], false, validate_only))
     }
 }
@@ -39,17 +41,28 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         return Err(ApiError::field("events", "must hold at least one event"));
     }
     if raws.len() > s.events.max_batch {
-        return Err(ApiError::field("events", format!("holds more than {} events", s.events.max_batch)));
+        return Err(ApiError::field(
+            "events",
+            format!("holds more than {} events", s.events.max_batch),
+        ));
     }
     let now = now_ms();
     let mut events = Vec::with_capacity(raws.len());
     for (i, raw) in raws.iter().enumerate() {
-        let prefix = if batch { format!("events[{i}]") } else { String::new() };
+        let prefix = if batch {
+            format!("events[{i}]")
+        } else {
+            String::new()
+        };
         let within = |e: ApiError| if batch { e.within(&prefix) } else { e };
         if raw.get().len() > s.events.max_event_bytes {
-            return Err(within(ApiError::TooLarge { max_bytes: s.events.max_event_bytes, field: Some("event".into()) }));
+            return Err(within(ApiError::TooLarge {
+                max_bytes: s.events.max_event_bytes,
+                field: Some("event".into()),
+            }));
         }
-        let mut v: Value = serde_json::from_str(raw.get()).map_err(|e| within(ApiError::bad(e.to_string())))?;
+        let mut v: Value =
+            serde_json::from_str(raw.get()).map_err(|e| within(ApiError::bad(e.to_string())))?;
         if !batch {
             if let Value::Object(o) = &mut v {
                 o.remove("validate_only");
@@ -61,8 +74,15 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     for (i, e) in events.iter().enumerate() {
         if let Some(ip) = e.callback_url.as_ref().and_then(crate::domain::literal_ip) {
             if !state.engine.client().policy().permits(ip) {
-                let err = ApiError::field("callback_url", format!("{ip} is a non-global address that deliveries may not reach"));
-                return Err(if batch { err.within(&format!("events[{i}]")) } else { err });
+                let err = ApiError::field(
+                    "callback_url",
+                    format!("{ip} is a non-global address that deliveries may not reach"),
+                );
+                return Err(if batch {
+                    err.within(&format!("events[{i}]"))
+                } else {
+                    err
+                });
             }
         }
     }

@@ -42,7 +42,10 @@ impl WebhookCache {
         self.map.read().expect("lock").get(id).cloned()
     }
     pub fn put(&self, w: Webhook) {
-        self.map.write().expect("lock").insert(w.id.clone(), Arc::new(w));
+        self.map
+            .write()
+            .expect("lock")
+            .insert(w.id.clone(), Arc::new(w));
     }
     pub fn remove(&self, id: &str) {
         self.map.write().expect("lock").remove(id);
@@ -109,7 +112,12 @@ impl InFlight {
 }
 
 impl Engine {
-    pub fn new(settings: &Settings, store: Store, metrics: Metrics, callback_secret: Secret) -> Arc<Engine> {
+    pub fn new(
+        settings: &Settings,
+        store: Store,
+        metrics: Metrics,
+        callback_secret: Secret,
+    ) -> Arc<Engine> {
         let d = &settings.delivery;
         let client = DeliveryClient::new(
             super::client::AddressPolicy::new(d.allowed_cidrs.clone()),
@@ -164,7 +172,13 @@ impl Engine {
     // ---- routing ----------------------------------------------------------------------------
 
     /// Decide the deliveries (and dead letters) of one event.
-    fn route(&self, e: &Envelope, now: i64, out: &mut Vec<NewDelivery>, dead: &mut Vec<NewDeadLetter>) -> Routed {
+    fn route(
+        &self,
+        e: &Envelope,
+        now: i64,
+        out: &mut Vec<NewDelivery>,
+        dead: &mut Vec<NewDeadLetter>,
+    ) -> Routed {
         let before = out.len();
         let mut unroutable = |reason: &'static str, webhook_id: Option<String>| {
             dead.push(NewDeadLetter {
@@ -188,7 +202,9 @@ impl Engine {
             None => reason = Some(unroutable("unknown_run", None)),
             Some(wid) => match self.webhooks.get(wid) {
                 None => reason = Some(unroutable("unknown_webhook", Some(wid.clone()))),
-                Some(w) if !w.is_active => reason = Some(unroutable("webhook_disabled", Some(wid.clone()))),
+                Some(w) if !w.is_active => {
+                    reason = Some(unroutable("webhook_disabled", Some(wid.clone())))
+                }
                 Some(w) if !subscribed(&w.event_types, &e.event) => filtered = true,
                 Some(w) => out.push(NewDelivery {
                     id: uuid::Uuid::now_v7().to_string(),
@@ -199,14 +215,21 @@ impl Engine {
                     webhook_id: Some(w.id.clone()),
                     target_url: None,
                     target_key: format!("w:{}", w.id),
-                    order_key: e.sync_job_run_id.as_ref().map(|r| format!("w:{}:{r}", w.id)),
+                    order_key: e
+                        .sync_job_run_id
+                        .as_ref()
+                        .map(|r| format!("w:{}:{r}", w.id)),
                     body: e.body(Some(&w.id)),
                     created_at: now,
                 }),
             },
         }
         if let Some(cb) = &e.callback_url {
-            let target_key = format!("c:{}:{}", cb.host_str().unwrap_or(""), cb.port_or_known_default().unwrap_or(0));
+            let target_key = format!(
+                "c:{}:{}",
+                cb.host_str().unwrap_or(""),
+                cb.port_or_known_default().unwrap_or(0)
+            );
             out.push(NewDelivery {
                 id: uuid::Uuid::now_v7().to_string(),
                 event_id: e.id.clone(),
@@ -243,14 +266,20 @@ impl Engine {
         let now = now_ms();
         let mut out = Vec::with_capacity(events.len());
         let mut dead = Vec::new();
-        let routed: Vec<Routed> = events.iter().map(|e| self.route(e, now, &mut out, &mut dead)).collect();
+        let routed: Vec<Routed> = events
+            .iter()
+            .map(|e| self.route(e, now, &mut out, &mut dead))
+            .collect();
         self.store.enqueue(&out, &dead, now).await?;
         self.metrics
             .events_ingested
             .with_label_values(&[source])
             .inc_by(events.len() as u64);
         for d in &dead {
-            self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+            self.metrics
+                .dead_letters
+                .with_label_values(&[d.reason])
+                .inc();
         }
         for r in &routed {
             if r.status == "filtered" {
@@ -265,7 +294,12 @@ impl Engine {
 
     /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
     /// subscribes to it.
-    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, except: Option<&str>) -> anyhow::Result<()> {
+    pub async fn broadcast(
+        &self,
+        event: &str,
+        payload: serde_json::Value,
+        except: Option<&str>,
+    ) -> anyhow::Result<()> {
         let serde_json::Value::Object(payload) = payload else {
             anyhow::bail!("payload must be an object")
         };
@@ -275,7 +309,9 @@ impl Engine {
             .webhooks
             .all()
             .iter()
-            .filter(|w| w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event))
+            .filter(|w| {
+                w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event)
+            })
             .map(|w| Envelope {
                 id: id.clone(),
                 event: event.to_string(),
@@ -298,7 +334,12 @@ impl Engine {
     /// Run the dispatcher and the outcome writer until `stop` is cancelled, then wait up to
     /// `deadline` for in-flight attempts to be recorded. Unfinished rows stay queued.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, deadline: Duration) {
-        let rx = self.done_rx.lock().expect("lock").take().expect("engine runs once");
+        let rx = self
+            .done_rx
+            .lock()
+            .expect("lock")
+            .take()
+            .expect("engine runs once");
         let writer = tokio::spawn(self.clone().write_outcomes(rx));
         let housekeeping = tokio::spawn(self.clone().housekeeping(stop.clone(), self.retention));
         self.clone().dispatch(stop).await;
@@ -308,7 +349,10 @@ impl Engine {
         }
         let left = self.in_flight();
         if left > 0 {
-            tracing::warn!(in_flight = left, "shutdown deadline passed; unfinished deliveries stay queued");
+            tracing::warn!(
+                in_flight = left,
+                "shutdown deadline passed; unfinished deliveries stay queued"
+            );
         }
         writer.abort();
         housekeeping.abort();
@@ -330,7 +374,12 @@ impl Engine {
                     .filter(|(_, n)| **n >= self.per_target_cap)
                     .map(|(k, _)| k.clone())
                     .collect();
-                (self.max_in_flight.saturating_sub(f.rows.len()), skip, f.rows.len(), f.epoch)
+                (
+                    self.max_in_flight.saturating_sub(f.rows.len()),
+                    skip,
+                    f.rows.len(),
+                    f.epoch,
+                )
             };
             let mut started = 0usize;
             let mut exhausted = true;
@@ -346,7 +395,9 @@ impl Engine {
                                 exhausted = false;
                                 break;
                             }
-                            if f.rows.contains(&row.seq) || f.released.get(&row.seq).is_some_and(|e| *e >= epoch) {
+                            if f.rows.contains(&row.seq)
+                                || f.released.get(&row.seq).is_some_and(|e| *e >= epoch)
+                            {
                                 exhausted = false;
                                 continue;
                             }
@@ -387,7 +438,11 @@ impl Engine {
     /// The URL and secrets for a queued delivery, or why it cannot be attempted.
     fn target(&self, q: &QueuedDelivery, now: i64) -> Result<(Url, Vec<Secret>), &'static str> {
         if q.kind == "callback" {
-            let url = q.target_url.as_deref().and_then(|u| Url::parse(u).ok()).ok_or("malformed")?;
+            let url = q
+                .target_url
+                .as_deref()
+                .and_then(|u| Url::parse(u).ok())
+                .ok_or("malformed")?;
             return Ok((url, vec![self.callback_secret.clone()]));
         }
         let id = q.webhook_id.as_deref().ok_or("unknown_webhook")?;
@@ -406,7 +461,14 @@ impl Engine {
     }
 
     /// One signed POST (used by deliveries and by `POST /webhook/{id}/test`).
-    pub async fn send(&self, url: &Url, secrets: &[Secret], event_id: &str, attempt_no: i64, body: String) -> Attempt {
+    pub async fn send(
+        &self,
+        url: &Url,
+        secrets: &[Secret],
+        event_id: &str,
+        attempt_no: i64,
+        body: String,
+    ) -> Attempt {
         let ts = now_ms() / 1000;
         let refs: Vec<&Secret> = secrets.iter().collect();
         let (sig, truto) = signature_headers(&refs, event_id, ts, body.as_bytes());
@@ -423,8 +485,15 @@ impl Engine {
     async fn attempt(self: Arc<Self>, q: QueuedDelivery) {
         let now = now_ms();
         let attempt_no = q.attempts + 1;
-        let kind: &'static str = if q.kind == "callback" { "callback" } else { "webhook" };
-        let dead = |reason: &'static str, status: Option<i64>, error: Option<String>, attempts: i64| NewDeadLetter {
+        let kind: &'static str = if q.kind == "callback" {
+            "callback"
+        } else {
+            "webhook"
+        };
+        let dead = |reason: &'static str,
+                    status: Option<i64>,
+                    error: Option<String>,
+                    attempts: i64| NewDeadLetter {
             delivery_id: Some(q.id.clone()),
             event_id: q.event_id.clone(),
             event: q.event.clone(),
@@ -445,13 +514,18 @@ impl Engine {
                     tracing::error!(error = %format!("{e:#}"), "could not dead-letter delivery");
                 } else {
                     self.metrics.dead_letters.with_label_values(&[reason]).inc();
-                    self.metrics.deliveries.with_label_values(&["dead_lettered", kind]).inc();
+                    self.metrics
+                        .deliveries
+                        .with_label_values(&["dead_lettered", kind])
+                        .inc();
                 }
                 self.release(&q);
                 return;
             }
         };
-        let a = self.send(&url, &secrets, &q.event_id, attempt_no, q.body.clone()).await;
+        let a = self
+            .send(&url, &secrets, &q.event_id, attempt_no, q.body.clone())
+            .await;
         let finished = now_ms();
         self.metrics
             .attempts
@@ -467,21 +541,36 @@ impl Engine {
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
                 let elapsed = Duration::from_millis((finished - first).max(0) as u64);
-                match self.policy.next_delay(attempt_no as u32, elapsed, not_before) {
+                match self
+                    .policy
+                    .next_delay(attempt_no as u32, elapsed, not_before)
+                {
                     Some(d) => Next::Retry {
                         at_ms: finished + d.as_millis() as i64,
                     },
-                    None => Next::Dead(dead("attempts_exhausted", status, a.error.clone(), attempt_no)),
+                    None => Next::Dead(dead(
+                        "attempts_exhausted",
+                        status,
+                        a.error.clone(),
+                        attempt_no,
+                    )),
                 }
             }
-            Verdict::DeadLetter { reason } => Next::Dead(dead(reason, status, a.error.clone(), attempt_no)),
+            Verdict::DeadLetter { reason } => {
+                Next::Dead(dead(reason, status, a.error.clone(), attempt_no))
+            }
             Verdict::DisableWebhook => {
                 if let Some(id) = &q.webhook_id {
                     if q.kind == "webhook" {
                         self.disable_webhook(id).await;
                     }
                 }
-                Next::Dead(dead("webhook_disabled", status, a.error.clone(), attempt_no))
+                Next::Dead(dead(
+                    "webhook_disabled",
+                    status,
+                    a.error.clone(),
+                    attempt_no,
+                ))
             }
         };
         tracing::debug!(
@@ -522,7 +611,9 @@ impl Engine {
     }
 
     async fn disable_webhook(&self, id: &str) {
-        let Some(w) = self.webhooks.get(id) else { return };
+        let Some(w) = self.webhooks.get(id) else {
+            return;
+        };
         if !w.is_active {
             return;
         }
@@ -572,16 +663,27 @@ impl Engine {
             for c in batch.drain(..) {
                 match &c.next {
                     Next::Delivered => {
-                        self.metrics.deliveries.with_label_values(&["delivered", c.kind]).inc();
-                        self.metrics.attempts_per_delivery.observe(c.attempt_no as f64);
+                        self.metrics
+                            .deliveries
+                            .with_label_values(&["delivered", c.kind])
+                            .inc();
+                        self.metrics
+                            .attempts_per_delivery
+                            .observe(c.attempt_no as f64);
                         self.metrics
                             .end_to_end_latency
                             .observe((now - c.created_at).max(0) as f64 / 1000.0);
                     }
                     Next::Retry { .. } => self.metrics.retries.with_label_values(&[c.kind]).inc(),
                     Next::Dead(dl) => {
-                        self.metrics.deliveries.with_label_values(&["dead_lettered", c.kind]).inc();
-                        self.metrics.dead_letters.with_label_values(&[dl.reason]).inc();
+                        self.metrics
+                            .deliveries
+                            .with_label_values(&["dead_lettered", c.kind])
+                            .inc();
+                        self.metrics
+                            .dead_letters
+                            .with_label_values(&[dl.reason])
+                            .inc();
                     }
                 }
                 if f.release(c.seq, &c.target_key) {
@@ -605,7 +707,9 @@ impl Engine {
             match self.store.queue_stats().await {
                 Ok((depth, oldest)) => {
                     self.metrics.queue_depth.set(depth);
-                    let age = oldest.map(|o| (now_ms() - o).max(0) as f64 / 1000.0).unwrap_or(0.0);
+                    let age = oldest
+                        .map(|o| (now_ms() - o).max(0) as f64 / 1000.0)
+                        .unwrap_or(0.0);
                     self.metrics.oldest_undelivered_age.set(age);
                 }
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "queue stats failed"),

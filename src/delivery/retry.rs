@@ -11,7 +11,10 @@ use crate::config::RetrySettings;
 /// What happened on the wire during one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptResult {
-    Status { code: u16, retry_after: Option<Duration> },
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     Timeout,
     Connect,
     /// The resolved address is not global and not allowed: never retried.
@@ -24,9 +27,13 @@ pub enum AttemptResult {
 pub enum Verdict {
     Delivered,
     /// Retry, possibly not before the receiver's Retry-After.
-    Retry { not_before: Option<Duration> },
+    Retry {
+        not_before: Option<Duration>,
+    },
     /// Dead-letter this delivery, the run goes on.
-    DeadLetter { reason: &'static str },
+    DeadLetter {
+        reason: &'static str,
+    },
     /// 410 Gone: disable the webhook, dead-letter this delivery.
     DisableWebhook,
 }
@@ -44,9 +51,10 @@ pub fn classify(result: &AttemptResult) -> Verdict {
         } => Verdict::Retry {
             not_before: *retry_after,
         },
-        AttemptResult::Status { .. } | AttemptResult::Timeout | AttemptResult::Connect | AttemptResult::Other => {
-            Verdict::Retry { not_before: None }
-        }
+        AttemptResult::Status { .. }
+        | AttemptResult::Timeout
+        | AttemptResult::Connect
+        | AttemptResult::Other => Verdict::Retry { not_before: None },
         AttemptResult::BlockedAddress => Verdict::DeadLetter {
             reason: "blocked_address",
         },
@@ -112,7 +120,12 @@ impl RetryPolicy {
     /// `initial * multiplier^(n-1)` capped at `max_interval`, and the `backoff` crate's
     /// `ExponentialBackoff` applies the jitter to it. A receiver's Retry-After replaces the
     /// computed delay when longer, up to the configured ceiling.
-    pub fn next_delay(&self, attempts_made: u32, elapsed: Duration, retry_after: Option<Duration>) -> Option<Duration> {
+    pub fn next_delay(
+        &self,
+        attempts_made: u32,
+        elapsed: Duration,
+        retry_after: Option<Duration>,
+    ) -> Option<Duration> {
         if attempts_made >= self.max_attempts {
             return None;
         }
@@ -144,7 +157,10 @@ mod tests {
     use super::*;
 
     fn st(code: u16) -> AttemptResult {
-        AttemptResult::Status { code, retry_after: None }
+        AttemptResult::Status {
+            code,
+            retry_after: None,
+        }
     }
 
     #[test]
@@ -160,15 +176,43 @@ mod tests {
             (st(401), Verdict::Retry { not_before: None }),
             (st(404), Verdict::Retry { not_before: None }),
             (st(410), Verdict::DisableWebhook),
-            (st(413), Verdict::DeadLetter { reason: "payload_too_large" }),
-            (AttemptResult::Status { code: 429, retry_after: ra }, Verdict::Retry { not_before: ra }),
-            (AttemptResult::Status { code: 503, retry_after: ra }, Verdict::Retry { not_before: ra }),
-            (AttemptResult::Status { code: 500, retry_after: ra }, Verdict::Retry { not_before: None }),
+            (
+                st(413),
+                Verdict::DeadLetter {
+                    reason: "payload_too_large",
+                },
+            ),
+            (
+                AttemptResult::Status {
+                    code: 429,
+                    retry_after: ra,
+                },
+                Verdict::Retry { not_before: ra },
+            ),
+            (
+                AttemptResult::Status {
+                    code: 503,
+                    retry_after: ra,
+                },
+                Verdict::Retry { not_before: ra },
+            ),
+            (
+                AttemptResult::Status {
+                    code: 500,
+                    retry_after: ra,
+                },
+                Verdict::Retry { not_before: None },
+            ),
             (st(502), Verdict::Retry { not_before: None }),
             (AttemptResult::Timeout, Verdict::Retry { not_before: None }),
             (AttemptResult::Connect, Verdict::Retry { not_before: None }),
             (AttemptResult::Other, Verdict::Retry { not_before: None }),
-            (AttemptResult::BlockedAddress, Verdict::DeadLetter { reason: "blocked_address" }),
+            (
+                AttemptResult::BlockedAddress,
+                Verdict::DeadLetter {
+                    reason: "blocked_address",
+                },
+            ),
         ];
         for (input, want) in table {
             assert_eq!(classify(&input), want, "{input:?}");
@@ -231,15 +275,24 @@ mod tests {
             Some(Duration::from_secs(60))
         );
         // A shorter Retry-After never shortens the backoff.
-        assert_eq!(p.next_delay(3, Duration::ZERO, Some(Duration::ZERO)), Some(Duration::from_secs(4)));
+        assert_eq!(
+            p.next_delay(3, Duration::ZERO, Some(Duration::ZERO)),
+            Some(Duration::from_secs(4))
+        );
     }
 
     #[test]
     fn retry_after_parses_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

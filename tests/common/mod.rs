@@ -100,7 +100,9 @@ impl Receiver {
                         headers: req
                             .headers()
                             .iter()
-                            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                            .map(|(k, v)| {
+                                (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
+                            })
                             .collect(),
                         body: body.to_vec(),
                         at: Instant::now(),
@@ -117,7 +119,9 @@ impl Receiver {
                     if !reply.delay.is_zero() {
                         tokio::time::sleep(reply.delay).await;
                     }
-                    let mut resp = HttpResponse::build(actix_web::http::StatusCode::from_u16(reply.status).unwrap());
+                    let mut resp = HttpResponse::build(
+                        actix_web::http::StatusCode::from_u16(reply.status).unwrap(),
+                    );
                     for (k, v) in &reply.headers {
                         resp.insert_header((k.as_str(), v.as_str()));
                     }
@@ -149,11 +153,19 @@ impl Receiver {
 
     /// Requests answered 2xx-bound... all requests to `path`.
     pub fn on(&self, path: &str) -> Vec<Received> {
-        self.received().into_iter().filter(|r| r.path == path).collect()
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
     }
 
     /// Wait until `pred` holds over what was received, or panic after `timeout`.
-    pub async fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
         let until = Instant::now() + timeout;
         loop {
             let got = self.received();
@@ -161,7 +173,10 @@ impl Receiver {
                 return got;
             }
             if Instant::now() > until {
-                panic!("timed out after {timeout:?} waiting for {what}; received {} requests", got.len());
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; received {} requests",
+                    got.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -173,10 +188,22 @@ pub fn test_env(data: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("SYNCRELAY__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ("SYNCRELAY__AUTH__TOKENS".into(), format!("[\"{TOKEN}\"]")),
-        ("SYNCRELAY__STORE__PATH".into(), data.join("syncrelay.db").display().to_string()),
-        ("SYNCRELAY__DELIVERY__ALLOWED_CIDRS".into(), r#"["127.0.0.0/8"]"#.into()),
-        ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS".into(), "50".into()),
-        ("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR".into(), "0".into()),
+        (
+            "SYNCRELAY__STORE__PATH".into(),
+            data.join("syncrelay.db").display().to_string(),
+        ),
+        (
+            "SYNCRELAY__DELIVERY__ALLOWED_CIDRS".into(),
+            r#"["127.0.0.0/8"]"#.into(),
+        ),
+        (
+            "SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS".into(),
+            "50".into(),
+        ),
+        (
+            "SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR".into(),
+            "0".into(),
+        ),
         ("SYNCRELAY__DELIVERY__POLL_INTERVAL_MS".into(), "100".into()),
         ("SYNCRELAY__HTTP__WORKERS".into(), "2".into()),
     ];
@@ -197,8 +224,11 @@ pub struct TestApp {
 
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
     let data = tempfile::tempdir().unwrap();
-    let settings = syncrelay::config::Settings::load(None, test_env(data.path(), extra)).expect("test settings");
-    let app = syncrelay::Application::build(settings).await.expect("app builds");
+    let settings = syncrelay::config::Settings::load(None, test_env(data.path(), extra))
+        .expect("test settings");
+    let app = syncrelay::Application::build(settings)
+        .await
+        .expect("app builds");
     let base = format!("http://127.0.0.1:{}", app.port());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
@@ -238,12 +268,17 @@ pub trait Api {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut r = self.req(method, path);
         if let Some(b) = body {
-            r = r.header("content-type", "application/json").body(b.to_string());
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         let resp = r.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -256,9 +291,17 @@ pub trait Api {
 
     /// Register a webhook; returns (id, secret).
     async fn webhook(&self, url: &str, event_types: &[&str]) -> (String, String) {
-        let (s, b) = self.post("/webhook", json!({"target_url": url, "event_types": event_types})).await;
+        let (s, b) = self
+            .post(
+                "/webhook",
+                json!({"target_url": url, "event_types": event_types}),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
-        (b["id"].as_str().unwrap().into(), b["secret"].as_str().unwrap().into())
+        (
+            b["id"].as_str().unwrap().into(),
+            b["secret"].as_str().unwrap().into(),
+        )
     }
 
     async fn send_events(&self, events: Vec<Value>) -> Value {
@@ -301,7 +344,11 @@ pub struct RelayProcess {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RelayProcess {
@@ -310,7 +357,10 @@ impl RelayProcess {
         let mut env = test_env(data, extra);
         env.retain(|(k, _)| k != "SYNCRELAY__HTTP__LISTEN");
         env.push(("SYNCRELAY__HTTP__LISTEN".into(), listen.clone()));
-        let log = data.join(format!("relay-{}.log", Instant::now().elapsed().as_nanos() ^ rand_suffix()));
+        let log = data.join(format!(
+            "relay-{}.log",
+            Instant::now().elapsed().as_nanos() ^ rand_suffix()
+        ));
         let child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
             .envs(env)
             .env_remove("RUST_LOG")
@@ -331,7 +381,11 @@ impl RelayProcess {
                     break;
                 }
             }
-            assert!(Instant::now() < until, "relay did not become ready: {}", std::fs::read_to_string(&p.log).unwrap_or_default());
+            assert!(
+                Instant::now() < until,
+                "relay did not become ready: {}",
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         p
@@ -376,5 +430,8 @@ fn rand_suffix() -> u128 {
 
 /// SIGTERM through the `kill` command (no unsafe code in tests).
 fn unsafe_free_sigterm(pid: u32) {
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
 }
