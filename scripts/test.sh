@@ -14,8 +14,27 @@ fi
 echo "== cargo build"
 cargo build --locked --all-targets
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 echo "== cargo test"
-cargo test --locked -- --test-threads 2
+set +e
+cargo test --locked --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+if [ "$status" -ne 0 ]; then
+    echo "tests: $passed passed, $((failed > 0 ? failed : 1)) failed"
+    exit "$status"
+fi
 
 echo "== dashboards and alerts against a real Prometheus"
-SYNCRELAY_BIN="$PWD/target/debug/syncrelay" bash tests/prometheus/check.sh
+if SYNCRELAY_BIN="$PWD/target/debug/syncrelay" bash tests/prometheus/check.sh; then
+    passed=$((passed + 1))
+else
+    echo "tests: $passed passed, $((failed + 1)) failed"
+    exit 1
+fi
+
+echo "tests: $passed passed, $failed failed"
