@@ -59,31 +59,37 @@ async fn nothing_accepted_is_lost_when_the_process_is_killed() {
 
     let relay = RelayProcess::start(data.path(), port, &extra).await;
     let got = rx
-        .wait_for(Duration::from_secs(60), "all 1000 events", |g| {
-            g.iter()
-                .filter(|r| {
-                    !(r.header("webhook-attempt") == "1"
-                        && r.header("webhook-id")
-                            .trim_start_matches('k')
-                            .parse::<u32>()
-                            .unwrap_or(1)
-                            % 3
-                            == 0)
-                })
-                .map(|r| r.header("webhook-id"))
-                .collect::<HashSet<_>>()
-                .len()
-                >= 1000
-        })
+        .wait_for(
+            Duration::from_secs(90),
+            "all 1000 events answered 2xx",
+            |g| {
+                g.iter()
+                    .filter(|r| r.status == 200)
+                    .map(|r| r.header("webhook-id"))
+                    .collect::<HashSet<_>>()
+                    .len()
+                    >= 1000
+            },
+        )
         .await;
-    let ids: Vec<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
-    let distinct: HashSet<&str> = ids.iter().copied().collect();
+    let ok: Vec<&str> = got
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.header("webhook-id"))
+        .collect();
+    let distinct: HashSet<&str> = ok.iter().copied().collect();
     assert_eq!(distinct.len(), 1000);
+    let duplicates = ok.len() - distinct.len();
     println!(
-        "kill -9 with {} of 1000 events seen before the kill: {} requests in all, {} redundant beyond the scripted first-attempt failures",
+        "kill -9 with {} of 1000 events seen before the kill: {} successful deliveries, {duplicates} duplicates",
         distinct_before.len(),
-        ids.len(),
-        ids.len().saturating_sub(1000 + 334)
+        ok.len(),
+    );
+    // Duplicates come only from attempts that were in flight (or answered but not yet recorded)
+    // when the process died: at most the in-flight cap, per kill.
+    assert!(
+        duplicates <= 8,
+        "{duplicates} duplicates exceed the in-flight bound of 8"
     );
     drop(relay);
 }

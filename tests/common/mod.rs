@@ -21,6 +21,8 @@ pub struct Received {
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
     pub at: Instant,
+    /// The status the receiver answered with.
+    pub status: u16,
 }
 
 impl Received {
@@ -106,16 +108,20 @@ impl Receiver {
                             .collect(),
                         body: body.to_vec(),
                         at: Instant::now(),
-                    };
-                    let seen = {
-                        let mut g = g.lock().unwrap();
-                        let id = r.header("webhook-id").to_string();
-                        let n = g.iter().filter(|x| x.header("webhook-id") == id).count();
-                        g.push(r.clone());
-                        n
+                        status: 0,
                     };
                     let script = s.lock().unwrap().clone();
-                    let reply = script(&r, seen);
+                    let reply = {
+                        let mut g = g.lock().unwrap();
+                        let id = r.header("webhook-id").to_string();
+                        let seen = g.iter().filter(|x| x.header("webhook-id") == id).count();
+                        let reply = script(&r, seen);
+                        g.push(Received {
+                            status: reply.status,
+                            ..r
+                        });
+                        reply
+                    };
                     if !reply.delay.is_zero() {
                         tokio::time::sleep(reply.delay).await;
                     }
@@ -151,7 +157,16 @@ impl Receiver {
         self.got.lock().unwrap().clone()
     }
 
-    /// Requests answered 2xx-bound... all requests to `path`.
+    /// Distinct `webhook-id`s answered with a 2xx.
+    pub fn delivered_ids(&self) -> std::collections::HashSet<String> {
+        self.received()
+            .iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .map(|r| r.header("webhook-id").to_string())
+            .collect()
+    }
+
+    /// All requests to `path`.
     pub fn on(&self, path: &str) -> Vec<Received> {
         self.received()
             .into_iter()
