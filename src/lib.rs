@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bus;
 pub mod config;
 pub mod delivery;
 pub mod domain;
@@ -50,9 +51,13 @@ impl Application {
         let listener = TcpListener::bind(&settings.http.listen)
             .with_context(|| format!("binding http.listen {}", settings.http.listen))?;
         let port = listener.local_addr()?.port();
+        let commands: Arc<dyn bus::CommandSink> = Arc::new(bus::EmbeddedCommands {
+            store: engine.store.clone(),
+        });
         let state = web::Data::new(api::AppState {
             settings: settings.clone(),
             engine: engine.clone(),
+            commands,
         });
         let mut server = HttpServer::new(move || {
             App::new()

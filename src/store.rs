@@ -85,6 +85,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   replayed_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS dead_letters_open ON dead_letters(seq) WHERE replayed_at IS NULL;
+CREATE TABLE IF NOT EXISTS commands (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  key TEXT NOT NULL,
+  command TEXT NOT NULL,
+  created_at INTEGER NOT NULL
+);
 "#;
 
 #[derive(Clone)]
@@ -250,6 +256,46 @@ impl Store {
             .await
             .context("creating schema")?;
         Ok(Store { pool })
+    }
+
+    /// The pool, for modules that keep their own tables in the same database (`runs`).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn insert_command(&self, key: &str, command: &Value) -> anyhow::Result<()> {
+        sqlx::query("INSERT INTO commands (key, command, created_at) VALUES (?, ?, ?)")
+            .bind(key)
+            .bind(command.to_string())
+            .bind(crate::domain::now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Commands after `after` (a cursor), oldest first: `(seq, key, command)`.
+    pub async fn list_commands(&self, after: i64, limit: i64) -> anyhow::Result<Page<Value>> {
+        let rows = sqlx::query("SELECT seq, key, command, created_at FROM commands WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(page(
+            rows.iter()
+                .map(|r| {
+                    let cmd: String = r.get("command");
+                    (
+                        r.get::<i64, _>("seq"),
+                        serde_json::json!({
+                            "key": r.get::<String, _>("key"),
+                            "command": serde_json::from_str::<Value>(&cmd).unwrap_or(Value::Null),
+                            "created_at": crate::domain::rfc3339_ms(r.get("created_at")),
+                        }),
+                    )
+                })
+                .collect(),
+            limit,
+        ))
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {

@@ -22,6 +22,8 @@ use crate::error::ApiError;
 pub struct AppState {
     pub settings: Settings,
     pub engine: Arc<Engine>,
+    /// Where run commands are published for executors.
+    pub commands: Arc<dyn crate::bus::CommandSink>,
 }
 
 pub type State = web::Data<AppState>;
@@ -52,6 +54,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 "/dead-letters/replay",
                 web::post().to(ops::replay_dead_letters),
             )
+            .route("/sync-job-run-commands", web::get().to(ops::list_commands))
             .default_service(web::to(not_found)),
     );
 }

@@ -144,3 +144,10 @@ pub async fn replay_dead_letters(
     Ok(HttpResponse::Accepted()
         .json(json!({"replayed": total, "requeued": requeued, "rerouted": rerouted})))
 }
+
+/// Run commands published in embedded mode, for executors to poll (Kafka mode publishes them to
+/// the commands topic instead).
+pub async fn list_commands(state: State, page: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+    let p = state.engine.store.list_commands(page.after()?, page.limit()?).await?;
+    Ok(list_response(p.results, p.next_cursor))
+}
