@@ -106,7 +106,32 @@ pub struct KafkaSettings {
     pub topics: Vec<String>,
     pub commands_topic: String,
     pub dlq_topic: String,
-    pub librdkafka: BTreeMap<String, String>,
+    pub max_buffered_per_partition: usize,
+    pub inline_attempts: u32,
+    pub inline_max_delay_ms: u64,
+    pub produce_timeout_ms: u64,
+    pub librdkafka: BTreeMap<String, LibrdkafkaValue>,
+}
+
+/// A librdkafka property value: written as a string, number or boolean, passed on as a string.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LibrdkafkaValue {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for LibrdkafkaValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LibrdkafkaValue::String(s) => f.write_str(s),
+            LibrdkafkaValue::Integer(i) => write!(f, "{i}"),
+            LibrdkafkaValue::Float(x) => write!(f, "{x}"),
+            LibrdkafkaValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaSettings {
@@ -335,10 +360,22 @@ impl Settings {
             _ => {}
         }
         if self.bus.kind == BusKind::Kafka {
-            return bad(
-                "bus.kind",
-                "kafka is not supported by this build yet; use embedded",
-            );
+            let k = &self.bus.kafka;
+            if !k.librdkafka.contains_key("bootstrap.servers") && !k.librdkafka.contains_key("metadata.broker.list") {
+                return bad("bus.kafka.librdkafka", "needs \"bootstrap.servers\" when bus.kind = \"kafka\"");
+            }
+            if k.topics.is_empty() {
+                return bad("bus.kafka.topics", "must name at least one topic");
+            }
+            if k.group_id.is_empty() {
+                return bad("bus.kafka.group_id", "must not be empty");
+            }
+            if k.max_buffered_per_partition == 0 {
+                return bad("bus.kafka.max_buffered_per_partition", "must be at least 1");
+            }
+            if k.inline_attempts == 0 {
+                return bad("bus.kafka.inline_attempts", "must be at least 1");
+            }
         }
         if !self.callbacks.secret.is_empty()
             && crate::signing::Secret::parse(&self.callbacks.secret).is_err()
@@ -450,6 +487,8 @@ mod tests {
         assert_eq!(s.bus.kind, BusKind::Embedded);
         assert_eq!(s.bus.kafka.group_id, "syncrelay");
         assert_eq!(s.bus.kafka.topics, vec!["sync_job_run.events"]);
+        assert_eq!(s.bus.kafka.commands_topic, "sync_job_run.commands");
+        assert_eq!(s.bus.kafka.dlq_topic, "sync_job_run.events.dlq");
         assert!(s.delivery.allowed_cidrs.is_empty());
     }
 
@@ -471,6 +510,27 @@ mod tests {
         assert!(s.is_allowed_ip("127.0.0.1".parse().unwrap()));
         assert!(!s.is_allowed_ip("10.0.0.1".parse().unwrap()));
         assert_eq!(s.http.listen, "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn librdkafka_properties_pass_through_from_env_json() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("SYNCRELAY__BUS__KIND", "kafka"),
+                (
+                    "SYNCRELAY__BUS__KAFKA__LIBRDKAFKA",
+                    r#"{"bootstrap.servers":"127.0.0.1:9092","session.timeout.ms":6000,"enable.idempotence":true}"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let l = &s.bus.kafka.librdkafka;
+        assert_eq!(l["bootstrap.servers"].to_string(), "127.0.0.1:9092");
+        assert_eq!(l["session.timeout.ms"].to_string(), "6000");
+        assert_eq!(l["enable.idempotence"].to_string(), "true");
+        let e = Settings::load(None, env(&[("SYNCRELAY__BUS__KIND", "kafka")])).unwrap_err();
+        assert!(e.to_string().contains("bus.kafka.librdkafka"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub struct Application {
     server: actix_web::dev::Server,
     engine: Arc<Engine>,
     settings: Settings,
+    kafka: Option<Arc<bus::kafka::KafkaBus>>,
 }
 
 impl Application {
@@ -51,13 +52,21 @@ impl Application {
         let listener = TcpListener::bind(&settings.http.listen)
             .with_context(|| format!("binding http.listen {}", settings.http.listen))?;
         let port = listener.local_addr()?.port();
-        let commands: Arc<dyn bus::CommandSink> = Arc::new(bus::EmbeddedCommands {
-            store: engine.store.clone(),
-        });
+        let kafka = match settings.bus.kind {
+            config::BusKind::Kafka => Some(bus::kafka::KafkaBus::new(&settings, engine.metrics.clone())?),
+            config::BusKind::Embedded => None,
+        };
+        let commands: Arc<dyn bus::CommandSink> = match &kafka {
+            Some(k) => k.clone(),
+            None => Arc::new(bus::EmbeddedCommands {
+                store: engine.store.clone(),
+            }),
+        };
         let state = web::Data::new(api::AppState {
             settings: settings.clone(),
             engine: engine.clone(),
             commands,
+            kafka: kafka.clone(),
         });
         let mut server = HttpServer::new(move || {
             App::new()
@@ -77,6 +86,7 @@ impl Application {
             server,
             engine,
             settings,
+            kafka,
         })
     }
 
@@ -94,12 +104,20 @@ impl Application {
         let stop = CancellationToken::new();
         let deadline = Duration::from_millis(self.settings.shutdown.deadline_ms);
         let engine = tokio::spawn(self.engine.clone().run(stop.clone(), deadline));
+        let consumer = self
+            .kafka
+            .clone()
+            .map(|k| tokio::spawn(k.run(self.engine.clone(), stop.clone())));
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         shutdown.await;
         tracing::info!("shutting down: intake stopped, draining in-flight deliveries");
         let stopping = tokio::spawn(async move { handle.stop(true).await });
         stop.cancel();
+        if let (Some(consumer), Some(k)) = (consumer, &self.kafka) {
+            let _ = consumer.await;
+            k.drain(deadline).await;
+        }
         let _ = engine.await;
         let _ = stopping.await;
         let _ = server.await;

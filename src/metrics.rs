@@ -3,7 +3,7 @@
 //! small fixed sets listed beside each metric — never a URL, an id or an error string.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -31,6 +31,7 @@ pub const DEAD_LETTER_REASONS: &[&str] = &[
     "unknown_run",
     "blocked_address",
     "malformed",
+    "event_too_large",
     "run_finished",
 ];
 /// `kind` of a delivery target.
@@ -62,7 +63,18 @@ pub struct Metrics {
     pub webhooks_disabled: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    pub kafka_messages: IntCounterVec,
+    pub kafka_consumer_lag: IntGaugeVec,
+    pub kafka_committed_offset: IntGaugeVec,
+    pub kafka_paused_partitions: IntGauge,
+    pub kafka_rebalances: IntCounterVec,
+    pub parked: IntCounter,
 }
+
+/// `status` of a consumed Kafka message.
+pub const KAFKA_MESSAGE_RESULTS: &[&str] = &["accepted", "poison"];
+/// `event` of a rebalance.
+pub const REBALANCE_KINDS: &[&str] = &["assign", "revoke"];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -108,6 +120,11 @@ impl Metrics {
             h
         };
 
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
         let oldest = prometheus::Gauge::new(
             "syncrelay_oldest_undelivered_age_seconds",
             "Age of the oldest event not yet delivered or dead-lettered.",
@@ -189,6 +206,34 @@ impl Metrics {
                 "API request duration, by route template.",
                 &["route"],
             ),
+            kafka_messages: counter_vec(
+                "syncrelay_kafka_messages_total",
+                "Kafka messages consumed, by status (poison messages go to the dead-letter topic).",
+                &["status"],
+            ),
+            kafka_consumer_lag: gauge_vec(
+                "syncrelay_kafka_consumer_lag",
+                "Messages between the committed offset and the log end, per assigned partition (librdkafka statistics).",
+                &["topic", "partition"],
+            ),
+            kafka_committed_offset: gauge_vec(
+                "syncrelay_kafka_committed_offset",
+                "Committed offset per assigned partition (librdkafka statistics).",
+                &["topic", "partition"],
+            ),
+            kafka_paused_partitions: gauge(
+                "syncrelay_kafka_paused_partitions",
+                "Partitions paused because their buffered events reached bus.kafka.max_buffered_per_partition.",
+            ),
+            kafka_rebalances: counter_vec(
+                "syncrelay_kafka_rebalances_total",
+                "Consumer group rebalance events (partitions assigned or revoked).",
+                &["event"],
+            ),
+            parked: counter(
+                "syncrelay_deliveries_parked_total",
+                "Deliveries moved from memory to the store's retry queue (failing receiver, or behind a parked event of their run).",
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -212,6 +257,12 @@ impl Metrics {
         }
         for r in DEAD_LETTER_REASONS {
             m.dead_letters.with_label_values(&[r]);
+        }
+        for r in KAFKA_MESSAGE_RESULTS {
+            m.kafka_messages.with_label_values(&[r]);
+        }
+        for k in REBALANCE_KINDS {
+            m.kafka_rebalances.with_label_values(&[k]);
         }
         m
     }

@@ -134,6 +134,11 @@ pub struct NewDelivery {
     pub order_key: Option<String>,
     pub body: String,
     pub created_at: i64,
+    /// Attempts already made before it was queued (Kafka mode parks after in-memory attempts).
+    pub attempts: i64,
+    pub first_attempt_at: Option<i64>,
+    /// Not before this time (ms); None = now.
+    pub next_attempt_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -445,8 +450,8 @@ impl Store {
             };
             sqlx::query(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                 order_key, body, state, attempts, next_attempt_at, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&d.id)
             .bind(&d.event_id)
@@ -459,7 +464,9 @@ impl Store {
             .bind(&d.order_key)
             .bind(&d.body)
             .bind(if busy { "waiting" } else { "ready" })
-            .bind(now)
+            .bind(d.attempts)
+            .bind(d.next_attempt_at.unwrap_or(now))
+            .bind(d.first_attempt_at)
             .bind(d.created_at)
             .execute(&mut *tx)
             .await?;
@@ -512,6 +519,27 @@ impl Store {
                 created_at: r.get("created_at"),
             })
             .collect())
+    }
+
+    /// Does this run/target chain still have queued deliveries?
+    pub async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+        )
+        .bind(order_key)
+        .fetch_one(&self.pool)
+        .await?
+            != 0)
+    }
+
+    /// Every chain with queued deliveries (loaded at start by the Kafka consumer, whose new
+    /// events of such a chain must queue behind them).
+    pub async fn active_order_keys(&self) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT order_key FROM deliveries WHERE state IN ('ready', 'waiting') AND order_key IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// When the next ready delivery becomes due, if any.

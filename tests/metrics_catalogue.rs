@@ -33,6 +33,8 @@ fn registry_families() -> BTreeMap<String, Family> {
     m.http_request_duration
         .with_label_values(&["/catalogue-test"])
         .observe(0.001);
+    m.kafka_consumer_lag.with_label_values(&["sync_job_run.events", "0"]).set(0);
+    m.kafka_committed_offset.with_label_values(&["sync_job_run.events", "0"]).set(0);
     let mut out = BTreeMap::new();
     for mf in m.registry.gather() {
         let labels = mf
@@ -193,6 +195,8 @@ fn catalogue_types_and_labels_match_the_registry() {
         ("reason", metrics::DEAD_LETTER_REASONS),
         ("kind", metrics::TARGET_KINDS),
         ("status_class", metrics::STATUS_CLASSES),
+        ("status", metrics::KAFKA_MESSAGE_RESULTS),
+        ("event", metrics::REBALANCE_KINDS),
     ]
     .into_iter()
     .collect();

@@ -24,6 +24,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Where run commands are published for executors.
     pub commands: Arc<dyn crate::bus::CommandSink>,
+    /// Set when `bus.kind = "kafka"`: `POST /events` produces to the events topic.
+    pub kafka: Option<Arc<crate::bus::kafka::KafkaBus>>,
 }
 
 pub type State = web::Data<AppState>;

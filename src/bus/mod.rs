@@ -1,6 +1,8 @@
 //! The bus: where run commands go for executors, and (with Kafka) where events come from.
 //! Only `bus/kafka.rs` knows rdkafka.
 
+pub mod kafka;
+
 use async_trait_free::CommandSinkFuture;
 
 /// Publishes run commands (`sync_job_run.commands`) for executors. Embedded: a durable table

@@ -32,6 +32,9 @@ use crate::store::{
 };
 
 /// Webhooks by id, kept in step with the store by the API (single process) and reloaded at start.
+/// After this long an unhealthy target gets live attempts again (a probe).
+const UNHEALTHY_PROBE_AFTER: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 pub struct WebhookCache {
     map: RwLock<HashMap<String, Arc<Webhook>>>,
@@ -79,6 +82,7 @@ pub struct Engine {
     rotation_grace_ms: i64,
     retention: Duration,
     in_flight: Mutex<InFlight>,
+    unhealthy: Mutex<HashMap<String, Instant>>,
     wake: Notify,
     done_tx: mpsc::UnboundedSender<Completion>,
     done_rx: Mutex<Option<mpsc::UnboundedReceiver<Completion>>>,
@@ -139,6 +143,7 @@ impl Engine {
             rotation_grace_ms: (settings.webhooks.secret_rotation_grace_seconds * 1000) as i64,
             retention: Duration::from_secs(d.retention_hours * 3600),
             in_flight: Mutex::new(InFlight::default()),
+            unhealthy: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             done_tx,
             done_rx: Mutex::new(Some(done_rx)),
@@ -172,7 +177,7 @@ impl Engine {
     // ---- routing ----------------------------------------------------------------------------
 
     /// Decide the deliveries (and dead letters) of one event.
-    fn route(
+    pub fn route(
         &self,
         e: &Envelope,
         now: i64,
@@ -221,6 +226,9 @@ impl Engine {
                         .map(|r| format!("w:{}:{r}", w.id)),
                     body: e.body(Some(&w.id)),
                     created_at: now,
+                    attempts: 0,
+                    first_attempt_at: None,
+                    next_attempt_at: None,
                 }),
             },
         }
@@ -242,6 +250,9 @@ impl Engine {
                 target_key,
                 body: e.body(e.webhook_id.as_deref()),
                 created_at: now,
+                attempts: 0,
+                first_attempt_at: None,
+                next_attempt_at: None,
             });
         }
         let deliveries = out.len() - before;
@@ -435,17 +446,19 @@ impl Engine {
         }
     }
 
-    /// The URL and secrets for a queued delivery, or why it cannot be attempted.
-    fn target(&self, q: &QueuedDelivery, now: i64) -> Result<(Url, Vec<Secret>), &'static str> {
-        if q.kind == "callback" {
-            let url = q
-                .target_url
-                .as_deref()
-                .and_then(|u| Url::parse(u).ok())
-                .ok_or("malformed")?;
+    /// The URL and secrets for a delivery, or why it cannot be attempted.
+    pub fn target(
+        &self,
+        kind: &str,
+        webhook_id: Option<&str>,
+        target_url: Option<&str>,
+        now: i64,
+    ) -> Result<(Url, Vec<Secret>), &'static str> {
+        if kind == "callback" {
+            let url = target_url.and_then(|u| Url::parse(u).ok()).ok_or("malformed")?;
             return Ok((url, vec![self.callback_secret.clone()]));
         }
-        let id = q.webhook_id.as_deref().ok_or("unknown_webhook")?;
+        let id = webhook_id.ok_or("unknown_webhook")?;
         let w = self.webhooks.get(id).ok_or("unknown_webhook")?;
         if !w.is_active {
             return Err("webhook_disabled");
@@ -458,6 +471,27 @@ impl Engine {
             }
         }
         Ok((url, secrets))
+    }
+
+    /// Has the target failed recently? New work for an unhealthy target is parked in the store
+    /// (Kafka mode) instead of holding a partition while it retries.
+    pub fn target_unhealthy(&self, target_key: &str) -> bool {
+        let h = self.unhealthy.lock().expect("lock");
+        h.get(target_key).is_some_and(|since| since.elapsed() < UNHEALTHY_PROBE_AFTER)
+    }
+
+    /// Record an attempt's effect on its target's health.
+    pub fn note_health(&self, target_key: &str, ok: bool) {
+        let mut h = self.unhealthy.lock().expect("lock");
+        if ok {
+            h.remove(target_key);
+        } else {
+            h.insert(target_key.to_string(), Instant::now());
+        }
+    }
+
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
     }
 
     /// One signed POST (used by deliveries and by `POST /webhook/{id}/test`).
@@ -505,7 +539,7 @@ impl Engine {
             last_error: error,
             raw: q.body.clone(),
         };
-        let (url, secrets) = match self.target(&q, now) {
+        let (url, secrets) = match self.target(&q.kind, q.webhook_id.as_deref(), q.target_url.as_deref(), now) {
             Ok(t) => t,
             Err(reason) => {
                 let dl = dead(reason, None, Some(reason.to_string()), q.attempts);
@@ -537,6 +571,7 @@ impl Engine {
             .observe(a.duration.as_secs_f64());
         let first = q.first_attempt_at.unwrap_or(now);
         let status = a.status.map(|s| s as i64);
+        self.note_health(&q.target_key, matches!(classify(&a.result), Verdict::Delivered));
         let next = match classify(&a.result) {
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
@@ -610,7 +645,7 @@ impl Engine {
         self.wake.notify_one();
     }
 
-    async fn disable_webhook(&self, id: &str) {
+    pub async fn disable_webhook(&self, id: &str) {
         let Some(w) = self.webhooks.get(id) else {
             return;
         };

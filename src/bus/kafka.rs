@@ -1,0 +1,906 @@
+//! Kafka as the bus (the only module that knows rdkafka).
+//!
+//! Consumption is at least once, ordered per run, parallel across runs and partitions:
+//!
+//! - Each consumed message is decoded and routed; a poison message (not UTF-8 or JSON, missing or
+//!   ill-typed fields, over the size limit, unknown webhook or run) goes to the dead-letter topic
+//!   with `x-dlq-*` headers on first sight and counts as finished.
+//! - Every delivery of a message becomes a job on the queue of its *chain* (target + run id);
+//!   one task per non-empty chain works its queue in order, so a run's events reach a webhook
+//!   one at a time while other chains — other runs of the same partition included — proceed.
+//! - A partition's offset is stored (and auto-committed by librdkafka) only up to the lowest
+//!   unfinished offset: never past an event that is not yet delivered, dead-lettered or parked.
+//! - A failing delivery gets `bus.kafka.inline_attempts` attempts in memory; then it is *parked*:
+//!   written to the store's retry queue with its schedule, and so are the later events of its
+//!   chain (the store keeps chains in order). Parking finishes the message, so the committed
+//!   offset moves on and a receiver down for an hour costs stored rows, not consumer lag. The
+//!   store's dispatcher (the same engine as the embedded bus) delivers parked events when due.
+//! - Buffered (unfinished) messages per partition are bounded; at the bound the partition is
+//!   paused and resumed when half of them have finished.
+//! - On revoke, jobs of the revoked partitions are dropped before their next attempt (the new
+//!   owner redelivers them from the committed offset, same `webhook-id`); librdkafka commits the
+//!   stored (finished) prefix as part of the rebalance.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::async_trait_free::CommandSinkFuture;
+use super::CommandSink;
+use crate::config::Settings;
+use crate::delivery::engine::Engine;
+use crate::delivery::retry::{classify, result_label, Verdict};
+use crate::domain::{now_ms, Envelope};
+use crate::metrics::Metrics;
+use crate::store::{AttemptRecord, NewDeadLetter, NewDelivery};
+
+type Tp = (String, i32);
+
+/// Per-partition bookkeeping: which offsets are read but unfinished.
+#[derive(Default)]
+struct PartitionState {
+    pending: BTreeSet<i64>,
+    /// One past the highest offset read.
+    next: i64,
+    /// The offset last stored for commit.
+    stored: i64,
+    paused: bool,
+    /// Bumped on every assign and revoke: jobs of an older generation are stale.
+    generation: u64,
+    assigned: bool,
+}
+
+/// Shared between the consumer loop, the chain workers and the rebalance callbacks.
+pub struct Tracker {
+    parts: Mutex<HashMap<Tp, PartitionState>>,
+    max_buffered: usize,
+    metrics: Metrics,
+}
+
+impl Tracker {
+    fn generation(&self, tp: &Tp) -> u64 {
+        self.parts.lock().expect("lock").get(tp).map(|p| p.generation).unwrap_or(0)
+    }
+
+    fn is_current(&self, tp: &Tp, generation: u64) -> bool {
+        self.parts
+            .lock()
+            .expect("lock")
+            .get(tp)
+            .is_some_and(|p| p.assigned && p.generation == generation)
+    }
+
+    /// A message was read. Returns true when the partition should now be paused.
+    fn begin(&self, tp: &Tp, offset: i64) -> bool {
+        let mut parts = self.parts.lock().expect("lock");
+        let p = parts.entry(tp.clone()).or_default();
+        if p.pending.is_empty() && p.next == 0 {
+            p.stored = offset;
+        }
+        p.pending.insert(offset);
+        p.next = p.next.max(offset + 1);
+        if !p.paused && p.pending.len() >= self.max_buffered {
+            p.paused = true;
+            self.metrics.kafka_paused_partitions.inc();
+            return true;
+        }
+        false
+    }
+
+    /// A message is finished. Returns (offset to store, resume the partition?) when the
+    /// contiguous finished prefix advanced.
+    fn finish(&self, tp: &Tp, offset: i64, generation: u64) -> (Option<i64>, bool) {
+        let mut parts = self.parts.lock().expect("lock");
+        let Some(p) = parts.get_mut(tp) else { return (None, false) };
+        if p.generation != generation {
+            return (None, false);
+        }
+        p.pending.remove(&offset);
+        let watermark = p.pending.first().copied().unwrap_or(p.next);
+        let store = (watermark > p.stored).then(|| {
+            p.stored = watermark;
+            watermark
+        });
+        let resume = p.paused && p.pending.len() <= self.max_buffered / 2;
+        if resume {
+            p.paused = false;
+            self.metrics.kafka_paused_partitions.dec();
+        }
+        (store, resume)
+    }
+
+    fn assign(&self, tps: &[Tp]) {
+        let mut parts = self.parts.lock().expect("lock");
+        for tp in tps {
+            let p = parts.entry(tp.clone()).or_default();
+            if p.paused {
+                self.metrics.kafka_paused_partitions.dec();
+            }
+            let generation = p.generation + 1;
+            *p = PartitionState {
+                generation,
+                assigned: true,
+                ..Default::default()
+            };
+        }
+    }
+
+    fn revoke(&self, tps: &[Tp]) {
+        let mut parts = self.parts.lock().expect("lock");
+        for tp in tps {
+            if let Some(p) = parts.get_mut(tp) {
+                if p.paused {
+                    self.metrics.kafka_paused_partitions.dec();
+                }
+                p.generation += 1;
+                p.assigned = false;
+                p.paused = false;
+                p.pending.clear();
+            }
+        }
+    }
+}
+
+/// Rebalance and statistics callbacks.
+pub struct RelayContext {
+    tracker: Arc<Tracker>,
+    metrics: Metrics,
+}
+
+fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+}
+
+impl ClientContext for RelayContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (part, p) in &t.partitions {
+                if *part < 0 || !p.desired {
+                    continue;
+                }
+                let part = part.to_string();
+                if p.consumer_lag >= 0 {
+                    self.metrics
+                        .kafka_consumer_lag
+                        .with_label_values(&[topic, &part])
+                        .set(p.consumer_lag);
+                }
+                if p.committed_offset >= 0 {
+                    self.metrics
+                        .kafka_committed_offset
+                        .with_label_values(&[topic, &part])
+                        .set(p.committed_offset);
+                }
+            }
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{log_message}"),
+            Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            Notice | Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+}
+
+impl ConsumerContext for RelayContext {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let tps = tps_of(tpl);
+            tracing::info!(partitions = ?tps, "partitions revoked: unfinished work is left to the next owner");
+            self.metrics.kafka_rebalances.with_label_values(&["revoke"]).inc();
+            self.tracker.revoke(&tps);
+            for (topic, part) in &tps {
+                let part = part.to_string();
+                let _ = self.metrics.kafka_consumer_lag.remove_label_values(&[topic, &part]);
+                let _ = self.metrics.kafka_committed_offset.remove_label_values(&[topic, &part]);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let tps = tps_of(tpl);
+            tracing::info!(partitions = ?tps, "partitions assigned");
+            self.metrics.kafka_rebalances.with_label_values(&["assign"]).inc();
+            self.tracker.assign(&tps);
+        }
+    }
+}
+
+/// One delivery of one consumed message.
+struct Job {
+    delivery: NewDelivery,
+    tp: Tp,
+    offset: i64,
+    generation: u64,
+    /// Deliveries of the same message still unfinished; the message finishes at zero.
+    remaining: Arc<AtomicUsize>,
+    raw: Arc<Vec<u8>>,
+}
+
+pub struct KafkaBus {
+    consumer: Arc<StreamConsumer<RelayContext>>,
+    producer: FutureProducer,
+    tracker: Arc<Tracker>,
+    topics: Vec<String>,
+    events_topic: String,
+    commands_topic: String,
+    dlq_topic: String,
+    produce_timeout: Duration,
+    inline_attempts: u32,
+    inline_max_delay: Duration,
+    max_event_bytes: usize,
+    /// Chains with a worker: their queued jobs.
+    chains: Mutex<HashMap<String, VecDeque<Job>>>,
+    /// Chains with deliveries parked in the store: their new events queue behind them.
+    parked: Mutex<HashSet<String>>,
+    global: Arc<Semaphore>,
+    per_target: Mutex<HashMap<String, Arc<Semaphore>>>,
+    per_target_cap: usize,
+    metrics: Metrics,
+}
+
+fn client_config(settings: &Settings) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in &settings.bus.kafka.librdkafka {
+        cfg.set(k, v.to_string());
+    }
+    cfg
+}
+
+impl KafkaBus {
+    pub fn new(settings: &Settings, metrics: Metrics) -> anyhow::Result<Arc<KafkaBus>> {
+        let k = &settings.bus.kafka;
+        let tracker = Arc::new(Tracker {
+            parts: Mutex::new(HashMap::new()),
+            max_buffered: k.max_buffered_per_partition,
+            metrics: metrics.clone(),
+        });
+        let mut ccfg = client_config(settings);
+        ccfg.set("group.id", &k.group_id);
+        // Our defaults, unless the operator set them.
+        for (key, value) in [
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            ("statistics.interval.ms", "5000"),
+            ("enable.partition.eof", "false"),
+        ] {
+            if !k.librdkafka.contains_key(key) {
+                ccfg.set(key, value);
+            }
+        }
+        // Not negotiable: an offset is stored only once its event is finished.
+        ccfg.set("enable.auto.offset.store", "false");
+        let consumer: StreamConsumer<RelayContext> = ccfg
+            .create_with_context(RelayContext {
+                tracker: tracker.clone(),
+                metrics: metrics.clone(),
+            })
+            .context("creating the Kafka consumer (check bus.kafka.librdkafka)")?;
+        let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).context("subscribing to bus.kafka.topics")?;
+
+        let mut pcfg = ClientConfig::new();
+        for (key, v) in &k.librdkafka {
+            // Consumer-only properties would only produce warnings on the producer.
+            if is_consumer_only(key) {
+                continue;
+            }
+            pcfg.set(key, v.to_string());
+        }
+        if !k.librdkafka.contains_key("message.timeout.ms") {
+            pcfg.set("message.timeout.ms", k.produce_timeout_ms.to_string());
+        }
+        if !k.librdkafka.contains_key("linger.ms") {
+            pcfg.set("linger.ms", "2");
+        }
+        let producer: FutureProducer = pcfg.create().context("creating the Kafka producer")?;
+        let d = &settings.delivery;
+        Ok(Arc::new(KafkaBus {
+            consumer: Arc::new(consumer),
+            producer,
+            tracker,
+            topics: k.topics.clone(),
+            events_topic: k.topics[0].clone(),
+            commands_topic: k.commands_topic.clone(),
+            dlq_topic: k.dlq_topic.clone(),
+            produce_timeout: Duration::from_millis(k.produce_timeout_ms),
+            inline_attempts: k.inline_attempts,
+            inline_max_delay: Duration::from_millis(k.inline_max_delay_ms),
+            max_event_bytes: settings.events.max_event_bytes,
+            chains: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashSet::new()),
+            global: Arc::new(Semaphore::new(d.max_in_flight)),
+            per_target: Mutex::new(HashMap::new()),
+            per_target_cap: d.max_in_flight_per_webhook,
+            metrics,
+        }))
+    }
+
+    /// Produce one event to the events topic, keyed by its run (so a run stays on one
+    /// partition), and wait for the broker's acknowledgement.
+    pub async fn produce_event(&self, e: &Envelope) -> anyhow::Result<()> {
+        let key = e.sync_job_run_id.clone().unwrap_or_else(|| e.id.clone());
+        let payload = e.to_json().to_string();
+        self.producer
+            .send(
+                FutureRecord::to(&self.events_topic).key(&key).payload(&payload),
+                self.produce_timeout,
+            )
+            .await
+            .map_err(|(err, _)| anyhow::anyhow!("producing to {}: {err}", self.events_topic))?;
+        Ok(())
+    }
+
+    /// A real round trip to the brokers (readiness).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let consumer = self.consumer.clone();
+        let topic = self.topics[0].clone();
+        tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(3))
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("kafka metadata: {e}"))
+        })
+        .await?
+    }
+
+    async fn publish_dlq(
+        &self,
+        raw: &[u8],
+        key: Option<&[u8]>,
+        reason: &str,
+        attempts: i64,
+        last_status: Option<i64>,
+        tp: &Tp,
+        offset: i64,
+    ) -> anyhow::Result<()> {
+        let attempts = attempts.to_string();
+        let status = last_status.map(|s| s.to_string()).unwrap_or_default();
+        let partition = tp.1.to_string();
+        let offset = offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "x-dlq-reason", value: Some(reason) })
+            .insert(Header { key: "x-dlq-attempts", value: Some(&attempts) })
+            .insert(Header { key: "x-dlq-last-status", value: Some(&status) })
+            .insert(Header { key: "x-dlq-source-topic", value: Some(&tp.0) })
+            .insert(Header { key: "x-dlq-source-partition", value: Some(&partition) })
+            .insert(Header { key: "x-dlq-source-offset", value: Some(&offset) });
+        let mut rec = FutureRecord::to(&self.dlq_topic).payload(raw).headers(headers);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        self.producer
+            .send(rec, self.produce_timeout)
+            .await
+            .map_err(|(err, _)| anyhow::anyhow!("producing to {}: {err}", self.dlq_topic))?;
+        Ok(())
+    }
+
+    /// Consume until `stop`, then leave unfinished work to the next owner.
+    pub async fn run(self: Arc<Self>, engine: Arc<Engine>, stop: CancellationToken) {
+        match engine.store.active_order_keys().await {
+            Ok(keys) => self.parked.lock().expect("lock").extend(keys),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "loading parked chains failed"),
+        }
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = self.consumer.recv() => m,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let tp: Tp = (msg.topic().to_string(), msg.partition());
+            let offset = msg.offset();
+            let generation = self.tracker.generation(&tp);
+            if self.tracker.begin(&tp, offset) {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&tp.0, tp.1);
+                if let Err(e) = self.consumer.pause(&tpl) {
+                    tracing::warn!(error = %e, "pausing partition failed");
+                }
+            }
+            let raw = Arc::new(msg.payload().unwrap_or_default().to_vec());
+            let key = msg.key().map(|k| k.to_vec());
+            drop(msg);
+            self.clone().accept(&engine, tp, offset, generation, raw, key).await;
+        }
+        tracing::info!("kafka consumer stopped taking messages");
+    }
+
+    /// After `run` returned: let in-flight chains finish within `deadline`, then commit the
+    /// finished prefix synchronously. Whatever is unfinished is redelivered after restart.
+    pub async fn drain(&self, deadline: Duration) {
+        let until = std::time::Instant::now() + deadline;
+        while !self.chains.lock().expect("lock").is_empty() && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.chains.lock().expect("lock").len();
+        if left > 0 {
+            tracing::warn!(chains = left, "shutdown deadline passed; unfinished events will be redelivered");
+        }
+        let consumer = self.consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+                tracing::debug!(error = %e, "final commit");
+            }
+        })
+        .await;
+    }
+
+    async fn accept(
+        self: Arc<Self>,
+        engine: &Arc<Engine>,
+        tp: Tp,
+        offset: i64,
+        generation: u64,
+        raw: Arc<Vec<u8>>,
+        key: Option<Vec<u8>>,
+    ) {
+        let now = now_ms();
+        let envelope = decode(&raw, self.max_event_bytes, now);
+        let e = match envelope {
+            Ok(e) => e,
+            Err((reason, detail)) => {
+                tracing::debug!(reason, detail, partition = tp.1, offset, "poison message");
+                self.metrics.kafka_messages.with_label_values(&["poison"]).inc();
+                self.metrics.dead_letters.with_label_values(&[reason]).inc();
+                self.poison(engine, &raw, key.as_deref(), reason, &detail, &tp, offset, generation)
+                    .await;
+                return;
+            }
+        };
+        self.metrics.kafka_messages.with_label_values(&["accepted"]).inc();
+        self.metrics.events_ingested.with_label_values(&["kafka"]).inc();
+        let mut deliveries = Vec::new();
+        let mut dead = Vec::new();
+        let routed = engine.route(&e, now, &mut deliveries, &mut dead);
+        if let Some(reason) = routed.reason {
+            // Unroutable: dead-letter topic on first sight, and the store's dead letters so it
+            // can be inspected and replayed through the API.
+            self.metrics.dead_letters.with_label_values(&[reason]).inc();
+            if let Err(err) = engine.store.enqueue(&[], &dead, now).await {
+                tracing::error!(error = %format!("{err:#}"), "recording a dead letter failed");
+            }
+            if let Err(err) = self.publish_dlq(&raw, key.as_deref(), reason, 0, None, &tp, offset).await {
+                tracing::error!(error = %format!("{err:#}"), "dead-letter topic publish failed");
+            }
+        }
+        if routed.status == "filtered" {
+            self.metrics.events_filtered.inc();
+        }
+        if deliveries.is_empty() {
+            self.finish(&tp, offset, generation);
+            return;
+        }
+        let remaining = Arc::new(AtomicUsize::new(deliveries.len()));
+        for d in deliveries {
+            let job = Job {
+                delivery: d,
+                tp: tp.clone(),
+                offset,
+                generation,
+                remaining: remaining.clone(),
+                raw: raw.clone(),
+            };
+            self.clone().enqueue(engine.clone(), job);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn poison(
+        &self,
+        engine: &Arc<Engine>,
+        raw: &[u8],
+        key: Option<&[u8]>,
+        reason: &'static str,
+        detail: &str,
+        tp: &Tp,
+        offset: i64,
+        generation: u64,
+    ) {
+        // Keep a copy in the store too (as text when it is UTF-8), for GET /dead-letters.
+        let dl = NewDeadLetter {
+            delivery_id: None,
+            event_id: format!("kafka:{}:{}:{}", tp.0, tp.1, offset),
+            event: "unknown:unknown".into(),
+            webhook_id: None,
+            kind: "webhook",
+            reason,
+            attempts: 0,
+            last_status: None,
+            last_error: Some(detail.chars().take(500).collect()),
+            raw: serde_json::Value::String(String::from_utf8_lossy(&raw[..raw.len().min(64 * 1024)]).into_owned())
+                .to_string(),
+        };
+        if let Err(err) = engine.store.enqueue(&[], &[dl], now_ms()).await {
+            tracing::error!(error = %format!("{err:#}"), "recording a poison message failed");
+        }
+        // The partition moves on only once the dead-letter topic has it.
+        let mut backoff = Duration::from_millis(100);
+        while let Err(err) = self.publish_dlq(raw, key, reason, 0, None, tp, offset).await {
+            if !self.tracker.is_current(tp, generation) {
+                return;
+            }
+            tracing::error!(error = %format!("{err:#}"), "dead-letter topic publish failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        self.finish(tp, offset, generation);
+    }
+
+    fn finish(&self, tp: &Tp, offset: i64, generation: u64) {
+        let (store, resume) = self.tracker.finish(tp, offset, generation);
+        if let Some(next) = store {
+            let mut tpl = TopicPartitionList::new();
+            if tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next)).is_ok() {
+                if let Err(e) = self.consumer.store_offsets(&tpl) {
+                    tracing::debug!(error = %e, "storing offset failed (partition no longer assigned?)");
+                }
+            }
+        }
+        if resume {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&tp.0, tp.1);
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resuming partition failed");
+            }
+        }
+    }
+
+    fn job_done(&self, job: &Job) {
+        if job.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish(&job.tp, job.offset, job.generation);
+        }
+    }
+
+    /// Queue a job on its chain; start the chain's worker when it has none.
+    fn enqueue(self: Arc<Self>, engine: Arc<Engine>, job: Job) {
+        let chain = job.delivery.order_key.clone().unwrap_or_else(|| job.delivery.id.clone());
+        let start = {
+            let mut chains = self.chains.lock().expect("lock");
+            match chains.get_mut(&chain) {
+                Some(q) => {
+                    q.push_back(job);
+                    None
+                }
+                None => {
+                    chains.insert(chain.clone(), VecDeque::new());
+                    Some(job)
+                }
+            }
+        };
+        if let Some(first) = start {
+            tokio::spawn(self.work_chain(engine, chain, first));
+        }
+    }
+
+    async fn work_chain(self: Arc<Self>, engine: Arc<Engine>, chain: String, first: Job) {
+        let mut next = Some(first);
+        while let Some(job) = next {
+            self.process(&engine, job).await;
+            let mut chains = self.chains.lock().expect("lock");
+            next = chains.get_mut(&chain).and_then(VecDeque::pop_front);
+            if next.is_none() {
+                chains.remove(&chain);
+            }
+        }
+    }
+
+    fn target_permit(&self, target_key: &str) -> Arc<Semaphore> {
+        self.per_target
+            .lock()
+            .expect("lock")
+            .entry(target_key.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_target_cap)))
+            .clone()
+    }
+
+    async fn process(&self, engine: &Arc<Engine>, job: Job) {
+        if !self.tracker.is_current(&job.tp, job.generation) {
+            // Revoked: the next owner delivers it from the committed offset.
+            return;
+        }
+        let d = &job.delivery;
+        // Behind a parked event of its chain? Then it queues behind it in the store.
+        if let Some(k) = &d.order_key {
+            let is_parked = self.parked.lock().expect("lock").contains(k);
+            if is_parked {
+                match engine.store.has_active(k).await {
+                    Ok(true) => return self.park(engine, job, 0, None, None).await,
+                    Ok(false) => {
+                        self.parked.lock().expect("lock").remove(k);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "store check failed; parking");
+                        return self.park(engine, job, 0, None, None).await;
+                    }
+                }
+            }
+        }
+        if engine.target_unhealthy(&d.target_key) {
+            // The receiver failed recently: don't hold the partition, let the store's retry
+            // schedule probe it.
+            return self.park(engine, job, 0, None, None).await;
+        }
+        let target = self.target_permit(&d.target_key);
+        let Ok(_tp) = target.acquire_owned().await else { return };
+        let Ok(_gp) = self.global.clone().acquire_owned().await else { return };
+        let mut attempts: i64 = 0;
+        let mut first_at = None;
+        loop {
+            if !self.tracker.is_current(&job.tp, job.generation) {
+                return;
+            }
+            let now = now_ms();
+            let (url, secrets) = match engine.target(d.kind, d.webhook_id.as_deref(), d.target_url.as_deref(), now) {
+                Ok(t) => t,
+                Err(reason) => return self.dead(engine, job, reason, attempts, None, Some(reason.into())).await,
+            };
+            first_at.get_or_insert(now);
+            attempts += 1;
+            self.metrics.in_flight.inc();
+            let a = engine.send(&url, &secrets, &d.event_id, attempts, d.body.clone()).await;
+            self.metrics.in_flight.dec();
+            let kind = d.kind;
+            self.metrics.attempts.with_label_values(&[result_label(&a.result), kind]).inc();
+            self.metrics
+                .attempt_duration
+                .with_label_values(&[kind])
+                .observe(a.duration.as_secs_f64());
+            let status = a.status.map(i64::from);
+            let verdict = classify(&a.result);
+            engine.note_health(&d.target_key, verdict == Verdict::Delivered);
+            match verdict {
+                Verdict::Delivered => {
+                    self.metrics.deliveries.with_label_values(&["delivered", kind]).inc();
+                    self.metrics.attempts_per_delivery.observe(attempts as f64);
+                    self.metrics
+                        .end_to_end_latency
+                        .observe((now_ms() - d.created_at).max(0) as f64 / 1000.0);
+                    self.job_done(&job);
+                    return;
+                }
+                Verdict::DeadLetter { reason } => {
+                    return self.dead(engine, job, reason, attempts, status, a.error).await;
+                }
+                Verdict::DisableWebhook => {
+                    if let Some(id) = &d.webhook_id {
+                        if d.kind == "webhook" {
+                            engine.disable_webhook(id).await;
+                        }
+                    }
+                    return self.dead(engine, job, "webhook_disabled", attempts, status, a.error).await;
+                }
+                Verdict::Retry { not_before } => {
+                    let elapsed = Duration::from_millis((now_ms() - first_at.unwrap_or(now)).max(0) as u64);
+                    let Some(delay) = engine.policy().next_delay(attempts as u32, elapsed, not_before) else {
+                        return self.dead(engine, job, "attempts_exhausted", attempts, status, a.error).await;
+                    };
+                    self.metrics.retries.with_label_values(&[kind]).inc();
+                    if attempts >= self.inline_attempts as i64 || delay > self.inline_max_delay {
+                        let record = AttemptRecord {
+                            started_at: now,
+                            duration_ms: a.duration.as_millis() as i64,
+                            status,
+                            error: a.error.clone(),
+                            excerpt: a.excerpt.clone(),
+                        };
+                        let at = now_ms() + delay.as_millis() as i64;
+                        return self.park(engine, job, attempts, first_at.map(|f| (f, at)), Some(record)).await;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Move a job to the store's retry queue; the message is then finished.
+    async fn park(
+        &self,
+        engine: &Arc<Engine>,
+        mut job: Job,
+        attempts: i64,
+        schedule: Option<(i64, i64)>,
+        _last: Option<AttemptRecord>,
+    ) {
+        job.delivery.attempts = attempts;
+        if let Some((first, at)) = schedule {
+            job.delivery.first_attempt_at = Some(first);
+            job.delivery.next_attempt_at = Some(at);
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match engine.store.enqueue(std::slice::from_ref(&job.delivery), &[], now_ms()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if !self.tracker.is_current(&job.tp, job.generation) {
+                        return;
+                    }
+                    tracing::error!(error = %format!("{e:#}"), "parking failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if let Some(k) = &job.delivery.order_key {
+            self.parked.lock().expect("lock").insert(k.clone());
+        }
+        self.metrics.parked.inc();
+        engine.notify();
+        self.job_done(&job);
+    }
+
+    async fn dead(
+        &self,
+        engine: &Arc<Engine>,
+        job: Job,
+        reason: &'static str,
+        attempts: i64,
+        last_status: Option<i64>,
+        last_error: Option<String>,
+    ) {
+        let d = &job.delivery;
+        self.metrics.deliveries.with_label_values(&["dead_lettered", d.kind]).inc();
+        self.metrics.dead_letters.with_label_values(&[reason]).inc();
+        let dl = NewDeadLetter {
+            delivery_id: None,
+            event_id: d.event_id.clone(),
+            event: d.event.clone(),
+            webhook_id: d.webhook_id.clone(),
+            kind: d.kind,
+            reason,
+            attempts,
+            last_status,
+            last_error,
+            raw: String::from_utf8_lossy(&job.raw).into_owned(),
+        };
+        if let Err(e) = engine.store.enqueue(&[], &[dl], now_ms()).await {
+            tracing::error!(error = %format!("{e:#}"), "recording a dead letter failed");
+        }
+        if let Err(e) = self
+            .publish_dlq(&job.raw, None, reason, attempts, last_status, &job.tp, job.offset)
+            .await
+        {
+            tracing::error!(error = %format!("{e:#}"), "dead-letter topic publish failed");
+        }
+        self.job_done(&job);
+    }
+}
+
+impl CommandSink for KafkaBus {
+    fn publish(&self, key: &str, command: serde_json::Value) -> CommandSinkFuture<'_> {
+        let key = key.to_string();
+        Box::pin(async move {
+            let payload = command.to_string();
+            self.producer
+                .send(
+                    FutureRecord::to(&self.commands_topic).key(&key).payload(&payload),
+                    self.produce_timeout,
+                )
+                .await
+                .map_err(|(err, _)| anyhow::anyhow!("producing to {}: {err}", self.commands_topic))?;
+            Ok(())
+        })
+    }
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("enable.auto.")
+        || key.starts_with("auto.")
+        || key.starts_with("session.")
+        || key.starts_with("heartbeat.")
+        || key.starts_with("max.poll.")
+        || key.starts_with("fetch.")
+        || key.starts_with("partition.assignment")
+        || key.starts_with("group.")
+        || key.starts_with("isolation.")
+        || key == "enable.partition.eof"
+        || key == "check.crcs"
+        || key == "queued.min.messages"
+        || key == "queued.max.messages.kbytes"
+}
+
+/// Decode a message value into an event, or the dead-letter reason and a detail.
+fn decode(raw: &[u8], max_bytes: usize, now: i64) -> Result<Envelope, (&'static str, String)> {
+    if raw.len() > max_bytes {
+        return Err(("event_too_large", format!("{} bytes > {max_bytes}", raw.len())));
+    }
+    let text = std::str::from_utf8(raw).map_err(|e| ("malformed", format!("not UTF-8: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ("malformed", format!("not JSON: {e}")))?;
+    Envelope::parse(v, now, false).map_err(|e| ("malformed", e.to_string()))
+}
+
+#[allow(dead_code)]
+fn header_value<'a>(headers: &'a rdkafka::message::BorrowedHeaders, name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|h| h.key == name).and_then(|h| h.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(max: usize) -> Tracker {
+        Tracker {
+            parts: Mutex::new(HashMap::new()),
+            max_buffered: max,
+            metrics: Metrics::new(),
+        }
+    }
+
+    #[test]
+    fn offsets_are_stored_only_for_the_contiguous_finished_prefix() {
+        let t = tracker(100);
+        let tp: Tp = ("t".into(), 0);
+        t.assign(std::slice::from_ref(&tp));
+        let g = t.generation(&tp);
+        for o in 10..15 {
+            t.begin(&tp, o);
+        }
+        // 11 and 12 finish first: nothing can be stored while 10 is unfinished.
+        assert_eq!(t.finish(&tp, 11, g).0, None);
+        assert_eq!(t.finish(&tp, 12, g).0, None);
+        // 10 finishes: the prefix 10..=12 is done, the next offset to read is 13.
+        assert_eq!(t.finish(&tp, 10, g).0, Some(13));
+        assert_eq!(t.finish(&tp, 14, g).0, None);
+        assert_eq!(t.finish(&tp, 13, g).0, Some(15));
+    }
+
+    #[test]
+    fn a_partition_pauses_at_the_bound_and_resumes_at_half() {
+        let t = tracker(4);
+        let tp: Tp = ("t".into(), 1);
+        t.assign(std::slice::from_ref(&tp));
+        let g = t.generation(&tp);
+        assert!(!t.begin(&tp, 0));
+        assert!(!t.begin(&tp, 1));
+        assert!(!t.begin(&tp, 2));
+        assert!(t.begin(&tp, 3), "pauses at 4 buffered");
+        assert!(!t.finish(&tp, 0, g).1);
+        assert!(t.finish(&tp, 1, g).1, "resumes at 2 buffered");
+    }
+
+    #[test]
+    fn revoked_work_is_stale_and_cannot_store_offsets() {
+        let t = tracker(10);
+        let tp: Tp = ("t".into(), 2);
+        t.assign(std::slice::from_ref(&tp));
+        let g = t.generation(&tp);
+        t.begin(&tp, 5);
+        t.revoke(std::slice::from_ref(&tp));
+        assert!(!t.is_current(&tp, g));
+        assert_eq!(t.finish(&tp, 5, g), (None, false));
+        t.assign(std::slice::from_ref(&tp));
+        assert!(!t.is_current(&tp, g), "a new assignment is a new generation");
+    }
+
+    #[test]
+    fn poison_is_classified() {
+        assert_eq!(decode(b"\xff\xfe", 100, 0).unwrap_err().0, "malformed");
+        assert_eq!(decode(b"{not json", 100, 0).unwrap_err().0, "malformed");
+        assert_eq!(decode(br#"{"id":"a"}"#, 100, 0).unwrap_err().0, "malformed");
+        assert_eq!(decode(&[b' '; 200], 100, 0).unwrap_err().0, "event_too_large");
+    }
+}
