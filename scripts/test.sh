@@ -11,6 +11,18 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+# The Kafka tests run against a real Kafka-protocol broker, tansu, built from crates.io once per
+# machine (about 10 minutes the first time).
+if [ -n "${TANSU_BIN:-}" ] && [ -x "$TANSU_BIN" ]; then
+    :
+elif [ -x "$HOME/.cargo/bin/tansu" ]; then
+    export TANSU_BIN="$HOME/.cargo/bin/tansu"
+else
+    echo "== installing the tansu broker (once per machine)"
+    cargo install tansu --locked --version 0.6.0 --features dynostore,libsql
+    export TANSU_BIN="$HOME/.cargo/bin/tansu"
+fi
+
 echo "== cargo build"
 cargo build --locked --all-targets
 

@@ -73,14 +73,7 @@ impl std::fmt::Debug for StoreSettings {
         f.debug_struct("StoreSettings")
             .field("kind", &self.kind)
             .field("path", &self.path)
-            .field(
-                "url",
-                &if self.url.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
             .finish()
     }
 }
@@ -254,10 +247,7 @@ impl Settings {
             })?;
             merge(&mut tree, overlay);
         }
-        let mut env: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
+        let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         env.sort();
         for (var, raw) in env {
             let path: Vec<String> = var[ENV_PREFIX.len()..]
@@ -276,8 +266,8 @@ impl Settings {
                 message,
             })?;
         }
-        let settings: Settings = serde_path_to_error::deserialize(tree).map_err(
-            |e: serde_path_to_error::Error<_>| {
+        let settings: Settings =
+            serde_path_to_error::deserialize(tree).map_err(|e: serde_path_to_error::Error<_>| {
                 let message = e.inner().to_string();
                 let mut key = e.path().to_string();
                 // serde reports an unknown field at its parent: append the field itself so
@@ -292,8 +282,7 @@ impl Settings {
                     }
                 }
                 ConfigError::Key { key, message }
-            },
-        )?;
+            })?;
         settings.validate()?;
         Ok(settings)
     }
@@ -311,13 +300,8 @@ impl Settings {
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes", "must be at least 1024");
         }
-        if self.events.max_event_bytes == 0
-            || self.events.max_event_bytes > self.http.max_body_bytes
-        {
-            return bad(
-                "events.max_event_bytes",
-                "must be between 1 and http.max_body_bytes",
-            );
+        if self.events.max_event_bytes == 0 || self.events.max_event_bytes > self.http.max_body_bytes {
+            return bad("events.max_event_bytes", "must be between 1 and http.max_body_bytes");
         }
         if self.events.max_batch == 0 {
             return bad("events.max_batch", "must be at least 1");
@@ -348,12 +332,7 @@ impl Settings {
             StoreKind::Postgres if self.store.url.is_empty() => {
                 return bad("store.url", "required when store.kind = \"postgres\"")
             }
-            StoreKind::Postgres => {
-                return bad(
-                    "store.kind",
-                    "postgres is not supported by this build yet; use sqlite",
-                )
-            }
+            StoreKind::Postgres => return bad("store.kind", "postgres is not supported by this build yet; use sqlite"),
             StoreKind::Sqlite if self.store.path.as_os_str().is_empty() => {
                 return bad("store.path", "must not be empty")
             }
@@ -362,7 +341,10 @@ impl Settings {
         if self.bus.kind == BusKind::Kafka {
             let k = &self.bus.kafka;
             if !k.librdkafka.contains_key("bootstrap.servers") && !k.librdkafka.contains_key("metadata.broker.list") {
-                return bad("bus.kafka.librdkafka", "needs \"bootstrap.servers\" when bus.kind = \"kafka\"");
+                return bad(
+                    "bus.kafka.librdkafka",
+                    "needs \"bootstrap.servers\" when bus.kind = \"kafka\"",
+                );
             }
             if k.topics.is_empty() {
                 return bad("bus.kafka.topics", "must name at least one topic");
@@ -377,9 +359,7 @@ impl Settings {
                 return bad("bus.kafka.inline_attempts", "must be at least 1");
             }
         }
-        if !self.callbacks.secret.is_empty()
-            && crate::signing::Secret::parse(&self.callbacks.secret).is_err()
-        {
+        if !self.callbacks.secret.is_empty() && crate::signing::Secret::parse(&self.callbacks.secret).is_err() {
             return bad(
                 "callbacks.secret",
                 "must be whsec_ followed by base64 of at least 24 bytes",
@@ -415,9 +395,7 @@ fn json_to_toml(v: serde_json::Value) -> Option<toml::Value> {
             None => toml::Value::Float(n.as_f64()?),
         },
         serde_json::Value::String(s) => toml::Value::String(s),
-        serde_json::Value::Array(a) => {
-            toml::Value::Array(a.into_iter().map(json_to_toml).collect::<Option<_>>()?)
-        }
+        serde_json::Value::Array(a) => toml::Value::Array(a.into_iter().map(json_to_toml).collect::<Option<_>>()?),
         serde_json::Value::Object(o) => toml::Value::Table(
             o.into_iter()
                 .map(|(k, v)| json_to_toml(v).map(|v| (k, v)))
@@ -450,9 +428,7 @@ fn set_path(tree: &mut toml::Value, path: &[String], value: toml::Value) -> Resu
             .ok_or_else(|| format!("`{}` is not a section", path[..i].join(".")))?;
         if i == path.len() - 1 {
             match (table.get_mut(seg), value) {
-                (Some(existing @ toml::Value::Table(_)), v @ toml::Value::Table(_)) => {
-                    merge(existing, v)
-                }
+                (Some(existing @ toml::Value::Table(_)), v @ toml::Value::Table(_)) => merge(existing, v),
                 (_, v) => {
                     table.insert(seg.clone(), v);
                 }
@@ -471,10 +447,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -535,19 +508,14 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e =
-            Settings::load(None, env(&[("SYNCRELAY__DELIVERY__MAX_INFLIGHT", "3")])).unwrap_err();
+        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__MAX_INFLIGHT", "3")])).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("delivery.max_inflight"), "{msg}");
     }
 
     #[test]
     fn ill_typed_value_is_named() {
-        let e = Settings::load(
-            None,
-            env(&[("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "fast")]),
-        )
-        .unwrap_err();
+        let e = Settings::load(None, env(&[("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "fast")])).unwrap_err();
         assert!(e.to_string().contains("delivery.retry.multiplier"), "{e}");
     }
 
@@ -556,10 +524,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[http]\nlisten = \"127.0.0.1:0\"\n").unwrap();
-        assert_eq!(
-            Settings::load(Some(&p), env(&[])).unwrap().http.listen,
-            "127.0.0.1:0"
-        );
+        assert_eq!(Settings::load(Some(&p), env(&[])).unwrap().http.listen, "127.0.0.1:0");
         std::fs::write(&p, "[htp]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let e = Settings::load(Some(&p), env(&[])).unwrap_err();
         assert!(e.to_string().contains("htp"), "{e}");
@@ -572,10 +537,6 @@ mod tests {
             env(&[("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR", "1.5")]),
         )
         .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("delivery.retry.randomization_factor"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("delivery.retry.randomization_factor"), "{e}");
     }
 }

@@ -15,8 +15,7 @@ pub fn now_ms() -> i64 {
 
 /// `2026-11-25T10:00:00.000Z`: RFC 3339, UTC, milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -42,9 +41,7 @@ pub fn parse_uuid(field: &str, s: &str) -> Result<String, ApiError> {
 }
 
 fn valid_event_id(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `<entity>:<action>`, each part `[a-z0-9_]+`; `*` is allowed as the action in subscriptions.
@@ -64,11 +61,9 @@ pub fn valid_event_name(s: &str, allow_wildcard: bool) -> bool {
 /// Does a subscription list (empty = everything) include `event`?
 pub fn subscribed(event_types: &[String], event: &str) -> bool {
     event_types.is_empty()
-        || event_types.iter().any(|t| {
-            t == "*"
-                || t == event
-                || (t.ends_with(":*") && event.split(':').next() == t.split(':').next())
-        })
+        || event_types
+            .iter()
+            .any(|t| t == "*" || t == event || (t.ends_with(":*") && event.split(':').next() == t.split(':').next()))
 }
 
 /// One valid event (CONTRACT §1).
@@ -90,10 +85,7 @@ impl Envelope {
         let Value::Object(mut o) = v else {
             return Err(ApiError::bad("an event must be a JSON object"));
         };
-        let string = |o: &mut Map<String, Value>,
-                      f: &str,
-                      required: bool|
-         -> Result<Option<String>, ApiError> {
+        let string = |o: &mut Map<String, Value>, f: &str, required: bool| -> Result<Option<String>, ApiError> {
             match o.remove(f) {
                 None | Some(Value::Null) if required => Err(ApiError::field(f, "is required")),
                 None | Some(Value::Null) => Ok(None),
@@ -103,10 +95,7 @@ impl Envelope {
         };
         let id = string(&mut o, "id", true)?.unwrap_or_default();
         if !valid_event_id(&id) {
-            return Err(ApiError::field(
-                "id",
-                "must be 1-128 characters of [A-Za-z0-9_-]",
-            ));
+            return Err(ApiError::field("id", "must be 1-128 characters of [A-Za-z0-9_-]"));
         }
         let event = string(&mut o, "event", true)?.unwrap_or_default();
         if !valid_event_name(&event, false) {
@@ -139,8 +128,7 @@ impl Envelope {
             .transpose()?;
         let environment_id = string(&mut o, "environment_id", false)?;
         let created_at_ms = match string(&mut o, "created_at", false)? {
-            Some(s) => parse_rfc3339_ms(&s)
-                .ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
+            Some(s) => parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
             None => now,
         };
         let payload = match o.remove("payload") {
@@ -168,20 +156,12 @@ impl Envelope {
         o.insert("payload".into(), Value::Object(self.payload.clone()));
         o.insert(
             "environment_id".into(),
-            self.environment_id
-                .clone()
-                .map(Value::String)
-                .unwrap_or(Value::Null),
+            self.environment_id.clone().map(Value::String).unwrap_or(Value::Null),
         );
-        o.insert(
-            "created_at".into(),
-            Value::String(rfc3339_ms(self.created_at_ms)),
-        );
+        o.insert("created_at".into(), Value::String(rfc3339_ms(self.created_at_ms)));
         o.insert(
             "webhook_id".into(),
-            webhook_id
-                .map(|s| Value::String(s.to_string()))
-                .unwrap_or(Value::Null),
+            webhook_id.map(|s| Value::String(s.to_string())).unwrap_or(Value::Null),
         );
         if let Some(run) = &self.sync_job_run_id {
             o.insert("sync_job_run_id".into(), Value::String(run.clone()));
@@ -215,8 +195,7 @@ impl Envelope {
 /// A delivery target URL: http(s), a host, no fragment. IP-literal hosts are checked for being
 /// global here; host names are checked when resolved (registration and connect time).
 pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
-    let url =
-        Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
+    let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
     match url.scheme() {
         "https" => {}
         "http" if !https_only => {}
@@ -319,12 +298,7 @@ mod tests {
         ] {
             assert!(!is_global(a.parse().unwrap()), "{a} should not be global");
         }
-        for a in [
-            "93.184.216.34",
-            "8.8.8.8",
-            "2606:4700::1111",
-            "::ffff:8.8.8.8",
-        ] {
+        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
             assert!(is_global(a.parse().unwrap()), "{a} should be global");
         }
     }
@@ -377,17 +351,10 @@ mod tests {
                 json!({"id":"e","event":"x:y","webhook_id":run,"payload":{},"callback_url":"ftp://x"}),
                 "callback_url",
             ),
-            (
-                json!({"id":1,"event":"x:y","webhook_id":run,"payload":{}}),
-                "id",
-            ),
+            (json!({"id":1,"event":"x:y","webhook_id":run,"payload":{}}), "id"),
         ];
         for (v, f) in cases {
-            assert_eq!(
-                field(Envelope::parse(v.clone(), 0, false).unwrap_err()),
-                f,
-                "{v}"
-            );
+            assert_eq!(field(Envelope::parse(v.clone(), 0, false).unwrap_err()), f, "{v}");
         }
     }
 

@@ -9,10 +9,7 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
-    BadRequest {
-        field: Option<String>,
-        message: String,
-    },
+    BadRequest { field: Option<String>, message: String },
     #[error("missing or invalid bearer token")]
     Unauthenticated,
     #[error("{0}")]
@@ -20,10 +17,7 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("request body is larger than {max_bytes} bytes")]
-    TooLarge {
-        max_bytes: usize,
-        field: Option<String>,
-    },
+    TooLarge { max_bytes: usize, field: Option<String> },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -201,8 +195,7 @@ mod tests {
             Some("a")
         );
         assert_eq!(
-            field_of(parse_json::<T>(br#"{"a":1,"b":[{"c":"x"},{"c":3}]}"#).unwrap_err())
-                .as_deref(),
+            field_of(parse_json::<T>(br#"{"a":1,"b":[{"c":"x"},{"c":3}]}"#).unwrap_err()).as_deref(),
             Some("b[1].c")
         );
         assert_eq!(

@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod metrics;
+pub mod runs;
 pub mod signing;
 pub mod store;
 
@@ -97,10 +98,7 @@ impl Application {
     /// Serve until `shutdown` resolves: then stop intake (the listener closes), let in-flight
     /// attempts finish within `shutdown.deadline_ms`, and return. Nothing queued is lost: it is
     /// in the store and resumes at the next start.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let deadline = Duration::from_millis(self.settings.shutdown.deadline_ms);
         let engine = tokio::spawn(self.engine.clone().run(stop.clone(), deadline));
@@ -132,8 +130,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

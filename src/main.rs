@@ -8,11 +8,7 @@ use syncrelay::config::{LogFormat, Settings};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "syncrelay",
-    version,
-    about = "Sync job run events in, signed webhooks out"
-)]
+#[command(name = "syncrelay", version, about = "Sync job run events in, signed webhooks out")]
 struct Cli {
     /// Configuration file (TOML) layered over the compiled-in defaults.
     #[arg(long, short, global = true, env = "SYNCRELAY_CONFIG")]
@@ -40,8 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

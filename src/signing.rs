@@ -77,12 +77,7 @@ impl Secret {
 /// The two signature headers for one attempt. During a rotation `secrets` holds the new secret
 /// first and the previous one after it; each gets its own `v1,` entry, and Truto's header uses the
 /// newest.
-pub fn signature_headers(
-    secrets: &[&Secret],
-    msg_id: &str,
-    timestamp: i64,
-    body: &[u8],
-) -> (String, String) {
+pub fn signature_headers(secrets: &[&Secret], msg_id: &str, timestamp: i64, body: &[u8]) -> (String, String) {
     let standard = secrets
         .iter()
         .map(|s| format!("v1,{}", s.standard_signature(msg_id, timestamp, body)))
@@ -136,14 +131,8 @@ mod tests {
         let (h, t) = signature_headers(&[&new, &old], "m", 1, b"{}");
         let parts: Vec<_> = h.split(' ').collect();
         assert_eq!(parts.len(), 2);
-        assert_eq!(
-            parts[0],
-            format!("v1,{}", new.standard_signature("m", 1, b"{}"))
-        );
-        assert_eq!(
-            parts[1],
-            format!("v1,{}", old.standard_signature("m", 1, b"{}"))
-        );
+        assert_eq!(parts[0], format!("v1,{}", new.standard_signature("m", 1, b"{}")));
+        assert_eq!(parts[1], format!("v1,{}", old.standard_signature("m", 1, b"{}")));
         assert_eq!(t, format!("format=sha256,v={}", new.truto_signature(b"{}")));
     }
 }

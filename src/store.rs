@@ -226,9 +226,9 @@ fn page<T>(mut rows: Vec<(i64, T)>, limit: i64) -> Page<T> {
 pub fn parse_cursor(c: Option<&str>) -> Result<i64, crate::error::ApiError> {
     match c {
         None | Some("") => Ok(0),
-        Some(c) => c.parse::<i64>().map_err(|_| {
-            crate::error::ApiError::field("cursor", "is not a cursor this API returned")
-        }),
+        Some(c) => c
+            .parse::<i64>()
+            .map_err(|_| crate::error::ApiError::field("cursor", "is not a cursor this API returned")),
     }
 }
 
@@ -236,8 +236,7 @@ impl Store {
     pub async fn open(settings: &StoreSettings, synchronous_full: bool) -> anyhow::Result<Store> {
         if let Some(dir) = settings.path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating data folder {}", dir.display()))?;
+                std::fs::create_dir_all(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
             }
         }
         let opts = SqliteConnectOptions::from_str("sqlite://")?
@@ -256,10 +255,7 @@ impl Store {
             .connect_with(opts)
             .await
             .with_context(|| format!("opening store {}", settings.path.display()))?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&pool)
-            .await
-            .context("creating schema")?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.context("creating schema")?;
         Ok(Store { pool })
     }
 
@@ -329,8 +325,7 @@ impl Store {
     // ---- webhooks ---------------------------------------------------------------------------
 
     fn webhook_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Webhook> {
-        let secret =
-            Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
+        let secret = Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
         let prev: Option<String> = r.get("previous_secret");
         let prev_exp: Option<i64> = r.get("previous_secret_expires_at");
         let previous_secret = match (prev, prev_exp) {
@@ -366,9 +361,7 @@ impl Store {
         .bind(w.updated_at)
         .execute(&self.pool)
         .await?;
-        self.get_webhook(&w.id)
-            .await?
-            .context("webhook just inserted")
+        self.get_webhook(&w.id).await?.context("webhook just inserted")
     }
 
     pub async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
@@ -412,9 +405,7 @@ impl Store {
     }
 
     pub async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
-        let rows = sqlx::query("SELECT * FROM webhooks")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query("SELECT * FROM webhooks").fetch_all(&self.pool).await?;
         rows.iter().map(Self::webhook_from_row).collect()
     }
 
@@ -430,24 +421,20 @@ impl Store {
 
     /// Durably queue deliveries and record dead letters, in one transaction: when this returns
     /// Ok the events are committed.
-    pub async fn enqueue(
-        &self,
-        deliveries: &[NewDelivery],
-        dead: &[NewDeadLetter],
-        now: i64,
-    ) -> anyhow::Result<()> {
+    pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for d in deliveries {
-            let busy = match &d.order_key {
-                Some(k) => sqlx::query_scalar::<_, i64>(
-                    "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
-                )
-                .bind(k)
-                .fetch_one(&mut *tx)
-                .await?
-                    != 0,
-                None => false,
-            };
+            let busy =
+                match &d.order_key {
+                    Some(k) => sqlx::query_scalar::<_, i64>(
+                        "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+                    )
+                    .bind(k)
+                    .fetch_one(&mut *tx)
+                    .await?
+                        != 0,
+                    None => false,
+                };
             sqlx::query(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
                  order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) \
@@ -479,12 +466,7 @@ impl Store {
     }
 
     /// Ready deliveries due by `now`, oldest due first, skipping targets at their in-flight cap.
-    pub async fn due(
-        &self,
-        now: i64,
-        limit: i64,
-        skip_targets: &[String],
-    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+    pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut sql = String::from(
             "SELECT seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, \
              attempts, first_attempt_at, created_at FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?",
@@ -601,21 +583,14 @@ impl Store {
     }
 
     /// Dead-letter a queued delivery without an attempt (e.g. its webhook was deleted).
-    pub async fn dead_letter_queued(
-        &self,
-        q: &QueuedDelivery,
-        dl: &NewDeadLetter,
-        now: i64,
-    ) -> anyhow::Result<()> {
+    pub async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?",
-        )
-        .bind(now)
-        .bind(dl.reason)
-        .bind(q.seq)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?")
+            .bind(now)
+            .bind(dl.reason)
+            .bind(q.seq)
+            .execute(&mut *tx)
+            .await?;
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
             promote_next(&mut tx, k, now).await?;
@@ -626,9 +601,11 @@ impl Store {
 
     /// (queued deliveries, ingest time of the oldest)
     pub async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)> {
-        let r = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting')")
-            .fetch_one(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok((r.get("n"), r.get("oldest")))
     }
 
@@ -681,9 +658,7 @@ impl Store {
         }
         let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
         Ok(page(
-            rows.iter()
-                .map(|r| (r.get("seq"), delivery_json(r)))
-                .collect(),
+            rows.iter().map(|r| (r.get("seq"), delivery_json(r))).collect(),
             limit,
         ))
     }
@@ -716,8 +691,7 @@ impl Store {
                 })
                 .collect(),
         );
-        d["body"] =
-            serde_json::from_str(row.get::<String, _>("body").as_str()).unwrap_or(Value::Null);
+        d["body"] = serde_json::from_str(row.get::<String, _>("body").as_str()).unwrap_or(Value::Null);
         Ok(Some(d))
     }
 
@@ -751,9 +725,7 @@ impl Store {
         }
         let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
         Ok(page(
-            rows.iter()
-                .map(|r| (r.get("seq"), dead_letter_json(r)))
-                .collect(),
+            rows.iter().map(|r| (r.get("seq"), dead_letter_json(r))).collect(),
             limit,
         ))
     }
@@ -893,11 +865,7 @@ async fn insert_dead_letter(
     Ok(())
 }
 
-async fn promote_next(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    order_key: &str,
-    now: i64,
-) -> anyhow::Result<()> {
+async fn promote_next(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: &str, now: i64) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE seq = \
          (SELECT seq FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting') ORDER BY seq LIMIT 1) \

@@ -34,12 +34,7 @@ async fn requests_without_a_valid_token_are_refused_with_a_typed_error() {
     // Health and metrics need no token.
     for p in ["/health/live", "/health/ready", "/metrics"] {
         assert_eq!(
-            app.http
-                .get(format!("{}{p}", app.base))
-                .send()
-                .await
-                .unwrap()
-                .status(),
+            app.http.get(format!("{}{p}", app.base)).send().await.unwrap().status(),
             200,
             "{p}"
         );
@@ -61,16 +56,10 @@ async fn webhook_registration_validates_and_refuses_non_global_targets() {
             "target_url",
         ),
         (json!({"target_url": "http://10.0.0.1/hook"}), "target_url"),
-        (
-            json!({"target_url": "http://127.0.0.1:9/hook"}),
-            "target_url",
-        ),
+        (json!({"target_url": "http://127.0.0.1:9/hook"}), "target_url"),
         (json!({"target_url": "http://[::1]/hook"}), "target_url"),
         (json!({"target_url": "http://localhost/hook"}), "target_url"),
-        (
-            json!({"target_url": "http://user:pw@93.184.216.34/"}),
-            "target_url",
-        ),
+        (json!({"target_url": "http://user:pw@93.184.216.34/"}), "target_url"),
         (
             json!({"target_url": "https://93.184.216.34/", "event_types": ["ok:x", "Bad Name"]}),
             "event_types[1]",
@@ -181,10 +170,7 @@ async fn bad_events_get_typed_errors_or_dead_letters_and_good_events_still_flow(
         })
         .await;
     // None of the refused events reached the receiver.
-    let ids: Vec<_> = got
-        .iter()
-        .map(|r| r.header("webhook-id").to_string())
-        .collect();
+    let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id").to_string()).collect();
     assert_eq!(ids, vec!["good3"]);
     let (_, dl) = app.get("/dead-letters?reason=unknown_webhook").await;
     assert_eq!(dl["results"][0]["event_id"], "lost");
@@ -218,10 +204,7 @@ async fn a_host_name_resolving_to_a_blocked_address_is_never_dialled() {
     }
     reasons.sort();
     assert_eq!(reasons, vec!["blocked_address", "unknown_webhook"]);
-    assert!(
-        rx.received().is_empty(),
-        "the blocked address was never dialled"
-    );
+    assert!(rx.received().is_empty(), "the blocked address was never dialled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,9 +231,7 @@ async fn lists_page_with_a_cursor_and_never_show_secrets() {
         for w in b["results"].as_array().unwrap() {
             assert!(w.get("secret").is_none());
             seen.push(w["id"].as_str().unwrap().to_string());
-            let (_, one) = app
-                .get(&format!("/webhook/{}", w["id"].as_str().unwrap()))
-                .await;
+            let (_, one) = app.get(&format!("/webhook/{}", w["id"].as_str().unwrap())).await;
             assert!(one.get("secret").is_none(), "{one}");
         }
         match b["next_cursor"].as_str() {
@@ -271,9 +252,7 @@ async fn lists_page_with_a_cursor_and_never_show_secrets() {
 async fn webhook_patch_delete_and_event_type_filters() {
     let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(200))).await;
     let app = spawn_app(&[]).await;
-    let (wid, _) = app
-        .webhook(&rx.url("/a"), &["sync_job_run:completed"])
-        .await;
+    let (wid, _) = app.webhook(&rx.url("/a"), &["sync_job_run:completed"]).await;
     // Filtered: not subscribed.
     let (_, b) = app
         .post("/events", event("f1", &wid, Some(&run_id(1)), json!({})))
@@ -314,18 +293,11 @@ async fn webhook_patch_delete_and_event_type_filters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
-    let rx = Receiver::with_script(Arc::new(|_, seen| {
-        Reply::status(if seen == 0 { 500 } else { 200 })
-    }))
-    .await;
+    let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen == 0 { 500 } else { 200 }))).await;
     let app = spawn_app(&[]).await;
     let (wid, _) = app.webhook(&rx.url("/m"), &[]).await;
-    app.send_events(
-        (0..5)
-            .map(|i| event(&format!("m{i}"), &wid, None, json!({})))
-            .collect(),
-    )
-    .await;
+    app.send_events((0..5).map(|i| event(&format!("m{i}"), &wid, None, json!({}))).collect())
+        .await;
     rx.wait_for(Duration::from_secs(10), "10 attempts", |g| g.len() >= 10)
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -345,18 +317,12 @@ async fn metrics_count_what_happened() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no series {series}"))
     };
-    assert_eq!(
-        value("syncrelay_events_ingested_total{source=\"api\"}"),
-        5.0
-    );
+    assert_eq!(value("syncrelay_events_ingested_total{source=\"api\"}"), 5.0);
     assert_eq!(
         value("syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}"),
         5.0
     );
-    assert_eq!(
-        value("syncrelay_delivery_retries_total{kind=\"webhook\"}"),
-        5.0
-    );
+    assert_eq!(value("syncrelay_delivery_retries_total{kind=\"webhook\"}"), 5.0);
     assert_eq!(
         value("syncrelay_delivery_attempts_total{kind=\"webhook\",result=\"http_5xx\"}"),
         5.0
@@ -366,8 +332,6 @@ async fn metrics_count_what_happened() {
         5.0
     );
     assert_eq!(value("syncrelay_deliveries_in_flight"), 0.0);
-    assert!(text.contains(
-        "syncrelay_http_requests_total{method=\"POST\",route=\"/events\",status_class=\"2xx\"}"
-    ));
+    assert!(text.contains("syncrelay_http_requests_total{method=\"POST\",route=\"/events\",status_class=\"2xx\"}"));
     assert!(text.contains("syncrelay_delivery_latency_seconds_count 5"));
 }

@@ -96,23 +96,15 @@ async fn delivered_event_verifies_with_standard_webhooks_and_truto_signature_rec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id() {
     // 500, 500, 500, then 200.
-    let rx = Receiver::with_script(Arc::new(|_, seen| {
-        Reply::status(if seen < 3 { 500 } else { 200 })
-    }))
-    .await;
+    let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen < 3 { 500 } else { 200 }))).await;
     let app = spawn_app(&[
         ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "100"),
         ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "3"),
     ])
     .await;
     let (wid, _) = app.webhook(&rx.url("/flaky"), &[]).await;
-    app.send_events(vec![event(
-        "evt_retry",
-        &wid,
-        Some(&run_id(7)),
-        json!({"n": 1}),
-    )])
-    .await;
+    app.send_events(vec![event("evt_retry", &wid, Some(&run_id(7)), json!({"n": 1}))])
+        .await;
     let got = rx
         .wait_for(Duration::from_secs(20), "4 attempts", |g| g.len() >= 4)
         .await;
@@ -127,10 +119,7 @@ async fn failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id
     assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
     assert!(gaps[1] >= Duration::from_millis(300), "{gaps:?}");
     assert!(gaps[2] >= Duration::from_millis(900), "{gaps:?}");
-    assert!(
-        gaps[0] < gaps[1] && gaps[1] < gaps[2],
-        "gaps grow: {gaps:?}"
-    );
+    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "gaps grow: {gaps:?}");
 
     // The delivery log shows every attempt.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -171,9 +160,7 @@ async fn events_of_each_run_arrive_in_order_while_runs_interleave() {
     }
     app.send_events(events).await;
     let got = rx
-        .wait_for(Duration::from_secs(30), "200 deliveries", |g| {
-            g.len() >= 200
-        })
+        .wait_for(Duration::from_secs(30), "200 deliveries", |g| g.len() >= 200)
         .await;
     let mut per_run: HashMap<i64, Vec<i64>> = HashMap::new();
     let mut first_run_sequence = Vec::new();
@@ -230,10 +217,7 @@ async fn a_hanging_webhook_does_not_slow_another_webhook() {
     .await;
     let took = started.elapsed();
     let hung = rx.on("/hang").len();
-    assert!(
-        took < Duration::from_secs(10),
-        "healthy webhook took {took:?}"
-    );
+    assert!(took < Duration::from_secs(10), "healthy webhook took {took:?}");
     assert!(
         hung <= 4,
         "the per-webhook cap holds: {hung} concurrent requests to the hanging webhook"
@@ -273,11 +257,7 @@ async fn gone_disables_the_webhook_and_tells_subscribers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_too_large_answer_dead_letters_and_the_run_goes_on() {
     let rx = Receiver::with_script(Arc::new(|r, _| {
-        Reply::status(if r.header("webhook-id") == "big" {
-            413
-        } else {
-            200
-        })
+        Reply::status(if r.header("webhook-id") == "big" { 413 } else { 200 })
     }))
     .await;
     let app = spawn_app(&[]).await;
@@ -294,9 +274,7 @@ async fn payload_too_large_answer_dead_letters_and_the_run_goes_on() {
         })
         .await;
     assert_eq!(
-        got.iter()
-            .filter(|r| r.header("webhook-id") == "big")
-            .count(),
+        got.iter().filter(|r| r.header("webhook-id") == "big").count(),
         1,
         "413 is not retried"
     );
@@ -317,8 +295,7 @@ async fn retry_after_is_honoured() {
     .await;
     let app = spawn_app(&[]).await; // initial backoff 50 ms
     let (wid, _) = app.webhook(&rx.url("/ra"), &[]).await;
-    app.send_events(vec![event("ra1", &wid, None, json!({}))])
-        .await;
+    app.send_events(vec![event("ra1", &wid, None, json!({}))]).await;
     let got = rx
         .wait_for(Duration::from_secs(10), "second attempt", |g| g.len() >= 2)
         .await;
@@ -359,23 +336,12 @@ async fn exhausted_deliveries_are_dead_lettered_and_replay_redelivers_with_the_s
     assert_eq!(order, vec!["dl1", "dl1", "dl2", "dl2"]);
 
     rx.set_script(Arc::new(|_, _| Reply::status(200)));
-    let (s, b) = app
-        .post("/dead-letters/replay", json!({"webhook_id": wid}))
-        .await;
+    let (s, b) = app.post("/dead-letters/replay", json!({"webhook_id": wid})).await;
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["replayed"], 2);
-    let got = rx
-        .wait_for(Duration::from_secs(10), "replayed", |g| g.len() >= 6)
-        .await;
-    let replayed: Vec<_> = got[4..]
-        .iter()
-        .map(|r| r.header("webhook-id").to_string())
-        .collect();
-    assert_eq!(
-        replayed,
-        vec!["dl1", "dl2"],
-        "replay keeps the run's order and the ids"
-    );
+    let got = rx.wait_for(Duration::from_secs(10), "replayed", |g| g.len() >= 6).await;
+    let replayed: Vec<_> = got[4..].iter().map(|r| r.header("webhook-id").to_string()).collect();
+    assert_eq!(replayed, vec!["dl1", "dl2"], "replay keeps the run's order and the ids");
     let (_, dl) = app.get(&format!("/dead-letters?webhook_id={wid}")).await;
     assert!(dl["results"].as_array().unwrap().is_empty());
 }
@@ -385,15 +351,12 @@ async fn during_rotation_both_secrets_sign() {
     let rx = Receiver::start().await;
     let app = spawn_app(&[]).await;
     let (wid, old) = app.webhook(&rx.url("/rot"), &[]).await;
-    let (s, rotated) = app
-        .post(&format!("/webhook/{wid}/rotate-secret"), json!({}))
-        .await;
+    let (s, rotated) = app.post(&format!("/webhook/{wid}/rotate-secret"), json!({})).await;
     assert_eq!(s, 200, "{rotated}");
     let new = rotated["secret"].as_str().unwrap().to_string();
     assert_ne!(new, old);
     assert!(rotated["previous_secret_expires_at"].is_string());
-    app.send_events(vec![event("rot1", &wid, None, json!({}))])
-        .await;
+    app.send_events(vec![event("rot1", &wid, None, json!({}))]).await;
     let got = rx
         .wait_for(Duration::from_secs(10), "delivery", |g| !g.is_empty())
         .await;
@@ -418,13 +381,8 @@ async fn callback_urls_get_the_event_signed_with_the_callback_secret() {
     let mut e = event("cb1", &wid, Some(&run_id(4)), json!({"k": "v"}));
     e["callback_url"] = json!(rx.url("/callback?x=1"));
     app.send_events(vec![e]).await;
-    let got = rx
-        .wait_for(Duration::from_secs(10), "both", |g| g.len() >= 2)
-        .await;
-    let cb = got
-        .iter()
-        .find(|r| r.path == "/callback")
-        .expect("callback delivered");
+    let got = rx.wait_for(Duration::from_secs(10), "both", |g| g.len() >= 2).await;
+    let cb = got.iter().find(|r| r.path == "/callback").expect("callback delivered");
     standardwebhooks::Webhook::new(secret)
         .unwrap()
         .verify(&cb.body, &cb.header_map())

@@ -33,8 +33,12 @@ fn registry_families() -> BTreeMap<String, Family> {
     m.http_request_duration
         .with_label_values(&["/catalogue-test"])
         .observe(0.001);
-    m.kafka_consumer_lag.with_label_values(&["sync_job_run.events", "0"]).set(0);
-    m.kafka_committed_offset.with_label_values(&["sync_job_run.events", "0"]).set(0);
+    m.kafka_consumer_lag
+        .with_label_values(&["sync_job_run.events", "0"])
+        .set(0);
+    m.kafka_committed_offset
+        .with_label_values(&["sync_job_run.events", "0"])
+        .set(0);
     let mut out = BTreeMap::new();
     for mf in m.registry.gather() {
         let labels = mf
@@ -113,11 +117,7 @@ struct Row {
 }
 
 fn backticked(s: &str) -> Vec<String> {
-    s.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect()
+    s.split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
 
 fn catalogue_rows(doc: &str) -> Vec<Row> {
@@ -129,19 +129,16 @@ fn catalogue_rows(doc: &str) -> Vec<Row> {
         }
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
         assert!(cells.len() >= 5, "catalogue row needs 5 columns: {line}");
-        let name = backticked(cells[0])
-            .into_iter()
-            .next()
-            .expect("name in backticks");
+        let name = backticked(cells[0]).into_iter().next().expect("name in backticks");
         let mut labels = BTreeMap::new();
         for part in cells[2].split("<br>") {
             let part = part.trim();
             if part.is_empty() || part == "—" || part == "-" {
                 continue;
             }
-            let (label, values) = part.split_once(':').unwrap_or_else(|| {
-                panic!("{name}: label cell part must read \"`label`: values\": {part}")
-            });
+            let (label, values) = part
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{name}: label cell part must read \"`label`: values\": {part}"));
             let label = backticked(label)
                 .into_iter()
                 .next()
@@ -205,11 +202,7 @@ fn catalogue_types_and_labels_match_the_registry() {
         let Some(family) = families.get(&row.name) else {
             continue;
         }; // reported by the other test
-        assert_eq!(
-            row.kind, family.kind,
-            "docs/METRICS.md: type of {}",
-            row.name
-        );
+        assert_eq!(row.kind, family.kind, "docs/METRICS.md: type of {}", row.name);
         let documented: BTreeSet<String> = row.labels.keys().cloned().collect();
         assert_eq!(
             documented, family.labels,
@@ -268,8 +261,7 @@ fn datasource_refs<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a Va
 #[test]
 fn dashboard_imports() {
     let text = read("dashboards/syncrelay.json");
-    let dashboard: Value =
-        serde_json::from_str(&text).expect("dashboards/syncrelay.json is valid JSON");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboards/syncrelay.json is valid JSON");
     let variable = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
 
     assert!(
@@ -278,13 +270,11 @@ fn dashboard_imports() {
     );
     assert!(dashboard["title"].is_string(), "title");
 
-    let templating = dashboard["templating"]["list"]
-        .as_array()
-        .expect("templating.list");
+    let templating = dashboard["templating"]["list"].as_array().expect("templating.list");
     assert!(
-        templating.iter().any(|v| v["name"] == "datasource"
-            && v["type"] == "datasource"
-            && v["query"] == "prometheus"),
+        templating
+            .iter()
+            .any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
         "a `datasource` variable of type datasource (prometheus) is declared"
     );
 
@@ -307,28 +297,18 @@ fn dashboard_imports() {
         let targets = p["targets"]
             .as_array()
             .unwrap_or_else(|| panic!("panel {title:?} has targets"));
-        assert!(
-            !targets.is_empty(),
-            "panel {title:?} has at least one target"
-        );
+        assert!(!targets.is_empty(), "panel {title:?} has at least one target");
         let mut ref_ids = BTreeSet::new();
         for t in targets {
             let ref_id = t["refId"].as_str().filter(|s| !s.is_empty());
-            let ref_id =
-                ref_id.unwrap_or_else(|| panic!("a target of panel {title:?} has no refId"));
-            assert!(
-                ref_ids.insert(ref_id),
-                "panel {title:?}: refId {ref_id} repeated"
-            );
+            let ref_id = ref_id.unwrap_or_else(|| panic!("a target of panel {title:?} has no refId"));
+            assert!(ref_ids.insert(ref_id), "panel {title:?}: refId {ref_id} repeated");
             assert!(
                 t["expr"].as_str().is_some_and(|e| !e.trim().is_empty()),
                 "panel {title:?} target {ref_id} has no expr"
             );
             if !t["datasource"].is_null() {
-                assert_eq!(
-                    t["datasource"], variable,
-                    "panel {title:?} target {ref_id} datasource"
-                );
+                assert_eq!(t["datasource"], variable, "panel {title:?} target {ref_id} datasource");
             }
         }
     }
@@ -337,8 +317,7 @@ fn dashboard_imports() {
     let mut refs = Vec::new();
     datasource_refs(&dashboard, String::new(), &mut refs);
     for (path, ds) in refs {
-        let builtin =
-            ds["uid"] == "-- Grafana --" || ds["type"] == "grafana" || ds["type"] == "datasource";
+        let builtin = ds["uid"] == "-- Grafana --" || ds["type"] == "grafana" || ds["type"] == "datasource";
         assert!(
             ds == &variable || builtin,
             "{path}: datasource {ds} is not the ${{datasource}} variable"
@@ -349,24 +328,16 @@ fn dashboard_imports() {
 #[test]
 fn dashboard_and_alerts_only_use_exported_metrics() {
     let families = registry_families();
-    let dashboard: Value =
-        serde_json::from_str(&read("dashboards/syncrelay.json")).expect("valid JSON");
+    let dashboard: Value = serde_json::from_str(&read("dashboards/syncrelay.json")).expect("valid JSON");
     let exprs: String = all_panels(&dashboard)
         .iter()
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
         .filter_map(|t| t["expr"].as_str())
         .collect::<Vec<_>>()
         .join("\n");
-    assert!(
-        exprs.contains("syncrelay_"),
-        "dashboard queries syncrelay metrics"
-    );
+    assert!(exprs.contains("syncrelay_"), "dashboard queries syncrelay metrics");
     assert_names_exist("dashboards/syncrelay.json", &exprs, &families);
-    assert_names_exist(
-        "dashboards/alerts.yml",
-        &read("dashboards/alerts.yml"),
-        &families,
-    );
+    assert_names_exist("dashboards/alerts.yml", &read("dashboards/alerts.yml"), &families);
 }
 
 /// GitHub's heading anchor: lower case, spaces to dashes, punctuation other than - and _ dropped.
@@ -401,10 +372,7 @@ fn every_alert_has_for_severity_summary_and_a_runbook_that_exists() {
             assert!(chunk.contains(key), "alert {name} has no `{key}`");
         }
         let link = format!("docs/OPERATIONS.md#{}", name.to_lowercase());
-        assert!(
-            chunk.contains(&link),
-            "alert {name} points the operator to {link}"
-        );
+        assert!(chunk.contains(&link), "alert {name} points the operator to {link}");
         assert!(
             anchors.contains(&name.to_lowercase()),
             "docs/OPERATIONS.md has no heading for alert {name} (anchor #{})",

@@ -32,20 +32,11 @@ async fn nothing_accepted_is_lost_when_the_process_is_killed() {
     let mut relay = RelayProcess::start(data.path(), port, &extra).await;
     let (wid, _) = relay.webhook(&rx.url("/k"), &[]).await;
     let events: Vec<_> = (0..1000)
-        .map(|i| {
-            event(
-                &format!("k{i}"),
-                &wid,
-                Some(&run_id(i % 25)),
-                json!({"i": i}),
-            )
-        })
+        .map(|i| event(&format!("k{i}"), &wid, Some(&run_id(i % 25)), json!({"i": i})))
         .collect();
     relay.send_events(events).await;
-    rx.wait_for(Duration::from_secs(30), "some deliveries", |g| {
-        g.len() >= 150
-    })
-    .await;
+    rx.wait_for(Duration::from_secs(30), "some deliveries", |g| g.len() >= 150)
+        .await;
     relay.kill9();
     let distinct_before: HashSet<String> = rx
         .received()
@@ -59,18 +50,14 @@ async fn nothing_accepted_is_lost_when_the_process_is_killed() {
 
     let relay = RelayProcess::start(data.path(), port, &extra).await;
     let got = rx
-        .wait_for(
-            Duration::from_secs(90),
-            "all 1000 events answered 2xx",
-            |g| {
-                g.iter()
-                    .filter(|r| r.status == 200)
-                    .map(|r| r.header("webhook-id"))
-                    .collect::<HashSet<_>>()
-                    .len()
-                    >= 1000
-            },
-        )
+        .wait_for(Duration::from_secs(90), "all 1000 events answered 2xx", |g| {
+            g.iter()
+                .filter(|r| r.status == 200)
+                .map(|r| r.header("webhook-id"))
+                .collect::<HashSet<_>>()
+                .len()
+                >= 1000
+        })
         .await;
     let ok: Vec<&str> = got
         .iter()
@@ -96,25 +83,13 @@ async fn nothing_accepted_is_lost_when_the_process_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
-    let rx = Receiver::with_script(Arc::new(|_, _| {
-        Reply::status(200).delayed(Duration::from_millis(700))
-    }))
-    .await;
+    let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(200).delayed(Duration::from_millis(700)))).await;
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut relay = RelayProcess::start(
-        data.path(),
-        port,
-        &[("SYNCRELAY__SHUTDOWN__DEADLINE_MS", "5000")],
-    )
-    .await;
+    let mut relay = RelayProcess::start(data.path(), port, &[("SYNCRELAY__SHUTDOWN__DEADLINE_MS", "5000")]).await;
     let (wid, _) = relay.webhook(&rx.url("/slow"), &[]).await;
     relay
-        .send_events(
-            (0..4)
-                .map(|i| event(&format!("s{i}"), &wid, None, json!({})))
-                .collect(),
-        )
+        .send_events((0..4).map(|i| event(&format!("s{i}"), &wid, None, json!({}))).collect())
         .await;
     rx.wait_for(Duration::from_secs(10), "4 in flight", |g| g.len() >= 4)
         .await;
@@ -124,21 +99,14 @@ async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
         if let Some(s) = relay.child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "did not exit after SIGTERM"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "exit status {status:?}: {}", relay.logs());
     // The in-flight attempts were answered and recorded: after a restart nothing is redelivered.
     let relay = RelayProcess::start(data.path(), port, &[]).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        rx.received().len(),
-        4,
-        "drained deliveries are not repeated"
-    );
+    assert_eq!(rx.received().len(), 4, "drained deliveries are not repeated");
     let (_, list) = relay.get("/deliveries?status=delivered").await;
     assert_eq!(list["results"].as_array().unwrap().len(), 4);
 }
@@ -147,11 +115,7 @@ async fn sigterm_drains_in_flight_attempts_and_exits_cleanly() {
 fn unknown_or_bad_configuration_stops_the_start_naming_the_key() {
     let data = tempfile::tempdir().unwrap();
     for (var, val, key) in [
-        (
-            "SYNCRELAY__DELIVERY__MAX_INFLIGHT",
-            "3",
-            "delivery.max_inflight",
-        ),
+        ("SYNCRELAY__DELIVERY__MAX_INFLIGHT", "3", "delivery.max_inflight"),
         (
             "SYNCRELAY__DELIVERY__RETRY__MULTIPLIER",
             "fast",
@@ -181,10 +145,7 @@ fn unknown_or_bad_configuration_stops_the_start_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs_or_responses_other_than_create_and_rotate() {
-    let rx = Receiver::with_script(Arc::new(|_, seen| {
-        Reply::status(if seen == 0 { 500 } else { 200 })
-    }))
-    .await;
+    let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen == 0 { 500 } else { 200 }))).await;
     let data = tempfile::tempdir().unwrap();
     let callback_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let relay = RelayProcess::start(
@@ -197,9 +158,7 @@ async fn secrets_never_appear_in_logs_or_responses_other_than_create_and_rotate(
     )
     .await;
     let (wid, secret) = relay.webhook(&rx.url("/s"), &[]).await;
-    let (_, rotated) = relay
-        .post(&format!("/webhook/{wid}/rotate-secret"), json!({}))
-        .await;
+    let (_, rotated) = relay.post(&format!("/webhook/{wid}/rotate-secret"), json!({})).await;
     let new_secret = rotated["secret"].as_str().unwrap().to_string();
     let mut e = event("sec1", &wid, Some(&run_id(1)), json!({}));
     e["callback_url"] = json!(rx.url("/cb"));
@@ -221,20 +180,13 @@ async fn secrets_never_appear_in_logs_or_responses_other_than_create_and_rotate(
     }
     let (_, list) = relay.get("/deliveries").await;
     for d in list["results"].as_array().unwrap() {
-        let (_, one) = relay
-            .get(&format!("/deliveries/{}", d["id"].as_str().unwrap()))
-            .await;
+        let (_, one) = relay.get(&format!("/deliveries/{}", d["id"].as_str().unwrap())).await;
         responses.push_str(&one.to_string());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logs = relay.logs();
     assert!(logs.len() > 200, "trace logging produced output");
-    for s in [
-        &secret,
-        &new_secret,
-        &callback_secret.to_string(),
-        &TOKEN.to_string(),
-    ] {
+    for s in [&secret, &new_secret, &callback_secret.to_string(), &TOKEN.to_string()] {
         let key = &s[s.len().saturating_sub(20)..];
         assert!(!logs.contains(key), "a secret appears in the logs");
         assert!(!responses.contains(key), "a secret appears in a response");

@@ -11,8 +11,8 @@ use crate::error::ApiError;
 /// Split a request into raw events: a batch object `{"events":[…]}` or one event object.
 /// Raw values let each event's own size be checked against `events.max_event_bytes`.
 fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
-    let top: serde_json::Map<String, Value> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad(format!("body is not a JSON object: {e}")))?;
+    let top: serde_json::Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body is not a JSON object: {e}")))?;
     let validate_only = match top.get("validate_only") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -23,12 +23,11 @@ fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
         struct Batch {
             events: Vec<Box<RawValue>>,
         }
-        let b: Batch = serde_json::from_slice(body)
-            .map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
+        let b: Batch =
+            serde_json::from_slice(body).map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
         Ok((b.events, true, validate_only))
     } else {
-        let raw: Box<RawValue> =
-            serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
+        let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
         Ok((vec![raw], false, validate_only))
     }
 }
@@ -49,11 +48,7 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     let now = now_ms();
     let mut events = Vec::with_capacity(raws.len());
     for (i, raw) in raws.iter().enumerate() {
-        let prefix = if batch {
-            format!("events[{i}]")
-        } else {
-            String::new()
-        };
+        let prefix = if batch { format!("events[{i}]") } else { String::new() };
         let within = |e: ApiError| if batch { e.within(&prefix) } else { e };
         if raw.get().len() > s.events.max_event_bytes {
             return Err(within(ApiError::TooLarge {
@@ -61,8 +56,7 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
                 field: Some("event".into()),
             }));
         }
-        let mut v: Value =
-            serde_json::from_str(raw.get()).map_err(|e| within(ApiError::bad(e.to_string())))?;
+        let mut v: Value = serde_json::from_str(raw.get()).map_err(|e| within(ApiError::bad(e.to_string())))?;
         if !batch {
             if let Value::Object(o) = &mut v {
                 o.remove("validate_only");

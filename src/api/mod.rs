@@ -1,8 +1,11 @@
 //! The HTTP API (CONTRACT §3). One file per resource; this one holds what they share: state,
 //! bearer authentication, request metrics, body reading with a typed 413, list paging.
 
+mod eloqua;
 mod events;
 mod ops;
+mod sync_job_runs;
+mod sync_jobs;
 mod webhooks;
 
 use std::sync::Arc;
@@ -43,30 +46,32 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/webhook/{id}", web::get().to(webhooks::get))
             .route("/webhook/{id}", web::patch().to(webhooks::update))
             .route("/webhook/{id}", web::delete().to(webhooks::delete))
-            .route(
-                "/webhook/{id}/rotate-secret",
-                web::post().to(webhooks::rotate_secret),
-            )
+            .route("/webhook/{id}/rotate-secret", web::post().to(webhooks::rotate_secret))
             .route("/webhook/{id}/test", web::post().to(webhooks::test))
             .route("/events", web::post().to(events::ingest))
             .route("/deliveries", web::get().to(ops::list_deliveries))
             .route("/deliveries/{id}", web::get().to(ops::get_delivery))
             .route("/dead-letters", web::get().to(ops::list_dead_letters))
-            .route(
-                "/dead-letters/replay",
-                web::post().to(ops::replay_dead_letters),
-            )
+            .route("/dead-letters/replay", web::post().to(ops::replay_dead_letters))
             .route("/sync-job-run-commands", web::get().to(ops::list_commands))
+            .route("/sync-job", web::post().to(sync_jobs::create))
+            .route("/sync-job", web::get().to(sync_jobs::list))
+            .route("/sync-job/{id}", web::get().to(sync_jobs::get))
+            .route("/sync-job/{id}", web::patch().to(sync_jobs::update))
+            .route("/sync-job/{id}", web::delete().to(sync_jobs::delete))
+            .route("/sync-job-run", web::post().to(sync_job_runs::create))
+            .route("/sync-job-run", web::get().to(sync_job_runs::list))
+            .route("/sync-job-run/{id}", web::get().to(sync_job_runs::get))
+            .route("/sync-job-run/{id}", web::patch().to(sync_job_runs::update))
+            .route("/sync-job-run/{id}", web::delete().to(sync_job_runs::delete))
+            .route("/api/bulk/2.0/syncs", web::post().to(eloqua::create))
+            .route("/api/bulk/2.0/syncs/{id}", web::get().to(eloqua::get))
             .default_service(web::to(not_found)),
     );
 }
 
 async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!(
-        "no route {} {}",
-        req.method(),
-        req.path()
-    )))
+    Err(ApiError::NotFound(format!("no route {} {}", req.method(), req.path())))
 }
 
 fn is_public(path: &str) -> bool {
@@ -84,15 +89,15 @@ async fn authenticate(
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         let ok = presented.is_some_and(|p| {
-            state.settings.auth.tokens.iter().fold(false, |acc, t| {
-                acc | bool::from(t.as_bytes().ct_eq(p.as_bytes()))
-            })
+            state
+                .settings
+                .auth
+                .tokens
+                .iter()
+                .fold(false, |acc, t| acc | bool::from(t.as_bytes().ct_eq(p.as_bytes())))
         });
         if !ok {
             let (http_req, _) = req.into_parts();
@@ -114,10 +119,7 @@ async fn observe(
     let method = req.method().to_string();
     let res = next.call(req).await?;
     if let Some(state) = state {
-        let route = res
-            .request()
-            .match_pattern()
-            .unwrap_or_else(|| "unmatched".to_string());
+        let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_string());
         let class = match res.status().as_u16() {
             200..=299 => "2xx",
             300..=399 => "3xx",
@@ -125,9 +127,7 @@ async fn observe(
             _ => "5xx",
         };
         let m = &state.engine.metrics;
-        m.http_requests
-            .with_label_values(&[&route, &method, class])
-            .inc();
+        m.http_requests.with_label_values(&[&route, &method, class]).inc();
         m.http_request_duration
             .with_label_values(&[&route])
             .observe(started.elapsed().as_secs_f64());
@@ -139,8 +139,7 @@ async fn observe(
 pub async fn read_body(mut payload: web::Payload, max: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad(format!("could not read request body: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::bad(format!("could not read request body: {e}")))?;
         if body.len() + chunk.len() > max {
             return Err(ApiError::TooLarge {
                 max_bytes: max,
@@ -171,10 +170,7 @@ impl PageQuery {
     }
 }
 
-pub fn list_response<T: serde::Serialize>(
-    results: Vec<T>,
-    next_cursor: Option<String>,
-) -> HttpResponse {
+pub fn list_response<T: serde::Serialize>(results: Vec<T>, next_cursor: Option<String>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "results": results, "next_cursor": next_cursor }))
 }
 

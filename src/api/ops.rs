@@ -16,9 +16,7 @@ pub async fn live() -> HttpResponse {
 /// Ready when the store answers a real round trip.
 pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
     match state.engine.store.ping().await {
-        Ok(()) => {
-            Ok(HttpResponse::Ok().json(json!({"status": "ok", "store": "ok", "bus": "embedded"})))
-        }
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok", "store": "ok", "bus": "embedded"}))),
         Err(e) => Err(ApiError::Unavailable(format!("store: {e}"))),
     }
 }
@@ -91,17 +89,10 @@ struct Replay {
 }
 
 /// Re-drive dead letters with the same `webhook-id`: by id, or every open one matching a filter.
-pub async fn replay_dead_letters(
-    state: State,
-    body: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, state.settings.http.max_body_bytes).await?;
     let req: Replay = parse_json(&body)?;
-    if req.ids.is_none()
-        && req.webhook_id.is_none()
-        && req.reason.is_none()
-        && req.event_id.is_none()
-    {
+    if req.ids.is_none() && req.webhook_id.is_none() && req.reason.is_none() && req.event_id.is_none() {
         return Err(ApiError::field(
             "ids",
             "name dead letters by ids, or filter by webhook_id, reason or event_id",
@@ -136,13 +127,8 @@ pub async fn replay_dead_letters(
     let rerouted = state.engine.ingest(&envelopes, "api").await?;
     state.engine.notify();
     let total = requeued as usize + rerouted.len();
-    state
-        .engine
-        .metrics
-        .dead_letters_replayed
-        .inc_by(total as u64);
-    Ok(HttpResponse::Accepted()
-        .json(json!({"replayed": total, "requeued": requeued, "rerouted": rerouted})))
+    state.engine.metrics.dead_letters_replayed.inc_by(total as u64);
+    Ok(HttpResponse::Accepted().json(json!({"replayed": total, "requeued": requeued, "rerouted": rerouted})))
 }
 
 /// Run commands published in embedded mode, for executors to poll (Kafka mode publishes them to

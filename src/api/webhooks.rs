@@ -123,11 +123,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
 }
 
 pub async fn list(state: State, q: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
-    let page = state
-        .engine
-        .store
-        .list_webhooks(q.after()?, q.limit()?)
-        .await?;
+    let page = state.engine.store.list_webhooks(q.after()?, q.limit()?).await?;
     Ok(list_response(
         page.results.iter().map(webhook_json).collect(),
         page.next_cursor,
@@ -138,11 +134,7 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
     Ok(HttpResponse::Ok().json(webhook_json(&load(&state, &id).await?)))
 }
 
-pub async fn update(
-    state: State,
-    id: web::Path<String>,
-    body: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, state.settings.http.max_body_bytes).await?;
     let req: UpdateWebhook = parse_json(&body)?;
     let mut w = load(&state, &id).await?;

@@ -15,8 +15,8 @@
 //!   chain (the store keeps chains in order). Parking finishes the message, so the committed
 //!   offset moves on and a receiver down for an hour costs stored rows, not consumer lag. The
 //!   store's dispatcher (the same engine as the embedded bus) delivers parked events when due.
-//! - Buffered (unfinished) messages per partition are bounded; at the bound the partition is
-//!   paused and resumed when half of them have finished.
+//! - Buffered (unfinished) messages per partition are bounded; at the bound the consumer reads
+//!   nothing more until half of that partition's buffered messages have finished.
 //! - On revoke, jobs of the revoked partitions are dropped before their next attempt (the new
 //!   owner redelivers them from the committed offset, same `webhook-id`); librdkafka commits the
 //!   stored (finished) prefix as part of the rebalance.
@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -70,7 +70,12 @@ pub struct Tracker {
 
 impl Tracker {
     fn generation(&self, tp: &Tp) -> u64 {
-        self.parts.lock().expect("lock").get(tp).map(|p| p.generation).unwrap_or(0)
+        self.parts
+            .lock()
+            .expect("lock")
+            .get(tp)
+            .map(|p| p.generation)
+            .unwrap_or(0)
     }
 
     fn is_current(&self, tp: &Tp, generation: u64) -> bool {
@@ -79,6 +84,14 @@ impl Tracker {
             .expect("lock")
             .get(tp)
             .is_some_and(|p| p.assigned && p.generation == generation)
+    }
+
+    fn is_paused(&self, tp: &Tp) -> bool {
+        self.parts
+            .lock()
+            .expect("lock")
+            .get(tp)
+            .is_some_and(|p| p.paused && p.assigned)
     }
 
     /// A message was read. Returns true when the partition should now be paused.
@@ -102,7 +115,9 @@ impl Tracker {
     /// contiguous finished prefix advanced.
     fn finish(&self, tp: &Tp, offset: i64, generation: u64) -> (Option<i64>, bool) {
         let mut parts = self.parts.lock().expect("lock");
-        let Some(p) = parts.get_mut(tp) else { return (None, false) };
+        let Some(p) = parts.get_mut(tp) else {
+            return (None, false);
+        };
         if p.generation != generation {
             return (None, false);
         }
@@ -159,7 +174,10 @@ pub struct RelayContext {
 }
 
 fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
-    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
 }
 
 impl ClientContext for RelayContext {
@@ -250,6 +268,8 @@ pub struct KafkaBus {
     /// Chains with deliveries parked in the store: their new events queue behind them.
     parked: Mutex<HashSet<String>>,
     global: Arc<Semaphore>,
+    /// Woken when a paused partition drained to half its bound.
+    drained: tokio::sync::Notify,
     per_target: Mutex<HashMap<String, Arc<Semaphore>>>,
     per_target_cap: usize,
     metrics: Metrics,
@@ -276,7 +296,7 @@ impl KafkaBus {
         // Our defaults, unless the operator set them.
         for (key, value) in [
             ("enable.auto.commit", "true"),
-            ("auto.commit.interval.ms", "1000"),
+            ("auto.commit.interval.ms", "100"),
             ("auto.offset.reset", "earliest"),
             ("statistics.interval.ms", "5000"),
             ("enable.partition.eof", "false"),
@@ -327,6 +347,7 @@ impl KafkaBus {
             chains: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashSet::new()),
             global: Arc::new(Semaphore::new(d.max_in_flight)),
+            drained: tokio::sync::Notify::new(),
             per_target: Mutex::new(HashMap::new()),
             per_target_cap: d.max_in_flight_per_webhook,
             metrics,
@@ -361,6 +382,7 @@ impl KafkaBus {
         .await?
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn publish_dlq(
         &self,
         raw: &[u8],
@@ -376,12 +398,30 @@ impl KafkaBus {
         let partition = tp.1.to_string();
         let offset = offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "x-dlq-reason", value: Some(reason) })
-            .insert(Header { key: "x-dlq-attempts", value: Some(&attempts) })
-            .insert(Header { key: "x-dlq-last-status", value: Some(&status) })
-            .insert(Header { key: "x-dlq-source-topic", value: Some(&tp.0) })
-            .insert(Header { key: "x-dlq-source-partition", value: Some(&partition) })
-            .insert(Header { key: "x-dlq-source-offset", value: Some(&offset) });
+            .insert(Header {
+                key: "x-dlq-reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "x-dlq-attempts",
+                value: Some(&attempts),
+            })
+            .insert(Header {
+                key: "x-dlq-last-status",
+                value: Some(&status),
+            })
+            .insert(Header {
+                key: "x-dlq-source-topic",
+                value: Some(&tp.0),
+            })
+            .insert(Header {
+                key: "x-dlq-source-partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "x-dlq-source-offset",
+                value: Some(&offset),
+            });
         let mut rec = FutureRecord::to(&self.dlq_topic).payload(raw).headers(headers);
         if let Some(k) = key {
             rec = rec.key(k);
@@ -415,17 +455,32 @@ impl KafkaBus {
             let tp: Tp = (msg.topic().to_string(), msg.partition());
             let offset = msg.offset();
             let generation = self.tracker.generation(&tp);
-            if self.tracker.begin(&tp, offset) {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&tp.0, tp.1);
-                if let Err(e) = self.consumer.pause(&tpl) {
-                    tracing::warn!(error = %e, "pausing partition failed");
-                }
-            }
+            let full = self.tracker.begin(&tp, offset);
             let raw = Arc::new(msg.payload().unwrap_or_default().to_vec());
             let key = msg.key().map(|k| k.to_vec());
             drop(msg);
-            self.clone().accept(&engine, tp, offset, generation, raw, key).await;
+            self.clone()
+                .accept(&engine, tp.clone(), offset, generation, raw, key)
+                .await;
+            if full {
+                // Backpressure: read nothing more until this partition has drained to half
+                // its bound. (librdkafka's pause/resume is not used on purpose: pausing drops
+                // the partition's prefetched messages and resuming fetches past them, which
+                // would skip events.) Other partitions' work already read keeps flowing; their
+                // reading waits, which is bounded because a failing chain is parked after
+                // `inline_attempts`.
+                tracing::debug!(partition = tp.1, "partition buffer full; waiting for it to drain");
+                loop {
+                    let notified = self.drained.notified();
+                    if !self.tracker.is_paused(&tp) {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = notified => {}
+                    }
+                }
+            }
         }
         tracing::info!("kafka consumer stopped taking messages");
     }
@@ -439,7 +494,10 @@ impl KafkaBus {
         }
         let left = self.chains.lock().expect("lock").len();
         if left > 0 {
-            tracing::warn!(chains = left, "shutdown deadline passed; unfinished events will be redelivered");
+            tracing::warn!(
+                chains = left,
+                "shutdown deadline passed; unfinished events will be redelivered"
+            );
         }
         let consumer = self.consumer.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -484,7 +542,10 @@ impl KafkaBus {
             if let Err(err) = engine.store.enqueue(&[], &dead, now).await {
                 tracing::error!(error = %format!("{err:#}"), "recording a dead letter failed");
             }
-            if let Err(err) = self.publish_dlq(&raw, key.as_deref(), reason, 0, None, &tp, offset).await {
+            if let Err(err) = self
+                .publish_dlq(&raw, key.as_deref(), reason, 0, None, &tp, offset)
+                .await
+            {
                 tracing::error!(error = %format!("{err:#}"), "dead-letter topic publish failed");
             }
         }
@@ -562,11 +623,7 @@ impl KafkaBus {
             }
         }
         if resume {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&tp.0, tp.1);
-            if let Err(e) = self.consumer.resume(&tpl) {
-                tracing::warn!(error = %e, "resuming partition failed");
-            }
+            self.drained.notify_waiters();
         }
     }
 
@@ -578,7 +635,11 @@ impl KafkaBus {
 
     /// Queue a job on its chain; start the chain's worker when it has none.
     fn enqueue(self: Arc<Self>, engine: Arc<Engine>, job: Job) {
-        let chain = job.delivery.order_key.clone().unwrap_or_else(|| job.delivery.id.clone());
+        let chain = job
+            .delivery
+            .order_key
+            .clone()
+            .unwrap_or_else(|| job.delivery.id.clone());
         let start = {
             let mut chains = self.chains.lock().expect("lock");
             match chains.get_mut(&chain) {
@@ -647,7 +708,9 @@ impl KafkaBus {
         }
         let target = self.target_permit(&d.target_key);
         let Ok(_tp) = target.acquire_owned().await else { return };
-        let Ok(_gp) = self.global.clone().acquire_owned().await else { return };
+        let Ok(_gp) = self.global.clone().acquire_owned().await else {
+            return;
+        };
         let mut attempts: i64 = 0;
         let mut first_at = None;
         loop {
@@ -657,7 +720,11 @@ impl KafkaBus {
             let now = now_ms();
             let (url, secrets) = match engine.target(d.kind, d.webhook_id.as_deref(), d.target_url.as_deref(), now) {
                 Ok(t) => t,
-                Err(reason) => return self.dead(engine, job, reason, attempts, None, Some(reason.into())).await,
+                Err(reason) => {
+                    return self
+                        .dead(engine, job, reason, attempts, None, Some(reason.into()))
+                        .await
+                }
             };
             first_at.get_or_insert(now);
             attempts += 1;
@@ -665,7 +732,10 @@ impl KafkaBus {
             let a = engine.send(&url, &secrets, &d.event_id, attempts, d.body.clone()).await;
             self.metrics.in_flight.dec();
             let kind = d.kind;
-            self.metrics.attempts.with_label_values(&[result_label(&a.result), kind]).inc();
+            self.metrics
+                .attempts
+                .with_label_values(&[result_label(&a.result), kind])
+                .inc();
             self.metrics
                 .attempt_duration
                 .with_label_values(&[kind])
@@ -692,12 +762,16 @@ impl KafkaBus {
                             engine.disable_webhook(id).await;
                         }
                     }
-                    return self.dead(engine, job, "webhook_disabled", attempts, status, a.error).await;
+                    return self
+                        .dead(engine, job, "webhook_disabled", attempts, status, a.error)
+                        .await;
                 }
                 Verdict::Retry { not_before } => {
                     let elapsed = Duration::from_millis((now_ms() - first_at.unwrap_or(now)).max(0) as u64);
                     let Some(delay) = engine.policy().next_delay(attempts as u32, elapsed, not_before) else {
-                        return self.dead(engine, job, "attempts_exhausted", attempts, status, a.error).await;
+                        return self
+                            .dead(engine, job, "attempts_exhausted", attempts, status, a.error)
+                            .await;
                     };
                     self.metrics.retries.with_label_values(&[kind]).inc();
                     if attempts >= self.inline_attempts as i64 || delay > self.inline_max_delay {
@@ -709,7 +783,9 @@ impl KafkaBus {
                             excerpt: a.excerpt.clone(),
                         };
                         let at = now_ms() + delay.as_millis() as i64;
-                        return self.park(engine, job, attempts, first_at.map(|f| (f, at)), Some(record)).await;
+                        return self
+                            .park(engine, job, attempts, first_at.map(|f| (f, at)), Some(record))
+                            .await;
                     }
                     tokio::time::sleep(delay).await;
                 }
@@ -733,7 +809,11 @@ impl KafkaBus {
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            match engine.store.enqueue(std::slice::from_ref(&job.delivery), &[], now_ms()).await {
+            match engine
+                .store
+                .enqueue(std::slice::from_ref(&job.delivery), &[], now_ms())
+                .await
+            {
                 Ok(()) => break,
                 Err(e) => {
                     if !self.tracker.is_current(&job.tp, job.generation) {
@@ -763,7 +843,10 @@ impl KafkaBus {
         last_error: Option<String>,
     ) {
         let d = &job.delivery;
-        self.metrics.deliveries.with_label_values(&["dead_lettered", d.kind]).inc();
+        self.metrics
+            .deliveries
+            .with_label_values(&["dead_lettered", d.kind])
+            .inc();
         self.metrics.dead_letters.with_label_values(&[reason]).inc();
         let dl = NewDeadLetter {
             delivery_id: None,
@@ -818,6 +901,8 @@ fn is_consumer_only(key: &str) -> bool {
         || key.starts_with("group.")
         || key.starts_with("isolation.")
         || key == "enable.partition.eof"
+        // Only the consumer's statistics feed the lag metrics.
+        || key == "statistics.interval.ms"
         || key == "check.crcs"
         || key == "queued.min.messages"
         || key == "queued.max.messages.kbytes"
@@ -831,11 +916,6 @@ fn decode(raw: &[u8], max_bytes: usize, now: i64) -> Result<Envelope, (&'static 
     let text = std::str::from_utf8(raw).map_err(|e| ("malformed", format!("not UTF-8: {e}")))?;
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ("malformed", format!("not JSON: {e}")))?;
     Envelope::parse(v, now, false).map_err(|e| ("malformed", e.to_string()))
-}
-
-#[allow(dead_code)]
-fn header_value<'a>(headers: &'a rdkafka::message::BorrowedHeaders, name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
 
 #[cfg(test)]

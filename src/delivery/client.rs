@@ -100,12 +100,7 @@ pub struct Attempt {
 }
 
 impl DeliveryClient {
-    pub fn new(
-        policy: AddressPolicy,
-        connect_timeout: Duration,
-        timeout: Duration,
-        excerpt_bytes: usize,
-    ) -> Self {
+    pub fn new(policy: AddressPolicy, connect_timeout: Duration, timeout: Duration, excerpt_bytes: usize) -> Self {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -113,9 +108,7 @@ impl DeliveryClient {
             .timeout(timeout)
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
-            .dns_resolver(Arc::new(GuardedResolver {
-                policy: policy.clone(),
-            }))
+            .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
             .build()
             .expect("reqwest client builds");
         DeliveryClient {
@@ -132,12 +125,7 @@ impl DeliveryClient {
     }
 
     /// POST `body` with the given headers. Never panics, never follows redirects.
-    pub async fn post(
-        &self,
-        url: &Url,
-        headers: &[(&'static str, String)],
-        body: String,
-    ) -> Attempt {
+    pub async fn post(&self, url: &Url, headers: &[(&'static str, String)], body: String) -> Attempt {
         let started = Instant::now();
         if let Some(ip) = literal_ip(url) {
             if !self.policy.permits(ip) {
@@ -230,10 +218,7 @@ fn describe(e: &reqwest::Error) -> (AttemptResult, String) {
     if e.is_timeout() {
         (AttemptResult::Timeout, "timed out".into())
     } else if e.is_connect() {
-        (
-            AttemptResult::Connect,
-            format!("connection failed: {chain}"),
-        )
+        (AttemptResult::Connect, format!("connection failed: {chain}"))
     } else {
         (AttemptResult::Other, format!("request failed: {chain}"))
     }

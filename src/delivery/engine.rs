@@ -27,9 +27,7 @@ use crate::config::Settings;
 use crate::domain::{now_ms, subscribed, Envelope};
 use crate::metrics::Metrics;
 use crate::signing::{signature_headers, Secret};
-use crate::store::{
-    AttemptRecord, Completion, NewDeadLetter, NewDelivery, Next, QueuedDelivery, Store, Webhook,
-};
+use crate::store::{AttemptRecord, Completion, NewDeadLetter, NewDelivery, Next, QueuedDelivery, Store, Webhook};
 
 /// Webhooks by id, kept in step with the store by the API (single process) and reloaded at start.
 /// After this long an unhealthy target gets live attempts again (a probe).
@@ -45,10 +43,7 @@ impl WebhookCache {
         self.map.read().expect("lock").get(id).cloned()
     }
     pub fn put(&self, w: Webhook) {
-        self.map
-            .write()
-            .expect("lock")
-            .insert(w.id.clone(), Arc::new(w));
+        self.map.write().expect("lock").insert(w.id.clone(), Arc::new(w));
     }
     pub fn remove(&self, id: &str) {
         self.map.write().expect("lock").remove(id);
@@ -116,12 +111,7 @@ impl InFlight {
 }
 
 impl Engine {
-    pub fn new(
-        settings: &Settings,
-        store: Store,
-        metrics: Metrics,
-        callback_secret: Secret,
-    ) -> Arc<Engine> {
+    pub fn new(settings: &Settings, store: Store, metrics: Metrics, callback_secret: Secret) -> Arc<Engine> {
         let d = &settings.delivery;
         let client = DeliveryClient::new(
             super::client::AddressPolicy::new(d.allowed_cidrs.clone()),
@@ -177,13 +167,7 @@ impl Engine {
     // ---- routing ----------------------------------------------------------------------------
 
     /// Decide the deliveries (and dead letters) of one event.
-    pub fn route(
-        &self,
-        e: &Envelope,
-        now: i64,
-        out: &mut Vec<NewDelivery>,
-        dead: &mut Vec<NewDeadLetter>,
-    ) -> Routed {
+    pub fn route(&self, e: &Envelope, now: i64, out: &mut Vec<NewDelivery>, dead: &mut Vec<NewDeadLetter>) -> Routed {
         let before = out.len();
         let mut unroutable = |reason: &'static str, webhook_id: Option<String>| {
             dead.push(NewDeadLetter {
@@ -207,9 +191,7 @@ impl Engine {
             None => reason = Some(unroutable("unknown_run", None)),
             Some(wid) => match self.webhooks.get(wid) {
                 None => reason = Some(unroutable("unknown_webhook", Some(wid.clone()))),
-                Some(w) if !w.is_active => {
-                    reason = Some(unroutable("webhook_disabled", Some(wid.clone())))
-                }
+                Some(w) if !w.is_active => reason = Some(unroutable("webhook_disabled", Some(wid.clone()))),
                 Some(w) if !subscribed(&w.event_types, &e.event) => filtered = true,
                 Some(w) => out.push(NewDelivery {
                     id: uuid::Uuid::now_v7().to_string(),
@@ -220,10 +202,7 @@ impl Engine {
                     webhook_id: Some(w.id.clone()),
                     target_url: None,
                     target_key: format!("w:{}", w.id),
-                    order_key: e
-                        .sync_job_run_id
-                        .as_ref()
-                        .map(|r| format!("w:{}:{r}", w.id)),
+                    order_key: e.sync_job_run_id.as_ref().map(|r| format!("w:{}:{r}", w.id)),
                     body: e.body(Some(&w.id)),
                     created_at: now,
                     attempts: 0,
@@ -277,20 +256,14 @@ impl Engine {
         let now = now_ms();
         let mut out = Vec::with_capacity(events.len());
         let mut dead = Vec::new();
-        let routed: Vec<Routed> = events
-            .iter()
-            .map(|e| self.route(e, now, &mut out, &mut dead))
-            .collect();
+        let routed: Vec<Routed> = events.iter().map(|e| self.route(e, now, &mut out, &mut dead)).collect();
         self.store.enqueue(&out, &dead, now).await?;
         self.metrics
             .events_ingested
             .with_label_values(&[source])
             .inc_by(events.len() as u64);
         for d in &dead {
-            self.metrics
-                .dead_letters
-                .with_label_values(&[d.reason])
-                .inc();
+            self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
         }
         for r in &routed {
             if r.status == "filtered" {
@@ -305,12 +278,7 @@ impl Engine {
 
     /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
     /// subscribes to it.
-    pub async fn broadcast(
-        &self,
-        event: &str,
-        payload: serde_json::Value,
-        except: Option<&str>,
-    ) -> anyhow::Result<()> {
+    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, except: Option<&str>) -> anyhow::Result<()> {
         let serde_json::Value::Object(payload) = payload else {
             anyhow::bail!("payload must be an object")
         };
@@ -320,9 +288,7 @@ impl Engine {
             .webhooks
             .all()
             .iter()
-            .filter(|w| {
-                w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event)
-            })
+            .filter(|w| w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event))
             .map(|w| Envelope {
                 id: id.clone(),
                 event: event.to_string(),
@@ -345,12 +311,7 @@ impl Engine {
     /// Run the dispatcher and the outcome writer until `stop` is cancelled, then wait up to
     /// `deadline` for in-flight attempts to be recorded. Unfinished rows stay queued.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, deadline: Duration) {
-        let rx = self
-            .done_rx
-            .lock()
-            .expect("lock")
-            .take()
-            .expect("engine runs once");
+        let rx = self.done_rx.lock().expect("lock").take().expect("engine runs once");
         let writer = tokio::spawn(self.clone().write_outcomes(rx));
         let housekeeping = tokio::spawn(self.clone().housekeeping(stop.clone(), self.retention));
         self.clone().dispatch(stop).await;
@@ -406,9 +367,7 @@ impl Engine {
                                 exhausted = false;
                                 break;
                             }
-                            if f.rows.contains(&row.seq)
-                                || f.released.get(&row.seq).is_some_and(|e| *e >= epoch)
-                            {
+                            if f.rows.contains(&row.seq) || f.released.get(&row.seq).is_some_and(|e| *e >= epoch) {
                                 exhausted = false;
                                 continue;
                             }
@@ -477,7 +436,8 @@ impl Engine {
     /// (Kafka mode) instead of holding a partition while it retries.
     pub fn target_unhealthy(&self, target_key: &str) -> bool {
         let h = self.unhealthy.lock().expect("lock");
-        h.get(target_key).is_some_and(|since| since.elapsed() < UNHEALTHY_PROBE_AFTER)
+        h.get(target_key)
+            .is_some_and(|since| since.elapsed() < UNHEALTHY_PROBE_AFTER)
     }
 
     /// Record an attempt's effect on its target's health.
@@ -495,14 +455,7 @@ impl Engine {
     }
 
     /// One signed POST (used by deliveries and by `POST /webhook/{id}/test`).
-    pub async fn send(
-        &self,
-        url: &Url,
-        secrets: &[Secret],
-        event_id: &str,
-        attempt_no: i64,
-        body: String,
-    ) -> Attempt {
+    pub async fn send(&self, url: &Url, secrets: &[Secret], event_id: &str, attempt_no: i64, body: String) -> Attempt {
         let ts = now_ms() / 1000;
         let refs: Vec<&Secret> = secrets.iter().collect();
         let (sig, truto) = signature_headers(&refs, event_id, ts, body.as_bytes());
@@ -519,15 +472,8 @@ impl Engine {
     async fn attempt(self: Arc<Self>, q: QueuedDelivery) {
         let now = now_ms();
         let attempt_no = q.attempts + 1;
-        let kind: &'static str = if q.kind == "callback" {
-            "callback"
-        } else {
-            "webhook"
-        };
-        let dead = |reason: &'static str,
-                    status: Option<i64>,
-                    error: Option<String>,
-                    attempts: i64| NewDeadLetter {
+        let kind: &'static str = if q.kind == "callback" { "callback" } else { "webhook" };
+        let dead = |reason: &'static str, status: Option<i64>, error: Option<String>, attempts: i64| NewDeadLetter {
             delivery_id: Some(q.id.clone()),
             event_id: q.event_id.clone(),
             event: q.event.clone(),
@@ -557,9 +503,7 @@ impl Engine {
                 return;
             }
         };
-        let a = self
-            .send(&url, &secrets, &q.event_id, attempt_no, q.body.clone())
-            .await;
+        let a = self.send(&url, &secrets, &q.event_id, attempt_no, q.body.clone()).await;
         let finished = now_ms();
         self.metrics
             .attempts
@@ -576,36 +520,21 @@ impl Engine {
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
                 let elapsed = Duration::from_millis((finished - first).max(0) as u64);
-                match self
-                    .policy
-                    .next_delay(attempt_no as u32, elapsed, not_before)
-                {
+                match self.policy.next_delay(attempt_no as u32, elapsed, not_before) {
                     Some(d) => Next::Retry {
                         at_ms: finished + d.as_millis() as i64,
                     },
-                    None => Next::Dead(dead(
-                        "attempts_exhausted",
-                        status,
-                        a.error.clone(),
-                        attempt_no,
-                    )),
+                    None => Next::Dead(dead("attempts_exhausted", status, a.error.clone(), attempt_no)),
                 }
             }
-            Verdict::DeadLetter { reason } => {
-                Next::Dead(dead(reason, status, a.error.clone(), attempt_no))
-            }
+            Verdict::DeadLetter { reason } => Next::Dead(dead(reason, status, a.error.clone(), attempt_no)),
             Verdict::DisableWebhook => {
                 if let Some(id) = &q.webhook_id {
                     if q.kind == "webhook" {
                         self.disable_webhook(id).await;
                     }
                 }
-                Next::Dead(dead(
-                    "webhook_disabled",
-                    status,
-                    a.error.clone(),
-                    attempt_no,
-                ))
+                Next::Dead(dead("webhook_disabled", status, a.error.clone(), attempt_no))
             }
         };
         tracing::debug!(
@@ -698,13 +627,8 @@ impl Engine {
             for c in batch.drain(..) {
                 match &c.next {
                     Next::Delivered => {
-                        self.metrics
-                            .deliveries
-                            .with_label_values(&["delivered", c.kind])
-                            .inc();
-                        self.metrics
-                            .attempts_per_delivery
-                            .observe(c.attempt_no as f64);
+                        self.metrics.deliveries.with_label_values(&["delivered", c.kind]).inc();
+                        self.metrics.attempts_per_delivery.observe(c.attempt_no as f64);
                         self.metrics
                             .end_to_end_latency
                             .observe((now - c.created_at).max(0) as f64 / 1000.0);
@@ -715,10 +639,7 @@ impl Engine {
                             .deliveries
                             .with_label_values(&["dead_lettered", c.kind])
                             .inc();
-                        self.metrics
-                            .dead_letters
-                            .with_label_values(&[dl.reason])
-                            .inc();
+                        self.metrics.dead_letters.with_label_values(&[dl.reason]).inc();
                     }
                 }
                 if f.release(c.seq, &c.target_key) {
@@ -739,12 +660,30 @@ impl Engine {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            // Other instances sharing the store may have changed webhooks.
+            let started = now_ms();
+            match self.store.all_webhooks().await {
+                Ok(all) => {
+                    let ids: std::collections::HashSet<String> = all.iter().map(|w| w.id.clone()).collect();
+                    for w in all {
+                        // Never overwrite a newer version this instance already has.
+                        if self.webhooks.get(&w.id).is_none_or(|c| c.updated_at <= w.updated_at) {
+                            self.webhooks.put(w);
+                        }
+                    }
+                    for w in self.webhooks.all() {
+                        // Created after the query started: not deleted, just not seen yet.
+                        if !ids.contains(&w.id) && w.created_at < started {
+                            self.webhooks.remove(&w.id);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "webhook refresh failed"),
+            }
             match self.store.queue_stats().await {
                 Ok((depth, oldest)) => {
                     self.metrics.queue_depth.set(depth);
-                    let age = oldest
-                        .map(|o| (now_ms() - o).max(0) as f64 / 1000.0)
-                        .unwrap_or(0.0);
+                    let age = oldest.map(|o| (now_ms() - o).max(0) as f64 / 1000.0).unwrap_or(0.0);
                     self.metrics.oldest_undelivered_age.set(age);
                 }
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "queue stats failed"),

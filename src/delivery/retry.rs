@@ -51,10 +51,9 @@ pub fn classify(result: &AttemptResult) -> Verdict {
         } => Verdict::Retry {
             not_before: *retry_after,
         },
-        AttemptResult::Status { .. }
-        | AttemptResult::Timeout
-        | AttemptResult::Connect
-        | AttemptResult::Other => Verdict::Retry { not_before: None },
+        AttemptResult::Status { .. } | AttemptResult::Timeout | AttemptResult::Connect | AttemptResult::Other => {
+            Verdict::Retry { not_before: None }
+        }
         AttemptResult::BlockedAddress => Verdict::DeadLetter {
             reason: "blocked_address",
         },
@@ -120,12 +119,7 @@ impl RetryPolicy {
     /// `initial * multiplier^(n-1)` capped at `max_interval`, and the `backoff` crate's
     /// `ExponentialBackoff` applies the jitter to it. A receiver's Retry-After replaces the
     /// computed delay when longer, up to the configured ceiling.
-    pub fn next_delay(
-        &self,
-        attempts_made: u32,
-        elapsed: Duration,
-        retry_after: Option<Duration>,
-    ) -> Option<Duration> {
+    pub fn next_delay(&self, attempts_made: u32, elapsed: Duration, retry_after: Option<Duration>) -> Option<Duration> {
         if attempts_made >= self.max_attempts {
             return None;
         }
@@ -284,15 +278,9 @@ mod tests {
     #[test]
     fn retry_after_parses_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(
-            parse_retry_after(&later, now),
-            Some(Duration::from_secs(90))
-        );
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

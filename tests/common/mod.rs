@@ -2,6 +2,8 @@
 //! syncrelay itself, in-process (`spawn_app`, port 0) or as the real binary (`RelayProcess`).
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -78,6 +80,8 @@ pub type Script = Arc<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
 pub struct Receiver {
     pub port: u16,
     got: Arc<Mutex<Vec<Received>>>,
+    /// Requests per `webhook-id` so far.
+    counts: Arc<Mutex<HashMap<String, usize>>>,
     script: Arc<Mutex<Script>>,
 }
 
@@ -90,21 +94,20 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let script = Arc::new(Mutex::new(script));
-        let (g, s) = (got.clone(), script.clone());
+        let (g, s, c) = (got.clone(), script.clone(), counts.clone());
         let server = HttpServer::new(move || {
-            let (g, s) = (g.clone(), s.clone());
+            let (g, s, c) = (g.clone(), s.clone(), c.clone());
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let (g, s) = (g.clone(), s.clone());
+                let (g, s, c) = (g.clone(), s.clone(), c.clone());
                 async move {
                     let r = Received {
                         path: req.path().to_string(),
                         headers: req
                             .headers()
                             .iter()
-                            .map(|(k, v)| {
-                                (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
-                            })
+                            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                             .collect(),
                         body: body.to_vec(),
                         at: Instant::now(),
@@ -114,7 +117,12 @@ impl Receiver {
                     let reply = {
                         let mut g = g.lock().unwrap();
                         let id = r.header("webhook-id").to_string();
-                        let seen = g.iter().filter(|x| x.header("webhook-id") == id).count();
+                        let seen = {
+                            let mut c = c.lock().unwrap();
+                            let n = c.entry(id).or_insert(0);
+                            *n += 1;
+                            *n - 1
+                        };
                         let reply = script(&r, seen);
                         g.push(Received {
                             status: reply.status,
@@ -125,9 +133,7 @@ impl Receiver {
                     if !reply.delay.is_zero() {
                         tokio::time::sleep(reply.delay).await;
                     }
-                    let mut resp = HttpResponse::build(
-                        actix_web::http::StatusCode::from_u16(reply.status).unwrap(),
-                    );
+                    let mut resp = HttpResponse::build(actix_web::http::StatusCode::from_u16(reply.status).unwrap());
                     for (k, v) in &reply.headers {
                         resp.insert_header((k.as_str(), v.as_str()));
                     }
@@ -142,7 +148,12 @@ impl Receiver {
         .unwrap()
         .run();
         tokio::spawn(server);
-        Receiver { port, got, script }
+        Receiver {
+            port,
+            got,
+            counts,
+            script,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -168,19 +179,11 @@ impl Receiver {
 
     /// All requests to `path`.
     pub fn on(&self, path: &str) -> Vec<Received> {
-        self.received()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect()
+        self.received().into_iter().filter(|r| r.path == path).collect()
     }
 
     /// Wait until `pred` holds over what was received, or panic after `timeout`.
-    pub async fn wait_for(
-        &self,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&[Received]) -> bool,
-    ) -> Vec<Received> {
+    pub async fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&[Received]) -> bool) -> Vec<Received> {
         let until = Instant::now() + timeout;
         loop {
             let got = self.received();
@@ -207,18 +210,9 @@ pub fn test_env(data: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
             "SYNCRELAY__STORE__PATH".into(),
             data.join("syncrelay.db").display().to_string(),
         ),
-        (
-            "SYNCRELAY__DELIVERY__ALLOWED_CIDRS".into(),
-            r#"["127.0.0.0/8"]"#.into(),
-        ),
-        (
-            "SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS".into(),
-            "50".into(),
-        ),
-        (
-            "SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR".into(),
-            "0".into(),
-        ),
+        ("SYNCRELAY__DELIVERY__ALLOWED_CIDRS".into(), r#"["127.0.0.0/8"]"#.into()),
+        ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS".into(), "50".into()),
+        ("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR".into(), "0".into()),
         ("SYNCRELAY__DELIVERY__POLL_INTERVAL_MS".into(), "100".into()),
         ("SYNCRELAY__HTTP__WORKERS".into(), "2".into()),
     ];
@@ -238,12 +232,23 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
+    spawn_app_with(extra, Vec::new()).await
+}
+
+/// `spawn_app` with more variables (owned), e.g. a broker's settings.
+pub async fn spawn_app_with(extra: &[(&str, &str)], more: Vec<(String, String)>) -> TestApp {
+    // RUST_LOG=syncrelay=debug shows the relay's logs in a failing test's output.
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let data = tempfile::tempdir().unwrap();
-    let settings = syncrelay::config::Settings::load(None, test_env(data.path(), extra))
-        .expect("test settings");
-    let app = syncrelay::Application::build(settings)
-        .await
-        .expect("app builds");
+    let mut env = test_env(data.path(), extra);
+    env.extend(more);
+    let settings = syncrelay::config::Settings::load(None, env).expect("test settings");
+    let app = syncrelay::Application::build(settings).await.expect("app builds");
     let base = format!("http://127.0.0.1:{}", app.port());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
@@ -283,17 +288,12 @@ pub trait Api {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut r = self.req(method, path);
         if let Some(b) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(b.to_string());
+            r = r.header("content-type", "application/json").body(b.to_string());
         }
         let resp = r.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -307,16 +307,10 @@ pub trait Api {
     /// Register a webhook; returns (id, secret).
     async fn webhook(&self, url: &str, event_types: &[&str]) -> (String, String) {
         let (s, b) = self
-            .post(
-                "/webhook",
-                json!({"target_url": url, "event_types": event_types}),
-            )
+            .post("/webhook", json!({"target_url": url, "event_types": event_types}))
             .await;
         assert_eq!(s, 201, "{b}");
-        (
-            b["id"].as_str().unwrap().into(),
-            b["secret"].as_str().unwrap().into(),
-        )
+        (b["id"].as_str().unwrap().into(), b["secret"].as_str().unwrap().into())
     }
 
     async fn send_events(&self, events: Vec<Value>) -> Value {
@@ -359,17 +353,23 @@ pub struct RelayProcess {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl RelayProcess {
     pub async fn start(data: &Path, port: u16, extra: &[(&str, &str)]) -> RelayProcess {
+        Self::start_with(data, port, extra, Vec::new()).await
+    }
+
+    pub async fn start_with(
+        data: &Path,
+        port: u16,
+        extra: &[(&str, &str)],
+        more: Vec<(String, String)>,
+    ) -> RelayProcess {
         let listen = format!("127.0.0.1:{port}");
         let mut env = test_env(data, extra);
+        env.extend(more);
         env.retain(|(k, _)| k != "SYNCRELAY__HTTP__LISTEN");
         env.push(("SYNCRELAY__HTTP__LISTEN".into(), listen.clone()));
         let log = data.join(format!(
@@ -445,8 +445,5 @@ fn rand_suffix() -> u128 {
 
 /// SIGTERM through the `kill` command (no unsafe code in tests).
 fn unsafe_free_sigterm(pid: u32) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }

@@ -1,0 +1,73 @@
+//! `/api/bulk/2.0/syncs`: Eloqua-style bulk syncs (CONTRACT §3). The callback URL is checked
+//! like a webhook's target (scheme, credentials, the address policy).
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::sync_jobs::pool;
+use super::{read_body, State};
+use crate::domain::{now_ms, parse_target_url, rfc3339_ms};
+use crate::error::{parse_json, ApiError};
+use crate::runs::db::{self, EloquaSync};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSync {
+    #[serde(rename = "syncedInstanceUri")]
+    synced_instance_uri: String,
+    #[serde(rename = "callbackURL")]
+    callback_url: Option<String>,
+    #[serde(default)]
+    validate_only: bool,
+}
+
+fn sync_json(s: &EloquaSync) -> Value {
+    json!({
+        "syncedInstanceUri": s.synced_instance_uri,
+        "callbackUrl": s.callback_url,
+        "status": s.status,
+        "createdAt": rfc3339_ms(s.created_at),
+        "createdBy": s.created_by,
+        "uri": format!("/syncs/{}", s.n),
+    })
+}
+
+pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let req: CreateSync = parse_json(&body)?;
+    let uri = req.synced_instance_uri.trim();
+    if !uri.starts_with('/') || uri.len() < 2 || uri.contains(char::is_whitespace) {
+        return Err(ApiError::field(
+            "syncedInstanceUri",
+            "must be the URI of an export or import definition, e.g. /contacts/exports/1",
+        ));
+    }
+    let callback = match &req.callback_url {
+        Some(raw) => {
+            let url = parse_target_url("callbackURL", raw, state.settings.delivery.https_only)?;
+            state
+                .engine
+                .client()
+                .policy()
+                .check_url(&url)
+                .await
+                .map_err(|m| ApiError::field("callbackURL", m))?;
+            Some(url.to_string())
+        }
+        None => None,
+    };
+    if req.validate_only {
+        return Ok(HttpResponse::Ok().json(json!({"valid": true})));
+    }
+    let s = db::insert_eloqua_sync(pool(&state).await?, uri, callback.as_deref(), "api", now_ms()).await?;
+    Ok(HttpResponse::Created().json(sync_json(&s)))
+}
+
+pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let n: i64 = id.parse().map_err(|_| ApiError::not_found("sync", &id))?;
+    let s = db::get_eloqua_sync(pool(&state).await?, n)
+        .await?
+        .ok_or_else(|| ApiError::not_found("sync", &id))?;
+    Ok(HttpResponse::Ok().json(sync_json(&s)))
+}

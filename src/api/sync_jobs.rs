@@ -1,0 +1,133 @@
+//! `/sync-job`: sync jobs (Truto's shape). Every write is validated as a whole (args_schema,
+//! resources, placeholders, the dependency graph); errors name the field path.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::SqlitePool;
+
+use super::{list_response, read_body, PageQuery, State};
+use crate::domain::{now_ms, parse_uuid};
+use crate::error::{parse_json, ApiError};
+use crate::runs::validate::validate_job;
+use crate::runs::{db, ResourceSpec, SyncJob};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateJob {
+    integration_name: String,
+    #[serde(default)]
+    args_schema: Option<Value>,
+    resources: Vec<ResourceSpec>,
+    #[serde(default)]
+    environment_id: Option<String>,
+    #[serde(default)]
+    validate_only: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateJob {
+    integration_name: Option<String>,
+    args_schema: Option<Value>,
+    resources: Option<Vec<ResourceSpec>>,
+    environment_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JobQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    integration_name: Option<String>,
+}
+
+/// The store's pool, with this module's tables in place.
+pub(super) async fn pool(state: &State) -> Result<&SqlitePool, ApiError> {
+    let pool = state.engine.store.pool();
+    crate::runs::ensure_migrated(pool).await?;
+    Ok(pool)
+}
+
+async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
+    let id = parse_uuid("id", id).map_err(|_| ApiError::not_found("sync job", id))?;
+    db::get_job(pool(state).await?, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("sync job", &id))
+}
+
+pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let mut req: CreateJob = parse_json(&body)?;
+    validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+    if req.validate_only {
+        return Ok(HttpResponse::Ok().json(json!({"valid": true})));
+    }
+    let now = now_ms();
+    let job = SyncJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        integration_name: req.integration_name,
+        args_schema: req.args_schema,
+        resources: req.resources,
+        environment_id: req.environment_id,
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let job = db::insert_job(pool(&state).await?, &job).await?;
+    Ok(HttpResponse::Created().json(job.to_json()))
+}
+
+pub async fn list(state: State, q: web::Query<JobQuery>) -> Result<HttpResponse, ApiError> {
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor.clone(),
+    };
+    let p = db::list_jobs(
+        pool(&state).await?,
+        q.integration_name.as_deref(),
+        page.after()?,
+        page.limit()?,
+    )
+    .await?;
+    Ok(list_response(
+        p.results.iter().map(SyncJob::to_json).collect(),
+        p.next_cursor,
+    ))
+}
+
+pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(load(&state, &id).await?.to_json()))
+}
+
+pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let req: UpdateJob = parse_json(&body)?;
+    let mut job = load(&state, &id).await?;
+    if let Some(n) = req.integration_name {
+        job.integration_name = n;
+    }
+    if let Some(s) = req.args_schema {
+        job.args_schema = Some(s);
+    }
+    if let Some(r) = req.resources {
+        job.resources = r;
+    }
+    if req.environment_id.is_some() {
+        job.environment_id = req.environment_id;
+    }
+    validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+    job.updated_at = now_ms();
+    db::update_job(pool(&state).await?, &job).await?;
+    Ok(HttpResponse::Ok().json(job.to_json()))
+}
+
+pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let job = load(&state, &id).await?;
+    match db::delete_job(pool(&state).await?, &job.id).await? {
+        Ok(_) => Ok(HttpResponse::NoContent().finish()),
+        Err(n) => Err(ApiError::Conflict(format!(
+            "sync job {} has {n} active run(s) (created, running or rate_limited); stop them first",
+            job.id
+        ))),
+    }
+}

@@ -1,0 +1,428 @@
+//! Kafka as the bus, against a real Kafka-protocol broker (tansu) and a real HTTP receiver.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::broker::Broker;
+use common::*;
+use serde_json::json;
+
+/// The broker tests share two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn kafka_event(id: &str, webhook: &str, run: &str, i: usize) -> (Option<String>, Vec<u8>) {
+    let v = json!({"id": id, "event": "sync_job_run:record", "sync_job_run_id": run, "webhook_id": webhook,
+                   "payload": {"run": run, "i": i}});
+    (Some(run.to_string()), v.to_string().into_bytes())
+}
+
+/// Per run, the sequence numbers answered 2xx, in arrival order.
+fn delivered_per_run(got: &[Received]) -> HashMap<String, Vec<i64>> {
+    let mut per_run: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in got.iter().filter(|r| r.status == 200) {
+        let b = r.json();
+        per_run
+            .entry(b["payload"]["run"].as_str().unwrap().to_string())
+            .or_default()
+            .push(b["payload"]["i"].as_i64().unwrap());
+    }
+    per_run
+}
+
+async fn wait_committed_at_end(broker: &Broker, group: &str, topic: &str) -> Vec<(i32, i64, i64)> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Blocking librdkafka calls, briefly, on a test worker thread.
+        let offs = broker.committed_and_end(group, topic);
+        if offs.iter().all(|(_, c, end)| c == end) || Instant::now() > until {
+            return offs;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_over_a_hundred_runs_arrive_in_order_with_valid_signatures() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    broker.create_topic("ev1", 4);
+    let rx = Receiver::start().await;
+    // A small buffer bound, so that partitions pause and resume many times.
+    let app = spawn_app_with(
+        &[("SYNCRELAY__BUS__KAFKA__MAX_BUFFERED_PER_PARTITION", "300")],
+        broker.relay_env("g1", "ev1"),
+    )
+    .await;
+    let (wid, secret) = app.webhook(&rx.url("/k"), &[]).await;
+    let mut msgs = Vec::new();
+    for i in 0..100 {
+        for run in 0..100 {
+            msgs.push(kafka_event(&format!("e{run}-{i}"), &wid, &run_id(run), i));
+        }
+    }
+    let started = Instant::now();
+    broker.produce("ev1", &msgs).await;
+    println!("produced 10000 in {:?}", started.elapsed());
+    if std::env::var("KAFKA_TEST_DEBUG").is_ok() {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let text = app
+                .http
+                .get(format!("{}/metrics", app.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let k: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("syncrelay_kafka")
+                        || l.starts_with("syncrelay_deliveries_total")
+                        || l.starts_with("syncrelay_deliveries_parked")
+                })
+                .collect();
+            println!("t={:?} received={} {:?}", started.elapsed(), rx.received().len(), k);
+        }
+    }
+    let got = rx
+        .wait_for(Duration::from_secs(180), "10,000 deliveries", |g| g.len() >= 10_000)
+        .await;
+    let took = started.elapsed();
+    println!(
+        "kafka end to end: 10000 events in {:.2}s = {:.0} events/s (produce included)",
+        took.as_secs_f64(),
+        10_000.0 / took.as_secs_f64()
+    );
+    assert_eq!(got.len(), 10_000, "no duplicates without faults");
+    let per_run = delivered_per_run(&got);
+    assert_eq!(per_run.len(), 100);
+    for (run, seq) in &per_run {
+        assert_eq!(seq, &(0..100).collect::<Vec<_>>(), "run {run} out of order");
+    }
+    let verifier = standardwebhooks::Webhook::new(&secret).unwrap();
+    for r in &got {
+        verifier
+            .verify(&r.body, &r.header_map())
+            .expect("every signature verifies");
+    }
+    let offs = wait_committed_at_end(&broker, "g1", "ev1").await;
+    for (p, committed, end) in &offs {
+        assert_eq!(
+            committed, end,
+            "partition {p}: committed offset {committed} != log end {end}"
+        );
+    }
+    let total: i64 = offs.iter().map(|(_, _, end)| end).sum();
+    assert_eq!(total, 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_topic_and_good_events_flow() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    broker.create_topic("ev2", 2);
+    broker.create_topic("ev2.dlq", 1);
+    let rx = Receiver::start().await;
+    let app = spawn_app_with(
+        &[("SYNCRELAY__EVENTS__MAX_EVENT_BYTES", "4096")],
+        broker.relay_env("g2", "ev2"),
+    )
+    .await;
+    let (wid, _) = app.webhook(&rx.url("/p"), &[]).await;
+    let run = run_id(1);
+    let unknown = "5b6c1a52-0000-4000-8000-00000000dead";
+    let mut msgs = Vec::new();
+    let poison: Vec<(Option<String>, Vec<u8>)> = vec![
+        (Some(run.clone()), b"{not json".to_vec()),
+        (Some(run.clone()), vec![0xff, 0xfe, 0x00]),
+        (Some(run.clone()), br#"{"id":"x1","event":"sync_job_run:record","sync_job_run_id":"nope","payload":{}}"#.to_vec()),
+        (Some(run.clone()), json!({"id":"big","event":"sync_job_run:record","sync_job_run_id":run,"webhook_id":wid,"payload":{"b":"x".repeat(8000)}}).to_string().into_bytes()),
+        kafka_event("lost", unknown, &run, 0),
+    ];
+    for i in 0..50 {
+        msgs.push(kafka_event(&format!("good{i}"), &wid, &run, i));
+        if i % 10 == 5 {
+            msgs.push(poison[i / 10].clone());
+        }
+    }
+    broker.produce("ev2", &msgs).await;
+    let got = rx
+        .wait_for(Duration::from_secs(60), "50 good events", |g| g.len() >= 50)
+        .await;
+    let seq: Vec<i64> = delivered_per_run(&got)[&run].clone();
+    assert_eq!(seq, (0..50).collect::<Vec<_>>(), "good events in order, none held back");
+    let dlq = broker.read_all("ev2.dlq", 5, Duration::from_secs(20));
+    assert_eq!(dlq.len(), 5, "five poison messages on the dead-letter topic");
+    let mut reasons: Vec<String> = Vec::new();
+    for (headers, value) in &dlq {
+        let h: HashMap<_, _> = headers.iter().cloned().collect();
+        reasons.push(h["x-dlq-reason"].clone());
+        assert_eq!(h["x-dlq-source-topic"], "ev2");
+        assert!(h["x-dlq-source-partition"].parse::<i32>().is_ok());
+        assert!(h["x-dlq-source-offset"].parse::<i64>().is_ok());
+        assert!(h.contains_key("x-dlq-attempts") && h.contains_key("x-dlq-last-status"));
+        assert!(poison.iter().any(|(_, p)| p == value), "original bytes are kept");
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            "event_too_large",
+            "malformed",
+            "malformed",
+            "malformed",
+            "unknown_webhook"
+        ]
+    );
+    let (_, dl) = app.get("/dead-letters?reason=unknown_webhook").await;
+    assert_eq!(dl["results"][0]["event_id"], "lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_does_not_hold_up_other_runs_of_its_partition() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    broker.create_topic("ev3", 1);
+    let t0 = Instant::now();
+    // /down answers 503 for its first 4 seconds (a minute, compressed), then 200.
+    let rx = Receiver::with_script(Arc::new(move |r, _| {
+        if r.path == "/down" && t0.elapsed() < Duration::from_secs(4) {
+            Reply::status(503)
+        } else {
+            Reply::status(200)
+        }
+    }))
+    .await;
+    let app = spawn_app_with(
+        &[
+            ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "100"),
+            ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "1.5"),
+            ("SYNCRELAY__DELIVERY__RETRY__MAX_INTERVAL_MS", "1000"),
+            ("SYNCRELAY__DELIVERY__RETRY__MAX_ATTEMPTS", "100"),
+            ("SYNCRELAY__BUS__KAFKA__INLINE_ATTEMPTS", "2"),
+        ],
+        broker.relay_env("g3", "ev3"),
+    )
+    .await;
+    let (down, _) = app.webhook(&rx.url("/down"), &[]).await;
+    let (up, _) = app.webhook(&rx.url("/up"), &[]).await;
+    let mut msgs = Vec::new();
+    for i in 0..20 {
+        for r in 0..10 {
+            let (wid, run) = if r < 5 { (&down, run_id(r)) } else { (&up, run_id(r)) };
+            msgs.push(kafka_event(&format!("r{r}-{i}"), wid, &run, i));
+        }
+    }
+    broker.produce("ev3", &msgs).await;
+    rx.wait_for(Duration::from_secs(30), "the healthy runs", |g| {
+        g.iter().filter(|r| r.path == "/up" && r.status == 200).count() >= 100
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "healthy runs on the same partition finished while the other webhook was still failing ({:?})",
+        t0.elapsed()
+    );
+    let got = rx
+        .wait_for(
+            Duration::from_secs(60),
+            "the failing webhook's events after recovery",
+            |g| g.iter().filter(|r| r.path == "/down" && r.status == 200).count() >= 100,
+        )
+        .await;
+    let per_run = delivered_per_run(&got);
+    for r in 0..10 {
+        assert_eq!(per_run[&run_id(r)], (0..20).collect::<Vec<_>>(), "run {r} in order");
+    }
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let parked: f64 = text
+        .lines()
+        .find(|l| l.starts_with("syncrelay_deliveries_parked_total "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(parked > 0.0, "the failing run was parked in the store");
+    let offs = wait_committed_at_end(&broker, "g3", "ev3").await;
+    assert_eq!(offs[0].1, offs[0].2, "the committed offset reached the log end");
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_three_times_mid_stream_every_event_arrives() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    broker.create_topic("ev4", 4);
+    let rx = Receiver::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let extra = [("SYNCRELAY__BUS__KAFKA__MAX_BUFFERED_PER_PARTITION", "200")];
+    let mut relay = RelayProcess::start_with(data.path(), port, &extra, broker.relay_env("g4", "ev4")).await;
+    let (wid, _) = relay.webhook(&rx.url("/c"), &[]).await;
+    let mut msgs = Vec::new();
+    for i in 0..100 {
+        for run in 0..200 {
+            msgs.push(kafka_event(&format!("c{run}-{i}"), &wid, &run_id(run), i));
+        }
+    }
+    broker.produce("ev4", &msgs).await;
+    for kill in 1..=3 {
+        let target = kill * 4000;
+        rx.wait_for(Duration::from_secs(120), "progress before the kill", |g| {
+            g.len() >= target
+        })
+        .await;
+        relay.kill9();
+        println!("kill {kill}: SIGKILL after {} deliveries", rx.received().len());
+        relay = RelayProcess::start_with(data.path(), port, &extra, broker.relay_env("g4", "ev4")).await;
+    }
+    rx.wait_for(Duration::from_secs(180), "all 20,000 events", |g| {
+        g.iter().map(|r| r.header("webhook-id")).collect::<HashSet<_>>().len() >= 20_000
+    })
+    .await;
+    let got = rx.received();
+    let distinct: HashSet<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
+    assert_eq!(distinct.len(), 20_000, "every event id arrived");
+    let duplicates = got.len() - distinct.len();
+    // Per kill, at most what was read but unfinished (4 partitions x 200) plus what finished
+    // in the last offset-commit interval can be redelivered.
+    let bound = 3 * (4 * 200 + 1000);
+    println!("kill -9 x3 during 20000 events: {duplicates} duplicates (bound {bound})");
+    assert!(duplicates <= bound, "{duplicates} duplicates exceed {bound}");
+    // Per run, the first delivery of each event is in order.
+    let mut per_run: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut seen = HashSet::new();
+    for r in &got {
+        if seen.insert(r.header("webhook-id").to_string()) {
+            let b = r.json();
+            per_run
+                .entry(b["payload"]["run"].as_str().unwrap().into())
+                .or_default()
+                .push(b["payload"]["i"].as_i64().unwrap());
+        }
+    }
+    for (run, seq) in per_run {
+        assert_eq!(
+            seq,
+            (0..100).collect::<Vec<_>>(),
+            "run {run}: first deliveries in order"
+        );
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_one_takes_over_when_the_other_dies() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    broker.create_topic("ev5", 4);
+    let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(200).delayed(Duration::from_millis(5)))).await;
+    // Both instances share one store (SQLite in WAL mode works across processes on one host).
+    let data = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = RelayProcess::start_with(data.path(), pa, &[], broker.relay_env("g5", "ev5")).await;
+    let (wid, _) = a.webhook(&rx.url("/two"), &[]).await;
+    let b = RelayProcess::start_with(data.path(), pb, &[], broker.relay_env("g5", "ev5")).await;
+    // Wait for both to hold an assignment.
+    let until = Instant::now() + Duration::from_secs(40);
+    loop {
+        let ta = a
+            .http
+            .get(format!("{}/metrics", a.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let tb = b
+            .http
+            .get(format!("{}/metrics", b.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let la = ta
+            .lines()
+            .filter(|l| l.starts_with("syncrelay_kafka_consumer_lag{"))
+            .count();
+        let lb = tb
+            .lines()
+            .filter(|l| l.starts_with("syncrelay_kafka_consumer_lag{"))
+            .count();
+        if la > 0 && lb > 0 && la + lb == 4 {
+            println!("partitions: instance A {la}, instance B {lb}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the two instances did not share the partitions (A {la}, B {lb})"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut msgs = Vec::new();
+    for i in 0..50 {
+        for run in 0..80 {
+            msgs.push(kafka_event(&format!("t{run}-{i}"), &wid, &run_id(run), i));
+        }
+    }
+    broker.produce("ev5", &msgs).await;
+    rx.wait_for(Duration::from_secs(60), "some deliveries", |g| g.len() >= 800)
+        .await;
+    let da = metric(
+        &a.http
+            .get(format!("{}/metrics", a.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
+    );
+    let db = metric(
+        &b.http
+            .get(format!("{}/metrics", b.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
+    );
+    assert!(da > 0.0 && db > 0.0, "both instances delivered (A {da}, B {db})");
+    a.kill9();
+    rx.wait_for(Duration::from_secs(90), "all 4,000 events after A died", |g| {
+        g.iter().map(|r| r.header("webhook-id")).collect::<HashSet<_>>().len() >= 4000
+    })
+    .await;
+    let got = rx.received();
+    let distinct: HashSet<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
+    println!(
+        "two instances: A delivered {da} and B {db} before A was killed; {} duplicates after the handover",
+        got.len() - distinct.len()
+    );
+    drop(b);
+}
