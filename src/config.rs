@@ -24,6 +24,7 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub webhooks: WebhookSettings,
     pub callbacks: CallbackSettings,
+    pub runs: RunsSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
 }
@@ -199,6 +200,32 @@ impl std::fmt::Debug for CallbackSettings {
     }
 }
 
+/// The run lifecycle the relay enforces (`runs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsSettings {
+    pub batch: RunBatchSettings,
+}
+
+/// When `error_handling = "batch"` record errors are flushed as one `sync_job_run:record_error`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunBatchSettings {
+    pub max_errors: usize,
+    pub max_bytes: usize,
+    pub max_age_ms: u64,
+}
+
+impl RunsSettings {
+    pub fn batch_limits(&self) -> crate::runs::BatchLimits {
+        crate::runs::BatchLimits {
+            max_errors: self.batch.max_errors,
+            max_bytes: self.batch.max_bytes,
+            max_age_ms: self.batch.max_age_ms.min(i64::MAX as u64) as i64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
@@ -359,6 +386,15 @@ impl Settings {
                 return bad("bus.kafka.inline_attempts", "must be at least 1");
             }
         }
+        if self.runs.batch.max_errors == 0 {
+            return bad("runs.batch.max_errors", "must be at least 1");
+        }
+        if self.runs.batch.max_bytes < 1024 {
+            return bad("runs.batch.max_bytes", "must be at least 1024");
+        }
+        if self.runs.batch.max_age_ms == 0 {
+            return bad("runs.batch.max_age_ms", "must be at least 1");
+        }
         if !self.callbacks.secret.is_empty() && crate::signing::Secret::parse(&self.callbacks.secret).is_err() {
             return bad(
                 "callbacks.secret",
@@ -463,6 +499,8 @@ mod tests {
         assert_eq!(s.bus.kafka.commands_topic, "sync_job_run.commands");
         assert_eq!(s.bus.kafka.dlq_topic, "sync_job_run.events.dlq");
         assert!(s.delivery.allowed_cidrs.is_empty());
+        let b = s.runs.batch_limits();
+        assert_eq!((b.max_errors, b.max_bytes, b.max_age_ms), (100, 262144, 5000));
     }
 
     #[test]

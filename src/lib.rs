@@ -47,6 +47,7 @@ impl Application {
         } else {
             Secret::parse(&settings.callbacks.secret).context("callbacks.secret")?
         };
+        runs::migrate(store.pool()).await?;
         let engine = Engine::new(&settings, store, Metrics::new(), callback_secret);
         engine.load_webhooks().await?;
 
@@ -63,6 +64,7 @@ impl Application {
                 store: engine.store.clone(),
             }),
         };
+        engine.set_commands(commands.clone());
         let state = web::Data::new(api::AppState {
             settings: settings.clone(),
             engine: engine.clone(),

@@ -33,7 +33,14 @@ pub const DEAD_LETTER_REASONS: &[&str] = &[
     "malformed",
     "event_too_large",
     "run_finished",
+    "run_stopped",
 ];
+/// `reason` a run event was dropped (not delivered, not dead-lettered): a transition the run's
+/// state refuses, a record after a fail_fast failure, an event queued behind a `started` its
+/// webhook answered 400.
+pub const RUN_DROP_REASONS: &[&str] = &["illegal_transition", "run_failed", "run_stopped"];
+/// `status` a run ended with.
+pub const RUN_END_STATUSES: &[&str] = &["completed", "failed", "stopped"];
 /// `kind` of a delivery target.
 pub const TARGET_KINDS: &[&str] = &["webhook", "callback"];
 /// `status_class` of an API response.
@@ -66,8 +73,11 @@ pub struct Metrics {
     pub kafka_consumer_lag: IntGaugeVec,
     pub kafka_committed_offset: IntGaugeVec,
     pub kafka_paused_partitions: IntGauge,
+    pub kafka_assigned_partitions: IntGauge,
     pub kafka_rebalances: IntCounterVec,
     pub parked: IntCounter,
+    pub run_events_dropped: IntCounterVec,
+    pub runs_finished: IntCounterVec,
 }
 
 /// `status` of a consumed Kafka message.
@@ -208,6 +218,10 @@ impl Metrics {
                 "syncrelay_kafka_paused_partitions",
                 "Partitions paused because their buffered events reached bus.kafka.max_buffered_per_partition.",
             ),
+            kafka_assigned_partitions: gauge(
+                "syncrelay_kafka_assigned_partitions",
+                "Partitions currently assigned to this instance by the consumer group.",
+            ),
             kafka_rebalances: counter_vec(
                 "syncrelay_kafka_rebalances_total",
                 "Consumer group rebalance events (partitions assigned or revoked).",
@@ -216,6 +230,16 @@ impl Metrics {
             parked: counter(
                 "syncrelay_deliveries_parked_total",
                 "Deliveries moved from memory to the store's retry queue (failing receiver, or behind a parked event of their run).",
+            ),
+            run_events_dropped: counter_vec(
+                "syncrelay_run_events_dropped_total",
+                "Run events not delivered because the run lifecycle refused them, by reason.",
+                &["reason"],
+            ),
+            runs_finished: counter_vec(
+                "syncrelay_runs_total",
+                "Runs that reached a final status, by status.",
+                &["status"],
             ),
             registry,
         };
@@ -243,6 +267,12 @@ impl Metrics {
         }
         for r in KAFKA_MESSAGE_RESULTS {
             m.kafka_messages.with_label_values(&[r]);
+        }
+        for r in RUN_DROP_REASONS {
+            m.run_events_dropped.with_label_values(&[r]);
+        }
+        for s in RUN_END_STATUSES {
+            m.runs_finished.with_label_values(&[s]);
         }
         for k in REBALANCE_KINDS {
             m.kafka_rebalances.with_label_values(&[k]);

@@ -203,6 +203,13 @@ pub struct Completion {
     pub kind: &'static str,
     pub target_key: String,
     pub created_at: i64,
+    /// The body actually sent when it differs from the queued one (a run's `completed` /
+    /// `failed` gets its final counts at attempt time); stored so the log shows what was signed.
+    pub body: Option<String>,
+    /// For the run lifecycle's outcome counting; not stored.
+    pub run_id: Option<String>,
+    pub event: String,
+    pub resource: Option<String>,
 }
 
 pub struct Page<T> {
@@ -557,7 +564,7 @@ impl Store {
             };
             sqlx::query(
                 "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, first_attempt_at = ?, \
-                 last_status = ?, last_error = ?, finished_at = ? WHERE seq = ?",
+                 last_status = ?, last_error = ?, finished_at = ?, body = COALESCE(?, body) WHERE seq = ?",
             )
             .bind(state)
             .bind(c.attempt_no)
@@ -566,6 +573,7 @@ impl Store {
             .bind(c.attempt.status)
             .bind(&c.attempt.error)
             .bind(finished)
+            .bind(&c.body)
             .bind(c.seq)
             .execute(&mut *tx)
             .await?;
@@ -597,6 +605,41 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Drop the queued (not yet attempted to the end) deliveries of a run, except the rows in
+    /// `keep` (in flight): state `dropped`, never attempted again. Returns (kind, event, body)
+    /// of each.
+    pub async fn drop_queued_for_run(
+        &self,
+        run_id: &str,
+        keep: &[i64],
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, String, String)>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT seq, kind, event, body FROM deliveries WHERE run_id = ? AND state IN ('ready', 'waiting') ORDER BY seq",
+        )
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let seq: i64 = r.get("seq");
+            if keep.contains(&seq) {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE deliveries SET state = 'dropped', finished_at = ?, last_error = 'run_stopped' WHERE seq = ?",
+            )
+            .bind(now)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            out.push((r.get("kind"), r.get("event"), r.get("body")));
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// (queued deliveries, ingest time of the oldest)

@@ -13,7 +13,7 @@ use crate::error::{parse_json, ApiError};
 use crate::runs::db::{self, RunFilter};
 use crate::runs::lifecycle::relay_event_prefix;
 use crate::runs::validate::{compile_args_schema, validate_args};
-use crate::runs::{BatchLimits, ErrorHandling, Run, Runs, Status};
+use crate::runs::{ErrorHandling, Run, Runs, Status};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,9 +54,14 @@ async fn load(state: &State, id: &str) -> Result<Run, ApiError> {
         .ok_or_else(|| ApiError::not_found("sync job run", &id))
 }
 
-fn runs(state: &State) -> Runs {
-    // Batch limits only matter to `on_ingest`; the API only stops runs.
-    Runs::new(state.engine.store.pool().clone(), BatchLimits::default())
+/// The engine's run lifecycle (one instance per process).
+fn runs(state: &State) -> &Runs {
+    &state.engine.runs
+}
+
+/// A run the API stopped or deleted reached its final status.
+fn count_stopped(state: &State) {
+    state.engine.metrics.runs_finished.with_label_values(&["stopped"]).inc();
 }
 
 fn payload_of(run: &Run) -> Map<String, Value> {
@@ -249,6 +254,7 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
             run.status.as_str()
         )));
     };
+    count_stopped(&state);
     state
         .commands
         .publish(&run.id, json!({"type": "stop", "run_id": run.id, "reason": "api"}))
@@ -271,6 +277,7 @@ pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse,
     let run = load(&state, &id).await?;
     let mut events = Vec::new();
     if let Some(flushed) = runs(&state).stop(&run.id, "deleted").await? {
+        count_stopped(&state);
         state
             .commands
             .publish(&run.id, json!({"type": "stop", "run_id": run.id, "reason": "deleted"}))

@@ -100,6 +100,9 @@ impl Tracker {
         let p = parts.entry(tp.clone()).or_default();
         if p.pending.is_empty() && p.next == 0 {
             p.stored = offset;
+        } else if offset > p.next {
+            // Compacted topics and transaction markers leave gaps; anything else is worth a look.
+            tracing::warn!(topic = %tp.0, partition = tp.1, expected = p.next, got = offset, "offset gap");
         }
         p.pending.insert(offset);
         p.next = p.next.max(offset + 1);
@@ -222,6 +225,7 @@ impl ConsumerContext for RelayContext {
             tracing::info!(partitions = ?tps, "partitions revoked: unfinished work is left to the next owner");
             self.metrics.kafka_rebalances.with_label_values(&["revoke"]).inc();
             self.tracker.revoke(&tps);
+            self.metrics.kafka_assigned_partitions.sub(tps.len() as i64);
             for (topic, part) in &tps {
                 let part = part.to_string();
                 let _ = self.metrics.kafka_consumer_lag.remove_label_values(&[topic, &part]);
@@ -236,6 +240,7 @@ impl ConsumerContext for RelayContext {
             tracing::info!(partitions = ?tps, "partitions assigned");
             self.metrics.kafka_rebalances.with_label_values(&["assign"]).inc();
             self.tracker.assign(&tps);
+            self.metrics.kafka_assigned_partitions.add(tps.len() as i64);
         }
     }
 }
@@ -471,13 +476,17 @@ impl KafkaBus {
                 // `inline_attempts`.
                 tracing::debug!(partition = tp.1, "partition buffer full; waiting for it to drain");
                 loop {
+                    // Register before checking, so a wake-up in between is not lost.
                     let notified = self.drained.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
                     if !self.tracker.is_paused(&tp) {
                         break;
                     }
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = notified => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
                 }
             }
@@ -532,16 +541,33 @@ impl KafkaBus {
         };
         self.metrics.kafka_messages.with_label_values(&["accepted"]).inc();
         self.metrics.events_ingested.with_label_values(&["kafka"]).inc();
-        let mut deliveries = Vec::new();
-        let mut dead = Vec::new();
-        let routed = engine.route(&e, now, &mut deliveries, &mut dead);
-        if let Some(reason) = routed.reason {
-            // Unroutable: dead-letter topic on first sight, and the store's dead letters so it
-            // can be inspected and replayed through the API.
-            self.metrics.dead_letters.with_label_values(&[reason]).inc();
+        // The run lifecycle decides first (it may refuse the event, or queue events before or
+        // after it on the same chains). A store error is retried; the message stays unfinished.
+        let mut backoff = Duration::from_millis(50);
+        let (deliveries, dead, routed) = loop {
+            match engine.plan(&e, now).await {
+                Ok(p) => break p,
+                Err(err) => {
+                    if !self.tracker.is_current(&tp, generation) {
+                        return;
+                    }
+                    tracing::error!(error = %format!("{err:#}"), "planning an event failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if !dead.is_empty() {
+            // The store's dead letters, so they can be inspected and replayed through the API.
+            for d in &dead {
+                self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+            }
             if let Err(err) = engine.store.enqueue(&[], &dead, now).await {
                 tracing::error!(error = %format!("{err:#}"), "recording a dead letter failed");
             }
+        }
+        if let Some(reason) = dead.iter().find(|d| d.event_id == e.id).map(|d| d.reason) {
+            // Unroutable or refused: dead-letter topic on first sight.
             if let Err(err) = self
                 .publish_dlq(&raw, key.as_deref(), reason, 0, None, &tp, offset)
                 .await
@@ -729,7 +755,12 @@ impl KafkaBus {
             first_at.get_or_insert(now);
             attempts += 1;
             self.metrics.in_flight.inc();
-            let a = engine.send(&url, &secrets, &d.event_id, attempts, d.body.clone()).await;
+            // A run's completed/failed carries the run's final counts, computed now.
+            let body = engine
+                .attempt_body(&d.event, d.run_id.as_deref(), &d.body)
+                .await
+                .unwrap_or_else(|| d.body.clone());
+            let a = engine.send(&url, &secrets, &d.event_id, attempts, body).await;
             self.metrics.in_flight.dec();
             let kind = d.kind;
             self.metrics
@@ -741,10 +772,18 @@ impl KafkaBus {
                 .with_label_values(&[kind])
                 .observe(a.duration.as_secs_f64());
             let status = a.status.map(i64::from);
+            if let Some(run) = d.run_id.as_deref() {
+                if Engine::stops_run(d.kind, &d.event, a.status) && engine.stop_run(run, "started answered 400").await {
+                    return self.dead(engine, job, "run_stopped", attempts, status, a.error).await;
+                }
+            }
             let verdict = classify(&a.result);
             engine.note_health(&d.target_key, verdict == Verdict::Delivered);
             match verdict {
                 Verdict::Delivered => {
+                    engine
+                        .run_outcome(d.kind, &d.event, d.run_id.as_deref(), &d.body, true)
+                        .await;
                     self.metrics.deliveries.with_label_values(&["delivered", kind]).inc();
                     self.metrics.attempts_per_delivery.observe(attempts as f64);
                     self.metrics
@@ -869,6 +908,9 @@ impl KafkaBus {
         {
             tracing::error!(error = %format!("{e:#}"), "dead-letter topic publish failed");
         }
+        engine
+            .run_outcome(d.kind, &d.event, d.run_id.as_deref(), &d.body, false)
+            .await;
         self.job_done(&job);
     }
 }

@@ -13,19 +13,22 @@
 //!   (at-least-once, same `webhook-id`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::client::{Attempt, DeliveryClient};
 use super::retry::{classify, result_label, RetryPolicy, Verdict};
+use crate::bus::CommandSink;
 use crate::config::Settings;
 use crate::domain::{now_ms, subscribed, Envelope};
 use crate::metrics::Metrics;
+use crate::runs::lifecycle::relay_event_prefix;
+use crate::runs::{Action, Runs};
 use crate::signing::{signature_headers, Secret};
 use crate::store::{AttemptRecord, Completion, NewDeadLetter, NewDelivery, Next, QueuedDelivery, Store, Webhook};
 
@@ -57,7 +60,8 @@ impl WebhookCache {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Routed {
     pub id: String,
-    /// `queued`, `dead_lettered` or `filtered`.
+    /// `queued`, `dead_lettered`, `filtered`, `dropped` (refused by its run's lifecycle; `reason`
+    /// says why) or `batched` (a record error taken into its run's batch).
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
@@ -68,6 +72,11 @@ pub struct Engine {
     pub store: Store,
     pub metrics: Metrics,
     pub webhooks: WebhookCache,
+    /// The run lifecycle (one instance for the engine, the API and the Kafka consumer).
+    pub runs: Arc<Runs>,
+    /// Where stop commands go when a run is stopped by a delivery outcome (set at startup).
+    commands: OnceLock<Arc<dyn CommandSink>>,
+    batch_tick: Duration,
     client: DeliveryClient,
     policy: RetryPolicy,
     callback_secret: Secret,
@@ -120,10 +129,15 @@ impl Engine {
             d.response_excerpt_bytes,
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let limits = settings.runs.batch_limits();
+        let runs = Arc::new(Runs::new(store.pool().clone(), limits));
         Arc::new(Engine {
             store,
             metrics,
             webhooks: WebhookCache::default(),
+            runs,
+            commands: OnceLock::new(),
+            batch_tick: Duration::from_millis((limits.max_age_ms / 2).clamp(50, 5000) as u64),
             client,
             policy: RetryPolicy::from(&d.retry),
             callback_secret,
@@ -138,6 +152,11 @@ impl Engine {
             done_tx,
             done_rx: Mutex::new(Some(done_rx)),
         })
+    }
+
+    /// The command sink stop commands are published to (runs stopped by a 400 to `started`).
+    pub fn set_commands(&self, commands: Arc<dyn CommandSink>) {
+        let _ = self.commands.set(commands);
     }
 
     pub fn client(&self) -> &DeliveryClient {
@@ -251,17 +270,113 @@ impl Engine {
         }
     }
 
-    /// Route and durably queue events; returns once they are committed.
-    pub async fn ingest(&self, events: &[Envelope], source: &str) -> anyhow::Result<Vec<Routed>> {
-        let now = now_ms();
-        let mut out = Vec::with_capacity(events.len());
+    /// Plan one event: ask the run lifecycle about it (events of a run the relay knows), then
+    /// route it and whatever the lifecycle queues before and after it (a batch flush ahead of a
+    /// terminal event, `sync_job_run:failed` after a fail_fast error, a full batch), in that
+    /// order, on the same chains. Returns the deliveries and dead letters to queue and what
+    /// happened to the event itself. Changes the run's state (not the queue): call it once per
+    /// event, in order, and queue its result.
+    pub async fn plan(&self, e: &Envelope, now: i64) -> anyhow::Result<(Vec<NewDelivery>, Vec<NewDeadLetter>, Routed)> {
+        let mut out = Vec::new();
         let mut dead = Vec::new();
-        let routed: Vec<Routed> = events.iter().map(|e| self.route(e, now, &mut out, &mut dead)).collect();
-        self.store.enqueue(&out, &dead, now).await?;
+        let decision = match &e.sync_job_run_id {
+            Some(_) => self.runs.on_ingest(e).await?,
+            None => None,
+        };
+        let Some(d) = decision else {
+            // Not a run the relay knows: deliver as the event says.
+            let routed = self.route(e, now, &mut out, &mut dead);
+            return Ok((out, dead, routed));
+        };
+        let relay_made = e
+            .sync_job_run_id
+            .as_deref()
+            .is_some_and(|r| e.id.starts_with(&relay_event_prefix(r)));
+        for b in &d.before {
+            self.route(b, now, &mut out, &mut dead);
+        }
+        let routed = match d.action {
+            Action::Deliver => {
+                if !relay_made {
+                    if let Some(status) = final_status(&e.event) {
+                        self.metrics.runs_finished.with_label_values(&[status]).inc();
+                    }
+                }
+                let main = Envelope {
+                    webhook_id: d.webhook_id.clone(),
+                    callback_url: d.callback_url.clone(),
+                    ..e.clone()
+                };
+                self.route(&main, now, &mut out, &mut dead)
+            }
+            Action::Drop { reason } => {
+                self.metrics.run_events_dropped.with_label_values(&[reason]).inc();
+                Routed {
+                    id: e.id.clone(),
+                    status: "dropped",
+                    reason: Some(reason),
+                    deliveries: 0,
+                }
+            }
+            Action::DeadLetter { reason } => {
+                dead.push(NewDeadLetter {
+                    delivery_id: None,
+                    event_id: e.id.clone(),
+                    event: e.event.clone(),
+                    webhook_id: d.webhook_id.clone(),
+                    kind: "webhook",
+                    reason,
+                    attempts: 0,
+                    last_status: None,
+                    last_error: None,
+                    raw: e.to_json().to_string(),
+                });
+                Routed {
+                    id: e.id.clone(),
+                    status: "dead_lettered",
+                    reason: Some(reason),
+                    deliveries: 0,
+                }
+            }
+            Action::Absorb => Routed {
+                id: e.id.clone(),
+                status: "batched",
+                reason: None,
+                deliveries: 0,
+            },
+        };
+        for a in &d.after {
+            if a.event == "sync_job_run:failed" {
+                self.metrics.runs_finished.with_label_values(&["failed"]).inc();
+            }
+            self.route(a, now, &mut out, &mut dead);
+        }
+        Ok((out, dead, routed))
+    }
+
+    /// Plan and durably queue events; returns once they are committed.
+    pub async fn ingest(&self, events: &[Envelope], source: &str) -> anyhow::Result<Vec<Routed>> {
+        let routed = self.queue(events).await?;
         self.metrics
             .events_ingested
             .with_label_values(&[source])
             .inc_by(events.len() as u64);
+        Ok(routed)
+    }
+
+    /// `ingest` without counting the events as ingested (events the relay makes itself).
+    async fn queue(&self, events: &[Envelope]) -> anyhow::Result<Vec<Routed>> {
+        let now = now_ms();
+        let mut out = Vec::with_capacity(events.len());
+        let mut dead = Vec::new();
+        let mut routed = Vec::with_capacity(events.len());
+        for e in events {
+            let (o, d, r) = self.plan(e, now).await?;
+            out.extend(o);
+            dead.extend(d);
+            routed.push(r);
+        }
+        self.store.enqueue(&out, &dead, now).await?;
         for d in &dead {
             self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
         }
@@ -274,6 +389,132 @@ impl Engine {
             self.notify();
         }
         Ok(routed)
+    }
+
+    // ---- runs -------------------------------------------------------------------------------
+
+    /// The body to send for this attempt: a run's `completed` / `failed` gets the run's final
+    /// counts (`Runs::terminal_payload`) merged into its payload now, when every earlier event
+    /// of the run to this webhook was answered or dead-lettered (the chain's order). `None`:
+    /// send the queued body as it is.
+    pub async fn attempt_body(&self, event: &str, run_id: Option<&str>, body: &str) -> Option<String> {
+        if !matches!(event, "sync_job_run:completed" | "sync_job_run:failed") {
+            return None;
+        }
+        let counts = match self.runs.terminal_payload(run_id?).await {
+            Ok(Value::Object(c)) if !c.is_empty() => c,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "run counts unavailable; sending the queued body");
+                return None;
+            }
+        };
+        let mut v: Map<String, Value> = serde_json::from_str(body).ok()?;
+        let Some(Value::Object(payload)) = v.get_mut("payload") else {
+            return None;
+        };
+        for (k, x) in counts {
+            payload.insert(k, x);
+        }
+        let new = serde_json::to_string(&Value::Object(v)).ok()?;
+        (new != body).then_some(new)
+    }
+
+    /// Count a finished delivery on its run: call once per delivery to a registered webhook
+    /// (not callback copies) when it was answered 2xx (`delivered`) or dead-lettered.
+    pub async fn run_outcome(&self, kind: &str, event: &str, run_id: Option<&str>, body: &str, delivered: bool) {
+        if kind != "webhook" {
+            return;
+        }
+        let resource = record_resource(event, body);
+        self.count_outcome(run_id, event, resource.as_deref(), delivered).await;
+    }
+
+    async fn count_outcome(&self, run_id: Option<&str>, event: &str, resource: Option<&str>, delivered: bool) {
+        let Some(run_id) = run_id else { return };
+        if event != "sync_job_run:record" {
+            return;
+        }
+        if let Err(e) = self.runs.on_outcome(run_id, event, resource, delivered).await {
+            tracing::error!(error = %format!("{e:#}"), run_id, "counting a run outcome failed");
+        }
+    }
+
+    /// Does this answer stop its run? A 400 to `sync_job_run:started` from the run's webhook.
+    pub fn stops_run(kind: &str, event: &str, status: Option<u16>) -> bool {
+        kind == "webhook" && event == "sync_job_run:started" && status == Some(400)
+    }
+
+    /// Stop an active run because its webhook refused it: status `stopped`, the run's queued
+    /// deliveries are dropped (counted), a stop command is published for executors, and a
+    /// gathered batch of errors is queued. Returns false when the run is unknown or no longer
+    /// active (nothing changed).
+    pub async fn stop_run(&self, run_id: &str, why: &str) -> bool {
+        let flushed = match self.runs.stop(run_id, why).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), run_id, "stopping a run failed");
+                return false;
+            }
+        };
+        tracing::info!(run_id, reason = why, "run stopped");
+        self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
+        let keep: Vec<i64> = self.in_flight.lock().expect("lock").rows.iter().copied().collect();
+        match self.store.drop_queued_for_run(run_id, &keep, now_ms()).await {
+            Ok(dropped) => {
+                let webhook: Vec<_> = dropped.iter().filter(|(k, _, _)| k == "webhook").collect();
+                self.metrics
+                    .run_events_dropped
+                    .with_label_values(&["run_stopped"])
+                    .inc_by(webhook.len() as u64);
+                let resources: Vec<String> = webhook
+                    .iter()
+                    .filter(|(_, ev, _)| matches!(ev.as_str(), "sync_job_run:record" | "sync_job_run:record_error"))
+                    .map(|(_, _, body)| payload_resource(body).unwrap_or_else(|| "unknown".into()))
+                    .collect();
+                if let Err(e) = self.runs.note_dropped(run_id, &resources).await {
+                    tracing::error!(error = %format!("{e:#}"), run_id, "counting dropped events failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), run_id, "dropping a stopped run's deliveries failed"),
+        }
+        match self.commands.get() {
+            Some(c) => {
+                let cmd = json!({"type": "stop", "run_id": run_id, "reason": why});
+                if let Err(e) = c.publish(run_id, cmd).await {
+                    tracing::error!(error = %format!("{e:#}"), run_id, "publishing a stop command failed");
+                }
+            }
+            None => tracing::warn!(run_id, "no command sink: stop command not published"),
+        }
+        if !flushed.is_empty() {
+            if let Err(e) = self.queue(&flushed).await {
+                tracing::error!(error = %format!("{e:#}"), run_id, "queueing a stopped run's batch failed");
+            }
+        }
+        true
+    }
+
+    /// Batch mode: every so often, queue the batches of record errors that are due by age.
+    async fn flush_batches(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.batch_tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.runs.flush_due_batches().await {
+                Ok(due) if !due.is_empty() => {
+                    if let Err(e) = self.queue(&due).await {
+                        tracing::error!(error = %format!("{e:#}"), batches = due.len(), "queueing due error batches failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "flushing due error batches failed"),
+            }
+        }
     }
 
     /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
@@ -314,6 +555,7 @@ impl Engine {
         let rx = self.done_rx.lock().expect("lock").take().expect("engine runs once");
         let writer = tokio::spawn(self.clone().write_outcomes(rx));
         let housekeeping = tokio::spawn(self.clone().housekeeping(stop.clone(), self.retention));
+        let flusher = tokio::spawn(self.clone().flush_batches(stop.clone()));
         self.clone().dispatch(stop).await;
         let until = Instant::now() + deadline;
         while self.in_flight() > 0 && Instant::now() < until {
@@ -328,6 +570,7 @@ impl Engine {
         }
         writer.abort();
         housekeeping.abort();
+        flusher.abort();
     }
 
     async fn dispatch(self: Arc<Self>, stop: CancellationToken) {
@@ -473,6 +716,13 @@ impl Engine {
         let now = now_ms();
         let attempt_no = q.attempts + 1;
         let kind: &'static str = if q.kind == "callback" { "callback" } else { "webhook" };
+        let final_body = self.attempt_body(&q.event, q.run_id.as_deref(), &q.body).await;
+        let body = final_body.clone().unwrap_or_else(|| q.body.clone());
+        let resource = if kind == "webhook" && q.run_id.is_some() {
+            record_resource(&q.event, &q.body)
+        } else {
+            None
+        };
         let dead = |reason: &'static str, status: Option<i64>, error: Option<String>, attempts: i64| NewDeadLetter {
             delivery_id: Some(q.id.clone()),
             event_id: q.event_id.clone(),
@@ -483,12 +733,16 @@ impl Engine {
             attempts,
             last_status: status,
             last_error: error,
-            raw: q.body.clone(),
+            raw: body.clone(),
         };
         let (url, secrets) = match self.target(&q.kind, q.webhook_id.as_deref(), q.target_url.as_deref(), now) {
             Ok(t) => t,
             Err(reason) => {
                 let dl = dead(reason, None, Some(reason.to_string()), q.attempts);
+                if kind == "webhook" {
+                    self.count_outcome(q.run_id.as_deref(), &q.event, resource.as_deref(), false)
+                        .await;
+                }
                 let res = self.store.dead_letter_queued(&q, &dl, now).await;
                 if let Err(e) = res {
                     tracing::error!(error = %format!("{e:#}"), "could not dead-letter delivery");
@@ -503,7 +757,7 @@ impl Engine {
                 return;
             }
         };
-        let a = self.send(&url, &secrets, &q.event_id, attempt_no, q.body.clone()).await;
+        let a = self.send(&url, &secrets, &q.event_id, attempt_no, body.clone()).await;
         let finished = now_ms();
         self.metrics
             .attempts
@@ -516,7 +770,14 @@ impl Engine {
         let first = q.first_attempt_at.unwrap_or(now);
         let status = a.status.map(|s| s as i64);
         self.note_health(&q.target_key, matches!(classify(&a.result), Verdict::Delivered));
+        // A 400 to `started`: the receiver refuses the run. Stop it; this event is finished.
+        let refused = Self::stops_run(kind, &q.event, a.status)
+            && match &q.run_id {
+                Some(run) => self.stop_run(run, "started answered 400").await,
+                None => false,
+            };
         let next = match classify(&a.result) {
+            _ if refused => Next::Dead(dead("run_stopped", status, a.error.clone(), attempt_no)),
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
                 let elapsed = Duration::from_millis((finished - first).max(0) as u64);
@@ -558,6 +819,10 @@ impl Engine {
             kind,
             target_key: q.target_key.clone(),
             created_at: q.created_at,
+            body: final_body,
+            run_id: q.run_id.clone(),
+            event: q.event.clone(),
+            resource,
         };
         if self.done_tx.send(c).is_err() {
             // Shutting down: the row stays ready and is attempted again after restart.
@@ -607,6 +872,19 @@ impl Engine {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
                     Err(_) => break,
+                }
+            }
+            // Count outcomes on their runs before the commit promotes the next event of the
+            // chain, so a run's `completed` (attempted after that) sees final counts.
+            for c in &batch {
+                let delivered = match &c.next {
+                    Next::Delivered => true,
+                    Next::Dead(_) => false,
+                    Next::Retry { .. } => continue,
+                };
+                if c.kind == "webhook" {
+                    self.count_outcome(c.run_id.as_deref(), &c.event, c.resource.as_deref(), delivered)
+                        .await;
                 }
             }
             // A failed commit is retried: an outcome is never dropped (the row would otherwise
@@ -697,4 +975,27 @@ impl Engine {
             }
         }
     }
+}
+
+/// `completed`, `failed` or `stopped` for a run's terminal events.
+fn final_status(event: &str) -> Option<&'static str> {
+    match event {
+        "sync_job_run:completed" => Some("completed"),
+        "sync_job_run:failed" => Some("failed"),
+        "sync_job_run:stopped" => Some("stopped"),
+        _ => None,
+    }
+}
+
+/// `payload.resource` of a `sync_job_run:record` delivery body (what run outcomes count by).
+fn record_resource(event: &str, body: &str) -> Option<String> {
+    if event != "sync_job_run:record" {
+        return None;
+    }
+    payload_resource(body)
+}
+
+fn payload_resource(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    v.get("payload")?.get("resource")?.as_str().map(str::to_string)
 }

@@ -198,6 +198,14 @@ impl Runs {
         let Some(run_id) = &e.sync_job_run_id else {
             return Ok(None);
         };
+        // Most events of runs created elsewhere: a plain read, without taking the write lock.
+        let known: i64 = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM sync_job_runs WHERE id = ?)")
+            .bind(run_id)
+            .fetch_one(&self.pool)
+            .await?;
+        if known == 0 {
+            return Ok(None);
+        }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let Some((mut run, mut batch)) = Self::load(&mut tx, run_id).await? else {
             return Ok(None);
@@ -311,7 +319,8 @@ impl Runs {
                     }
                 }
             }
-            _ => {}
+            // `created`, `updated`, `deleted`, `alert`, ...: delivered, the run is unchanged.
+            _ => return Ok(Some(d)),
         }
         if illegal {
             run.illegal_transitions += 1;
@@ -350,6 +359,25 @@ impl Runs {
             s.records_delivered += 1;
         } else {
             s.records_dead_lettered += 1;
+        }
+        run.updated_at = now_ms();
+        Self::save(&mut tx, &run, &batch).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Count records and record errors of a run that were queued but will not be delivered
+    /// (dropped after the run stopped), one resource name per event.
+    pub async fn note_dropped(&self, run_id: &str, resources: &[String]) -> anyhow::Result<()> {
+        if resources.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some((mut run, batch)) = Self::load(&mut tx, run_id).await? else {
+            return Ok(());
+        };
+        for r in resources {
+            run.resource_stats.entry(r.clone()).or_default().dropped += 1;
         }
         run.updated_at = now_ms();
         Self::save(&mut tx, &run, &batch).await?;

@@ -72,6 +72,18 @@ impl Broker {
         );
     }
 
+    /// `relay_env` for a static group member (`group.instance.id`): a restarted instance takes
+    /// its partitions back instead of joining as a new member.
+    pub fn relay_env_static(&self, group: &str, topic: &str, instance: &str) -> Vec<(String, String)> {
+        let mut env = self.relay_env(group, topic);
+        let (_, lib) = env
+            .iter_mut()
+            .find(|(k, _)| k == "SYNCRELAY__BUS__KAFKA__LIBRDKAFKA")
+            .unwrap();
+        *lib = lib.replacen('{', &format!("{{\"group.instance.id\":\"{instance}\","), 1);
+        env
+    }
+
     /// librdkafka settings tests pass to the relay (group joins in seconds against tansu).
     pub fn relay_env(&self, group: &str, topic: &str) -> Vec<(String, String)> {
         vec![
@@ -102,8 +114,14 @@ impl Broker {
             .unwrap()
     }
 
-    /// Produce (key, value) pairs in order, waiting for every acknowledgement.
-    pub async fn produce(&self, topic: &str, messages: &[(Option<String>, Vec<u8>)]) {
+    /// Produce (key, value) pairs in order, waiting for every acknowledgement. Returns the log
+    /// end per partition (one past the highest acknowledged offset).
+    pub async fn produce(
+        &self,
+        topic: &str,
+        messages: &[(Option<String>, Vec<u8>)],
+    ) -> std::collections::BTreeMap<i32, i64> {
+        let mut ends = std::collections::BTreeMap::new();
         let p = self.producer();
         for chunk in messages.chunks(1000) {
             let futs = chunk.iter().map(|(k, v)| {
@@ -114,9 +132,12 @@ impl Broker {
                 p.send(r, Duration::from_secs(30))
             });
             for r in futures_util::future::join_all(futs).await {
-                r.map_err(|(e, _)| e).expect("produce");
+                let d = r.map_err(|(e, _)| e).expect("produce");
+                let end = ends.entry(d.partition).or_insert(0);
+                *end = (*end).max(d.offset + 1);
             }
         }
+        ends
     }
 
     /// Read everything on `topic` (all partitions) from the start: (headers, value).
