@@ -100,6 +100,7 @@ impl Tracker {
         let p = parts.entry(tp.clone()).or_default();
         if p.pending.is_empty() && p.next == 0 {
             p.stored = offset;
+            tracing::info!(topic = %tp.0, partition = tp.1, offset, "first message after assignment");
         } else if offset > p.next {
             // Compacted topics and transaction markers leave gaps; anything else is worth a look.
             tracing::warn!(topic = %tp.0, partition = tp.1, expected = p.next, got = offset, "offset gap");
@@ -127,6 +128,9 @@ impl Tracker {
         p.pending.remove(&offset);
         let watermark = p.pending.first().copied().unwrap_or(p.next);
         let store = (watermark > p.stored).then(|| {
+            if watermark / 250 != p.stored / 250 {
+                tracing::debug!(topic = %tp.0, partition = tp.1, watermark, "offset stored");
+            }
             p.stored = watermark;
             watermark
         });
