@@ -301,15 +301,7 @@ async fn metrics_count_what_happened() {
     rx.wait_for(Duration::from_secs(10), "10 attempts", |g| g.len() >= 10)
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series))

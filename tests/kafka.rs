@@ -70,15 +70,7 @@ async fn ten_thousand_events_over_a_hundred_runs_arrive_in_order_with_valid_sign
     if std::env::var("KAFKA_TEST_DEBUG").is_ok() {
         for _ in 0..30 {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let text = app
-                .http
-                .get(format!("{}/metrics", app.base))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = app.metrics_text().await;
             let k: Vec<&str> = text
                 .lines()
                 .filter(|l| {
@@ -240,21 +232,8 @@ async fn a_failing_webhook_does_not_hold_up_other_runs_of_its_partition() {
     for r in 0..10 {
         assert_eq!(per_run[&run_id(r)], (0..20).collect::<Vec<_>>(), "run {r} in order");
     }
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let parked: f64 = text
-        .lines()
-        .find(|l| l.starts_with("syncrelay_deliveries_parked_total "))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let text = app.metrics_text().await;
+    let parked = metric_value(&text, "syncrelay_deliveries_parked_total ");
     assert!(parked > 0.0, "the failing run was parked in the store");
     let offs = wait_committed_at_end(&broker, "g3", "ev3", 200).await;
     assert_eq!(ends[&0], 200);
@@ -262,14 +241,6 @@ async fn a_failing_webhook_does_not_hold_up_other_runs_of_its_partition() {
         offs[0].1, 200,
         "the committed offset reached the end of the 200 events: {offs:?}"
     );
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Start the relay again and wait until the group gave it all 4 partitions. tansu 0.6 sometimes
@@ -287,16 +258,8 @@ async fn restart_holding_all_partitions(
         let mut relay = RelayProcess::start_with(data, port, extra, broker.relay_env("g4", "ev4")).await;
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
-            let text = relay
-                .http
-                .get(format!("{}/metrics", relay.base))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if metric(&text, "syncrelay_kafka_assigned_partitions ") as i64 == 4 {
+            let text = relay.metrics_text().await;
+            if metric_value(&text, "syncrelay_kafka_assigned_partitions ") as i64 == 4 {
                 return relay;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -404,26 +367,10 @@ async fn two_instances(kill_one: bool) {
     // Wait for both to hold an assignment.
     let until = Instant::now() + Duration::from_secs(40);
     loop {
-        let ta = a
-            .http
-            .get(format!("{}/metrics", a.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let tb = b
-            .http
-            .get(format!("{}/metrics", b.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let la = metric(&ta, "syncrelay_kafka_assigned_partitions ") as i64;
-        let lb = metric(&tb, "syncrelay_kafka_assigned_partitions ") as i64;
+        let ta = a.metrics_text().await;
+        let tb = b.metrics_text().await;
+        let la = metric_value(&ta, "syncrelay_kafka_assigned_partitions ") as i64;
+        let lb = metric_value(&tb, "syncrelay_kafka_assigned_partitions ") as i64;
         if la > 0 && lb > 0 && la + lb == 4 {
             println!("partitions: instance A {la}, instance B {lb}");
             break;
@@ -447,26 +394,12 @@ async fn two_instances(kill_one: bool) {
     broker.produce("ev5", &msgs).await;
     rx.wait_for(Duration::from_secs(60), "some deliveries", |g| g.len() >= 800)
         .await;
-    let da = metric(
-        &a.http
-            .get(format!("{}/metrics", a.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+    let da = metric_value(
+        &a.metrics_text().await,
         "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
     );
-    let db = metric(
-        &b.http
-            .get(format!("{}/metrics", b.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+    let db = metric_value(
+        &b.metrics_text().await,
         "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
     );
     assert!(da > 0.0 && db > 0.0, "both instances delivered (A {da}, B {db})");

@@ -107,15 +107,7 @@ async fn wait_status(app: &TestApp, run: &str, status: &str) -> Value {
 }
 
 async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no series {series}"))

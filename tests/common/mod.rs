@@ -296,6 +296,18 @@ pub trait Api {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// `GET /metrics` (no token needed).
+    async fn metrics_text(&self) -> String {
+        self.client()
+            .get(format!("{}/metrics", self.base()))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
@@ -446,4 +458,13 @@ fn rand_suffix() -> u128 {
 /// SIGTERM through the `kill` command (no unsafe code in tests).
 fn unsafe_free_sigterm(pid: u32) {
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+}
+
+/// The value of the first series in Prometheus text that starts with `series` (0 when absent).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
