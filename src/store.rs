@@ -431,17 +431,7 @@ impl Store {
     pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for d in deliveries {
-            let busy =
-                match &d.order_key {
-                    Some(k) => sqlx::query_scalar::<_, i64>(
-                        "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
-                    )
-                    .bind(k)
-                    .fetch_one(&mut *tx)
-                    .await?
-                        != 0,
-                    None => false,
-                };
+            let busy = chain_busy(&mut tx, d.order_key.as_deref()).await?;
             sqlx::query(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
                  order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) \
@@ -827,16 +817,7 @@ impl Store {
                         continue;
                     };
                     let order_key: Option<String> = d.get("order_key");
-                    let busy = match &order_key {
-                        Some(k) => sqlx::query_scalar::<_, i64>(
-                            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
-                        )
-                        .bind(k)
-                        .fetch_one(&mut *tx)
-                        .await?
-                            != 0,
-                        None => false,
-                    };
+                    let busy = chain_busy(&mut tx, order_key.as_deref()).await?;
                     sqlx::query(
                         "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
                          order_key, body, state, attempts, next_attempt_at, created_at) \
@@ -906,6 +887,19 @@ async fn insert_dead_letter(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Does the chain `order_key` still have queued deliveries? A new row of a busy chain waits
+/// behind them; a row with no chain never waits.
+async fn chain_busy(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: Option<&str>) -> anyhow::Result<bool> {
+    let Some(k) = order_key else { return Ok(false) };
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+    )
+    .bind(k)
+    .fetch_one(&mut **tx)
+    .await?
+        != 0)
 }
 
 async fn promote_next(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: &str, now: i64) -> anyhow::Result<()> {

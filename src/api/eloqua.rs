@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::sync_jobs::pool;
-use super::{read_body, State};
-use crate::domain::{now_ms, parse_target_url, rfc3339_ms};
+use super::{check_target_url, read_body, State};
+use crate::domain::{now_ms, rfc3339_ms};
 use crate::error::{parse_json, ApiError};
 use crate::runs::db::{self, EloquaSync};
 
@@ -44,17 +44,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         ));
     }
     let callback = match &req.callback_url {
-        Some(raw) => {
-            let url = parse_target_url("callbackURL", raw, state.settings.delivery.https_only)?;
-            state
-                .engine
-                .client()
-                .policy()
-                .check_url(&url)
-                .await
-                .map_err(|m| ApiError::field("callbackURL", m))?;
-            Some(url.to_string())
-        }
+        Some(raw) => Some(check_target_url(&state, "callbackURL", raw).await?.to_string()),
         None => None,
     };
     if req.validate_only {

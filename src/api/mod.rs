@@ -135,6 +135,20 @@ async fn observe(
     Ok(res)
 }
 
+/// Parse a delivery target URL given in `field` and refuse it when it resolves to an address
+/// deliveries may not reach (the registration-time half of the SSRF guard).
+pub async fn check_target_url(state: &State, field: &str, raw: &str) -> Result<url::Url, ApiError> {
+    let url = crate::domain::parse_target_url(field, raw, state.settings.delivery.https_only)?;
+    state
+        .engine
+        .client()
+        .policy()
+        .check_url(&url)
+        .await
+        .map_err(|m| ApiError::field(field, m))?;
+    Ok(url)
+}
+
 /// Read a request body up to `max` bytes; beyond that a typed 413 naming the limit.
 pub async fn read_body(mut payload: web::Payload, max: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();

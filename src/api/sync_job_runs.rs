@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::sync_jobs::pool;
-use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_target_url, parse_uuid, rfc3339_ms, Envelope};
+use super::{check_target_url, list_response, read_body, PageQuery, State};
+use crate::domain::{now_ms, parse_uuid, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
 use crate::runs::db::{self, RunFilter};
 use crate::runs::lifecycle::relay_event_prefix;
@@ -136,17 +136,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         validate_args(&v, &args)?;
     }
     let callback_url = match &req.callback_url {
-        Some(raw) => {
-            let url = parse_target_url("callback_url", raw, state.settings.delivery.https_only)?;
-            state
-                .engine
-                .client()
-                .policy()
-                .check_url(&url)
-                .await
-                .map_err(|m| ApiError::field("callback_url", m))?;
-            Some(url.to_string())
-        }
+        Some(raw) => Some(check_target_url(&state, "callback_url", raw).await?.to_string()),
         None => None,
     };
     if req.validate_only {

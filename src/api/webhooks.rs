@@ -5,8 +5,8 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_target_url, parse_uuid, rfc3339_ms, valid_event_name};
+use super::{check_target_url, list_response, read_body, PageQuery, State};
+use crate::domain::{now_ms, parse_uuid, rfc3339_ms, valid_event_name};
 use crate::error::{parse_json, ApiError};
 use crate::signing::Secret;
 use crate::store::Webhook;
@@ -64,18 +64,6 @@ fn check_event_types(types: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn check_target(state: &State, raw: &str) -> Result<url::Url, ApiError> {
-    let url = parse_target_url("target_url", raw, state.settings.delivery.https_only)?;
-    state
-        .engine
-        .client()
-        .policy()
-        .check_url(&url)
-        .await
-        .map_err(|m| ApiError::field("target_url", m))?;
-    Ok(url)
-}
-
 fn webhook_id(raw: &str) -> Result<String, ApiError> {
     parse_uuid("id", raw).map_err(|_| ApiError::not_found("webhook", raw))
 }
@@ -93,7 +81,7 @@ async fn load(state: &State, id: &str) -> Result<Webhook, ApiError> {
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, state.settings.http.max_body_bytes).await?;
     let req: CreateWebhook = parse_json(&body)?;
-    let url = check_target(&state, &req.target_url).await?;
+    let url = check_target_url(&state, "target_url", &req.target_url).await?;
     check_event_types(&req.event_types)?;
     let secret = match &req.secret {
         Some(s) => Secret::parse(s).map_err(|e| ApiError::field("secret", e.to_string()))?,
@@ -139,7 +127,7 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     let req: UpdateWebhook = parse_json(&body)?;
     let mut w = load(&state, &id).await?;
     if let Some(u) = &req.target_url {
-        w.target_url = check_target(&state, u).await?.to_string();
+        w.target_url = check_target_url(&state, "target_url", u).await?.to_string();
     }
     if let Some(t) = req.event_types {
         check_event_types(&t)?;
