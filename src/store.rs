@@ -429,45 +429,100 @@ impl Store {
     /// Durably queue deliveries and record dead letters, in one transaction: when this returns
     /// Ok the events are committed.
     pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
+        self.enqueue_claiming(deliveries, dead, now, |_| {}).await.map(|_| ())
+    }
+
+    /// [`Store::enqueue`], handing the rows that are ready now to `claim` just before the
+    /// commit (the engine takes them into its in-memory ready queue; no dispatcher query can
+    /// see them before they are claimed) and returning them.
+    pub async fn enqueue_claiming(
+        &self,
+        deliveries: &[NewDelivery],
+        dead: &[NewDeadLetter],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]),
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for d in deliveries {
-            let busy = chain_busy(&mut tx, d.order_key.as_deref()).await?;
-            sqlx::query(
+        let keys: Vec<&str> = deliveries
+            .iter()
+            .filter_map(|d| d.order_key.as_deref())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut busy = busy_chains(&mut tx, &keys).await?;
+        // The first row of a chain that has nothing queued is ready; every later one waits.
+        let states: Vec<&'static str> = deliveries
+            .iter()
+            .map(|d| match d.order_key.as_deref() {
+                Some(k) if !busy.insert(k.to_string()) => "waiting",
+                _ => "ready",
+            })
+            .collect();
+        let mut seqs: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
+            let mut sql = String::from(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&d.id)
-            .bind(&d.event_id)
-            .bind(&d.event)
-            .bind(&d.run_id)
-            .bind(d.kind)
-            .bind(&d.webhook_id)
-            .bind(&d.target_url)
-            .bind(&d.target_key)
-            .bind(&d.order_key)
-            .bind(&d.body)
-            .bind(if busy { "waiting" } else { "ready" })
-            .bind(d.attempts)
-            .bind(d.next_attempt_at.unwrap_or(now))
-            .bind(d.first_attempt_at)
-            .bind(d.created_at)
-            .execute(&mut *tx)
-            .await?;
+                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(" RETURNING seq, id");
+            let mut q = sqlx::query(&sql);
+            for (d, state) in chunk.iter().zip(st) {
+                q = q
+                    .bind(&d.id)
+                    .bind(&d.event_id)
+                    .bind(&d.event)
+                    .bind(&d.run_id)
+                    .bind(d.kind)
+                    .bind(&d.webhook_id)
+                    .bind(&d.target_url)
+                    .bind(&d.target_key)
+                    .bind(&d.order_key)
+                    .bind(&d.body)
+                    .bind(*state)
+                    .bind(d.attempts)
+                    .bind(d.next_attempt_at.unwrap_or(now))
+                    .bind(d.first_attempt_at)
+                    .bind(d.created_at);
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                seqs.insert(r.get("id"), r.get("seq"));
+            }
         }
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
         }
+        let ready: Vec<QueuedDelivery> = deliveries
+            .iter()
+            .zip(&states)
+            .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
+            .filter_map(|(d, _)| {
+                Some(QueuedDelivery {
+                    seq: *seqs.get(&d.id)?,
+                    id: d.id.clone(),
+                    event_id: d.event_id.clone(),
+                    event: d.event.clone(),
+                    run_id: d.run_id.clone(),
+                    kind: d.kind.to_string(),
+                    webhook_id: d.webhook_id.clone(),
+                    target_url: d.target_url.clone(),
+                    target_key: d.target_key.clone(),
+                    order_key: d.order_key.clone(),
+                    body: d.body.clone(),
+                    attempts: d.attempts,
+                    first_attempt_at: d.first_attempt_at,
+                    created_at: d.created_at,
+                })
+            })
+            .collect();
+        claim(&ready);
         tx.commit().await?;
-        Ok(())
+        Ok(ready)
     }
 
     /// Ready deliveries due by `now`, oldest due first, skipping targets at their in-flight cap.
     pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
-        let mut sql = String::from(
-            "SELECT seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, \
-             attempts, first_attempt_at, created_at FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?",
-        );
+        let mut sql = format!("SELECT {QUEUED_COLUMNS} FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?");
         if !skip_targets.is_empty() {
             sql.push_str(" AND target_key NOT IN (");
             sql.push_str(&vec!["?"; skip_targets.len()].join(","));
@@ -479,25 +534,7 @@ impl Store {
             q = q.bind(t);
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(|r| QueuedDelivery {
-                seq: r.get("seq"),
-                id: r.get("id"),
-                event_id: r.get("event_id"),
-                event: r.get("event"),
-                run_id: r.get("run_id"),
-                kind: r.get("kind"),
-                webhook_id: r.get("webhook_id"),
-                target_url: r.get("target_url"),
-                target_key: r.get("target_key"),
-                order_key: r.get("order_key"),
-                body: r.get("body"),
-                attempts: r.get("attempts"),
-                first_attempt_at: r.get("first_attempt_at"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        Ok(rows.iter().map(queued_from_row).collect())
     }
 
     /// Does this run/target chain still have queued deliveries?
@@ -521,63 +558,87 @@ impl Store {
         .await?)
     }
 
-    /// When the next ready delivery becomes due, if any.
-    pub async fn next_due_at(&self) -> anyhow::Result<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready'")
-                .fetch_one(&self.pool)
-                .await?,
+    /// When the next ready delivery due after `now` becomes due, if any.
+    pub async fn next_due_after(&self, now: i64) -> anyhow::Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready' AND next_attempt_at > ?",
         )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
-    /// Record a batch of finished attempts in one transaction (group commit).
-    pub async fn complete(&self, batch: &[Completion], now: i64) -> anyhow::Result<()> {
+    /// Record a batch of finished attempts in one transaction (group commit), promoting the
+    /// next row of every chain whose head finished. The promoted rows (ready now) are handed
+    /// to `claim` just before the commit and returned.
+    pub async fn complete(
+        &self,
+        batch: &[Completion],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]),
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in batch.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(&c.delivery_id)
+                    .bind(c.attempt_no)
+                    .bind(c.attempt.started_at)
+                    .bind(c.attempt.duration_ms)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(&c.attempt.excerpt);
+            }
+            q.execute(&mut *tx).await?;
+
+            let mut sql = String::from(
+                "UPDATE deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
+                 first_attempt_at = v.column5, last_status = v.column6, last_error = v.column7, finished_at = v.column8, \
+                 body = COALESCE(v.column9, deliveries.body) FROM (VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(") AS v WHERE deliveries.seq = v.column1");
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                let (state, next_at, finished) = match &c.next {
+                    Next::Delivered => ("delivered", now, Some(now)),
+                    Next::Retry { at_ms } => ("ready", *at_ms, None),
+                    Next::Dead(_) => ("dead", now, Some(now)),
+                };
+                q = q
+                    .bind(c.seq)
+                    .bind(state)
+                    .bind(c.attempt_no)
+                    .bind(next_at)
+                    .bind(c.first_attempt_at)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(finished)
+                    .bind(&c.body);
+            }
+            q.execute(&mut *tx).await?;
+        }
         for c in batch {
-            sqlx::query(
-                "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&c.delivery_id)
-            .bind(c.attempt_no)
-            .bind(c.attempt.started_at)
-            .bind(c.attempt.duration_ms)
-            .bind(c.attempt.status)
-            .bind(&c.attempt.error)
-            .bind(&c.attempt.excerpt)
-            .execute(&mut *tx)
-            .await?;
-            let (state, next_at, finished) = match &c.next {
-                Next::Delivered => ("delivered", now, Some(now)),
-                Next::Retry { at_ms } => ("ready", *at_ms, None),
-                Next::Dead(_) => ("dead", now, Some(now)),
-            };
-            sqlx::query(
-                "UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, first_attempt_at = ?, \
-                 last_status = ?, last_error = ?, finished_at = ?, body = COALESCE(?, body) WHERE seq = ?",
-            )
-            .bind(state)
-            .bind(c.attempt_no)
-            .bind(next_at)
-            .bind(c.first_attempt_at)
-            .bind(c.attempt.status)
-            .bind(&c.attempt.error)
-            .bind(finished)
-            .bind(&c.body)
-            .bind(c.seq)
-            .execute(&mut *tx)
-            .await?;
             if let Next::Dead(dl) = &c.next {
                 insert_dead_letter(&mut tx, dl, now).await?;
             }
-            if finished.is_some() {
-                if let Some(k) = &c.order_key {
-                    promote_next(&mut tx, k, now).await?;
-                }
-            }
         }
+        let finished: Vec<&str> = batch
+            .iter()
+            .filter(|c| !matches!(c.next, Next::Retry { .. }))
+            .filter_map(|c| c.order_key.as_deref())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let promoted = promote_next(&mut tx, &finished, now).await?;
+        claim(&promoted);
         tx.commit().await?;
-        Ok(())
+        Ok(promoted)
     }
 
     /// Dead-letter a queued delivery without an attempt (e.g. its webhook was deleted).
@@ -591,7 +652,7 @@ impl Store {
             .await?;
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
-            promote_next(&mut tx, k, now).await?;
+            promote_next(&mut tx, &[k.as_str()], now).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -902,17 +963,73 @@ async fn chain_busy(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: Opt
         != 0)
 }
 
-async fn promote_next(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: &str, now: i64) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE seq = \
-         (SELECT seq FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting') ORDER BY seq LIMIT 1) \
-         AND state = 'waiting'",
-    )
-    .bind(now)
-    .bind(order_key)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// The chains among `keys` that still have queued deliveries.
+async fn busy_chains(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    keys: &[&str],
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let mut busy = std::collections::HashSet::new();
+    for chunk in keys.chunks(500) {
+        let sql = format!(
+            "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting')",
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query_scalar::<_, String>(&sql);
+        for k in chunk {
+            q = q.bind(*k);
+        }
+        busy.extend(q.fetch_all(&mut **tx).await?);
+    }
+    Ok(busy)
+}
+
+const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+     order_key, body, attempts, first_attempt_at, created_at";
+
+/// Rows per multi-row statement (15 columns a row stays far below SQLite's variable limit).
+const INSERT_CHUNK: usize = 200;
+
+fn queued_from_row(r: &sqlx::sqlite::SqliteRow) -> QueuedDelivery {
+    QueuedDelivery {
+        seq: r.get("seq"),
+        id: r.get("id"),
+        event_id: r.get("event_id"),
+        event: r.get("event"),
+        run_id: r.get("run_id"),
+        kind: r.get("kind"),
+        webhook_id: r.get("webhook_id"),
+        target_url: r.get("target_url"),
+        target_key: r.get("target_key"),
+        order_key: r.get("order_key"),
+        body: r.get("body"),
+        attempts: r.get("attempts"),
+        first_attempt_at: r.get("first_attempt_at"),
+        created_at: r.get("created_at"),
+    }
+}
+
+/// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
+/// predecessor finished). Returns the rows promoted.
+async fn promote_next(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    keys: &[&str],
+    now: i64,
+) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let mut out = Vec::new();
+    for chunk in keys.chunks(500) {
+        let sql = format!(
+            "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE state = 'waiting' AND seq IN \
+             (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting') GROUP BY order_key) \
+             RETURNING {QUEUED_COLUMNS}",
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql).bind(now);
+        for k in chunk {
+            q = q.bind(*k);
+        }
+        out.extend(q.fetch_all(&mut **tx).await?.iter().map(queued_from_row));
+    }
+    Ok(out)
 }
 
 fn opt_time(ms: Option<i64>) -> Value {

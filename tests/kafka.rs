@@ -337,23 +337,51 @@ async fn killed_three_times_mid_stream_every_event_arrives() {
     drop(relay);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_share_the_partitions_and_deliver_everything() {
-    two_instances(false).await;
+/// How `two_instances` ends instance A after both delivered.
+#[derive(Clone, Copy, PartialEq)]
+enum StopA {
+    /// A keeps running.
+    No,
+    /// SIGKILL: the group only learns from A's missing heartbeats (session timeout).
+    Kill,
+    /// SIGTERM: A drains, closes its consumer, and librdkafka sends LeaveGroup.
+    Term,
 }
 
-/// Needs a broker whose group coordinator hands a dead member's partitions to the survivors:
-/// tansu 0.6 evicts the member after its session timeout but keeps returning the previous
-/// assignment (checked by hand with two relays: the survivor is re-assigned only its own
-/// partitions, with the range and the roundrobin assignor alike; static membership does not
-/// join at all). Run with `cargo test --test kafka -- --ignored` against a real Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_deliver_everything() {
+    two_instances(StopA::No).await;
+}
+
+/// Needs a broker whose group coordinator hands a dead member's partitions to the survivors.
+/// tansu 0.6 does not (checked in its source and by hand with two relays): the survivor's next
+/// heartbeat is the request that evicts the dead member (`Inner<Formed>::heartbeat` ->
+/// `missed_heartbeat`, tansu-broker src/coordinator/group/administrator.rs:2676/1365), and that
+/// path answers REBALANCE_IN_PROGRESS but leaves the group `Formed` with the same generation, the
+/// dead member still recorded as leader and the old assignments. The survivor's rejoin then
+/// matches its stored metadata ("existing", :2384) and gets the same generation back, and
+/// `Inner<Formed>::sync` ignores the assignment the leader sends (`let _ = assignments;`, :2581)
+/// and returns the stored one: the survivor keeps its own 2 partitions for good, with range and
+/// roundrobin alike, whichever member was leader. With cooperative-sticky it works only when
+/// the survivor was the leader; when the leader dies the group never forms again (SyncGroup
+/// answers REBALANCE_IN_PROGRESS naming the dead leader) and the survivor ends with none.
+/// A graceful stop hands over (`two_instances_one_takes_over_when_the_other_stops`). Run with
+/// `cargo test --test kafka -- --ignored` against a real Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "tansu 0.6 does not move a dead member's partitions to the surviving member"]
 async fn two_instances_one_takes_over_when_the_other_dies() {
-    two_instances(true).await;
+    two_instances(StopA::Kill).await;
 }
 
-async fn two_instances(kill_one: bool) {
+/// SIGTERM: the stopping relay closes its consumer, librdkafka sends LeaveGroup, and tansu bumps
+/// the generation and rebalances (its LeaveGroup path works, unlike session expiry): the other
+/// instance gets all 4 partitions within a heartbeat and delivers the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_one_takes_over_when_the_other_stops() {
+    two_instances(StopA::Term).await;
+}
+
+async fn two_instances(stop_a: StopA) {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
     broker.create_topic("ev5", 4);
@@ -403,8 +431,27 @@ async fn two_instances(kill_one: bool) {
         "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
     );
     assert!(da > 0.0 && db > 0.0, "both instances delivered (A {da}, B {db})");
-    if kill_one {
-        a.kill9();
+    match stop_a {
+        StopA::No => {}
+        StopA::Kill => a.kill9(),
+        StopA::Term => {
+            a.sigterm();
+            let until = Instant::now() + Duration::from_secs(30);
+            while a.child.try_wait().expect("wait for A").is_none() {
+                assert!(Instant::now() < until, "A did not exit after SIGTERM");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // The handover itself, not only the events: B holds all 4 partitions soon after.
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                let lb = metric_value(&b.metrics_text().await, "syncrelay_kafka_assigned_partitions ") as i64;
+                if lb == 4 {
+                    break;
+                }
+                assert!(Instant::now() < until, "B holds {lb} partitions after A left the group");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
     }
     rx.wait_for(Duration::from_secs(90), "all 4,000 events", |g| {
         g.iter().map(|r| r.header("webhook-id")).collect::<HashSet<_>>().len() >= 4000

@@ -12,7 +12,7 @@
 //!   never picked twice, and a crash at any point leaves it `ready` to be attempted again
 //!   (at-least-once, same `webhook-id`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,8 @@ pub struct Engine {
     callback_secret: Secret,
     max_in_flight: usize,
     per_target_cap: usize,
+    /// Bound of the in-memory ready queue (rows).
+    hot_cap: usize,
     poll_interval: Duration,
     rotation_grace_ms: i64,
     retention: Duration,
@@ -95,6 +97,18 @@ pub struct Engine {
 #[derive(Default)]
 struct InFlight {
     rows: HashSet<i64>,
+    /// Ready rows just committed (new chains on ingest, rows promoted when their predecessor
+    /// finished), handed over in memory so the dispatcher does not have to find them with a
+    /// query. Bounded by `hot_cap`; rows beyond it stay for the query (`overflow`).
+    hot: VecDeque<QueuedDelivery>,
+    /// Rows in `hot`, or claimed for it by a transaction not yet committed. Never picked by a
+    /// dispatcher query.
+    claimed: HashSet<i64>,
+    /// A ready row was not taken into `hot` (it was full): the next dispatch queries.
+    overflow: bool,
+    /// When the dispatcher must query again even while `hot` has work (retries falling due,
+    /// work another path queued only in the store).
+    scan_at: Option<Instant>,
     per_target: HashMap<String, usize>,
     /// Bumped each time rows are released after their outcome was committed.
     epoch: u64,
@@ -143,6 +157,7 @@ impl Engine {
             callback_secret,
             max_in_flight: d.max_in_flight,
             per_target_cap: d.max_in_flight_per_webhook,
+            hot_cap: (d.max_in_flight * 4).max(256),
             poll_interval: Duration::from_millis(d.poll_interval_ms.max(10)),
             rotation_grace_ms: (settings.webhooks.secret_rotation_grace_seconds * 1000) as i64,
             retention: Duration::from_secs(d.retention_hours * 3600),
@@ -172,7 +187,59 @@ impl Engine {
     }
 
     /// Wake the dispatcher: new work was queued.
+    /// Take freshly committed ready rows into the in-memory ready queue, up to its bound
+    /// (called just before their transaction commits). Returns the rows taken.
+    fn claim(&self, rows: &[QueuedDelivery]) -> Vec<i64> {
+        let mut f = self.in_flight.lock().expect("lock");
+        let mut taken = Vec::new();
+        for r in rows {
+            if f.rows.contains(&r.seq) || f.claimed.contains(&r.seq) {
+                continue;
+            }
+            if f.claimed.len() >= self.hot_cap {
+                f.overflow = true;
+                continue;
+            }
+            f.claimed.insert(r.seq);
+            taken.push(r.seq);
+        }
+        taken
+    }
+
+    /// After the commit: queue the claimed rows for dispatch.
+    fn push_hot(&self, f: &mut InFlight, rows: Vec<QueuedDelivery>, taken: &[i64]) {
+        let taken: HashSet<i64> = taken.iter().copied().collect();
+        f.hot.extend(rows.into_iter().filter(|r| taken.contains(&r.seq)));
+    }
+
+    /// Take a stopped run's rows out of the in-memory ready queue (they are dropped).
+    fn forget_hot_run(f: &mut InFlight, run_id: &str) {
+        let InFlight { hot, claimed, .. } = f;
+        hot.retain(|r| {
+            let keep = r.run_id.as_deref() != Some(run_id);
+            if !keep {
+                claimed.remove(&r.seq);
+            }
+            keep
+        });
+    }
+
+    /// The commit failed: forget the claims.
+    fn unclaim(&self, taken: &[i64]) {
+        let mut f = self.in_flight.lock().expect("lock");
+        for s in taken {
+            f.claimed.remove(s);
+        }
+    }
+
+    /// Work may be waiting in the store only (new or replayed rows, parked events): the
+    /// dispatcher queries on its next round.
     pub fn notify(&self) {
+        self.in_flight.lock().expect("lock").overflow = true;
+        self.wake.notify_one();
+    }
+
+    fn wake_hot(&self) {
         self.wake.notify_one();
     }
 
@@ -283,17 +350,30 @@ impl Engine {
             Some(_) => self.runs.on_ingest(e).await?,
             None => None,
         };
+        let routed = self.plan_decided(e, decision, now, &mut out, &mut dead);
+        Ok((out, dead, routed))
+    }
+
+    /// Route one event after its run's lifecycle decided on it (`None`: not a run the relay
+    /// knows).
+    fn plan_decided(
+        &self,
+        e: &Envelope,
+        decision: Option<crate::runs::Decision>,
+        now: i64,
+        out: &mut Vec<NewDelivery>,
+        dead: &mut Vec<NewDeadLetter>,
+    ) -> Routed {
         let Some(d) = decision else {
             // Not a run the relay knows: deliver as the event says.
-            let routed = self.route(e, now, &mut out, &mut dead);
-            return Ok((out, dead, routed));
+            return self.route(e, now, out, dead);
         };
         let relay_made = e
             .sync_job_run_id
             .as_deref()
             .is_some_and(|r| e.id.starts_with(&relay_event_prefix(r)));
         for b in &d.before {
-            self.route(b, now, &mut out, &mut dead);
+            self.route(b, now, out, dead);
         }
         let routed = match d.action {
             Action::Deliver => {
@@ -307,7 +387,7 @@ impl Engine {
                     callback_url: d.callback_url.clone(),
                     ..e.clone()
                 };
-                self.route(&main, now, &mut out, &mut dead)
+                self.route(&main, now, out, dead)
             }
             Action::Drop { reason } => {
                 self.metrics.run_events_dropped.with_label_values(&[reason]).inc();
@@ -349,9 +429,9 @@ impl Engine {
             if a.event == "sync_job_run:failed" {
                 self.metrics.runs_finished.with_label_values(&["failed"]).inc();
             }
-            self.route(a, now, &mut out, &mut dead);
+            self.route(a, now, out, dead);
         }
-        Ok((out, dead, routed))
+        routed
     }
 
     /// Plan and durably queue events; returns once they are committed.
@@ -370,13 +450,27 @@ impl Engine {
         let mut out = Vec::with_capacity(events.len());
         let mut dead = Vec::new();
         let mut routed = Vec::with_capacity(events.len());
-        for e in events {
-            let (o, d, r) = self.plan(e, now).await?;
-            out.extend(o);
-            dead.extend(d);
-            routed.push(r);
+        let refs: Vec<&Envelope> = events.iter().collect();
+        let decisions = self.runs.on_ingest_many(&refs).await?;
+        for (e, d) in events.iter().zip(decisions) {
+            routed.push(self.plan_decided(e, d, now, &mut out, &mut dead));
         }
-        self.store.enqueue(&out, &dead, now).await?;
+        let mut taken = Vec::new();
+        let res = self
+            .store
+            .enqueue_claiming(&out, &dead, now, |rows| taken = self.claim(rows))
+            .await;
+        let ready = match res {
+            Ok(r) => r,
+            Err(e) => {
+                self.unclaim(&taken);
+                return Err(e);
+            }
+        };
+        if !taken.is_empty() {
+            let mut f = self.in_flight.lock().expect("lock");
+            self.push_hot(&mut f, ready, &taken);
+        }
         for d in &dead {
             self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
         }
@@ -386,7 +480,9 @@ impl Engine {
             }
         }
         if !out.is_empty() {
-            self.notify();
+            // Ready rows are in memory (or, when it was full, flagged for the next query);
+            // waiting rows are promoted by the writer when their predecessor finishes.
+            self.wake_hot();
         }
         Ok(routed)
     }
@@ -460,8 +556,15 @@ impl Engine {
         };
         tracing::info!(run_id, reason = why, "run stopped");
         self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
-        let keep: Vec<i64> = self.in_flight.lock().expect("lock").rows.iter().copied().collect();
-        match self.store.drop_queued_for_run(run_id, &keep, now_ms()).await {
+        let keep: Vec<i64> = {
+            let mut f = self.in_flight.lock().expect("lock");
+            Self::forget_hot_run(&mut f, run_id);
+            f.rows.iter().copied().collect()
+        };
+        let res = self.store.drop_queued_for_run(run_id, &keep, now_ms()).await;
+        // Rows of the run promoted while the drop waited for the write lock.
+        Self::forget_hot_run(&mut self.in_flight.lock().expect("lock"), run_id);
+        match res {
             Ok(dropped) => {
                 let webhook: Vec<_> = dropped.iter().filter(|(k, _, _)| k == "webhook").collect();
                 self.metrics
@@ -574,12 +677,43 @@ impl Engine {
     }
 
     async fn dispatch(self: Arc<Self>, stop: CancellationToken) {
+        let mut last_scan: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return;
             }
-            let (free, skip, in_flight_now, epoch) = {
+            let now_i = Instant::now();
+            // 1. Rows handed over in memory, oldest first, skipping targets at their cap.
+            let mut hot_rows = Vec::new();
+            let (free, skip, known, epoch, scan) = {
                 let mut f = self.in_flight.lock().expect("lock");
+                let mut free = self.max_in_flight.saturating_sub(f.rows.len());
+                if free > 0 && !f.hot.is_empty() {
+                    let mut keep = VecDeque::new();
+                    while let Some(row) = f.hot.pop_front() {
+                        if free == 0 {
+                            keep.push_back(row);
+                            keep.append(&mut f.hot);
+                            break;
+                        }
+                        let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
+                        if *n >= self.per_target_cap {
+                            keep.push_back(row);
+                            continue;
+                        }
+                        *n += 1;
+                        f.claimed.remove(&row.seq);
+                        f.rows.insert(row.seq);
+                        free -= 1;
+                        hot_rows.push(row);
+                    }
+                    f.hot = keep;
+                }
+                // 2. The store, when something may be there that is not in memory.
+                let scan = free > 0
+                    && (f.overflow
+                        || f.scan_at.is_some_and(|t| t <= now_i)
+                        || last_scan.is_none_or(|t: Instant| now_i.duration_since(t) >= self.poll_interval));
                 // Releases before now are visible to the query we are about to run.
                 f.released.clear();
                 f.epoch += 1;
@@ -589,29 +723,32 @@ impl Engine {
                     .filter(|(_, n)| **n >= self.per_target_cap)
                     .map(|(k, _)| k.clone())
                     .collect();
-                (
-                    self.max_in_flight.saturating_sub(f.rows.len()),
-                    skip,
-                    f.rows.len(),
-                    f.epoch,
-                )
+                (free, skip, f.rows.len() + f.claimed.len(), f.epoch, scan)
             };
-            let mut started = 0usize;
+            let mut started = hot_rows.len();
+            for row in hot_rows {
+                self.metrics.in_flight.inc();
+                tokio::spawn(self.clone().attempt(row));
+            }
             let mut exhausted = true;
-            if free > 0 {
+            if scan {
+                last_scan = Some(now_i);
                 let now = now_ms();
-                let limit = (free + in_flight_now) as i64;
+                let limit = (free + known) as i64;
+                let mut took = 0usize;
                 match self.store.due(now, limit, &skip).await {
                     Ok(rows) => {
                         exhausted = (rows.len() as i64) < limit;
                         let mut f = self.in_flight.lock().expect("lock");
                         for row in rows {
-                            if started >= free {
+                            if took >= free {
                                 exhausted = false;
                                 break;
                             }
-                            if f.rows.contains(&row.seq) || f.released.get(&row.seq).is_some_and(|e| *e >= epoch) {
-                                exhausted = false;
+                            if f.rows.contains(&row.seq)
+                                || f.claimed.contains(&row.seq)
+                                || f.released.get(&row.seq).is_some_and(|e| *e >= epoch)
+                            {
                                 continue;
                             }
                             let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
@@ -620,13 +757,21 @@ impl Engine {
                             }
                             *n += 1;
                             f.rows.insert(row.seq);
-                            started += 1;
+                            took += 1;
                             self.metrics.in_flight.inc();
                             tokio::spawn(self.clone().attempt(row));
+                        }
+                        if exhausted {
+                            f.overflow = false;
                         }
                     }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "dispatcher query failed"),
                 }
+                // The next retry falling due, for the timer.
+                let next = self.store.next_due_after(now).await.ok().flatten();
+                let mut f = self.in_flight.lock().expect("lock");
+                f.scan_at = next.map(|at| now_i + Duration::from_millis((at - now).max(0) as u64));
+                started += took;
             }
             if started > 0 && !exhausted {
                 continue;
@@ -634,11 +779,11 @@ impl Engine {
             // Nothing more to start now: sleep until woken (new work, a finished attempt), the
             // next retry is due, or the poll interval passes.
             let mut sleep = self.poll_interval;
-            if let Ok(Some(next)) = self.store.next_due_at().await {
-                let wait = next - now_ms();
-                if wait > 0 {
-                    sleep = sleep.min(Duration::from_millis(wait as u64));
-                }
+            if let Some(at) = self.in_flight.lock().expect("lock").scan_at {
+                sleep = sleep.min(at.saturating_duration_since(Instant::now()));
+            }
+            if started > 0 {
+                continue;
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -754,6 +899,8 @@ impl Engine {
                         .inc();
                 }
                 self.release(&q);
+                // The next row of its chain was promoted in the store only.
+                self.notify();
                 return;
             }
         };
@@ -876,33 +1023,51 @@ impl Engine {
             }
             // Count outcomes on their runs before the commit promotes the next event of the
             // chain, so a run's `completed` (attempted after that) sees final counts.
-            for c in &batch {
-                let delivered = match &c.next {
-                    Next::Delivered => true,
-                    Next::Dead(_) => false,
-                    Next::Retry { .. } => continue,
-                };
-                if c.kind == "webhook" {
-                    self.count_outcome(c.run_id.as_deref(), &c.event, c.resource.as_deref(), delivered)
-                        .await;
-                }
+            let outcomes: Vec<(&str, &str, Option<&str>, bool)> = batch
+                .iter()
+                .filter(|c| c.kind == "webhook")
+                .filter_map(|c| {
+                    let delivered = match &c.next {
+                        Next::Delivered => true,
+                        Next::Dead(_) => false,
+                        Next::Retry { .. } => return None,
+                    };
+                    Some((c.run_id.as_deref()?, c.event.as_str(), c.resource.as_deref(), delivered))
+                })
+                .collect();
+            if let Err(e) = self.runs.on_outcomes(&outcomes).await {
+                tracing::error!(error = %format!("{e:#}"), "counting run outcomes failed");
             }
             // A failed commit is retried: an outcome is never dropped (the row would otherwise
             // be attempted again, which is allowed, but we prefer not to).
             let mut backoff = Duration::from_millis(50);
-            loop {
-                match self.store.complete(&batch, now_ms()).await {
-                    Ok(()) => break,
+            let (promoted, taken) = loop {
+                let mut taken = Vec::new();
+                match self
+                    .store
+                    .complete(&batch, now_ms(), |rows| taken = self.claim(rows))
+                    .await
+                {
+                    Ok(promoted) => break (promoted, taken),
                     Err(e) => {
+                        self.unclaim(&taken);
                         tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
-            }
+            };
             let now = now_ms();
+            let now_i = Instant::now();
             let mut f = self.in_flight.lock().expect("lock");
+            // Released in the same critical section the promoted rows are handed over in: a
+            // dispatcher query sees either neither or both.
+            self.push_hot(&mut f, promoted, &taken);
             for c in batch.drain(..) {
+                if let Next::Retry { at_ms } = &c.next {
+                    let at = now_i + Duration::from_millis((at_ms - now).max(0) as u64);
+                    f.scan_at = Some(f.scan_at.map_or(at, |t| t.min(at)));
+                }
                 match &c.next {
                     Next::Delivered => {
                         self.metrics.deliveries.with_label_values(&["delivered", c.kind]).inc();

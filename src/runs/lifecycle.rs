@@ -13,6 +13,8 @@
 //! State lives in the `sync_job_runs` row; every decision is one `BEGIN IMMEDIATE` transaction,
 //! so decisions on one run are serialised even across tasks.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
+
 use serde_json::{json, Map, Value};
 use sqlx::{Row, SqlitePool};
 use url::Url;
@@ -72,6 +74,16 @@ pub struct Decision {
 pub struct Runs {
     pool: SqlitePool,
     limits: BatchLimits,
+    /// Outcomes waiting for the next group commit, each with its caller's acknowledgement
+    /// (`Some(error)` when the commit failed).
+    pending: std::sync::Mutex<Vec<(Outcome, tokio::sync::oneshot::Sender<Option<String>>)>>,
+    committing: tokio::sync::Mutex<()>,
+}
+
+struct Outcome {
+    run_id: String,
+    resource: String,
+    delivered: bool,
 }
 
 /// Batch-mode errors gathered on a run.
@@ -125,7 +137,12 @@ fn obj(v: Value) -> Map<String, Value> {
 
 impl Runs {
     pub fn new(pool: SqlitePool, limits: BatchLimits) -> Runs {
-        Runs { pool, limits }
+        Runs {
+            pool,
+            limits,
+            pending: Default::default(),
+            committing: Default::default(),
+        }
     }
 
     pub fn limits(&self) -> BatchLimits {
@@ -195,22 +212,77 @@ impl Runs {
     /// Decide what to do with one event. `None`: the relay does not know this run (an executor
     /// created it elsewhere, or it is not a run event): deliver as the event says.
     pub async fn on_ingest(&self, e: &Envelope) -> anyhow::Result<Option<Decision>> {
-        let Some(run_id) = &e.sync_job_run_id else {
-            return Ok(None);
-        };
-        // Most events of runs created elsewhere: a plain read, without taking the write lock.
-        let known: i64 = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM sync_job_runs WHERE id = ?)")
-            .bind(run_id)
-            .fetch_one(&self.pool)
-            .await?;
-        if known == 0 {
-            return Ok(None);
+        Ok(self.on_ingest_many(&[e]).await?.pop().flatten())
+    }
+
+    /// Which of these runs the relay knows (one read, no write lock).
+    async fn known(&self, ids: &BTreeSet<&str>) -> anyhow::Result<HashSet<String>> {
+        let mut known = HashSet::new();
+        let ids: Vec<&str> = ids.iter().copied().collect();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id FROM sync_job_runs WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            known.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(known)
+    }
+
+    /// [`Runs::on_ingest`] for a batch of events, in order, in one transaction: events of runs
+    /// the relay does not know cost one read for the whole batch, and each known run is loaded
+    /// and saved once however many of its events the batch holds.
+    pub async fn on_ingest_many(&self, events: &[&Envelope]) -> anyhow::Result<Vec<Option<Decision>>> {
+        let ids: BTreeSet<&str> = events.iter().filter_map(|e| e.sync_job_run_id.as_deref()).collect();
+        if ids.is_empty() {
+            return Ok(vec![None; events.len()]);
+        }
+        let known = self.known(&ids).await?;
+        if known.is_empty() {
+            return Ok(vec![None; events.len()]);
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let Some((mut run, mut batch)) = Self::load(&mut tx, run_id).await? else {
-            return Ok(None);
-        };
+        let mut loaded: HashMap<String, Option<(Run, Batch, bool)>> = HashMap::new();
         let now = now_ms();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let Some(id) = e.sync_job_run_id.as_deref().filter(|id| known.contains(*id)) else {
+                out.push(None);
+                continue;
+            };
+            if !loaded.contains_key(id) {
+                let state = Self::load(&mut tx, id).await?.map(|(r, b)| (r, b, false));
+                loaded.insert(id.to_string(), state);
+            }
+            match loaded.get_mut(id).and_then(Option::as_mut) {
+                None => out.push(None),
+                Some((run, batch, dirty)) => {
+                    let (d, changed) = self.decide(run, batch, e, now);
+                    *dirty |= changed;
+                    out.push(Some(d));
+                }
+            }
+        }
+        let mut wrote = false;
+        for (run, batch, dirty) in loaded.into_values().flatten() {
+            if dirty {
+                Self::save(&mut tx, &run, &batch).await?;
+                wrote = true;
+            }
+        }
+        if wrote {
+            tx.commit().await?;
+        }
+        Ok(out)
+    }
+
+    /// The lifecycle rules for one event of a known run: the decision, and whether the run
+    /// changed (and must be saved).
+    fn decide(&self, run: &mut Run, batch: &mut Batch, e: &Envelope, now: i64) -> (Decision, bool) {
         let mut d = Decision {
             webhook_id: e.webhook_id.clone().or_else(|| run.webhook_id.clone()),
             callback_url: e
@@ -223,7 +295,7 @@ impl Runs {
         };
         if e.id.starts_with(&relay_event_prefix(&run.id)) {
             // Made by the relay itself (batch flush, synthesized failed, API stop): already decided.
-            return Ok(Some(d));
+            return (d, false);
         }
         let kind = e.event.strip_prefix("sync_job_run:").unwrap_or(&e.event);
         let is_record = matches!(kind, "record" | "record_error");
@@ -241,10 +313,8 @@ impl Runs {
             if is_record {
                 run.resource_stats.entry(resource).or_default().dropped += 1;
                 run.updated_at = now;
-                Self::save(&mut tx, &run, &batch).await?;
-                tx.commit().await?;
             }
-            return Ok(Some(d));
+            return (d, is_record);
         }
 
         let mut illegal = false;
@@ -270,7 +340,7 @@ impl Runs {
                         run.stop_reason = Some("executor".into());
                     }
                     run.finished_at = Some(now);
-                    d.before.extend(self.flush(&run, &mut batch, now));
+                    d.before.extend(self.flush(run, batch, now));
                 }
             }
             "record" => {
@@ -295,7 +365,7 @@ impl Runs {
                         payload.insert("reason".into(), json!("fail_fast"));
                         payload.insert("error".into(), Value::Object(e.payload.clone()));
                         d.after.push(run_envelope(
-                            &run,
+                            run,
                             format!("{}failed", relay_event_prefix(&run.id)),
                             "sync_job_run:failed",
                             payload,
@@ -308,19 +378,19 @@ impl Runs {
                         let size = item.to_string().len() as i64;
                         // One more error would overflow the byte limit: send what we have first.
                         if !batch.errors.is_empty() && batch.bytes + size + 1 > self.limits.max_bytes as i64 {
-                            d.after.extend(self.flush(&run, &mut batch, now));
+                            d.after.extend(self.flush(run, batch, now));
                         }
                         batch.errors.push(item);
                         batch.bytes += size + 1;
                         batch.since = batch.since.or(Some(now));
                         if batch.errors.len() >= self.limits.max_errors || batch.bytes >= self.limits.max_bytes as i64 {
-                            d.after.extend(self.flush(&run, &mut batch, now));
+                            d.after.extend(self.flush(run, batch, now));
                         }
                     }
                 }
             }
             // `created`, `updated`, `deleted`, `alert`, ...: delivered, the run is unchanged.
-            _ => return Ok(Some(d)),
+            _ => return (d, false),
         }
         if illegal {
             run.illegal_transitions += 1;
@@ -329,9 +399,7 @@ impl Runs {
             };
         }
         run.updated_at = now;
-        Self::save(&mut tx, &run, &batch).await?;
-        tx.commit().await?;
-        Ok(Some(d))
+        (d, true)
     }
 
     /// Count the outcome of one run event's delivery to the run's webhook (call it once per
@@ -347,21 +415,85 @@ impl Runs {
         if event != "sync_job_run:record" {
             return Ok(());
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let Some((mut run, batch)) = Self::load(&mut tx, run_id).await? else {
-            return Ok(());
-        };
-        let s = run
-            .resource_stats
-            .entry(resource.unwrap_or("unknown").to_string())
-            .or_default();
-        if delivered {
-            s.records_delivered += 1;
-        } else {
-            s.records_dead_lettered += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.lock().expect("lock").push((
+            Outcome {
+                run_id: run_id.to_string(),
+                resource: resource.unwrap_or("unknown").to_string(),
+                delivered,
+            },
+            tx,
+        ));
+        // Group commit: whoever holds the lock commits every outcome pending by then, so
+        // concurrent deliveries share one transaction; each caller returns once its own
+        // outcome is committed (a run's `completed` attempted after it sees the count).
+        {
+            let _leader = self.committing.lock().await;
+            let batch = std::mem::take(&mut *self.pending.lock().expect("lock"));
+            if !batch.is_empty() {
+                let (items, acks): (Vec<Outcome>, Vec<_>) = batch.into_iter().unzip();
+                let res = self.count_outcomes(&items).await;
+                let msg = res.as_ref().err().map(|e| format!("{e:#}"));
+                for ack in acks {
+                    let _ = ack.send(msg.clone());
+                }
+            }
         }
-        run.updated_at = now_ms();
-        Self::save(&mut tx, &run, &batch).await?;
+        match rx.await {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(anyhow::anyhow!(e)),
+            Err(_) => Err(anyhow::anyhow!("outcome not recorded")),
+        }
+    }
+
+    /// [`Runs::on_outcome`] for many deliveries at once, committed together: (run id, event,
+    /// resource, delivered).
+    pub async fn on_outcomes(&self, items: &[(&str, &str, Option<&str>, bool)]) -> anyhow::Result<()> {
+        let items: Vec<Outcome> = items
+            .iter()
+            .filter(|(_, event, _, _)| *event == "sync_job_run:record")
+            .map(|(run_id, _, resource, delivered)| Outcome {
+                run_id: run_id.to_string(),
+                resource: resource.unwrap_or("unknown").to_string(),
+                delivered: *delivered,
+            })
+            .collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.count_outcomes(&items).await
+    }
+
+    /// Count many outcomes: one read to find the runs the relay knows, then one transaction
+    /// that loads and saves each of them once.
+    async fn count_outcomes(&self, items: &[Outcome]) -> anyhow::Result<()> {
+        let ids: BTreeSet<&str> = items.iter().map(|o| o.run_id.as_str()).collect();
+        let known = self.known(&ids).await?;
+        if known.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut loaded: HashMap<&str, (Run, Batch)> = HashMap::new();
+        for o in items.iter().filter(|o| known.contains(&o.run_id)) {
+            if !loaded.contains_key(o.run_id.as_str()) {
+                let Some(state) = Self::load(&mut tx, &o.run_id).await? else {
+                    continue;
+                };
+                loaded.insert(&o.run_id, state);
+            }
+            let (run, _) = loaded.get_mut(o.run_id.as_str()).expect("loaded");
+            let s = run.resource_stats.entry(o.resource.clone()).or_default();
+            if o.delivered {
+                s.records_delivered += 1;
+            } else {
+                s.records_dead_lettered += 1;
+            }
+        }
+        let now = now_ms();
+        for (run, batch) in loaded.values_mut() {
+            run.updated_at = now;
+            Self::save(&mut tx, run, batch).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
