@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -249,6 +250,18 @@ impl ConsumerContext for RelayContext {
     }
 }
 
+/// Messages read at once before the run lifecycle is consulted for all of them.
+const READ_BATCH: usize = 256;
+
+/// A message as read, before it is decoded.
+struct Incoming {
+    raw: Arc<Vec<u8>>,
+    key: Option<Vec<u8>>,
+    tp: Tp,
+    offset: i64,
+    generation: u64,
+}
+
 /// One delivery of one consumed message.
 struct Job {
     delivery: NewDelivery,
@@ -449,33 +462,51 @@ impl KafkaBus {
             Err(e) => tracing::error!(error = %format!("{e:#}"), "loading parked chains failed"),
         }
         loop {
-            let msg = tokio::select! {
+            let first = tokio::select! {
                 _ = stop.cancelled() => break,
                 m = self.consumer.recv() => m,
             };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consume error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+            // Take what librdkafka already holds too (up to a batch), so the run lifecycle is
+            // consulted once per batch rather than once per message.
+            let mut msgs = vec![first];
+            while msgs.len() < READ_BATCH {
+                match self.consumer.recv().now_or_never() {
+                    Some(m) => msgs.push(m),
+                    None => break,
                 }
-            };
-            let tp: Tp = (msg.topic().to_string(), msg.partition());
-            let offset = msg.offset();
-            let generation = self.tracker.generation(&tp);
-            let full = self.tracker.begin(&tp, offset);
-            let raw = Arc::new(msg.payload().unwrap_or_default().to_vec());
-            let key = msg.key().map(|k| k.to_vec());
-            drop(msg);
-            self.clone()
-                .accept(&engine, tp.clone(), offset, generation, raw, key)
-                .await;
-            if full {
+            }
+            let mut items = Vec::with_capacity(msgs.len());
+            let mut full: Vec<Tp> = Vec::new();
+            for msg in msgs {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka consume error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let tp: Tp = (msg.topic().to_string(), msg.partition());
+                let offset = msg.offset();
+                let generation = self.tracker.generation(&tp);
+                if self.tracker.begin(&tp, offset) && !full.contains(&tp) {
+                    full.push(tp.clone());
+                }
+                items.push(Incoming {
+                    raw: Arc::new(msg.payload().unwrap_or_default().to_vec()),
+                    key: msg.key().map(|k| k.to_vec()),
+                    tp,
+                    offset,
+                    generation,
+                });
+            }
+            self.clone().accept(&engine, items).await;
+            for tp in full {
                 // Backpressure: read nothing more until this partition has drained to half
-                // its bound. (librdkafka's pause/resume is not used on purpose: pausing drops
+                // its bound (a batch read at once may overshoot the bound by up to
+                // READ_BATCH). librdkafka's pause/resume is not used on purpose: pausing drops
                 // the partition's prefetched messages and resuming fetches past them, which
-                // would skip events.) Other partitions' work already read keeps flowing; their
+                // would skip events. Other partitions' work already read keeps flowing; their
                 // reading waits, which is bounded because a failing chain is parked after
                 // `inline_attempts`.
                 tracing::debug!(partition = tp.1, "partition buffer full; waiting for it to drain");
@@ -521,82 +552,92 @@ impl KafkaBus {
         .await;
     }
 
-    async fn accept(
-        self: Arc<Self>,
-        engine: &Arc<Engine>,
-        tp: Tp,
-        offset: i64,
-        generation: u64,
-        raw: Arc<Vec<u8>>,
-        key: Option<Vec<u8>>,
-    ) {
+    async fn accept(self: Arc<Self>, engine: &Arc<Engine>, items: Vec<Incoming>) {
         let now = now_ms();
-        let envelope = decode(&raw, self.max_event_bytes, now);
-        let e = match envelope {
-            Ok(e) => e,
-            Err((reason, detail)) => {
-                tracing::debug!(reason, detail, partition = tp.1, offset, "poison message");
-                self.metrics.kafka_messages.with_label_values(&["poison"]).inc();
-                self.metrics.dead_letters.with_label_values(&[reason]).inc();
-                self.poison(engine, &raw, key.as_deref(), reason, &detail, &tp, offset, generation)
+        let mut good: Vec<(Incoming, Envelope)> = Vec::with_capacity(items.len());
+        for m in items {
+            match decode(&m.raw, self.max_event_bytes, now) {
+                Ok(e) => {
+                    self.metrics.kafka_messages.with_label_values(&["accepted"]).inc();
+                    self.metrics.events_ingested.with_label_values(&["kafka"]).inc();
+                    good.push((m, e));
+                }
+                Err((reason, detail)) => {
+                    tracing::debug!(reason, detail, partition = m.tp.1, offset = m.offset, "poison message");
+                    self.metrics.kafka_messages.with_label_values(&["poison"]).inc();
+                    self.metrics.dead_letters.with_label_values(&[reason]).inc();
+                    self.poison(
+                        engine,
+                        &m.raw,
+                        m.key.as_deref(),
+                        reason,
+                        &detail,
+                        &m.tp,
+                        m.offset,
+                        m.generation,
+                    )
                     .await;
-                return;
+                }
             }
-        };
-        self.metrics.kafka_messages.with_label_values(&["accepted"]).inc();
-        self.metrics.events_ingested.with_label_values(&["kafka"]).inc();
-        // The run lifecycle decides first (it may refuse the event, or queue events before or
-        // after it on the same chains). A store error is retried; the message stays unfinished.
+        }
+        if good.is_empty() {
+            return;
+        }
+        // The run lifecycle decides first (it may refuse an event, or queue events before or
+        // after it on the same chains). A store error is retried; the messages stay unfinished.
         let mut backoff = Duration::from_millis(50);
-        let (deliveries, dead, routed) = loop {
-            match engine.plan(&e, now).await {
+        let plans = loop {
+            let events: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
+            match engine.plan_many(&events, now).await {
                 Ok(p) => break p,
                 Err(err) => {
-                    if !self.tracker.is_current(&tp, generation) {
+                    if good.iter().all(|(m, _)| !self.tracker.is_current(&m.tp, m.generation)) {
                         return;
                     }
-                    tracing::error!(error = %format!("{err:#}"), "planning an event failed; retrying");
+                    tracing::error!(error = %format!("{err:#}"), "planning events failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         };
-        if !dead.is_empty() {
-            // The store's dead letters, so they can be inspected and replayed through the API.
-            for d in &dead {
-                self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+        for ((m, e), (deliveries, dead, routed)) in good.into_iter().zip(plans) {
+            if !dead.is_empty() {
+                // The store's dead letters, so they can be inspected and replayed through the API.
+                for d in &dead {
+                    self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+                }
+                if let Err(err) = engine.store.enqueue(&[], &dead, now).await {
+                    tracing::error!(error = %format!("{err:#}"), "recording a dead letter failed");
+                }
             }
-            if let Err(err) = engine.store.enqueue(&[], &dead, now).await {
-                tracing::error!(error = %format!("{err:#}"), "recording a dead letter failed");
+            if let Some(reason) = dead.iter().find(|d| d.event_id == e.id).map(|d| d.reason) {
+                // Unroutable or refused: dead-letter topic on first sight.
+                if let Err(err) = self
+                    .publish_dlq(&m.raw, m.key.as_deref(), reason, 0, None, &m.tp, m.offset)
+                    .await
+                {
+                    tracing::error!(error = %format!("{err:#}"), "dead-letter topic publish failed");
+                }
             }
-        }
-        if let Some(reason) = dead.iter().find(|d| d.event_id == e.id).map(|d| d.reason) {
-            // Unroutable or refused: dead-letter topic on first sight.
-            if let Err(err) = self
-                .publish_dlq(&raw, key.as_deref(), reason, 0, None, &tp, offset)
-                .await
-            {
-                tracing::error!(error = %format!("{err:#}"), "dead-letter topic publish failed");
+            if routed.status == "filtered" {
+                self.metrics.events_filtered.inc();
             }
-        }
-        if routed.status == "filtered" {
-            self.metrics.events_filtered.inc();
-        }
-        if deliveries.is_empty() {
-            self.finish(&tp, offset, generation);
-            return;
-        }
-        let remaining = Arc::new(AtomicUsize::new(deliveries.len()));
-        for d in deliveries {
-            let job = Job {
-                delivery: d,
-                tp: tp.clone(),
-                offset,
-                generation,
-                remaining: remaining.clone(),
-                raw: raw.clone(),
-            };
-            self.clone().enqueue(engine.clone(), job);
+            if deliveries.is_empty() {
+                self.finish(&m.tp, m.offset, m.generation);
+                continue;
+            }
+            let remaining = Arc::new(AtomicUsize::new(deliveries.len()));
+            for d in deliveries {
+                let job = Job {
+                    delivery: d,
+                    tp: m.tp.clone(),
+                    offset: m.offset,
+                    generation: m.generation,
+                    remaining: remaining.clone(),
+                    raw: m.raw.clone(),
+                };
+                self.clone().enqueue(engine.clone(), job);
+            }
         }
     }
 

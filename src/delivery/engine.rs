@@ -337,21 +337,24 @@ impl Engine {
         }
     }
 
-    /// Plan one event: ask the run lifecycle about it (events of a run the relay knows), then
-    /// route it and whatever the lifecycle queues before and after it (a batch flush ahead of a
-    /// terminal event, `sync_job_run:failed` after a fail_fast error, a full batch), in that
-    /// order, on the same chains. Returns the deliveries and dead letters to queue and what
-    /// happened to the event itself. Changes the run's state (not the queue): call it once per
-    /// event, in order, and queue its result.
-    pub async fn plan(&self, e: &Envelope, now: i64) -> anyhow::Result<(Vec<NewDelivery>, Vec<NewDeadLetter>, Routed)> {
-        let mut out = Vec::new();
-        let mut dead = Vec::new();
-        let decision = match &e.sync_job_run_id {
-            Some(_) => self.runs.on_ingest(e).await?,
-            None => None,
-        };
-        let routed = self.plan_decided(e, decision, now, &mut out, &mut dead);
-        Ok((out, dead, routed))
+    /// Decide what each event becomes (deliveries, dead letters, how it was routed), in order,
+    /// with one run-lifecycle transaction for all of them. Nothing is queued.
+    #[allow(clippy::type_complexity)]
+    pub async fn plan_many(
+        &self,
+        events: &[&Envelope],
+        now: i64,
+    ) -> anyhow::Result<Vec<(Vec<NewDelivery>, Vec<NewDeadLetter>, Routed)>> {
+        let decisions = self.runs.on_ingest_many(events).await?;
+        Ok(events
+            .iter()
+            .zip(decisions)
+            .map(|(e, d)| {
+                let (mut out, mut dead) = (Vec::new(), Vec::new());
+                let routed = self.plan_decided(e, d, now, &mut out, &mut dead);
+                (out, dead, routed)
+            })
+            .collect())
     }
 
     /// Route one event after its run's lifecycle decided on it (`None`: not a run the relay
