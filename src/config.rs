@@ -66,6 +66,17 @@ pub struct StoreSettings {
     pub path: PathBuf,
     pub url: String,
     pub max_connections: u32,
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `synchronous` setting (WAL journal): `full` syncs the log at every commit, so an
+/// accepted event survives a power cut; `normal` survives a crash of the process (SIGKILL,
+/// OOM) but a power cut may lose the last commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Full,
+    Normal,
 }
 
 impl std::fmt::Debug for StoreSettings {
@@ -74,6 +85,7 @@ impl std::fmt::Debug for StoreSettings {
         f.debug_struct("StoreSettings")
             .field("kind", &self.kind)
             .field("path", &self.path)
+            .field("synchronous", &self.synchronous)
             .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
             .finish()
     }

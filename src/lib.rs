@@ -38,7 +38,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let store = Store::open(&settings.store, true).await?;
+        let store = Store::open(&settings.store).await?;
         let callback_secret = if settings.callbacks.secret.is_empty() {
             let stored = store
                 .kv_get_or_insert("callbacks.secret", Secret::generate().expose())

@@ -15,7 +15,7 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::config::StoreSettings;
+use crate::config::{StoreSettings, Synchronous};
 use crate::signing::Secret;
 
 const SCHEMA: &str = r#"
@@ -240,7 +240,7 @@ pub fn parse_cursor(c: Option<&str>) -> Result<i64, crate::error::ApiError> {
 }
 
 impl Store {
-    pub async fn open(settings: &StoreSettings, synchronous_full: bool) -> anyhow::Result<Store> {
+    pub async fn open(settings: &StoreSettings) -> anyhow::Result<Store> {
         if let Some(dir) = settings.path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
@@ -250,10 +250,9 @@ impl Store {
             .filename(&settings.path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(if synchronous_full {
-                SqliteSynchronous::Full
-            } else {
-                SqliteSynchronous::Normal
+            .synchronous(match settings.synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(false);

@@ -109,6 +109,9 @@ struct InFlight {
     /// When the dispatcher must query again even while `hot` has work (retries falling due,
     /// work another path queued only in the store).
     scan_at: Option<Instant>,
+    /// Attempts whose request is in progress, over all targets and per target (the caps). A
+    /// row stays in `rows` after its request finished until its outcome is committed.
+    active: usize,
     per_target: HashMap<String, usize>,
     /// Bumped each time rows are released after their outcome was committed.
     epoch: u64,
@@ -120,16 +123,21 @@ struct InFlight {
 
 impl InFlight {
     /// Forget a row after its outcome is committed. Returns whether it was in flight.
-    fn release(&mut self, seq: i64, target_key: &str) -> bool {
+    fn release(&mut self, seq: i64) -> bool {
         let was = self.rows.remove(&seq);
         self.released.insert(seq, self.epoch);
+        was
+    }
+
+    /// An attempt's request finished: its slot under the caps is free.
+    fn request_done(&mut self, target_key: &str) {
+        self.active = self.active.saturating_sub(1);
         if let Some(n) = self.per_target.get_mut(target_key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.per_target.remove(target_key);
             }
         }
-        was
     }
 }
 
@@ -690,7 +698,7 @@ impl Engine {
             let mut hot_rows = Vec::new();
             let (free, skip, known, epoch, scan) = {
                 let mut f = self.in_flight.lock().expect("lock");
-                let mut free = self.max_in_flight.saturating_sub(f.rows.len());
+                let mut free = self.max_in_flight.saturating_sub(f.active);
                 if free > 0 && !f.hot.is_empty() {
                     let mut keep = VecDeque::new();
                     while let Some(row) = f.hot.pop_front() {
@@ -705,6 +713,7 @@ impl Engine {
                             continue;
                         }
                         *n += 1;
+                        f.active += 1;
                         f.claimed.remove(&row.seq);
                         f.rows.insert(row.seq);
                         free -= 1;
@@ -759,6 +768,7 @@ impl Engine {
                                 continue;
                             }
                             *n += 1;
+                            f.active += 1;
                             f.rows.insert(row.seq);
                             took += 1;
                             self.metrics.in_flight.inc();
@@ -886,6 +896,7 @@ impl Engine {
         let (url, secrets) = match self.target(&q.kind, q.webhook_id.as_deref(), q.target_url.as_deref(), now) {
             Ok(t) => t,
             Err(reason) => {
+                self.request_done(&q.target_key);
                 let dl = dead(reason, None, Some(reason.to_string()), q.attempts);
                 if kind == "webhook" {
                     self.count_outcome(q.run_id.as_deref(), &q.event, resource.as_deref(), false)
@@ -908,6 +919,7 @@ impl Engine {
             }
         };
         let a = self.send(&url, &secrets, &q.event_id, attempt_no, body.clone()).await;
+        self.request_done(&q.target_key);
         let finished = now_ms();
         self.metrics
             .attempts
@@ -980,9 +992,14 @@ impl Engine {
         }
     }
 
+    fn request_done(&self, target_key: &str) {
+        self.in_flight.lock().expect("lock").request_done(target_key);
+        self.wake.notify_one();
+    }
+
     fn release(&self, q: &QueuedDelivery) {
         let mut f = self.in_flight.lock().expect("lock");
-        if f.release(q.seq, &q.target_key) {
+        if f.release(q.seq) {
             self.metrics.in_flight.dec();
         }
         drop(f);
@@ -1044,28 +1061,33 @@ impl Engine {
             // A failed commit is retried: an outcome is never dropped (the row would otherwise
             // be attempted again, which is allowed, but we prefer not to).
             let mut backoff = Duration::from_millis(50);
-            let (promoted, taken) = loop {
-                let mut taken = Vec::new();
-                match self
+            // The rows promoted behind finished ones are handed to the dispatcher before the
+            // commit, so their requests overlap it (a chain's next event does not wait for
+            // the disk). Should the commit fail, they stay claimed and the retry keeps them;
+            // after a crash both are attempted again, in order.
+            loop {
+                let res = self
                     .store
-                    .complete(&batch, now_ms(), |rows| taken = self.claim(rows))
-                    .await
-                {
-                    Ok(promoted) => break (promoted, taken),
+                    .complete(&batch, now_ms(), |rows| {
+                        let taken = self.claim(rows);
+                        let mut f = self.in_flight.lock().expect("lock");
+                        self.push_hot(&mut f, rows.to_vec(), &taken);
+                        drop(f);
+                        self.wake.notify_one();
+                    })
+                    .await;
+                match res {
+                    Ok(_) => break,
                     Err(e) => {
-                        self.unclaim(&taken);
                         tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
-            };
+            }
             let now = now_ms();
             let now_i = Instant::now();
             let mut f = self.in_flight.lock().expect("lock");
-            // Released in the same critical section the promoted rows are handed over in: a
-            // dispatcher query sees either neither or both.
-            self.push_hot(&mut f, promoted, &taken);
             for c in batch.drain(..) {
                 if let Next::Retry { at_ms } = &c.next {
                     let at = now_i + Duration::from_millis((at_ms - now).max(0) as u64);
@@ -1088,7 +1110,7 @@ impl Engine {
                         self.metrics.dead_letters.with_label_values(&[dl.reason]).inc();
                     }
                 }
-                if f.release(c.seq, &c.target_key) {
+                if f.release(c.seq) {
                     self.metrics.in_flight.dec();
                 }
             }
