@@ -1,11 +1,20 @@
 //! End-to-end benchmark: syncrelay (release binary) against the limits of the same machine,
-//! measured in the same run. `cargo bench --bench e2e -- [--quick]`.
+//! measured in the same run. `cargo bench --bench e2e -- [--quick] [--only SCENARIO,...]`.
 //!
-//! Starts on loopback: a fast receiver (actix-web, answers 200, counts arrivals, verifies a
-//! sample of Standard Webhooks signatures), the release binary `target/release/syncrelay`
-//! (built when missing) and tansu (`~/.cargo/bin/tansu` or `TANSU_BIN`) for the Kafka scenarios.
-//! Prints a table and JSON, and writes the JSON to `target/bench-e2e.json`.
+//! Starts on loopback: a receiver (actix-web; answers 200, counts arrivals in total and per
+//! `/iso/<n>` path, verifies a sample of Standard Webhooks signatures; `/slow/...` answers 200
+//! after 5 s, `/unavailable/...` answers 503 with `Retry-After: 3600`), the release binary
+//! `target/release/syncrelay` (built when missing) and tansu (`~/.cargo/bin/tansu` or `TANSU_BIN`)
+//! for the Kafka scenarios. Prints a table and JSON, and writes the JSON to
+//! `target/bench-e2e.json`.
+//!
+//! Scenarios (`--only` takes a comma-separated list; default: all): `embedded`, `kafka` (each with
+//! L_client, latency at half load, and for embedded the single run), `large` (16 KiB payloads:
+//! `large-embedded`, `large-kafka`), `isolation` (100 webhooks, one answering after 5 s:
+//! `isolation-embedded`, `isolation-kafka`), `parked` (RSS with 100,000 events held for a 503
+//! receiver: `parked-embedded`, `parked-kafka`).
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +27,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -27,13 +36,33 @@ const TOKEN: &str = "bench-token-3c9a";
 /// The relay's delivery concurrency for one webhook, and the bare client's.
 const CONCURRENCY: usize = 64;
 const PAYLOAD_BYTES: usize = 1024;
+/// Payload size of the `large` scenarios.
+const LARGE_PAYLOAD_BYTES: usize = 16 * 1024;
 const SAMPLE_EVERY: u64 = 97;
+/// How long `/slow/...` takes to answer (isolation scenario).
+const SLOW_ANSWER: Duration = Duration::from_secs(5);
+/// Webhooks in the isolation scenario; webhook 0 is the slow one.
+const ISO_WEBHOOKS: usize = 100;
+/// Runs per healthy webhook in the isolation scenario (the slow one gets `CONCURRENCY` runs, so
+/// it can hold its whole in-flight cap).
+const ISO_RUNS: usize = 8;
+/// Runs the parked backlog is spread over (each run's head is attempted once, then waits).
+const PARKED_RUNS: usize = 1000;
 
 // ---------------------------------------------------------------------------------------------
 // Receiver
 
 struct RxState {
+    /// Arrivals answered at once (everything but `/slow` and `/unavailable`).
     count: AtomicU64,
+    /// Arrivals at `/slow/...` (answered after `SLOW_ANSWER`) since the last reset.
+    slow: AtomicU64,
+    /// Bumped by every reset, so a slow answer begun before it is not counted after it.
+    generation: AtomicU64,
+    /// Arrivals at `/unavailable/...` (answered 503).
+    unavailable: AtomicU64,
+    /// Arrivals per `/iso/...` path.
+    by_path: Mutex<HashMap<String, u64>>,
     /// Origin of `sched_us` in latency events.
     epoch: Instant,
     /// Arrival minus scheduled send time (µs) of events carrying `sched_us`.
@@ -53,6 +82,10 @@ impl Receiver {
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(RxState {
             count: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
+            by_path: Mutex::default(),
             epoch: Instant::now(),
             lat: Mutex::default(),
             samples: Mutex::default(),
@@ -63,6 +96,24 @@ impl Receiver {
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
                 let s = s.clone();
                 async move {
+                    let path = req.path();
+                    if path.starts_with("/slow") {
+                        let generation = s.generation.load(Ordering::SeqCst);
+                        tokio::time::sleep(SLOW_ANSWER).await;
+                        if s.generation.load(Ordering::SeqCst) == generation {
+                            s.slow.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return HttpResponse::Ok().body("ok");
+                    }
+                    if path.starts_with("/unavailable") {
+                        s.unavailable.fetch_add(1, Ordering::Relaxed);
+                        return HttpResponse::ServiceUnavailable()
+                            .insert_header(("retry-after", "3600"))
+                            .body("down");
+                    }
+                    if path.starts_with("/iso/") {
+                        *s.by_path.lock().unwrap().entry(path.to_string()).or_default() += 1;
+                    }
                     if let Some(sched) = sched_us(&body) {
                         let now = s.epoch.elapsed().as_micros() as u64;
                         s.lat.lock().unwrap().push(now.saturating_sub(sched));
@@ -100,6 +151,10 @@ impl Receiver {
 
     fn reset(&self) {
         self.state.count.store(0, Ordering::SeqCst);
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
+        self.state.slow.store(0, Ordering::SeqCst);
+        self.state.unavailable.store(0, Ordering::SeqCst);
+        self.state.by_path.lock().unwrap().clear();
         self.state.samples.lock().unwrap().clear();
         self.state.lat.lock().unwrap().clear();
     }
@@ -121,6 +176,19 @@ impl Receiver {
 
     fn count(&self) -> u64 {
         self.state.count.load(Ordering::SeqCst)
+    }
+
+    fn slow_count(&self) -> u64 {
+        self.state.slow.load(Ordering::SeqCst)
+    }
+
+    fn unavailable_count(&self) -> u64 {
+        self.state.unavailable.load(Ordering::SeqCst)
+    }
+
+    /// `/iso/...` paths that received exactly `n` requests.
+    fn paths_with(&self, n: u64) -> usize {
+        self.state.by_path.lock().unwrap().values().filter(|c| **c == n).count()
     }
 
     /// Wait until `n` requests arrived; returns the instant it was seen (polled every 2 ms).
@@ -292,6 +360,28 @@ impl Relay {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// Sum of the samples of metric `name` whose line contains `filter` (from `/metrics`).
+    async fn metric(&self, name: &str, filter: &str) -> f64 {
+        let Ok(resp) = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+        else {
+            return f64::NAN;
+        };
+        let text = resp.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                    && l.contains(filter)
+            })
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -436,10 +526,15 @@ fn run_id(n: usize) -> String {
 
 /// An event of about `PAYLOAD_BYTES` JSON bytes.
 fn event(id: &str, webhook: &str, run: &str, i: usize) -> Value {
+    event_sized(id, webhook, run, i, PAYLOAD_BYTES)
+}
+
+/// An event of about `bytes` JSON bytes.
+fn event_sized(id: &str, webhook: &str, run: &str, i: usize, bytes: usize) -> Value {
     let mut e = json!({"id": id, "event": "sync_job_run:record", "sync_job_run_id": run, "webhook_id": webhook,
                        "payload": {"run": run, "i": i, "pad": ""}});
     let len = e.to_string().len();
-    e["payload"]["pad"] = json!("x".repeat(PAYLOAD_BYTES.saturating_sub(len)));
+    e["payload"]["pad"] = json!("x".repeat(bytes.saturating_sub(len)));
     e
 }
 
@@ -452,14 +547,111 @@ fn sched_event(id: &str, webhook: &str, k: usize, sched: u64, run_offset: usize)
 
 /// `runs` × `per_run` events, interleaved so every batch spans many runs.
 fn workload(prefix: &str, webhook: &str, runs: usize, per_run: usize, run_offset: usize) -> Vec<Value> {
+    workload_sized(prefix, webhook, runs, per_run, run_offset, PAYLOAD_BYTES)
+}
+
+/// `workload` with events of about `bytes` JSON bytes.
+fn workload_sized(
+    prefix: &str,
+    webhook: &str,
+    runs: usize,
+    per_run: usize,
+    run_offset: usize,
+    bytes: usize,
+) -> Vec<Value> {
     let mut v = Vec::with_capacity(runs * per_run);
     for i in 0..per_run {
         for r in 0..runs {
             let run = run_id(run_offset + r);
-            v.push(event(&format!("{prefix}-{r}-{i}"), webhook, &run, i));
+            v.push(event_sized(&format!("{prefix}-{r}-{i}"), webhook, &run, i, bytes));
         }
     }
     v
+}
+
+/// Events as Kafka records: (key = run id, value).
+fn keyed(events: &[Value]) -> Vec<(String, Vec<u8>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["sync_job_run_id"].as_str().unwrap().to_string(),
+                e.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// Produce `msgs` to `topic`, 2,000 awaited at a time; returns when all are acknowledged.
+async fn produce_all(producer: &FutureProducer, topic: &str, msgs: &[(String, Vec<u8>)]) {
+    for chunk in msgs.chunks(2000) {
+        let futs = chunk
+            .iter()
+            .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(60)));
+        for r in futures_util::future::join_all(futs).await {
+            r.map_err(|(e, _)| e).expect("produce");
+        }
+    }
+}
+
+/// Produce one warm-up event to a fresh webhook at `/warm` and wait for it: the group is
+/// joined and partitions assigned once it comes through.
+async fn kafka_warm_up(rx: &Receiver, relay: &Relay, producer: &FutureProducer, topic: &str) {
+    let (wid, _) = relay.webhook(&rx.url("/warm")).await;
+    rx.reset();
+    let warm = event("warm", &wid, &run_id(2_000_000), 0).to_string();
+    producer
+        .send(
+            FutureRecord::to(topic).key("warm").payload(&warm),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce warm-up");
+    rx.wait_for(1, Duration::from_secs(120)).await;
+    rx.reset();
+}
+
+/// How events reach the relay.
+enum Feed {
+    /// `POST /events` (embedded bus), this many events per batch, two batches in flight.
+    Api { batch: usize },
+    /// Produced to `topic`, keyed by run id.
+    Kafka { producer: FutureProducer, topic: String },
+}
+
+impl Feed {
+    /// Send all of `events`; returns when all are accepted (202) or acknowledged.
+    async fn send(&self, relay: &Relay, events: &[Value]) {
+        match self {
+            Feed::Api { batch } => post_events_batched(relay, events, *batch).await,
+            Feed::Kafka { producer, topic } => produce_all(producer, topic, &keyed(events)).await,
+        }
+    }
+
+    /// Send the events due now without waiting for Kafka acknowledgements (kept in `acks`).
+    async fn send_due(&self, relay: &Relay, due: &[Value], acks: &mut Vec<DeliveryFuture>) {
+        match self {
+            Feed::Api { batch } => post_events_batched(relay, due, *batch).await,
+            Feed::Kafka { producer, topic } => {
+                for (k, v) in keyed(due) {
+                    acks.push(
+                        producer
+                            .send_result(FutureRecord::to(topic).key(&k).payload(&v))
+                            .map_err(|(e, _)| e)
+                            .expect("enqueue"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Feed::Api { .. } => "embedded",
+            Feed::Kafka { .. } => "kafka",
+        }
+    }
 }
 
 fn secs(d: Duration) -> f64 {
@@ -469,13 +661,14 @@ fn secs(d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
-/// L_client: a bare reqwest client, signing like the relay, `CONCURRENCY` requests in flight.
-async fn l_client(rx: &Receiver, n: usize) -> (f64, usize, usize) {
+/// L_client: a bare reqwest client, signing like the relay, `CONCURRENCY` requests in flight,
+/// each POSTing the same event of about `payload` bytes.
+async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize) {
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let key = base64::engine::general_purpose::STANDARD
         .decode(secret.trim_start_matches("whsec_"))
         .unwrap();
-    let body: Arc<Vec<u8>> = Arc::new(event("lc", "wh", &run_id(0), 0).to_string().into_bytes());
+    let body: Arc<Vec<u8>> = Arc::new(event_sized("lc", "wh", &run_id(0), 0, payload).to_string().into_bytes());
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = rx.url("/limit");
     rx.reset();
@@ -524,7 +717,12 @@ async fn l_client(rx: &Receiver, n: usize) -> (f64, usize, usize) {
 
 /// Post `events` in batches of 500, two batches in flight; returns when all are accepted.
 async fn post_events(relay: &Relay, events: &[Value]) {
-    let chunks: Vec<&[Value]> = events.chunks(500).collect();
+    post_events_batched(relay, events, 500).await
+}
+
+/// Post `events` in batches of `batch`, two batches in flight; returns when all are accepted.
+async fn post_events_batched(relay: &Relay, events: &[Value], batch: usize) {
+    let chunks: Vec<&[Value]> = events.chunks(batch).collect();
     for pair in chunks.chunks(2) {
         let bodies: Vec<Value> = pair.iter().map(|c| json!({ "events": c })).collect();
         let futs = bodies.iter().map(|b| relay.post("/events", b));
@@ -620,12 +818,60 @@ struct KafkaResult {
     l_broker: f64,
     rss: f64,
     verified: (usize, usize),
-    latency: (f64, (f64, f64, f64)),
+    latency: Option<(f64, (f64, f64, f64))>,
 }
 
-async fn kafka(rx: &Receiver, runs: usize, per_run: usize, lat_secs: f64) -> KafkaResult {
+/// Latency through Kafka at `rate` events/s for `lat_secs`: each record stamped with its
+/// scheduled send time and produced as it falls due.
+async fn kafka_latency(
+    rx: &Receiver,
+    producer: &FutureProducer,
+    topic: &str,
+    wid: &str,
+    rate: f64,
+    lat_secs: f64,
+) -> (f64, (f64, f64, f64)) {
+    let n_lat = (rate * lat_secs) as usize;
+    rx.reset();
+    let base = rx.now_us();
+    let start = Instant::now();
+    let mut acks = Vec::with_capacity(n_lat);
+    let mut k = 0;
+    while k < n_lat {
+        let now = secs(start.elapsed());
+        while k < n_lat && k as f64 / rate <= now {
+            let sched = base + (k as f64 / rate * 1e6) as u64;
+            let e = sched_event(&format!("lat-{k}"), wid, k, sched, 3_000_000);
+            let key = e["sync_job_run_id"].as_str().unwrap().to_string();
+            let v = e.to_string();
+            acks.push(
+                producer
+                    .send_result(FutureRecord::to(topic).key(&key).payload(&v))
+                    .map_err(|(e, _)| e)
+                    .expect("enqueue"),
+            );
+            k += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for a in futures_util::future::join_all(acks).await {
+        a.expect("delivery future").map_err(|(e, _)| e).expect("produce");
+    }
+    rx.wait_for(n_lat as u64, Duration::from_secs(600)).await;
+    (rate, rx.percentiles())
+}
+
+/// Kafka throughput with events of about `payload` bytes to `topic`, then (when `lat_secs` is
+/// given) latency at half that throughput, then L_broker for the same topic.
+async fn kafka(
+    rx: &Receiver,
+    runs: usize,
+    per_run: usize,
+    payload: usize,
+    lat_secs: Option<f64>,
+    topic: &'static str,
+) -> KafkaResult {
     let broker = Broker::start();
-    let topic = "bench.events";
     broker.create_topic(topic, 8);
     let group = "bench-relay";
     let relay = Relay::start(broker.relay_env(group, topic)).await;
@@ -645,28 +891,13 @@ async fn kafka(rx: &Receiver, runs: usize, per_run: usize, lat_secs: f64) -> Kaf
         .expect("produce warm-up");
     rx.wait_for(1, Duration::from_secs(120)).await;
 
-    let events: Vec<(String, Vec<u8>)> = workload("kfk", &wid, runs, per_run, 0)
-        .into_iter()
-        .map(|e| {
-            (
-                e["sync_job_run_id"].as_str().unwrap().to_string(),
-                e.to_string().into_bytes(),
-            )
-        })
-        .collect();
+    let events = keyed(&workload_sized("kfk", &wid, runs, per_run, 0, payload));
     let n = events.len() as u64;
     rx.reset();
     relay.reset_peak_rss();
     let cpu0 = relay.cpu_secs();
     let started = Instant::now();
-    for chunk in events.chunks(2000) {
-        let futs = chunk
-            .iter()
-            .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(60)));
-        for r in futures_util::future::join_all(futs).await {
-            r.map_err(|(e, _)| e).expect("produce");
-        }
-    }
+    produce_all(&producer, topic, &events).await;
     let produced = started.elapsed();
     let delivered = rx.wait_for(n, Duration::from_secs(600)).await;
     let committed = loop {
@@ -681,7 +912,7 @@ async fn kafka(rx: &Receiver, runs: usize, per_run: usize, lat_secs: f64) -> Kaf
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!(
-        "  kafka: produced {n} in {:.2}s, delivered in {:.2}s, committed in {:.2}s",
+        "  kafka ({payload} B): produced {n} in {:.2}s, delivered in {:.2}s, committed in {:.2}s",
         secs(produced),
         secs(delivered - started),
         secs(committed - started)
@@ -696,35 +927,10 @@ async fn kafka(rx: &Receiver, runs: usize, per_run: usize, lat_secs: f64) -> Kaf
 
     // Latency at half the measured throughput, paced, each record stamped with its schedule.
     let eps_delivered = n as f64 / secs(delivered - started);
-    let rate = eps_delivered / 2.0;
-    let n_lat = (rate * lat_secs) as usize;
-    rx.reset();
-    let base = rx.now_us();
-    let start = Instant::now();
-    let mut acks = Vec::with_capacity(n_lat);
-    let mut k = 0;
-    while k < n_lat {
-        let now = secs(start.elapsed());
-        while k < n_lat && k as f64 / rate <= now {
-            let sched = base + (k as f64 / rate * 1e6) as u64;
-            let e = sched_event(&format!("lat-{k}"), &wid, k, sched, 3_000_000);
-            let key = e["sync_job_run_id"].as_str().unwrap().to_string();
-            let v = e.to_string();
-            acks.push(
-                producer
-                    .send_result(FutureRecord::to(topic).key(&key).payload(&v))
-                    .map_err(|(e, _)| e)
-                    .expect("enqueue"),
-            );
-            k += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    for a in futures_util::future::join_all(acks).await {
-        a.expect("delivery future").map_err(|(e, _)| e).expect("produce");
-    }
-    rx.wait_for(n_lat as u64, Duration::from_secs(600)).await;
-    let latency = (rate, rx.percentiles());
+    let latency = match lat_secs {
+        Some(lat_secs) => Some(kafka_latency(rx, &producer, topic, &wid, eps_delivered / 2.0, lat_secs).await),
+        None => None,
+    };
     relay.stop();
 
     // L_broker: a bare consumer reads the same topic (same messages) from the beginning.
@@ -771,6 +977,295 @@ async fn kafka(rx: &Receiver, runs: usize, per_run: usize, lat_secs: f64) -> Kaf
     }
 }
 
+/// Embedded bus throughput with events of about `payload` bytes (POSTed `batch` per request):
+/// (events/s, peak RSS MiB, verified signatures).
+async fn embedded_sized(
+    rx: &Receiver,
+    runs: usize,
+    per_run: usize,
+    payload: usize,
+    batch: usize,
+) -> (f64, f64, (usize, usize)) {
+    let relay = Relay::start(vec![]).await;
+    let (wid, secret) = relay.webhook(&rx.url("/embedded-large")).await;
+    let events = workload_sized("embl", &wid, runs, per_run, 0, payload);
+    let n = events.len() as u64;
+    rx.reset();
+    relay.reset_peak_rss();
+    let started = Instant::now();
+    post_events_batched(&relay, &events, batch).await;
+    let accepted = started.elapsed();
+    let done = rx.wait_for(n, Duration::from_secs(600)).await;
+    eprintln!(
+        "  embedded ({payload} B): accepted {n} in {:.2}s, delivered in {:.2}s",
+        secs(accepted),
+        secs(done - started)
+    );
+    let rss = relay.peak_rss_mib();
+    let verified = rx.verify_samples(&secret);
+    relay.stop();
+    (n as f64 / secs(done - started), rss, verified)
+}
+
+/// The isolation workload's runs for webhook `i`: the slow one (0) gets `CONCURRENCY` runs so it
+/// can fill its in-flight cap.
+fn iso_runs(i: usize) -> usize {
+    if i == 0 {
+        CONCURRENCY
+    } else {
+        ISO_RUNS
+    }
+}
+
+/// One isolation event: `k`-th of webhook `i`, spread over that webhook's runs.
+fn iso_event(prefix: &str, wids: &[String], i: usize, k: usize, run_base: usize) -> Value {
+    let run = run_id(run_base + i * 1000 + k % iso_runs(i));
+    event(&format!("{prefix}-{i}-{k}"), &wids[i], &run, k)
+}
+
+struct IsoPhase {
+    /// Events/s of webhooks 1..99 (time until each has all `per_wh` events).
+    eps: f64,
+    /// Arrivals at the slow webhook during that time.
+    slow_arrivals: u64,
+    /// Webhooks 1..99 that got exactly `per_wh` events.
+    complete: usize,
+    rss: f64,
+    latency: Option<(f64, (f64, f64, f64))>,
+}
+
+/// One isolation phase: a fresh relay with `ISO_WEBHOOKS` webhooks (webhook 0 at `/slow/0` when
+/// `slow`, else at `/iso/0`), `per_wh` events each, interleaved; then, for `lat_secs`, events to
+/// all 100 webhooks paced at `rate` (default: half this phase's throughput), latency measured
+/// at the healthy ones.
+async fn iso_phase(
+    rx: &Receiver,
+    broker: Option<&Broker>,
+    slow: bool,
+    per_wh: usize,
+    rate: Option<f64>,
+    lat_secs: f64,
+) -> IsoPhase {
+    let label = if slow { "slow" } else { "baseline" };
+    let (relay, feed) = match broker {
+        None => (Relay::start(vec![]).await, Feed::Api { batch: 500 }),
+        Some(b) => {
+            let topic = format!("bench.iso.{label}");
+            b.create_topic(&topic, 8);
+            let relay = Relay::start(b.relay_env(&format!("bench-iso-{label}"), &topic)).await;
+            let producer = b.producer();
+            kafka_warm_up(rx, &relay, &producer, &topic).await;
+            (relay, Feed::Kafka { producer, topic })
+        }
+    };
+    let mut wids = Vec::with_capacity(ISO_WEBHOOKS);
+    for i in 0..ISO_WEBHOOKS {
+        let path = if i == 0 && slow {
+            "/slow/0".to_string()
+        } else {
+            format!("/iso/{i}")
+        };
+        wids.push(relay.webhook(&rx.url(&path)).await.0);
+    }
+    let mut events = Vec::with_capacity(per_wh * ISO_WEBHOOKS);
+    for k in 0..per_wh {
+        for i in 0..ISO_WEBHOOKS {
+            events.push(iso_event("iso", &wids, i, k, 10_000_000));
+        }
+    }
+    rx.reset();
+    relay.reset_peak_rss();
+    let started = Instant::now();
+    feed.send(&relay, &events).await;
+    let accepted = started.elapsed();
+    // Done when webhooks 1..99 each have all their events.
+    let healthy = ISO_WEBHOOKS - 1;
+    let until = started + Duration::from_secs(600);
+    let done = loop {
+        let n = {
+            let m = rx.state.by_path.lock().unwrap();
+            m.iter()
+                .filter(|(p, c)| p.as_str() != "/iso/0" && **c >= per_wh as u64)
+                .count()
+        };
+        if n >= healthy {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < until,
+            "isolation ({label}): only {n} webhooks complete"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let eps = (healthy * per_wh) as f64 / secs(done - started);
+    let slow_arrivals = rx.slow_count();
+    let complete = rx.paths_with(per_wh as u64) - usize::from(!slow);
+    eprintln!(
+        "  isolation {} ({label}): accepted {} in {:.2}s, webhooks 1..99 done in {:.2}s, slow webhook got {slow_arrivals}",
+        feed.name(),
+        events.len(),
+        secs(accepted),
+        secs(done - started)
+    );
+    if !slow {
+        // Let webhook 0 finish too, so its stragglers are not counted in the latency phase.
+        rx.wait_for((ISO_WEBHOOKS * per_wh) as u64, Duration::from_secs(600))
+            .await;
+    }
+    let rss = relay.peak_rss_mib();
+
+    let rate = rate.unwrap_or(eps / 2.0);
+    let latency = if lat_secs <= 0.0 {
+        None
+    } else {
+        let n_lat = (rate * lat_secs) as usize;
+        let expect = (0..n_lat).filter(|k| !slow || k % ISO_WEBHOOKS != 0).count();
+        rx.reset();
+        let base = rx.now_us();
+        let start = Instant::now();
+        let mut acks = Vec::new();
+        let mut k = 0;
+        while k < n_lat {
+            let now = secs(start.elapsed());
+            let mut due = Vec::new();
+            while k < n_lat && k as f64 / rate <= now {
+                let sched = base + (k as f64 / rate * 1e6) as u64;
+                let mut e = iso_event("isolat", &wids, k % ISO_WEBHOOKS, k / ISO_WEBHOOKS, 20_000_000);
+                e["payload"]["sched_us"] = json!(sched);
+                due.push(e);
+                k += 1;
+            }
+            if !due.is_empty() {
+                feed.send_due(&relay, &due, &mut acks).await;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for a in futures_util::future::join_all(acks).await {
+            a.expect("delivery future").map_err(|(e, _)| e).expect("produce");
+        }
+        rx.wait_for(expect as u64, Duration::from_secs(600)).await;
+        Some((rate, rx.percentiles()))
+    };
+    relay.stop();
+    IsoPhase {
+        eps,
+        slow_arrivals,
+        complete,
+        rss,
+        latency,
+    }
+}
+
+struct IsoResult {
+    baseline: IsoPhase,
+    slow: IsoPhase,
+}
+
+/// Isolation: the same workload with all 100 webhooks healthy, then with webhook 0 answering
+/// after `SLOW_ANSWER`. Latency phases at half the baseline's throughput.
+async fn isolation(rx: &Receiver, kafka: bool, per_wh: usize, lat_secs: f64) -> IsoResult {
+    let broker = kafka.then(Broker::start);
+    let baseline = iso_phase(rx, broker.as_ref(), false, per_wh, None, lat_secs).await;
+    let rate = baseline.eps / 2.0;
+    let slow = iso_phase(rx, broker.as_ref(), true, per_wh, Some(rate), lat_secs).await;
+    IsoResult { baseline, slow }
+}
+
+struct ParkedResult {
+    n: usize,
+    /// Seconds from the first event sent until all were held (embedded: accepted and every
+    /// run's head attempted; Kafka: the group's offsets committed to the log end).
+    held_secs: f64,
+    queue_depth: f64,
+    parked_metric: f64,
+    attempts_503: u64,
+    rss: f64,
+}
+
+/// RSS with `n` events held for a receiver answering 503 (`Retry-After: 3600`): `PARKED_RUNS`
+/// runs, each run's head attempted once, the rest queued behind it. Embedded: `POST /events`;
+/// Kafka (`broker` given): produced, parked in the store by the consumer.
+async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
+    let broker = kafka.then(Broker::start);
+    let topic = "bench.parked";
+    let group = "bench-parked";
+    let (relay, feed) = match &broker {
+        None => (Relay::start(vec![]).await, Feed::Api { batch: 500 }),
+        Some(b) => {
+            b.create_topic(topic, 8);
+            let relay = Relay::start(b.relay_env(group, topic)).await;
+            let producer = b.producer();
+            kafka_warm_up(rx, &relay, &producer, topic).await;
+            (
+                relay,
+                Feed::Kafka {
+                    producer,
+                    topic: topic.into(),
+                },
+            )
+        }
+    };
+    let (wid, _) = relay.webhook(&rx.url(&format!("/unavailable/{}", feed.name()))).await;
+    let per_run = n / PARKED_RUNS;
+    let n = per_run * PARKED_RUNS;
+    rx.reset();
+    relay.reset_peak_rss();
+    let started = Instant::now();
+    // Generated 10 events per run at a time (10,000 events), to keep the bench's own memory flat.
+    for i0 in (0..per_run).step_by(10) {
+        let mut events = Vec::with_capacity(10 * PARKED_RUNS);
+        for i in i0..(i0 + 10).min(per_run) {
+            for r in 0..PARKED_RUNS {
+                events.push(event(&format!("park-{r}-{i}"), &wid, &run_id(5_000_000 + r), i));
+            }
+        }
+        feed.send(&relay, &events).await;
+    }
+    let accepted = started.elapsed();
+    let until = started + Duration::from_secs(900);
+    loop {
+        let held = match &broker {
+            None => rx.unavailable_count() >= PARKED_RUNS as u64,
+            Some(b) => {
+                let (com, end) = b.committed_and_end(group, topic);
+                com >= end
+            }
+        };
+        if held {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "parked ({}): not held after 900 s (503 answers: {})",
+            feed.name(),
+            rx.unavailable_count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held_secs = secs(started.elapsed());
+    // A few dispatcher polls with the whole backlog in the store.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = ParkedResult {
+        n,
+        held_secs,
+        queue_depth: relay.metric("syncrelay_queue_depth", "").await,
+        parked_metric: relay.metric("syncrelay_deliveries_parked_total", "").await,
+        attempts_503: rx.unavailable_count(),
+        rss: relay.peak_rss_mib(),
+    };
+    eprintln!(
+        "  parked {}: {n} sent in {:.2}s, held after {held_secs:.2}s, queue depth {}, parked {}, 503 answers {}, peak RSS {:.1} MiB",
+        feed.name(),
+        secs(accepted),
+        r.queue_depth,
+        r.parked_metric,
+        r.attempts_503,
+        r.rss
+    );
+    relay.stop();
+    r
+}
+
 fn machine() -> (usize, String) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -783,109 +1278,435 @@ fn machine() -> (usize, String) {
     (std::thread::available_parallelism().map_or(0, |n| n.get()), cpu)
 }
 
+/// Scenarios `--only` accepts; `large`, `isolation` and `parked` also take `-embedded` / `-kafka`.
+const SCENARIOS: [&str; 11] = [
+    "embedded",
+    "kafka",
+    "large",
+    "large-embedded",
+    "large-kafka",
+    "isolation",
+    "isolation-embedded",
+    "isolation-kafka",
+    "parked",
+    "parked-embedded",
+    "parked-kafka",
+];
+
+/// `--only a,b` / `--only=a,b` (repeatable); empty: everything.
+fn only_args() -> Vec<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut only = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let list = if args[i] == "--only" {
+            i += 1;
+            args.get(i).cloned()
+        } else {
+            args[i].strip_prefix("--only=").map(str::to_string)
+        };
+        if let Some(list) = list {
+            for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                assert!(
+                    SCENARIOS.contains(&s),
+                    "unknown scenario {s:?}; --only takes {}",
+                    SCENARIOS.join(", ")
+                );
+                only.push(s.to_string());
+            }
+        }
+        i += 1;
+    }
+    only
+}
+
+/// The Markdown table and the JSON, filled as scenarios finish.
+#[derive(Default)]
+struct Report {
+    rows: Vec<String>,
+    json: serde_json::Map<String, Value>,
+    targets: serde_json::Map<String, Value>,
+    /// Latency figures by scenario (`latency_ms` in the JSON).
+    latency: serde_json::Map<String, Value>,
+    /// Peak RSS by scenario (`rss_mib` in the JSON).
+    rss: serde_json::Map<String, Value>,
+    verified: (usize, usize),
+}
+
+impl Report {
+    fn row(&mut self, what: &str, value: &str, target: &str, met: Option<bool>) {
+        let result = match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "",
+        };
+        self.rows.push(format!("| {what} | {value} | {target} | {result} |"));
+    }
+
+    fn set(&mut self, key: &str, v: Value) {
+        self.json.insert(key.into(), v);
+    }
+
+    fn target(&mut self, key: &str, met: bool) {
+        self.targets.insert(key.into(), json!(met));
+    }
+
+    fn rss(&mut self, key: &str, mib: f64) {
+        self.rss.insert(key.into(), json!(mib));
+    }
+
+    fn verified(&mut self, v: (usize, usize)) {
+        self.verified.0 += v.0;
+        self.verified.1 += v.1;
+    }
+}
+
+fn lat_json((rate, (p50, p99, p999)): (f64, (f64, f64, f64))) -> Value {
+    json!({"rate_eps": rate, "p50": p50, "p99": p99, "p999": p999})
+}
+
+/// MB/s (10^6 bytes) of event JSON at `eps` events of about `payload` bytes.
+fn mbps(eps: f64, payload: usize) -> f64 {
+    eps * payload as f64 / 1e6
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let only = only_args();
     let scale = if quick { 4 } else { 1 };
     let runs = 200;
     let per_run = 100 / scale;
     let total = runs * per_run;
     let single = 2000 / scale;
     let lat_secs = 10.0 / scale as f64;
+    // 16 KiB scenarios: a quarter of the events (same runs; quick: 2,000), 100 per POST (1.6 MB bodies).
+    let large_per_run = if quick { 10 } else { 25 };
+    let large_total = runs * large_per_run;
+    let large_batch = 100;
+    // Isolation: 40,000 events over 100 webhooks (quick: 20,000), so a phase outlasts the slow
+    // webhook's 5 s answers.
+    let iso_per_wh = if quick { 200 } else { 400 };
+    let parked_n = 100_000 / scale;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
+        let want = |name: &str| {
+            only.is_empty()
+                || only.iter().any(|o| o == name)
+                || name.split_once('-').is_some_and(|(group, _)| only.iter().any(|o| o == group))
+        };
         let _ = relay_binary();
         let rx = Receiver::start();
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut rep = Report::default();
+        let yes = Some;
 
-        eprintln!("L_client: {total} signed POSTs, concurrency {CONCURRENCY}");
-        let (l_client, lc_ok, lc_n) = l_client(&rx, total).await;
-        eprintln!("embedded: {runs} runs x {per_run} events, then one run of {single}");
-        let emb = embedded(&rx, runs, per_run, single, lat_secs).await;
-        eprintln!("kafka: {runs} runs x {per_run} events, 8 partitions");
-        let kfk = kafka(&rx, runs, per_run, lat_secs).await;
+        let l_client_eps = if want("embedded") || want("kafka") {
+            eprintln!("L_client: {total} signed POSTs of {PAYLOAD_BYTES} B, concurrency {CONCURRENCY}");
+            let (l, ok, n) = l_client(&rx, total, PAYLOAD_BYTES).await;
+            rep.verified((ok, n));
+            rep.row(
+                &format!("L_client (bare signing reqwest, concurrency {CONCURRENCY})"),
+                &format!("{l:.0} events/s"),
+                "",
+                None,
+            );
+            rep.set("l_client_eps", json!(l));
+            Some(l)
+        } else {
+            None
+        };
 
-        let emb_ratio = emb.eps / l_client;
-        let k_limit = l_client.min(kfk.l_broker);
-        let binds = if kfk.l_broker < l_client { "L_broker" } else { "L_client" };
-        let k_ratio = kfk.eps_delivered / k_limit;
-        let max_rss = emb.rss_throughput.max(emb.rss_single).max(kfk.rss);
+        if want("embedded") {
+            let l_client = l_client_eps.unwrap();
+            eprintln!("embedded: {runs} runs x {per_run} events, then one run of {single}");
+            let emb = embedded(&rx, runs, per_run, single, lat_secs).await;
+            let ratio = emb.eps / l_client;
+            rep.verified(emb.verified);
+            rep.row(
+                &format!("Embedded bus e2e ({total} events, {runs} runs)"),
+                &format!("{:.0} events/s ({ratio:.2} x L_client)", emb.eps),
+                ">= 0.5 x L_client",
+                yes(ratio >= 0.5),
+            );
+            let (rate, (p50, p99, p999)) = emb.latency;
+            rep.row(
+                &format!("Embedded latency at {rate:.0} events/s (half e2e), paced {lat_secs:.1}s: p50 / p99 / p99.9"),
+                &format!("{p50:.1} / {p99:.1} / {p999:.1} ms"),
+                "p99 <= 50 ms",
+                yes(p99 <= 50.0),
+            );
+            rep.row(
+                &format!("Single run ({single} events, embedded, sequential)"),
+                &format!("{:.0} events/s", emb.single_eps),
+                "",
+                None,
+            );
+            let rss_max = emb.rss_throughput.max(emb.rss_single);
+            rep.row(
+                "Relay peak RSS: embedded throughput / single run",
+                &format!("{:.1} / {:.1} MiB", emb.rss_throughput, emb.rss_single),
+                "<= 300 MiB",
+                yes(rss_max <= 300.0),
+            );
+            rep.set("embedded_eps", json!(emb.eps));
+            rep.set("embedded_ratio_l_client", json!(ratio));
+            rep.set("single_run_eps", json!(emb.single_eps));
+            rep.latency.insert("embedded".into(), lat_json(emb.latency));
+            rep.rss("embedded_throughput", emb.rss_throughput);
+            rep.rss("single_run", emb.rss_single);
+            rep.target("embedded_ge_0_5_l_client", ratio >= 0.5);
+            rep.target("embedded_p99_le_50ms", p99 <= 50.0);
+        }
+
+        if want("kafka") {
+            let l_client = l_client_eps.unwrap();
+            eprintln!("kafka: {runs} runs x {per_run} events, 8 partitions");
+            let kfk = kafka(&rx, runs, per_run, PAYLOAD_BYTES, Some(lat_secs), "bench.events").await;
+            let limit = l_client.min(kfk.l_broker);
+            let binds = if kfk.l_broker < l_client { "L_broker" } else { "L_client" };
+            let ratio = kfk.eps_delivered / limit;
+            rep.verified(kfk.verified);
+            rep.row(
+                "L_broker (bare rdkafka consumer, tansu)",
+                &format!("{:.0} msgs/s", kfk.l_broker),
+                "",
+                None,
+            );
+            rep.row(
+                &format!("Kafka e2e delivered ({total} events, 8 partitions)"),
+                &format!("{:.0} events/s ({ratio:.2} x {binds})", kfk.eps_delivered),
+                ">= 0.7 x min(L_client, L_broker)",
+                yes(ratio >= 0.7),
+            );
+            rep.row(
+                "Kafka e2e to offsets committed",
+                &format!("{:.0} events/s ({:.2} x {binds})", kfk.eps_committed, kfk.eps_committed / limit),
+                "",
+                None,
+            );
+            let lat = kfk.latency.unwrap();
+            let (rate, (p50, p99, p999)) = lat;
+            rep.row(
+                &format!("Kafka latency at {rate:.0} events/s (half e2e), paced {lat_secs:.1}s: p50 / p99 / p99.9"),
+                &format!("{p50:.1} / {p99:.1} / {p999:.1} ms"),
+                "p99 <= 50 ms",
+                yes(p99 <= 50.0),
+            );
+            rep.row(
+                "Relay peak RSS: kafka throughput",
+                &format!("{:.1} MiB", kfk.rss),
+                "<= 300 MiB",
+                yes(kfk.rss <= 300.0),
+            );
+            rep.set("l_broker_mps", json!(kfk.l_broker));
+            rep.set("kafka_delivered_eps", json!(kfk.eps_delivered));
+            rep.set("kafka_committed_eps", json!(kfk.eps_committed));
+            rep.set("kafka_ratio", json!(ratio));
+            rep.set("kafka_binding_limit", json!(binds));
+            rep.latency.insert("kafka".into(), lat_json(lat));
+            rep.rss("kafka", kfk.rss);
+            rep.target("kafka_ge_0_7_min_limit", ratio >= 0.7);
+            rep.target("kafka_p99_le_50ms", p99 <= 50.0);
+        }
+
+        if want("large-embedded") || want("large-kafka") {
+            eprintln!("L_client 16 KiB: {large_total} signed POSTs of {LARGE_PAYLOAD_BYTES} B, concurrency {CONCURRENCY}");
+            let (l16, ok, n) = l_client(&rx, large_total, LARGE_PAYLOAD_BYTES).await;
+            rep.verified((ok, n));
+            rep.row(
+                &format!("L_client 16 KiB (bare signing reqwest, {large_total} requests)"),
+                &format!("{l16:.0} events/s ({:.1} MB/s)", mbps(l16, LARGE_PAYLOAD_BYTES)),
+                "",
+                None,
+            );
+            let mut large = serde_json::Map::new();
+            large.insert("payload_bytes".into(), json!(LARGE_PAYLOAD_BYTES));
+            large.insert("events".into(), json!(large_total));
+            large.insert("l_client_eps".into(), json!(l16));
+            if want("large-embedded") {
+                eprintln!("large embedded: {runs} runs x {large_per_run} events of {LARGE_PAYLOAD_BYTES} B");
+                let (eps, rss, v) = embedded_sized(&rx, runs, large_per_run, LARGE_PAYLOAD_BYTES, large_batch).await;
+                let ratio = eps / l16;
+                rep.verified(v);
+                rep.row(
+                    &format!("Embedded bus e2e, 16 KiB ({large_total} events, {runs} runs, {large_batch} per POST)"),
+                    &format!(
+                        "{eps:.0} events/s, {:.1} MB/s ({ratio:.2} x L_client 16 KiB); RSS {rss:.1} MiB",
+                        mbps(eps, LARGE_PAYLOAD_BYTES)
+                    ),
+                    ">= 0.5 x L_client",
+                    yes(ratio >= 0.5),
+                );
+                large.insert(
+                    "embedded".into(),
+                    json!({"eps": eps, "mb_per_s": mbps(eps, LARGE_PAYLOAD_BYTES), "ratio_l_client": ratio, "rss_mib": rss}),
+                );
+                rep.target("large_embedded_ge_0_5_l_client", ratio >= 0.5);
+                rep.rss("large_embedded", rss);
+            }
+            if want("large-kafka") {
+                eprintln!("large kafka: {runs} runs x {large_per_run} events of {LARGE_PAYLOAD_BYTES} B, 8 partitions");
+                let k = kafka(&rx, runs, large_per_run, LARGE_PAYLOAD_BYTES, None, "bench.large").await;
+                let limit = l16.min(k.l_broker);
+                let binds = if k.l_broker < l16 { "L_broker 16 KiB" } else { "L_client 16 KiB" };
+                let ratio = k.eps_delivered / limit;
+                rep.verified(k.verified);
+                rep.row(
+                    "L_broker 16 KiB (bare rdkafka consumer, same topic)",
+                    &format!("{:.0} msgs/s ({:.1} MB/s)", k.l_broker, mbps(k.l_broker, LARGE_PAYLOAD_BYTES)),
+                    "",
+                    None,
+                );
+                rep.row(
+                    &format!("Kafka e2e delivered, 16 KiB ({large_total} events, 8 partitions)"),
+                    &format!(
+                        "{:.0} events/s, {:.1} MB/s ({ratio:.2} x {binds}); committed {:.0} events/s; RSS {:.1} MiB",
+                        k.eps_delivered,
+                        mbps(k.eps_delivered, LARGE_PAYLOAD_BYTES),
+                        k.eps_committed,
+                        k.rss
+                    ),
+                    ">= 0.7 x min(L_client, L_broker)",
+                    yes(ratio >= 0.7),
+                );
+                large.insert(
+                    "kafka".into(),
+                    json!({"delivered_eps": k.eps_delivered, "committed_eps": k.eps_committed,
+                           "mb_per_s": mbps(k.eps_delivered, LARGE_PAYLOAD_BYTES), "l_broker_mps": k.l_broker,
+                           "ratio": ratio, "binding_limit": binds, "rss_mib": k.rss}),
+                );
+                rep.target("large_kafka_ge_0_7_min_limit", ratio >= 0.7);
+                rep.rss("large_kafka", k.rss);
+            }
+            rep.set("large", Value::Object(large));
+        }
+
+        let mut iso_json = serde_json::Map::new();
+        for (name, kafka) in [("embedded", false), ("kafka", true)] {
+            if !want(&format!("isolation-{name}")) {
+                continue;
+            }
+            eprintln!(
+                "isolation {name}: {ISO_WEBHOOKS} webhooks x {iso_per_wh} events, baseline then webhook 0 answering after {}s",
+                SLOW_ANSWER.as_secs()
+            );
+            let r = isolation(&rx, kafka, iso_per_wh, lat_secs).await;
+            let ratio = r.slow.eps / r.baseline.eps;
+            let (_, (_, b99, _)) = r.baseline.latency.unwrap_or_default();
+            let (rate, (p50, p99, p999)) = r.slow.latency.unwrap_or_default();
+            rep.row(
+                &format!(
+                    "Isolation {name}: webhooks 1..99 with webhook 0 slow ({}s), {iso_per_wh} events each",
+                    SLOW_ANSWER.as_secs()
+                ),
+                &format!(
+                    "{:.0} events/s vs {:.0} all healthy ({ratio:.2} x); slow one got {}; {} / 99 complete",
+                    r.slow.eps, r.baseline.eps, r.slow.slow_arrivals, r.slow.complete
+                ),
+                ">= 0.95 x all healthy",
+                yes(ratio >= 0.95),
+            );
+            rep.row(
+                &format!("Isolation {name}: latency of webhooks 1..99 at {rate:.0} events/s, p50 / p99 / p99.9 (all healthy: p99)"),
+                &format!("{p50:.1} / {p99:.1} / {p999:.1} ms ({b99:.1} ms)"),
+                "p99 <= 50 ms",
+                yes(p99 <= 50.0),
+            );
+            iso_json.insert(
+                name.into(),
+                json!({
+                    "webhooks": ISO_WEBHOOKS, "events_per_webhook": iso_per_wh, "slow_answer_s": SLOW_ANSWER.as_secs(),
+                    "baseline_eps": r.baseline.eps, "slow_eps": r.slow.eps, "ratio": ratio,
+                    "slow_webhook_arrivals": r.slow.slow_arrivals, "complete_webhooks": r.slow.complete,
+                    "baseline_latency_ms": r.baseline.latency.map(lat_json),
+                    "latency_ms": r.slow.latency.map(lat_json),
+                    "rss_mib": {"baseline": r.baseline.rss, "slow": r.slow.rss},
+                }),
+            );
+            rep.target(&format!("isolation_{name}_ge_0_95"), ratio >= 0.95);
+            rep.rss(&format!("isolation_{name}"), r.baseline.rss.max(r.slow.rss));
+            rep.target(&format!("isolation_{name}_p99_le_50ms"), p99 <= 50.0);
+        }
+        if !iso_json.is_empty() {
+            rep.set("isolation", Value::Object(iso_json));
+        }
+
+        let mut parked_json = serde_json::Map::new();
+        for (name, kafka) in [("embedded", false), ("kafka", true)] {
+            if !want(&format!("parked-{name}")) {
+                continue;
+            }
+            eprintln!("parked {name}: {parked_n} events for a receiver answering 503 (Retry-After: 3600)");
+            let p = parked(&rx, kafka, parked_n).await;
+            rep.row(
+                &format!("Relay peak RSS, {} events held for a 503 receiver ({name})", p.n),
+                &format!(
+                    "{:.1} MiB (held after {:.1}s = {:.0} events/s; queue depth {:.0})",
+                    p.rss,
+                    p.held_secs,
+                    p.n as f64 / p.held_secs,
+                    p.queue_depth
+                ),
+                "<= 300 MiB",
+                yes(p.rss <= 300.0),
+            );
+            parked_json.insert(
+                name.into(),
+                json!({"events": p.n, "rss_mib": p.rss, "held_secs": p.held_secs, "held_eps": p.n as f64 / p.held_secs,
+                       "queue_depth": p.queue_depth, "parked_total": p.parked_metric, "attempts_503": p.attempts_503}),
+            );
+            rep.target(&format!("parked_{name}_rss_le_300_mib"), p.rss <= 300.0);
+            rep.rss(&format!("parked_{name}"), p.rss);
+        }
+        if !parked_json.is_empty() {
+            rep.set("parked", Value::Object(parked_json));
+        }
+
         let (nproc, cpu) = machine();
         let fetch_wait = std::env::var("E2E_FETCH_WAIT_MS").unwrap_or_else(|_| "default (500)".into());
-        let verified = (
-            lc_ok + emb.verified.0 + kfk.verified.0,
-            lc_n + emb.verified.1 + kfk.verified.1,
+        let verified = rep.verified;
+        rep.row(
+            "Sampled signatures verified",
+            &format!("{} / {}", verified.0, verified.1),
+            "all",
+            yes(verified.0 == verified.1),
         );
-        let yes = |b: bool| if b { "met" } else { "MISSED" };
+        rep.target("signatures_all_verified", verified.0 == verified.1);
+        let rss_ok = rep.rss.values().all(|v| v.as_f64().is_some_and(|m| m <= 300.0));
+        rep.target("rss_le_300_mib", rss_ok);
 
         println!();
-        println!("syncrelay e2e benchmark ({}; {nproc} cores, {cpu})", if quick { "quick" } else { "full" });
+        println!(
+            "syncrelay e2e benchmark ({}; {nproc} cores, {cpu}; scenarios: {})",
+            if quick { "quick" } else { "full" },
+            if only.is_empty() { "all".to_string() } else { only.join(",") }
+        );
         println!("relay librdkafka fetch.wait.max.ms: {fetch_wait}");
         println!("| measurement | value | target | result |");
         println!("|---|---:|---|---|");
-        println!("| L_client (bare signing reqwest, concurrency {CONCURRENCY}) | {l_client:.0} events/s | | |");
-        println!("| L_broker (bare rdkafka consumer, tansu) | {:.0} msgs/s | | |", kfk.l_broker);
-        println!(
-            "| Embedded bus e2e ({total} events, {runs} runs) | {:.0} events/s ({emb_ratio:.2} x L_client) | >= 0.5 x L_client | {} |",
-            emb.eps,
-            yes(emb_ratio >= 0.5)
-        );
-        println!(
-            "| Kafka e2e delivered ({total} events, 8 partitions) | {:.0} events/s ({k_ratio:.2} x {binds}) | >= 0.7 x min(L_client, L_broker) | {} |",
-            kfk.eps_delivered,
-            yes(k_ratio >= 0.7)
-        );
-        println!(
-            "| Kafka e2e to offsets committed | {:.0} events/s ({:.2} x {binds}) | | |",
-            kfk.eps_committed,
-            kfk.eps_committed / k_limit
-        );
-        for (name, (rate, (p50, p99, p999))) in [("Embedded", emb.latency), ("Kafka", kfk.latency)] {
-            println!(
-                "| {name} latency at {rate:.0} events/s (half e2e), paced {lat_secs:.1}s: p50 / p99 / p99.9 | {p50:.1} / {p99:.1} / {p999:.1} ms | p99 <= 50 ms | {} |",
-                yes(p99 <= 50.0)
-            );
+        for r in &rep.rows {
+            println!("{r}");
         }
-        println!("| Single run ({single} events, embedded, sequential) | {:.0} events/s | | |", emb.single_eps);
-        println!(
-            "| Relay peak RSS: embedded throughput / single run / kafka | {:.1} / {:.1} / {:.1} MiB | <= 300 MiB | {} |",
-            emb.rss_throughput,
-            emb.rss_single,
-            kfk.rss,
-            yes(max_rss <= 300.0)
-        );
-        println!("| Sampled signatures verified | {} / {} | all | {} |", verified.0, verified.1, yes(verified.0 == verified.1));
 
-        let out = json!({
+        let mut out = json!({
             "mode": if quick { "quick" } else { "full" },
+            "scenarios": if only.is_empty() { json!("all") } else { json!(only) },
             "machine": {"nproc": nproc, "cpu": cpu},
             "relay_fetch_wait_max_ms": fetch_wait,
             "payload_bytes": PAYLOAD_BYTES,
             "concurrency": CONCURRENCY,
             "events": total, "runs": runs, "single_run_events": single,
-            "l_client_eps": l_client,
-            "l_broker_mps": kfk.l_broker,
-            "embedded_eps": emb.eps, "embedded_ratio_l_client": emb_ratio,
-            "kafka_delivered_eps": kfk.eps_delivered, "kafka_committed_eps": kfk.eps_committed,
-            "kafka_ratio": k_ratio, "kafka_binding_limit": binds,
-            "single_run_eps": emb.single_eps,
-            "latency_ms": {
-                "embedded": {"rate_eps": emb.latency.0, "p50": emb.latency.1.0, "p99": emb.latency.1.1, "p999": emb.latency.1.2},
-                "kafka": {"rate_eps": kfk.latency.0, "p50": kfk.latency.1.0, "p99": kfk.latency.1.1, "p999": kfk.latency.1.2},
-            },
-            "rss_mib": {"embedded_throughput": emb.rss_throughput, "single_run": emb.rss_single, "kafka": kfk.rss},
             "signatures": {"verified": verified.0, "sampled": verified.1},
-            "targets": {
-                "embedded_ge_0_5_l_client": emb_ratio >= 0.5,
-                "kafka_ge_0_7_min_limit": k_ratio >= 0.7,
-                "rss_le_300_mib": max_rss <= 300.0,
-                "embedded_p99_le_50ms": emb.latency.1.1 <= 50.0,
-                "kafka_p99_le_50ms": kfk.latency.1.1 <= 50.0,
-            },
         });
+        let obj = out.as_object_mut().unwrap();
+        obj.extend(std::mem::take(&mut rep.json));
+        obj.insert("latency_ms".into(), Value::Object(std::mem::take(&mut rep.latency)));
+        obj.insert("rss_mib".into(), Value::Object(std::mem::take(&mut rep.rss)));
+        obj.insert("targets".into(), Value::Object(std::mem::take(&mut rep.targets)));
         let text = serde_json::to_string_pretty(&out).unwrap();
         println!("{text}");
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
