@@ -454,14 +454,11 @@ impl Broker {
     }
 
     /// The relay's Kafka settings. `E2E_FETCH_WAIT_MS` sets librdkafka's `fetch.wait.max.ms`
-    /// (default 500): tansu answers a long-polled fetch only when that wait expires, not when
-    /// new records arrive, which puts up to that much on every delivery's latency.
+    /// (bench default 10; the relay's own default is 100): tansu answers a long-polled fetch
+    /// only when that wait expires, not when new records arrive (Kafka answers at once), which
+    /// puts up to that much on every delivery's latency.
     fn relay_env(&self, group: &str, topic: &str) -> Vec<(String, String)> {
-        let fetch_wait = std::env::var("E2E_FETCH_WAIT_MS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .map(|ms| format!(r#","fetch.wait.max.ms":{ms}"#))
-            .unwrap_or_default();
+        let fetch_wait = format!(r#","fetch.wait.max.ms":{}"#, fetch_wait_ms());
         vec![
             ("SYNCRELAY__BUS__KIND".into(), "kafka".into()),
             ("SYNCRELAY__BUS__KAFKA__GROUP_ID".into(), group.into()),
@@ -1266,6 +1263,14 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
     r
 }
 
+/// The relay's librdkafka `fetch.wait.max.ms` in the Kafka scenarios (`E2E_FETCH_WAIT_MS`).
+fn fetch_wait_ms() -> u32 {
+    std::env::var("E2E_FETCH_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
 fn machine() -> (usize, String) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -1667,7 +1672,7 @@ fn main() {
         }
 
         let (nproc, cpu) = machine();
-        let fetch_wait = std::env::var("E2E_FETCH_WAIT_MS").unwrap_or_else(|_| "default (500)".into());
+        let fetch_wait = fetch_wait_ms().to_string();
         let verified = rep.verified;
         rep.row(
             "Sampled signatures verified",

@@ -7,6 +7,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod group_commit;
 pub mod metrics;
 pub mod runs;
 pub mod signing;

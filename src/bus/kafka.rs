@@ -21,7 +21,7 @@
 //!   owner redelivers them from the committed offset, same `webhook-id`); librdkafka commits the
 //!   stored (finished) prefix as part of the rebalance.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,6 +43,7 @@ use crate::config::Settings;
 use crate::delivery::engine::Engine;
 use crate::delivery::retry::{classify, result_label, Verdict};
 use crate::domain::{now_ms, Envelope};
+use crate::group_commit::GroupCommit;
 use crate::metrics::Metrics;
 use crate::store::{AttemptRecord, NewDeadLetter, NewDelivery};
 
@@ -250,6 +251,9 @@ impl ConsumerContext for RelayContext {
     }
 }
 
+/// How long a chain known to be parked is trusted without asking the store.
+const PARKED_RECHECK: Duration = Duration::from_secs(1);
+
 /// Messages read at once before the run lifecycle is consulted for all of them.
 const READ_BATCH: usize = 256;
 
@@ -287,8 +291,11 @@ pub struct KafkaBus {
     max_event_bytes: usize,
     /// Chains with a worker: their queued jobs.
     chains: Mutex<HashMap<String, VecDeque<Job>>>,
-    /// Chains with deliveries parked in the store: their new events queue behind them.
-    parked: Mutex<HashSet<String>>,
+    /// Chains with deliveries parked in the store (their new events queue behind them), with
+    /// when the store last confirmed it.
+    parked: Mutex<HashMap<String, std::time::Instant>>,
+    /// Parking from many chains at once shares one store transaction.
+    parking: GroupCommit<NewDelivery>,
     global: Arc<Semaphore>,
     /// Woken when a paused partition drained to half its bound.
     drained: tokio::sync::Notify,
@@ -322,6 +329,10 @@ impl KafkaBus {
             ("auto.offset.reset", "earliest"),
             ("statistics.interval.ms", "5000"),
             ("enable.partition.eof", "false"),
+            // How long the broker may hold a fetch when it has nothing new. Kafka answers as
+            // soon as data arrives; brokers that wait the full time (tansu) add it to every
+            // event's latency, so keep it short.
+            ("fetch.wait.max.ms", "100"),
         ] {
             if !k.librdkafka.contains_key(key) {
                 ccfg.set(key, value);
@@ -367,7 +378,8 @@ impl KafkaBus {
             inline_max_delay: Duration::from_millis(k.inline_max_delay_ms),
             max_event_bytes: settings.events.max_event_bytes,
             chains: Mutex::new(HashMap::new()),
-            parked: Mutex::new(HashSet::new()),
+            parked: Mutex::new(HashMap::new()),
+            parking: GroupCommit::default(),
             global: Arc::new(Semaphore::new(d.max_in_flight)),
             drained: tokio::sync::Notify::new(),
             per_target: Mutex::new(HashMap::new()),
@@ -458,7 +470,13 @@ impl KafkaBus {
     /// Consume until `stop`, then leave unfinished work to the next owner.
     pub async fn run(self: Arc<Self>, engine: Arc<Engine>, stop: CancellationToken) {
         match engine.store.active_order_keys().await {
-            Ok(keys) => self.parked.lock().expect("lock").extend(keys),
+            Ok(keys) => {
+                let now = std::time::Instant::now();
+                self.parked
+                    .lock()
+                    .expect("lock")
+                    .extend(keys.into_iter().map(|k| (k, now)))
+            }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "loading parked chains failed"),
         }
         loop {
@@ -758,8 +776,13 @@ impl KafkaBus {
         let d = &job.delivery;
         // Behind a parked event of its chain? Then it queues behind it in the store.
         if let Some(k) = &d.order_key {
-            let is_parked = self.parked.lock().expect("lock").contains(k);
-            if is_parked {
+            let confirmed = self.parked.lock().expect("lock").get(k).copied();
+            if let Some(at) = confirmed {
+                // Recently confirmed: park without asking the store again (queueing behind a
+                // chain that has just drained costs a little latency, never order).
+                if at.elapsed() < PARKED_RECHECK {
+                    return self.park(engine, job, 0, None, None).await;
+                }
                 match engine.store.has_active(k).await {
                     Ok(true) => return self.park(engine, job, 0, None, None).await,
                     Ok(false) => {
@@ -893,11 +916,13 @@ impl KafkaBus {
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            match engine
-                .store
-                .enqueue(std::slice::from_ref(&job.delivery), &[], now_ms())
-                .await
-            {
+            let res = self
+                .parking
+                .submit(job.delivery.clone(), |rows| async move {
+                    engine.store.enqueue(&rows, &[], now_ms()).await
+                })
+                .await;
+            match res {
                 Ok(()) => break,
                 Err(e) => {
                     if !self.tracker.is_current(&job.tp, job.generation) {
@@ -910,7 +935,10 @@ impl KafkaBus {
             }
         }
         if let Some(k) = &job.delivery.order_key {
-            self.parked.lock().expect("lock").insert(k.clone());
+            self.parked
+                .lock()
+                .expect("lock")
+                .insert(k.clone(), std::time::Instant::now());
         }
         self.metrics.parked.inc();
         engine.notify();

@@ -22,6 +22,7 @@ use url::Url;
 use super::db::run_from_row;
 use super::model::{ErrorHandling, Run, Stats, Status};
 use crate::domain::{now_ms, Envelope};
+use crate::group_commit::GroupCommit;
 
 /// When batch-mode record errors are flushed as one `sync_job_run:record_error`.
 #[derive(Debug, Clone, Copy)]
@@ -74,10 +75,8 @@ pub struct Decision {
 pub struct Runs {
     pool: SqlitePool,
     limits: BatchLimits,
-    /// Outcomes waiting for the next group commit, each with its caller's acknowledgement
-    /// (`Some(error)` when the commit failed).
-    pending: std::sync::Mutex<Vec<(Outcome, tokio::sync::oneshot::Sender<Option<String>>)>>,
-    committing: tokio::sync::Mutex<()>,
+    /// Outcomes counted by concurrent deliveries, committed together.
+    outcomes: GroupCommit<Outcome>,
 }
 
 struct Outcome {
@@ -140,8 +139,7 @@ impl Runs {
         Runs {
             pool,
             limits,
-            pending: Default::default(),
-            committing: Default::default(),
+            outcomes: GroupCommit::default(),
         }
     }
 
@@ -415,35 +413,16 @@ impl Runs {
         if event != "sync_job_run:record" {
             return Ok(());
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pending.lock().expect("lock").push((
-            Outcome {
-                run_id: run_id.to_string(),
-                resource: resource.unwrap_or("unknown").to_string(),
-                delivered,
-            },
-            tx,
-        ));
-        // Group commit: whoever holds the lock commits every outcome pending by then, so
-        // concurrent deliveries share one transaction; each caller returns once its own
+        let outcome = Outcome {
+            run_id: run_id.to_string(),
+            resource: resource.unwrap_or("unknown").to_string(),
+            delivered,
+        };
+        // Concurrent deliveries share one transaction; each caller returns once its own
         // outcome is committed (a run's `completed` attempted after it sees the count).
-        {
-            let _leader = self.committing.lock().await;
-            let batch = std::mem::take(&mut *self.pending.lock().expect("lock"));
-            if !batch.is_empty() {
-                let (items, acks): (Vec<Outcome>, Vec<_>) = batch.into_iter().unzip();
-                let res = self.count_outcomes(&items).await;
-                let msg = res.as_ref().err().map(|e| format!("{e:#}"));
-                for ack in acks {
-                    let _ = ack.send(msg.clone());
-                }
-            }
-        }
-        match rx.await {
-            Ok(None) => Ok(()),
-            Ok(Some(e)) => Err(anyhow::anyhow!(e)),
-            Err(_) => Err(anyhow::anyhow!("outcome not recorded")),
-        }
+        self.outcomes
+            .submit(outcome, |items| async move { self.count_outcomes(&items).await })
+            .await
     }
 
     /// [`Runs::on_outcome`] for many deliveries at once, committed together: (run id, event,
