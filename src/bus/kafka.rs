@@ -49,6 +49,15 @@ use crate::store::{AttemptRecord, NewDeadLetter, NewDelivery};
 
 type Tp = (String, i32);
 
+/// What to do with a message just read.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    Take,
+    /// Take it; its partition's buffer is now full: pause the partition.
+    TakeAndPause,
+    Skip,
+}
+
 /// Per-partition bookkeeping: which offsets are read but unfinished.
 #[derive(Default)]
 struct PartitionState {
@@ -88,18 +97,15 @@ impl Tracker {
             .is_some_and(|p| p.assigned && p.generation == generation)
     }
 
-    fn is_paused(&self, tp: &Tp) -> bool {
-        self.parts
-            .lock()
-            .expect("lock")
-            .get(tp)
-            .is_some_and(|p| p.paused && p.assigned)
-    }
-
-    /// A message was read. Returns true when the partition should now be paused.
-    fn begin(&self, tp: &Tp, offset: i64) -> bool {
+    /// A message was read: take it (and pause its partition when its buffer is now full), or
+    /// skip it (read while its partition is paused, or already read: it is fetched again
+    /// from `next` when the partition resumes).
+    fn begin(&self, tp: &Tp, offset: i64) -> Read {
         let mut parts = self.parts.lock().expect("lock");
         let p = parts.entry(tp.clone()).or_default();
+        if p.paused || (p.next > 0 && offset < p.next) {
+            return Read::Skip;
+        }
         if p.pending.is_empty() && p.next == 0 {
             p.stored = offset;
             tracing::info!(topic = %tp.0, partition = tp.1, offset, "first message after assignment");
@@ -109,23 +115,23 @@ impl Tracker {
         }
         p.pending.insert(offset);
         p.next = p.next.max(offset + 1);
-        if !p.paused && p.pending.len() >= self.max_buffered {
+        if p.pending.len() >= self.max_buffered {
             p.paused = true;
             self.metrics.kafka_paused_partitions.inc();
-            return true;
+            return Read::TakeAndPause;
         }
-        false
+        Read::Take
     }
 
-    /// A message is finished. Returns (offset to store, resume the partition?) when the
-    /// contiguous finished prefix advanced.
-    fn finish(&self, tp: &Tp, offset: i64, generation: u64) -> (Option<i64>, bool) {
+    /// A message is finished. Returns the offset to store when the contiguous finished prefix
+    /// advanced, and the offset to resume reading from when the partition may resume.
+    fn finish(&self, tp: &Tp, offset: i64, generation: u64) -> (Option<i64>, Option<i64>) {
         let mut parts = self.parts.lock().expect("lock");
         let Some(p) = parts.get_mut(tp) else {
-            return (None, false);
+            return (None, None);
         };
         if p.generation != generation {
-            return (None, false);
+            return (None, None);
         }
         p.pending.remove(&offset);
         let watermark = p.pending.first().copied().unwrap_or(p.next);
@@ -141,7 +147,7 @@ impl Tracker {
             p.paused = false;
             self.metrics.kafka_paused_partitions.dec();
         }
-        (store, resume)
+        (store, resume.then_some(p.next))
     }
 
     fn assign(&self, tps: &[Tp]) {
@@ -180,6 +186,20 @@ impl Tracker {
 pub struct RelayContext {
     tracker: Arc<Tracker>,
     metrics: Metrics,
+}
+
+/// A one-partition list, at `offset` when given.
+fn tpl_of(tp: &Tp, offset: Option<i64>) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    match offset {
+        Some(o) => {
+            let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(o));
+        }
+        None => {
+            tpl.add_partition(&tp.0, tp.1);
+        }
+    }
+    tpl
 }
 
 fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
@@ -240,10 +260,14 @@ impl ConsumerContext for RelayContext {
         }
     }
 
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let tps = tps_of(tpl);
             tracing::info!(partitions = ?tps, "partitions assigned");
+            // A partition paused for backpressure before it was revoked starts unpaused.
+            if let Err(e) = c.resume(tpl) {
+                tracing::debug!(error = %e, "resuming newly assigned partitions");
+            }
             self.metrics.kafka_rebalances.with_label_values(&["assign"]).inc();
             self.tracker.assign(&tps);
             self.metrics.kafka_assigned_partitions.add(tps.len() as i64);
@@ -297,8 +321,6 @@ pub struct KafkaBus {
     /// Parking from many chains at once shares one store transaction.
     parking: GroupCommit<NewDelivery>,
     global: Arc<Semaphore>,
-    /// Woken when a paused partition drained to half its bound.
-    drained: tokio::sync::Notify,
     per_target: Mutex<HashMap<String, Arc<Semaphore>>>,
     per_target_cap: usize,
     metrics: Metrics,
@@ -381,7 +403,6 @@ impl KafkaBus {
             parked: Mutex::new(HashMap::new()),
             parking: GroupCommit::default(),
             global: Arc::new(Semaphore::new(d.max_in_flight)),
-            drained: tokio::sync::Notify::new(),
             per_target: Mutex::new(HashMap::new()),
             per_target_cap: d.max_in_flight_per_webhook,
             metrics,
@@ -494,7 +515,6 @@ impl KafkaBus {
                 }
             }
             let mut items = Vec::with_capacity(msgs.len());
-            let mut full: Vec<Tp> = Vec::new();
             for msg in msgs {
                 let msg = match msg {
                     Ok(m) => m,
@@ -507,8 +527,19 @@ impl KafkaBus {
                 let tp: Tp = (msg.topic().to_string(), msg.partition());
                 let offset = msg.offset();
                 let generation = self.tracker.generation(&tp);
-                if self.tracker.begin(&tp, offset) && !full.contains(&tp) {
-                    full.push(tp.clone());
+                match self.tracker.begin(&tp, offset) {
+                    Read::Skip => continue,
+                    Read::Take => {}
+                    Read::TakeAndPause => {
+                        // Backpressure: stop fetching this partition until half its buffer
+                        // is finished; messages of it already on their way are skipped and
+                        // fetched again from where it stopped (see `finish`). The loop keeps
+                        // polling, so the consumer stays in its group however long it lasts.
+                        tracing::debug!(partition = tp.1, offset, "partition buffer full; pausing it");
+                        if let Err(e) = self.consumer.pause(&tpl_of(&tp, None)) {
+                            tracing::warn!(error = %e, partition = tp.1, "pausing a partition failed");
+                        }
+                    }
                 }
                 items.push(Incoming {
                     raw: Arc::new(msg.payload().unwrap_or_default().to_vec()),
@@ -519,30 +550,6 @@ impl KafkaBus {
                 });
             }
             self.clone().accept(&engine, items).await;
-            for tp in full {
-                // Backpressure: read nothing more until this partition has drained to half
-                // its bound (a batch read at once may overshoot the bound by up to
-                // READ_BATCH). librdkafka's pause/resume is not used on purpose: pausing drops
-                // the partition's prefetched messages and resuming fetches past them, which
-                // would skip events. Other partitions' work already read keeps flowing; their
-                // reading waits, which is bounded because a failing chain is parked after
-                // `inline_attempts`.
-                tracing::debug!(partition = tp.1, "partition buffer full; waiting for it to drain");
-                loop {
-                    // Register before checking, so a wake-up in between is not lost.
-                    let notified = self.drained.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    if !self.tracker.is_paused(&tp) {
-                        break;
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = notified => {}
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-            }
         }
         tracing::info!("kafka consumer stopped taking messages");
     }
@@ -711,8 +718,17 @@ impl KafkaBus {
                 }
             }
         }
-        if resume {
-            self.drained.notify_waiters();
+        if let Some(from) = resume {
+            // Fetch again from the first offset not read (what arrived while paused was
+            // skipped), then resume.
+            let tpl = tpl_of(tp, Some(from));
+            if let Err(e) = self.consumer.seek_partitions(tpl.clone(), Duration::ZERO) {
+                tracing::warn!(error = %e, partition = tp.1, "seeking a resumed partition failed");
+            }
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::warn!(error = %e, partition = tp.1, "resuming a partition failed");
+            }
+            tracing::debug!(partition = tp.1, from, "partition resumed");
         }
     }
 
@@ -1064,17 +1080,23 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_pauses_at_the_bound_and_resumes_at_half() {
+    fn a_partition_pauses_at_the_bound_skips_what_arrives_paused_and_resumes_where_it_stopped() {
         let t = tracker(4);
         let tp: Tp = ("t".into(), 1);
         t.assign(std::slice::from_ref(&tp));
         let g = t.generation(&tp);
-        assert!(!t.begin(&tp, 0));
-        assert!(!t.begin(&tp, 1));
-        assert!(!t.begin(&tp, 2));
-        assert!(t.begin(&tp, 3), "pauses at 4 buffered");
-        assert!(!t.finish(&tp, 0, g).1);
-        assert!(t.finish(&tp, 1, g).1, "resumes at 2 buffered");
+        assert_eq!(t.begin(&tp, 0), Read::Take);
+        assert_eq!(t.begin(&tp, 1), Read::Take);
+        assert_eq!(t.begin(&tp, 2), Read::Take);
+        assert_eq!(t.begin(&tp, 3), Read::TakeAndPause, "pauses at 4 buffered");
+        // Already fetched before the pause took effect: skipped, read again after resuming.
+        assert_eq!(t.begin(&tp, 4), Read::Skip);
+        assert_eq!(t.begin(&tp, 5), Read::Skip);
+        assert_eq!(t.finish(&tp, 0, g).1, None);
+        assert_eq!(t.finish(&tp, 1, g).1, Some(4), "resumes at 2 buffered, from offset 4");
+        assert_eq!(t.begin(&tp, 4), Read::Take);
+        // A stale copy of an offset already read is never taken twice.
+        assert_eq!(t.begin(&tp, 2), Read::Skip);
     }
 
     #[test]
@@ -1086,7 +1108,7 @@ mod tests {
         t.begin(&tp, 5);
         t.revoke(std::slice::from_ref(&tp));
         assert!(!t.is_current(&tp, g));
-        assert_eq!(t.finish(&tp, 5, g), (None, false));
+        assert_eq!(t.finish(&tp, 5, g), (None, None));
         t.assign(std::slice::from_ref(&tp));
         assert!(!t.is_current(&tp, g), "a new assignment is a new generation");
     }
