@@ -11,24 +11,24 @@ use crate::error::ApiError;
 /// Split a request into raw events: a batch object `{"events":[…]}` or one event object.
 /// Raw values let each event's own size be checked against `events.max_event_bytes`.
 fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
-    let top: serde_json::Map<String, Value> =
+    // Top-level keys only; each event stays raw until it is parsed on its own.
+    let top: std::collections::HashMap<String, Box<RawValue>> =
         serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body is not a JSON object: {e}")))?;
-    let validate_only = match top.get("validate_only") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+    let validate_only = match top.get("validate_only").map(|r| serde_json::from_str::<Value>(r.get())) {
+        None | Some(Ok(Value::Null)) => false,
+        Some(Ok(Value::Bool(b))) => b,
         Some(_) => return Err(ApiError::field("validate_only", "must be a boolean")),
     };
-    if top.contains_key("events") {
-        #[derive(serde::Deserialize)]
-        struct Batch {
-            events: Vec<Box<RawValue>>,
+    match top.get("events") {
+        Some(events) => {
+            let events: Vec<Box<RawValue>> = serde_json::from_str(events.get())
+                .map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
+            Ok((events, true, validate_only))
         }
-        let b: Batch =
-            serde_json::from_slice(body).map_err(|_| ApiError::field("events", "must be an array of event objects"))?;
-        Ok((b.events, true, validate_only))
-    } else {
-        let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
-        Ok((vec![raw], false, validate_only))
+        None => {
+            let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::bad(e.to_string()))?;
+            Ok((vec![raw], false, validate_only))
+        }
     }
 }
 

@@ -147,7 +147,14 @@ impl Tracker {
             p.paused = false;
             self.metrics.kafka_paused_partitions.dec();
         }
-        (store, resume.then_some(p.next))
+        // Resume a little before the first offset not taken; what was taken already is
+        // skipped as it comes again. Kafka answers a fetch inside a record batch with that
+        // batch, but some brokers (tansu 0.6) answer with the next one, which would skip the
+        // rest of the batch.
+        (
+            store,
+            resume.then_some(p.next.saturating_sub(RESUME_REWIND).max(p.stored)),
+        )
     }
 
     fn assign(&self, tps: &[Tp]) {
@@ -274,6 +281,10 @@ impl ConsumerContext for RelayContext {
         }
     }
 }
+
+/// Offsets re-read before the first one not taken when a paused partition resumes (see
+/// `Tracker::finish`); at least a producer's record batch.
+const RESUME_REWIND: i64 = 1000;
 
 /// How long a chain known to be parked is trusted without asking the store.
 const PARKED_RECHECK: Duration = Duration::from_secs(1);
@@ -1093,7 +1104,13 @@ mod tests {
         assert_eq!(t.begin(&tp, 4), Read::Skip);
         assert_eq!(t.begin(&tp, 5), Read::Skip);
         assert_eq!(t.finish(&tp, 0, g).1, None);
-        assert_eq!(t.finish(&tp, 1, g).1, Some(4), "resumes at 2 buffered, from offset 4");
+        assert_eq!(
+            t.finish(&tp, 1, g).1,
+            Some(2),
+            "resumes at 2 buffered, rewound (at most to the first unfinished offset)"
+        );
+        assert_eq!(t.begin(&tp, 2), Read::Skip, "taken before the pause");
+        assert_eq!(t.begin(&tp, 3), Read::Skip);
         assert_eq!(t.begin(&tp, 4), Read::Take);
         // A stale copy of an offset already read is never taken twice.
         assert_eq!(t.begin(&tp, 2), Read::Skip);
