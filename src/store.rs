@@ -255,9 +255,7 @@ impl Store {
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(Duration::from_secs(10))
-            // Pages of the queue's hot rows and indexes stay cached (16 MiB a connection, taken
-            // as used), and statement journals of multi-row statements stay in memory.
-            .pragma("cache_size", "-16384")
+            // Statement journals of multi-row statements stay in memory.
             .pragma("temp_store", "memory")
             .foreign_keys(false);
         let pool = SqlitePoolOptions::new()

@@ -157,6 +157,17 @@ impl Tracker {
         )
     }
 
+    /// The offset stored for commit of every assigned partition that has read something.
+    fn watermarks(&self) -> Vec<(Tp, i64)> {
+        self.parts
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, p)| p.assigned && p.next > 0)
+            .map(|(tp, p)| (tp.clone(), p.stored))
+            .collect()
+    }
+
     fn assign(&self, tps: &[Tp]) {
         let mut parts = self.parts.lock().expect("lock");
         for tp in tps {
@@ -501,6 +512,25 @@ impl KafkaBus {
 
     /// Consume until `stop`, then leave unfinished work to the next owner.
     pub async fn run(self: Arc<Self>, engine: Arc<Engine>, stop: CancellationToken) {
+        // Store every partition's finished prefix again each second: a store can be lost to a
+        // seek on resume or fail while a partition is in transition, and with no later event
+        // finishing it would never be committed.
+        let restore = {
+            let me = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    for (tp, offset) in me.tracker.watermarks() {
+                        me.store_offset(&tp, offset);
+                    }
+                }
+            })
+        };
         match engine.store.active_order_keys().await {
             Ok(keys) => {
                 let now = std::time::Instant::now();
@@ -562,6 +592,7 @@ impl KafkaBus {
             }
             self.clone().accept(&engine, items).await;
         }
+        restore.abort();
         tracing::info!("kafka consumer stopped taking messages");
     }
 
@@ -722,12 +753,7 @@ impl KafkaBus {
     fn finish(&self, tp: &Tp, offset: i64, generation: u64) {
         let (store, resume) = self.tracker.finish(tp, offset, generation);
         if let Some(next) = store {
-            let mut tpl = TopicPartitionList::new();
-            if tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next)).is_ok() {
-                if let Err(e) = self.consumer.store_offsets(&tpl) {
-                    tracing::debug!(error = %e, "storing offset failed (partition no longer assigned?)");
-                }
-            }
+            self.store_offset(tp, next);
         }
         if let Some(from) = resume {
             // Fetch again from the first offset not read (what arrived while paused was
@@ -740,6 +766,12 @@ impl KafkaBus {
                 tracing::warn!(error = %e, partition = tp.1, "resuming a partition failed");
             }
             tracing::debug!(partition = tp.1, from, "partition resumed");
+        }
+    }
+
+    fn store_offset(&self, tp: &Tp, next: i64) {
+        if let Err(e) = self.consumer.store_offsets(&tpl_of(tp, Some(next))) {
+            tracing::debug!(error = %e, partition = tp.1, "storing offset failed (partition no longer assigned?)");
         }
     }
 
