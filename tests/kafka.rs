@@ -52,7 +52,7 @@ async fn ten_thousand_events_over_a_hundred_runs_arrive_in_order_with_valid_sign
     broker.create_topic("ev1", 4);
     let rx = Receiver::start().await;
     // A small buffer bound, so that partitions pause and resume many times.
-    let app = spawn_app_with(
+    let mut app = spawn_app_with(
         &[("SYNCRELAY__BUS__KAFKA__MAX_BUFFERED_PER_PARTITION", "300")],
         broker.relay_env("g1", "ev1"),
     )
@@ -112,6 +112,8 @@ async fn ten_thousand_events_over_a_hundred_runs_arrive_in_order_with_valid_sign
             "partition {p}: committed offset != log end ({ends:?})"
         );
     }
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +123,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_good_events_flow() {
     broker.create_topic("ev2", 2);
     broker.create_topic("ev2.dlq", 1);
     let rx = Receiver::start().await;
-    let app = spawn_app_with(
+    let mut app = spawn_app_with(
         &[("SYNCRELAY__EVENTS__MAX_EVENT_BYTES", "4096")],
         broker.relay_env("g2", "ev2"),
     )
@@ -174,6 +176,8 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_good_events_flow() {
     );
     let (_, dl) = app.get("/dead-letters?reason=unknown_webhook").await;
     assert_eq!(dl["results"][0]["event_id"], "lost");
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +195,7 @@ async fn a_failing_webhook_does_not_hold_up_other_runs_of_its_partition() {
         }
     }))
     .await;
-    let app = spawn_app_with(
+    let mut app = spawn_app_with(
         &[
             ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "100"),
             ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "1.5"),
@@ -241,6 +245,8 @@ async fn a_failing_webhook_does_not_hold_up_other_runs_of_its_partition() {
         offs[0].1, 200,
         "the committed offset reached the end of the 200 events: {offs:?}"
     );
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 /// Start the relay again and wait until the group gave it all 4 partitions. tansu 0.6 sometimes
