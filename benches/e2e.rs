@@ -875,18 +875,7 @@ async fn kafka(
     let (wid, secret) = relay.webhook(&rx.url("/kafka")).await;
     let producer = broker.producer();
 
-    // Warm up: the group is joined and partitions assigned once one event comes through.
-    rx.reset();
-    let warm = event("warm", &wid, &run_id(2_000_000), 0).to_string();
-    producer
-        .send(
-            FutureRecord::to(topic).key("warm").payload(&warm),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .expect("produce warm-up");
-    rx.wait_for(1, Duration::from_secs(120)).await;
+    kafka_warm_up(rx, &relay, &producer, topic).await;
 
     let events = keyed(&workload_sized("kfk", &wid, runs, per_run, 0, payload));
     let n = events.len() as u64;

@@ -879,7 +879,10 @@ impl Store {
                         continue;
                     };
                     let order_key: Option<String> = d.get("order_key");
-                    let busy = chain_busy(&mut tx, order_key.as_deref()).await?;
+                    let busy = match order_key.as_deref() {
+                        Some(k) => !busy_chains(&mut tx, &[k]).await?.is_empty(),
+                        None => false,
+                    };
                     sqlx::query(
                         "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
                          order_key, body, state, attempts, next_attempt_at, created_at) \
@@ -951,20 +954,8 @@ async fn insert_dead_letter(
     Ok(())
 }
 
-/// Does the chain `order_key` still have queued deliveries? A new row of a busy chain waits
-/// behind them; a row with no chain never waits.
-async fn chain_busy(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, order_key: Option<&str>) -> anyhow::Result<bool> {
-    let Some(k) = order_key else { return Ok(false) };
-    Ok(sqlx::query_scalar::<_, i64>(
-        "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
-    )
-    .bind(k)
-    .fetch_one(&mut **tx)
-    .await?
-        != 0)
-}
-
-/// The chains among `keys` that still have queued deliveries.
+/// The chains among `keys` that still have queued deliveries (a new row of a busy chain waits
+/// behind them; a row with no chain never waits).
 async fn busy_chains(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     keys: &[&str],

@@ -264,18 +264,7 @@ impl Engine {
     pub fn route(&self, e: &Envelope, now: i64, out: &mut Vec<NewDelivery>, dead: &mut Vec<NewDeadLetter>) -> Routed {
         let before = out.len();
         let mut unroutable = |reason: &'static str, webhook_id: Option<String>| {
-            dead.push(NewDeadLetter {
-                delivery_id: None,
-                event_id: e.id.clone(),
-                event: e.event.clone(),
-                webhook_id,
-                kind: "webhook",
-                reason,
-                attempts: 0,
-                last_status: None,
-                last_error: None,
-                raw: e.to_json().to_string(),
-            });
+            dead.push(event_dead_letter(e, webhook_id, reason));
             reason
         };
         let mut reason = None;
@@ -410,18 +399,7 @@ impl Engine {
                 }
             }
             Action::DeadLetter { reason } => {
-                dead.push(NewDeadLetter {
-                    delivery_id: None,
-                    event_id: e.id.clone(),
-                    event: e.event.clone(),
-                    webhook_id: d.webhook_id.clone(),
-                    kind: "webhook",
-                    reason,
-                    attempts: 0,
-                    last_status: None,
-                    last_error: None,
-                    raw: e.to_json().to_string(),
-                });
+                dead.push(event_dead_letter(e, d.webhook_id.clone(), reason));
                 Routed {
                     id: e.id.clone(),
                     status: "dead_lettered",
@@ -462,9 +440,10 @@ impl Engine {
         let mut dead = Vec::new();
         let mut routed = Vec::with_capacity(events.len());
         let refs: Vec<&Envelope> = events.iter().collect();
-        let decisions = self.runs.on_ingest_many(&refs).await?;
-        for (e, d) in events.iter().zip(decisions) {
-            routed.push(self.plan_decided(e, d, now, &mut out, &mut dead));
+        for (o, d, r) in self.plan_many(&refs, now).await? {
+            out.extend(o);
+            dead.extend(d);
+            routed.push(r);
         }
         let mut taken = Vec::new();
         let res = self
@@ -1168,6 +1147,22 @@ impl Engine {
 }
 
 /// `completed`, `failed` or `stopped` for a run's terminal events.
+/// The dead letter of an event that is refused before any delivery is queued for it.
+fn event_dead_letter(e: &Envelope, webhook_id: Option<String>, reason: &'static str) -> NewDeadLetter {
+    NewDeadLetter {
+        delivery_id: None,
+        event_id: e.id.clone(),
+        event: e.event.clone(),
+        webhook_id,
+        kind: "webhook",
+        reason,
+        attempts: 0,
+        last_status: None,
+        last_error: None,
+        raw: e.to_json().to_string(),
+    }
+}
+
 fn final_status(event: &str) -> Option<&'static str> {
     match event {
         "sync_job_run:completed" => Some("completed"),
