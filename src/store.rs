@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
   last_status INTEGER,
   last_error TEXT,
   created_at INTEGER NOT NULL,
-  finished_at INTEGER
+  finished_at INTEGER,
+  source TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_attempt_at, seq) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(order_key, seq) WHERE state IN ('ready', 'waiting');
@@ -139,6 +140,20 @@ pub struct NewDelivery {
     pub first_attempt_at: Option<i64>,
     /// Not before this time (ms); None = now.
     pub next_attempt_at: Option<i64>,
+    /// Where the event came from, when a bus message (`topic/partition/offset`): the
+    /// dead-letter topic's `x-dlq-source-*` headers.
+    pub source: Option<String>,
+    /// Attempts already made (in memory) before the row was written: kept in the attempt log.
+    pub log: Vec<AttemptRecord>,
+}
+
+/// A delivery finished in memory (Kafka), written to the log as a finished row.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// Its attempts are in `delivery.log`.
+    pub delivery: NewDelivery,
+    /// `delivered` or `dead`.
+    pub state: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +187,7 @@ pub struct QueuedDelivery {
     pub attempts: i64,
     pub first_attempt_at: Option<i64>,
     pub created_at: i64,
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +280,16 @@ impl Store {
             .await
             .with_context(|| format!("opening store {}", settings.path.display()))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.context("creating schema")?;
+        // Databases made before the `source` column existed.
+        let has_source: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'source'")
+                .fetch_one(&pool)
+                .await?;
+        if has_source == 0 {
+            sqlx::query("ALTER TABLE deliveries ADD COLUMN source TEXT")
+                .execute(&pool)
+                .await?;
+        }
         Ok(Store { pool })
     }
 
@@ -430,7 +456,9 @@ impl Store {
     /// Durably queue deliveries and record dead letters, in one transaction: when this returns
     /// Ok the events are committed.
     pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
-        self.enqueue_claiming(deliveries, dead, now, |_| {}).await.map(|_| ())
+        self.enqueue_claiming(deliveries, dead, now, &Default::default(), |_| {})
+            .await
+            .map(|_| ())
     }
 
     /// [`Store::enqueue`], handing the rows that are ready now to `claim` just before the
@@ -441,34 +469,61 @@ impl Store {
         deliveries: &[NewDelivery],
         dead: &[NewDeadLetter],
         now: i64,
+        held: &std::collections::HashSet<String>,
         claim: impl FnOnce(&[QueuedDelivery]),
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let keys: Vec<&str> = deliveries
-            .iter()
-            .filter_map(|d| d.order_key.as_deref())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let mut busy = busy_chains(&mut tx, &keys).await?;
-        // The first row of a chain that has nothing queued is ready; every later one waits.
-        let states: Vec<&'static str> = deliveries
-            .iter()
-            .map(|d| match d.order_key.as_deref() {
-                Some(k) if !busy.insert(k.to_string()) => "waiting",
-                _ => "ready",
-            })
-            .collect();
-        let mut seqs: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-        for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
+        let ready = insert_deliveries(&mut tx, deliveries, now, held).await?;
+        for dl in dead {
+            insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        claim(&ready);
+        tx.commit().await?;
+        Ok(ready)
+    }
+
+    /// Make the first row of each chain in `keys` ready when nothing of the chain is ready
+    /// (rows that were held behind deliveries kept in memory, which have now finished). The
+    /// rows promoted are handed to `claim` just before the commit and returned.
+    pub async fn promote(
+        &self,
+        keys: &[String],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]),
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let promoted = promote_next(&mut tx, &keys, now).await?;
+        claim(&promoted);
+        tx.commit().await?;
+        Ok(promoted)
+    }
+
+    /// Write what deliveries kept in memory (Kafka) became, in one transaction:
+    /// - `logged`: finished ones (delivered or dead) as finished rows with their attempts, for
+    ///   the delivery log and for replay of exactly that (event, target) pair;
+    /// - `parked`: ones that move to the store's retry queue, each group in its chain's order;
+    ///   a group marked `ahead` goes before the rows of its chain that were held behind it;
+    /// - `dead`: dead letters (their `delivery_id` names a row of `logged`).
+    pub async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in logged.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) VALUES ",
+                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, last_status, last_error, \
+                 created_at, finished_at, source) VALUES ",
             );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            sql.push_str(" RETURNING seq, id");
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
             let mut q = sqlx::query(&sql);
-            for (d, state) in chunk.iter().zip(st) {
+            for l in chunk {
+                let d = &l.delivery;
+                let last = d.log.last();
                 q = q
                     .bind(&d.id)
                     .bind(&d.event_id)
@@ -480,45 +535,39 @@ impl Store {
                     .bind(&d.target_key)
                     .bind(&d.order_key)
                     .bind(&d.body)
-                    .bind(*state)
-                    .bind(d.attempts)
-                    .bind(d.next_attempt_at.unwrap_or(now))
+                    .bind(l.state)
+                    .bind(d.log.len() as i64)
+                    .bind(now)
                     .bind(d.first_attempt_at)
-                    .bind(d.created_at);
+                    .bind(last.and_then(|a| a.status))
+                    .bind(last.and_then(|a| a.error.clone()))
+                    .bind(d.created_at)
+                    .bind(now)
+                    .bind(&d.source);
             }
-            for r in q.fetch_all(&mut *tx).await? {
-                seqs.insert(r.get("id"), r.get("seq"));
+            q.execute(&mut *tx).await?;
+        }
+        insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        for (rows, ahead) in parked {
+            let key = rows.first().and_then(|d| d.order_key.clone());
+            // Rows held behind the in-memory part of this chain: taken out and written again
+            // after the parked ones, so the chain keeps the order its events came in.
+            let held = match (&key, ahead) {
+                (Some(k), true) => take_waiting(&mut tx, k).await?,
+                _ => Vec::new(),
+            };
+            insert_deliveries(&mut tx, rows, now, &Default::default()).await?;
+            if !held.is_empty() {
+                let keep: std::collections::HashSet<String> = key.into_iter().collect();
+                insert_deliveries(&mut tx, &held, now, &keep).await?;
             }
+            insert_attempt_logs(&mut tx, rows.iter()).await?;
         }
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
         }
-        let ready: Vec<QueuedDelivery> = deliveries
-            .iter()
-            .zip(&states)
-            .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
-            .filter_map(|(d, _)| {
-                Some(QueuedDelivery {
-                    seq: *seqs.get(&d.id)?,
-                    id: d.id.clone(),
-                    event_id: d.event_id.clone(),
-                    event: d.event.clone(),
-                    run_id: d.run_id.clone(),
-                    kind: d.kind.to_string(),
-                    webhook_id: d.webhook_id.clone(),
-                    target_url: d.target_url.clone(),
-                    target_key: d.target_key.clone(),
-                    order_key: d.order_key.clone(),
-                    body: d.body.clone(),
-                    attempts: d.attempts,
-                    first_attempt_at: d.first_attempt_at,
-                    created_at: d.created_at,
-                })
-            })
-            .collect();
-        claim(&ready);
         tx.commit().await?;
-        Ok(ready)
+        Ok(())
     }
 
     /// Ready deliveries due by `now`, oldest due first, skipping targets at their in-flight cap.
@@ -827,77 +876,87 @@ impl Store {
 
     /// Take dead letters out for replay: rows backed by a delivery are re-queued (a new delivery
     /// of the same event to the same target, at the end of its run's queue, same `webhook-id`);
-    /// the raw events of unroutable ones are returned for the caller to route again.
+    /// the raw events of unroutable ones are returned for the caller to route again. `hold`
+    /// gets the chains of the re-queued rows and names those whose head is kept in memory
+    /// (their rows must wait behind it). Returns (re-queued rows ready now, their chains, raws).
     pub async fn replay_dead_letters(
         &self,
         ids: Option<&[String]>,
         filter: &DeadLetterFilter,
         max: i64,
         now: i64,
-    ) -> anyhow::Result<(u64, Vec<String>)> {
+        hold: impl FnOnce(&[String]) -> std::collections::HashSet<String>,
+    ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
-        let mut binds: Vec<String> = Vec::new();
-        if let Some(ids) = ids {
-            sql.push_str(" AND id IN (");
-            sql.push_str(&vec!["?"; ids.len().max(1)].join(","));
-            sql.push(')');
-            binds.extend(ids.iter().cloned());
-            if ids.is_empty() {
-                binds.push(String::new());
+        let mut rows = Vec::new();
+        // Ids in chunks: a statement has a bounded number of variables.
+        let id_chunks: Vec<Option<&[String]>> = match ids {
+            Some(ids) => ids.chunks(500).map(Some).collect(),
+            None => vec![None],
+        };
+        for chunk in id_chunks {
+            let room = max - rows.len() as i64;
+            if room <= 0 {
+                break;
             }
-        }
-        for (col, v) in [
-            ("webhook_id", &filter.webhook_id),
-            ("reason", &filter.reason),
-            ("event_id", &filter.event_id),
-        ] {
-            if let Some(v) = v {
-                sql.push_str(&format!(" AND {col} = ?"));
-                binds.push(v.clone());
+            let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
+            let mut binds: Vec<String> = Vec::new();
+            if let Some(ids) = chunk {
+                sql.push_str(" AND id IN (");
+                sql.push_str(&vec!["?"; ids.len()].join(","));
+                sql.push(')');
+                binds.extend(ids.iter().cloned());
             }
+            for (col, v) in [
+                ("webhook_id", &filter.webhook_id),
+                ("reason", &filter.reason),
+                ("event_id", &filter.event_id),
+            ] {
+                if let Some(v) = v {
+                    sql.push_str(&format!(" AND {col} = ?"));
+                    binds.push(v.clone());
+                }
+            }
+            sql.push_str(" ORDER BY seq LIMIT ?");
+            let mut q = sqlx::query(&sql);
+            for b in &binds {
+                q = q.bind(b);
+            }
+            rows.extend(q.bind(room).fetch_all(&mut *tx).await?);
         }
-        sql.push_str(" ORDER BY seq LIMIT ?");
-        let mut q = sqlx::query(&sql);
-        for b in &binds {
-            q = q.bind(b);
-        }
-        let rows = q.bind(max).fetch_all(&mut *tx).await?;
-        let mut requeued = 0;
+        rows.sort_by_key(|r| r.get::<i64, _>("seq"));
+        let mut again = Vec::new();
         let mut raws = Vec::new();
         for r in &rows {
             let dl_id: String = r.get("id");
             let delivery_id: Option<String> = r.get("delivery_id");
-            match delivery_id {
-                Some(did) => {
-                    let Some(d) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
-                        .bind(&did)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                    else {
-                        raws.push(r.get::<String, _>("raw"));
-                        continue;
-                    };
-                    let order_key: Option<String> = d.get("order_key");
-                    let busy = match order_key.as_deref() {
-                        Some(k) => !busy_chains(&mut tx, &[k]).await?.is_empty(),
-                        None => false,
-                    };
-                    sqlx::query(
-                        "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                         order_key, body, state, attempts, next_attempt_at, created_at) \
-                         SELECT ?, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, ?, 0, ?, ? \
-                         FROM deliveries WHERE id = ?",
-                    )
-                    .bind(uuid::Uuid::now_v7().to_string())
-                    .bind(if busy { "waiting" } else { "ready" })
-                    .bind(now)
-                    .bind(now)
+            let found = match delivery_id {
+                Some(did) => sqlx::query(&format!("SELECT {QUEUED_COLUMNS} FROM deliveries WHERE id = ?"))
                     .bind(&did)
-                    .execute(&mut *tx)
-                    .await?;
-                    requeued += 1;
-                }
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|d| queued_from_row(&d)),
+                None => None,
+            };
+            match found {
+                Some(q) => again.push(NewDelivery {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    event_id: q.event_id,
+                    event: q.event,
+                    run_id: q.run_id,
+                    kind: if q.kind == "callback" { "callback" } else { "webhook" },
+                    webhook_id: q.webhook_id,
+                    target_url: q.target_url,
+                    target_key: q.target_key,
+                    order_key: q.order_key,
+                    body: q.body,
+                    created_at: now,
+                    attempts: 0,
+                    first_attempt_at: None,
+                    next_attempt_at: None,
+                    source: q.source,
+                    log: Vec::new(),
+                }),
                 None => raws.push(r.get::<String, _>("raw")),
             }
             sqlx::query("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")
@@ -906,8 +965,16 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let keys: Vec<String> = again
+            .iter()
+            .filter_map(|d| d.order_key.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let held = hold(&keys);
+        let ready = insert_deliveries(&mut tx, &again, now, &held).await?;
         tx.commit().await?;
-        Ok((requeued, raws))
+        Ok((ready, again.len() as u64, held.into_iter().collect(), raws))
     }
 }
 
@@ -976,7 +1043,7 @@ async fn busy_chains(
 }
 
 const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-     order_key, body, attempts, first_attempt_at, created_at";
+     order_key, body, attempts, first_attempt_at, created_at, source";
 
 /// Rows per multi-row statement (15 columns a row stays far below SQLite's variable limit).
 const INSERT_CHUNK: usize = 200;
@@ -997,6 +1064,7 @@ fn queued_from_row(r: &sqlx::sqlite::SqliteRow) -> QueuedDelivery {
         attempts: r.get("attempts"),
         first_attempt_at: r.get("first_attempt_at"),
         created_at: r.get("created_at"),
+        source: r.get("source"),
     }
 }
 
@@ -1064,4 +1132,158 @@ fn dead_letter_json(r: &sqlx::sqlite::SqliteRow) -> Value {
         "created_at": crate::domain::rfc3339_ms(r.get("created_at")),
         "replayed_at": opt_time(r.get("replayed_at")),
     })
+}
+
+/// Insert deliveries in the order given. The first row of a chain that has nothing queued is
+/// ready; every later one waits; a row whose chain is in `held` waits even when it is the first
+/// (its chain's head is kept in memory). Returns the rows that are ready now.
+async fn insert_deliveries(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    deliveries: &[NewDelivery],
+    now: i64,
+    held: &std::collections::HashSet<String>,
+) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let keys: Vec<&str> = deliveries
+        .iter()
+        .filter_map(|d| d.order_key.as_deref())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut busy = busy_chains(tx, &keys).await?;
+    busy.extend(held.iter().cloned());
+    let states: Vec<&'static str> = deliveries
+        .iter()
+        .map(|d| match d.order_key.as_deref() {
+            Some(k) if !busy.insert(k.to_string()) => "waiting",
+            _ => "ready",
+        })
+        .collect();
+    let mut seqs: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
+        let mut sql = String::from(
+            "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+             order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
+             last_status, last_error) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(" RETURNING seq, id");
+        let mut q = sqlx::query(&sql);
+        for (d, state) in chunk.iter().zip(st) {
+            let last = d.log.last();
+            q = q
+                .bind(&d.id)
+                .bind(&d.event_id)
+                .bind(&d.event)
+                .bind(&d.run_id)
+                .bind(d.kind)
+                .bind(&d.webhook_id)
+                .bind(&d.target_url)
+                .bind(&d.target_key)
+                .bind(&d.order_key)
+                .bind(&d.body)
+                .bind(*state)
+                .bind(d.attempts)
+                .bind(d.next_attempt_at.unwrap_or(now))
+                .bind(d.first_attempt_at)
+                .bind(d.created_at)
+                .bind(&d.source)
+                .bind(last.and_then(|a| a.status))
+                .bind(last.and_then(|a| a.error.clone()));
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            seqs.insert(r.get("id"), r.get("seq"));
+        }
+    }
+    Ok(deliveries
+        .iter()
+        .zip(&states)
+        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
+        .filter_map(|(d, _)| {
+            Some(QueuedDelivery {
+                seq: *seqs.get(&d.id)?,
+                id: d.id.clone(),
+                event_id: d.event_id.clone(),
+                event: d.event.clone(),
+                run_id: d.run_id.clone(),
+                kind: d.kind.to_string(),
+                webhook_id: d.webhook_id.clone(),
+                target_url: d.target_url.clone(),
+                target_key: d.target_key.clone(),
+                order_key: d.order_key.clone(),
+                body: d.body.clone(),
+                attempts: d.attempts,
+                first_attempt_at: d.first_attempt_at,
+                created_at: d.created_at,
+                source: d.source.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The attempt log of deliveries that were attempted in memory before their row was written.
+async fn insert_attempt_logs<'a>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    rows: impl Iterator<Item = &'a NewDelivery>,
+) -> anyhow::Result<()> {
+    let items: Vec<(&str, i64, &AttemptRecord)> = rows
+        .flat_map(|d| {
+            d.log
+                .iter()
+                .enumerate()
+                .map(move |(i, a)| (d.id.as_str(), i as i64 + 1, a))
+        })
+        .collect();
+    for chunk in items.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        let mut q = sqlx::query(&sql);
+        for (id, n, a) in chunk {
+            q = q
+                .bind(*id)
+                .bind(*n)
+                .bind(a.started_at)
+                .bind(a.duration_ms)
+                .bind(a.status)
+                .bind(&a.error)
+                .bind(&a.excerpt);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Take the waiting rows of a chain out of the queue (to be written again behind rows that
+/// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
+async fn take_waiting(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
+    let rows = sqlx::query(&format!(
+        "DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting' RETURNING {QUEUED_COLUMNS}"
+    ))
+    .bind(key)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect();
+    out.sort_by_key(|q| q.seq);
+    Ok(out
+        .into_iter()
+        .map(|q| NewDelivery {
+            id: q.id,
+            event_id: q.event_id,
+            event: q.event,
+            run_id: q.run_id,
+            kind: if q.kind == "callback" { "callback" } else { "webhook" },
+            webhook_id: q.webhook_id,
+            target_url: q.target_url,
+            target_key: q.target_key,
+            order_key: q.order_key,
+            body: q.body,
+            created_at: q.created_at,
+            attempts: q.attempts,
+            first_attempt_at: q.first_attempt_at,
+            next_attempt_at: None,
+            source: q.source,
+            log: Vec::new(),
+        })
+        .collect())
 }

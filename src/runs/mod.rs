@@ -7,6 +7,7 @@
 pub mod db;
 pub mod lifecycle;
 pub mod model;
+pub mod service;
 pub mod validate;
 
 use std::collections::HashSet;
