@@ -388,6 +388,7 @@ impl Engine {
     pub fn submit(&self, jobs: Vec<Job>) {
         let mut start = Vec::new();
         let mut park = Vec::new();
+        let mut park_heads = Vec::new();
         for job in jobs {
             let Some(key) = job.q.order_key.clone() else {
                 start.push(job);
@@ -397,7 +398,7 @@ impl Engine {
                 Placement::Dispatch(job) if self.target_unhealthy(&job.q.target_key) => {
                     // The receiver failed recently: don't hold the partition, let the store's
                     // retry schedule probe it.
-                    park.push(job);
+                    park_heads.push(job);
                 }
                 Placement::Dispatch(job) => start.push(job),
                 Placement::Queued => {}
@@ -409,6 +410,9 @@ impl Engine {
         }
         for job in park {
             self.park(job, None);
+        }
+        for job in park_heads {
+            self.park_head(job, None);
         }
     }
 
