@@ -8,6 +8,7 @@ use std::time::Duration;
 use url::Url;
 
 use super::client::Attempt;
+use super::dead_letter::{dead_letter, Cause};
 use super::engine::Engine;
 use super::job::{Job, Origin};
 use super::retry::{classify, result_label, Verdict};
@@ -193,8 +194,7 @@ impl Engine {
     }
 }
 
-/// The dead letter of a delivery that failed (or could not be attempted): it names its row, so
-/// a replay re-drives exactly this (event, target) pair.
+/// The dead letter of a delivery that failed (or could not be attempted).
 fn dead(
     job: &Job,
     reason: &'static str,
@@ -203,18 +203,16 @@ fn dead(
     attempts: i64,
     body: &str,
 ) -> NewDeadLetter {
-    NewDeadLetter {
-        delivery_id: Some(job.q.id.clone()),
-        event_id: job.q.event_id.clone(),
-        event: job.q.event.clone(),
-        webhook_id: job.q.webhook_id.clone(),
-        kind: job.kind(),
+    dead_letter(
         reason,
-        attempts,
-        last_status,
-        last_error,
-        raw: body.to_string(),
-    }
+        Cause::Delivery {
+            q: &job.q,
+            last_status,
+            last_error,
+            attempts,
+            body,
+        },
+    )
 }
 
 fn is_terminal(event: &str) -> bool {

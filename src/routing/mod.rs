@@ -2,6 +2,7 @@
 //! dead letters, or nothing (filtered, dropped by its run's lifecycle). Pure decisions; nothing
 //! here writes or sends.
 
+use crate::delivery::dead_letter::{dead_letter, Cause};
 use crate::delivery::engine::{Engine, Routed};
 use crate::domain::{subscribed, Envelope};
 use crate::runs::lifecycle::relay_event_prefix;
@@ -192,18 +193,7 @@ fn delivery(
 
 /// The dead letter of an event that is refused before any delivery is queued for it.
 pub fn event_dead_letter(e: &Envelope, webhook_id: Option<String>, reason: &'static str) -> NewDeadLetter {
-    NewDeadLetter {
-        delivery_id: None,
-        event_id: e.id.clone(),
-        event: e.event.clone(),
-        webhook_id,
-        kind: "webhook",
-        reason,
-        attempts: 0,
-        last_status: None,
-        last_error: None,
-        raw: e.to_json().to_string(),
-    }
+    dead_letter(reason, Cause::Refused { event: e, webhook_id })
 }
 
 /// `completed`, `failed` or `stopped` for a run's terminal events.

@@ -37,7 +37,7 @@ use self::offsets::{Read, Tracker};
 use super::async_trait_free::CommandSinkFuture;
 use super::CommandSink;
 use crate::config::Settings;
-use crate::delivery::dead_letter::{parse_source, source_of, DeadLetterSink, SinkFuture};
+use crate::delivery::dead_letter::{dead_letter, parse_source, source_of, Cause, DeadLetterSink, SinkFuture};
 use crate::delivery::engine::Engine;
 use crate::delivery::job::{Ack, Job};
 use crate::domain::{now_ms, Envelope};
@@ -364,22 +364,14 @@ impl KafkaBus {
                 Err((reason, detail)) => {
                     tracing::debug!(reason, detail, partition = m.tp.1, offset = m.offset, "poison message");
                     self.metrics.kafka_messages.with_label_values(&["poison"]).inc();
-                    // Kept in the store too (as text when it is UTF-8), for GET /dead-letters.
-                    let dl = NewDeadLetter {
-                        delivery_id: None,
-                        event_id: format!("kafka:{}:{}:{}", m.tp.0, m.tp.1, m.offset),
-                        event: "unknown:unknown".into(),
-                        webhook_id: None,
-                        kind: "webhook",
+                    let dl = dead_letter(
                         reason,
-                        attempts: 0,
-                        last_status: None,
-                        last_error: Some(detail.chars().take(500).collect()),
-                        raw: serde_json::Value::String(
-                            String::from_utf8_lossy(&m.raw[..m.raw.len().min(64 * 1024)]).into_owned(),
-                        )
-                        .to_string(),
-                    };
+                        Cause::Poison {
+                            event_id: format!("kafka:{}:{}:{}", m.tp.0, m.tp.1, m.offset),
+                            detail: &detail,
+                            raw: &m.raw,
+                        },
+                    );
                     let ack: Arc<dyn Ack> = self.ack(&m, 1);
                     engine.dead_letter(vec![dl], Some(source_of(&m.tp.0, m.tp.1, m.offset)), Some(ack));
                 }
