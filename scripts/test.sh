@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what it needs, then runs every test.
-#   unit + integration tests (cargo test: real HTTP receivers, the real binary, real SQLite)
+#   unit + integration tests (cargo test: real HTTP receivers, the real binary, real SQLite, a real
+#   tansu broker, a real PostgreSQL the tests start themselves)
 #   the dashboard/alert check against a real Prometheus (tests/prometheus/check.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +22,26 @@ else
     echo "== installing the tansu broker (once per machine)"
     cargo install tansu --locked --version 0.6.0 --features dynostore,libsql
     export TANSU_BIN="$HOME/.cargo/bin/tansu"
+fi
+
+# The PostgreSQL tests start their own server (tests/support/postgres.rs) from Debian's binaries.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root (or sudo) to run: $*" >&2
+        exit 1
+    fi
+}
+if [ -z "${PG_BIN:-}" ] && [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+    echo "== installing PostgreSQL (once per machine)"
+    # Keep the package's own cluster from starting (the tests run their own server).
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [ ! -e "$policy" ]; then
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod +x $policy"
+        created_policy=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update && apt-get install -y postgresql'
+    if [ "$created_policy" -eq 1 ]; then as_root rm -f "$policy"; fi
 fi
 
 echo "== cargo build"
