@@ -28,9 +28,20 @@ pub struct PgServer {
     pub port: u16,
     /// Data folder, socket and log (`server.log`).
     pub dir: PathBuf,
-    /// Stops the server and removes `dir` when its stdin closes (on drop, or when the process
-    /// ends: a server in a `static` is never dropped).
-    watchdog: Child,
+    /// Stops the server and removes `dir` when dropped, or when the process ends (a server in
+    /// a `static` is never dropped).
+    _watchdog: Watchdog,
+}
+
+/// A shell that runs its cleanup when its stdin reaches EOF: when this is dropped (the pipe
+/// closes, then we wait for the cleanup), or when the process that holds the pipe ends.
+struct Watchdog(Child);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
 }
 
 static SHARED: OnceLock<PgServer> = OnceLock::new();
@@ -121,16 +132,18 @@ impl PgServer {
             if is_root() { "runuser -u postgres --" } else { "" },
             bin.join("pg_ctl").display()
         );
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(stop)
-            .arg("sh")
-            .arg(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the PostgreSQL watchdog");
+        let watchdog = Watchdog(
+            Command::new("sh")
+                .arg("-c")
+                .arg(stop)
+                .arg("sh")
+                .arg(&dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the PostgreSQL watchdog"),
+        );
         let mut initdb = as_pg_user(&bin.join("initdb"));
         initdb
             .arg("-D")
@@ -156,7 +169,11 @@ impl PgServer {
                 .stdin(Stdio::null());
             let out = pg_ctl.output().expect("pg_ctl");
             if out.status.success() {
-                return PgServer { port, dir, watchdog };
+                return PgServer {
+                    port,
+                    dir,
+                    _watchdog: watchdog,
+                };
             }
             // Most likely the port was taken between choosing and binding it: another try.
             last = format!(
@@ -204,12 +221,5 @@ impl PgServer {
     /// The server's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        drop(self.watchdog.stdin.take()); // pg_ctl stop -m immediate, rm -rf
-        let _ = self.watchdog.wait();
     }
 }
