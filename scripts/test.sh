@@ -52,11 +52,12 @@ trap 'rm -f "$log"' EXIT
 
 echo "== cargo test"
 set +e
-cargo test --locked --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs even after one fails, so the counts below are complete.
+cargo test --locked --no-fail-fast --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ failed;' | awk '{s+=$1} END {print s+0}')
 if [ "$status" -ne 0 ]; then
     echo "tests: $passed passed, $((failed > 0 ? failed : 1)) failed"
     exit "$status"
