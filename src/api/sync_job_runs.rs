@@ -6,7 +6,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::sync_jobs::pool;
+use super::sync_jobs::{off_thread, pool};
 use super::{check_target_url, list_response, read_body, PageQuery, State};
 use crate::domain::{now_ms, parse_uuid, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
@@ -131,10 +131,17 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     if !args.is_object() {
         return Err(ApiError::field("args", "must be a JSON object"));
     }
-    if let Some(schema) = &job.args_schema {
-        let v = compile_args_schema(schema).map_err(|e| e.within("sync_job"))?;
-        validate_args(&v, &args)?;
-    }
+    let args = match job.args_schema.clone() {
+        Some(schema) => {
+            off_thread(move || {
+                let v = compile_args_schema(&schema).map_err(|e| e.within("sync_job"))?;
+                validate_args(&v, &args)?;
+                Ok(args)
+            })
+            .await?
+        }
+        None => args,
+    };
     let callback_url = match &req.callback_url {
         Some(raw) => Some(check_target_url(&state, "callback_url", raw).await?.to_string()),
         None => None,

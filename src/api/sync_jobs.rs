@@ -41,6 +41,16 @@ pub struct JobQuery {
     integration_name: Option<String>,
 }
 
+/// Run CPU-heavy validation (JSON Schema compilation, the dependency graph) on the blocking
+/// pool, so the async workers keep answering other requests (`/health/live` included).
+pub(super) async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(f)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("validation task failed: {e}")))?
+}
+
 /// The store's pool, with this module's tables in place.
 pub(super) async fn pool(state: &State) -> Result<&SqlitePool, ApiError> {
     let pool = state.engine.store.pool();
@@ -58,7 +68,12 @@ async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(body, state.settings.http.max_body_bytes).await?;
     let mut req: CreateJob = parse_json(&body)?;
-    validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+    // Schema compilation and the graph checks are CPU work: off the async worker threads.
+    let req = off_thread(move || {
+        validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+        Ok(req)
+    })
+    .await?;
     if req.validate_only {
         return Ok(HttpResponse::Ok().json(json!({"valid": true})));
     }
@@ -115,7 +130,11 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     if req.environment_id.is_some() {
         job.environment_id = req.environment_id;
     }
-    validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+    let mut job = off_thread(move || {
+        validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+        Ok(job)
+    })
+    .await?;
     job.updated_at = now_ms();
     db::update_job(pool(&state).await?, &job).await?;
     Ok(HttpResponse::Ok().json(job.to_json()))
