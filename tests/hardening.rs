@@ -70,3 +70,38 @@ async fn sync_job_resource_count_is_capped_and_long_chains_validate() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["resources"].as_array().unwrap().len(), 499);
 }
+
+fn http_series(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("syncrelay_http_requests_total{"))
+        .count()
+}
+
+/// Finding: every made-up HTTP method added a `/metrics` series (the label was the raw method).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_http_methods_share_one_metrics_series() {
+    let app = spawn_app(&[]).await;
+    // One unknown method first, so the `other` series exists before counting.
+    let m = Method::from_bytes(b"PROBE").unwrap();
+    app.http
+        .request(m, format!("{}/webhook", app.base))
+        .send()
+        .await
+        .unwrap();
+    let before = http_series(&app.metrics_text().await);
+    for i in 0..50 {
+        let m = Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let r = app
+            .http
+            .request(m, format!("{}/webhook", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let text = app.metrics_text().await;
+    assert!(http_series(&text) <= before + 1, "{text}");
+    assert!(!text.contains("MADEUP"), "{text}");
+    assert!(text.contains(r#"method="other""#), "{text}");
+}

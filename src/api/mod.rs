@@ -116,7 +116,7 @@ async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let state = req.app_data::<State>().cloned();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let res = next.call(req).await?;
     if let Some(state) = state {
         let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_string());
@@ -127,12 +127,30 @@ async fn observe(
             _ => "5xx",
         };
         let m = &state.engine.metrics;
-        m.http_requests.with_label_values(&[&route, &method, class]).inc();
+        m.http_requests.with_label_values(&[&route, method, class]).inc();
         m.http_request_duration
             .with_label_values(&[&route])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(res)
+}
+
+/// The `method` label: the standard methods by name, anything else `other` (a client may send
+/// any token as a method; the label must stay a small fixed set, CONTRACT §5).
+pub fn method_label(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// Parse a delivery target URL given in `field` and refuse it when it resolves to an address
