@@ -35,6 +35,8 @@ pub struct HttpSettings {
     pub listen: String,
     pub max_body_bytes: usize,
     pub workers: usize,
+    /// Longest time to receive a request body once its headers are in, in milliseconds.
+    pub body_read_timeout_ms: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -357,6 +359,9 @@ impl Settings {
         }
         if !(0.0..1.0).contains(&r.randomization_factor) {
             return bad("delivery.retry.randomization_factor", "must be in [0, 1)");
+        }
+        if self.http.body_read_timeout_ms == 0 {
+            return bad("http.body_read_timeout_ms", "must be at least 1");
         }
         if r.max_attempts == 0 {
             return bad("delivery.retry.max_attempts", "must be at least 1");

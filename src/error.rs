@@ -18,6 +18,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body is larger than {max_bytes} bytes")]
     TooLarge { max_bytes: usize, field: Option<String> },
+    #[error("the request body was not received within {timeout_ms} ms")]
+    RequestTimeout { timeout_ms: u64 },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -77,6 +79,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -102,6 +105,11 @@ impl ResponseError for ApiError {
                 "detail": { "field": field },
                 "max_bytes": max_bytes,
             }),
+            ApiError::RequestTimeout { timeout_ms } => json!({
+                "type": "request_timeout",
+                "message": self.to_string(),
+                "detail": { "field": "body", "timeout_ms": timeout_ms },
+            }),
             ApiError::Unavailable(m) => {
                 json!({"type": "service_unavailable", "message": m, "detail": null})
             }
@@ -116,7 +124,12 @@ impl ResponseError for ApiError {
                 })
             }
         };
-        HttpResponse::build(self.status_code()).json(body)
+        let mut resp = HttpResponse::build(self.status_code());
+        if let ApiError::RequestTimeout { .. } = self {
+            // The rest of the body may still be trickling in: do not keep the connection.
+            resp.force_close();
+        }
+        resp.json(body)
     }
 }
 

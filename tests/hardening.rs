@@ -105,3 +105,37 @@ async fn made_up_http_methods_share_one_metrics_series() {
     assert!(!text.contains("MADEUP"), "{text}");
     assert!(text.contains(r#"method="other""#), "{text}");
 }
+
+/// Finding: a client that sent its headers and then trickled the body held its connection (and
+/// a file descriptor) forever. Now it is answered 408 and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_body_is_cut_off_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(&[("SYNCRELAY__HTTP__BODY_READ_TIMEOUT_MS", "500")]).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 10000\r\n\r\n{{"
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    // One byte every 100 ms, for as long as the server takes it (at most 10 s).
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if wr.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(8), rd.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(read.is_ok(), "connection still open after 8 s; got {text:?}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    trickle.abort();
+}

@@ -34,7 +34,7 @@ fn sync_json(s: &EloquaSync) -> Value {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: CreateSync = parse_json(&body)?;
     let uri = req.synced_instance_uri.trim();
     if !uri.starts_with('/') || uri.len() < 2 || uri.contains(char::is_whitespace) {

@@ -34,7 +34,7 @@ fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
 
 pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let s = &state.settings;
-    let body = read_body(body, s.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let (raws, batch, validate_only) = split(&body)?;
     if raws.is_empty() {
         return Err(ApiError::field("events", "must hold at least one event"));

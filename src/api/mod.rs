@@ -167,20 +167,30 @@ pub async fn check_target_url(state: &State, field: &str, raw: &str) -> Result<u
     Ok(url)
 }
 
-/// Read a request body up to `max` bytes; beyond that a typed 413 naming the limit.
-pub async fn read_body(mut payload: web::Payload, max: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad(format!("could not read request body: {e}")))?;
-        if body.len() + chunk.len() > max {
-            return Err(ApiError::TooLarge {
-                max_bytes: max,
-                field: None,
-            });
+/// Read a request body up to `http.max_body_bytes` (beyond that a typed 413 naming the limit)
+/// within `http.body_read_timeout_ms` (a client that sends its headers and then trickles the
+/// body is answered 408 and its connection closed).
+pub async fn read_body(state: &State, mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+    let max = state.settings.http.max_body_bytes;
+    let timeout_ms = state.settings.http.body_read_timeout_ms;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad(format!("could not read request body: {e}")))?;
+            if body.len() + chunk.len() > max {
+                return Err(ApiError::TooLarge {
+                    max_bytes: max,
+                    field: None,
+                });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body)
+    };
+    match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::RequestTimeout { timeout_ms }),
     }
-    Ok(body)
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -90,7 +90,7 @@ struct Replay {
 
 /// Re-drive dead letters with the same `webhook-id`: by id, or every open one matching a filter.
 pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: Replay = parse_json(&body)?;
     if req.ids.is_none() && req.webhook_id.is_none() && req.reason.is_none() && req.event_id.is_none() {
         return Err(ApiError::field(

@@ -94,7 +94,7 @@ fn run_event(run: &Run, id: String, event: &str) -> Option<Envelope> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: CreateRun = parse_json(&body)?;
     let pool = pool(&state).await?;
     let job_id = parse_uuid("sync_job_id", &req.sync_job_id)?;
@@ -234,7 +234,7 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 
 /// `{"status":"stopped"}`: stop an active run.
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateRun = parse_json(&body)?;
     if req.status != "stopped" {
         return Err(ApiError::field("status", "only \"stopped\" can be set"));

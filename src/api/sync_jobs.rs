@@ -66,7 +66,7 @@ async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let mut req: CreateJob = parse_json(&body)?;
     // Schema compilation and the graph checks are CPU work: off the async worker threads.
     let req = off_thread(move || {
@@ -115,7 +115,7 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateJob = parse_json(&body)?;
     let mut job = load(&state, &id).await?;
     if let Some(n) = req.integration_name {

@@ -79,7 +79,7 @@ async fn load(state: &State, id: &str) -> Result<Webhook, ApiError> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: CreateWebhook = parse_json(&body)?;
     let url = check_target_url(&state, "target_url", &req.target_url).await?;
     check_event_types(&req.event_types)?;
@@ -123,7 +123,7 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateWebhook = parse_json(&body)?;
     let mut w = load(&state, &id).await?;
     if let Some(u) = &req.target_url {
