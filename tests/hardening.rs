@@ -139,3 +139,95 @@ async fn a_trickled_request_body_is_cut_off_with_408() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     trickle.abort();
 }
+
+/// Every way a delivery target is given: (method, path, body with the URL at `field`).
+async fn target_entry_points(app: &TestApp, url: &str) -> Vec<(u16, Value, &'static str)> {
+    let mut out = Vec::new();
+    let (s, b) = app
+        .post("/webhook", json!({"target_url": url, "validate_only": true}))
+        .await;
+    out.push((s, b, "target_url"));
+    let (s, hook) = app
+        .post("/webhook", json!({"target_url": "http://93.184.216.34/hook"}))
+        .await;
+    assert_eq!(s, 201, "{hook}");
+    let (s, b) = app
+        .call(
+            Method::PATCH,
+            &format!("/webhook/{}", hook["id"].as_str().unwrap()),
+            Some(json!({"target_url": url})),
+        )
+        .await;
+    out.push((s, b, "target_url"));
+    let (s, b) = app
+        .post(
+            "/events",
+            json!({"id": "e1", "event": "x:y", "webhook_id": hook["id"], "payload": {},
+                   "callback_url": url, "validate_only": true}),
+        )
+        .await;
+    out.push((s, b, "callback_url"));
+    let (s, job) = app
+        .post(
+            "/sync-job",
+            json!({"integration_name": "x", "resources": [{"resource": "x", "method": "list"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{job}");
+    let (s, b) = app
+        .post(
+            "/sync-job-run",
+            json!({"sync_job_id": job["id"], "integrated_account_id": run_id(1),
+                   "daemon_group_key": "g", "callback_url": url, "validate_only": true}),
+        )
+        .await;
+    out.push((s, b, "callback_url"));
+    let (s, b) = app
+        .post(
+            "/api/bulk/2.0/syncs",
+            json!({"syncedInstanceUri": "/contacts/exports/1", "callbackURL": url, "validate_only": true}),
+        )
+        .await;
+    out.push((s, b, "callbackURL"));
+    out
+}
+
+/// Finding: the SSRF guard accepted 6to4 (without looking at the embedded IPv4), Teredo, SIIT,
+/// site-local, discard-only, benchmarking and the new documentation block, on every entry
+/// point, with or without an allow-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_special_purpose_targets_are_refused_on_every_entry_point() {
+    for allowed in [r#"["127.0.0.0/8"]"#, "[]"] {
+        let app = spawn_app(&[("SYNCRELAY__DELIVERY__ALLOWED_CIDRS", allowed)]).await;
+        for addr in [
+            "2002:a9fe:a9fe::1",
+            "2002:a00:1::1",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::ffff:0:a9fe:a9fe",
+            "fec0::1",
+            "100::1",
+            "2001:2::1",
+            "3fff::1",
+            "::a9fe:a9fe",
+        ] {
+            let url = format!("http://[{addr}]/hook");
+            for (s, b, field) in target_entry_points(&app, &url).await {
+                assert_field(s, &b, 400, "bad_request", field);
+            }
+        }
+        // 6to4 of loopback is refused unless loopback itself is allowed.
+        let url = "http://[2002:7f00:1::1]/hook";
+        for (s, b, field) in target_entry_points(&app, url).await {
+            if allowed == "[]" {
+                assert_field(s, &b, 400, "bad_request", field);
+            } else {
+                assert!(s < 300, "{field}: {s} {b}");
+            }
+        }
+        // A global address in 6to4 form is fine.
+        for (s, b, field) in target_entry_points(&app, "http://[2002:808:808::1]/hook").await {
+            assert!(s < 300, "{field}: {s} {b}");
+        }
+    }
+}

@@ -13,7 +13,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::Url;
 
 use super::retry::{parse_retry_after, AttemptResult};
-use crate::domain::{is_global, literal_ip};
+use crate::domain::{embedded_ipv4, is_global, literal_ip};
 
 #[derive(Clone, Debug)]
 pub struct AddressPolicy {
@@ -27,8 +27,19 @@ impl AddressPolicy {
         }
     }
 
+    /// May deliveries reach `ip`? Global addresses and `delivery.allowed_cidrs` may; an IPv6
+    /// form that embeds an IPv4 address (IPv4-mapped, NAT64, 6to4) is judged by that address.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        is_global(ip) || self.allowed.iter().any(|n| n.contains(&ip))
+        if self.allowed.iter().any(|n| n.contains(&ip)) {
+            return true;
+        }
+        match ip {
+            IpAddr::V6(a) => match embedded_ipv4(a) {
+                Some(v4) => self.permits(IpAddr::V4(v4)),
+                None => is_global(ip),
+            },
+            IpAddr::V4(_) => is_global(ip),
+        }
     }
 
     /// Resolve a URL's host and refuse it when any address it resolves to is not permitted.
@@ -221,5 +232,53 @@ fn describe(e: &reqwest::Error) -> (AttemptResult, String) {
         (AttemptResult::Connect, format!("connection failed: {chain}"))
     } else {
         (AttemptResult::Other, format!("request failed: {chain}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address policy, with and without an allow-list: every IPv6 form of a refused IPv4
+    /// address is refused too, and an allowed IPv4 range admits its embedded forms.
+    #[test]
+    fn address_policy_table() {
+        let none = AddressPolicy::new(vec![]);
+        let loopback = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let private = AddressPolicy::new(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]);
+        // (address, permitted with no list, with loopback allowed, with 10/8 + fd00::/8 allowed)
+        let table: &[(&str, bool, bool, bool)] = &[
+            ("8.8.8.8", true, true, true),
+            ("2606:4700::1111", true, true, true),
+            ("127.0.0.1", false, true, false),
+            ("10.1.2.3", false, false, true),
+            ("169.254.169.254", false, false, false),
+            ("::1", false, false, false),
+            ("::ffff:127.0.0.1", false, true, false),
+            ("::ffff:10.1.2.3", false, false, true),
+            ("::ffff:8.8.8.8", true, true, true),
+            ("::127.0.0.1", false, false, false),
+            ("::ffff:0:7f00:1", false, false, false),
+            ("64:ff9b::a9fe:a9fe", false, false, false),
+            ("64:ff9b::808:808", true, true, true),
+            ("2002:7f00:1::1", false, true, false),
+            ("2002:a9fe:a9fe::1", false, false, false),
+            ("2002:a01:203::1", false, false, true),
+            ("2002:808:808::1", true, true, true),
+            ("2001::1", false, false, false),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", false, false, false),
+            ("2001:2::1", false, false, false),
+            ("fec0::1", false, false, false),
+            ("100::1", false, false, false),
+            ("3fff::1", false, false, false),
+            ("fd00::1", false, false, true),
+            ("fe80::1", false, false, false),
+        ];
+        for (a, n, l, p) in table {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(none.permits(ip), *n, "{a} with no allow-list");
+            assert_eq!(loopback.permits(ip), *l, "{a} with 127.0.0.0/8 allowed");
+            assert_eq!(private.permits(ip), *p, "{a} with 10.0.0.0/8 and fd00::/8 allowed");
+        }
     }
 }
