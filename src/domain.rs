@@ -223,6 +223,22 @@ pub fn literal_ip(url: &Url) -> Option<IpAddr> {
     }
 }
 
+/// Does the URL's host name a loopback host by name: `localhost`, any `*.localhost` (RFC 6761),
+/// and the loopback names of common `/etc/hosts` files, in any case, with trailing dots? The URL
+/// parser has already applied IDNA mapping, so full-width and other forms that normalise to
+/// these names are caught too.
+pub fn is_loopback_name(url: &Url) -> bool {
+    let Some(url::Host::Domain(host)) = url.host() else {
+        return false;
+    };
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    h == "localhost"
+        || h.ends_with(".localhost")
+        || h == "localhost.localdomain"
+        || h == "ip6-localhost"
+        || h == "ip6-loopback"
+}
+
 /// Is this address reachable on the public internet? Loopback, private, link-local (cloud
 /// metadata at 169.254.169.254), CGNAT, documentation, benchmarking, multicast, reserved and
 /// unspecified ranges are not; IPv6 is global only inside `2000::/3` outside the special-purpose

@@ -231,3 +231,41 @@ async fn ipv6_special_purpose_targets_are_refused_on_every_entry_point() {
         }
     }
 }
+
+/// Finding: loopback host names in a target (notably an event's `callback_url`) were accepted
+/// and refused only at connect time. Now refused when given, unless loopback is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_host_names_are_refused_when_given() {
+    let names = [
+        "localhost",
+        "LocalHost",
+        "foo.localhost",
+        "localhost.",
+        "LOCALHOST..",
+        "\u{ff4c}\u{ff4f}\u{ff43}\u{ff41}\u{ff4c}\u{ff48}\u{ff4f}\u{ff53}\u{ff54}", // full-width
+        "localhost\u{3002}",                                                        // ideographic full stop
+        "a.b.LOCALHOST",
+    ];
+    let app = spawn_app(&[("SYNCRELAY__DELIVERY__ALLOWED_CIDRS", "[]")]).await;
+    for name in names {
+        let url = format!("http://{name}:9/hook");
+        for (s, b, field) in target_entry_points(&app, &url).await {
+            assert_field(s, &b, 400, "bad_request", field);
+        }
+    }
+    // With loopback allowed, an event's callback URL may name it.
+    let app = spawn_app(&[]).await;
+    let (_, hook) = app
+        .post("/webhook", json!({"target_url": "http://93.184.216.34/hook"}))
+        .await;
+    for name in names {
+        let (s, b) = app
+            .post(
+                "/events",
+                json!({"id": "e1", "event": "x:y", "webhook_id": hook["id"], "payload": {},
+                       "callback_url": format!("http://{name}:9/hook"), "validate_only": true}),
+            )
+            .await;
+        assert_eq!(s, 200, "{name}: {b}");
+    }
+}

@@ -64,14 +64,12 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         }
         events.push(Envelope::parse(v, now, s.delivery.https_only).map_err(within)?);
     }
-    // Callback URLs that are IP literals are checked now; host names when they are dialled.
+    // Callback URLs are checked now as far as possible without DNS (IP literals, loopback
+    // names); host names are resolved when they are dialled, by the guarded resolver.
     for (i, e) in events.iter().enumerate() {
-        if let Some(ip) = e.callback_url.as_ref().and_then(crate::domain::literal_ip) {
-            if !state.engine.client().policy().permits(ip) {
-                let err = ApiError::field(
-                    "callback_url",
-                    format!("{ip} is a non-global address that deliveries may not reach"),
-                );
+        if let Some(url) = &e.callback_url {
+            if let Err(m) = state.engine.client().policy().check_given(url) {
+                let err = ApiError::field("callback_url", m);
                 return Err(if batch {
                     err.within(&format!("events[{i}]"))
                 } else {

@@ -4,7 +4,7 @@
 //! allowed) so the connection can only go to an address that passed the check, and IP-literal
 //! URLs (which skip the resolver) are checked before the request is sent.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,7 +13,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::Url;
 
 use super::retry::{parse_retry_after, AttemptResult};
-use crate::domain::{embedded_ipv4, is_global, literal_ip};
+use crate::domain::{embedded_ipv4, is_global, is_loopback_name, literal_ip};
 
 #[derive(Clone, Debug)]
 pub struct AddressPolicy {
@@ -42,9 +42,33 @@ impl AddressPolicy {
         }
     }
 
+    /// May loopback be reached (some loopback range is in `delivery.allowed_cidrs`)?
+    fn permits_loopback(&self) -> bool {
+        self.permits(IpAddr::V4(Ipv4Addr::LOCALHOST)) || self.permits(IpAddr::V6(Ipv6Addr::LOCALHOST))
+    }
+
+    /// What can be judged without DNS: an IP-literal host against the policy, and loopback
+    /// host names (`localhost`, `*.localhost`, ...) unless loopback is allowed.
+    pub fn check_given(&self, url: &Url) -> Result<(), String> {
+        if let Some(ip) = literal_ip(url) {
+            if !self.permits(ip) {
+                return Err(format!(
+                    "{ip} is a non-global address (loopback, private, link-local or reserved) that deliveries may not reach"
+                ));
+            }
+        } else if is_loopback_name(url) && !self.permits_loopback() {
+            return Err(format!(
+                "host {} names the loopback interface, which deliveries may not reach",
+                url.host_str().unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
     /// Resolve a URL's host and refuse it when any address it resolves to is not permitted.
     /// Used at registration, where the user can fix the URL.
     pub async fn check_url(&self, url: &Url) -> Result<(), String> {
+        self.check_given(url)?;
         let port = url.port_or_known_default().unwrap_or(443);
         let addrs: Vec<IpAddr> = match literal_ip(url) {
             Some(ip) => vec![ip],
@@ -138,16 +162,14 @@ impl DeliveryClient {
     /// POST `body` with the given headers. Never panics, never follows redirects.
     pub async fn post(&self, url: &Url, headers: &[(&'static str, String)], body: String) -> Attempt {
         let started = Instant::now();
-        if let Some(ip) = literal_ip(url) {
-            if !self.policy.permits(ip) {
-                return Attempt {
-                    result: AttemptResult::BlockedAddress,
-                    status: None,
-                    duration: started.elapsed(),
-                    excerpt: None,
-                    error: Some(format!("address {ip} is non-global and not allowed")),
-                };
-            }
+        if let Err(reason) = self.policy.check_given(url) {
+            return Attempt {
+                result: AttemptResult::BlockedAddress,
+                status: None,
+                duration: started.elapsed(),
+                excerpt: None,
+                error: Some(reason),
+            };
         }
         let mut req = self
             .http
@@ -279,6 +301,52 @@ mod tests {
             assert_eq!(none.permits(ip), *n, "{a} with no allow-list");
             assert_eq!(loopback.permits(ip), *l, "{a} with 127.0.0.0/8 allowed");
             assert_eq!(private.permits(ip), *p, "{a} with 10.0.0.0/8 and fd00::/8 allowed");
+        }
+    }
+
+    /// The connect-time half: a name that resolves only to refused addresses is never handed to
+    /// the connector, and refused addresses are filtered out of a mixed answer.
+    #[tokio::test]
+    async fn the_resolver_hands_out_permitted_addresses_only() {
+        use std::str::FromStr;
+        let blocked = GuardedResolver {
+            policy: AddressPolicy::new(vec![]),
+        };
+        let err = match blocked.resolve(Name::from_str("localhost").unwrap()).await {
+            Err(e) => e,
+            Ok(a) => panic!("resolved to {:?}", a.collect::<Vec<_>>()),
+        };
+        assert!(err.is::<Blocked>(), "{err}");
+        let v4_only = GuardedResolver {
+            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        };
+        let addrs: Vec<SocketAddr> = match v4_only.resolve(Name::from_str("localhost").unwrap()).await {
+            Ok(a) => a.collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!addrs.is_empty());
+        assert!(
+            addrs.iter().all(|a| a.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "{addrs:?}"
+        );
+    }
+
+    /// IP literals and loopback names are refused before anything is sent.
+    #[tokio::test]
+    async fn post_refuses_blocked_targets_without_dialling() {
+        let client = DeliveryClient::new(
+            AddressPolicy::new(vec![]),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            64,
+        );
+        for u in [
+            "http://127.0.0.1:9/x",
+            "http://[2002:7f00:1::1]:9/x",
+            "http://LocalHost.:9/x",
+        ] {
+            let a = client.post(&Url::parse(u).unwrap(), &[], "{}".into()).await;
+            assert!(matches!(a.result, AttemptResult::BlockedAddress), "{u}: {a:?}");
         }
     }
 }
