@@ -71,6 +71,7 @@ impl Application {
             engine: engine.clone(),
             commands,
             kafka: kafka.clone(),
+            token_digests: settings.auth.tokens.iter().map(|t| api::token_digest(t)).collect(),
         });
         let mut server = HttpServer::new(move || {
             App::new()

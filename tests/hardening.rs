@@ -269,3 +269,78 @@ async fn loopback_host_names_are_refused_when_given() {
         assert_eq!(s, 200, "{name}: {b}");
     }
 }
+
+/// Finding: the `Bearer` scheme was case-sensitive (only `Bearer ` and `bearer `).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_scheme_is_case_insensitive_and_near_tokens_fail() {
+    let app = spawn_app(&[]).await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = app
+            .http
+            .get(format!("{}/webhook", app.base))
+            .header("authorization", format!("{scheme} {TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let near = [
+        String::new(),
+        TOKEN[..TOKEN.len() - 1].to_string(),
+        format!("{TOKEN}x"),
+        TOKEN.to_uppercase(),
+    ];
+    for t in near {
+        let r = app
+            .http
+            .get(format!("{}/webhook", app.base))
+            .header("authorization", format!("Bearer {t}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{t:?}");
+    }
+}
+
+/// Run the binary with `env` until it exits (it must, within 20 s): (exit code, stderr).
+fn run_binary(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        .env("SYNCRELAY__HTTP__LISTEN", "127.0.0.1:0")
+        .env("SYNCRELAY__STORE__PATH", data.path().join("db").display().to_string())
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            panic!("the binary did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Findings: a malformed `auth.tokens` (a bare string) was echoed in the start-up error; empty
+/// tokens were accepted; an unknown key was named twice (`webhooks.x.x`).
+#[test]
+fn start_up_errors_name_the_key_once_and_never_echo_secrets() {
+    let (code, err) = run_binary(&[("SYNCRELAY__AUTH__TOKENS", "hunter2-very-secret")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("auth.tokens"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let (code, err) = run_binary(&[("SYNCRELAY__AUTH__TOKENS", r#"["good-token",""]"#)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("auth.tokens[1]"), "{err}");
+
+    let (code, err) = run_binary(&[("SYNCRELAY__WEBHOOKS__X", "1")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("`webhooks.x`"), "{err}");
+    assert!(!err.contains("webhooks.x.x") && !err.contains("field `x`"), "{err}");
+}

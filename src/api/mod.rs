@@ -29,6 +29,8 @@ pub struct AppState {
     pub commands: Arc<dyn crate::bus::CommandSink>,
     /// Set when `bus.kind = "kafka"`: `POST /events` produces to the events topic.
     pub kafka: Option<Arc<crate::bus::kafka::KafkaBus>>,
+    /// SHA-256 digests of `auth.tokens` (see `token_matches`).
+    pub token_digests: Vec<[u8; 32]>,
 }
 
 pub type State = web::Data<AppState>;
@@ -78,6 +80,34 @@ fn is_public(path: &str) -> bool {
     path == "/metrics" || path.starts_with("/health/")
 }
 
+/// The token of an `Authorization` header value: scheme `Bearer` in any case (RFC 9110 §11.1),
+/// one or more spaces, the token.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim_start().split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// SHA-256 of a token: tokens are compared by digest, so the comparison takes the same time
+/// whatever the presented token's length and wherever it first differs.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Does `presented` match one of the configured tokens' digests? Every digest is compared (no
+/// early exit), each in constant time.
+pub fn token_matches(digests: &[[u8; 32]], presented: &str) -> bool {
+    let p = token_digest(presented);
+    digests
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&p))
+        .into()
+}
+
 /// Bearer tokens from configuration, compared in constant time. Health and metrics are public.
 async fn authenticate(
     req: ServiceRequest,
@@ -85,20 +115,12 @@ async fn authenticate(
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     if !is_public(req.path()) {
         let state = req.app_data::<State>().expect("state is configured");
-        let presented = req
+        let ok = req
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
-        let ok = presented.is_some_and(|p| {
-            state
-                .settings
-                .auth
-                .tokens
-                .iter()
-                .fold(false, |acc, t| acc | bool::from(t.as_bytes().ct_eq(p.as_bytes())))
-        });
+            .and_then(bearer_token)
+            .is_some_and(|p| token_matches(&state.token_digests, p));
         if !ok {
             let (http_req, _) = req.into_parts();
             let resp = ApiError::Unauthenticated.error_response();
@@ -222,4 +244,30 @@ pub fn query_config() -> web::QueryConfig {
         let msg = err.to_string();
         ApiError::bad(format!("invalid query string: {msg}")).into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for h in ["Bearer t", "bearer t", "BEARER t", "BeArEr   t ", "Bearer\tt"] {
+            assert_eq!(bearer_token(h), Some("t"), "{h:?}");
+        }
+        for h in ["Basic t", "Bearer", "Bearer ", "Bearert", "t", ""] {
+            assert_eq!(bearer_token(h), None, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_compared_by_digest() {
+        let digests = vec![token_digest("first-token"), token_digest("second-token")];
+        assert!(token_matches(&digests, "first-token"));
+        assert!(token_matches(&digests, "second-token"));
+        for p in ["", "f", "first-toke", "first-token2", "first-tokeN", "second-token "] {
+            assert!(!token_matches(&digests, p), "{p:?}");
+        }
+        assert!(!token_matches(&[], "first-token"));
+    }
 }
