@@ -344,3 +344,34 @@ fn start_up_errors_name_the_key_once_and_never_echo_secrets() {
     assert!(err.contains("`webhooks.x`"), "{err}");
     assert!(!err.contains("webhooks.x.x") && !err.contains("field `x`"), "{err}");
 }
+
+/// Finding: text logs written to a file or a pipe carried ANSI colour codes.
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        .env("SYNCRELAY__HTTP__LISTEN", "127.0.0.1:0")
+        .env("SYNCRELAY__STORE__PATH", data.path().join("db").display().to_string())
+        .env("SYNCRELAY__LOG__FORMAT", "text")
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("listening");
+        lines.push(line);
+        if done || lines.len() > 200 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = lines.join("\n");
+    assert!(text.contains("listening"), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+}
