@@ -375,3 +375,116 @@ fn text_logs_to_a_pipe_carry_no_colour_codes() {
     assert!(text.contains("listening"), "{text}");
     assert!(!text.contains('\u{1b}'), "{text:?}");
 }
+
+/// Finding: `/events` silently kept the last of repeated keys; other routes refused them but
+/// named the field `body`. Now every route answers a typed 400 naming the repeated key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_json_keys_are_refused_by_name_on_every_route() {
+    let app = spawn_app(&[]).await;
+    let (_, hook) = app
+        .post("/webhook", json!({"target_url": "http://93.184.216.34/hook"}))
+        .await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let (_, job) = app
+        .post(
+            "/sync-job",
+            json!({"integration_name": "x", "resources": [{"resource": "x", "method": "list"}]}),
+        )
+        .await;
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let ev = format!(r#""event":"x:y","webhook_id":"{hook_id}","payload":{{}}"#);
+    let cases: Vec<(Method, String, String, &str)> = vec![
+        (
+            Method::POST,
+            "/events".into(),
+            format!(r#"{{"id":"a","id":"b",{ev}}}"#),
+            "id",
+        ),
+        (
+            Method::POST,
+            "/events".into(),
+            format!(r#"{{"events":[{{"id":"a",{ev}}},{{"id":"b",{ev},"event":"x:z"}}]}}"#),
+            "events[1].event",
+        ),
+        (
+            Method::POST,
+            "/events".into(),
+            format!(r#"{{"events":[{{"id":"a",{ev}}}],"events":[]}}"#),
+            "events",
+        ),
+        (
+            Method::POST,
+            "/webhook".into(),
+            r#"{"target_url":"http://93.184.216.34/a","target_url":"http://93.184.216.34/b"}"#.into(),
+            "target_url",
+        ),
+        (
+            Method::PATCH,
+            format!("/webhook/{hook_id}"),
+            r#"{"is_active":true,"is_active":false}"#.into(),
+            "is_active",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            r#"{"integration_name":"x","resources":[{"resource":"x","method":"list","query":{"a":"1","a":"2"}}]}"#
+                .into(),
+            "resources[0].query.a",
+        ),
+        (
+            Method::PATCH,
+            format!("/sync-job/{job_id}"),
+            r#"{"args_schema":{"type":"object","type":"object"}}"#.into(),
+            "args_schema.type",
+        ),
+        (
+            Method::POST,
+            "/sync-job-run".into(),
+            format!(
+                r#"{{"sync_job_id":"{job_id}","integrated_account_id":"{}","daemon_group_key":"g","args":{{"k":1,"k":2}}}}"#,
+                run_id(1)
+            ),
+            "args.k",
+        ),
+        (
+            Method::POST,
+            "/api/bulk/2.0/syncs".into(),
+            r#"{"syncedInstanceUri":"/a/1","syncedInstanceUri":"/b/2"}"#.into(),
+            "syncedInstanceUri",
+        ),
+        (
+            Method::POST,
+            "/dead-letters/replay".into(),
+            r#"{"reason":"x","reason":"y"}"#.into(),
+            "reason",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let resp = app
+            .req(method.clone(), &path)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let b: Value = resp.json().await.unwrap();
+        assert_field(status, &b, 400, "bad_request", field);
+        assert!(
+            b["message"].as_str().unwrap().starts_with(field),
+            "{method} {path} {body}: {b}"
+        );
+    }
+    // A repeated key inside an event's payload belongs to the producer: not refused here.
+    let (s, b) = app
+        .req(Method::POST, "/events")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"id":"p1","event":"x:y","webhook_id":"{hook_id}","payload":{{"k":1,"k":2}},"validate_only":true}}"#
+        ))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .unwrap();
+    assert_eq!(s, 200, "{:?}", b.text().await);
+}

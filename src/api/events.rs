@@ -8,9 +8,20 @@ use super::{read_body, State};
 use crate::domain::{now_ms, Envelope};
 use crate::error::ApiError;
 
+/// `payload` of a single event or `events[i].payload` of a batch.
+fn is_payload(path: &str) -> bool {
+    path == "payload"
+        || path
+            .strip_prefix("events[")
+            .and_then(|p| p.strip_suffix("].payload"))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Split a request into raw events: a batch object `{"events":[…]}` or one event object.
 /// Raw values let each event's own size be checked against `events.max_event_bytes`.
 fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
+    // A repeated key anywhere in the envelope (not inside the producer's payload) is refused.
+    crate::error::check_duplicate_keys(body, &is_payload)?;
     // Top-level keys only; each event stays raw until it is parsed on its own.
     let top: std::collections::HashMap<String, Box<RawValue>> =
         serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body is not a JSON object: {e}")))?;
