@@ -9,6 +9,68 @@ use url::Url;
 
 use crate::error::ApiError;
 
+/// Field limits of the API (CONTRACT §3, "Field limits"). Lengths count characters.
+pub mod limits {
+    /// Any URL: `target_url`, `callback_url`, `callbackURL`.
+    pub const URL: usize = 2048;
+    /// Webhook `description`.
+    pub const DESCRIPTION: usize = 1024;
+    /// Names and keys: `integration_name`, `environment_id`, `daemon_group_key`, resource names,
+    /// `loop_on`, `depends_on`, filters given in a query string.
+    pub const NAME: usize = 256;
+    /// A resource's `method`.
+    pub const METHOD: usize = 64;
+    /// A resource's `id` (a template with placeholders).
+    pub const RESOURCE_ID: usize = 1024;
+    /// A resource's `query`, as compact JSON bytes.
+    pub const QUERY_BYTES: usize = 16 * 1024;
+    /// `args_schema` of a job and `args` of a run, as compact JSON bytes.
+    pub const SCHEMA_BYTES: usize = 64 * 1024;
+    /// A webhook's `event_types`.
+    pub const EVENT_TYPES: usize = 100;
+    /// A webhook's own `secret`.
+    pub const SECRET: usize = 256;
+    /// Eloqua's `syncedInstanceUri`.
+    pub const URI: usize = 2048;
+    /// `ids` of `POST /dead-letters/replay`, and each id's length.
+    pub const REPLAY_IDS: usize = 10_000;
+    pub const ID: usize = 128;
+}
+
+/// A string field within `max` characters and without control characters (`multiline` lets
+/// newlines and tabs through, for free text).
+pub fn check_text(field: &str, s: &str, max: usize, multiline: bool) -> Result<(), ApiError> {
+    if s.chars().count() > max {
+        return Err(ApiError::field(field, format!("is longer than {max} characters")));
+    }
+    if s.chars()
+        .any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\r' | '\t')))
+    {
+        return Err(ApiError::field(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A JSON value no larger than `max` bytes written compactly.
+pub fn check_json_size(field: &str, v: &Value, max: usize) -> Result<(), ApiError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = serde_json::to_writer(&mut n, v);
+    if n.0 > max {
+        return Err(ApiError::field(field, format!("is larger than {max} bytes as JSON")));
+    }
+    Ok(())
+}
+
 pub fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -127,6 +189,9 @@ impl Envelope {
             .map(|s| parse_target_url("callback_url", &s, https_only))
             .transpose()?;
         let environment_id = string(&mut o, "environment_id", false)?;
+        if let Some(e) = &environment_id {
+            check_text("environment_id", e, limits::NAME, false)?;
+        }
         let created_at_ms = match string(&mut o, "created_at", false)? {
             Some(s) => parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
             None => now,
@@ -195,6 +260,7 @@ impl Envelope {
 /// A delivery target URL: http(s), a host, no fragment. IP-literal hosts are checked for being
 /// global here; host names are checked when resolved (registration and connect time).
 pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
+    check_text(field, s, limits::URL, false)?;
     let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
     match url.scheme() {
         "https" => {}

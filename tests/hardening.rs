@@ -488,3 +488,169 @@ async fn repeated_json_keys_are_refused_by_name_on_every_route() {
         .unwrap();
     assert_eq!(s, 200, "{:?}", b.text().await);
 }
+
+/// Finding: several fields had no length or count limit (`syncedInstanceUri` took NUL and
+/// 100 KB, resource names 100 KB, 150,000 `event_types`, an unbounded `description`). Every
+/// string and array field now has a documented maximum (CONTRACT §3), refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_limits_are_enforced_by_name() {
+    let app = spawn_app(&[]).await;
+    let long = |n: usize| "a".repeat(n);
+    let target = "http://93.184.216.34/hook";
+    let (_, hook) = app.post("/webhook", json!({"target_url": target})).await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let (_, job) = app
+        .post(
+            "/sync-job",
+            json!({"integration_name": "x", "resources": [{"resource": "x", "method": "list"}]}),
+        )
+        .await;
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let res = |extra: Value| {
+        let mut r = json!({"resource": "x", "method": "list"});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        json!({"integration_name": "x", "resources": [r], "validate_only": true})
+    };
+    let types: Vec<String> = (0..101).map(|i| format!("e{i}:x")).collect();
+    let cases: Vec<(Method, String, Value, &str)> = vec![
+        (
+            Method::POST,
+            "/webhook".into(),
+            json!({"target_url": target, "description": long(1025)}),
+            "description",
+        ),
+        (
+            Method::PATCH,
+            format!("/webhook/{hook_id}"),
+            json!({"description": long(1025)}),
+            "description",
+        ),
+        (
+            Method::POST,
+            "/webhook".into(),
+            json!({"target_url": target, "event_types": types}),
+            "event_types",
+        ),
+        (
+            Method::PATCH,
+            format!("/webhook/{hook_id}"),
+            json!({"event_types": types}),
+            "event_types",
+        ),
+        (
+            Method::POST,
+            "/webhook".into(),
+            json!({"target_url": format!("http://93.184.216.34/{}", long(2100))}),
+            "target_url",
+        ),
+        (
+            Method::POST,
+            "/api/bulk/2.0/syncs".into(),
+            json!({"syncedInstanceUri": "/contacts/exports/1\u{0}"}),
+            "syncedInstanceUri",
+        ),
+        (
+            Method::POST,
+            "/api/bulk/2.0/syncs".into(),
+            json!({"syncedInstanceUri": format!("/{}", long(100_000))}),
+            "syncedInstanceUri",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            res(json!({"resource": long(300)})),
+            "resources[0].resource",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            res(json!({"method": long(100)})),
+            "resources[0].method",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            res(json!({"id": long(2000)})),
+            "resources[0].id",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            res(json!({"query": {"q": long(20_000)}})),
+            "resources[0].query",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            json!({"integration_name": long(300), "resources": [{"resource": "x", "method": "list"}]}),
+            "integration_name",
+        ),
+        (
+            Method::POST,
+            "/sync-job".into(),
+            json!({"integration_name": "x", "environment_id": long(300), "resources": [{"resource": "x", "method": "list"}]}),
+            "environment_id",
+        ),
+        (
+            Method::POST,
+            "/sync-job-run".into(),
+            json!({"sync_job_id": job_id, "integrated_account_id": run_id(1), "daemon_group_key": long(300)}),
+            "daemon_group_key",
+        ),
+        (
+            Method::POST,
+            "/sync-job-run".into(),
+            json!({"sync_job_id": job_id, "integrated_account_id": run_id(1), "daemon_group_key": "g",
+                   "args": {"a": long(70_000)}}),
+            "args",
+        ),
+        (
+            Method::POST,
+            "/events".into(),
+            json!({"id": "e", "event": "x:y", "webhook_id": hook_id, "payload": {}, "environment_id": long(300)}),
+            "environment_id",
+        ),
+        (
+            Method::POST,
+            "/events".into(),
+            json!({"events": [{"id": "e", "event": "x:y", "webhook_id": hook_id, "payload": {},
+                               "callback_url": format!("http://93.184.216.34/{}", long(2100))}]}),
+            "events[0].callback_url",
+        ),
+        (
+            Method::POST,
+            "/dead-letters/replay".into(),
+            json!({"ids": vec!["x"; 10_001]}),
+            "ids",
+        ),
+        (
+            Method::POST,
+            "/dead-letters/replay".into(),
+            json!({"ids": [long(200)]}),
+            "ids[0]",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let (s, b) = app.call(method.clone(), &path, Some(body)).await;
+        assert_field(s, &b, 400, "bad_request", field);
+    }
+    // Just within the limits is fine.
+    let (s, b) = app
+        .post(
+            "/webhook",
+            json!({"target_url": target, "description": long(1024), "event_types": &types[..100], "validate_only": true}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = app
+        .post(
+            "/api/bulk/2.0/syncs",
+            json!({"syncedInstanceUri": format!("/{}", long(2047)), "validate_only": true}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = app.get(&format!("/sync-job?integration_name={}", long(300))).await;
+    assert_field(s, &b, 400, "bad_request", "integration_name");
+}

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, Envelope};
+use crate::domain::{check_text, limits, now_ms, Envelope};
 use crate::error::{parse_json, ApiError};
 use crate::store::{DeadLetterFilter, DeliveryFilter};
 
@@ -33,6 +33,15 @@ pub async fn list_deliveries(
     filter: web::Query<DeliveryFilter>,
 ) -> Result<HttpResponse, ApiError> {
     let mut f = filter.into_inner();
+    for (name, v) in [
+        ("event_id", &f.event_id),
+        ("webhook_id", &f.webhook_id),
+        ("sync_job_run_id", &f.sync_job_run_id),
+    ] {
+        if let Some(v) = v {
+            check_text(name, v, limits::ID, false)?;
+        }
+    }
     if let Some(s) = &f.status {
         // The API's names for the queue states.
         f.status = Some(
@@ -70,12 +79,26 @@ pub async fn list_dead_letters(
     page: web::Query<PageQuery>,
     filter: web::Query<DeadLetterFilter>,
 ) -> Result<HttpResponse, ApiError> {
+    check_dead_letter_filter(&filter)?;
     let p = state
         .engine
         .store
         .list_dead_letters(&filter, page.after()?, page.limit()?)
         .await?;
     Ok(list_response(p.results, p.next_cursor))
+}
+
+fn check_dead_letter_filter(f: &DeadLetterFilter) -> Result<(), ApiError> {
+    for (name, v) in [
+        ("webhook_id", &f.webhook_id),
+        ("reason", &f.reason),
+        ("event_id", &f.event_id),
+    ] {
+        if let Some(v) = v {
+            check_text(name, v, limits::ID, false)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -98,6 +121,17 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
             "name dead letters by ids, or filter by webhook_id, reason or event_id",
         ));
     }
+    if let Some(ids) = &req.ids {
+        if ids.len() > limits::REPLAY_IDS {
+            return Err(ApiError::field(
+                "ids",
+                format!("holds more than {} ids; replay in pages", limits::REPLAY_IDS),
+            ));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            check_text(&format!("ids[{i}]"), id, limits::ID, false)?;
+        }
+    }
     let limit = req.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 10000"));
@@ -108,6 +142,7 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
         event_id: req.event_id,
         include_replayed: false,
     };
+    check_dead_letter_filter(&filter)?;
     let now = now_ms();
     let (requeued, raws) = state
         .engine

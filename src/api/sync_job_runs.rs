@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::sync_jobs::{off_thread, pool};
 use super::{check_target_url, list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_uuid, rfc3339_ms, Envelope};
+use crate::domain::{check_json_size, check_text, limits, now_ms, parse_uuid, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
 use crate::runs::db::{self, RunFilter};
 use crate::runs::lifecycle::relay_event_prefix;
@@ -119,7 +119,10 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         (None, Some(k)) if k.trim().is_empty() => {
             return Err(ApiError::field("daemon_group_key", "must not be empty"));
         }
-        (None, Some(k)) => (None, Some(k.clone())),
+        (None, Some(k)) => {
+            check_text("daemon_group_key", k, limits::NAME, false)?;
+            (None, Some(k.clone()))
+        }
         _ => {
             return Err(ApiError::field(
                 "webhook_id",
@@ -131,6 +134,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     if !args.is_object() {
         return Err(ApiError::field("args", "must be a JSON object"));
     }
+    check_json_size("args", &args, limits::SCHEMA_BYTES)?;
     let args = match job.args_schema.clone() {
         Some(schema) => {
             off_thread(move || {

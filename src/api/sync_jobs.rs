@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sqlx::SqlitePool;
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_uuid};
+use crate::domain::{check_text, limits, now_ms, parse_uuid};
 use crate::error::{parse_json, ApiError};
 use crate::runs::validate::validate_job;
 use crate::runs::{db, ResourceSpec, SyncJob};
@@ -68,6 +68,9 @@ async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, body).await?;
     let mut req: CreateJob = parse_json(&body)?;
+    if let Some(e) = &req.environment_id {
+        check_text("environment_id", e, limits::NAME, false)?;
+    }
     // Schema compilation and the graph checks are CPU work: off the async worker threads.
     let req = off_thread(move || {
         validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
@@ -93,6 +96,9 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
 }
 
 pub async fn list(state: State, q: web::Query<JobQuery>) -> Result<HttpResponse, ApiError> {
+    if let Some(n) = &q.integration_name {
+        check_text("integration_name", n, limits::NAME, false)?;
+    }
     let page = PageQuery {
         limit: q.limit,
         cursor: q.cursor.clone(),
@@ -117,6 +123,9 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, body).await?;
     let req: UpdateJob = parse_json(&body)?;
+    if let Some(e) = &req.environment_id {
+        check_text("environment_id", e, limits::NAME, false)?;
+    }
     let mut job = load(&state, &id).await?;
     if let Some(n) = req.integration_name {
         job.integration_name = n;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use super::model::ResourceSpec;
+use crate::domain::{check_json_size, check_text, limits};
 use crate::error::ApiError;
 
 /// Truto's schemas mark properties with `"required": true` (draft-3 style); JSON Schema since
@@ -397,6 +398,7 @@ pub fn validate_job(
     if integration_name.trim().is_empty() {
         return Err(ApiError::field("integration_name", "must not be empty"));
     }
+    check_text("integration_name", integration_name, limits::NAME, false)?;
     if resources.len() > MAX_RESOURCES {
         return Err(ApiError::field(
             "resources",
@@ -407,6 +409,7 @@ pub fn validate_job(
         ));
     }
     if let Some(s) = args_schema {
+        check_json_size("args_schema", s, limits::SCHEMA_BYTES)?;
         compile_args_schema(s)?;
     }
     if resources.is_empty() {
@@ -420,6 +423,20 @@ pub fn validate_job(
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         let f = |x: &str| format!("resources[{i}].{x}");
+        check_text(&f("resource"), &r.resource, limits::NAME, false)?;
+        check_text(&f("method"), &r.method, limits::METHOD, false)?;
+        if let Some(id) = &r.id {
+            check_text(&f("id"), id, limits::RESOURCE_ID, false)?;
+        }
+        if let Some(q) = &r.query {
+            check_json_size(&f("query"), &Value::Object(q.clone()), limits::QUERY_BYTES)?;
+        }
+        if let Some(l) = &r.loop_on {
+            check_text(&f("loop_on"), l, limits::NAME, false)?;
+        }
+        if let Some(d) = &r.depends_on {
+            check_text(&f("depends_on"), d, limits::NAME, false)?;
+        }
         let parts: Vec<&str> = r.resource.split('/').collect();
         if !(parts.len() <= 2 && parts.iter().all(|p| valid_name_part(p))) {
             return Err(ApiError::field(
