@@ -654,3 +654,63 @@ async fn field_limits_are_enforced_by_name() {
     let (s, b) = app.get(&format!("/sync-job?integration_name={}", long(300))).await;
     assert_field(s, &b, 400, "bad_request", "integration_name");
 }
+
+/// A receiver that answers every request with `200 OK` and the first bytes of a body it never
+/// finishes (the connection stays open).
+async fn endless_body_receiver() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Read the request head and its (small) body.
+                while let Ok(n) = sock.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                        break;
+                    }
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100000\r\n\r\nstarted")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            });
+        }
+    });
+    port
+}
+
+/// Findings: `POST /webhook/{id}/test` ignored `is_active`; reqwest's timeout and the outer one
+/// were equal, so a 2xx whose body never ends was recorded as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sends_refuse_inactive_webhooks_and_an_endless_2xx_body_is_a_timeout() {
+    let app = spawn_app(&[("SYNCRELAY__DELIVERY__REQUEST_TIMEOUT_MS", "700")]).await;
+    let port = endless_body_receiver().await;
+    let (id, _) = app.webhook(&format!("http://127.0.0.1:{port}/hook"), &[]).await;
+    for _ in 0..3 {
+        let (s, b) = app.post(&format!("/webhook/{id}/test"), json!({})).await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["delivered"], false, "{b}");
+        assert!(b["attempt"]["error"].as_str().unwrap().contains("timed out"), "{b}");
+    }
+    let (s, b) = app
+        .call(
+            Method::PATCH,
+            &format!("/webhook/{id}"),
+            Some(json!({"is_active": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = app.post(&format!("/webhook/{id}/test"), json!({})).await;
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(b["type"], "conflict", "{b}");
+}

@@ -192,6 +192,12 @@ pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpRe
 /// Send a signed `webhook:test` event now and return the attempt.
 pub async fn test(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let w = load(&state, &id).await?;
+    if !w.is_active {
+        return Err(ApiError::Conflict(format!(
+            "webhook {} is disabled (is_active=false); enable it with PATCH {{\"is_active\":true}} first",
+            w.id
+        )));
+    }
     let url = url::Url::parse(&w.target_url).map_err(|e| ApiError::Internal(e.into()))?;
     let event_id = format!("test_{}", uuid::Uuid::now_v7().simple());
     let now = now_ms();

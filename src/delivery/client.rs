@@ -15,6 +15,9 @@ use url::Url;
 use super::retry::{parse_retry_after, AttemptResult};
 use crate::domain::{embedded_ipv4, is_global, is_loopback_name, literal_ip};
 
+/// How long a target's host name may take to resolve when it is registered.
+pub const REGISTRATION_DNS_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Clone, Debug)]
 pub struct AddressPolicy {
     allowed: Arc<Vec<IpNet>>,
@@ -68,17 +71,34 @@ impl AddressPolicy {
     /// Resolve a URL's host and refuse it when any address it resolves to is not permitted.
     /// Used at registration, where the user can fix the URL.
     pub async fn check_url(&self, url: &Url) -> Result<(), String> {
-        self.check_given(url)?;
         let port = url.port_or_known_default().unwrap_or(443);
+        let host = url.host_str().unwrap_or_default().to_string();
+        let lookup = async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|a| a.map(|a| a.ip()).collect::<Vec<_>>())
+                .map_err(|e| format!("host {host} does not resolve ({e})"))
+        };
+        self.check_url_with(url, lookup, REGISTRATION_DNS_TIMEOUT).await
+    }
+
+    /// `check_url` with the lookup given (tests use one that never answers).
+    async fn check_url_with(
+        &self,
+        url: &Url,
+        lookup: impl std::future::Future<Output = Result<Vec<IpAddr>, String>>,
+        dns_timeout: Duration,
+    ) -> Result<(), String> {
+        self.check_given(url)?;
         let addrs: Vec<IpAddr> = match literal_ip(url) {
             Some(ip) => vec![ip],
-            None => {
-                let host = url.host_str().unwrap_or_default().to_string();
-                let resolved = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|e| format!("host {host} does not resolve ({e})"))?;
-                resolved.map(|a| a.ip()).collect()
-            }
+            None => tokio::time::timeout(dns_timeout, lookup).await.map_err(|_| {
+                format!(
+                    "host {} did not resolve within {} ms",
+                    url.host_str().unwrap_or_default(),
+                    dns_timeout.as_millis()
+                )
+            })??,
         };
         match addrs.iter().find(|ip| !self.permits(**ip)) {
             Some(ip) => Err(format!(
@@ -120,9 +140,17 @@ pub struct DeliveryClient {
     http: reqwest::Client,
     policy: AddressPolicy,
     excerpt_bytes: usize,
+    /// reqwest's own timeout (the configured per-attempt timeout): it covers connect, send,
+    /// the response head and the capped body, and fires first.
     timeout: Duration,
+    /// The outer bound around an attempt, a little longer: a backstop only, so which one fires
+    /// is never a race.
+    outer_timeout: Duration,
     user_agent: String,
 }
+
+/// How much longer the outer bound around an attempt is than reqwest's own timeout.
+const OUTER_TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
 
 /// One attempt, as recorded.
 #[derive(Debug, Clone)]
@@ -151,6 +179,7 @@ impl DeliveryClient {
             policy,
             excerpt_bytes,
             timeout,
+            outer_timeout: timeout + OUTER_TIMEOUT_MARGIN,
             user_agent: format!("syncrelay/{}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -179,7 +208,8 @@ impl DeliveryClient {
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        // The total timeout also bounds reading the (capped) body.
+        // reqwest's timeout also bounds reading the (capped) body: a 2xx whose body does not
+        // arrive in time is a timeout, not a delivery (the body's error is not swallowed).
         let fut = async {
             let resp = req.body(body).send().await?;
             let status = resp.status().as_u16();
@@ -190,7 +220,7 @@ impl DeliveryClient {
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
             let mut excerpt = Vec::new();
             let mut resp = resp;
-            while let Ok(Some(chunk)) = resp.chunk().await {
+            while let Some(chunk) = resp.chunk().await? {
                 let room = self.excerpt_bytes.saturating_sub(excerpt.len());
                 excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 if excerpt.len() >= self.excerpt_bytes {
@@ -199,7 +229,7 @@ impl DeliveryClient {
             }
             Ok::<_, reqwest::Error>((status, retry_after, excerpt))
         };
-        let outcome = tokio::time::timeout(self.timeout, fut).await;
+        let outcome = tokio::time::timeout(self.outer_timeout, fut).await;
         let duration = started.elapsed();
         match outcome {
             Ok(Ok((code, retry_after, excerpt))) => Attempt {
@@ -302,6 +332,33 @@ mod tests {
             assert_eq!(loopback.permits(ip), *l, "{a} with 127.0.0.0/8 allowed");
             assert_eq!(private.permits(ip), *p, "{a} with 10.0.0.0/8 and fd00::/8 allowed");
         }
+    }
+
+    #[tokio::test]
+    async fn registration_dns_lookup_has_a_timeout() {
+        let policy = AddressPolicy::new(vec![]);
+        let url = Url::parse("https://hangs.example/hook").unwrap();
+        let never = std::future::pending::<Result<Vec<IpAddr>, String>>();
+        let started = Instant::now();
+        let e = policy
+            .check_url_with(&url, never, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(e.contains("did not resolve within"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // An answer in time is judged as before.
+        let quick = async { Ok(vec!["10.0.0.1".parse().unwrap()]) };
+        let e = policy
+            .check_url_with(&url, quick, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(e.contains("non-global"), "{e}");
+        let quick = async { Ok(vec!["8.8.8.8".parse().unwrap()]) };
+        policy
+            .check_url_with(&url, quick, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(REGISTRATION_DNS_TIMEOUT, Duration::from_secs(3));
     }
 
     /// The connect-time half: a name that resolves only to refused addresses is never handed to
