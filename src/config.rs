@@ -37,6 +37,16 @@ pub struct HttpSettings {
     pub workers: usize,
     /// Longest time to receive a request body once its headers are in, in milliseconds.
     pub body_read_timeout_ms: u64,
+    pub rate_limit: RateLimitSettings,
+}
+
+/// Requests per second per API token (a token bucket); `per_second = 0` turns it off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub per_second: f64,
+    /// Requests a token may make at once after being idle; 0 means `per_second` rounded up.
+    pub burst: u32,
 }
 
 #[derive(Clone, Deserialize)]
@@ -396,6 +406,10 @@ impl Settings {
                     message: "must not contain spaces or control characters".into(),
                 });
             }
+        }
+        let rl = &self.http.rate_limit;
+        if !(rl.per_second >= 0.0 && rl.per_second.is_finite()) {
+            return bad("http.rate_limit.per_second", "must be 0 (off) or a positive number");
         }
         if self.http.body_read_timeout_ms == 0 {
             return bad("http.body_read_timeout_ms", "must be at least 1");

@@ -20,6 +20,8 @@ pub enum ApiError {
     TooLarge { max_bytes: usize, field: Option<String> },
     #[error("the request body was not received within {timeout_ms} ms")]
     RequestTimeout { timeout_ms: u64 },
+    #[error("too many requests for this token; retry after {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -80,6 +82,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -110,6 +113,12 @@ impl ResponseError for ApiError {
                 "message": self.to_string(),
                 "detail": { "field": "body", "timeout_ms": timeout_ms },
             }),
+            ApiError::TooManyRequests { retry_after } => json!({
+                "type": "too_many_requests",
+                "message": self.to_string(),
+                "detail": null,
+                "retry_after": retry_after,
+            }),
             ApiError::Unavailable(m) => {
                 json!({"type": "service_unavailable", "message": m, "detail": null})
             }
@@ -125,9 +134,15 @@ impl ResponseError for ApiError {
             }
         };
         let mut resp = HttpResponse::build(self.status_code());
-        if let ApiError::RequestTimeout { .. } = self {
+        match self {
             // The rest of the body may still be trickling in: do not keep the connection.
-            resp.force_close();
+            ApiError::RequestTimeout { .. } => {
+                resp.force_close();
+            }
+            ApiError::TooManyRequests { retry_after } => {
+                resp.insert_header(("retry-after", retry_after.to_string()));
+            }
+            _ => {}
         }
         resp.json(body)
     }

@@ -714,3 +714,42 @@ async fn test_sends_refuse_inactive_webhooks_and_an_endless_2xx_body_is_a_timeou
     assert_eq!(s, 409, "{b}");
     assert_eq!(b["type"], "conflict", "{b}");
 }
+
+/// `http.rate_limit`: per token, answered with the typed `too_many_requests`, `retry_after`
+/// and a `Retry-After` header, counted in a metric; health and metrics are not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requests_are_rate_limited_per_token() {
+    let tokens = format!(r#"["{TOKEN}","other-token-42"]"#);
+    let app = spawn_app(&[
+        ("SYNCRELAY__AUTH__TOKENS", &tokens),
+        ("SYNCRELAY__HTTP__RATE_LIMIT__PER_SECOND", "0.5"),
+        ("SYNCRELAY__HTTP__RATE_LIMIT__BURST", "3"),
+    ])
+    .await;
+    for _ in 0..3 {
+        let (s, b) = app.get("/webhook").await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let resp = app.req(Method::GET, "/webhook").send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let b: Value = resp.json().await.unwrap();
+    assert_eq!(b["type"], "too_many_requests", "{b}");
+    assert_eq!(b["retry_after"], retry_after, "{b}");
+    // Another token has its own bucket; health and metrics need none.
+    let r = app
+        .http
+        .get(format!("{}/webhook", app.base))
+        .bearer_auth("other-token-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        let r = app.http.get(format!("{}/health/live", app.base)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let text = app.metrics_text().await;
+    assert_eq!(metric_value(&text, "syncrelay_http_rate_limited_total"), 1.0, "{text}");
+}

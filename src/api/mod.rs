@@ -31,6 +31,8 @@ pub struct AppState {
     pub kafka: Option<Arc<crate::bus::kafka::KafkaBus>>,
     /// SHA-256 digests of `auth.tokens` (see `token_matches`).
     pub token_digests: Vec<[u8; 32]>,
+    /// `http.rate_limit`, when on.
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 pub type State = web::Data<AppState>;
@@ -101,11 +103,66 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 /// Does `presented` match one of the configured tokens' digests? Every digest is compared (no
 /// early exit), each in constant time.
 pub fn token_matches(digests: &[[u8; 32]], presented: &str) -> bool {
+    token_index(digests, presented).is_some()
+}
+
+/// Which configured token `presented` is (its index in `auth.tokens`), compared as in
+/// `token_matches`.
+pub fn token_index(digests: &[[u8; 32]], presented: &str) -> Option<usize> {
+    use subtle::ConditionallySelectable;
     let p = token_digest(presented);
-    digests
-        .iter()
-        .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&p))
-        .into()
+    let mut found = subtle::Choice::from(0);
+    let mut index = 0u64;
+    for (i, d) in digests.iter().enumerate() {
+        let eq = d.ct_eq(&p);
+        index.conditional_assign(&(i as u64), eq);
+        found |= eq;
+    }
+    bool::from(found).then_some(index as usize)
+}
+
+/// `http.rate_limit`: one token bucket per configured API token (so the state is bounded by
+/// the configuration, never by what clients send).
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<Vec<(f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// `None` when the limit is off.
+    pub fn new(s: &crate::config::RateLimitSettings, tokens: usize) -> Option<RateLimiter> {
+        if s.per_second <= 0.0 {
+            return None;
+        }
+        let burst = if s.burst == 0 {
+            s.per_second.ceil()
+        } else {
+            f64::from(s.burst)
+        }
+        .max(1.0);
+        Some(RateLimiter {
+            per_second: s.per_second,
+            burst,
+            buckets: std::sync::Mutex::new(vec![(burst, Instant::now()); tokens]),
+        })
+    }
+
+    /// Take one request from token `i`'s bucket; `Err(seconds)` to wait when it is empty.
+    pub fn take(&self, i: usize, now: Instant) -> Result<(), u64> {
+        let mut b = self.buckets.lock().expect("lock");
+        let Some((level, at)) = b.get_mut(i) else {
+            return Ok(());
+        };
+        *level = (*level + now.saturating_duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *level >= 1.0 {
+            *level -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - *level) / self.per_second).ceil() as u64).max(1))
+        }
+    }
 }
 
 /// Bearer tokens from configuration, compared in constant time. Health and metrics are public.
@@ -115,16 +172,23 @@ async fn authenticate(
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     if !is_public(req.path()) {
         let state = req.app_data::<State>().expect("state is configured");
-        let ok = req
+        let token = req
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
-            .is_some_and(|p| token_matches(&state.token_digests, p));
-        if !ok {
+            .and_then(|p| token_index(&state.token_digests, p));
+        let refused = match (token, &state.rate_limiter) {
+            (None, _) => Some(ApiError::Unauthenticated),
+            (Some(i), Some(limiter)) => limiter.take(i, Instant::now()).err().map(|retry_after| {
+                state.engine.metrics.http_rate_limited.inc();
+                ApiError::TooManyRequests { retry_after }
+            }),
+            (Some(_), None) => None,
+        };
+        if let Some(e) = refused {
             let (http_req, _) = req.into_parts();
-            let resp = ApiError::Unauthenticated.error_response();
-            return Ok(ServiceResponse::new(http_req, resp));
+            return Ok(ServiceResponse::new(http_req, e.error_response()));
         }
     }
     next.call(req).await.map(|r| r.map_into_boxed_body())
@@ -269,5 +333,32 @@ mod tests {
             assert!(!token_matches(&digests, p), "{p:?}");
         }
         assert!(!token_matches(&[], "first-token"));
+        assert_eq!(token_index(&digests, "second-token"), Some(1));
+        assert_eq!(token_index(&digests, "first-token"), Some(0));
+    }
+
+    #[test]
+    fn rate_limit_buckets_refill_per_token() {
+        let s = crate::config::RateLimitSettings {
+            per_second: 2.0,
+            burst: 3,
+        };
+        let l = RateLimiter::new(&s, 2).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            l.take(0, t0).unwrap();
+        }
+        assert_eq!(l.take(0, t0), Err(1));
+        l.take(1, t0).unwrap(); // another token has its own bucket
+        l.take(0, t0 + std::time::Duration::from_millis(500)).unwrap();
+        assert!(l.take(0, t0 + std::time::Duration::from_millis(500)).is_err());
+        assert!(RateLimiter::new(
+            &crate::config::RateLimitSettings {
+                per_second: 0.0,
+                burst: 5
+            },
+            1
+        )
+        .is_none());
     }
 }
