@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, Envelope};
+use crate::domain::{check_text, limits, now_ms, Envelope};
 use crate::error::{parse_json, ApiError};
 use crate::store::{DeadLetterFilter, DeliveryFilter};
 
@@ -39,6 +39,15 @@ pub async fn list_deliveries(
     filter: web::Query<DeliveryFilter>,
 ) -> Result<HttpResponse, ApiError> {
     let mut f = filter.into_inner();
+    for (name, v) in [
+        ("event_id", &f.event_id),
+        ("webhook_id", &f.webhook_id),
+        ("sync_job_run_id", &f.sync_job_run_id),
+    ] {
+        if let Some(v) = v {
+            check_text(name, v, limits::ID, false)?;
+        }
+    }
     if let Some(s) = &f.status {
         // The API's names for the queue states.
         f.status = Some(
@@ -76,12 +85,26 @@ pub async fn list_dead_letters(
     page: web::Query<PageQuery>,
     filter: web::Query<DeadLetterFilter>,
 ) -> Result<HttpResponse, ApiError> {
+    check_dead_letter_filter(&filter)?;
     let p = state
         .engine
         .store
         .list_dead_letters(&filter, page.after()?, page.limit()?)
         .await?;
     Ok(list_response(p.results, p.next_cursor))
+}
+
+fn check_dead_letter_filter(f: &DeadLetterFilter) -> Result<(), ApiError> {
+    for (name, v) in [
+        ("webhook_id", &f.webhook_id),
+        ("reason", &f.reason),
+        ("event_id", &f.event_id),
+    ] {
+        if let Some(v) = v {
+            check_text(name, v, limits::ID, false)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -96,13 +119,24 @@ struct Replay {
 
 /// Re-drive dead letters with the same `webhook-id`: by id, or every open one matching a filter.
 pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: Replay = parse_json(&body)?;
     if req.ids.is_none() && req.webhook_id.is_none() && req.reason.is_none() && req.event_id.is_none() {
         return Err(ApiError::field(
             "ids",
             "name dead letters by ids, or filter by webhook_id, reason or event_id",
         ));
+    }
+    if let Some(ids) = &req.ids {
+        if ids.len() > limits::REPLAY_IDS {
+            return Err(ApiError::field(
+                "ids",
+                format!("holds more than {} ids; replay in pages", limits::REPLAY_IDS),
+            ));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            check_text(&format!("ids[{i}]"), id, limits::ID, false)?;
+        }
     }
     let limit = req.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
@@ -114,6 +148,7 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
         event_id: req.event_id,
         include_replayed: false,
     };
+    check_dead_letter_filter(&filter)?;
     let now = now_ms();
     let (requeued, raws) = state
         .engine

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sqlx::SqlitePool;
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_uuid};
+use crate::domain::{check_text, limits, now_ms, parse_uuid};
 use crate::error::{parse_json, ApiError};
 use crate::runs::validate::validate_job;
 use crate::runs::{db, ResourceSpec, SyncJob};
@@ -41,6 +41,16 @@ pub struct JobQuery {
     integration_name: Option<String>,
 }
 
+/// Run CPU-heavy validation (JSON Schema compilation, the dependency graph) on the blocking
+/// pool, so the async workers keep answering other requests (`/health/live` included).
+pub(super) async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(f)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("validation task failed: {e}")))?
+}
+
 /// The store's pool, with this module's tables in place.
 pub(super) async fn pool(state: &State) -> Result<&SqlitePool, ApiError> {
     let pool = state.engine.store.pool();
@@ -56,9 +66,17 @@ async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let mut req: CreateJob = parse_json(&body)?;
-    validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+    if let Some(e) = &req.environment_id {
+        check_text("environment_id", e, limits::NAME, false)?;
+    }
+    // Schema compilation and the graph checks are CPU work: off the async worker threads.
+    let req = off_thread(move || {
+        validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+        Ok(req)
+    })
+    .await?;
     if req.validate_only {
         return Ok(HttpResponse::Ok().json(json!({"valid": true})));
     }
@@ -78,6 +96,9 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
 }
 
 pub async fn list(state: State, q: web::Query<JobQuery>) -> Result<HttpResponse, ApiError> {
+    if let Some(n) = &q.integration_name {
+        check_text("integration_name", n, limits::NAME, false)?;
+    }
     let page = PageQuery {
         limit: q.limit,
         cursor: q.cursor.clone(),
@@ -100,8 +121,11 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateJob = parse_json(&body)?;
+    if let Some(e) = &req.environment_id {
+        check_text("environment_id", e, limits::NAME, false)?;
+    }
     let mut job = load(&state, &id).await?;
     if let Some(n) = req.integration_name {
         job.integration_name = n;
@@ -115,7 +139,11 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     if req.environment_id.is_some() {
         job.environment_id = req.environment_id;
     }
-    validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+    let mut job = off_thread(move || {
+        validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+        Ok(job)
+    })
+    .await?;
     job.updated_at = now_ms();
     db::update_job(pool(&state).await?, &job).await?;
     Ok(HttpResponse::Ok().json(job.to_json()))
