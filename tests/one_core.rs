@@ -298,3 +298,40 @@ async fn one_target_never_has_more_than_its_cap_in_flight_in_kafka_mode() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_keeps_what_delivery_log_says() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    // /flaky answers 500 once per event, then 200; /ok answers 200; /big 413.
+    let rx = Receiver::with_script(Arc::new(|r: &Received, seen| match r.path.as_str() {
+        "/flaky" if seen == 0 => Reply::status(500),
+        "/big" => Reply::status(413),
+        _ => Reply::status(200),
+    }))
+    .await;
+    let app = kafka_relay(&broker, "logf", &[("SYNCRELAY__DELIVERY__LOG", "failures")]).await;
+    let (ok, _) = app.webhook(&rx.url("/ok"), &[]).await;
+    let (flaky, _) = app.webhook(&rx.url("/flaky"), &[]).await;
+    let (big, _) = app.webhook(&rx.url("/big"), &[]).await;
+    broker
+        .produce(
+            "logf",
+            &[
+                message(event("lf-ok", &ok, Some(&run_id(1)), json!({}))),
+                message(event("lf-flaky", &flaky, Some(&run_id(2)), json!({}))),
+                message(event("lf-big", &big, Some(&run_id(3)), json!({}))),
+            ],
+        )
+        .await;
+    rx.wait_for(Duration::from_secs(20), "four answers", |g| g.len() >= 4)
+        .await;
+    // A failure is always kept (replay needs it); a retried delivery is kept under `failures`.
+    assert_eq!(deliveries_of(&app, "lf-big", 1).await[0]["status"], "dead");
+    let flaky_rows = deliveries_of(&app, "lf-flaky", 1).await;
+    assert_eq!(flaky_rows[0]["attempts_made"], 2, "{flaky_rows:?}");
+    // A first-try success is not: the log is written only for what failed at least once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, b) = app.get("/deliveries?event_id=lf-ok").await;
+    assert_eq!(b["results"].as_array().unwrap().len(), 0, "{b}");
+}
