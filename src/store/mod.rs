@@ -21,6 +21,8 @@
 //! in the same transaction that finishes their predecessor. The dispatcher therefore only ever
 //! scans ready rows by due time, however long a run's backlog grows behind a failing receiver.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod rows;
 pub mod sqlite;
 

@@ -77,3 +77,44 @@ impl super::Backend for SqliteStore {
         self.pool.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{StoreKind, StoreSettings, Synchronous};
+    use crate::store::{conformance, Store};
+
+    async fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(&StoreSettings {
+            kind: StoreKind::Sqlite,
+            path: dir.path().join("nested/store.db"),
+            url: String::new(),
+            max_connections: 2,
+            synchronous: Synchronous::Normal,
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn chains_are_delivered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::chains_are_delivered_in_order(&open(&dir).await).await;
+    }
+
+    #[tokio::test]
+    async fn with_runs_saves_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::with_runs_saves_only_what_changed(&open(&dir).await).await;
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        assert_eq!(store.kv_get_or_insert("k", "first").await.unwrap(), "first");
+        store.close().await;
+        let store = open(&dir).await;
+        assert_eq!(store.kv_get_or_insert("k", "second").await.unwrap(), "first");
+        store.ping().await.unwrap();
+    }
+}
