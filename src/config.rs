@@ -170,7 +170,22 @@ pub struct DeliverySettings {
     pub https_only: bool,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
+    /// Which finished deliveries are kept in the delivery log (`GET /deliveries`).
+    pub log: LogMode,
     pub retry: RetrySettings,
+}
+
+/// `delivery.log`: which finished deliveries the delivery log keeps. Failures (dead letters,
+/// retries) are always kept: replay needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogMode {
+    /// Every delivery with every attempt.
+    All,
+    /// Only deliveries that needed more than one attempt or were dead-lettered.
+    Failures,
+    /// Nothing beyond what the queue and dead letters need.
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -2,13 +2,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod bus;
 pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod group_commit;
+pub mod intake;
 pub mod metrics;
+pub mod ordering;
+pub mod routing;
 pub mod runs;
 pub mod signing;
 pub mod store;
@@ -34,7 +36,7 @@ pub struct Application {
     server: actix_web::dev::Server,
     engine: Arc<Engine>,
     settings: Settings,
-    kafka: Option<Arc<bus::kafka::KafkaBus>>,
+    kafka: Option<Arc<intake::kafka::KafkaBus>>,
 }
 
 impl Application {
@@ -55,16 +57,19 @@ impl Application {
             .with_context(|| format!("binding http.listen {}", settings.http.listen))?;
         let port = listener.local_addr()?.port();
         let kafka = match settings.bus.kind {
-            config::BusKind::Kafka => Some(bus::kafka::KafkaBus::new(&settings, engine.metrics.clone())?),
+            config::BusKind::Kafka => Some(intake::kafka::KafkaBus::new(&settings, engine.metrics.clone())?),
             config::BusKind::Embedded => None,
         };
-        let commands: Arc<dyn bus::CommandSink> = match &kafka {
+        let commands: Arc<dyn intake::CommandSink> = match &kafka {
             Some(k) => k.clone(),
-            None => Arc::new(bus::EmbeddedCommands {
+            None => Arc::new(intake::EmbeddedCommands {
                 store: engine.store.clone(),
             }),
         };
         engine.set_commands(commands.clone());
+        if let Some(k) = &kafka {
+            engine.set_dead_letter_sink(k.clone());
+        }
         let state = web::Data::new(api::AppState {
             settings: settings.clone(),
             engine: engine.clone(),
@@ -114,11 +119,15 @@ impl Application {
         tracing::info!("shutting down: intake stopped, draining in-flight deliveries");
         let stopping = tokio::spawn(async move { handle.stop(true).await });
         stop.cancel();
-        if let (Some(consumer), Some(k)) = (consumer, &self.kafka) {
+        if let Some(consumer) = consumer {
             let _ = consumer.await;
-            k.drain(deadline).await;
         }
+        // The delivery core finishes what is under way (within the deadline) and records it;
+        // then the finished prefix of every partition is committed and the group left.
         let _ = engine.await;
+        if let Some(k) = &self.kafka {
+            k.commit_final().await;
+        }
         let _ = stopping.await;
         let _ = server.await;
         self.engine.store.close().await;

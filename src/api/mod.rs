@@ -26,9 +26,9 @@ pub struct AppState {
     pub settings: Settings,
     pub engine: Arc<Engine>,
     /// Where run commands are published for executors.
-    pub commands: Arc<dyn crate::bus::CommandSink>,
+    pub commands: Arc<dyn crate::intake::CommandSink>,
     /// Set when `bus.kind = "kafka"`: `POST /events` produces to the events topic.
-    pub kafka: Option<Arc<crate::bus::kafka::KafkaBus>>,
+    pub kafka: Option<Arc<crate::intake::kafka::KafkaBus>>,
 }
 
 pub type State = web::Data<AppState>;

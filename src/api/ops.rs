@@ -82,11 +82,17 @@ pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready when the store answers a real round trip.
+/// Ready when the store and the bus answer a real round trip (Kafka: a metadata request).
 pub async fn ready(state: State) -> Result<HttpResponse, ApiError> {
-    match state.engine.store.ping().await {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok", "store": "ok", "bus": "embedded"}))),
-        Err(e) => Err(ApiError::Unavailable(format!("store: {e}"))),
+    if let Err(e) = state.engine.store.ping().await {
+        return Err(ApiError::Unavailable(format!("store: {e}")));
+    }
+    match &state.kafka {
+        Some(k) => match k.ping().await {
+            Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok", "store": "ok", "bus": "kafka"}))),
+            Err(e) => Err(ApiError::Unavailable(format!("bus: {e}"))),
+        },
+        None => Ok(HttpResponse::Ok().json(json!({"status": "ok", "store": "ok", "bus": "embedded"}))),
     }
 }
 
@@ -191,7 +197,6 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
     let now = now_ms();
     let (requeued, raws) = state
         .engine
-        .store
         .replay_dead_letters(req.ids.as_deref(), &filter, limit, now)
         .await?;
     // Unroutable events are routed again: their webhook may exist now.

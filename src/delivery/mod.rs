@@ -1,6 +1,13 @@
-//! Delivery: signing and POSTing (client), whether and when to retry (retry), and the engine
-//! that routes, dispatches and records.
+//! Delivery, the one core both buses share: the dispatcher (`engine`: caps, chains' heads),
+//! one attempt (`attempt`: prepare → sign → POST → classify → schedule), whether and when to
+//! retry (`retry`), the outcome (`outcome`: attempt log, dead letters, promotion,
+//! acknowledgement), dead-letter publishing (`dead_letter`), the HTTP client with its SSRF
+//! guard (`client`, the only module that knows reqwest) and the jobs themselves (`job`).
 
+pub mod attempt;
 pub mod client;
+pub mod dead_letter;
 pub mod engine;
+pub mod job;
+pub mod outcome;
 pub mod retry;

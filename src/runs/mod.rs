@@ -4,6 +4,7 @@
 
 pub mod lifecycle;
 pub mod model;
+pub mod service;
 pub mod validate;
 
 pub use lifecycle::{Action, BatchLimits, Decision, Runs};

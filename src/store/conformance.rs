@@ -26,6 +26,8 @@ fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -
         attempts: 0,
         first_attempt_at: None,
         next_attempt_at: None,
+        source: None,
+        log: Vec::new(),
     }
 }
 
@@ -84,7 +86,7 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     ];
     let mut claimed = Vec::new();
     let ready = store
-        .enqueue_claiming(&rows, &[], now, |r| claimed = r.to_vec())
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |r| claimed = r.to_vec())
         .await
         .unwrap();
     // The chain's head and the row with no chain; a2 waits behind a1.
@@ -151,16 +153,24 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
         .unwrap();
     assert_eq!(dls.results.len(), 1);
     assert_eq!(dls.results[0].reason, "exhausted");
-    let (requeued, raws) = store
+    let mut asked = Vec::new();
+    let (replayed, requeued, held, raws) = store
         .replay_dead_letters(
             Some(&[dls.results[0].id.clone()]),
             &DeadLetterFilter::default(),
             10,
             now,
+            |keys| {
+                asked = keys.to_vec();
+                HashSet::new()
+            },
         )
         .await
         .unwrap();
-    assert_eq!((requeued, raws.len()), (1, 0));
+    assert_eq!((requeued, held.len(), raws.len()), (1, 0, 0));
+    assert_eq!(asked, ["k"]);
+    assert_eq!(replayed.len(), 1);
+    assert_eq!((replayed[0].event_id.as_str(), replayed[0].attempts), ("ev-a2", 0));
     assert!(store.has_active("k").await.unwrap());
     let open = store
         .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
@@ -173,6 +183,72 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     let dropped = store.drop_queued_for_run("run", &[b1.seq], now).await.unwrap();
     assert_eq!(dropped.len(), 1, "the replayed row; b1 is in flight");
     assert_eq!(store.queue_stats().await.unwrap().0, 1);
+}
+
+/// The memory path (Kafka): rows held behind a head kept in memory wait until promoted; what
+/// memory finished is logged with its attempts; a parked group goes ahead of the held rows.
+pub(crate) async fn memory_deliveries_are_held_logged_and_parked(store: &Store) {
+    let now = crate::domain::now_ms();
+    let held: HashSet<String> = ["m".to_string()].into();
+    let rows = [
+        delivery("x1", Some("m"), None, now),
+        delivery("x2", Some("m"), None, now),
+    ];
+    let ready = store.enqueue_claiming(&rows, &[], now, &held, |_| {}).await.unwrap();
+    assert!(ready.is_empty(), "a held chain's rows wait");
+    let promoted = store.promote(&["m".to_string()], now, |_| {}).await.unwrap();
+    assert_eq!(ids(&promoted), ["x1"]);
+    assert!(store.promote(&["m".to_string()], now, |_| {}).await.unwrap().is_empty());
+
+    let attempt = AttemptRecord {
+        started_at: now,
+        duration_ms: 3,
+        status: Some(503),
+        error: None,
+        excerpt: None,
+    };
+    let mut done = delivery("y1", None, None, now);
+    done.log = vec![
+        attempt.clone(),
+        AttemptRecord {
+            status: Some(200),
+            ..attempt.clone()
+        },
+    ];
+    let mut parked = delivery("p1", Some("m"), None, now);
+    parked.log = vec![attempt];
+    parked.attempts = 1;
+    store
+        .record(
+            &[Logged {
+                delivery: done,
+                state: "delivered",
+            }],
+            &[(vec![parked], true)],
+            &[],
+            now,
+        )
+        .await
+        .unwrap();
+    let y1 = store.get_delivery("y1").await.unwrap().unwrap();
+    assert_eq!(
+        (y1.state.as_str(), y1.attempts, y1.last_status),
+        ("delivered", 2, Some(200))
+    );
+    assert_eq!(store.list_attempts("y1").await.unwrap().len(), 2);
+    assert_eq!(store.list_attempts("p1").await.unwrap().len(), 1);
+    // The chain's order: its head, the parked row, then the row that was held behind it.
+    let all = store
+        .list_deliveries(&DeliveryFilter::default(), 0, 10)
+        .await
+        .unwrap()
+        .results;
+    let chain: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|d| d.id != "y1")
+        .map(|d| (d.id.as_str(), d.state.as_str()))
+        .collect();
+    assert_eq!(chain, [("x1", "ready"), ("p1", "waiting"), ("x2", "waiting")]);
 }
 
 fn run(id: &str, now: i64) -> Run {

@@ -26,6 +26,7 @@ pub(crate) mod conformance;
 mod rows;
 pub mod sqlite;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -42,6 +43,10 @@ pub type Claim<'a> = &'a mut (dyn FnMut(&[QueuedDelivery]) + Send);
 /// Called once with the runs loaded for update inside a `RunStore::with_runs` transaction.
 pub type Decide<'a> = &'a mut (dyn FnMut(&mut RunsLocked) + Send);
 
+/// Called once inside a replay transaction with the chains of the re-queued rows; answers
+/// those whose head is kept in memory (their rows must wait behind it).
+pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);
+
 /// The embedded delivery queue (see the module docs for the chain model).
 ///
 /// Claiming: the rows handed to a [`Claim`] callback or returned by [`Queue::due`] are the
@@ -51,16 +56,38 @@ pub type Decide<'a> = &'a mut (dyn FnMut(&mut RunsLocked) + Send);
 /// LOCKED`, released by `complete`), behind the same methods.
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Durably queue deliveries and record dead letters, in one transaction; the rows that are
-    /// ready now are handed to `claim` just before the commit (so no dispatcher query can see
-    /// them unclaimed) and returned. When this returns Ok the events are committed.
+    /// Durably queue deliveries (in the order given) and record dead letters, in one
+    /// transaction; the rows that are ready now are handed to `claim` just before the commit (so
+    /// no dispatcher query can see them unclaimed) and returned. When this returns Ok the events
+    /// are committed. A row of a chain in `held` waits even when it would be its chain's first
+    /// (the chain's head is kept in memory).
     async fn enqueue_claiming(
         &self,
         deliveries: &[NewDelivery],
         dead: &[NewDeadLetter],
         now: i64,
+        held: &HashSet<String>,
         claim: Claim<'_>,
     ) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Make the first row of each chain in `keys` ready when nothing of the chain is ready
+    /// (rows that were held behind deliveries kept in memory, which have now finished). The rows
+    /// promoted are handed to `claim` just before the commit and returned.
+    async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Write what deliveries kept in memory (Kafka) became, in one transaction:
+    /// - `logged`: finished ones (delivered or dead) as finished rows with their attempts, for
+    ///   the delivery log and for replay of exactly that (event, target) pair;
+    /// - `parked`: ones that move to the retry queue, each group in its chain's order; a group
+    ///   marked `true` (ahead) goes before the rows of its chain that were held behind it;
+    /// - `dead`: dead letters (their `delivery_id` names a row of `logged`).
+    async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()>;
 
     /// Ready deliveries due by `now`, oldest due first, skipping the targets in `skip_targets`
     /// (at their in-flight cap).
@@ -127,14 +154,17 @@ pub trait DeliveryLog: Send + Sync {
     /// Take up to `max` open dead letters (by `ids` if given, and the filter) out for replay, in
     /// one transaction: rows backed by a delivery are re-queued (a new delivery of the same event
     /// to the same target, at the end of its chain, same `webhook-id`); the raw events of the
-    /// others are returned for the caller to route again. Returns (re-queued, raw events).
+    /// others are returned for the caller to route again. `hold` gets the chains of the
+    /// re-queued rows (see [`Hold`]). Returns (re-queued rows ready now, how many were
+    /// re-queued, the chains held, raw events).
     async fn replay_dead_letters(
         &self,
         ids: Option<&[String]>,
         filter: &DeadLetterFilter,
         max: i64,
         now: i64,
-    ) -> anyhow::Result<(u64, Vec<String>)>;
+        hold: Hold<'_>,
+    ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)>;
 }
 
 /// Webhooks, and settings the relay generates once.
@@ -265,10 +295,10 @@ impl Store {
 
     // ---- queue ----------------------------------------------------------------------------------
 
-    /// [`Queue::enqueue_claiming`] without a claim.
+    /// [`Queue::enqueue_claiming`] with no chain held and no claim.
     pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
         self.queue
-            .enqueue_claiming(deliveries, dead, now, &mut |_| {})
+            .enqueue_claiming(deliveries, dead, now, &HashSet::new(), &mut |_| {})
             .await
             .map(|_| ())
     }
@@ -279,16 +309,44 @@ impl Store {
         deliveries: &[NewDelivery],
         dead: &[NewDeadLetter],
         now: i64,
+        held: &HashSet<String>,
         claim: impl FnOnce(&[QueuedDelivery]) + Send,
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut claim = Some(claim);
         self.queue
-            .enqueue_claiming(deliveries, dead, now, &mut |rows| {
+            .enqueue_claiming(deliveries, dead, now, held, &mut |rows| {
                 if let Some(c) = claim.take() {
                     c(rows)
                 }
             })
             .await
+    }
+
+    /// See [`Queue::promote`].
+    pub async fn promote(
+        &self,
+        keys: &[String],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]) + Send,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut claim = Some(claim);
+        self.queue
+            .promote(keys, now, &mut |rows| {
+                if let Some(c) = claim.take() {
+                    c(rows)
+                }
+            })
+            .await
+    }
+
+    pub async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        self.queue.record(logged, parked, dead, now).await
     }
 
     pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
@@ -375,14 +433,21 @@ impl Store {
         self.log.list_dead_letters(filter, after, limit).await
     }
 
+    /// See [`DeliveryLog::replay_dead_letters`].
     pub async fn replay_dead_letters(
         &self,
         ids: Option<&[String]>,
         filter: &DeadLetterFilter,
         max: i64,
         now: i64,
-    ) -> anyhow::Result<(u64, Vec<String>)> {
-        self.log.replay_dead_letters(ids, filter, max, now).await
+        hold: impl FnOnce(&[String]) -> HashSet<String> + Send,
+    ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)> {
+        let mut hold = Some(hold);
+        self.log
+            .replay_dead_letters(ids, filter, max, now, &mut |keys| {
+                hold.take().map(|h| h(keys)).unwrap_or_default()
+            })
+            .await
     }
 
     // ---- registry -------------------------------------------------------------------------------

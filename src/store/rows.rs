@@ -54,6 +54,20 @@ pub struct NewDelivery {
     pub first_attempt_at: Option<i64>,
     /// Not before this time (ms); None = now.
     pub next_attempt_at: Option<i64>,
+    /// Where the event came from, when a bus message (`topic/partition/offset`): the
+    /// dead-letter topic's `x-dlq-source-*` headers.
+    pub source: Option<String>,
+    /// Attempts already made (in memory) before the row was written: kept in the attempt log.
+    pub log: Vec<AttemptRecord>,
+}
+
+/// A delivery finished in memory (Kafka), written to the log as a finished row.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// Its attempts are in `delivery.log`.
+    pub delivery: NewDelivery,
+    /// `delivered` or `dead`.
+    pub state: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +101,7 @@ pub struct QueuedDelivery {
     pub attempts: i64,
     pub first_attempt_at: Option<i64>,
     pub created_at: i64,
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -120,6 +120,18 @@ impl Broker {
             .unwrap()
     }
 
+    /// A producer that batches as librdkafka does by default (`linger.ms` > 0, many records
+    /// per batch): what real producers send, and what the relay must survive a crash with.
+    pub fn batching_producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "500")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .unwrap()
+    }
+
     /// Produce (key, value) pairs in order, waiting for every acknowledgement. Returns the log
     /// end per partition (one past the highest acknowledged offset).
     pub async fn produce(
@@ -127,8 +139,17 @@ impl Broker {
         topic: &str,
         messages: &[(Option<String>, Vec<u8>)],
     ) -> std::collections::BTreeMap<i32, i64> {
+        self.produce_with(&self.producer(), topic, messages).await
+    }
+
+    /// `produce` through a given producer.
+    pub async fn produce_with(
+        &self,
+        p: &FutureProducer,
+        topic: &str,
+        messages: &[(Option<String>, Vec<u8>)],
+    ) -> std::collections::BTreeMap<i32, i64> {
         let mut ends = std::collections::BTreeMap::new();
-        let p = self.producer();
         for chunk in messages.chunks(1000) {
             let futs = chunk.iter().map(|(k, v)| {
                 let mut r = FutureRecord::to(topic).payload(v);

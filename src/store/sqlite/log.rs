@@ -1,12 +1,17 @@
 //! [`DeliveryLog`] on SQLite: reading `deliveries`, `attempts` and `dead_letters`; replay.
 
+use std::collections::BTreeSet;
+
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
-use super::queue::busy_chains;
-use super::{placeholders, SqliteStore};
-use crate::store::{AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Page};
+use super::queue::{insert_deliveries, queued_from_row, requeue, QUEUED_COLUMNS};
+use super::{placeholders, SqliteStore, IN_CHUNK};
+use crate::store::{
+    AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Hold, NewDelivery, Page,
+    QueuedDelivery,
+};
 
 fn delivery_from_row(r: &SqliteRow) -> DeliveryRow {
     DeliveryRow {
@@ -153,60 +158,58 @@ impl DeliveryLog for SqliteStore {
         filter: &DeadLetterFilter,
         max: i64,
         now: i64,
-    ) -> anyhow::Result<(u64, Vec<String>)> {
+        hold: Hold<'_>,
+    ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
-        let mut binds: Vec<String> = Vec::new();
-        if let Some(ids) = ids {
-            sql.push_str(&format!(" AND id IN ({})", placeholders(ids.len().max(1))));
-            binds.extend(ids.iter().cloned());
-            if ids.is_empty() {
-                // `IN ()` is not SQL: one value no id equals.
-                binds.push(String::new());
+        let mut rows = Vec::new();
+        // Ids in chunks: a statement has a bounded number of variables.
+        let id_chunks: Vec<Option<&[String]>> = match ids {
+            Some(ids) => ids.chunks(IN_CHUNK).map(Some).collect(),
+            None => vec![None],
+        };
+        for chunk in id_chunks {
+            let room = max - rows.len() as i64;
+            if room <= 0 {
+                break;
             }
+            let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
+            let mut binds: Vec<String> = Vec::new();
+            if let Some(ids) = chunk {
+                sql.push_str(&format!(" AND id IN ({})", placeholders(ids.len())));
+                binds.extend(ids.iter().cloned());
+            }
+            binds.extend(equal_to(&mut sql, &dead_letter_filters(filter)));
+            sql.push_str(" ORDER BY seq LIMIT ?");
+            let mut q = sqlx::query(&sql);
+            for b in &binds {
+                q = q.bind(b);
+            }
+            rows.extend(q.bind(room).fetch_all(&mut *tx).await?);
         }
-        binds.extend(equal_to(&mut sql, &dead_letter_filters(filter)));
-        sql.push_str(" ORDER BY seq LIMIT ?");
-        let mut q = sqlx::query(&sql);
-        for b in &binds {
-            q = q.bind(b);
-        }
-        let rows = q.bind(max).fetch_all(&mut *tx).await?;
-        let mut requeued = 0;
+        rows.sort_by_key(|r| r.get::<i64, _>("seq"));
+        let mut again = Vec::new();
         let mut raws = Vec::new();
         for r in &rows {
             let dl_id: String = r.get("id");
             let delivery_id: Option<String> = r.get("delivery_id");
-            match delivery_id {
-                Some(did) => {
-                    let Some(d) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
-                        .bind(&did)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                    else {
-                        raws.push(r.get::<String, _>("raw"));
-                        continue;
-                    };
-                    let order_key: Option<String> = d.get("order_key");
-                    let busy = match order_key.as_deref() {
-                        Some(k) => !busy_chains(&mut tx, &[k]).await?.is_empty(),
-                        None => false,
-                    };
-                    sqlx::query(
-                        "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                         order_key, body, state, attempts, next_attempt_at, created_at) \
-                         SELECT ?, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, body, ?, 0, ?, ? \
-                         FROM deliveries WHERE id = ?",
-                    )
-                    .bind(uuid::Uuid::now_v7().to_string())
-                    .bind(if busy { "waiting" } else { "ready" })
-                    .bind(now)
-                    .bind(now)
+            let found = match delivery_id {
+                Some(did) => sqlx::query(&format!("SELECT {QUEUED_COLUMNS} FROM deliveries WHERE id = ?"))
                     .bind(&did)
-                    .execute(&mut *tx)
-                    .await?;
-                    requeued += 1;
-                }
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|d| queued_from_row(&d)),
+                None => None,
+            };
+            match found {
+                // A new delivery of the same (event, target) pair: same body, so the same
+                // `webhook-id`; attempted from scratch.
+                Some(q) => again.push(NewDelivery {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    created_at: now,
+                    attempts: 0,
+                    first_attempt_at: None,
+                    ..requeue(q)
+                }),
                 None => raws.push(r.get::<String, _>("raw")),
             }
             sqlx::query("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")
@@ -215,7 +218,15 @@ impl DeliveryLog for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        let keys: Vec<String> = again
+            .iter()
+            .filter_map(|d| d.order_key.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let held = hold(&keys);
+        let ready = insert_deliveries(&mut tx, &again, now, &held).await?;
         tx.commit().await?;
-        Ok((requeued, raws))
+        Ok((ready, again.len() as u64, held.into_iter().collect(), raws))
     }
 }

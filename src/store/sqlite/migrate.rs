@@ -12,14 +12,27 @@ struct Migration {
     version: i64,
     name: &'static str,
     sql: &'static str,
+    /// A query answering non-zero when the change is already in place: SQLite has no
+    /// `ADD COLUMN IF NOT EXISTS`, and builds from before versioned schemas made some changes
+    /// without recording them.
+    present: Option<&'static str>,
 }
 
 /// In version order; a shipped file is never edited (see `migrations/README.md`).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../../migrations/sqlite/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/sqlite/0001_initial.sql"),
+        present: None,
+    },
+    Migration {
+        version: 2,
+        name: "delivery_source",
+        sql: include_str!("../../../migrations/sqlite/0002_delivery_source.sql"),
+        present: Some("SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'source'"),
+    },
+];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
      version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)";
@@ -50,10 +63,16 @@ pub(super) async fn run(pool: &SqlitePool) -> anyhow::Result<()> {
     // Another process may have migrated while we waited for the lock.
     let at = current(&mut tx).await?;
     for m in MIGRATIONS.iter().filter(|m| m.version > at) {
-        sqlx::raw_sql(m.sql)
-            .execute(&mut *tx)
-            .await
-            .with_context(|| format!("schema version {} ({})", m.version, m.name))?;
+        let present = match m.present {
+            Some(q) => sqlx::query_scalar::<_, i64>(q).fetch_one(&mut *tx).await? != 0,
+            None => false,
+        };
+        if !present {
+            sqlx::raw_sql(m.sql)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("schema version {} ({})", m.version, m.name))?;
+        }
         sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)")
             .bind(m.version)
             .bind(m.name)
@@ -98,12 +117,37 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
+        assert!(has_source(&pool).await);
         let v: String = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'k'")
             .fetch_one(&pool)
             .await
             .unwrap();
         assert_eq!(v, "v");
+    }
+
+    async fn has_source(pool: &SqlitePool) -> bool {
+        sqlx::query_scalar::<_, i64>(MIGRATIONS[1].present.unwrap())
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            != 0
+    }
+
+    #[tokio::test]
+    async fn adopts_a_database_that_has_an_unrecorded_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        // Made by an unversioned build that already added `deliveries.source`.
+        sqlx::raw_sql(MIGRATIONS[0].sql).execute(&pool).await.unwrap();
+        sqlx::raw_sql(MIGRATIONS[1].sql).execute(&pool).await.unwrap();
+        run(&pool).await.unwrap();
+        assert!(has_source(&pool).await);
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_version")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
     }
 
     #[tokio::test]

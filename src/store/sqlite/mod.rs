@@ -25,7 +25,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
-/// Rows per multi-row statement (15 columns a row stays far below SQLite's variable limit).
+/// Rows per multi-row statement (up to 19 columns a row stays far below SQLite's limit of
+/// 32766 variables a statement).
 const INSERT_CHUNK: usize = 200;
 
 /// Values per `IN (...)` list.
@@ -99,6 +100,12 @@ mod tests {
     async fn chains_are_delivered_in_order() {
         let dir = tempfile::tempdir().unwrap();
         conformance::chains_are_delivered_in_order(&open(&dir).await).await;
+    }
+
+    #[tokio::test]
+    async fn memory_deliveries_are_held_logged_and_parked() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::memory_deliveries_are_held_logged_and_parked(&open(&dir).await).await;
     }
 
     #[tokio::test]

@@ -7,12 +7,12 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{placeholders, SqliteStore, INSERT_CHUNK, IN_CHUNK};
-use crate::store::{Claim, Completion, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
+use crate::store::{AttemptRecord, Claim, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
 
-const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-     order_key, body, attempts, first_attempt_at, created_at";
+pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+     order_key, body, attempts, first_attempt_at, created_at, source";
 
-fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
+pub(super) fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
     QueuedDelivery {
         seq: r.get("seq"),
         id: r.get("id"),
@@ -28,6 +28,29 @@ fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
         attempts: r.get("attempts"),
         first_attempt_at: r.get("first_attempt_at"),
         created_at: r.get("created_at"),
+        source: r.get("source"),
+    }
+}
+
+/// A queued row as a new delivery again (to be written anew), keeping its identity.
+pub(super) fn requeue(q: QueuedDelivery) -> NewDelivery {
+    NewDelivery {
+        id: q.id,
+        event_id: q.event_id,
+        event: q.event,
+        run_id: q.run_id,
+        kind: if q.kind == "callback" { "callback" } else { "webhook" },
+        webhook_id: q.webhook_id,
+        target_url: q.target_url,
+        target_key: q.target_key,
+        order_key: q.order_key,
+        body: q.body,
+        created_at: q.created_at,
+        attempts: q.attempts,
+        first_attempt_at: q.first_attempt_at,
+        next_attempt_at: None,
+        source: q.source,
+        log: Vec::new(),
     }
 }
 
@@ -99,6 +122,140 @@ async fn promote_next(
     Ok(out)
 }
 
+/// Insert deliveries in the order given. The first row of a chain that has nothing queued is
+/// ready; every later one waits; a row whose chain is in `held` waits even when it is the first
+/// (its chain's head is kept in memory). Returns the rows that are ready now.
+pub(super) async fn insert_deliveries(
+    tx: &mut Transaction<'_, Sqlite>,
+    deliveries: &[NewDelivery],
+    now: i64,
+    held: &HashSet<String>,
+) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let keys: Vec<&str> = deliveries
+        .iter()
+        .filter_map(|d| d.order_key.as_deref())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut busy = busy_chains(tx, &keys).await?;
+    busy.extend(held.iter().cloned());
+    let states: Vec<&'static str> = deliveries
+        .iter()
+        .map(|d| match d.order_key.as_deref() {
+            Some(k) if !busy.insert(k.to_string()) => "waiting",
+            _ => "ready",
+        })
+        .collect();
+    let mut seqs: HashMap<String, i64> = HashMap::new();
+    for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
+        let mut sql = String::from(
+            "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+             order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
+             last_status, last_error) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(" RETURNING seq, id");
+        let mut q = sqlx::query(&sql);
+        for (d, state) in chunk.iter().zip(st) {
+            let last = d.log.last();
+            q = q
+                .bind(&d.id)
+                .bind(&d.event_id)
+                .bind(&d.event)
+                .bind(&d.run_id)
+                .bind(d.kind)
+                .bind(&d.webhook_id)
+                .bind(&d.target_url)
+                .bind(&d.target_key)
+                .bind(&d.order_key)
+                .bind(&d.body)
+                .bind(*state)
+                .bind(d.attempts)
+                .bind(d.next_attempt_at.unwrap_or(now))
+                .bind(d.first_attempt_at)
+                .bind(d.created_at)
+                .bind(&d.source)
+                .bind(last.and_then(|a| a.status))
+                .bind(last.and_then(|a| a.error.clone()));
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            seqs.insert(r.get("id"), r.get("seq"));
+        }
+    }
+    Ok(deliveries
+        .iter()
+        .zip(&states)
+        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
+        .filter_map(|(d, _)| {
+            Some(QueuedDelivery {
+                seq: *seqs.get(&d.id)?,
+                id: d.id.clone(),
+                event_id: d.event_id.clone(),
+                event: d.event.clone(),
+                run_id: d.run_id.clone(),
+                kind: d.kind.to_string(),
+                webhook_id: d.webhook_id.clone(),
+                target_url: d.target_url.clone(),
+                target_key: d.target_key.clone(),
+                order_key: d.order_key.clone(),
+                body: d.body.clone(),
+                attempts: d.attempts,
+                first_attempt_at: d.first_attempt_at,
+                created_at: d.created_at,
+                source: d.source.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The attempt log of deliveries that were attempted in memory before their row was written.
+async fn insert_attempt_logs<'a>(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: impl Iterator<Item = &'a NewDelivery>,
+) -> anyhow::Result<()> {
+    let items: Vec<(&str, i64, &AttemptRecord)> = rows
+        .flat_map(|d| {
+            d.log
+                .iter()
+                .enumerate()
+                .map(move |(i, a)| (d.id.as_str(), i as i64 + 1, a))
+        })
+        .collect();
+    for chunk in items.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        let mut q = sqlx::query(&sql);
+        for (id, n, a) in chunk {
+            q = q
+                .bind(*id)
+                .bind(*n)
+                .bind(a.started_at)
+                .bind(a.duration_ms)
+                .bind(a.status)
+                .bind(&a.error)
+                .bind(&a.excerpt);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Take the waiting rows of a chain out of the queue (to be written again behind rows that
+/// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
+async fn take_waiting(tx: &mut Transaction<'_, Sqlite>, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
+    let rows = sqlx::query(&format!(
+        "DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting' RETURNING {QUEUED_COLUMNS}"
+    ))
+    .bind(key)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect();
+    out.sort_by_key(|q| q.seq);
+    Ok(out.into_iter().map(requeue).collect())
+}
+
 #[async_trait]
 impl Queue for SqliteStore {
     async fn enqueue_claiming(
@@ -106,34 +263,47 @@ impl Queue for SqliteStore {
         deliveries: &[NewDelivery],
         dead: &[NewDeadLetter],
         now: i64,
+        held: &HashSet<String>,
         claim: Claim<'_>,
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let keys: Vec<&str> = deliveries
-            .iter()
-            .filter_map(|d| d.order_key.as_deref())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let mut busy = busy_chains(&mut tx, &keys).await?;
-        // The first row of a chain that has nothing queued is ready; every later one waits.
-        let states: Vec<&'static str> = deliveries
-            .iter()
-            .map(|d| match d.order_key.as_deref() {
-                Some(k) if !busy.insert(k.to_string()) => "waiting",
-                _ => "ready",
-            })
-            .collect();
-        let mut seqs: HashMap<String, i64> = HashMap::new();
-        for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
+        let ready = insert_deliveries(&mut tx, deliveries, now, held).await?;
+        for dl in dead {
+            insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        claim(&ready);
+        tx.commit().await?;
+        Ok(ready)
+    }
+
+    async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let promoted = promote_next(&mut tx, &keys, now).await?;
+        claim(&promoted);
+        tx.commit().await?;
+        Ok(promoted)
+    }
+
+    async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for chunk in logged.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at) VALUES ",
+                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, last_status, last_error, \
+                 created_at, finished_at, source) VALUES ",
             );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            sql.push_str(" RETURNING seq, id");
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
             let mut q = sqlx::query(&sql);
-            for (d, state) in chunk.iter().zip(st) {
+            for l in chunk {
+                let d = &l.delivery;
+                let last = d.log.last();
                 q = q
                     .bind(&d.id)
                     .bind(&d.event_id)
@@ -145,45 +315,39 @@ impl Queue for SqliteStore {
                     .bind(&d.target_key)
                     .bind(&d.order_key)
                     .bind(&d.body)
-                    .bind(*state)
-                    .bind(d.attempts)
-                    .bind(d.next_attempt_at.unwrap_or(now))
+                    .bind(l.state)
+                    .bind(d.log.len() as i64)
+                    .bind(now)
                     .bind(d.first_attempt_at)
-                    .bind(d.created_at);
+                    .bind(last.and_then(|a| a.status))
+                    .bind(last.and_then(|a| a.error.clone()))
+                    .bind(d.created_at)
+                    .bind(now)
+                    .bind(&d.source);
             }
-            for r in q.fetch_all(&mut *tx).await? {
-                seqs.insert(r.get("id"), r.get("seq"));
+            q.execute(&mut *tx).await?;
+        }
+        insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        for (rows, ahead) in parked {
+            let key = rows.first().and_then(|d| d.order_key.clone());
+            // Rows held behind the in-memory part of this chain: taken out and written again
+            // after the parked ones, so the chain keeps the order its events came in.
+            let held = match (&key, ahead) {
+                (Some(k), true) => take_waiting(&mut tx, k).await?,
+                _ => Vec::new(),
+            };
+            insert_deliveries(&mut tx, rows, now, &HashSet::new()).await?;
+            if !held.is_empty() {
+                let keep: HashSet<String> = key.into_iter().collect();
+                insert_deliveries(&mut tx, &held, now, &keep).await?;
             }
+            insert_attempt_logs(&mut tx, rows.iter()).await?;
         }
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
         }
-        let ready: Vec<QueuedDelivery> = deliveries
-            .iter()
-            .zip(&states)
-            .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
-            .filter_map(|(d, _)| {
-                Some(QueuedDelivery {
-                    seq: *seqs.get(&d.id)?,
-                    id: d.id.clone(),
-                    event_id: d.event_id.clone(),
-                    event: d.event.clone(),
-                    run_id: d.run_id.clone(),
-                    kind: d.kind.to_string(),
-                    webhook_id: d.webhook_id.clone(),
-                    target_url: d.target_url.clone(),
-                    target_key: d.target_key.clone(),
-                    order_key: d.order_key.clone(),
-                    body: d.body.clone(),
-                    attempts: d.attempts,
-                    first_attempt_at: d.first_attempt_at,
-                    created_at: d.created_at,
-                })
-            })
-            .collect();
-        claim(&ready);
         tx.commit().await?;
-        Ok(ready)
+        Ok(())
     }
 
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {

@@ -1,5 +1,7 @@
-//! The bus: where run commands go for executors, and (with Kafka) where events come from.
-//! Only `bus/kafka.rs` knows rdkafka.
+//! Intake: where an event enters. Embedded bus: `POST /events` (`api::events`) writes it to the
+//! store's queue (`Engine::ingest`). Kafka: `kafka` consumes it and hands its deliveries to the
+//! delivery core as memory jobs. Also where run commands go for executors (`CommandSink`).
+//! Only `intake/kafka` knows rdkafka.
 
 pub mod kafka;
 

@@ -1,0 +1,514 @@
+//! Outcomes, the same path for every job: the attempt log, run outcome counts, dead letters
+//! (stored, and published to the bus's dead-letter topic), promotion of a chain's next event,
+//! and the acknowledgement (a stored row's outcome committed, or a Kafka offset released).
+//!
+//! Everything that touches the store goes through one writer task that commits in batches
+//! (group commit), so recording never bounds throughput:
+//! - a stored job's outcome is committed before the row is released (never attempted twice);
+//! - a memory job answered 2xx is acknowledged at once — its log row is written later in a
+//!   batch, so a first-try Kafka success costs no synchronous store write;
+//! - a memory job dead-lettered or parked is acknowledged only after its row is committed, so
+//!   an offset is never committed past an event that exists nowhere.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::attempt::Decided;
+use super::engine::Engine;
+use super::job::{Ack, Job, Origin};
+use crate::config::LogMode;
+use crate::domain::now_ms;
+use crate::ordering::AfterHead;
+use crate::store::{Completion, Logged, NewDeadLetter, NewDelivery, Next};
+
+/// A run's record answered or dead-lettered (counted on its run).
+pub(super) struct RunOutcome {
+    run_id: String,
+    event: String,
+    resource: Option<String>,
+    delivered: bool,
+}
+
+/// What the writer commits.
+pub(super) enum Write {
+    /// A stored row's attempt (`source`: for the dead-letter topic).
+    Complete(Completion, Option<String>),
+    /// A memory job finished: its log row, its dead letter, its run outcome; `ack` is called
+    /// once they are committed (None: already acknowledged).
+    Finished {
+        logged: Option<Logged>,
+        dead: Option<NewDeadLetter>,
+        source: Option<String>,
+        outcome: Option<RunOutcome>,
+        ack: Option<Arc<dyn Ack>>,
+    },
+    /// Memory jobs moving to the store, in their chain's order, acknowledged once written.
+    Park {
+        rows: Vec<NewDelivery>,
+        ahead: bool,
+        acks: Vec<Arc<dyn Ack>>,
+    },
+    /// Dead letters of events refused before any delivery (bus intake: unroutable, poison).
+    Dead {
+        dead: Vec<NewDeadLetter>,
+        source: Option<String>,
+        ack: Option<Arc<dyn Ack>>,
+    },
+    /// Answered once everything sent before it is committed.
+    Barrier(oneshot::Sender<()>),
+}
+
+impl Engine {
+    /// Wait until every outcome handed to the writer so far is committed.
+    pub async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Write::Barrier(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Record dead letters of events refused at intake (stored, published), acknowledging
+    /// `ack` once they are stored.
+    pub fn dead_letter(&self, dead: Vec<NewDeadLetter>, source: Option<String>, ack: Option<Arc<dyn Ack>>) {
+        for d in &dead {
+            self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+        }
+        if self.writes.send(Write::Dead { dead, source, ack }).is_err() {
+            tracing::warn!("shutting down: dead letters not recorded (their messages are read again)");
+        }
+    }
+
+    /// What a decided attempt does to its job.
+    pub(super) async fn finish(self: &Arc<Self>, job: Job, d: Decided) {
+        let kind = job.kind();
+        match &d.next {
+            Next::Delivered => {
+                self.metrics.deliveries.with_label_values(&["delivered", kind]).inc();
+                self.metrics.attempts_per_delivery.observe((job.q.attempts + 1) as f64);
+                self.metrics
+                    .end_to_end_latency
+                    .observe((now_ms() - job.q.created_at).max(0) as f64 / 1000.0);
+            }
+            Next::Retry { .. } => self.metrics.retries.with_label_values(&[kind]).inc(),
+            Next::Dead(dl) => {
+                self.metrics
+                    .deliveries
+                    .with_label_values(&["dead_lettered", kind])
+                    .inc();
+                self.metrics.dead_letters.with_label_values(&[dl.reason]).inc();
+            }
+        }
+        match job.origin {
+            Origin::Stored => self.finish_stored(job.q, d).await,
+            Origin::Memory { ack, log } => {
+                let q = job.q;
+                self.finish_memory(q, ack, log, d)
+            }
+        }
+    }
+
+    async fn finish_stored(self: &Arc<Self>, q: crate::store::QueuedDelivery, d: Decided) {
+        let now = now_ms();
+        let Some(record) = d.record else {
+            // Not attempted (its webhook is gone or disabled): dead-lettered as it is.
+            let Next::Dead(dl) = d.next else { return };
+            if q.kind == "webhook" {
+                if let (Some(run), true) = (&q.run_id, q.event == "sync_job_run:record") {
+                    let items = [(run.as_str(), q.event.as_str(), d.resource.as_deref(), false)];
+                    if let Err(e) = self.runs.on_outcomes(&items).await {
+                        tracing::error!(error = %format!("{e:#}"), "counting a run outcome failed");
+                    }
+                }
+            }
+            match self.store.dead_letter_queued(&q, &dl, now).await {
+                Ok(()) => self.publish_dead(dl, q.source.clone()),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "could not dead-letter delivery"),
+            }
+            self.release(q.seq);
+            // The next row of its chain was promoted in the store only.
+            self.notify();
+            return;
+        };
+        let c = Completion {
+            seq: q.seq,
+            delivery_id: q.id.clone(),
+            order_key: q.order_key.clone(),
+            attempt_no: q.attempts + 1,
+            first_attempt_at: q.first_attempt_at.unwrap_or(record.started_at),
+            attempt: record,
+            next: d.next,
+            kind: if q.kind == "callback" { "callback" } else { "webhook" },
+            target_key: q.target_key.clone(),
+            created_at: q.created_at,
+            body: d.body,
+            run_id: q.run_id.clone(),
+            event: q.event.clone(),
+            resource: d.resource,
+        };
+        if self.writes.send(Write::Complete(c, q.source)).is_err() {
+            // Shutting down: the row stays ready and is attempted again after restart.
+            self.release(q.seq);
+        }
+    }
+
+    fn finish_memory(
+        self: &Arc<Self>,
+        mut q: crate::store::QueuedDelivery,
+        ack: Arc<dyn Ack>,
+        mut log: Vec<crate::store::AttemptRecord>,
+        d: Decided,
+    ) {
+        self.memory_done();
+        if let Some(r) = &d.record {
+            q.first_attempt_at.get_or_insert(r.started_at);
+            q.attempts += 1;
+            log.push(r.clone());
+        }
+        if let Some(b) = d.body {
+            q.body = b;
+        }
+        let outcome = |delivered: bool| match (&q.run_id, q.kind == "webhook") {
+            (Some(run), true) if q.event == "sync_job_run:record" => Some(RunOutcome {
+                run_id: run.clone(),
+                event: q.event.clone(),
+                resource: d.resource.clone(),
+                delivered,
+            }),
+            _ => None,
+        };
+        let key = q.order_key.clone();
+        match d.next {
+            Next::Delivered => {
+                let keep = match self.log_mode {
+                    LogMode::All => true,
+                    LogMode::Failures => log.len() > 1,
+                    LogMode::None => false,
+                };
+                let outcome = outcome(true);
+                let job = Job {
+                    q,
+                    origin: Origin::Memory { ack: ack.clone(), log },
+                };
+                let logged = keep.then(|| Logged {
+                    delivery: job.to_row(None),
+                    state: "delivered",
+                });
+                if logged.is_some() || outcome.is_some() {
+                    let _ = self.writes.send(Write::Finished {
+                        logged,
+                        dead: None,
+                        source: None,
+                        outcome,
+                        ack: None,
+                    });
+                }
+                // Answered: the offset may move on now; the log row follows in a batch.
+                ack.done();
+                self.after_head(key.as_deref());
+            }
+            Next::Dead(dl) => {
+                let outcome = outcome(false);
+                let source = q.source.clone();
+                let job = Job {
+                    q,
+                    origin: Origin::Memory { ack: ack.clone(), log },
+                };
+                let logged = Logged {
+                    delivery: job.to_row(None),
+                    state: "dead",
+                };
+                if self
+                    .writes
+                    .send(Write::Finished {
+                        logged: Some(logged),
+                        dead: Some(dl),
+                        source,
+                        outcome,
+                        ack: Some(ack),
+                    })
+                    .is_err()
+                {
+                    tracing::warn!("shutting down: a dead letter is left to be read again");
+                }
+                self.after_head(key.as_deref());
+            }
+            Next::Retry { at_ms } => {
+                let delay = Duration::from_millis((at_ms - now_ms()).max(0) as u64);
+                let job = Job {
+                    q,
+                    origin: Origin::Memory { ack, log },
+                };
+                if (job.q.attempts as u32) < self.inline_attempts && delay <= self.inline_max_delay {
+                    // Retry in memory: the job stays its chain's head; no request slot is held
+                    // while it waits.
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        me.push_memory([job]);
+                    });
+                } else {
+                    self.park_head(job, Some(at_ms));
+                }
+            }
+        }
+    }
+
+    /// A memory head finished: its chain's next memory job goes, or held rows are promoted.
+    fn after_head(self: &Arc<Self>, key: Option<&str>) {
+        let Some(key) = key else { return };
+        match self.chains.head_done(key) {
+            AfterHead::Dispatch(next) if self.target_unhealthy(&next.q.target_key) => self.park_head(next, None),
+            AfterHead::Dispatch(next) => self.push_memory([next]),
+            AfterHead::Promote(k) => {
+                let me = self.clone();
+                tokio::spawn(async move { me.promote(&[k]).await });
+            }
+            AfterHead::Nothing => {}
+        }
+    }
+
+    /// A memory head leaves memory for the store's retry queue, with the rest of its chain's
+    /// memory jobs behind it (see `ordering`).
+    pub(super) fn park_head(&self, job: Job, next_at: Option<i64>) {
+        let (rest, ahead) = match &job.q.order_key {
+            Some(k) => self.chains.park_head(k),
+            None => (Vec::new(), false),
+        };
+        let mut rows = vec![job.to_row(next_at)];
+        let mut acks: Vec<Arc<dyn Ack>> = job.ack().into_iter().collect();
+        for j in rest {
+            rows.push(j.to_row(None));
+            acks.extend(j.ack());
+        }
+        if self.writes.send(Write::Park { rows, ahead, acks }).is_err() {
+            tracing::warn!("shutting down: parked deliveries are left to be read again");
+        }
+    }
+
+    /// A memory job whose chain lives in the store: it goes behind the chain's rows.
+    pub(super) fn park(&self, job: Job, next_at: Option<i64>) {
+        let rows = vec![job.to_row(next_at)];
+        let acks: Vec<Arc<dyn Ack>> = job.ack().into_iter().collect();
+        if self
+            .writes
+            .send(Write::Park {
+                rows,
+                ahead: false,
+                acks,
+            })
+            .is_err()
+        {
+            tracing::warn!("shutting down: parked deliveries are left to be read again");
+        }
+    }
+
+    /// A memory job of a partition no longer ours: dropped, unacknowledged; its chain goes on
+    /// (its later jobs are of the same partition and are dropped the same way).
+    pub(super) fn drop_revoked(self: &Arc<Self>, job: Job) {
+        self.memory_done();
+        self.after_head(job.q.order_key.as_deref());
+    }
+
+    pub(super) fn release(&self, seq: i64) {
+        let mut f = self.in_flight.lock().expect("lock");
+        f.release(seq);
+        drop(f);
+        self.wake.notify_one();
+    }
+
+    /// Publish committed dead letters to the bus's dead-letter topic, if it has one.
+    pub(super) fn publish_dead(&self, dl: NewDeadLetter, source: Option<String>) {
+        let Some(sink) = self.dead_sink.get().cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            for _ in 0..8 {
+                match sink.publish(&dl, source.as_deref()).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "dead-letter topic publish failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            tracing::error!(event_id = %dl.event_id, "dead letter not published to the dead-letter topic (it is stored)");
+        });
+    }
+
+    /// Dead letters committed by the stored path: publish them.
+    pub(super) async fn dead_lettered(&self, dead: &[NewDeadLetter], _sources: &[Option<String>]) {
+        for d in dead {
+            self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
+            self.publish_dead(d.clone(), None);
+        }
+    }
+
+    /// Commit outcomes in batches; only after the commit are rows released and memory jobs
+    /// that needed a durable record acknowledged.
+    pub(super) async fn write_outcomes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Write>) {
+        let mut batch = Vec::with_capacity(512);
+        loop {
+            let Some(first) = rx.recv().await else { return };
+            batch.push(first);
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            let mut completes = Vec::new();
+            let mut sources = Vec::new();
+            let mut logged = Vec::new();
+            let mut parked = Vec::new();
+            let mut dead = Vec::new();
+            let mut publish = Vec::new();
+            let mut acks: Vec<Arc<dyn Ack>> = Vec::new();
+            let mut outcomes = Vec::new();
+            let mut barriers = Vec::new();
+            let mut parked_n = 0u64;
+            for w in batch.drain(..) {
+                match w {
+                    Write::Complete(c, source) => {
+                        if let Next::Dead(dl) = &c.next {
+                            publish.push((dl.clone(), source.clone()));
+                        }
+                        completes.push(c);
+                        sources.push(source);
+                    }
+                    Write::Finished {
+                        logged: l,
+                        dead: d,
+                        source,
+                        outcome,
+                        ack,
+                    } => {
+                        logged.extend(l);
+                        if let Some(d) = d {
+                            publish.push((d.clone(), source));
+                            dead.push(d);
+                        }
+                        outcomes.extend(outcome);
+                        acks.extend(ack);
+                    }
+                    Write::Park { rows, ahead, acks: a } => {
+                        parked_n += rows.len() as u64;
+                        parked.push((rows, ahead));
+                        acks.extend(a);
+                    }
+                    Write::Dead { dead: d, source, ack } => {
+                        for x in &d {
+                            publish.push((x.clone(), source.clone()));
+                        }
+                        dead.extend(d);
+                        acks.extend(ack);
+                    }
+                    Write::Barrier(tx) => barriers.push(tx),
+                }
+            }
+            // Count outcomes on their runs before the commit promotes the next event of the
+            // chain, so a run's `completed` (attempted after that) sees final counts.
+            let mut counts: Vec<(&str, &str, Option<&str>, bool)> = completes
+                .iter()
+                .filter(|c| c.kind == "webhook")
+                .filter_map(|c| {
+                    let delivered = match &c.next {
+                        Next::Delivered => true,
+                        Next::Dead(_) => false,
+                        Next::Retry { .. } => return None,
+                    };
+                    Some((c.run_id.as_deref()?, c.event.as_str(), c.resource.as_deref(), delivered))
+                })
+                .collect();
+            counts.extend(
+                outcomes
+                    .iter()
+                    .map(|o| (o.run_id.as_str(), o.event.as_str(), o.resource.as_deref(), o.delivered)),
+            );
+            if !counts.is_empty() {
+                if let Err(e) = self.runs.on_outcomes(&counts).await {
+                    tracing::error!(error = %format!("{e:#}"), "counting run outcomes failed");
+                }
+            }
+            if !completes.is_empty() {
+                self.commit_completions(&completes).await;
+            }
+            if !logged.is_empty() || !parked.is_empty() || !dead.is_empty() {
+                // A failed commit is retried: a record is never dropped.
+                let mut backoff = Duration::from_millis(50);
+                while let Err(e) = self.store.record(&logged, &parked, &dead, now_ms()).await {
+                    tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            if parked_n > 0 {
+                self.metrics.parked.inc_by(parked_n);
+                // Parked rows may be due now (their chain drained meanwhile).
+                self.notify();
+            }
+            for a in acks {
+                a.done();
+            }
+            for (dl, source) in publish {
+                self.publish_dead(dl, source);
+            }
+            let now = now_ms();
+            let now_i = Instant::now();
+            let mut f = self.in_flight.lock().expect("lock");
+            for c in &completes {
+                if let Next::Retry { at_ms } = &c.next {
+                    let at = now_i + Duration::from_millis((at_ms - now).max(0) as u64);
+                    f.scan_at = Some(f.scan_at.map_or(at, |t| t.min(at)));
+                }
+                f.release(c.seq);
+            }
+            drop(f);
+            self.wake.notify_one();
+            for b in barriers {
+                let _ = b.send(());
+            }
+        }
+    }
+
+    /// Commit stored rows' outcomes, promoting the next row of every chain whose head finished.
+    async fn commit_completions(&self, completes: &[Completion]) {
+        let mut backoff = Duration::from_millis(50);
+        // The rows promoted behind finished ones are handed to the dispatcher before the
+        // commit, so their requests overlap it (a chain's next event does not wait for the
+        // disk). Should the commit fail, they stay claimed and the retry keeps them; after a
+        // crash both are attempted again, in order.
+        loop {
+            let res = self
+                .store
+                .complete(completes, now_ms(), |rows| {
+                    let taken = self.claim(rows);
+                    self.push_hot(rows.to_vec(), &taken);
+                })
+                .await;
+            match res {
+                Ok(promoted) => {
+                    // A finished head that promoted nothing was its chain's last stored row.
+                    let promoted: HashSet<&str> = promoted.iter().filter_map(|r| r.order_key.as_deref()).collect();
+                    let drained: Vec<&str> = completes
+                        .iter()
+                        .filter(|c| !matches!(c.next, Next::Retry { .. }))
+                        .filter_map(|c| c.order_key.as_deref())
+                        .filter(|k| !promoted.contains(k))
+                        .collect();
+                    self.chains.drained(&drained);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

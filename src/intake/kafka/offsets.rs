@@ -1,0 +1,266 @@
+//! Which offsets of each partition are read but unfinished, and so which offset may be
+//! committed: never past an event that is not yet delivered, dead-lettered or stored.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use super::{Tp, RESUME_REWIND};
+use crate::metrics::Metrics;
+
+/// What to do with a message just read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    Take,
+    /// Take it; its partition's buffer is now full: pause the partition.
+    TakeAndPause,
+    Skip,
+}
+
+/// Per-partition bookkeeping: which offsets are read but unfinished.
+#[derive(Default)]
+struct PartitionState {
+    pending: BTreeSet<i64>,
+    /// One past the highest offset read.
+    next: i64,
+    /// The offset last stored for commit.
+    stored: i64,
+    paused: bool,
+    /// Bumped on every assign and revoke: jobs of an older generation are stale.
+    generation: u64,
+    assigned: bool,
+}
+
+/// Shared between the consumer loop, the chain workers and the rebalance callbacks.
+pub struct Tracker {
+    parts: Mutex<HashMap<Tp, PartitionState>>,
+    max_buffered: usize,
+    metrics: Metrics,
+}
+
+impl Tracker {
+    pub fn new(max_buffered: usize, metrics: Metrics) -> Tracker {
+        Tracker {
+            parts: Mutex::new(HashMap::new()),
+            max_buffered,
+            metrics,
+        }
+    }
+}
+
+impl Tracker {
+    pub fn generation(&self, tp: &Tp) -> u64 {
+        self.parts
+            .lock()
+            .expect("lock")
+            .get(tp)
+            .map(|p| p.generation)
+            .unwrap_or(0)
+    }
+
+    pub fn is_current(&self, tp: &Tp, generation: u64) -> bool {
+        self.parts
+            .lock()
+            .expect("lock")
+            .get(tp)
+            .is_some_and(|p| p.assigned && p.generation == generation)
+    }
+
+    /// A message was read: take it (and pause its partition when its buffer is now full), or
+    /// skip it (read while its partition is paused, or already read: it is fetched again
+    /// from `next` when the partition resumes).
+    pub fn begin(&self, tp: &Tp, offset: i64) -> Read {
+        let mut parts = self.parts.lock().expect("lock");
+        let p = parts.entry(tp.clone()).or_default();
+        if p.paused || (p.next > 0 && offset < p.next) {
+            return Read::Skip;
+        }
+        if p.pending.is_empty() && p.next == 0 {
+            p.stored = offset;
+            tracing::info!(topic = %tp.0, partition = tp.1, offset, "first message after assignment");
+        } else if offset > p.next {
+            // Compacted topics and transaction markers leave gaps; anything else is worth a look.
+            tracing::warn!(topic = %tp.0, partition = tp.1, expected = p.next, got = offset, "offset gap");
+        }
+        p.pending.insert(offset);
+        p.next = p.next.max(offset + 1);
+        if p.pending.len() >= self.max_buffered {
+            p.paused = true;
+            self.metrics.kafka_paused_partitions.inc();
+            return Read::TakeAndPause;
+        }
+        Read::Take
+    }
+
+    /// A message is finished. Returns the offset to store when the contiguous finished prefix
+    /// advanced, and the offset to resume reading from when the partition may resume.
+    pub fn finish(&self, tp: &Tp, offset: i64, generation: u64) -> (Option<i64>, Option<i64>) {
+        let mut parts = self.parts.lock().expect("lock");
+        let Some(p) = parts.get_mut(tp) else {
+            return (None, None);
+        };
+        if p.generation != generation {
+            return (None, None);
+        }
+        p.pending.remove(&offset);
+        let watermark = p.pending.first().copied().unwrap_or(p.next);
+        let store = (watermark > p.stored).then(|| {
+            if watermark / 250 != p.stored / 250 {
+                tracing::debug!(topic = %tp.0, partition = tp.1, watermark, "offset stored");
+            }
+            p.stored = watermark;
+            watermark
+        });
+        let resume = p.paused && p.pending.len() <= self.max_buffered / 2;
+        if resume {
+            p.paused = false;
+            self.metrics.kafka_paused_partitions.dec();
+        }
+        // Resume a little before the first offset not taken; what was taken already is
+        // skipped as it comes again. Kafka answers a fetch inside a record batch with that
+        // batch, but some brokers (tansu 0.6) answer with the next one, which would skip the
+        // rest of the batch.
+        (
+            store,
+            resume.then_some(p.next.saturating_sub(RESUME_REWIND).max(p.stored)),
+        )
+    }
+
+    /// The offset stored for commit of every assigned partition that has read something.
+    pub fn watermarks(&self) -> Vec<(Tp, i64)> {
+        self.parts
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, p)| p.assigned && p.next > 0)
+            .map(|(tp, p)| (tp.clone(), p.stored))
+            .collect()
+    }
+
+    /// Partitions were assigned. `committed`: each one's committed offset, when it has one —
+    /// reading starts a little before it (see `context`), and what comes before it is finished
+    /// and skipped.
+    pub fn assign(&self, tps: &[(Tp, Option<i64>)]) {
+        let mut parts = self.parts.lock().expect("lock");
+        for (tp, committed) in tps {
+            let p = parts.entry(tp.clone()).or_default();
+            if p.paused {
+                self.metrics.kafka_paused_partitions.dec();
+            }
+            let generation = p.generation + 1;
+            *p = PartitionState {
+                generation,
+                assigned: true,
+                next: committed.unwrap_or(0),
+                stored: committed.unwrap_or(0),
+                ..Default::default()
+            };
+        }
+    }
+
+    pub fn revoke(&self, tps: &[Tp]) {
+        let mut parts = self.parts.lock().expect("lock");
+        for tp in tps {
+            if let Some(p) = parts.get_mut(tp) {
+                if p.paused {
+                    self.metrics.kafka_paused_partitions.dec();
+                }
+                p.generation += 1;
+                p.assigned = false;
+                p.paused = false;
+                p.pending.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::kafka::decode;
+
+    fn tracker(max: usize) -> Tracker {
+        Tracker::new(max, Metrics::new())
+    }
+
+    #[test]
+    fn offsets_are_stored_only_for_the_contiguous_finished_prefix() {
+        let t = tracker(100);
+        let tp: Tp = ("t".into(), 0);
+        t.assign(&[(tp.clone(), None)]);
+        let g = t.generation(&tp);
+        for o in 10..15 {
+            t.begin(&tp, o);
+        }
+        // 11 and 12 finish first: nothing can be stored while 10 is unfinished.
+        assert_eq!(t.finish(&tp, 11, g).0, None);
+        assert_eq!(t.finish(&tp, 12, g).0, None);
+        // 10 finishes: the prefix 10..=12 is done, the next offset to read is 13.
+        assert_eq!(t.finish(&tp, 10, g).0, Some(13));
+        assert_eq!(t.finish(&tp, 14, g).0, None);
+        assert_eq!(t.finish(&tp, 13, g).0, Some(15));
+    }
+
+    #[test]
+    fn a_partition_pauses_at_the_bound_skips_what_arrives_paused_and_resumes_where_it_stopped() {
+        let t = tracker(4);
+        let tp: Tp = ("t".into(), 1);
+        t.assign(&[(tp.clone(), None)]);
+        let g = t.generation(&tp);
+        assert_eq!(t.begin(&tp, 0), Read::Take);
+        assert_eq!(t.begin(&tp, 1), Read::Take);
+        assert_eq!(t.begin(&tp, 2), Read::Take);
+        assert_eq!(t.begin(&tp, 3), Read::TakeAndPause, "pauses at 4 buffered");
+        // Already fetched before the pause took effect: skipped, read again after resuming.
+        assert_eq!(t.begin(&tp, 4), Read::Skip);
+        assert_eq!(t.begin(&tp, 5), Read::Skip);
+        assert_eq!(t.finish(&tp, 0, g).1, None);
+        assert_eq!(
+            t.finish(&tp, 1, g).1,
+            Some(2),
+            "resumes at 2 buffered, rewound (at most to the first unfinished offset)"
+        );
+        assert_eq!(t.begin(&tp, 2), Read::Skip, "taken before the pause");
+        assert_eq!(t.begin(&tp, 3), Read::Skip);
+        assert_eq!(t.begin(&tp, 4), Read::Take);
+        // A stale copy of an offset already read is never taken twice.
+        assert_eq!(t.begin(&tp, 2), Read::Skip);
+    }
+
+    #[test]
+    fn revoked_work_is_stale_and_cannot_store_offsets() {
+        let t = tracker(10);
+        let tp: Tp = ("t".into(), 2);
+        t.assign(&[(tp.clone(), None)]);
+        let g = t.generation(&tp);
+        t.begin(&tp, 5);
+        t.revoke(std::slice::from_ref(&tp));
+        assert!(!t.is_current(&tp, g));
+        assert_eq!(t.finish(&tp, 5, g), (None, None));
+        t.assign(&[(tp.clone(), None)]);
+        assert!(!t.is_current(&tp, g), "a new assignment is a new generation");
+    }
+
+    #[test]
+    fn a_newly_assigned_partition_skips_what_was_finished_before_its_committed_offset() {
+        let t = tracker(100);
+        let tp: Tp = ("t".into(), 3);
+        // Committed at 50; reading starts rewound (tansu may answer a fetch inside a record
+        // batch with the next batch), so offsets before 50 come again and are skipped.
+        t.assign(&[(tp.clone(), Some(50))]);
+        let g = t.generation(&tp);
+        assert_eq!(t.begin(&tp, 45), Read::Skip);
+        assert_eq!(t.begin(&tp, 49), Read::Skip);
+        assert_eq!(t.begin(&tp, 50), Read::Take);
+        assert_eq!(t.begin(&tp, 51), Read::Take);
+        assert_eq!(t.finish(&tp, 51, g).0, None, "50 is unfinished");
+        assert_eq!(t.finish(&tp, 50, g).0, Some(52));
+    }
+
+    #[test]
+    fn poison_is_classified() {
+        assert_eq!(decode(b"\xff\xfe", 100, 0).unwrap_err().0, "malformed");
+        assert_eq!(decode(b"{not json", 100, 0).unwrap_err().0, "malformed");
+        assert_eq!(decode(br#"{"id":"a"}"#, 100, 0).unwrap_err().0, "malformed");
+        assert_eq!(decode(&[b' '; 200], 100, 0).unwrap_err().0, "event_too_large");
+    }
+}

@@ -1,0 +1,174 @@
+//! The run lifecycle's side of delivery: final counts in a run's `completed`/`failed`, a run
+//! stopped by its receiver, batches of record errors flushed by age, and operational events.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::attempt::payload_resource;
+use crate::delivery::engine::Engine;
+use crate::domain::{now_ms, subscribed, Envelope};
+
+impl Engine {
+    /// The body to send for this attempt: a run's `completed` / `failed` gets the run's final
+    /// counts (`Runs::terminal_payload`) merged into its payload now, when every earlier event
+    /// of the run to this webhook was answered or dead-lettered (the chain's order). `None`:
+    /// send the queued body as it is.
+    pub async fn attempt_body(&self, event: &str, run_id: Option<&str>, body: &str) -> Option<String> {
+        if !matches!(event, "sync_job_run:completed" | "sync_job_run:failed") {
+            return None;
+        }
+        let counts = match self.runs.terminal_payload(run_id?).await {
+            Ok(Value::Object(c)) if !c.is_empty() => c,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "run counts unavailable; sending the queued body");
+                return None;
+            }
+        };
+        let mut v: Map<String, Value> = serde_json::from_str(body).ok()?;
+        let Some(Value::Object(payload)) = v.get_mut("payload") else {
+            return None;
+        };
+        for (k, x) in counts {
+            payload.insert(k, x);
+        }
+        let new = serde_json::to_string(&Value::Object(v)).ok()?;
+        (new != body).then_some(new)
+    }
+
+    /// Stop an active run because its webhook refused it: status `stopped`, the run's queued
+    /// deliveries are dropped (counted), a stop command is published for executors, and a
+    /// gathered batch of errors is queued. Returns false when the run is unknown or no longer
+    /// active (nothing changed).
+    pub async fn stop_run(&self, run_id: &str, why: &str) -> bool {
+        let flushed = match self.runs.stop(run_id, why).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), run_id, "stopping a run failed");
+                return false;
+            }
+        };
+        tracing::info!(run_id, reason = why, "run stopped");
+        self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
+        let (keep, mut dropped_memory, mut promote) = self.forget_run(run_id);
+        let res = self.store.drop_queued_for_run(run_id, &keep, now_ms()).await;
+        // Rows of the run promoted while the drop waited for the write lock.
+        let (_, later, more) = self.forget_run(run_id);
+        dropped_memory.extend(later);
+        promote.extend(more);
+        if !promote.is_empty() {
+            self.promote(&promote).await;
+        }
+        match res {
+            Ok(mut dropped) => {
+                dropped.extend(dropped_memory);
+                let webhook: Vec<_> = dropped.iter().filter(|(k, _, _)| k == "webhook").collect();
+                self.metrics
+                    .run_events_dropped
+                    .with_label_values(&["run_stopped"])
+                    .inc_by(webhook.len() as u64);
+                let resources: Vec<String> = webhook
+                    .iter()
+                    .filter(|(_, ev, _)| matches!(ev.as_str(), "sync_job_run:record" | "sync_job_run:record_error"))
+                    .map(|(_, _, body)| payload_resource(body).unwrap_or_else(|| "unknown".into()))
+                    .collect();
+                if let Err(e) = self.runs.note_dropped(run_id, &resources).await {
+                    tracing::error!(error = %format!("{e:#}"), run_id, "counting dropped events failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), run_id, "dropping a stopped run's deliveries failed"),
+        }
+        match self.commands.get() {
+            Some(c) => {
+                let cmd = json!({"type": "stop", "run_id": run_id, "reason": why});
+                if let Err(e) = c.publish(run_id, cmd).await {
+                    tracing::error!(error = %format!("{e:#}"), run_id, "publishing a stop command failed");
+                }
+            }
+            None => tracing::warn!(run_id, "no command sink: stop command not published"),
+        }
+        if !flushed.is_empty() {
+            if let Err(e) = self.queue(&flushed).await {
+                tracing::error!(error = %format!("{e:#}"), run_id, "queueing a stopped run's batch failed");
+            }
+        }
+        true
+    }
+
+    /// Batch mode: every so often, queue the batches of record errors that are due by age.
+    pub(crate) async fn flush_batches(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.batch_tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.runs.flush_due_batches().await {
+                Ok(due) if !due.is_empty() => {
+                    if let Err(e) = self.queue(&due).await {
+                        tracing::error!(error = %format!("{e:#}"), batches = due.len(), "queueing due error batches failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "flushing due error batches failed"),
+            }
+        }
+    }
+
+    /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
+    /// subscribes to it.
+    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, except: Option<&str>) -> anyhow::Result<()> {
+        let serde_json::Value::Object(payload) = payload else {
+            anyhow::bail!("payload must be an object")
+        };
+        let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+        let now = now_ms();
+        let envelopes: Vec<Envelope> = self
+            .webhooks
+            .all()
+            .iter()
+            .filter(|w| w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event))
+            .map(|w| Envelope {
+                id: id.clone(),
+                event: event.to_string(),
+                sync_job_run_id: None,
+                webhook_id: Some(w.id.clone()),
+                callback_url: None,
+                environment_id: None,
+                created_at_ms: now,
+                payload: payload.clone(),
+            })
+            .collect();
+        if !envelopes.is_empty() {
+            self.ingest(&envelopes, "api").await?;
+        }
+        Ok(())
+    }
+
+    pub async fn disable_webhook(&self, id: &str) {
+        let Some(w) = self.webhooks.get(id) else {
+            return;
+        };
+        if !w.is_active {
+            return;
+        }
+        let mut w = (*w).clone();
+        w.is_active = false;
+        w.updated_at = now_ms();
+        if let Err(e) = self.store.update_webhook(&w).await {
+            tracing::error!(error = %format!("{e:#}"), "could not disable webhook");
+            return;
+        }
+        tracing::warn!(webhook_id = %id, "receiver answered 410 Gone: webhook disabled");
+        self.webhooks.put(w);
+        self.metrics.webhooks_disabled.inc();
+        let payload = json!({"webhook_id": id, "reason": "receiver answered 410 Gone", "disabled_at": crate::domain::rfc3339_ms(now_ms())});
+        if let Err(e) = self.broadcast("webhook:disabled", payload, Some(id)).await {
+            tracing::error!(error = %format!("{e:#}"), "could not queue webhook:disabled");
+        }
+    }
+}
