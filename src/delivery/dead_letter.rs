@@ -85,8 +85,14 @@ pub type SinkFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = any
 /// Where dead letters are published besides the store (Kafka: the dead-letter topic, with the
 /// `x-dlq-*` headers of CONTRACT §1).
 pub trait DeadLetterSink: Send + Sync + 'static {
-    /// `source` is `topic/partition/offset` when the event came from a bus message.
-    fn publish<'a>(&'a self, dead: &'a NewDeadLetter, source: Option<&'a str>) -> SinkFuture<'a>;
+    /// `source` is `topic/partition/offset` and `original` the message's bytes when the event
+    /// came from a bus message (without them the dead letter's stored body is published).
+    fn publish<'a>(
+        &'a self,
+        dead: &'a NewDeadLetter,
+        source: Option<&'a str>,
+        original: Option<&'a [u8]>,
+    ) -> SinkFuture<'a>;
 }
 
 /// `topic/partition/offset` (topic names cannot contain `/`).

@@ -19,6 +19,10 @@ pub trait Ack: Send + Sync {
     fn current(&self) -> bool;
     /// This delivery of the message is finished (answered, dead-lettered, or durably stored).
     fn done(&self);
+    /// The message's bytes as they were read (the dead-letter topic gets them unchanged).
+    fn original(&self) -> Option<Arc<Vec<u8>>> {
+        None
+    }
 }
 
 pub enum Origin {

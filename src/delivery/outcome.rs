@@ -42,6 +42,7 @@ pub(super) enum Write {
         logged: Option<Logged>,
         dead: Option<NewDeadLetter>,
         source: Option<String>,
+        original: Option<Arc<Vec<u8>>>,
         outcome: Option<RunOutcome>,
         ack: Option<Arc<dyn Ack>>,
     },
@@ -55,6 +56,7 @@ pub(super) enum Write {
     Dead {
         dead: Vec<NewDeadLetter>,
         source: Option<String>,
+        original: Option<Arc<Vec<u8>>>,
         ack: Option<Arc<dyn Ack>>,
     },
     /// Answered once everything sent before it is committed.
@@ -72,11 +74,26 @@ impl Engine {
 
     /// Record dead letters of events refused at intake (stored, published), acknowledging
     /// `ack` once they are stored.
-    pub fn dead_letter(&self, dead: Vec<NewDeadLetter>, source: Option<String>, ack: Option<Arc<dyn Ack>>) {
+    pub fn dead_letter(
+        &self,
+        dead: Vec<NewDeadLetter>,
+        source: Option<String>,
+        original: Option<Arc<Vec<u8>>>,
+        ack: Option<Arc<dyn Ack>>,
+    ) {
         for d in &dead {
             self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
         }
-        if self.writes.send(Write::Dead { dead, source, ack }).is_err() {
+        if self
+            .writes
+            .send(Write::Dead {
+                dead,
+                source,
+                original,
+                ack,
+            })
+            .is_err()
+        {
             tracing::warn!("shutting down: dead letters not recorded (their messages are read again)");
         }
     }
@@ -124,7 +141,7 @@ impl Engine {
                 }
             }
             match self.store.dead_letter_queued(&q, &dl, now).await {
-                Ok(()) => self.publish_dead(dl, q.source.clone()),
+                Ok(()) => self.publish_dead(dl, q.source.clone(), None),
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "could not dead-letter delivery"),
             }
             self.release(q.seq);
@@ -201,6 +218,7 @@ impl Engine {
                         logged,
                         dead: None,
                         source: None,
+                        original: None,
                         outcome,
                         ack: None,
                     });
@@ -226,6 +244,7 @@ impl Engine {
                         logged: Some(logged),
                         dead: Some(dl),
                         source,
+                        original: ack.original(),
                         outcome,
                         ack: Some(ack),
                     })
@@ -320,14 +339,17 @@ impl Engine {
     }
 
     /// Publish committed dead letters to the bus's dead-letter topic, if it has one.
-    pub(super) fn publish_dead(&self, dl: NewDeadLetter, source: Option<String>) {
+    pub(super) fn publish_dead(&self, dl: NewDeadLetter, source: Option<String>, original: Option<Arc<Vec<u8>>>) {
         let Some(sink) = self.dead_sink.get().cloned() else {
             return;
         };
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             for _ in 0..8 {
-                match sink.publish(&dl, source.as_deref()).await {
+                match sink
+                    .publish(&dl, source.as_deref(), original.as_deref().map(Vec::as_slice))
+                    .await
+                {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "dead-letter topic publish failed; retrying");
@@ -344,7 +366,7 @@ impl Engine {
     pub(super) async fn dead_lettered(&self, dead: &[NewDeadLetter], _sources: &[Option<String>]) {
         for d in dead {
             self.metrics.dead_letters.with_label_values(&[d.reason]).inc();
-            self.publish_dead(d.clone(), None);
+            self.publish_dead(d.clone(), None, None);
         }
     }
 
@@ -375,7 +397,7 @@ impl Engine {
                 match w {
                     Write::Complete(c, source) => {
                         if let Next::Dead(dl) = &c.next {
-                            publish.push((dl.clone(), source.clone()));
+                            publish.push((dl.clone(), source.clone(), None));
                         }
                         completes.push(c);
                         sources.push(source);
@@ -384,12 +406,13 @@ impl Engine {
                         logged: l,
                         dead: d,
                         source,
+                        original,
                         outcome,
                         ack,
                     } => {
                         logged.extend(l);
                         if let Some(d) = d {
-                            publish.push((d.clone(), source));
+                            publish.push((d.clone(), source, original));
                             dead.push(d);
                         }
                         outcomes.extend(outcome);
@@ -400,9 +423,14 @@ impl Engine {
                         parked.push((rows, ahead));
                         acks.extend(a);
                     }
-                    Write::Dead { dead: d, source, ack } => {
+                    Write::Dead {
+                        dead: d,
+                        source,
+                        original,
+                        ack,
+                    } => {
                         for x in &d {
-                            publish.push((x.clone(), source.clone()));
+                            publish.push((x.clone(), source.clone(), original.clone()));
                         }
                         dead.extend(d);
                         acks.extend(ack);
@@ -454,8 +482,8 @@ impl Engine {
             for a in acks {
                 a.done();
             }
-            for (dl, source) in publish {
-                self.publish_dead(dl, source);
+            for (dl, source, original) in publish {
+                self.publish_dead(dl, source, original);
             }
             let now = now_ms();
             let now_i = Instant::now();

@@ -109,7 +109,9 @@ impl ConsumerContext for RelayContext {
                         }
                     };
                     if let Some(o) = at {
-                        let _ = e.set_offset(Offset::Offset(o.saturating_sub(RESUME_REWIND).max(0)));
+                        let from = o.saturating_sub(RESUME_REWIND).max(0);
+                        tracing::info!(topic = %tp.0, partition = tp.1, committed = o, from, "assigned: reading from before the committed offset");
+                        let _ = e.set_offset(Offset::Offset(from));
                     }
                     tps.push((tp, at));
                 }

@@ -65,6 +65,7 @@ struct Incoming {
 /// when every one of them is.
 pub struct OffsetAck {
     bus: Weak<KafkaBus>,
+    raw: Arc<Vec<u8>>,
     tp: Tp,
     offset: i64,
     generation: u64,
@@ -84,6 +85,10 @@ impl Ack for OffsetAck {
                 bus.finish(&self.tp, self.offset, self.generation);
             }
         }
+    }
+
+    fn original(&self) -> Option<Arc<Vec<u8>>> {
+        Some(self.raw.clone())
     }
 }
 
@@ -344,6 +349,7 @@ impl KafkaBus {
     fn ack(&self, m: &Incoming, n: usize) -> Arc<OffsetAck> {
         Arc::new(OffsetAck {
             bus: self.me.clone(),
+            raw: m.raw.clone(),
             tp: m.tp.clone(),
             offset: m.offset,
             generation: m.generation,
@@ -373,7 +379,12 @@ impl KafkaBus {
                         },
                     );
                     let ack: Arc<dyn Ack> = self.ack(&m, 1);
-                    engine.dead_letter(vec![dl], Some(source_of(&m.tp.0, m.tp.1, m.offset)), Some(ack));
+                    engine.dead_letter(
+                        vec![dl],
+                        Some(source_of(&m.tp.0, m.tp.1, m.offset)),
+                        Some(m.raw.clone()),
+                        Some(ack),
+                    );
                 }
             }
         }
@@ -411,7 +422,7 @@ impl KafkaBus {
             let ack = self.ack(&m, parts);
             let source = source_of(&m.tp.0, m.tp.1, m.offset);
             if !dead.is_empty() {
-                engine.dead_letter(dead, Some(source.clone()), Some(ack.clone()));
+                engine.dead_letter(dead, Some(source.clone()), Some(m.raw.clone()), Some(ack.clone()));
             }
             for mut d in deliveries {
                 d.source = Some(source.clone());
@@ -448,17 +459,16 @@ impl KafkaBus {
 }
 
 impl DeadLetterSink for KafkaBus {
-    fn publish<'a>(&'a self, dead: &'a NewDeadLetter, source: Option<&'a str>) -> SinkFuture<'a> {
+    fn publish<'a>(
+        &'a self,
+        dead: &'a NewDeadLetter,
+        source: Option<&'a str>,
+        original: Option<&'a [u8]>,
+    ) -> SinkFuture<'a> {
         Box::pin(async move {
             let (topic, partition, offset) = source.and_then(parse_source).unwrap_or(("", "", ""));
-            // A poison message is kept in the store as a JSON string of its text: the topic
-            // gets the text itself.
-            let poison = match dead.event.as_str() {
-                "unknown:unknown" => serde_json::from_str::<String>(&dead.raw).ok(),
-                _ => None,
-            };
             self.publish_dlq(
-                poison.as_deref().unwrap_or(&dead.raw).as_bytes(),
+                original.unwrap_or(dead.raw.as_bytes()),
                 None,
                 dead.reason,
                 dead.attempts,

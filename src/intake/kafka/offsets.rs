@@ -121,7 +121,8 @@ impl Tracker {
         // rest of the batch.
         (
             store,
-            resume.then_some(p.next.saturating_sub(RESUME_REWIND).max(p.stored)),
+            // Not limited to the stored offset: that may lie inside a record batch too.
+            resume.then_some(p.next.saturating_sub(RESUME_REWIND).max(0)),
         )
     }
 
@@ -216,8 +217,8 @@ mod tests {
         assert_eq!(t.finish(&tp, 0, g).1, None);
         assert_eq!(
             t.finish(&tp, 1, g).1,
-            Some(2),
-            "resumes at 2 buffered, rewound (at most to the first unfinished offset)"
+            Some(0),
+            "resumes at 2 buffered, rewound by up to RESUME_REWIND (a fetch may start inside a batch)"
         );
         assert_eq!(t.begin(&tp, 2), Read::Skip, "taken before the pause");
         assert_eq!(t.begin(&tp, 3), Read::Skip);
