@@ -3,9 +3,10 @@
 //!
 //! Starts on loopback: a receiver (actix-web; answers 200, counts arrivals in total and per
 //! `/iso/<n>` path, verifies a sample of Standard Webhooks signatures; `/slow/...` answers 200
-//! after 5 s, `/unavailable/...` answers 503 with `Retry-After: 3600`), the release binary
-//! `target/release/syncrelay` (built when missing) and tansu (`~/.cargo/bin/tansu` or `TANSU_BIN`)
-//! for the Kafka scenarios. Prints a table and JSON, and writes the JSON to
+//! after 5 s, `/unavailable/...` answers 503 with `Retry-After: 3600`), the relay binary of
+//! this build (`cargo bench` builds it with the release settings) and tansu
+//! (`~/.cargo/bin/tansu` or `TANSU_BIN`) for the Kafka scenarios. The receiver, the relay
+//! process, tansu and the metrics parser are the tests' own (`tests/support/`). Prints a table and JSON, and writes the JSON to
 //! `target/bench-e2e.json`.
 //!
 //! Scenarios (`--only` takes a comma-separated list; default: all): `embedded`, `kafka` (each with
@@ -14,15 +15,13 @@
 //! `isolation-embedded`, `isolation-kafka`), `parked` (RSS with 100,000 events held for a 503
 //! receiver: `parked-embedded`, `parked-kafka`).
 
-use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use rdkafka::config::ClientConfig;
@@ -31,14 +30,14 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sha2::Sha256;
+use support::broker::{produce_with, Broker};
+use support::{run_id, Api, Receiver, RelayProcess, Reply};
 
-const TOKEN: &str = "bench-token-3c9a";
 /// The relay's delivery concurrency for one webhook, and the bare client's.
 const CONCURRENCY: usize = 64;
 const PAYLOAD_BYTES: usize = 1024;
 /// Payload size of the `large` scenarios.
 const LARGE_PAYLOAD_BYTES: usize = 16 * 1024;
-const SAMPLE_EVERY: u64 = 97;
 /// How long `/slow/...` takes to answer (isolation scenario).
 const SLOW_ANSWER: Duration = Duration::from_secs(5);
 /// Webhooks in the isolation scenario; webhook 0 is the slow one.
@@ -50,476 +49,84 @@ const ISO_RUNS: usize = 8;
 const PARKED_RUNS: usize = 1000;
 
 // ---------------------------------------------------------------------------------------------
-// Receiver
+// Receiver, relay, broker (tests/support)
 
-struct RxState {
-    /// Arrivals answered at once (everything but `/slow` and `/unavailable`).
-    count: AtomicU64,
-    /// Arrivals at `/slow/...` (answered after `SLOW_ANSWER`) since the last reset.
-    slow: AtomicU64,
-    /// Bumped by every reset, so a slow answer begun before it is not counted after it.
-    generation: AtomicU64,
-    /// Arrivals at `/unavailable/...` (answered 503).
-    unavailable: AtomicU64,
-    /// Arrivals per `/iso/...` path.
-    by_path: Mutex<HashMap<String, u64>>,
-    /// Origin of `sched_us` in latency events.
-    epoch: Instant,
-    /// Arrival minus scheduled send time (µs) of events carrying `sched_us`.
-    lat: Mutex<Vec<u64>>,
-    /// Sampled requests: (headers, body), verified after the scenario.
-    samples: Mutex<Vec<(http::HeaderMap, Vec<u8>)>>,
-}
-
-struct Receiver {
-    port: u16,
-    state: Arc<RxState>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(RxState {
-            count: AtomicU64::new(0),
-            slow: AtomicU64::new(0),
-            generation: AtomicU64::new(0),
-            unavailable: AtomicU64::new(0),
-            by_path: Mutex::default(),
-            epoch: Instant::now(),
-            lat: Mutex::default(),
-            samples: Mutex::default(),
-        });
-        let s = state.clone();
-        let server = HttpServer::new(move || {
-            let s = s.clone();
-            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let s = s.clone();
-                async move {
-                    let path = req.path();
-                    if path.starts_with("/slow") {
-                        let generation = s.generation.load(Ordering::SeqCst);
-                        tokio::time::sleep(SLOW_ANSWER).await;
-                        if s.generation.load(Ordering::SeqCst) == generation {
-                            s.slow.fetch_add(1, Ordering::Relaxed);
-                        }
-                        return HttpResponse::Ok().body("ok");
-                    }
-                    if path.starts_with("/unavailable") {
-                        s.unavailable.fetch_add(1, Ordering::Relaxed);
-                        return HttpResponse::ServiceUnavailable()
-                            .insert_header(("retry-after", "3600"))
-                            .body("down");
-                    }
-                    if path.starts_with("/iso/") {
-                        *s.by_path.lock().unwrap().entry(path.to_string()).or_default() += 1;
-                    }
-                    if let Some(sched) = sched_us(&body) {
-                        let now = s.epoch.elapsed().as_micros() as u64;
-                        s.lat.lock().unwrap().push(now.saturating_sub(sched));
-                    }
-                    let n = s.count.fetch_add(1, Ordering::Relaxed);
-                    if n.is_multiple_of(SAMPLE_EVERY) {
-                        let mut h = http::HeaderMap::new();
-                        for (k, v) in req.headers() {
-                            if let (Ok(k), Ok(v)) = (
-                                http::header::HeaderName::from_bytes(k.as_str().as_bytes()),
-                                http::HeaderValue::from_bytes(v.as_bytes()),
-                            ) {
-                                h.insert(k, v);
-                            }
-                        }
-                        s.samples.lock().unwrap().push((h, body.to_vec()));
-                    }
-                    HttpResponse::Ok().body("ok")
-                }
-            }))
-        })
-        .workers(2)
-        .max_connections(100_000)
-        .disable_signals()
-        .listen(listener)
-        .unwrap()
-        .run();
-        tokio::spawn(server);
-        Receiver { port, state }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
-    }
-
-    fn reset(&self) {
-        self.state.count.store(0, Ordering::SeqCst);
-        self.state.generation.fetch_add(1, Ordering::SeqCst);
-        self.state.slow.store(0, Ordering::SeqCst);
-        self.state.unavailable.store(0, Ordering::SeqCst);
-        self.state.by_path.lock().unwrap().clear();
-        self.state.samples.lock().unwrap().clear();
-        self.state.lat.lock().unwrap().clear();
-    }
-
-    fn now_us(&self) -> u64 {
-        self.state.epoch.elapsed().as_micros() as u64
-    }
-
-    /// (p50, p99, p99.9) of the recorded latencies, in milliseconds.
-    fn percentiles(&self) -> (f64, f64, f64) {
-        let mut v = self.state.lat.lock().unwrap().clone();
-        if v.is_empty() {
-            return (f64::NAN, f64::NAN, f64::NAN);
+/// The receiver: 200 at once, but `/slow/...` after `SLOW_ANSWER` and `/unavailable/...` 503
+/// with `Retry-After: 3600`. It keeps counters, not requests.
+fn receiver() -> Receiver {
+    Receiver::counting(Arc::new(|r, _| {
+        if r.path.starts_with("/slow") {
+            Reply::status(200).delayed(SLOW_ANSWER)
+        } else if r.path.starts_with("/unavailable") {
+            Reply::status(503).header("retry-after", "3600")
+        } else {
+            Reply::status(200)
         }
-        v.sort_unstable();
-        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
-        (at(0.50), at(0.99), at(0.999))
-    }
-
-    fn count(&self) -> u64 {
-        self.state.count.load(Ordering::SeqCst)
-    }
-
-    fn slow_count(&self) -> u64 {
-        self.state.slow.load(Ordering::SeqCst)
-    }
-
-    fn unavailable_count(&self) -> u64 {
-        self.state.unavailable.load(Ordering::SeqCst)
-    }
-
-    /// `/iso/...` paths that received exactly `n` requests.
-    fn paths_with(&self, n: u64) -> usize {
-        self.state.by_path.lock().unwrap().values().filter(|c| **c == n).count()
-    }
-
-    /// Wait until `n` requests arrived; returns the instant it was seen (polled every 2 ms).
-    async fn wait_for(&self, n: u64, timeout: Duration) -> Instant {
-        let until = Instant::now() + timeout;
-        loop {
-            if self.count() >= n {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < until,
-                "timed out waiting for {n} arrivals (got {})",
-                self.count()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Verify every sampled signature with `secret`: (verified, sampled).
-    fn verify_samples(&self, secret: &str) -> (usize, usize) {
-        let wh = standardwebhooks::Webhook::new(secret).unwrap();
-        let samples = self.state.samples.lock().unwrap();
-        let ok = samples.iter().filter(|(h, b)| wh.verify(b, h).is_ok()).count();
-        (ok, samples.len())
-    }
+    }))
 }
 
-/// The `sched_us` number in a delivered body, if any.
-fn sched_us(body: &[u8]) -> Option<u64> {
-    let key = b"\"sched_us\":";
-    let pos = body.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits: String = body[pos..]
+/// Paths whose answers count as deliveries (not `/slow` nor `/unavailable`).
+fn counted(path: &str) -> bool {
+    !path.starts_with("/slow") && !path.starts_with("/unavailable")
+}
+
+/// Deliveries answered at once since the last reset.
+async fn wait_delivered(rx: &Receiver, n: u64, timeout: Duration) -> Instant {
+    rx.wait_answered(n, timeout, counted).await
+}
+
+/// `/iso/...` paths answered exactly `n` times.
+fn iso_paths_with(rx: &Receiver, n: u64) -> usize {
+    rx.answered_by_path()
         .iter()
-        .skip_while(|b| **b == b' ')
-        .take_while(|b| b.is_ascii_digit())
-        .map(|b| *b as char)
-        .collect();
-    digits.parse().ok()
+        .filter(|(p, c)| p.starts_with("/iso/") && **c == n)
+        .count()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Relay process
-
-struct Relay {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
-    _data: tempfile::TempDir,
+/// The release relay with the relay's defaults but `CONCURRENCY` in flight per webhook, and
+/// `extra`.
+async fn start_relay(extra: Vec<(String, String)>) -> RelayProcess {
+    let mut env = vec![(
+        "SYNCRELAY__DELIVERY__MAX_IN_FLIGHT_PER_WEBHOOK".to_string(),
+        CONCURRENCY.to_string(),
+    )];
+    env.extend(extra);
+    RelayProcess::launch_fresh(env).await
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A webhook for every event type at `url`: (id, secret).
+async fn webhook(relay: &RelayProcess, url: &str) -> (String, String) {
+    Api::webhook(relay, url, &[]).await
 }
 
-fn relay_binary() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = root.join("target/release/syncrelay");
-    if !bin.exists() {
-        eprintln!("building the release binary (cargo build --release --bin syncrelay)...");
-        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--bin", "syncrelay"])
-            .current_dir(&root)
-            .status()
-            .expect("cargo build");
-        assert!(st.success(), "release build failed");
-    }
-    bin
+/// The sum of metric `name` over its series; NaN when it is absent.
+async fn metric(relay: &RelayProcess, name: &str) -> f64 {
+    relay.metrics().await.get(name, &[]).unwrap_or(f64::NAN)
 }
 
-impl Relay {
-    async fn start(extra: Vec<(String, String)>) -> Relay {
-        let data = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut env: Vec<(String, String)> = vec![
-            ("SYNCRELAY__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
-            ("SYNCRELAY__AUTH__TOKENS".into(), format!("[\"{TOKEN}\"]")),
-            (
-                "SYNCRELAY__STORE__PATH".into(),
-                data.path().join("syncrelay.db").display().to_string(),
-            ),
-            ("SYNCRELAY__DELIVERY__ALLOWED_CIDRS".into(), r#"["127.0.0.0/8"]"#.into()),
-            (
-                "SYNCRELAY__DELIVERY__MAX_IN_FLIGHT_PER_WEBHOOK".into(),
-                CONCURRENCY.to_string(),
-            ),
-        ];
-        env.extend(extra);
-        let log = data.path().join("relay.log");
-        let child = Command::new(relay_binary())
-            .envs(env)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("relay starts");
-        let r = Relay {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            _data: data,
-        };
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(resp) = r.http.get(format!("{}/health/ready", r.base)).send().await {
-                if resp.status().is_success() {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < until,
-                "relay did not become ready: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        r
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{}", self.base, path))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("request");
-        let s = resp.status().as_u16();
-        let t = resp.text().await.unwrap();
-        (s, serde_json::from_str(&t).unwrap_or(Value::String(t)))
-    }
-
-    async fn webhook(&self, url: &str) -> (String, String) {
-        let (s, b) = self
-            .post("/webhook", &json!({"target_url": url, "event_types": []}))
-            .await;
-        assert_eq!(s, 201, "{b}");
-        (b["id"].as_str().unwrap().into(), b["secret"].as_str().unwrap().into())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Reset the peak RSS counter (Linux: `5` in clear_refs); best effort.
-    fn reset_peak_rss(&self) {
-        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
-    }
-
-    /// VmHWM (peak RSS) in MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        s.lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(f64::NAN)
-    }
-
-    /// CPU seconds (user + system) the relay has used so far.
-    fn cpu_secs(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-        let rest = s.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
-    }
-
-    /// Sum of the samples of metric `name` whose line contains `filter` (from `/metrics`).
-    async fn metric(&self, name: &str, filter: &str) -> f64 {
-        let Ok(resp) = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-        else {
-            return f64::NAN;
-        };
-        let text = resp.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                    && l.contains(filter)
-            })
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The relay's Kafka settings. `E2E_FETCH_WAIT_MS` sets librdkafka's `fetch.wait.max.ms`
+/// (bench default 10; the relay's own default is 100): tansu answers a long-polled fetch
+/// only when that wait expires, not when new records arrive (Kafka answers at once), which
+/// puts up to that much on every delivery's latency.
+fn kafka_env(broker: &Broker, group: &str, topic: &str) -> Vec<(String, String)> {
+    broker.relay_env_with(group, topic, json!({"fetch.wait.max.ms": fetch_wait_ms()}))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Broker (tansu)
-
-struct Broker {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
+/// The bench's producer: batches (`linger.ms` 5).
+fn producer(broker: &Broker) -> FutureProducer {
+    broker.batching_producer(5)
 }
 
-fn tansu() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return p.into();
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    PathBuf::from(home).join(".cargo/bin/tansu")
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("tansu.log")).unwrap())
-            .spawn()
-            .expect("tansu starts (install with `cargo install tansu` or set TANSU_BIN)");
-        let until = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker { child, port, _dir: dir }
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn create_topic(&self, name: &str, partitions: u32) {
-        let out = Command::new(tansu())
-            .args(["topic", "create", "--broker", &format!("tcp://127.0.0.1:{}", self.port)])
-            .args(["--partitions", &partitions.to_string(), name])
-            .output()
-            .expect("tansu topic create");
-        assert!(
-            out.status.success(),
-            "topic create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000")
-            .create()
-            .unwrap()
-    }
-
-    /// The relay's Kafka settings. `E2E_FETCH_WAIT_MS` sets librdkafka's `fetch.wait.max.ms`
-    /// (bench default 10; the relay's own default is 100): tansu answers a long-polled fetch
-    /// only when that wait expires, not when new records arrive (Kafka answers at once), which
-    /// puts up to that much on every delivery's latency.
-    fn relay_env(&self, group: &str, topic: &str) -> Vec<(String, String)> {
-        let fetch_wait = format!(r#","fetch.wait.max.ms":{}"#, fetch_wait_ms());
-        vec![
-            ("SYNCRELAY__BUS__KIND".into(), "kafka".into()),
-            ("SYNCRELAY__BUS__KAFKA__GROUP_ID".into(), group.into()),
-            ("SYNCRELAY__BUS__KAFKA__TOPICS".into(), format!("[\"{topic}\"]")),
-            ("SYNCRELAY__BUS__KAFKA__DLQ_TOPIC".into(), format!("{topic}.dlq")),
-            (
-                "SYNCRELAY__BUS__KAFKA__COMMANDS_TOPIC".into(),
-                format!("{topic}.commands"),
-            ),
-            (
-                "SYNCRELAY__BUS__KAFKA__LIBRDKAFKA".into(),
-                format!(
-                    r#"{{"bootstrap.servers":"{}","session.timeout.ms":6000,"max.poll.interval.ms":7000,"heartbeat.interval.ms":1000{}}}"#,
-                    self.bootstrap(),
-                    fetch_wait
-                ),
-            ),
-        ]
-    }
-
-    /// Sum over partitions of (committed offset of `group`, log end).
-    fn committed_and_end(&self, group: &str, topic: &str) -> (i64, i64) {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in md.topics()[0].partitions() {
-            tpl.add_partition(topic, p.id());
-        }
-        let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-        let (mut com, mut end) = (0, 0);
-        for e in committed.elements() {
-            let (_, high) = c
-                .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
-                .unwrap();
-            if let Offset::Offset(o) = e.offset() {
-                com += o;
-            }
-            end += high;
-        }
-        (com, end)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Sum over partitions of (committed offset of `group`, log end).
+fn committed_and_end(broker: &Broker, group: &str, topic: &str) -> (i64, i64) {
+    broker
+        .committed_and_end(group, topic)
+        .iter()
+        .fold((0, 0), |(c, e), (_, com, end)| (c + (*com).max(0), e + end))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Workload
-
-fn run_id(n: usize) -> String {
-    format!("00000000-0000-4000-8000-{n:012}")
-}
 
 /// An event of about `PAYLOAD_BYTES` JSON bytes.
 fn event(id: &str, webhook: &str, run: &str, i: usize) -> Value {
@@ -567,12 +174,12 @@ fn workload_sized(
 }
 
 /// Events as Kafka records: (key = run id, value).
-fn keyed(events: &[Value]) -> Vec<(String, Vec<u8>)> {
+fn keyed(events: &[Value]) -> Vec<(Option<String>, Vec<u8>)> {
     events
         .iter()
         .map(|e| {
             (
-                e["sync_job_run_id"].as_str().unwrap().to_string(),
+                Some(e["sync_job_run_id"].as_str().unwrap().to_string()),
                 e.to_string().into_bytes(),
             )
         })
@@ -580,21 +187,14 @@ fn keyed(events: &[Value]) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Produce `msgs` to `topic`, 2,000 awaited at a time; returns when all are acknowledged.
-async fn produce_all(producer: &FutureProducer, topic: &str, msgs: &[(String, Vec<u8>)]) {
-    for chunk in msgs.chunks(2000) {
-        let futs = chunk
-            .iter()
-            .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(60)));
-        for r in futures_util::future::join_all(futs).await {
-            r.map_err(|(e, _)| e).expect("produce");
-        }
-    }
+async fn produce_all(producer: &FutureProducer, topic: &str, msgs: &[(Option<String>, Vec<u8>)]) {
+    produce_with(producer, topic, msgs).await;
 }
 
 /// Produce one warm-up event to a fresh webhook at `/warm` and wait for it: the group is
 /// joined and partitions assigned once it comes through.
-async fn kafka_warm_up(rx: &Receiver, relay: &Relay, producer: &FutureProducer, topic: &str) {
-    let (wid, _) = relay.webhook(&rx.url("/warm")).await;
+async fn kafka_warm_up(rx: &Receiver, relay: &RelayProcess, producer: &FutureProducer, topic: &str) {
+    let (wid, _) = webhook(relay, &rx.url("/warm")).await;
     rx.reset();
     let warm = event("warm", &wid, &run_id(2_000_000), 0).to_string();
     producer
@@ -605,7 +205,7 @@ async fn kafka_warm_up(rx: &Receiver, relay: &Relay, producer: &FutureProducer, 
         .await
         .map_err(|(e, _)| e)
         .expect("produce warm-up");
-    rx.wait_for(1, Duration::from_secs(120)).await;
+    wait_delivered(rx, 1, Duration::from_secs(120)).await;
     rx.reset();
 }
 
@@ -619,7 +219,7 @@ enum Feed {
 
 impl Feed {
     /// Send all of `events`; returns when all are accepted (202) or acknowledged.
-    async fn send(&self, relay: &Relay, events: &[Value]) {
+    async fn send(&self, relay: &RelayProcess, events: &[Value]) {
         match self {
             Feed::Api { batch } => post_events_batched(relay, events, *batch).await,
             Feed::Kafka { producer, topic } => produce_all(producer, topic, &keyed(events)).await,
@@ -627,11 +227,12 @@ impl Feed {
     }
 
     /// Send the events due now without waiting for Kafka acknowledgements (kept in `acks`).
-    async fn send_due(&self, relay: &Relay, due: &[Value], acks: &mut Vec<DeliveryFuture>) {
+    async fn send_due(&self, relay: &RelayProcess, due: &[Value], acks: &mut Vec<DeliveryFuture>) {
         match self {
             Feed::Api { batch } => post_events_batched(relay, due, *batch).await,
             Feed::Kafka { producer, topic } => {
                 for (k, v) in keyed(due) {
+                    let k = k.unwrap();
                     acks.push(
                         producer
                             .send_result(FutureRecord::to(topic).key(&k).payload(&v))
@@ -713,18 +314,25 @@ async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize
 }
 
 /// Post `events` in batches of 500, two batches in flight; returns when all are accepted.
-async fn post_events(relay: &Relay, events: &[Value]) {
+async fn post_events(relay: &RelayProcess, events: &[Value]) {
     post_events_batched(relay, events, 500).await
 }
 
 /// Post `events` in batches of `batch`, two batches in flight; returns when all are accepted.
-async fn post_events_batched(relay: &Relay, events: &[Value], batch: usize) {
+async fn post_events_batched(relay: &RelayProcess, events: &[Value], batch: usize) {
     let chunks: Vec<&[Value]> = events.chunks(batch).collect();
     for pair in chunks.chunks(2) {
-        let bodies: Vec<Value> = pair.iter().map(|c| json!({ "events": c })).collect();
-        let futs = bodies.iter().map(|b| relay.post("/events", b));
-        for (s, b) in futures_util::future::join_all(futs).await {
-            assert_eq!(s, 202, "{b}");
+        let futs = pair.iter().map(|c| {
+            relay
+                .req(reqwest::Method::POST, "/events")
+                .header("content-type", "application/json")
+                .body(json!({ "events": c }).to_string())
+                .send()
+        });
+        for r in futures_util::future::join_all(futs).await {
+            let r = r.expect("POST /events");
+            let s = r.status().as_u16();
+            assert_eq!(s, 202, "{}", r.text().await.unwrap_or_default());
         }
     }
 }
@@ -740,8 +348,8 @@ struct EmbeddedResult {
 }
 
 async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat_secs: f64) -> EmbeddedResult {
-    let relay = Relay::start(vec![]).await;
-    let (wid, secret) = relay.webhook(&rx.url("/embedded")).await;
+    let relay = start_relay(vec![]).await;
+    let (wid, secret) = webhook(&relay, &rx.url("/embedded")).await;
     let events = workload("emb", &wid, runs, per_run, 0);
     let n = events.len() as u64;
     rx.reset();
@@ -750,7 +358,7 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
     let started = Instant::now();
     post_events(&relay, &events).await;
     let accepted = started.elapsed();
-    let done = rx.wait_for(n, Duration::from_secs(600)).await;
+    let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
     let eps = n as f64 / secs(done - started);
     eprintln!(
         "  embedded: relay CPU {:.2}s over {:.2}s wall",
@@ -771,7 +379,7 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
     relay.reset_peak_rss();
     let started = Instant::now();
     post_events(&relay, &events).await;
-    let done = rx.wait_for(single as u64, Duration::from_secs(600)).await;
+    let done = wait_delivered(rx, single as u64, Duration::from_secs(600)).await;
     let single_eps = single as f64 / secs(done - started);
     let rss_single = relay.peak_rss_mib();
     let v2 = rx.verify_samples(&secret);
@@ -796,9 +404,9 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    rx.wait_for(n_lat as u64, Duration::from_secs(600)).await;
+    wait_delivered(rx, n_lat as u64, Duration::from_secs(600)).await;
     let latency = (rate, rx.percentiles());
-    relay.stop();
+    drop(relay);
     EmbeddedResult {
         eps,
         single_eps,
@@ -854,7 +462,7 @@ async fn kafka_latency(
     for a in futures_util::future::join_all(acks).await {
         a.expect("delivery future").map_err(|(e, _)| e).expect("produce");
     }
-    rx.wait_for(n_lat as u64, Duration::from_secs(600)).await;
+    wait_delivered(rx, n_lat as u64, Duration::from_secs(600)).await;
     (rate, rx.percentiles())
 }
 
@@ -871,9 +479,9 @@ async fn kafka(
     let broker = Broker::start();
     broker.create_topic(topic, 8);
     let group = "bench-relay";
-    let relay = Relay::start(broker.relay_env(group, topic)).await;
-    let (wid, secret) = relay.webhook(&rx.url("/kafka")).await;
-    let producer = broker.producer();
+    let relay = start_relay(kafka_env(&broker, group, topic)).await;
+    let (wid, secret) = webhook(&relay, &rx.url("/kafka")).await;
+    let producer = producer(&broker);
 
     kafka_warm_up(rx, &relay, &producer, topic).await;
 
@@ -885,9 +493,9 @@ async fn kafka(
     let started = Instant::now();
     produce_all(&producer, topic, &events).await;
     let produced = started.elapsed();
-    let delivered = rx.wait_for(n, Duration::from_secs(600)).await;
+    let delivered = wait_delivered(rx, n, Duration::from_secs(600)).await;
     let committed = loop {
-        let (com, end) = broker.committed_and_end(group, topic);
+        let (com, end) = committed_and_end(&broker, group, topic);
         if com >= end {
             break Instant::now();
         }
@@ -917,7 +525,7 @@ async fn kafka(
         Some(lat_secs) => Some(kafka_latency(rx, &producer, topic, &wid, eps_delivered / 2.0, lat_secs).await),
         None => None,
     };
-    relay.stop();
+    drop(relay);
 
     // L_broker: a bare consumer reads the same topic (same messages) from the beginning.
     let bootstrap = broker.bootstrap();
@@ -972,8 +580,8 @@ async fn embedded_sized(
     payload: usize,
     batch: usize,
 ) -> (f64, f64, (usize, usize)) {
-    let relay = Relay::start(vec![]).await;
-    let (wid, secret) = relay.webhook(&rx.url("/embedded-large")).await;
+    let relay = start_relay(vec![]).await;
+    let (wid, secret) = webhook(&relay, &rx.url("/embedded-large")).await;
     let events = workload_sized("embl", &wid, runs, per_run, 0, payload);
     let n = events.len() as u64;
     rx.reset();
@@ -981,7 +589,7 @@ async fn embedded_sized(
     let started = Instant::now();
     post_events_batched(&relay, &events, batch).await;
     let accepted = started.elapsed();
-    let done = rx.wait_for(n, Duration::from_secs(600)).await;
+    let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
     eprintln!(
         "  embedded ({payload} B): accepted {n} in {:.2}s, delivered in {:.2}s",
         secs(accepted),
@@ -989,7 +597,7 @@ async fn embedded_sized(
     );
     let rss = relay.peak_rss_mib();
     let verified = rx.verify_samples(&secret);
-    relay.stop();
+    drop(relay);
     (n as f64 / secs(done - started), rss, verified)
 }
 
@@ -1034,12 +642,12 @@ async fn iso_phase(
 ) -> IsoPhase {
     let label = if slow { "slow" } else { "baseline" };
     let (relay, feed) = match broker {
-        None => (Relay::start(vec![]).await, Feed::Api { batch: 500 }),
+        None => (start_relay(vec![]).await, Feed::Api { batch: 500 }),
         Some(b) => {
             let topic = format!("bench.iso.{label}");
             b.create_topic(&topic, 8);
-            let relay = Relay::start(b.relay_env(&format!("bench-iso-{label}"), &topic)).await;
-            let producer = b.producer();
+            let relay = start_relay(kafka_env(b, &format!("bench-iso-{label}"), &topic)).await;
+            let producer = producer(b);
             kafka_warm_up(rx, &relay, &producer, &topic).await;
             (relay, Feed::Kafka { producer, topic })
         }
@@ -1051,7 +659,7 @@ async fn iso_phase(
         } else {
             format!("/iso/{i}")
         };
-        wids.push(relay.webhook(&rx.url(&path)).await.0);
+        wids.push(webhook(&relay, &rx.url(&path)).await.0);
     }
     let mut events = Vec::with_capacity(per_wh * ISO_WEBHOOKS);
     for k in 0..per_wh {
@@ -1068,12 +676,11 @@ async fn iso_phase(
     let healthy = ISO_WEBHOOKS - 1;
     let until = started + Duration::from_secs(600);
     let done = loop {
-        let n = {
-            let m = rx.state.by_path.lock().unwrap();
-            m.iter()
-                .filter(|(p, c)| p.as_str() != "/iso/0" && **c >= per_wh as u64)
-                .count()
-        };
+        let n = rx
+            .answered_by_path()
+            .iter()
+            .filter(|(p, c)| p.starts_with("/iso/") && p.as_str() != "/iso/0" && **c >= per_wh as u64)
+            .count();
         if n >= healthy {
             break Instant::now();
         }
@@ -1084,8 +691,8 @@ async fn iso_phase(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let eps = (healthy * per_wh) as f64 / secs(done - started);
-    let slow_arrivals = rx.slow_count();
-    let complete = rx.paths_with(per_wh as u64) - usize::from(!slow);
+    let slow_arrivals = rx.answered_on("/slow");
+    let complete = iso_paths_with(rx, per_wh as u64) - usize::from(!slow);
     eprintln!(
         "  isolation {} ({label}): accepted {} in {:.2}s, webhooks 1..99 done in {:.2}s, slow webhook got {slow_arrivals}",
         feed.name(),
@@ -1095,8 +702,7 @@ async fn iso_phase(
     );
     if !slow {
         // Let webhook 0 finish too, so its stragglers are not counted in the latency phase.
-        rx.wait_for((ISO_WEBHOOKS * per_wh) as u64, Duration::from_secs(600))
-            .await;
+        wait_delivered(rx, (ISO_WEBHOOKS * per_wh) as u64, Duration::from_secs(600)).await;
     }
     let rss = relay.peak_rss_mib();
 
@@ -1129,10 +735,10 @@ async fn iso_phase(
         for a in futures_util::future::join_all(acks).await {
             a.expect("delivery future").map_err(|(e, _)| e).expect("produce");
         }
-        rx.wait_for(expect as u64, Duration::from_secs(600)).await;
+        wait_delivered(rx, expect as u64, Duration::from_secs(600)).await;
         Some((rate, rx.percentiles()))
     };
-    relay.stop();
+    drop(relay);
     IsoPhase {
         eps,
         slow_arrivals,
@@ -1176,11 +782,11 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
     let topic = "bench.parked";
     let group = "bench-parked";
     let (relay, feed) = match &broker {
-        None => (Relay::start(vec![]).await, Feed::Api { batch: 500 }),
+        None => (start_relay(vec![]).await, Feed::Api { batch: 500 }),
         Some(b) => {
             b.create_topic(topic, 8);
-            let relay = Relay::start(b.relay_env(group, topic)).await;
-            let producer = b.producer();
+            let relay = start_relay(kafka_env(b, group, topic)).await;
+            let producer = producer(b);
             kafka_warm_up(rx, &relay, &producer, topic).await;
             (
                 relay,
@@ -1191,7 +797,7 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
             )
         }
     };
-    let (wid, _) = relay.webhook(&rx.url(&format!("/unavailable/{}", feed.name()))).await;
+    let (wid, _) = webhook(&relay, &rx.url(&format!("/unavailable/{}", feed.name()))).await;
     let per_run = n / PARKED_RUNS;
     let n = per_run * PARKED_RUNS;
     rx.reset();
@@ -1211,9 +817,9 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
     let until = started + Duration::from_secs(900);
     loop {
         let held = match &broker {
-            None => rx.unavailable_count() >= PARKED_RUNS as u64,
+            None => rx.answered_on("/unavailable") >= PARKED_RUNS as u64,
             Some(b) => {
-                let (com, end) = b.committed_and_end(group, topic);
+                let (com, end) = committed_and_end(b, group, topic);
                 com >= end
             }
         };
@@ -1224,7 +830,7 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
             Instant::now() < until,
             "parked ({}): not held after 900 s (503 answers: {})",
             feed.name(),
-            rx.unavailable_count()
+            rx.answered_on("/unavailable")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1234,9 +840,9 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
     let r = ParkedResult {
         n,
         held_secs,
-        queue_depth: relay.metric("syncrelay_queue_depth", "").await,
-        parked_metric: relay.metric("syncrelay_deliveries_parked_total", "").await,
-        attempts_503: rx.unavailable_count(),
+        queue_depth: metric(&relay, "syncrelay_queue_depth").await,
+        parked_metric: metric(&relay, "syncrelay_deliveries_parked_total").await,
+        attempts_503: rx.answered_on("/unavailable"),
         rss: relay.peak_rss_mib(),
     };
     eprintln!(
@@ -1248,7 +854,7 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
         r.attempts_503,
         r.rss
     );
-    relay.stop();
+    drop(relay);
     r
 }
 
@@ -1392,8 +998,7 @@ fn main() {
                 || only.iter().any(|o| o == name)
                 || name.split_once('-').is_some_and(|(group, _)| only.iter().any(|o| o == group))
         };
-        let _ = relay_binary();
-        let rx = Receiver::start();
+        let rx = receiver();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut rep = Report::default();
         let yes = Some;
@@ -1703,7 +1308,7 @@ fn main() {
         obj.insert("targets".into(), Value::Object(std::mem::take(&mut rep.targets)));
         let text = serde_json::to_string_pretty(&out).unwrap();
         println!("{text}");
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
         std::fs::write(&path, &text).unwrap();
         eprintln!("wrote {}", path.display());
     });

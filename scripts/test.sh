@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what it needs, then runs every test.
-#   unit + integration tests (cargo test: real HTTP receivers, the real binary, real SQLite)
+#   unit + integration tests (cargo test: real HTTP receivers, the real binary, real SQLite, a real
+#   tansu broker, a real PostgreSQL the tests start themselves)
 #   the dashboard/alert check against a real Prometheus (tests/prometheus/check.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,6 +24,26 @@ else
     export TANSU_BIN="$HOME/.cargo/bin/tansu"
 fi
 
+# The PostgreSQL tests start their own server (tests/support/postgres.rs) from Debian's binaries.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root (or sudo) to run: $*" >&2
+        exit 1
+    fi
+}
+if [ -z "${PG_BIN:-}" ] && [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+    echo "== installing PostgreSQL (once per machine)"
+    # Keep the package's own cluster from starting (the tests run their own server).
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [ ! -e "$policy" ]; then
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod +x $policy"
+        created_policy=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update && apt-get install -y postgresql'
+    if [ "$created_policy" -eq 1 ]; then as_root rm -f "$policy"; fi
+fi
+
 echo "== cargo build"
 cargo build --locked --all-targets
 
@@ -31,11 +52,12 @@ trap 'rm -f "$log"' EXIT
 
 echo "== cargo test"
 set +e
-cargo test --locked --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs even after one fails, so the counts below are complete.
+cargo test --locked --no-fail-fast --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ failed;' | awk '{s+=$1} END {print s+0}')
 if [ "$status" -ne 0 ]; then
     echo "tests: $passed passed, $((failed > 0 ? failed : 1)) failed"
     exit "$status"

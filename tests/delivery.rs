@@ -1,141 +1,218 @@
-//! Delivery behaviour over real HTTP: syncrelay in-process on port 0, a real receiver.
+//! Delivery behaviour over real HTTP: syncrelay in-process on port 0, a real receiver; the
+//! first scenarios run against both buses (`both_buses!`, tests/support/bus.rs).
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::*;
 use hmac::Mac;
 use serde_json::json;
+use support::*;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivered_event_verifies_with_standard_webhooks_and_truto_signature_recomputes() {
-    let rx = Receiver::start().await;
-    let app = spawn_app(&[]).await;
-    let (wid, secret) = app.webhook(&rx.url("/hook"), &[]).await;
-    let run = run_id(1);
-    app.send_events(vec![json!({
-        "id": "evt_sig_1", "event": "sync_job_run:record", "sync_job_run_id": run,
-        "environment_id": "env-1", "created_at": "2026-11-25T10:00:00Z",
-        "payload": {"z": 1, "a": {"nested": [1, 2, "three"]}, "unicode": "héllo ✓"}
-    })])
-    .await;
-    // No webhook_id on the event and no known run: must name a webhook. Send the explicit one.
-    let got = rx
-        .wait_for(Duration::from_secs(10), "nothing (unknown run)", |_| true)
-        .await;
-    assert!(
-        got.is_empty(),
-        "an event of an unknown run without webhook_id must not be delivered"
-    );
+// ---------------------------------------------------------------------------------------------
+// Scenarios run against both buses (`name::embedded`, `name::kafka`): the relay in-process, events
+// in through `POST /events` or produced to the events topic keyed by run.
 
-    app.send_events(vec![json!({
-        "id": "evt_sig_2", "event": "sync_job_run:record", "sync_job_run_id": run, "webhook_id": wid,
-        "environment_id": "env-1", "created_at": "2026-11-25T10:00:00Z",
-        "payload": {"z": 1, "a": {"nested": [1, 2, "three"]}, "unicode": "héllo ✓"}
-    })])
-    .await;
-    let got = rx
-        .wait_for(Duration::from_secs(10), "one delivery", |g| !g.is_empty())
-        .await;
-    let r = &got[0];
+/// How long a scenario waits for deliveries (a Kafka consumer joins its group first).
+const WAIT: Duration = Duration::from_secs(30);
 
-    // The independent reference verifier accepts it.
-    let verifier = standardwebhooks::Webhook::new(&secret).unwrap();
-    verifier
-        .verify(&r.body, &r.header_map())
-        .expect("standardwebhooks verifies the signature");
-    // A wrong secret does not.
-    let other = standardwebhooks::Webhook::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
-    assert!(other.verify(&r.body, &r.header_map()).is_err());
-
-    // x-truto-signature: HMAC-SHA256 keyed with the secret string over the body.
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(&r.body);
-    let want = format!(
-        "format=sha256,v={}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    );
-    assert_eq!(r.header("x-truto-signature"), want);
-
-    // Headers and body per the contract.
-    assert_eq!(r.header("webhook-id"), "evt_sig_2");
-    assert_eq!(r.header("webhook-attempt"), "1");
-    assert_eq!(r.header("content-type"), "application/json");
-    assert!(r.header("user-agent").starts_with("syncrelay/"));
-    let body = r.json();
-    assert_eq!(body["id"], "evt_sig_2");
-    assert_eq!(body["event"], "sync_job_run:record");
-    assert_eq!(body["webhook_id"], wid.as_str());
-    assert_eq!(body["environment_id"], "env-1");
-    assert_eq!(body["created_at"], "2026-11-25T10:00:00.000Z");
-    assert_eq!(body["payload"]["unicode"], "héllo ✓");
-    // Payload passed through with its key order, compact.
-    let text = String::from_utf8(r.body.clone()).unwrap();
-    assert!(
-        text.contains(r#""payload":{"z":1,"a":{"nested":[1,2,"three"]},"unicode":"héllo ✓"}"#),
-        "{text}"
-    );
-
-    // The unroutable one is a dead letter with its reason.
-    let (_, dl) = app.get("/dead-letters").await;
-    let reasons: Vec<_> = dl["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| (d["event_id"].clone(), d["reason"].clone()))
-        .collect();
-    assert_eq!(reasons, vec![(json!("evt_sig_1"), json!("unknown_run"))]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id() {
-    // 500, 500, 500, then 200.
-    let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen < 3 { 500 } else { 200 }))).await;
-    let app = spawn_app(&[
-        ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "100"),
-        ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "3"),
-    ])
-    .await;
-    let (wid, _) = app.webhook(&rx.url("/flaky"), &[]).await;
-    app.send_events(vec![event("evt_retry", &wid, Some(&run_id(7)), json!({"n": 1}))])
-        .await;
-    let got = rx
-        .wait_for(Duration::from_secs(20), "4 attempts", |g| g.len() >= 4)
-        .await;
-    assert_eq!(got.len(), 4);
-    for (i, r) in got.iter().enumerate() {
-        assert_eq!(r.header("webhook-id"), "evt_retry");
-        assert_eq!(r.header("webhook-attempt"), (i + 1).to_string());
-        assert_eq!(r.body, got[0].body, "the body is the same on every attempt");
+/// The delivery log's entry (`GET /deliveries/{id}`, attempts included) of `event_id`'s one
+/// delivery once it is no longer pending, waiting up to 5 s for it; panics when there is none.
+async fn settled_delivery(app: &impl Api, event_id: &str) -> serde_json::Value {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, list) = app.get(&format!("/deliveries?event_id={event_id}")).await;
+        let rows = list["results"].as_array().unwrap();
+        if let [row] = rows.as_slice() {
+            if row["status"] != "pending" || std::time::Instant::now() > until {
+                let (_, d) = app.get(&format!("/deliveries/{}", row["id"].as_str().unwrap())).await;
+                return d;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the delivery log does not show one delivery of {event_id}: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].at - w[0].at).collect();
-    // Schedule: 100 ms, 300 ms, 900 ms (no jitter in this test).
-    assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
-    assert!(gaps[1] >= Duration::from_millis(300), "{gaps:?}");
-    assert!(gaps[2] >= Duration::from_millis(900), "{gaps:?}");
-    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "gaps grow: {gaps:?}");
-
-    // The delivery log shows every attempt.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, list) = app.get("/deliveries?event_id=evt_retry").await;
-    let id = list["results"][0]["id"].as_str().unwrap().to_string();
-    let (_, d) = app.get(&format!("/deliveries/{id}")).await;
-    assert_eq!(d["status"], "delivered");
-    let statuses: Vec<_> = d["attempts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["status"].as_i64().unwrap())
-        .collect();
-    assert_eq!(statuses, vec![500, 500, 500, 200]);
-    assert_eq!(d["attempts"][0]["response_excerpt"], "receiver says hi");
 }
+
+both_buses!(
+    delivered_event_verifies_with_standard_webhooks_and_truto_signature_recomputes,
+    |bus| async move {
+        let rx = Receiver::start().await;
+        let h = Harness::start(bus, &[]).await;
+        let app = h.api();
+        let (wid, secret) = app.webhook(&rx.url("/hook"), &[]).await;
+        let run = run_id(1);
+        h.send(&[json!({
+            "id": "evt_sig_2", "event": "sync_job_run:record", "sync_job_run_id": run, "webhook_id": wid,
+            "environment_id": "env-1", "created_at": "2026-11-25T10:00:00Z",
+            "payload": {"z": 1, "a": {"nested": [1, 2, "three"]}, "unicode": "héllo ✓"}
+        })])
+        .await;
+        let got = rx.wait_for(WAIT, "one delivery", |g| !g.is_empty()).await;
+        let r = &got[0];
+
+        // The independent reference verifier accepts it.
+        let verifier = standardwebhooks::Webhook::new(&secret).unwrap();
+        verifier
+            .verify(&r.body, &r.header_map())
+            .expect("standardwebhooks verifies the signature");
+        // A wrong secret does not.
+        let other = standardwebhooks::Webhook::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+        assert!(other.verify(&r.body, &r.header_map()).is_err());
+
+        // x-truto-signature: HMAC-SHA256 keyed with the secret string over the body.
+        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(&r.body);
+        let want = format!(
+            "format=sha256,v={}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(r.header("x-truto-signature"), want);
+
+        // Headers and body per the contract.
+        assert_eq!(r.header("webhook-id"), "evt_sig_2");
+        assert_eq!(r.header("webhook-attempt"), "1");
+        assert_eq!(r.header("content-type"), "application/json");
+        assert!(r.header("user-agent").starts_with("syncrelay/"));
+        let body = r.json();
+        assert_eq!(body["id"], "evt_sig_2");
+        assert_eq!(body["event"], "sync_job_run:record");
+        assert_eq!(body["webhook_id"], wid.as_str());
+        assert_eq!(body["environment_id"], "env-1");
+        assert_eq!(body["created_at"], "2026-11-25T10:00:00.000Z");
+        assert_eq!(body["payload"]["unicode"], "héllo ✓");
+        // Payload passed through with its key order, compact.
+        let text = String::from_utf8(r.body.to_vec()).unwrap();
+        assert!(
+            text.contains(r#""payload":{"z":1,"a":{"nested":[1,2,"three"]},"unicode":"héllo ✓"}"#),
+            "{text}"
+        );
+
+        // In the delivery log with its one attempt, and counted.
+        let d = settled_delivery(app, "evt_sig_2").await;
+        assert_eq!(d["status"], "delivered", "{d}");
+        assert_eq!(
+            h.metric(
+                "syncrelay_deliveries_total",
+                &[("kind", "webhook"), ("outcome", "delivered")]
+            )
+            .await,
+            1.0
+        );
+        let statuses: Vec<_> = d["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["status"].clone())
+            .collect();
+        assert_eq!(statuses, vec![json!(200)], "{d}");
+    }
+);
+
+both_buses!(
+    an_event_of_an_unknown_run_without_webhook_is_dead_lettered_and_the_run_goes_on,
+    |bus| async move {
+        let rx = Receiver::start().await;
+        let h = Harness::start(bus, &[]).await;
+        let app = h.api();
+        let (wid, _) = app.webhook(&rx.url("/hook"), &[]).await;
+        let run = run_id(2);
+        // No webhook_id and a run the relay does not know: nowhere to deliver it.
+        let unroutable =
+            json!({"id": "evt_lost", "event": "sync_job_run:record", "sync_job_run_id": run, "payload": {}});
+        h.send(&[unroutable.clone(), event("evt_next", &wid, Some(&run), json!({}))])
+            .await;
+        let got = rx
+            .wait_for(WAIT, "the event behind it", |g| {
+                g.iter().any(|r| r.header("webhook-id") == "evt_next")
+            })
+            .await;
+        assert_eq!(got.len(), 1, "only the routable event is delivered");
+
+        let (_, dl) = app.get("/dead-letters").await;
+        let reasons: Vec<_> = dl["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["event_id"].clone(), d["reason"].clone()))
+            .collect();
+        assert_eq!(reasons, vec![(json!("evt_lost"), json!("unknown_run"))]);
+        assert_eq!(
+            h.metric("syncrelay_dead_letters_total", &[("reason", "unknown_run")])
+                .await,
+            1.0
+        );
+
+        if bus == Bus::Kafka {
+            // And on the dead-letter topic: the original bytes, the reason and where it came from.
+            let dlq = h.consume_dlq(1, Duration::from_secs(20)).await;
+            assert_eq!(dlq.len(), 1, "one message on the dead-letter topic");
+            let m = &dlq[0];
+            assert_eq!(m.json(), unroutable);
+            assert_eq!(m.header("x-dlq-reason"), Some("unknown_run"));
+            assert_eq!(m.header("x-dlq-source-topic"), Some(h.kafka().topics.events.as_str()));
+            assert!(m
+                .header("x-dlq-source-offset")
+                .is_some_and(|o| o.parse::<i64>().is_ok()));
+        }
+    }
+);
+
+both_buses!(
+    failed_delivery_is_retried_with_growing_backoff_and_the_same_webhook_id,
+    |bus| async move {
+        // 500, 500, 500, then 200.
+        let rx = Receiver::with_script(Arc::new(|_, seen| Reply::status(if seen < 3 { 500 } else { 200 }))).await;
+        let h = Harness::start(
+            bus,
+            &[
+                ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "100"),
+                ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "3"),
+            ],
+        )
+        .await;
+        let app = h.api();
+        let (wid, _) = app.webhook(&rx.url("/flaky"), &[]).await;
+        h.send(&[event("evt_retry", &wid, Some(&run_id(7)), json!({"n": 1}))])
+            .await;
+        let got = rx.wait_for(WAIT, "4 attempts", |g| g.len() >= 4).await;
+        assert_eq!(got.len(), 4);
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.header("webhook-id"), "evt_retry");
+            assert_eq!(r.header("webhook-attempt"), (i + 1).to_string());
+            assert_eq!(r.body, got[0].body, "the body is the same on every attempt");
+        }
+        let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].at - w[0].at).collect();
+        // Schedule: 100 ms, 300 ms, 900 ms (no jitter in this test).
+        assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+        assert!(gaps[1] >= Duration::from_millis(300), "{gaps:?}");
+        assert!(gaps[2] >= Duration::from_millis(900), "{gaps:?}");
+        assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "gaps grow: {gaps:?}");
+
+        // The delivery log shows every attempt.
+        let d = settled_delivery(app, "evt_retry").await;
+        assert_eq!(d["status"], "delivered", "{d}");
+        let statuses: Vec<_> = d["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["status"].as_i64().unwrap())
+            .collect();
+        assert_eq!(statuses, vec![500, 500, 500, 200]);
+        assert_eq!(d["attempts"][0]["response_excerpt"], "receiver says hi");
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Embedded bus only (for now).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_each_run_arrive_in_order_while_runs_interleave() {

@@ -1,14 +1,14 @@
 //! Kafka as the bus, against a real Kafka-protocol broker (tansu) and a real HTTP receiver.
 
-mod common;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::broker::Broker;
-use common::*;
 use serde_json::json;
+use support::broker::Broker;
+use support::*;
 
 /// The broker tests share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -154,14 +154,14 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_good_events_flow() {
     let dlq = broker.read_all("ev2.dlq", 5, Duration::from_secs(20));
     assert_eq!(dlq.len(), 5, "five poison messages on the dead-letter topic");
     let mut reasons: Vec<String> = Vec::new();
-    for (headers, value) in &dlq {
-        let h: HashMap<_, _> = headers.iter().cloned().collect();
+    for m in &dlq {
+        let h: HashMap<_, _> = m.headers.iter().cloned().collect();
         reasons.push(h["x-dlq-reason"].clone());
         assert_eq!(h["x-dlq-source-topic"], "ev2");
         assert!(h["x-dlq-source-partition"].parse::<i32>().is_ok());
         assert!(h["x-dlq-source-offset"].parse::<i64>().is_ok());
         assert!(h.contains_key("x-dlq-attempts") && h.contains_key("x-dlq-last-status"));
-        assert!(poison.iter().any(|(_, p)| p == value), "original bytes are kept");
+        assert!(poison.iter().any(|(_, p)| *p == m.value), "original bytes are kept");
     }
     reasons.sort();
     assert_eq!(
@@ -236,8 +236,7 @@ async fn a_failing_webhook_does_not_hold_up_other_runs_of_its_partition() {
     for r in 0..10 {
         assert_eq!(per_run[&run_id(r)], (0..20).collect::<Vec<_>>(), "run {r} in order");
     }
-    let text = app.metrics_text().await;
-    let parked = metric_value(&text, "syncrelay_deliveries_parked_total ");
+    let parked = app.metric("syncrelay_deliveries_parked_total", &[]).await;
     assert!(parked > 0.0, "the failing run was parked in the store");
     let offs = wait_committed_at_end(&broker, "g3", "ev3", 200).await;
     assert_eq!(ends[&0], 200);
@@ -266,8 +265,7 @@ async fn restart_holding_all_partitions(
             RelayProcess::start_with(data, port, extra, broker.relay_env(&format!("g-{topic}"), topic)).await;
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
-            let text = relay.metrics_text().await;
-            if metric_value(&text, "syncrelay_kafka_assigned_partitions ") as i64 == 4 {
+            if relay.metric("syncrelay_kafka_assigned_partitions", &[]).await as i64 == 4 {
                 return relay;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -316,11 +314,11 @@ async fn killed_three_times(batching: bool) {
         }
     }
     let producer = if batching {
-        broker.batching_producer()
+        broker.batching_producer(20)
     } else {
         broker.producer()
     };
-    broker.produce_with(&producer, topic, &msgs).await;
+    support::broker::produce_with(&producer, topic, &msgs).await;
     for kill in 1..=3 {
         let target = kill * 4000;
         rx.wait_for(Duration::from_secs(120), "progress before the kill", |g| {
@@ -427,10 +425,8 @@ async fn two_instances(stop_a: StopA) {
     // Wait for both to hold an assignment.
     let until = Instant::now() + Duration::from_secs(40);
     loop {
-        let ta = a.metrics_text().await;
-        let tb = b.metrics_text().await;
-        let la = metric_value(&ta, "syncrelay_kafka_assigned_partitions ") as i64;
-        let lb = metric_value(&tb, "syncrelay_kafka_assigned_partitions ") as i64;
+        let la = a.metric("syncrelay_kafka_assigned_partitions", &[]).await as i64;
+        let lb = b.metric("syncrelay_kafka_assigned_partitions", &[]).await as i64;
         if la > 0 && lb > 0 && la + lb == 4 {
             println!("partitions: instance A {la}, instance B {lb}");
             break;
@@ -454,14 +450,9 @@ async fn two_instances(stop_a: StopA) {
     broker.produce("ev5", &msgs).await;
     rx.wait_for(Duration::from_secs(60), "some deliveries", |g| g.len() >= 800)
         .await;
-    let da = metric_value(
-        &a.metrics_text().await,
-        "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
-    );
-    let db = metric_value(
-        &b.metrics_text().await,
-        "syncrelay_deliveries_total{kind=\"webhook\",outcome=\"delivered\"}",
-    );
+    let delivered = [("kind", "webhook"), ("outcome", "delivered")];
+    let da = a.metric("syncrelay_deliveries_total", &delivered).await;
+    let db = b.metric("syncrelay_deliveries_total", &delivered).await;
     assert!(da > 0.0 && db > 0.0, "both instances delivered (A {da}, B {db})");
     match stop_a {
         StopA::No => {}
@@ -476,7 +467,7 @@ async fn two_instances(stop_a: StopA) {
             // The handover itself, not only the events: B holds all 4 partitions soon after.
             let until = Instant::now() + Duration::from_secs(20);
             loop {
-                let lb = metric_value(&b.metrics_text().await, "syncrelay_kafka_assigned_partitions ") as i64;
+                let lb = b.metric("syncrelay_kafka_assigned_partitions", &[]).await as i64;
                 if lb == 4 {
                     break;
                 }

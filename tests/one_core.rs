@@ -4,14 +4,14 @@
 //! whichever way they came in, and one in-flight cap. Against a real Kafka-protocol broker
 //! (tansu) and real HTTP receivers.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::broker::Broker;
-use common::*;
 use serde_json::{json, Value};
+use support::broker::Broker;
+use support::*;
 
 /// The broker tests share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -31,8 +31,7 @@ async fn kafka_relay(broker: &Broker, topic: &str, extra: &[(&str, &str)]) -> Te
     let app = spawn_app_with(extra, broker.relay_env(&format!("g-{topic}"), topic)).await;
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = app.metrics_text().await;
-        if metric_value(&text, "syncrelay_kafka_assigned_partitions ") as i64 == 2 {
+        if app.metric("syncrelay_kafka_assigned_partitions", &[]).await as i64 == 2 {
             return app;
         }
         assert!(Instant::now() < until, "the relay never got its partitions");
@@ -113,20 +112,13 @@ async fn a_parked_delivery_that_runs_out_of_attempts_reaches_the_dead_letter_top
         .await;
     let dlq = broker.read_all("dlq1.dlq", 1, Duration::from_secs(30));
     assert_eq!(dlq.len(), 1, "one dead letter on the topic");
-    let (headers, value) = &dlq[0];
-    let h = |k: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("")
-    };
+    let h = |k: &str| dlq[0].header(k).unwrap_or("");
     assert_eq!(h("x-dlq-reason"), "attempts_exhausted");
     assert_eq!(h("x-dlq-attempts"), "4", "two in memory, two from the store");
     assert_eq!(h("x-dlq-last-status"), "500");
     assert_eq!(h("x-dlq-source-topic"), "dlq1");
     assert!(!h("x-dlq-source-offset").is_empty());
-    let body: Value = serde_json::from_slice(value).unwrap();
+    let body: Value = dlq[0].json();
     assert_eq!(body["id"], "k-dlq-1");
     assert_eq!(rx.received().len(), 4, "four attempts reached the receiver");
     // The same dead letter is stored, and the log shows every attempt.
@@ -298,8 +290,7 @@ async fn one_target_never_has_more_than_its_cap_in_flight_in_kafka_mode() {
     // The gauge counts requests in progress, the same in both modes: back to 0 when done.
     let until = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = app.metrics_text().await;
-        let n = metric_value(&text, "syncrelay_deliveries_in_flight ");
+        let n = app.metric("syncrelay_deliveries_in_flight", &[]).await;
         if n == 0.0 {
             break;
         }

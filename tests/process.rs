@@ -1,14 +1,14 @@
 //! The real binary: crash durability (SIGKILL), graceful shutdown (SIGTERM), configuration
 //! errors, and secrets kept out of logs.
 
-mod common;
+mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::json;
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_accepted_is_lost_when_the_process_is_killed() {

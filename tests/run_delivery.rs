@@ -2,13 +2,13 @@
 //! the API, scripted streams of run events through `POST /events` (naming only their run), and
 //! exactly what the run's webhook receives, in order, with the run's final status and counts.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use support::*;
 
 const ACCOUNT: &str = "94801e49-a652-42f9-af14-dd203d7897da";
 
@@ -106,13 +106,6 @@ async fn wait_status(app: &TestApp, run: &str, status: &str) -> Value {
     }
 }
 
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app.metrics_text().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no series {series}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignore_mode_delivers_every_record_error_and_completed_last_with_counts() {
     let rx = Receiver::start().await;
@@ -197,7 +190,10 @@ async fn ignore_mode_delivers_every_record_error_and_completed_last_with_counts(
     assert_eq!(dl["results"][0]["webhook_id"], wid.as_str());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(delivered(&rx).len(), 7);
-    assert_eq!(metric(&app, "syncrelay_runs_total{status=\"completed\"}").await, 1.0);
+    assert_eq!(
+        app.metric("syncrelay_runs_total", &[("status", "completed")]).await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,10 +244,11 @@ async fn fail_fast_delivers_the_first_error_then_failed_and_drops_the_rest() {
     assert_eq!(r["resource_stats"]["ticketing/tickets"]["dropped"], 1, "{r}");
     assert_eq!(r["resource_stats"]["ticketing/comments"]["dropped"], 1, "{r}");
     assert_eq!(
-        metric(&app, "syncrelay_run_events_dropped_total{reason=\"run_failed\"}").await,
+        app.metric("syncrelay_run_events_dropped_total", &[("reason", "run_failed")])
+            .await,
         3.0
     );
-    assert_eq!(metric(&app, "syncrelay_runs_total{status=\"failed\"}").await, 1.0);
+    assert_eq!(app.metric("syncrelay_runs_total", &[("status", "failed")]).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,8 +426,9 @@ async fn a_400_to_started_stops_the_run_and_its_later_events_are_not_delivered()
     assert_eq!(dl["results"][0]["event_id"], "s1", "{dl}");
     assert_eq!(dl["results"][0]["last_status"], 400, "{dl}");
     assert_eq!(
-        metric(&app, "syncrelay_run_events_dropped_total{reason=\"run_stopped\"}").await,
+        app.metric("syncrelay_run_events_dropped_total", &[("reason", "run_stopped")])
+            .await,
         2.0
     );
-    assert_eq!(metric(&app, "syncrelay_runs_total{status=\"stopped\"}").await, 1.0);
+    assert_eq!(app.metric("syncrelay_runs_total", &[("status", "stopped")]).await, 1.0);
 }

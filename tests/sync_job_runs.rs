@@ -2,13 +2,13 @@
 //! start/stop commands for executors, `sync_job_run:created` / `:stopped` deliveries, filters and
 //! cursors, `previous_run_date`.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::*;
 
 const ACCOUNT: &str = "94801e49-a652-42f9-af14-dd203d7897da";
 

@@ -2,11 +2,11 @@
 //! error naming the field path, PATCH revalidates the whole job, DELETE is refused while runs are
 //! active. Also the Eloqua-style `/api/bulk/2.0/syncs`.
 
-mod common;
+mod support;
 
-use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::*;
 
 fn assert_field(status: u16, body: &Value, field: &str) {
     assert_eq!(status, 400, "{body}");
