@@ -35,6 +35,18 @@ pub struct HttpSettings {
     pub listen: String,
     pub max_body_bytes: usize,
     pub workers: usize,
+    /// Longest time to receive a request body once its headers are in, in milliseconds.
+    pub body_read_timeout_ms: u64,
+    pub rate_limit: RateLimitSettings,
+}
+
+/// Requests per second per API token (a token bucket); `per_second = 0` turns it off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub per_second: f64,
+    /// Requests a token may make at once after being idle; 0 means `per_second` rounded up.
+    pub burst: u32,
 }
 
 #[derive(Clone, Deserialize)]
@@ -295,9 +307,18 @@ impl Settings {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
+            // toml's own rendering quotes the offending line, which may hold a secret: give
+            // the line number and the parser's message only.
             let overlay: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::File {
                 path: path.display().to_string(),
-                message: e.to_string(),
+                message: match e.span() {
+                    Some(span) => format!(
+                        "line {}: {}",
+                        text[..span.start.min(text.len())].matches('\n').count() + 1,
+                        e.message()
+                    ),
+                    None => e.message().to_string(),
+                },
             })?;
             merge(&mut tree, overlay);
         }
@@ -322,19 +343,33 @@ impl Settings {
         }
         let settings: Settings =
             serde_path_to_error::deserialize(tree).map_err(|e: serde_path_to_error::Error<_>| {
+                // toml appends where it was ("\nin `webhooks`"): the key says that already.
                 let message = e.inner().to_string();
+                let message = message.split('\n').next().unwrap_or_default().to_string();
                 let mut key = e.path().to_string();
-                // serde reports an unknown field at its parent: append the field itself so
-                // the operator sees the full key they wrote.
+                // An unknown field: name the full key once ("unknown key"), whether or not the
+                // path already ends with it, then what is expected there.
                 if let Some(rest) = message.strip_prefix("unknown field `") {
-                    if let Some(field) = rest.split('`').next() {
-                        key = if key == "." {
-                            field.to_string()
-                        } else {
-                            format!("{key}.{field}")
-                        };
+                    let field = rest.split('`').next().unwrap_or_default();
+                    if key == "." || key.is_empty() {
+                        key = field.to_string();
+                    } else if key != field && !key.ends_with(&format!(".{field}")) {
+                        key = format!("{key}.{field}");
                     }
+                    let expected = rest.split_once("`, ").map(|(_, e)| e).unwrap_or("");
+                    let message = if expected.is_empty() {
+                        "unknown key".to_string()
+                    } else {
+                        format!("unknown key, {expected}")
+                    };
+                    return ConfigError::Key { key, message };
                 }
+                // A value of the wrong type is quoted by serde; a secret must not be.
+                let message = if is_secret_key(&key) {
+                    redact_quoted(&message)
+                } else {
+                    message
+                };
                 ConfigError::Key { key, message }
             })?;
         settings.validate()?;
@@ -372,6 +407,27 @@ impl Settings {
         }
         if !(0.0..1.0).contains(&r.randomization_factor) {
             return bad("delivery.retry.randomization_factor", "must be in [0, 1)");
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if t.trim().is_empty() {
+                return Err(ConfigError::Key {
+                    key: format!("auth.tokens[{i}]"),
+                    message: "must not be empty (an empty token would be a password anyone knows)".into(),
+                });
+            }
+            if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::Key {
+                    key: format!("auth.tokens[{i}]"),
+                    message: "must not contain spaces or control characters".into(),
+                });
+            }
+        }
+        let rl = &self.http.rate_limit;
+        if !(rl.per_second >= 0.0 && rl.per_second.is_finite()) {
+            return bad("http.rate_limit.per_second", "must be 0 (off) or a positive number");
+        }
+        if self.http.body_read_timeout_ms == 0 {
+            return bad("http.body_read_timeout_ms", "must be at least 1");
         }
         if r.max_attempts == 0 {
             return bad("delivery.retry.max_attempts", "must be at least 1");
@@ -437,6 +493,22 @@ impl Settings {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.delivery.request_timeout_ms)
+    }
+}
+
+/// Keys whose values are secrets: never quoted in an error.
+fn is_secret_key(key: &str) -> bool {
+    ["auth.tokens", "callbacks.secret", "store.url", "bus.kafka.librdkafka"]
+        .iter()
+        .any(|k| key == *k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
+}
+
+/// `invalid type: string "s3cr3t", expected a sequence` -> `invalid type: string (value not
+/// shown), expected a sequence`: everything between the first and the last double quote goes.
+fn redact_quoted(message: &str) -> String {
+    match (message.find('"'), message.rfind('"')) {
+        (Some(a), Some(b)) if b > a => format!("{}(value not shown){}", &message[..a], &message[b + 1..]),
+        _ => message.to_string(),
     }
 }
 
@@ -593,6 +665,46 @@ mod tests {
         std::fs::write(&p, "[htp]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let e = Settings::load(Some(&p), env(&[])).unwrap_err();
         assert!(e.to_string().contains("htp"), "{e}");
+        // A syntax error is located by line, without quoting the line (it may hold a secret).
+        std::fs::write(&p, "[auth]\ntokens = [\"s3cret-in-file\" \"x\"]\n").unwrap();
+        let e = Settings::load(Some(&p), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains("s3cret-in-file"), "{e}");
+        std::fs::write(&p, "[auth]\ntokens = \"s3cret-in-file\"\n").unwrap();
+        let e = Settings::load(Some(&p), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("auth.tokens") && !e.contains("s3cret-in-file"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_once() {
+        for (var, key) in [
+            ("SYNCRELAY__WEBHOOKS__X", "webhooks.x"),
+            ("SYNCRELAY__DELIVERY__RETRY__FOO", "delivery.retry.foo"),
+            ("SYNCRELAY__NOPE", "nope"),
+        ] {
+            let msg = Settings::load(None, env(&[(var, "3")])).unwrap_err().to_string();
+            assert!(
+                msg.starts_with(&format!("configuration key `{key}`: unknown key")),
+                "{msg}"
+            );
+            let last = key.rsplit('.').next().unwrap();
+            assert_eq!(msg.matches(&format!("{last}`")).count(), 1, "{msg}");
+            assert!(!msg.contains("field `") && !msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn empty_tokens_are_refused_and_secrets_never_echoed() {
+        for tokens in [r#"["ok",""]"#, r#"["ok","  "]"#] {
+            let e = Settings::load(None, env(&[("SYNCRELAY__AUTH__TOKENS", tokens)])).unwrap_err();
+            assert!(e.to_string().contains("auth.tokens[1]"), "{e}");
+        }
+        let e = Settings::load(None, env(&[("SYNCRELAY__AUTH__TOKENS", "sup3r-s3cret-t0ken")])).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("auth.tokens"), "{msg}");
+        assert!(!msg.contains("sup3r-s3cret-t0ken"), "{msg}");
+        let e = Settings::load(None, env(&[("SYNCRELAY__CALLBACKS__SECRET", "[\"whsec_leak\"]")])).unwrap_err();
+        assert!(!e.to_string().contains("whsec_leak"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,68 @@ use url::Url;
 
 use crate::error::ApiError;
 
+/// Field limits of the API (CONTRACT §3, "Field limits"). Lengths count characters.
+pub mod limits {
+    /// Any URL: `target_url`, `callback_url`, `callbackURL`.
+    pub const URL: usize = 2048;
+    /// Webhook `description`.
+    pub const DESCRIPTION: usize = 1024;
+    /// Names and keys: `integration_name`, `environment_id`, `daemon_group_key`, resource names,
+    /// `loop_on`, `depends_on`, filters given in a query string.
+    pub const NAME: usize = 256;
+    /// A resource's `method`.
+    pub const METHOD: usize = 64;
+    /// A resource's `id` (a template with placeholders).
+    pub const RESOURCE_ID: usize = 1024;
+    /// A resource's `query`, as compact JSON bytes.
+    pub const QUERY_BYTES: usize = 16 * 1024;
+    /// `args_schema` of a job and `args` of a run, as compact JSON bytes.
+    pub const SCHEMA_BYTES: usize = 64 * 1024;
+    /// A webhook's `event_types`.
+    pub const EVENT_TYPES: usize = 100;
+    /// A webhook's own `secret`.
+    pub const SECRET: usize = 256;
+    /// Eloqua's `syncedInstanceUri`.
+    pub const URI: usize = 2048;
+    /// `ids` of `POST /dead-letters/replay`, and each id's length.
+    pub const REPLAY_IDS: usize = 10_000;
+    pub const ID: usize = 128;
+}
+
+/// A string field within `max` characters and without control characters (`multiline` lets
+/// newlines and tabs through, for free text).
+pub fn check_text(field: &str, s: &str, max: usize, multiline: bool) -> Result<(), ApiError> {
+    if s.chars().count() > max {
+        return Err(ApiError::field(field, format!("is longer than {max} characters")));
+    }
+    if s.chars()
+        .any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\r' | '\t')))
+    {
+        return Err(ApiError::field(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A JSON value no larger than `max` bytes written compactly.
+pub fn check_json_size(field: &str, v: &Value, max: usize) -> Result<(), ApiError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = serde_json::to_writer(&mut n, v);
+    if n.0 > max {
+        return Err(ApiError::field(field, format!("is larger than {max} bytes as JSON")));
+    }
+    Ok(())
+}
+
 pub fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -127,6 +189,9 @@ impl Envelope {
             .map(|s| parse_target_url("callback_url", &s, https_only))
             .transpose()?;
         let environment_id = string(&mut o, "environment_id", false)?;
+        if let Some(e) = &environment_id {
+            check_text("environment_id", e, limits::NAME, false)?;
+        }
         let created_at_ms = match string(&mut o, "created_at", false)? {
             Some(s) => parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
             None => now,
@@ -195,6 +260,7 @@ impl Envelope {
 /// A delivery target URL: http(s), a host, no fragment. IP-literal hosts are checked for being
 /// global here; host names are checked when resolved (registration and connect time).
 pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
+    check_text(field, s, limits::URL, false)?;
     let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
     match url.scheme() {
         "https" => {}
@@ -223,13 +289,34 @@ pub fn literal_ip(url: &Url) -> Option<IpAddr> {
     }
 }
 
+/// Does the URL's host name a loopback host by name: `localhost`, any `*.localhost` (RFC 6761),
+/// and the loopback names of common `/etc/hosts` files, in any case, with trailing dots? The URL
+/// parser has already applied IDNA mapping, so full-width and other forms that normalise to
+/// these names are caught too.
+pub fn is_loopback_name(url: &Url) -> bool {
+    let Some(url::Host::Domain(host)) = url.host() else {
+        return false;
+    };
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    h == "localhost"
+        || h.ends_with(".localhost")
+        || h == "localhost.localdomain"
+        || h == "ip6-localhost"
+        || h == "ip6-loopback"
+}
+
 /// Is this address reachable on the public internet? Loopback, private, link-local (cloud
 /// metadata at 169.254.169.254), CGNAT, documentation, benchmarking, multicast, reserved and
-/// unspecified ranges are not, nor IPv4-mapped/NAT64 forms of them.
+/// unspecified ranges are not; IPv6 is global only inside `2000::/3` outside the special-purpose
+/// blocks there, and the forms that embed an IPv4 address (IPv4-mapped, NAT64, 6to4) are judged
+/// by that IPv4 address (IANA's special-purpose address registries).
 pub fn is_global(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => is_global_v4(a),
-        IpAddr::V6(a) => is_global_v6(a),
+        IpAddr::V6(a) => match embedded_ipv4(a) {
+            Some(v4) => is_global_v4(v4),
+            None => is_global_v6(a),
+        },
     }
 }
 
@@ -245,28 +332,43 @@ fn is_global_v4(a: Ipv4Addr) -> bool {
         || o[0] == 0
         || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 shared address space
         || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24 protocol assignments
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 192.88.99.0/24 6to4 relay anycast
         || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15 benchmarking
         || o[0] >= 240) // reserved
 }
 
-fn is_global_v6(a: Ipv6Addr) -> bool {
+/// The IPv4 address an IPv6 address stands for, where the network delivers it to that IPv4
+/// address: IPv4-mapped `::ffff:0:0/96`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`.
+pub fn embedded_ipv4(a: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = a.to_ipv4_mapped() {
-        return is_global_v4(v4);
+        return Some(v4);
     }
     let s = a.segments();
-    if s[0] == 0x64 && s[1] == 0xff9b {
-        // NAT64 well-known prefix: judge the embedded IPv4 address.
-        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-        return is_global_v4(v4);
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        return Some(v4(s[6], s[7]));
     }
-    !(a.is_unspecified()
-        || a.is_loopback()
-        || a.is_multicast()
-        || (s[0] & 0xfe00) == 0xfc00 // unique local
-        || (s[0] & 0xffc0) == 0xfe80 // link-local
-        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0))
-    // IPv4-compatible
+    if s[0] == 0x2002 {
+        return Some(v4(s[1], s[2]));
+    }
+    None
+}
+
+/// IPv6 without an embedded IPv4 address (see `embedded_ipv4`).
+fn is_global_v6(a: Ipv6Addr) -> bool {
+    let s = a.segments();
+    // Global unicast is 2000::/3; everything outside it is loopback, unspecified, IPv4-compatible
+    // (::/96), SIIT (::ffff:0:0:0/96), local-use NAT64 (64:ff9b:1::/48), discard-only
+    // (100::/64), unique local (fc00::/7), link-local (fe80::/10), site-local (fec0::/10),
+    // multicast, SRv6 SIDs (5f00::/16) or unassigned.
+    if (s[0] & 0xe000) != 0x2000 {
+        return false;
+    }
+    // 2001::/23 IETF protocol assignments: Teredo 2001::/32, benchmarking 2001:2::/48, ORCHID.
+    let ietf = s[0] == 0x2001 && s[1] < 0x0200;
+    // Documentation: 2001:db8::/32 and 3fff::/20.
+    let documentation = (s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] < 0x1000);
+    !(ietf || documentation)
 }
 
 #[cfg(test)]
@@ -295,10 +397,45 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
             "2001:db8::1",
+            // 6to4 of loopback and of cloud metadata, Teredo, SIIT, site-local, discard-only,
+            // benchmarking, the new documentation block, IPv4-compatible, local-use NAT64.
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:a00:1::1",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::ffff:0:7f00:1",
+            "::ffff:0:808:808",
+            "fec0::1",
+            "feff::1",
+            "100::1",
+            "100::ffff:ffff:ffff:ffff",
+            "2001:2::1",
+            "2001:2:0:ffff::1",
+            "3fff::1",
+            "3fff:fff::1",
+            "::7f00:1",
+            "::808:808",
+            "::ffff:10.0.0.1",
+            "::ffff:100.64.0.1",
+            "64:ff9b:1::a00:1",
+            "5f00::1",
+            "ff02::1",
+            "4000::1",
         ] {
             assert!(!is_global(a.parse().unwrap()), "{a} should not be global");
         }
-        for a in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for a in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "2001:200::1",
+            "2a00:1450:4001::1",
+            "3ffe::1",
+        ] {
             assert!(is_global(a.parse().unwrap()), "{a} should be global");
         }
     }

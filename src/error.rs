@@ -18,6 +18,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body is larger than {max_bytes} bytes")]
     TooLarge { max_bytes: usize, field: Option<String> },
+    #[error("the request body was not received within {timeout_ms} ms")]
+    RequestTimeout { timeout_ms: u64 },
+    #[error("too many requests for this token; retry after {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -71,6 +75,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -96,6 +102,17 @@ impl ResponseError for ApiError {
                 "detail": { "field": field },
                 "max_bytes": max_bytes,
             }),
+            ApiError::RequestTimeout { timeout_ms } => json!({
+                "type": "request_timeout",
+                "message": self.to_string(),
+                "detail": { "field": "body", "timeout_ms": timeout_ms },
+            }),
+            ApiError::TooManyRequests { retry_after } => json!({
+                "type": "too_many_requests",
+                "message": self.to_string(),
+                "detail": null,
+                "retry_after": retry_after,
+            }),
             ApiError::Unavailable(m) => {
                 json!({"type": "service_unavailable", "message": m, "detail": null})
             }
@@ -110,12 +127,125 @@ impl ResponseError for ApiError {
                 })
             }
         };
-        HttpResponse::build(self.status_code()).json(body)
+        let mut resp = HttpResponse::build(self.status_code());
+        match self {
+            // The rest of the body may still be trickling in: do not keep the connection.
+            ApiError::RequestTimeout { .. } => {
+                resp.force_close();
+            }
+            ApiError::TooManyRequests { retry_after } => {
+                resp.insert_header(("retry-after", retry_after.to_string()));
+            }
+            _ => {}
+        }
+        resp.json(body)
     }
 }
 
-/// Parse a JSON body into `T`, naming the offending field on failure.
+/// Refuse a JSON document in which an object repeats a key (serde would silently keep the last
+/// one, or name the field `body`): a typed 400 naming the repeated key's path, e.g.
+/// `resources[2].query.q`. Values at paths for which `opaque` is true are not looked into (an
+/// event's `payload` is the producer's, passed on as given). Syntax errors are left to the
+/// parser that follows, which names them.
+pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&str) -> bool) -> Result<(), ApiError> {
+    use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    struct Node<'a> {
+        path: String,
+        opaque: &'a dyn Fn(&str) -> bool,
+        found: &'a RefCell<Option<String>>,
+    }
+    impl<'a> Node<'a> {
+        fn child(&self, path: String) -> Node<'a> {
+            Node {
+                path,
+                opaque: self.opaque,
+                found: self.found,
+            }
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Node<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            if !self.path.is_empty() && (self.opaque)(&self.path) {
+                <IgnoredAny as serde::Deserialize>::deserialize(d)?;
+                return Ok(());
+            }
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Node<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while seq
+                .next_element_seed(self.child(format!("{}[{i}]", self.path)))?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = if self.path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.path)
+                };
+                if !seen.insert(key) {
+                    *self.found.borrow_mut() = Some(path);
+                    return Err(A::Error::custom("duplicate key"));
+                }
+                map.next_value_seed(self.child(path))?;
+            }
+            Ok(())
+        }
+    }
+
+    let found = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let _ = Node {
+        path: String::new(),
+        opaque,
+        found: &found,
+    }
+    .deserialize(&mut de);
+    match found.into_inner() {
+        Some(path) => Err(ApiError::field(
+            path,
+            "appears more than once in the same object; give each key once",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Parse a JSON body into `T`, naming the offending field on failure (a repeated key too).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    check_duplicate_keys(bytes, &|_| false)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -176,6 +306,28 @@ mod tests {
             ApiError::BadRequest { field, .. } => field,
             _ => panic!("not bad_request"),
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_named_by_path() {
+        let cases = [
+            (r#"{"a":1,"a":2}"#, "a"),
+            (r#"{"a":1,"b":[{"c":"x"},{"c":"y","c":"z"}]}"#, "b[1].c"),
+            (r#"{"q":{"x":{"y":1,"y":2}}}"#, "q.x.y"),
+        ];
+        for (body, want) in cases {
+            let e = check_duplicate_keys(body.as_bytes(), &|_| false).unwrap_err();
+            assert_eq!(field_of(e).as_deref(), Some(want), "{body}");
+        }
+        // Same key in different objects is fine; opaque values are not looked into.
+        check_duplicate_keys(br#"{"a":{"k":1},"b":{"k":1}}"#, &|_| false).unwrap();
+        check_duplicate_keys(br#"{"p":{"k":1,"k":2}}"#, &|p| p == "p").unwrap();
+        // Syntax errors are left to the parser.
+        check_duplicate_keys(br#"{"a":"#, &|_| false).unwrap();
+        assert_eq!(
+            field_of(parse_json::<T>(br#"{"a":1,"a":2,"b":[]}"#).unwrap_err()).as_deref(),
+            Some("a")
+        );
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl Application {
             engine: engine.clone(),
             commands,
             kafka: kafka.clone(),
+            token_digests: settings.auth.tokens.iter().map(|t| api::token_digest(t)).collect(),
+            rate_limiter: api::RateLimiter::new(&settings.http.rate_limit, settings.auth.tokens.len()),
         });
         let mut server = HttpServer::new(move || {
             App::new()

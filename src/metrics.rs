@@ -69,6 +69,7 @@ pub struct Metrics {
     pub webhooks_disabled: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    pub http_rate_limited: IntCounter,
     pub kafka_messages: IntCounterVec,
     pub kafka_consumer_lag: IntGaugeVec,
     pub kafka_committed_offset: IntGaugeVec,
@@ -198,6 +199,10 @@ impl Metrics {
                 "syncrelay_http_request_duration_seconds",
                 "API request duration, by route template.",
                 &["route"],
+            ),
+            http_rate_limited: counter(
+                "syncrelay_http_rate_limited_total",
+                "API requests refused with 429 because their token exceeded http.rate_limit.",
             ),
             kafka_messages: counter_vec(
                 "syncrelay_kafka_messages_total",

@@ -178,33 +178,21 @@ async fn bad_events_get_typed_errors_or_dead_letters_and_good_events_still_flow(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_name_resolving_to_a_blocked_address_is_never_dialled() {
-    // Nothing is allowed here: `localhost` passes the URL check (it is a name, not an address)
-    // but resolves to 127.0.0.1, which the connect-time guard refuses.
+async fn a_loopback_host_name_is_refused_when_given_and_never_dialled() {
+    // Nothing is allowed here: `localhost` is refused when the event is given (CONTRACT §3), not
+    // only at connect time. Other names that resolve to a blocked address are dropped by the
+    // guarded resolver when dialled (`delivery::client` unit tests).
     let rx = Receiver::start().await;
     let app = spawn_app(&[("SYNCRELAY__DELIVERY__ALLOWED_CIDRS", "[]")]).await;
     let unknown = "5b6c1a52-0000-4000-8000-000000000001";
     let mut e = event("dns1", unknown, None, json!({}));
     e["callback_url"] = json!(format!("http://localhost:{}/cb", rx.port));
     let (s, b) = app.post("/events", e).await;
-    assert_eq!(s, 202, "{b}");
-    let mut reasons = Vec::new();
-    for _ in 0..200 {
-        let (_, dl) = app.get("/dead-letters?event_id=dns1").await;
-        reasons = dl["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["reason"].as_str().unwrap().to_string())
-            .collect();
-        if reasons.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    reasons.sort();
-    assert_eq!(reasons, vec!["blocked_address", "unknown_webhook"]);
-    assert!(rx.received().is_empty(), "the blocked address was never dialled");
+    assert_typed(s, &b, 400, "bad_request", Some("callback_url"));
+    let (_, dl) = app.get("/dead-letters?event_id=dns1").await;
+    assert_eq!(dl["results"], json!([]), "nothing was queued");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.received().is_empty(), "the loopback name was never dialled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

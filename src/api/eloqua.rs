@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{check_target_url, read_body, State};
-use crate::domain::{now_ms, rfc3339_ms};
+use crate::domain::{check_text, limits, now_ms, rfc3339_ms};
 use crate::error::{parse_json, ApiError};
 use crate::store::EloquaSync;
 
@@ -33,8 +33,9 @@ fn sync_json(s: &EloquaSync) -> Value {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: CreateSync = parse_json(&body)?;
+    check_text("syncedInstanceUri", &req.synced_instance_uri, limits::URI, false)?;
     let uri = req.synced_instance_uri.trim();
     if !uri.starts_with('/') || uri.len() < 2 || uri.contains(char::is_whitespace) {
         return Err(ApiError::field(

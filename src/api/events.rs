@@ -8,9 +8,20 @@ use super::{read_body, State};
 use crate::domain::{now_ms, Envelope};
 use crate::error::ApiError;
 
+/// `payload` of a single event or `events[i].payload` of a batch.
+fn is_payload(path: &str) -> bool {
+    path == "payload"
+        || path
+            .strip_prefix("events[")
+            .and_then(|p| p.strip_suffix("].payload"))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Split a request into raw events: a batch object `{"events":[…]}` or one event object.
 /// Raw values let each event's own size be checked against `events.max_event_bytes`.
 fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
+    // A repeated key anywhere in the envelope (not inside the producer's payload) is refused.
+    crate::error::check_duplicate_keys(body, &is_payload)?;
     // Top-level keys only; each event stays raw until it is parsed on its own.
     let top: std::collections::HashMap<String, Box<RawValue>> =
         serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("body is not a JSON object: {e}")))?;
@@ -34,7 +45,7 @@ fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
 
 pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let s = &state.settings;
-    let body = read_body(body, s.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let (raws, batch, validate_only) = split(&body)?;
     if raws.is_empty() {
         return Err(ApiError::field("events", "must hold at least one event"));
@@ -64,14 +75,12 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         }
         events.push(Envelope::parse(v, now, s.delivery.https_only).map_err(within)?);
     }
-    // Callback URLs that are IP literals are checked now; host names when they are dialled.
+    // Callback URLs are checked now as far as possible without DNS (IP literals, loopback
+    // names); host names are resolved when they are dialled, by the guarded resolver.
     for (i, e) in events.iter().enumerate() {
-        if let Some(ip) = e.callback_url.as_ref().and_then(crate::domain::literal_ip) {
-            if !state.engine.client().policy().permits(ip) {
-                let err = ApiError::field(
-                    "callback_url",
-                    format!("{ip} is a non-global address that deliveries may not reach"),
-                );
+        if let Some(url) = &e.callback_url {
+            if let Err(m) = state.engine.client().policy().check_given(url) {
+                let err = ApiError::field("callback_url", m);
                 return Err(if batch {
                     err.within(&format!("events[{i}]"))
                 } else {

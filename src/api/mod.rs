@@ -29,6 +29,10 @@ pub struct AppState {
     pub commands: Arc<dyn crate::intake::CommandSink>,
     /// Set when `bus.kind = "kafka"`: `POST /events` produces to the events topic.
     pub kafka: Option<Arc<crate::intake::kafka::KafkaBus>>,
+    /// SHA-256 digests of `auth.tokens` (see `token_matches`).
+    pub token_digests: Vec<[u8; 32]>,
+    /// `http.rate_limit`, when on.
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 pub type State = web::Data<AppState>;
@@ -78,6 +82,89 @@ fn is_public(path: &str) -> bool {
     path == "/metrics" || path.starts_with("/health/")
 }
 
+/// The token of an `Authorization` header value: scheme `Bearer` in any case (RFC 9110 §11.1),
+/// one or more spaces, the token.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim_start().split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// SHA-256 of a token: tokens are compared by digest, so the comparison takes the same time
+/// whatever the presented token's length and wherever it first differs.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Does `presented` match one of the configured tokens' digests? Every digest is compared (no
+/// early exit), each in constant time.
+pub fn token_matches(digests: &[[u8; 32]], presented: &str) -> bool {
+    token_index(digests, presented).is_some()
+}
+
+/// Which configured token `presented` is (its index in `auth.tokens`), compared as in
+/// `token_matches`.
+pub fn token_index(digests: &[[u8; 32]], presented: &str) -> Option<usize> {
+    use subtle::ConditionallySelectable;
+    let p = token_digest(presented);
+    let mut found = subtle::Choice::from(0);
+    let mut index = 0u64;
+    for (i, d) in digests.iter().enumerate() {
+        let eq = d.ct_eq(&p);
+        index.conditional_assign(&(i as u64), eq);
+        found |= eq;
+    }
+    bool::from(found).then_some(index as usize)
+}
+
+/// `http.rate_limit`: one token bucket per configured API token (so the state is bounded by
+/// the configuration, never by what clients send).
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<Vec<(f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// `None` when the limit is off.
+    pub fn new(s: &crate::config::RateLimitSettings, tokens: usize) -> Option<RateLimiter> {
+        if s.per_second <= 0.0 {
+            return None;
+        }
+        let burst = if s.burst == 0 {
+            s.per_second.ceil()
+        } else {
+            f64::from(s.burst)
+        }
+        .max(1.0);
+        Some(RateLimiter {
+            per_second: s.per_second,
+            burst,
+            buckets: std::sync::Mutex::new(vec![(burst, Instant::now()); tokens]),
+        })
+    }
+
+    /// Take one request from token `i`'s bucket; `Err(seconds)` to wait when it is empty.
+    pub fn take(&self, i: usize, now: Instant) -> Result<(), u64> {
+        let mut b = self.buckets.lock().expect("lock");
+        let Some((level, at)) = b.get_mut(i) else {
+            return Ok(());
+        };
+        *level = (*level + now.saturating_duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *level >= 1.0 {
+            *level -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - *level) / self.per_second).ceil() as u64).max(1))
+        }
+    }
+}
+
 /// Bearer tokens from configuration, compared in constant time. Health and metrics are public.
 async fn authenticate(
     req: ServiceRequest,
@@ -85,24 +172,23 @@ async fn authenticate(
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     if !is_public(req.path()) {
         let state = req.app_data::<State>().expect("state is configured");
-        let presented = req
+        let token = req
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
-        let ok = presented.is_some_and(|p| {
-            state
-                .settings
-                .auth
-                .tokens
-                .iter()
-                .fold(false, |acc, t| acc | bool::from(t.as_bytes().ct_eq(p.as_bytes())))
-        });
-        if !ok {
+            .and_then(bearer_token)
+            .and_then(|p| token_index(&state.token_digests, p));
+        let refused = match (token, &state.rate_limiter) {
+            (None, _) => Some(ApiError::Unauthenticated),
+            (Some(i), Some(limiter)) => limiter.take(i, Instant::now()).err().map(|retry_after| {
+                state.engine.metrics.http_rate_limited.inc();
+                ApiError::TooManyRequests { retry_after }
+            }),
+            (Some(_), None) => None,
+        };
+        if let Some(e) = refused {
             let (http_req, _) = req.into_parts();
-            let resp = ApiError::Unauthenticated.error_response();
-            return Ok(ServiceResponse::new(http_req, resp));
+            return Ok(ServiceResponse::new(http_req, e.error_response()));
         }
     }
     next.call(req).await.map(|r| r.map_into_boxed_body())
@@ -116,7 +202,7 @@ async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let state = req.app_data::<State>().cloned();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let res = next.call(req).await?;
     if let Some(state) = state {
         let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_string());
@@ -127,12 +213,30 @@ async fn observe(
             _ => "5xx",
         };
         let m = &state.engine.metrics;
-        m.http_requests.with_label_values(&[&route, &method, class]).inc();
+        m.http_requests.with_label_values(&[&route, method, class]).inc();
         m.http_request_duration
             .with_label_values(&[&route])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(res)
+}
+
+/// The `method` label: the standard methods by name, anything else `other` (a client may send
+/// any token as a method; the label must stay a small fixed set, CONTRACT §5).
+pub fn method_label(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// Parse a delivery target URL given in `field` and refuse it when it resolves to an address
@@ -149,20 +253,30 @@ pub async fn check_target_url(state: &State, field: &str, raw: &str) -> Result<u
     Ok(url)
 }
 
-/// Read a request body up to `max` bytes; beyond that a typed 413 naming the limit.
-pub async fn read_body(mut payload: web::Payload, max: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad(format!("could not read request body: {e}")))?;
-        if body.len() + chunk.len() > max {
-            return Err(ApiError::TooLarge {
-                max_bytes: max,
-                field: None,
-            });
+/// Read a request body up to `http.max_body_bytes` (beyond that a typed 413 naming the limit)
+/// within `http.body_read_timeout_ms` (a client that sends its headers and then trickles the
+/// body is answered 408 and its connection closed).
+pub async fn read_body(state: &State, mut payload: web::Payload) -> Result<web::BytesMut, ApiError> {
+    let max = state.settings.http.max_body_bytes;
+    let timeout_ms = state.settings.http.body_read_timeout_ms;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad(format!("could not read request body: {e}")))?;
+            if body.len() + chunk.len() > max {
+                return Err(ApiError::TooLarge {
+                    max_bytes: max,
+                    field: None,
+                });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body)
+    };
+    match tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::RequestTimeout { timeout_ms }),
     }
-    Ok(body)
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -194,4 +308,57 @@ pub fn query_config() -> web::QueryConfig {
         let msg = err.to_string();
         ApiError::bad(format!("invalid query string: {msg}")).into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for h in ["Bearer t", "bearer t", "BEARER t", "BeArEr   t ", "Bearer\tt"] {
+            assert_eq!(bearer_token(h), Some("t"), "{h:?}");
+        }
+        for h in ["Basic t", "Bearer", "Bearer ", "Bearert", "t", ""] {
+            assert_eq!(bearer_token(h), None, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_compared_by_digest() {
+        let digests = vec![token_digest("first-token"), token_digest("second-token")];
+        assert!(token_matches(&digests, "first-token"));
+        assert!(token_matches(&digests, "second-token"));
+        for p in ["", "f", "first-toke", "first-token2", "first-tokeN", "second-token "] {
+            assert!(!token_matches(&digests, p), "{p:?}");
+        }
+        assert!(!token_matches(&[], "first-token"));
+        assert_eq!(token_index(&digests, "second-token"), Some(1));
+        assert_eq!(token_index(&digests, "first-token"), Some(0));
+    }
+
+    #[test]
+    fn rate_limit_buckets_refill_per_token() {
+        let s = crate::config::RateLimitSettings {
+            per_second: 2.0,
+            burst: 3,
+        };
+        let l = RateLimiter::new(&s, 2).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            l.take(0, t0).unwrap();
+        }
+        assert_eq!(l.take(0, t0), Err(1));
+        l.take(1, t0).unwrap(); // another token has its own bucket
+        l.take(0, t0 + std::time::Duration::from_millis(500)).unwrap();
+        assert!(l.take(0, t0 + std::time::Duration::from_millis(500)).is_err());
+        assert!(RateLimiter::new(
+            &crate::config::RateLimitSettings {
+                per_second: 0.0,
+                burst: 5
+            },
+            1
+        )
+        .is_none());
+    }
 }

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, rfc3339_ms, Envelope};
+use crate::domain::{check_text, limits, now_ms, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
 use crate::store::{AttemptRow, CommandRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryRow};
 
@@ -108,6 +108,15 @@ pub async fn list_deliveries(
     filter: web::Query<DeliveryFilter>,
 ) -> Result<HttpResponse, ApiError> {
     let mut f = filter.into_inner();
+    for (name, v) in [
+        ("event_id", &f.event_id),
+        ("webhook_id", &f.webhook_id),
+        ("sync_job_run_id", &f.sync_job_run_id),
+    ] {
+        if let Some(v) = v {
+            check_text(name, v, limits::ID, false)?;
+        }
+    }
     if let Some(s) = &f.status {
         // The API's names for the queue states.
         f.status = Some(
@@ -153,6 +162,7 @@ pub async fn list_dead_letters(
     page: web::Query<PageQuery>,
     filter: web::Query<DeadLetterFilter>,
 ) -> Result<HttpResponse, ApiError> {
+    check_dead_letter_filter(&filter)?;
     let p = state
         .engine
         .store
@@ -162,6 +172,19 @@ pub async fn list_dead_letters(
         p.results.iter().map(dead_letter_json).collect(),
         p.next_cursor,
     ))
+}
+
+fn check_dead_letter_filter(f: &DeadLetterFilter) -> Result<(), ApiError> {
+    for (name, v) in [
+        ("webhook_id", &f.webhook_id),
+        ("reason", &f.reason),
+        ("event_id", &f.event_id),
+    ] {
+        if let Some(v) = v {
+            check_text(name, v, limits::ID, false)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -176,13 +199,24 @@ struct Replay {
 
 /// Re-drive dead letters with the same `webhook-id`: by id, or every open one matching a filter.
 pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: Replay = parse_json(&body)?;
     if req.ids.is_none() && req.webhook_id.is_none() && req.reason.is_none() && req.event_id.is_none() {
         return Err(ApiError::field(
             "ids",
             "name dead letters by ids, or filter by webhook_id, reason or event_id",
         ));
+    }
+    if let Some(ids) = &req.ids {
+        if ids.len() > limits::REPLAY_IDS {
+            return Err(ApiError::field(
+                "ids",
+                format!("holds more than {} ids; replay in pages", limits::REPLAY_IDS),
+            ));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            check_text(&format!("ids[{i}]"), id, limits::ID, false)?;
+        }
     }
     let limit = req.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
@@ -194,6 +228,7 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
         event_id: req.event_id,
         include_replayed: false,
     };
+    check_dead_letter_filter(&filter)?;
     let now = now_ms();
     let (requeued, raws) = state
         .engine

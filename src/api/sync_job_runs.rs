@@ -6,8 +6,9 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::sync_jobs::off_thread;
 use super::{check_target_url, list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_uuid, rfc3339_ms, Envelope};
+use crate::domain::{check_json_size, check_text, limits, now_ms, parse_uuid, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
 use crate::runs::lifecycle::relay_event_prefix;
 use crate::runs::validate::{compile_args_schema, validate_args};
@@ -96,7 +97,7 @@ fn run_event(run: &Run, id: String, event: &str) -> Option<Envelope> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: CreateRun = parse_json(&body)?;
     let store = &state.engine.store;
     let job_id = parse_uuid("sync_job_id", &req.sync_job_id)?;
@@ -122,7 +123,10 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         (None, Some(k)) if k.trim().is_empty() => {
             return Err(ApiError::field("daemon_group_key", "must not be empty"));
         }
-        (None, Some(k)) => (None, Some(k.clone())),
+        (None, Some(k)) => {
+            check_text("daemon_group_key", k, limits::NAME, false)?;
+            (None, Some(k.clone()))
+        }
         _ => {
             return Err(ApiError::field(
                 "webhook_id",
@@ -134,10 +138,18 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     if !args.is_object() {
         return Err(ApiError::field("args", "must be a JSON object"));
     }
-    if let Some(schema) = &job.args_schema {
-        let v = compile_args_schema(schema).map_err(|e| e.within("sync_job"))?;
-        validate_args(&v, &args)?;
-    }
+    check_json_size("args", &args, limits::SCHEMA_BYTES)?;
+    let args = match job.args_schema.clone() {
+        Some(schema) => {
+            off_thread(move || {
+                let v = compile_args_schema(&schema).map_err(|e| e.within("sync_job"))?;
+                validate_args(&v, &args)?;
+                Ok(args)
+            })
+            .await?
+        }
+        None => args,
+    };
     let callback_url = match &req.callback_url {
         Some(raw) => Some(check_target_url(&state, "callback_url", raw).await?.to_string()),
         None => None,
@@ -236,7 +248,7 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 
 /// `{"status":"stopped"}`: stop an active run.
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateRun = parse_json(&body)?;
     if req.status != "stopped" {
         return Err(ApiError::field("status", "only \"stopped\" can be set"));

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_uuid};
+use crate::domain::{check_text, limits, now_ms, parse_uuid};
 use crate::error::{parse_json, ApiError};
 use crate::runs::validate::validate_job;
 use crate::runs::{ResourceSpec, SyncJob};
@@ -40,6 +40,16 @@ pub struct JobQuery {
     integration_name: Option<String>,
 }
 
+/// Run CPU-heavy validation (JSON Schema compilation, the dependency graph) on the blocking
+/// pool, so the async workers keep answering other requests (`/health/live` included).
+pub(super) async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(f)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("validation task failed: {e}")))?
+}
+
 async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
     let id = parse_uuid("id", id).map_err(|_| ApiError::not_found("sync job", id))?;
     state
@@ -51,9 +61,17 @@ async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let mut req: CreateJob = parse_json(&body)?;
-    validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+    if let Some(e) = &req.environment_id {
+        check_text("environment_id", e, limits::NAME, false)?;
+    }
+    // Schema compilation and the graph checks are CPU work: off the async worker threads.
+    let req = off_thread(move || {
+        validate_job(&req.integration_name, req.args_schema.as_ref(), &mut req.resources)?;
+        Ok(req)
+    })
+    .await?;
     if req.validate_only {
         return Ok(HttpResponse::Ok().json(json!({"valid": true})));
     }
@@ -73,6 +91,9 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
 }
 
 pub async fn list(state: State, q: web::Query<JobQuery>) -> Result<HttpResponse, ApiError> {
+    if let Some(n) = &q.integration_name {
+        check_text("integration_name", n, limits::NAME, false)?;
+    }
     let page = PageQuery {
         limit: q.limit,
         cursor: q.cursor.clone(),
@@ -93,8 +114,11 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateJob = parse_json(&body)?;
+    if let Some(e) = &req.environment_id {
+        check_text("environment_id", e, limits::NAME, false)?;
+    }
     let mut job = load(&state, &id).await?;
     if let Some(n) = req.integration_name {
         job.integration_name = n;
@@ -108,7 +132,11 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     if req.environment_id.is_some() {
         job.environment_id = req.environment_id;
     }
-    validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+    let mut job = off_thread(move || {
+        validate_job(&job.integration_name, job.args_schema.as_ref(), &mut job.resources)?;
+        Ok(job)
+    })
+    .await?;
     job.updated_at = now_ms();
     state.engine.store.update_job(&job).await?;
     Ok(HttpResponse::Ok().json(job.to_json()))

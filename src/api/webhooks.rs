@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{check_target_url, list_response, read_body, PageQuery, State};
-use crate::domain::{now_ms, parse_uuid, rfc3339_ms, valid_event_name};
+use crate::domain::{check_text, limits, now_ms, parse_uuid, rfc3339_ms, valid_event_name};
 use crate::error::{parse_json, ApiError};
 use crate::signing::Secret;
 use crate::store::Webhook;
@@ -53,6 +53,12 @@ pub fn webhook_json(w: &Webhook) -> Value {
 }
 
 fn check_event_types(types: &[String]) -> Result<(), ApiError> {
+    if types.len() > limits::EVENT_TYPES {
+        return Err(ApiError::field(
+            "event_types",
+            format!("holds more than {} event types", limits::EVENT_TYPES),
+        ));
+    }
     for (i, t) in types.iter().enumerate() {
         if !valid_event_name(t, true) {
             return Err(ApiError::field(
@@ -62,6 +68,13 @@ fn check_event_types(types: &[String]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+fn check_description(d: Option<&str>) -> Result<(), ApiError> {
+    match d {
+        Some(d) => check_text("description", d, limits::DESCRIPTION, true),
+        None => Ok(()),
+    }
 }
 
 fn webhook_id(raw: &str) -> Result<String, ApiError> {
@@ -79,10 +92,14 @@ async fn load(state: &State, id: &str) -> Result<Webhook, ApiError> {
 }
 
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: CreateWebhook = parse_json(&body)?;
-    let url = check_target_url(&state, "target_url", &req.target_url).await?;
     check_event_types(&req.event_types)?;
+    check_description(req.description.as_deref())?;
+    if let Some(s) = &req.secret {
+        check_text("secret", s, limits::SECRET, false)?;
+    }
+    let url = check_target_url(&state, "target_url", &req.target_url).await?;
     let secret = match &req.secret {
         Some(s) => Secret::parse(s).map_err(|e| ApiError::field("secret", e.to_string()))?,
         None => Secret::generate(),
@@ -123,14 +140,17 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_body(body, state.settings.http.max_body_bytes).await?;
+    let body = read_body(&state, body).await?;
     let req: UpdateWebhook = parse_json(&body)?;
+    if let Some(t) = &req.event_types {
+        check_event_types(t)?;
+    }
+    check_description(req.description.as_deref())?;
     let mut w = load(&state, &id).await?;
     if let Some(u) = &req.target_url {
         w.target_url = check_target_url(&state, "target_url", u).await?.to_string();
     }
     if let Some(t) = req.event_types {
-        check_event_types(&t)?;
         w.event_types = t;
     }
     if let Some(a) = req.is_active {
@@ -172,6 +192,12 @@ pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpRe
 /// Send a signed `webhook:test` event now and return the attempt.
 pub async fn test(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let w = load(&state, &id).await?;
+    if !w.is_active {
+        return Err(ApiError::Conflict(format!(
+            "webhook {} is disabled (is_active=false); enable it with PATCH {{\"is_active\":true}} first",
+            w.id
+        )));
+    }
     let url = url::Url::parse(&w.target_url).map_err(|e| ApiError::Internal(e.into()))?;
     let event_id = format!("test_{}", uuid::Uuid::now_v7().simple());
     let now = now_ms();

@@ -4,7 +4,7 @@
 //! allowed) so the connection can only go to an address that passed the check, and IP-literal
 //! URLs (which skip the resolver) are checked before the request is sent.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,7 +13,10 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::Url;
 
 use super::retry::{parse_retry_after, AttemptResult};
-use crate::domain::{is_global, literal_ip};
+use crate::domain::{embedded_ipv4, is_global, is_loopback_name, literal_ip};
+
+/// How long a target's host name may take to resolve when it is registered.
+pub const REGISTRATION_DNS_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
 pub struct AddressPolicy {
@@ -27,23 +30,75 @@ impl AddressPolicy {
         }
     }
 
+    /// May deliveries reach `ip`? Global addresses and `delivery.allowed_cidrs` may; an IPv6
+    /// form that embeds an IPv4 address (IPv4-mapped, NAT64, 6to4) is judged by that address.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        is_global(ip) || self.allowed.iter().any(|n| n.contains(&ip))
+        if self.allowed.iter().any(|n| n.contains(&ip)) {
+            return true;
+        }
+        match ip {
+            IpAddr::V6(a) => match embedded_ipv4(a) {
+                Some(v4) => self.permits(IpAddr::V4(v4)),
+                None => is_global(ip),
+            },
+            IpAddr::V4(_) => is_global(ip),
+        }
+    }
+
+    /// May loopback be reached (some loopback range is in `delivery.allowed_cidrs`)?
+    fn permits_loopback(&self) -> bool {
+        self.permits(IpAddr::V4(Ipv4Addr::LOCALHOST)) || self.permits(IpAddr::V6(Ipv6Addr::LOCALHOST))
+    }
+
+    /// What can be judged without DNS: an IP-literal host against the policy, and loopback
+    /// host names (`localhost`, `*.localhost`, ...) unless loopback is allowed.
+    pub fn check_given(&self, url: &Url) -> Result<(), String> {
+        if let Some(ip) = literal_ip(url) {
+            if !self.permits(ip) {
+                return Err(format!(
+                    "{ip} is a non-global address (loopback, private, link-local or reserved) that deliveries may not reach"
+                ));
+            }
+        } else if is_loopback_name(url) && !self.permits_loopback() {
+            return Err(format!(
+                "host {} names the loopback interface, which deliveries may not reach",
+                url.host_str().unwrap_or_default()
+            ));
+        }
+        Ok(())
     }
 
     /// Resolve a URL's host and refuse it when any address it resolves to is not permitted.
     /// Used at registration, where the user can fix the URL.
     pub async fn check_url(&self, url: &Url) -> Result<(), String> {
         let port = url.port_or_known_default().unwrap_or(443);
+        let host = url.host_str().unwrap_or_default().to_string();
+        let lookup = async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|a| a.map(|a| a.ip()).collect::<Vec<_>>())
+                .map_err(|e| format!("host {host} does not resolve ({e})"))
+        };
+        self.check_url_with(url, lookup, REGISTRATION_DNS_TIMEOUT).await
+    }
+
+    /// `check_url` with the lookup given (tests use one that never answers).
+    async fn check_url_with(
+        &self,
+        url: &Url,
+        lookup: impl std::future::Future<Output = Result<Vec<IpAddr>, String>>,
+        dns_timeout: Duration,
+    ) -> Result<(), String> {
+        self.check_given(url)?;
         let addrs: Vec<IpAddr> = match literal_ip(url) {
             Some(ip) => vec![ip],
-            None => {
-                let host = url.host_str().unwrap_or_default().to_string();
-                let resolved = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|e| format!("host {host} does not resolve ({e})"))?;
-                resolved.map(|a| a.ip()).collect()
-            }
+            None => tokio::time::timeout(dns_timeout, lookup).await.map_err(|_| {
+                format!(
+                    "host {} did not resolve within {} ms",
+                    url.host_str().unwrap_or_default(),
+                    dns_timeout.as_millis()
+                )
+            })??,
         };
         match addrs.iter().find(|ip| !self.permits(**ip)) {
             Some(ip) => Err(format!(
@@ -85,9 +140,17 @@ pub struct DeliveryClient {
     http: reqwest::Client,
     policy: AddressPolicy,
     excerpt_bytes: usize,
+    /// reqwest's own timeout (the configured per-attempt timeout): it covers connect, send,
+    /// the response head and the capped body, and fires first.
     timeout: Duration,
+    /// The outer bound around an attempt, a little longer: a backstop only, so which one fires
+    /// is never a race.
+    outer_timeout: Duration,
     user_agent: String,
 }
+
+/// How much longer the outer bound around an attempt is than reqwest's own timeout.
+const OUTER_TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
 
 /// One attempt, as recorded.
 #[derive(Debug, Clone)]
@@ -116,6 +179,7 @@ impl DeliveryClient {
             policy,
             excerpt_bytes,
             timeout,
+            outer_timeout: timeout + OUTER_TIMEOUT_MARGIN,
             user_agent: format!("syncrelay/{}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -127,16 +191,14 @@ impl DeliveryClient {
     /// POST `body` with the given headers. Never panics, never follows redirects.
     pub async fn post(&self, url: &Url, headers: &[(&'static str, String)], body: String) -> Attempt {
         let started = Instant::now();
-        if let Some(ip) = literal_ip(url) {
-            if !self.policy.permits(ip) {
-                return Attempt {
-                    result: AttemptResult::BlockedAddress,
-                    status: None,
-                    duration: started.elapsed(),
-                    excerpt: None,
-                    error: Some(format!("address {ip} is non-global and not allowed")),
-                };
-            }
+        if let Err(reason) = self.policy.check_given(url) {
+            return Attempt {
+                result: AttemptResult::BlockedAddress,
+                status: None,
+                duration: started.elapsed(),
+                excerpt: None,
+                error: Some(reason),
+            };
         }
         let mut req = self
             .http
@@ -146,7 +208,8 @@ impl DeliveryClient {
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        // The total timeout also bounds reading the (capped) body.
+        // reqwest's timeout also bounds reading the (capped) body: a 2xx whose body does not
+        // arrive in time is a timeout, not a delivery (the body's error is not swallowed).
         let fut = async {
             let resp = req.body(body).send().await?;
             let status = resp.status().as_u16();
@@ -157,7 +220,7 @@ impl DeliveryClient {
                 .and_then(|v| parse_retry_after(v, SystemTime::now()));
             let mut excerpt = Vec::new();
             let mut resp = resp;
-            while let Ok(Some(chunk)) = resp.chunk().await {
+            while let Some(chunk) = resp.chunk().await? {
                 let room = self.excerpt_bytes.saturating_sub(excerpt.len());
                 excerpt.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 if excerpt.len() >= self.excerpt_bytes {
@@ -166,7 +229,7 @@ impl DeliveryClient {
             }
             Ok::<_, reqwest::Error>((status, retry_after, excerpt))
         };
-        let outcome = tokio::time::timeout(self.timeout, fut).await;
+        let outcome = tokio::time::timeout(self.outer_timeout, fut).await;
         let duration = started.elapsed();
         match outcome {
             Ok(Ok((code, retry_after, excerpt))) => Attempt {
@@ -221,5 +284,126 @@ fn describe(e: &reqwest::Error) -> (AttemptResult, String) {
         (AttemptResult::Connect, format!("connection failed: {chain}"))
     } else {
         (AttemptResult::Other, format!("request failed: {chain}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address policy, with and without an allow-list: every IPv6 form of a refused IPv4
+    /// address is refused too, and an allowed IPv4 range admits its embedded forms.
+    #[test]
+    fn address_policy_table() {
+        let none = AddressPolicy::new(vec![]);
+        let loopback = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let private = AddressPolicy::new(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]);
+        // (address, permitted with no list, with loopback allowed, with 10/8 + fd00::/8 allowed)
+        let table: &[(&str, bool, bool, bool)] = &[
+            ("8.8.8.8", true, true, true),
+            ("2606:4700::1111", true, true, true),
+            ("127.0.0.1", false, true, false),
+            ("10.1.2.3", false, false, true),
+            ("169.254.169.254", false, false, false),
+            ("::1", false, false, false),
+            ("::ffff:127.0.0.1", false, true, false),
+            ("::ffff:10.1.2.3", false, false, true),
+            ("::ffff:8.8.8.8", true, true, true),
+            ("::127.0.0.1", false, false, false),
+            ("::ffff:0:7f00:1", false, false, false),
+            ("64:ff9b::a9fe:a9fe", false, false, false),
+            ("64:ff9b::808:808", true, true, true),
+            ("2002:7f00:1::1", false, true, false),
+            ("2002:a9fe:a9fe::1", false, false, false),
+            ("2002:a01:203::1", false, false, true),
+            ("2002:808:808::1", true, true, true),
+            ("2001::1", false, false, false),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", false, false, false),
+            ("2001:2::1", false, false, false),
+            ("fec0::1", false, false, false),
+            ("100::1", false, false, false),
+            ("3fff::1", false, false, false),
+            ("fd00::1", false, false, true),
+            ("fe80::1", false, false, false),
+        ];
+        for (a, n, l, p) in table {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(none.permits(ip), *n, "{a} with no allow-list");
+            assert_eq!(loopback.permits(ip), *l, "{a} with 127.0.0.0/8 allowed");
+            assert_eq!(private.permits(ip), *p, "{a} with 10.0.0.0/8 and fd00::/8 allowed");
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_dns_lookup_has_a_timeout() {
+        let policy = AddressPolicy::new(vec![]);
+        let url = Url::parse("https://hangs.example/hook").unwrap();
+        let never = std::future::pending::<Result<Vec<IpAddr>, String>>();
+        let started = Instant::now();
+        let e = policy
+            .check_url_with(&url, never, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(e.contains("did not resolve within"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // An answer in time is judged as before.
+        let quick = async { Ok(vec!["10.0.0.1".parse().unwrap()]) };
+        let e = policy
+            .check_url_with(&url, quick, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(e.contains("non-global"), "{e}");
+        let quick = async { Ok(vec!["8.8.8.8".parse().unwrap()]) };
+        policy
+            .check_url_with(&url, quick, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(REGISTRATION_DNS_TIMEOUT, Duration::from_secs(3));
+    }
+
+    /// The connect-time half: a name that resolves only to refused addresses is never handed to
+    /// the connector, and refused addresses are filtered out of a mixed answer.
+    #[tokio::test]
+    async fn the_resolver_hands_out_permitted_addresses_only() {
+        use std::str::FromStr;
+        let blocked = GuardedResolver {
+            policy: AddressPolicy::new(vec![]),
+        };
+        let err = match blocked.resolve(Name::from_str("localhost").unwrap()).await {
+            Err(e) => e,
+            Ok(a) => panic!("resolved to {:?}", a.collect::<Vec<_>>()),
+        };
+        assert!(err.is::<Blocked>(), "{err}");
+        let v4_only = GuardedResolver {
+            policy: AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        };
+        let addrs: Vec<SocketAddr> = match v4_only.resolve(Name::from_str("localhost").unwrap()).await {
+            Ok(a) => a.collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!addrs.is_empty());
+        assert!(
+            addrs.iter().all(|a| a.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "{addrs:?}"
+        );
+    }
+
+    /// IP literals and loopback names are refused before anything is sent.
+    #[tokio::test]
+    async fn post_refuses_blocked_targets_without_dialling() {
+        let client = DeliveryClient::new(
+            AddressPolicy::new(vec![]),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            64,
+        );
+        for u in [
+            "http://127.0.0.1:9/x",
+            "http://[2002:7f00:1::1]:9/x",
+            "http://LocalHost.:9/x",
+        ] {
+            let a = client.post(&Url::parse(u).unwrap(), &[], "{}".into()).await;
+            assert!(matches!(a.result, AttemptResult::BlockedAddress), "{u}: {a:?}");
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! Validation of sync jobs (args_schema, resources, placeholders, the dependency graph) and of
 //! run arguments against a job's args_schema. Every error names the field path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
 use super::model::ResourceSpec;
+use crate::domain::{check_json_size, check_text, limits};
 use crate::error::ApiError;
 
 /// Truto's schemas mark properties with `"required": true` (draft-3 style); JSON Schema since
@@ -180,8 +181,10 @@ struct Ctx<'a> {
     props: &'a Map<String, Value>,
     /// Resource name -> indexes of the job's resources with that name.
     names: &'a HashMap<&'a str, Vec<usize>>,
-    /// For each resource index: the resource names it depends on, transitively.
-    ancestors: &'a [HashSet<String>],
+    /// The dependency graph by resource name, with what each name depends on transitively.
+    graph: &'a DepGraph<'a>,
+    /// Resource index -> its name.
+    resource_names: &'a [&'a str],
 }
 
 impl Ctx<'_> {
@@ -216,7 +219,7 @@ impl Ctx<'_> {
                 if field_len == 0 || segs.iter().any(|s| s.is_empty()) {
                     return Err(err(format!("placeholder {{{{{p}}}}} must name a field of the resource")));
                 }
-                if !self.ancestors[i].contains(&target) {
+                if !self.graph.depends_on(self.resource_names[i], &target) {
                     return Err(err(format!(
                         "placeholder {{{{{p}}}}} uses resource {target}, which this resource does not depend on (set depends_on)"
                     )));
@@ -269,6 +272,123 @@ pub fn loop_on_arg(s: &str) -> &str {
     s.strip_prefix("args.").unwrap_or(s)
 }
 
+/// Most resources one sync job may hold (CONTRACT §3, field limits).
+pub const MAX_RESOURCES: usize = 500;
+
+/// The `depends_on` graph of a job by resource name (several resources may share a name, one
+/// per method), checked for cycles by one depth-first search with colours, with the names each
+/// name depends on transitively as a bitset per name (filled in post-order, so in one pass).
+struct DepGraph<'a> {
+    ids: HashMap<&'a str, usize>,
+    /// Bitsets over name ids: `ancestors[n]` holds every name `n` depends on, transitively.
+    ancestors: Vec<Vec<u64>>,
+}
+
+impl<'a> DepGraph<'a> {
+    /// `Err((i, cycle))` names the resource whose `depends_on` closes a cycle and the cycle's
+    /// names, starting and ending with that resource's name.
+    fn build(resources: &'a [ResourceSpec]) -> Result<DepGraph<'a>, (usize, Vec<&'a str>)> {
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut names: Vec<&str> = Vec::new();
+        for r in resources {
+            ids.entry(r.resource.as_str()).or_insert_with(|| {
+                names.push(r.resource.as_str());
+                names.len() - 1
+            });
+        }
+        let n = names.len();
+        // Edges by name id; an edge remembers the first resource that declared it.
+        let mut edges: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
+        for (i, r) in resources.iter().enumerate() {
+            if let Some(d) = r.depends_on.as_deref().and_then(|d| ids.get(d)) {
+                edges[ids[r.resource.as_str()]].push((*d, i));
+            }
+        }
+        const WHITE: u8 = 0;
+        const GREY: u8 = 1;
+        const BLACK: u8 = 2;
+        let words = n.div_ceil(64);
+        let mut colour = vec![WHITE; n];
+        let mut ancestors = vec![Vec::new(); n];
+        for start in 0..n {
+            if colour[start] != WHITE {
+                continue;
+            }
+            // (node, next edge to follow)
+            let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+            colour[start] = GREY;
+            while let Some(top) = stack.last_mut() {
+                let (node, k) = *top;
+                if let Some(&(d, _)) = edges[node].get(k) {
+                    top.1 += 1;
+                    match colour[d] {
+                        WHITE => {
+                            colour[d] = GREY;
+                            stack.push((d, 0));
+                        }
+                        GREY => return Err(Self::cycle(resources, &names, &edges, &stack, d)),
+                        _ => {}
+                    }
+                } else {
+                    // Every name this one depends on is finished: union their sets.
+                    let mut set = vec![0u64; words];
+                    for &(d, _) in &edges[node] {
+                        set[d / 64] |= 1 << (d % 64);
+                        for (w, x) in set.iter_mut().zip(&ancestors[d]) {
+                            *w |= *x;
+                        }
+                    }
+                    ancestors[node] = set;
+                    colour[node] = BLACK;
+                    stack.pop();
+                }
+            }
+        }
+        Ok(DepGraph { ids, ancestors })
+    }
+
+    /// The cycle closed by an edge from the top of `stack` back to `to` (on the stack), told
+    /// from the resource with the lowest index among those declaring its edges.
+    fn cycle(
+        resources: &'a [ResourceSpec],
+        names: &[&'a str],
+        edges: &[Vec<(usize, usize)>],
+        stack: &[(usize, usize)],
+        to: usize,
+    ) -> (usize, Vec<&'a str>) {
+        let from = stack.iter().position(|(n, _)| *n == to).unwrap_or(0);
+        let mut ring: Vec<usize> = stack[from..].iter().map(|(n, _)| *n).collect();
+        // The resource declaring each edge ring[j] -> ring[j+1] (lowest index).
+        let declared = |a: usize, b: usize| {
+            edges[a]
+                .iter()
+                .filter(|(d, _)| *d == b)
+                .map(|(_, i)| *i)
+                .min()
+                .unwrap_or(usize::MAX)
+        };
+        let k = ring.len();
+        let (j, i) = (0..k)
+            .map(|j| (j, declared(ring[j], ring[(j + 1) % k])))
+            .min_by_key(|(_, i)| *i)
+            .unwrap_or((0, 0));
+        ring.rotate_left(j);
+        let mut path: Vec<&str> = ring.iter().map(|n| names[*n]).collect();
+        path.push(names[ring[0]]);
+        let i = if i == usize::MAX { 0 } else { i };
+        debug_assert_eq!(resources[i].resource, path[0]);
+        (i, path)
+    }
+
+    /// Does resource name `from` depend on `target`, directly or transitively?
+    fn depends_on(&self, from: &str, target: &str) -> bool {
+        match (self.ids.get(from), self.ids.get(target)) {
+            (Some(&f), Some(&t)) => self.ancestors[f].get(t / 64).is_some_and(|w| w & (1 << (t % 64)) != 0),
+            _ => false,
+        }
+    }
+}
+
 /// Validate a whole job (create, or the result of a PATCH) and fill in `persist` defaults.
 pub fn validate_job(
     integration_name: &str,
@@ -278,7 +398,18 @@ pub fn validate_job(
     if integration_name.trim().is_empty() {
         return Err(ApiError::field("integration_name", "must not be empty"));
     }
+    check_text("integration_name", integration_name, limits::NAME, false)?;
+    if resources.len() > MAX_RESOURCES {
+        return Err(ApiError::field(
+            "resources",
+            format!(
+                "holds {} resources; at most {MAX_RESOURCES} are allowed",
+                resources.len()
+            ),
+        ));
+    }
     if let Some(s) = args_schema {
+        check_json_size("args_schema", s, limits::SCHEMA_BYTES)?;
         compile_args_schema(s)?;
     }
     if resources.is_empty() {
@@ -292,6 +423,20 @@ pub fn validate_job(
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         let f = |x: &str| format!("resources[{i}].{x}");
+        check_text(&f("resource"), &r.resource, limits::NAME, false)?;
+        check_text(&f("method"), &r.method, limits::METHOD, false)?;
+        if let Some(id) = &r.id {
+            check_text(&f("id"), id, limits::RESOURCE_ID, false)?;
+        }
+        if let Some(q) = &r.query {
+            check_json_size(&f("query"), &Value::Object(q.clone()), limits::QUERY_BYTES)?;
+        }
+        if let Some(l) = &r.loop_on {
+            check_text(&f("loop_on"), l, limits::NAME, false)?;
+        }
+        if let Some(d) = &r.depends_on {
+            check_text(&f("depends_on"), d, limits::NAME, false)?;
+        }
         let parts: Vec<&str> = r.resource.split('/').collect();
         if !(parts.len() <= 2 && parts.iter().all(|p| valid_name_part(p))) {
             return Err(ApiError::field(
@@ -329,61 +474,21 @@ pub fn validate_job(
             }
         }
     }
-    // The graph (by resource name) must have no cycle.
-    let deps: HashMap<&str, Vec<&str>> = {
-        let mut m: HashMap<&str, Vec<&str>> = HashMap::new();
-        for r in resources.iter() {
-            if let Some(d) = &r.depends_on {
-                m.entry(r.resource.as_str()).or_default().push(d.as_str());
-            }
-        }
-        m
-    };
-    for (i, r) in resources.iter().enumerate() {
-        if r.depends_on.is_none() {
-            continue;
-        }
-        // Follow the chain from this resource; any path back to it is a cycle.
-        let mut stack = vec![(r.resource.as_str(), vec![r.resource.as_str()])];
-        let mut visited = HashSet::new();
-        while let Some((n, path)) = stack.pop() {
-            for d in deps.get(n).into_iter().flatten() {
-                if *d == r.resource {
-                    let mut p = path.clone();
-                    p.push(d);
-                    return Err(ApiError::field(
-                        format!("resources[{i}].depends_on"),
-                        format!("forms a cycle: {}", p.join(" -> ")),
-                    ));
-                }
-                if visited.insert(*d) {
-                    let mut p = path.clone();
-                    p.push(d);
-                    stack.push((d, p));
-                }
-            }
-        }
-    }
-    let ancestors: Vec<HashSet<String>> = resources
-        .iter()
-        .map(|r| {
-            let mut out = HashSet::new();
-            let mut todo = vec![r.resource.as_str()];
-            while let Some(n) = todo.pop() {
-                for d in deps.get(n).into_iter().flatten() {
-                    if out.insert(d.to_string()) {
-                        todo.push(d);
-                    }
-                }
-            }
-            out
-        })
-        .collect();
+    // The graph (by resource name) must have no cycle; what each name depends on, transitively,
+    // is computed once (linear in the number of resources and edges, plus a bitset per name).
+    let graph = DepGraph::build(resources).map_err(|(i, cycle)| {
+        ApiError::field(
+            format!("resources[{i}].depends_on"),
+            format!("forms a cycle: {}", cycle.join(" -> ")),
+        )
+    })?;
+    let resource_names: Vec<&str> = resources.iter().map(|r| r.resource.as_str()).collect();
 
     let ctx = Ctx {
         props: &props,
         names: &names,
-        ancestors: &ancestors,
+        graph: &graph,
+        resource_names: &resource_names,
     };
     for (i, r) in resources.iter().enumerate() {
         if let Some(l) = &r.loop_on {
@@ -537,5 +642,51 @@ mod tests {
         }
         assert_eq!(field(validate_job("", None, &mut ok).unwrap_err()), "integration_name");
         assert_eq!(field(validate_job("i", None, &mut []).unwrap_err()), "resources");
+    }
+
+    /// `r0 <- r1 <- ... <- r{n-1}`: each depends on the one before; the last one's query uses
+    /// the first one's fields (a transitive dependency at the far end of the chain).
+    fn chain(n: usize) -> Vec<ResourceSpec> {
+        (0..n)
+            .map(|i| ResourceSpec {
+                resource: format!("api/r{i}"),
+                method: "list".into(),
+                id: None,
+                query: (i == n - 1).then(|| serde_json::from_value(json!({"q": "{{resources.api.r0.id}}"})).unwrap()),
+                loop_on: None,
+                depends_on: (i > 0).then(|| format!("api/r{}", i - 1)),
+                persist: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn long_chains_validate_and_the_resource_count_is_capped() {
+        let mut ok = chain(MAX_RESOURCES);
+        validate_job("i", None, &mut ok).unwrap();
+        let mut too_many = chain(5_000);
+        let e = validate_job("i", None, &mut too_many).unwrap_err();
+        assert_eq!(field(e), "resources");
+        // A cycle through the whole chain is still found, named at its lowest resource.
+        let mut ring = chain(MAX_RESOURCES);
+        ring[0].depends_on = Some(format!("api/r{}", MAX_RESOURCES - 1));
+        match validate_job("i", None, &mut ring).unwrap_err() {
+            ApiError::BadRequest { field, message } => {
+                assert_eq!(field.as_deref(), Some("resources[0].depends_on"));
+                assert!(
+                    message.starts_with("forms a cycle: api/r0 -> api/r499 -> api/r498"),
+                    "{message}"
+                );
+                assert!(message.ends_with("api/r1 -> api/r0"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A placeholder naming a resource the chain does not reach is refused.
+        let mut two = chain(3);
+        two[1].depends_on = None;
+        assert_eq!(
+            field(validate_job("i", None, &mut two).unwrap_err()),
+            "resources[2].query.q"
+        );
     }
 }
