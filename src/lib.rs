@@ -50,7 +50,6 @@ impl Application {
         } else {
             Secret::parse(&settings.callbacks.secret).context("callbacks.secret")?
         };
-        runs::migrate(store.pool()).await?;
         let engine = Engine::new(&settings, store, Metrics::new(), callback_secret);
         engine.load_webhooks().await?;
 

@@ -5,11 +5,10 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::sync_jobs::pool;
 use super::{check_target_url, read_body, State};
 use crate::domain::{check_text, limits, now_ms, rfc3339_ms};
 use crate::error::{parse_json, ApiError};
-use crate::runs::db::{self, EloquaSync};
+use crate::store::EloquaSync;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,13 +50,20 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     if req.validate_only {
         return Ok(HttpResponse::Ok().json(json!({"valid": true})));
     }
-    let s = db::insert_eloqua_sync(pool(&state).await?, uri, callback.as_deref(), "api", now_ms()).await?;
+    let s = state
+        .engine
+        .store
+        .insert_eloqua_sync(uri, callback.as_deref(), "api", now_ms())
+        .await?;
     Ok(HttpResponse::Created().json(sync_json(&s)))
 }
 
 pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let n: i64 = id.parse().map_err(|_| ApiError::not_found("sync", &id))?;
-    let s = db::get_eloqua_sync(pool(&state).await?, n)
+    let s = state
+        .engine
+        .store
+        .get_eloqua_sync(n)
         .await?
         .ok_or_else(|| ApiError::not_found("sync", &id))?;
     Ok(HttpResponse::Ok().json(sync_json(&s)))

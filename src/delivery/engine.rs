@@ -169,7 +169,7 @@ impl Engine {
         );
         let (writes, writes_rx) = mpsc::unbounded_channel();
         let limits = settings.runs.batch_limits();
-        let runs = Arc::new(Runs::new(store.pool().clone(), limits));
+        let runs = Arc::new(Runs::new(store.clone(), limits));
         Arc::new(Engine {
             store,
             metrics,
