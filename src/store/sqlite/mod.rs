@@ -115,6 +115,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn purge_keeps_what_the_log_mode_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::purge_keeps_what_the_log_mode_keeps(&open(&dir).await).await;
+    }
+
+    #[tokio::test]
     async fn reopening_keeps_the_data() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
