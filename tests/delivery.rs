@@ -273,6 +273,23 @@ async fn assert_dlq_mirrors_the_store(h: &Harness) -> Vec<support::broker::Consu
     msgs
 }
 
+/// Every delivery of `event_id` in the delivery log as (kind, status, its attempts' statuses),
+/// sorted.
+async fn logged(app: &TestApp, event_id: &str) -> Vec<(String, String, Vec<i64>)> {
+    let (_, list) = app.get(&format!("/deliveries?event_id={event_id}")).await;
+    let mut out = Vec::new();
+    for row in list["results"].as_array().unwrap() {
+        let (_, d) = app.get(&format!("/deliveries/{}", row["id"].as_str().unwrap())).await;
+        out.push((
+            d["kind"].as_str().unwrap_or("?").to_string(),
+            d["status"].as_str().unwrap_or("?").to_string(),
+            attempt_statuses(&d),
+        ));
+    }
+    out.sort();
+    out
+}
+
 /// The statuses of a delivery log entry's attempts.
 fn attempt_statuses(d: &serde_json::Value) -> Vec<i64> {
     d["attempts"]
@@ -532,6 +549,19 @@ both_buses!(
         assert_eq!(replayed, vec!["dl1", "dl2"], "replay keeps the run's order and the ids");
         let (_, dl) = app.get(&format!("/dead-letters?webhook_id={wid}")).await;
         assert!(dl["results"].as_array().unwrap().is_empty());
+        // The delivery log shows every attempt: the dead delivery keeps its two, the replay is
+        // a delivery of its own (same event, same target) answered at once.
+        for id in ["dl1", "dl2"] {
+            let want = vec![
+                ("webhook".to_string(), "dead".to_string(), vec![500, 500]),
+                ("webhook".to_string(), "delivered".to_string(), vec![200]),
+            ];
+            eventually(WAIT, &format!("{id}'s log: {want:?}"), || {
+                let want = want.clone();
+                async move { (logged(app, id).await == want).then_some(()) }
+            })
+            .await;
+        }
     }
 );
 
@@ -571,6 +601,16 @@ both_buses!(replay_reaches_only_the_target_that_failed, |bus| async move {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.on("/cb").len(), 1, "the callback URL is not sent the event again");
     assert_eq!(rx.on("/wh").len(), 3);
+    // The delivery log shows every attempt: the callback's one, the webhook's dead delivery
+    // with its two, and the replay.
+    assert_eq!(
+        logged(app, "rp1").await,
+        vec![
+            ("callback".to_string(), "delivered".to_string(), vec![200]),
+            ("webhook".to_string(), "dead".to_string(), vec![500, 500]),
+            ("webhook".to_string(), "delivered".to_string(), vec![200]),
+        ]
+    );
 });
 
 both_buses!(during_rotation_both_secrets_sign, |bus| async move {
