@@ -110,12 +110,26 @@ fn names(bodies: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Wait for `n` 2xx answers, then a little longer to see that nothing more arrives.
-async fn delivered_exactly(rx: &Receiver, n: usize) -> Vec<Value> {
-    rx.wait_for(WAIT, &format!("{n} deliveries answered 2xx"), |g| {
-        g.iter().filter(|r| (200..300).contains(&r.status)).count() >= n
-    })
-    .await;
+/// Wait for `n` 2xx answers, then a little longer to see that nothing more arrives. On a
+/// timeout, says what did arrive and (Kafka) how many partitions the relay held.
+async fn delivered_exactly(h: &Harness, rx: &Receiver, n: usize) -> Vec<Value> {
+    let until = Instant::now() + WAIT;
+    while delivered(rx).len() < n {
+        if Instant::now() > until {
+            let seen: Vec<String> = rx
+                .received()
+                .iter()
+                .map(|r| format!("{}:{}", r.header("webhook-id"), r.status))
+                .collect();
+            let partitions = h.metrics().await.get("syncrelay_kafka_assigned_partitions", &[]);
+            panic!(
+                "timed out after {WAIT:?} waiting for {n} deliveries answered 2xx; received \
+                 {seen:?}; delivered {:?}; partitions held {partitions:?}",
+                names(&delivered(rx))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let got = delivered(rx);
     assert_eq!(got.len(), n, "{:?}", names(&got));
@@ -165,7 +179,7 @@ both_buses!(
                 "{resp}"
             );
         }
-        let got = delivered_exactly(&rx, 7).await;
+        let got = delivered_exactly(&h, &rx, 7).await;
         assert_eq!(
             names(&got),
             vec![
@@ -259,7 +273,7 @@ both_buses!(
             );
             assert_eq!(resp["events"][3]["reason"], "run_failed");
         }
-        let got = delivered_exactly(&rx, 5).await;
+        let got = delivered_exactly(&h, &rx, 5).await;
         assert_eq!(
             names(&got),
             vec!["created", "started:s1", "record:r1", "record_error:e1", "failed"]
@@ -303,7 +317,7 @@ both_buses!(
         if let Some(resp) = send(&h, &events).await {
             assert_eq!(resp["events"][1]["status"], "batched", "{resp}");
         }
-        let got = delivered_exactly(&rx, 5).await;
+        let got = delivered_exactly(&h, &rx, 5).await;
         assert_eq!(
             names(&got),
             vec!["created", "started:s1", "record:r1", "record_error", "completed:c1"]
@@ -333,7 +347,7 @@ both_buses!(batch_mode_flushes_a_batch_by_age, |bus| async move {
         ev("e1", &run, "record_error", "ticketing/tickets"),
     ])
     .await;
-    let got = delivered_exactly(&rx, 3).await;
+    let got = delivered_exactly(&h, &rx, 3).await;
     assert_eq!(names(&got), vec!["created", "started:s1", "record_error"]);
     assert_eq!(got[2]["payload"]["errors"][0]["n"], "e1");
     assert_eq!(run_status(app, &run).await["status"], "running");
@@ -373,7 +387,7 @@ both_buses!(
         })
         .await;
         h.send(&[ev("c1", &run, "completed", "")]).await;
-        let got = delivered_exactly(&rx, 6).await;
+        let got = delivered_exactly(&h, &rx, 6).await;
         assert_eq!(
             names(&got),
             vec![
