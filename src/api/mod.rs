@@ -69,7 +69,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/sync-job-run/{id}", web::patch().to(sync_job_runs::update))
             .route("/sync-job-run/{id}", web::delete().to(sync_job_runs::delete))
             .route("/api/bulk/2.0/syncs", web::post().to(eloqua::create))
+            .route("/api/bulk/2.0/syncs", web::get().to(eloqua::list))
             .route("/api/bulk/2.0/syncs/{id}", web::get().to(eloqua::get))
+            .route("/api/bulk/2.0/syncs/{id}/logs", web::get().to(eloqua::logs))
             .default_service(web::to(not_found)),
     );
 }

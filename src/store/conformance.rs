@@ -273,6 +273,7 @@ fn run(id: &str, now: i64) -> Run {
         updated_at: now,
         started_at: None,
         finished_at: None,
+        sync_unit_id: None,
         seq: 0,
     }
 }

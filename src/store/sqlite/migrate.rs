@@ -32,6 +32,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0002_delivery_source.sql"),
         present: Some("SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'source'"),
     },
+    Migration {
+        version: 3,
+        name: "sync_fronts",
+        sql: include_str!("../../../migrations/sqlite/0003_sync_fronts.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
