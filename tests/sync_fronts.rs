@@ -182,3 +182,189 @@ both_buses!(
         assert_eq!(cb["payload"]["uri"], uri.as_str());
     }
 );
+
+const ACCOUNT: &str = "94801e49-a652-42f9-af14-dd203d7897da";
+
+async fn unit(app: &TestApp, id: &str) -> Value {
+    let (s, b) = app.get(&format!("/airdrop.sync-units.get?id={}", urlencode(id))).await;
+    assert_eq!(s, 200, "{b}");
+    b["sync_unit"].clone()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn wait_unit(app: &TestApp, id: &str, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let u = unit(app, id).await;
+        if pred(&u["sync_run"]) {
+            return u;
+        }
+        assert!(Instant::now() < until, "{what}: {u}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devrev_bulk_create_is_all_or_nothing_with_typed_errors_naming_the_item() {
+    let app = spawn_app(&[]).await;
+    let (s, b) = app
+        .post(
+            "/airdrop.sync-units.create.bulk",
+            json!({"sync_units": [
+                {"external_sync_unit": "jira/PROJ-1", "keyring": "jira-prod"},
+                {"external_sync_unit": "jira/PROJ-2", "keyring": "jira-prod"},
+                {"external_sync_unit": "jira/PROJ-3"}
+            ]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["type"], "bad_request");
+    assert_eq!(b["detail"]["field"], "sync_units[2].keyring");
+    // Nothing was created.
+    let (s, l) = app.get("/airdrop.sync-units.list").await;
+    assert_eq!(s, 200, "{l}");
+    assert_eq!(l["sync_units"].as_array().unwrap().len(), 0, "{l}");
+
+    // Too large: typed, with the limit.
+    let big: Vec<Value> = (0..2000)
+        .map(|i| json!({"external_sync_unit": format!("jira/PROJ-{i}-{}", "x".repeat(40)), "keyring": "k"}))
+        .collect();
+    let (s, b) = app
+        .post("/airdrop.sync-units.create.bulk", json!({ "sync_units": big }))
+        .await;
+    assert_eq!(s, 413, "{b}");
+    assert_eq!(b["type"], "request_entity_too_large");
+    assert_eq!(b["max_bytes"], 65536);
+
+    // The three, valid: created together, in DevRev's shape.
+    let (s, b) = app
+        .post(
+            "/airdrop.sync-units.create.bulk",
+            json!({"sync_units": [
+                {"external_sync_unit": "jira/PROJ-1", "keyring": "jira-prod"},
+                {"external_sync_unit": "jira/PROJ-2", "keyring": "jira-prod"},
+                {"external_sync_unit": "jira/PROJ-3", "keyring": "jira-prod"}
+            ]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let units = b["sync_units"].as_array().unwrap();
+    assert_eq!(units.len(), 3);
+    for u in units {
+        assert!(u["id"].as_str().unwrap().starts_with("don:integration:"), "{u}");
+        for k in [
+            "display_id",
+            "created_by",
+            "modified_by",
+            "created_date",
+            "modified_date",
+            "object_version",
+            "external_sync_unit_name",
+            "external_system_name",
+            "external_system_type",
+            "is_archived",
+            "name",
+            "sync_type",
+        ] {
+            assert!(!u[k].is_null(), "{k} in {u}");
+        }
+        assert!(u["sync_run"].is_null());
+    }
+    let (_, l) = app.get("/airdrop.sync-units.list").await;
+    assert_eq!(l["sync_units"].as_array().unwrap().len(), 3, "{l}");
+}
+
+both_buses!(
+    devrev_sync_unit_follows_its_runs_initial_then_incremental,
+    |bus| async move {
+        let rx = Receiver::start().await;
+        let h = Harness::start(bus, &[]).await;
+        let app = h.api();
+        let (wid, _) = app.webhook(&rx.url("/hook"), &[]).await;
+        let (s, b) = app
+            .post(
+                "/airdrop.sync-units.create.bulk",
+                json!({"sync_units": [{"external_sync_unit": "jira/PROJ-9", "keyring": "jira-prod"}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let uid = b["sync_units"][0]["id"].as_str().unwrap().to_string();
+        let (s, job) = app
+            .post(
+                "/sync-job",
+                json!({"integration_name": "jira", "resources": [{"resource": "ticketing/tickets", "method": "list"}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{job}");
+        let new_run = || async {
+            let (s, run) = app
+                .post(
+                    "/sync-job-run",
+                    json!({"sync_job_id": job["id"], "integrated_account_id": ACCOUNT, "webhook_id": wid,
+                       "sync_unit_id": uid}),
+                )
+                .await;
+            assert_eq!(s, 201, "{run}");
+            assert_eq!(run["sync_unit_id"], uid.as_str());
+            run["id"].as_str().unwrap().to_string()
+        };
+
+        let r1 = new_run().await;
+        let u = unit(app, &uid).await;
+        assert_eq!(u["sync_run"]["id"], r1.as_str());
+        assert_eq!(u["sync_run"]["mode"], "initial");
+        assert_eq!(u["sync_run"]["progress"]["state"], "starting");
+        h.send(&[ev("a1", &r1, "started")]).await;
+        wait_unit(
+            app,
+            &uid,
+            |r| r["progress"]["state"] == "in_progress",
+            "first run in progress",
+        )
+        .await;
+        h.send(&[ev("a2", &r1, "record"), ev("a3", &r1, "completed")]).await;
+        let u = wait_unit(
+            app,
+            &uid,
+            |r| r["progress"]["state"] == "completed",
+            "first run completed",
+        )
+        .await;
+        assert!(
+            u["sync_run"]["started_at"].is_string() && u["sync_run"]["ended_at"].is_string(),
+            "{u}"
+        );
+
+        let r2 = new_run().await;
+        let u = unit(app, &uid).await;
+        assert_eq!(u["sync_run"]["id"], r2.as_str());
+        assert_eq!(u["sync_run"]["mode"], "incremental");
+        assert!(u["sync_run"]["ended_at"].is_null());
+        h.send(&[ev("b1", &r2, "started"), ev("b2", &r2, "failed")]).await;
+        wait_unit(app, &uid, |r| r["progress"]["state"] == "failed", "second run failed").await;
+
+        // Archive: a run can no longer name it.
+        let (s, b) = app
+            .post("/airdrop.sync-units.update", json!({"id": uid, "is_archived": true}))
+            .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["sync_unit"]["is_archived"], true);
+        assert_eq!(b["sync_unit"]["object_version"], 2);
+        let (s, b) = app
+        .post(
+            "/sync-job-run",
+            json!({"sync_job_id": job["id"], "integrated_account_id": ACCOUNT, "webhook_id": wid, "sync_unit_id": uid}),
+        )
+        .await;
+        assert_eq!(s, 400, "{b}");
+        assert_eq!(b["detail"]["field"], "sync_unit_id");
+    }
+);
