@@ -11,8 +11,21 @@ use support::*;
 
 const CB_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// The start command of run `run` (polled: published when the sync was created).
-async fn start_command(app: &TestApp, run: &str) -> Value {
+/// The start command of run `run`, where this bus publishes run commands: the store
+/// (`GET /sync-job-run-commands`, embedded) or the commands topic (Kafka).
+async fn start_command(h: &Harness, run: &str) -> Value {
+    if let Some(k) = h.kafka.as_ref() {
+        let (broker, topic) = (k.broker, k.topics.commands.clone());
+        let got = tokio::task::spawn_blocking(move || broker.read_all(&topic, 1, Duration::from_secs(10)))
+            .await
+            .unwrap();
+        return got
+            .iter()
+            .map(|m| m.json())
+            .find(|c| c["type"] == "start" && c["sync_job_run_id"] == run)
+            .unwrap_or_else(|| panic!("no start command for {run} on the commands topic"));
+    }
+    let app = h.api();
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let (s, b) = app.get("/sync-job-run-commands?limit=1000").await;
@@ -67,7 +80,6 @@ async fn one_callback(rx: &Receiver) -> Value {
 }
 
 both_buses!(
-    #[kafka_ignore = "start commands go to the commands topic in Kafka mode; the embedded run covers the front door"]
     eloqua_sync_with_a_record_error_ends_warning_with_logs_and_one_signed_callback,
     |bus| async move {
         let rx = Receiver::start().await;
@@ -86,7 +98,7 @@ both_buses!(
         let run = sync["sync_job_run_id"].as_str().unwrap().to_string();
 
         // The executor: the start command carries the run id and the sync's uri.
-        let cmd = start_command(app, &run).await;
+        let cmd = start_command(&h, &run).await;
         assert_eq!(cmd["uri"], uri.as_str());
         assert_eq!(cmd["syncedInstanceUri"], "/contacts/exports/7");
 
@@ -158,7 +170,6 @@ both_buses!(
 );
 
 both_buses!(
-    #[kafka_ignore = "start commands go to the commands topic in Kafka mode; the embedded run covers the front door"]
     eloqua_sync_whose_run_fails_ends_error_with_its_callback,
     |bus| async move {
         let rx = Receiver::start().await;
@@ -173,7 +184,7 @@ both_buses!(
         assert_eq!(s, 201, "{sync}");
         let uri = sync["uri"].as_str().unwrap().to_string();
         let run = sync["sync_job_run_id"].as_str().unwrap().to_string();
-        start_command(app, &run).await;
+        start_command(&h, &run).await;
         h.send(&[ev("s1", &run, "started"), ev("f1", &run, "failed")]).await;
         let done = wait_sync_status(app, &uri, "error").await;
         assert!(done["syncEndedAt"].is_string());
