@@ -150,7 +150,8 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         "previous_run_date": null,
     });
     if let Err(e) = state.commands.publish(&run.id, command).await {
-        // Without its command no executor runs it: the run ends `failed` (the sync `error`).
+        // Without its command no executor runs it: the run is stopped (the sync `error`, and its
+        // callback, if any, is sent).
         let _ = state.engine.stop_run(&run.id, "start_command_failed").await;
         return Err(ApiError::Unavailable(format!(
             "could not publish the sync's start command: {e:#}"
