@@ -1,6 +1,7 @@
 //! The HTTP API (CONTRACT §3). One file per resource; this one holds what they share: state,
 //! bearer authentication, request metrics, body reading with a typed 413, list paging.
 
+mod devrev;
 mod eloqua;
 mod events;
 mod ops;
@@ -69,7 +70,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/sync-job-run/{id}", web::patch().to(sync_job_runs::update))
             .route("/sync-job-run/{id}", web::delete().to(sync_job_runs::delete))
             .route("/api/bulk/2.0/syncs", web::post().to(eloqua::create))
+            .route("/api/bulk/2.0/syncs", web::get().to(eloqua::list))
             .route("/api/bulk/2.0/syncs/{id}", web::get().to(eloqua::get))
+            .route("/api/bulk/2.0/syncs/{id}/logs", web::get().to(eloqua::logs))
+            .route("/airdrop.sync-units.create.bulk", web::post().to(devrev::create_bulk))
+            .route("/airdrop.sync-units.get", web::get().to(devrev::get))
+            .route("/airdrop.sync-units.list", web::get().to(devrev::list))
+            .route("/airdrop.sync-units.update", web::post().to(devrev::update))
             .default_service(web::to(not_found)),
     );
 }

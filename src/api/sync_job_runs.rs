@@ -27,6 +27,8 @@ struct CreateRun {
     #[serde(default)]
     ignore_previous_run: bool,
     callback_url: Option<String>,
+    /// The DevRev-style sync unit this run syncs (CONTRACT §3, DevRev sync units).
+    sync_unit_id: Option<String>,
     #[serde(default)]
     validate_only: bool,
 }
@@ -154,6 +156,19 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         Some(raw) => Some(check_target_url(&state, "callback_url", raw).await?.to_string()),
         None => None,
     };
+    let sync_unit_id = match &req.sync_unit_id {
+        Some(id) => {
+            check_text("sync_unit_id", id, limits::ID, false)?;
+            match store.runs().get_sync_unit(id).await? {
+                Some(u) if u.is_archived => {
+                    return Err(ApiError::field("sync_unit_id", format!("sync unit {id} is archived")))
+                }
+                Some(u) => Some(u.id),
+                None => return Err(ApiError::field("sync_unit_id", format!("no sync unit {id}"))),
+            }
+        }
+        None => None,
+    };
     if req.validate_only {
         return Ok(HttpResponse::Ok().json(json!({"valid": true})));
     }
@@ -180,6 +195,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         updated_at: now,
         started_at: None,
         finished_at: None,
+        sync_unit_id,
         seq: 0,
     };
     let previous_run_date = if run.ignore_previous_run {

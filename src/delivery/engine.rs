@@ -321,6 +321,10 @@ impl Engine {
                 self.metrics.events_filtered.inc();
             }
         }
+        let finishing = crate::runs::service::finishing_runs(events);
+        if !finishing.is_empty() {
+            self.eloqua_callbacks(&finishing).await;
+        }
         Ok(routed)
     }
 

@@ -523,6 +523,7 @@ mod tests {
             updated_at: now,
             started_at: None,
             finished_at: None,
+            sync_unit_id: None,
             seq: 0,
         };
         store.insert_run(&run).await.unwrap();

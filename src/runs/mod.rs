@@ -3,6 +3,7 @@
 //! store's [`crate::store::RunStore`].
 
 pub mod commands;
+pub mod eloqua;
 pub mod lifecycle;
 pub mod model;
 pub mod service;

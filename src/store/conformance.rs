@@ -273,6 +273,7 @@ fn run(id: &str, now: i64) -> Run {
         updated_at: now,
         started_at: None,
         finished_at: None,
+        sync_unit_id: None,
         seq: 0,
     }
 }
@@ -358,4 +359,89 @@ pub(crate) async fn purge_keeps_what_the_log_mode_keeps(store: &Store) {
     assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
     assert!(store.get_delivery("p2").await.unwrap().is_none());
     assert!(store.list_attempts("p2").await.unwrap().is_empty());
+}
+
+/// Eloqua syncs find their run and mark their one callback once; sync units are stored all
+/// together and show their latest run and how many runs name them.
+pub(crate) async fn sync_fronts_storage(store: &Store) {
+    let now = 1_700_000_000_000;
+    let runs = store.runs();
+    let mut r1 = run("run-a", now);
+    r1.sync_unit_id = Some("unit-1".into());
+    store.insert_run(&r1).await.unwrap();
+    let s = store
+        .insert_eloqua_sync(
+            "/contacts/exports/1",
+            Some("https://cb.example.com/x"),
+            Some("run-a"),
+            "api",
+            now,
+        )
+        .await
+        .unwrap();
+    let got = runs.eloqua_sync_for_run("run-a").await.unwrap().unwrap();
+    assert_eq!(
+        (got.n, got.run_id.as_deref(), got.callback_queued_at),
+        (s.n, Some("run-a"), None)
+    );
+    assert!(runs.eloqua_sync_for_run("run-x").await.unwrap().is_none());
+    assert!(runs.mark_eloqua_callback(s.n, Some(now)).await.unwrap());
+    assert!(
+        !runs.mark_eloqua_callback(s.n, Some(now + 1)).await.unwrap(),
+        "marked once"
+    );
+    assert_eq!(
+        store.get_eloqua_sync(s.n).await.unwrap().unwrap().callback_queued_at,
+        Some(now)
+    );
+    runs.mark_eloqua_callback(s.n, None).await.unwrap();
+    assert!(
+        runs.mark_eloqua_callback(s.n, Some(now + 2)).await.unwrap(),
+        "unmarked, marked again"
+    );
+    store
+        .insert_eloqua_sync("/contacts/exports/2", None, None, "api", now)
+        .await
+        .unwrap();
+    let (page, total) = runs.list_eloqua_syncs(1, 10).await.unwrap();
+    assert_eq!((page.len(), total), (1, 2));
+    assert_eq!(page[0].synced_instance_uri, "/contacts/exports/2");
+
+    let unit = |id: &str| SyncUnit {
+        id: id.into(),
+        external_sync_unit: format!("ext-{id}"),
+        keyring: "k".into(),
+        name: format!("ext-{id}"),
+        is_archived: false,
+        object_version: 1,
+        created_by: "api".into(),
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let units = runs.insert_sync_units(&[unit("unit-1"), unit("unit-2")]).await.unwrap();
+    assert!(units[0].seq < units[1].seq);
+    // All or nothing: a duplicate id fails the whole insert.
+    assert!(runs.insert_sync_units(&[unit("unit-3"), unit("unit-1")]).await.is_err());
+    assert!(runs.get_sync_unit("unit-3").await.unwrap().is_none());
+    let page = runs.list_sync_units(0, 10).await.unwrap();
+    assert_eq!(page.results.len(), 2);
+    let mut u = runs.get_sync_unit("unit-1").await.unwrap().unwrap();
+    u.is_archived = true;
+    u.object_version = 2;
+    runs.update_sync_unit(&u).await.unwrap();
+    let u = runs.get_sync_unit("unit-1").await.unwrap().unwrap();
+    assert!(u.is_archived && u.object_version == 2);
+
+    let (latest, n) = runs.latest_unit_run("unit-1").await.unwrap().unwrap();
+    assert_eq!((latest.id.as_str(), n), ("run-a", 1));
+    let mut r2 = run("run-b", now + 1);
+    r2.sync_unit_id = Some("unit-1".into());
+    store.insert_run(&r2).await.unwrap();
+    let (latest, n) = runs.latest_unit_run("unit-1").await.unwrap().unwrap();
+    assert_eq!(
+        (latest.id.as_str(), latest.sync_unit_id.as_deref(), n),
+        ("run-b", Some("unit-1"), 2)
+    );
+    assert!(runs.latest_unit_run("unit-2").await.unwrap().is_none());
 }

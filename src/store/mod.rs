@@ -220,10 +220,26 @@ pub trait RunStore: Send + Sync {
         &self,
         uri: &str,
         callback_url: Option<&str>,
+        run_id: Option<&str>,
         created_by: &str,
         now: i64,
     ) -> anyhow::Result<EloquaSync>;
     async fn get_eloqua_sync(&self, n: i64) -> anyhow::Result<Option<EloquaSync>>;
+    /// Syncs by number, skipping `offset`, and how many there are in all.
+    async fn list_eloqua_syncs(&self, offset: i64, limit: i64) -> anyhow::Result<(Vec<EloquaSync>, i64)>;
+    /// The sync that started this run, if any.
+    async fn eloqua_sync_for_run(&self, run_id: &str) -> anyhow::Result<Option<EloquaSync>>;
+    /// Mark the sync's callback queued (`Some(now)`) unless it already is; answers whether this
+    /// call marked it. `None` clears the mark (queueing failed).
+    async fn mark_eloqua_callback(&self, n: i64, at: Option<i64>) -> anyhow::Result<bool>;
+
+    /// Insert sync units all together (one transaction: all or none).
+    async fn insert_sync_units(&self, units: &[SyncUnit]) -> anyhow::Result<Vec<SyncUnit>>;
+    async fn get_sync_unit(&self, id: &str) -> anyhow::Result<Option<SyncUnit>>;
+    async fn list_sync_units(&self, after: i64, limit: i64) -> anyhow::Result<Page<SyncUnit>>;
+    async fn update_sync_unit(&self, u: &SyncUnit) -> anyhow::Result<()>;
+    /// The unit's latest run and how many runs name it.
+    async fn latest_unit_run(&self, unit_id: &str) -> anyhow::Result<Option<(Run, i64)>>;
 
     /// Keep a run command (JSON text) for executors to poll.
     async fn insert_command(&self, key: &str, command: &str, now: i64) -> anyhow::Result<()>;
@@ -555,10 +571,13 @@ impl Store {
         &self,
         uri: &str,
         callback_url: Option<&str>,
+        run_id: Option<&str>,
         created_by: &str,
         now: i64,
     ) -> anyhow::Result<EloquaSync> {
-        self.runs.insert_eloqua_sync(uri, callback_url, created_by, now).await
+        self.runs
+            .insert_eloqua_sync(uri, callback_url, run_id, created_by, now)
+            .await
     }
 
     pub async fn get_eloqua_sync(&self, n: i64) -> anyhow::Result<Option<EloquaSync>> {

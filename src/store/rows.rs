@@ -302,9 +302,30 @@ pub struct EloquaSync {
     pub n: i64,
     pub synced_instance_uri: String,
     pub callback_url: Option<String>,
+    /// The stored status (rows from before syncs had runs keep `pending`); a sync with a run
+    /// shows its run's status (api/eloqua.rs).
     pub status: String,
     pub created_by: String,
     pub created_at: i64,
+    /// The run the sync started (CONTRACT §3, Eloqua bulk syncs).
+    pub run_id: Option<String>,
+    /// When its one callback was queued.
+    pub callback_queued_at: Option<i64>,
+}
+
+/// A DevRev-style airdrop sync unit (CONTRACT §3, DevRev sync units).
+#[derive(Debug, Clone)]
+pub struct SyncUnit {
+    pub id: String,
+    pub external_sync_unit: String,
+    pub keyring: String,
+    pub name: String,
+    pub is_archived: bool,
+    pub object_version: i64,
+    pub created_by: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub seq: i64,
 }
 
 // ---- pages --------------------------------------------------------------------------------------

@@ -408,6 +408,7 @@ impl KafkaBus {
                 }
             }
         };
+        let finishing = crate::runs::service::finishing_runs(good.iter().map(|(_, e)| e));
         let mut jobs = Vec::new();
         for ((m, _), (deliveries, dead, routed)) in good.into_iter().zip(plans) {
             if routed.status == "filtered" {
@@ -430,6 +431,11 @@ impl KafkaBus {
             }
         }
         engine.submit(jobs);
+        if !finishing.is_empty() {
+            // Eloqua syncs whose run just finished: their callbacks (stored path, off this loop).
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.eloqua_callbacks(&finishing).await });
+        }
     }
 
     fn finish(&self, tp: &Tp, offset: i64, generation: u64) {

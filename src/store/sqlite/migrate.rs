@@ -32,6 +32,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0002_delivery_source.sql"),
         present: Some("SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'source'"),
     },
+    Migration {
+        version: 3,
+        name: "sync_fronts",
+        sql: include_str!("../../../migrations/sqlite/0003_sync_fronts.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
@@ -117,7 +123,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
         assert!(has_source(&pool).await);
         let v: String = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'k'")
             .fetch_one(&pool)
@@ -147,7 +153,7 @@ mod tests {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(n, 2);
+        assert_eq!(n, 3);
     }
 
     #[tokio::test]

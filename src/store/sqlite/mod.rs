@@ -121,6 +121,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sync_fronts_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::sync_fronts_storage(&open(&dir).await).await;
+    }
+
+    #[tokio::test]
     async fn reopening_keeps_the_data() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
