@@ -442,7 +442,6 @@ impl Settings {
             StoreKind::Postgres if self.store.url.is_empty() => {
                 return bad("store.url", "required when store.kind = \"postgres\"")
             }
-            StoreKind::Postgres => return bad("store.kind", "postgres is not supported by this build yet; use sqlite"),
             StoreKind::Sqlite if self.store.path.as_os_str().is_empty() => {
                 return bad("store.path", "must not be empty")
             }

@@ -96,23 +96,12 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn chains_are_delivered_in_order() {
+    async fn fresh() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        conformance::chains_are_delivered_in_order(&open(&dir).await).await;
+        (open(&dir).await, dir)
     }
 
-    #[tokio::test]
-    async fn memory_deliveries_are_held_logged_and_parked() {
-        let dir = tempfile::tempdir().unwrap();
-        conformance::memory_deliveries_are_held_logged_and_parked(&open(&dir).await).await;
-    }
-
-    #[tokio::test]
-    async fn with_runs_saves_only_what_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        conformance::with_runs_saves_only_what_changed(&open(&dir).await).await;
-    }
+    conformance::suite!(fresh);
 
     #[tokio::test]
     async fn reopening_keeps_the_data() {
