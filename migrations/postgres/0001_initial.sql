@@ -43,7 +43,10 @@ CREATE TABLE deliveries (
   created_at BIGINT NOT NULL,
   finished_at BIGINT,
   -- Where the event came from when it was a bus message (`topic/partition/offset`).
-  source TEXT
+  source TEXT,
+  -- The instance that claimed this ready row, and until when no other instance may take it.
+  lease_owner TEXT,
+  lease_until BIGINT
 );
 CREATE INDEX deliveries_due ON deliveries(next_attempt_at, seq) WHERE state = 'ready';
 CREATE INDEX deliveries_key ON deliveries(order_key, seq) WHERE state IN ('ready', 'waiting');

@@ -48,7 +48,7 @@ pub(crate) use suite;
 use super::*;
 use crate::runs::model::{ErrorHandling, Stats, Status};
 
-fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -> NewDelivery {
+pub(crate) fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -> NewDelivery {
     NewDelivery {
         id: id.into(),
         event_id: format!("ev-{id}"),
@@ -69,7 +69,7 @@ fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -
     }
 }
 
-fn completion(q: &QueuedDelivery, next: Next, now: i64) -> Completion {
+pub(crate) fn completion(q: &QueuedDelivery, next: Next, now: i64) -> Completion {
     Completion {
         seq: q.seq,
         delivery_id: q.id.clone(),
@@ -109,7 +109,7 @@ fn dead_letter(q: &QueuedDelivery) -> NewDeadLetter {
     }
 }
 
-fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
+pub(crate) fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
     rows.iter().map(|q| q.id.as_str()).collect()
 }
 

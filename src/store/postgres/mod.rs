@@ -8,8 +8,8 @@
 //!
 //! Several instances may share one database: the schema is migrated under an advisory lock, the
 //! run lifecycle loads its runs `FOR UPDATE`, and a chain's promotion happens in the transaction
-//! that finishes its head. Claims of due deliveries are still kept in each process's memory (no
-//! lease in the store yet): see `docs/OPERATIONS.md` for what that means across instances.
+//! that finishes its head, and the rows an instance takes are leased to it in the store
+//! (`lease_owner`, `lease_until`; [`Lease`]) — not renewed yet: see `docs/OPERATIONS.md`.
 
 mod log;
 mod migrate;
@@ -28,6 +28,17 @@ use crate::config::StoreSettings;
 
 pub struct PgStore {
     pool: PgPool,
+    lease: Lease,
+}
+
+/// This instance's claims of queued deliveries: rows it takes (due, made ready by its own
+/// transaction) carry `lease_owner = owner` and `lease_until = now + ms`; no other instance takes
+/// them until that passes. `owner` is new at every open, so a restarted instance waits for the
+/// leases of its previous life like any other instance.
+#[derive(Clone)]
+pub(super) struct Lease {
+    owner: String,
+    ms: i64,
 }
 
 /// Rows per multi-row statement (at 19 columns a row, far below PostgreSQL's limit of 65535
@@ -80,7 +91,13 @@ impl PgStore {
             .await
             .map_err(|e| anyhow::anyhow!("connecting to PostgreSQL (store.url): {}", redact(&e)))?;
         migrate::run(&pool).await.context("migrating the PostgreSQL schema")?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            lease: Lease {
+                owner: uuid::Uuid::now_v7().to_string(),
+                ms: settings.lease_ms.min(i64::MAX as u64) as i64,
+            },
+        })
     }
 }
 
@@ -114,6 +131,8 @@ pub(crate) mod test_server;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::pg;
     use crate::config::{StoreKind, StoreSettings, Synchronous};
     use crate::store::{conformance, Store};
@@ -125,6 +144,7 @@ mod tests {
             url: url.to_string(),
             max_connections: 4,
             synchronous: Synchronous::Normal,
+            lease_ms: 60_000,
         }
     }
 
@@ -199,6 +219,81 @@ mod tests {
         };
         tokio::join!(bump(a.clone()), bump(b.clone()));
         assert_eq!(a.get_run("r").await.unwrap().unwrap().illegal_transitions, 50);
+    }
+
+    /// A row one instance claimed is not taken by another until the lease expires; then any
+    /// instance takes it (and holds it in turn); the next row of a chain finished by an instance
+    /// is promoted already leased to it.
+    #[tokio::test]
+    async fn claims_are_leased_to_their_instance_until_they_expire() {
+        use crate::store::Next;
+
+        let url = super::test_server::database();
+        let a = Store::open(&settings(&url)).await.unwrap();
+        let b = Store::open(&settings(&url)).await.unwrap();
+        let lease = 60_000;
+        let now = crate::domain::now_ms();
+        let rows = [
+            conformance::delivery("x1", Some("t|x"), Some("x"), now),
+            conformance::delivery("x2", Some("t|x"), Some("x"), now),
+            conformance::delivery("y1", Some("t|y"), Some("y"), now),
+        ];
+        let claimed = a
+            .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(conformance::ids(&claimed), ["x1", "y1"]);
+        assert!(b.due(now, 10, &[]).await.unwrap().is_empty(), "leased to a");
+        assert_eq!(conformance::ids(&a.due(now, 10, &[]).await.unwrap()), ["x1", "y1"]);
+
+        // a "dies": once its leases expire, b takes both heads, and a no longer can.
+        let later = now + lease + 1;
+        let taken = b.due(later, 10, &[]).await.unwrap();
+        assert_eq!(conformance::ids(&taken), ["x1", "y1"]);
+        assert!(a.due(later, 10, &[]).await.unwrap().is_empty(), "leased to b");
+
+        // b finishes x1: x2 is promoted leased to b; a retry releases y1's lease.
+        let x1 = taken.iter().find(|q| q.id == "x1").unwrap();
+        let y1 = taken.iter().find(|q| q.id == "y1").unwrap();
+        let promoted = b
+            .complete(
+                &[
+                    conformance::completion(x1, Next::Delivered, later),
+                    conformance::completion(y1, Next::Retry { at_ms: later + 10 }, later),
+                ],
+                later,
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(conformance::ids(&promoted), ["x2"]);
+        assert_eq!(conformance::ids(&a.due(later + 10, 10, &[]).await.unwrap()), ["y1"]);
+        assert!(b.due(later + 10, 10, &[]).await.unwrap().iter().all(|q| q.id != "y1"));
+        assert_eq!(conformance::ids(&b.due(later + 10, 10, &[]).await.unwrap()), ["x2"]);
+    }
+
+    /// Instances polling together never take the same row (an instance's own leased rows are
+    /// answered to it again, as its in-memory claims are).
+    #[tokio::test]
+    async fn instances_polling_together_take_disjoint_rows() {
+        let url = super::test_server::database();
+        let a = Store::open(&settings(&url)).await.unwrap();
+        let b = Store::open(&settings(&url)).await.unwrap();
+        let now = crate::domain::now_ms();
+        let rows: Vec<_> = (0..200)
+            .map(|i| conformance::delivery(&format!("d{i}"), Some(&format!("t|{i}")), None, now))
+            .collect();
+        // Queued by a third instance, whose leases have expired by `later`.
+        let c = Store::open(&settings(&url)).await.unwrap();
+        c.enqueue(&rows, &[], now).await.unwrap();
+        c.close().await;
+        let later = now + 60_001;
+        let (ta, tb) = tokio::join!(a.due(later, 100, &[]), b.due(later, 100, &[]));
+        let (ta, tb) = (ta.unwrap(), tb.unwrap());
+        let ia: HashSet<_> = ta.iter().map(|q| q.id.clone()).collect();
+        let ib: HashSet<_> = tb.iter().map(|q| q.id.clone()).collect();
+        assert!(ia.is_disjoint(&ib), "{:?}", ia.intersection(&ib).collect::<Vec<_>>());
+        assert_eq!(ia.len() + ib.len(), 200);
     }
 
     fn conformance_run(id: &str, now: i64) -> crate::runs::model::Run {

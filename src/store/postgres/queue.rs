@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
-use super::{pg, placeholders, PgStore, INSERT_CHUNK, IN_CHUNK};
+use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
 use crate::store::{AttemptRecord, Claim, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
@@ -111,17 +111,22 @@ async fn promote_next(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[&str],
     now: i64,
+    lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
     let mut out = Vec::new();
     for chunk in keys.chunks(IN_CHUNK) {
         let sql = format!(
-            "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE state = 'waiting' AND seq IN \
+            "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
+             WHERE state = 'waiting' AND seq IN \
              (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting') GROUP BY order_key) \
              RETURNING {QUEUED_COLUMNS}",
             placeholders(chunk.len())
         );
         let sql = pg(sql.as_str());
-        let mut q = sqlx::query(sql.as_str()).bind(now);
+        let mut q = sqlx::query(sql.as_str())
+            .bind(now)
+            .bind(&lease.owner)
+            .bind(now + lease.ms);
         for k in chunk {
             q = q.bind(*k);
         }
@@ -138,6 +143,7 @@ pub(super) async fn insert_deliveries(
     deliveries: &[NewDelivery],
     now: i64,
     held: &HashSet<String>,
+    lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
     let keys: Vec<&str> = deliveries
         .iter()
@@ -159,9 +165,9 @@ pub(super) async fn insert_deliveries(
         let mut sql = String::from(
             "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
              order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
-             last_status, last_error) VALUES ",
+             last_status, last_error, lease_owner, lease_until) VALUES ",
         );
-        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
         sql.push_str(" RETURNING seq, id");
         let sql = pg(sql.as_str());
         let mut q = sqlx::query(sql.as_str());
@@ -185,7 +191,10 @@ pub(super) async fn insert_deliveries(
                 .bind(d.created_at)
                 .bind(&d.source)
                 .bind(last.and_then(|a| a.status))
-                .bind(last.and_then(|a| a.error.clone()));
+                .bind(last.and_then(|a| a.error.clone()))
+                // A ready row is this instance's (handed to its claim, or parked by it).
+                .bind((*state == "ready").then_some(lease.owner.as_str()))
+                .bind((*state == "ready").then_some(now + lease.ms));
         }
         for r in q.fetch_all(&mut **tx).await? {
             seqs.insert(r.get("id"), r.get("seq"));
@@ -278,7 +287,7 @@ impl Queue for PgStore {
         claim: Claim<'_>,
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin().await?;
-        let ready = insert_deliveries(&mut tx, deliveries, now, held).await?;
+        let ready = insert_deliveries(&mut tx, deliveries, now, held, &self.lease).await?;
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
         }
@@ -290,7 +299,7 @@ impl Queue for PgStore {
     async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin().await?;
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let promoted = promote_next(&mut tx, &keys, now).await?;
+        let promoted = promote_next(&mut tx, &keys, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
         Ok(promoted)
@@ -348,10 +357,10 @@ impl Queue for PgStore {
                 (Some(k), true) => take_waiting(&mut tx, k).await?,
                 _ => Vec::new(),
             };
-            insert_deliveries(&mut tx, rows, now, &HashSet::new()).await?;
+            insert_deliveries(&mut tx, rows, now, &HashSet::new(), &self.lease).await?;
             if !held.is_empty() {
                 let keep: HashSet<String> = key.into_iter().collect();
-                insert_deliveries(&mut tx, &held, now, &keep).await?;
+                insert_deliveries(&mut tx, &held, now, &keep, &self.lease).await?;
             }
             insert_attempt_logs(&mut tx, rows.iter()).await?;
         }
@@ -363,22 +372,41 @@ impl Queue for PgStore {
     }
 
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
-        let mut sql = format!("SELECT {QUEUED_COLUMNS} FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?");
+        // Claimed in one statement: ready rows that are due and not leased to another instance
+        // (or whose lease expired), locked with SKIP LOCKED so instances polling together take
+        // different rows, then leased to this instance.
+        let mut sql = String::from(
+            "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE seq IN (SELECT seq FROM deliveries \
+             WHERE state = 'ready' AND next_attempt_at <= ? \
+             AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)",
+        );
         if !skip_targets.is_empty() {
             sql.push_str(&format!(
                 " AND target_key NOT IN ({})",
                 placeholders(skip_targets.len())
             ));
         }
-        // Rows another transaction is finishing or promoting right now are skipped, not waited for.
-        sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ? FOR UPDATE SKIP LOCKED");
-        let sql = pg(sql.as_str());
-        let mut q = sqlx::query(sql.as_str()).bind(now);
+        sql.push_str(&format!(
+            " ORDER BY next_attempt_at, seq LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING next_attempt_at, {QUEUED_COLUMNS}"
+        ));
+        let sql = pg(&sql);
+        let mut q = sqlx::query(sql.as_str())
+            .bind(&self.lease.owner)
+            .bind(now + self.lease.ms)
+            .bind(now)
+            .bind(&self.lease.owner)
+            .bind(now);
         for t in skip_targets {
             q = q.bind(t);
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(queued_from_row).collect())
+        // RETURNING keeps no order: oldest due first, as asked.
+        let mut out: Vec<(i64, QueuedDelivery)> = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r)))
+            .collect();
+        out.sort_by_key(|(at, q)| (*at, q.seq));
+        Ok(out.into_iter().map(|(_, q)| q).collect())
     }
 
     async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
@@ -432,7 +460,7 @@ impl Queue for PgStore {
             let mut sql = String::from(
                 "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
                  first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-                 body = COALESCE(v.body, deliveries.body) FROM (VALUES ",
+                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
             );
             sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
             sql.push_str(
@@ -472,7 +500,7 @@ impl Queue for PgStore {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let promoted = promote_next(&mut tx, &finished, now).await?;
+        let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
         Ok(promoted)
@@ -490,7 +518,7 @@ impl Queue for PgStore {
         .await?;
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
-            promote_next(&mut tx, &[k.as_str()], now).await?;
+            promote_next(&mut tx, &[k.as_str()], now, &self.lease).await?;
         }
         tx.commit().await?;
         Ok(())
