@@ -145,3 +145,52 @@ async fn postgres_store_dead_letters_and_replays_with_the_same_id() {
         2
     );
 }
+
+/// Two relays on one PostgreSQL (embedded bus), events of the same runs posted to both: every
+/// event delivered once (nothing crashes, no lease expires), each run's events in the order they
+/// were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_postgres_deliver_every_event_once_in_run_order() {
+    let rx = Receiver::start().await;
+    let url = postgres::database();
+    let env = [
+        ("SYNCRELAY__STORE__KIND", "postgres"),
+        ("SYNCRELAY__STORE__URL", url.as_str()),
+    ];
+    let a = spawn_app(&env).await;
+    let b = spawn_app(&env).await;
+    let (wid, _) = a.webhook(&rx.url("/two"), &[]).await;
+    // b knows the webhook once it refreshes from the store (every 2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let runs: Vec<String> = (1..=4).map(run_id).collect();
+    // Batches alternate between the relays; within a run, a batch is accepted before the next
+    // one is sent, so the accepted order is the numbering.
+    for batch in 0..10 {
+        let events: Vec<_> = runs
+            .iter()
+            .enumerate()
+            .flat_map(|(r, run)| {
+                let wid = wid.clone();
+                (0..5).map(move |i| event(&format!("t{r}_{:03}", batch * 5 + i), &wid, Some(run), json!({})))
+            })
+            .collect();
+        if batch % 2 == 0 {
+            a.send_events(events).await;
+        } else {
+            b.send_events(events).await;
+        }
+    }
+    rx.wait_for(WAIT, "200 deliveries", |g| g.len() >= 200).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = rx.received();
+    let ids: Vec<String> = got.iter().map(|g| g.header("webhook-id").to_string()).collect();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (200, 200), "no duplicates");
+    for r in 0..runs.len() {
+        let prefix = format!("t{r}_");
+        let seen: Vec<&String> = ids.iter().filter(|id| id.starts_with(&prefix)).collect();
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted, "run {r} in order");
+    }
+}
