@@ -656,14 +656,15 @@ impl Engine {
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = Instant::now();
                 // Delivered rows stay for the retention period when the log keeps them all;
-                // otherwise only as long as the queue needs them.
-                let keep = if self.log_mode == LogMode::All {
-                    retention
-                } else {
-                    Duration::ZERO
+                // with `failures`, first-try successes go at once; with `none`, all of them.
+                let now = now_ms();
+                let kept = now - retention.as_millis() as i64;
+                let (before, first_try_before) = match self.log_mode {
+                    LogMode::All => (kept, kept),
+                    LogMode::Failures => (kept, now),
+                    LogMode::None => (now, now),
                 };
-                let before = now_ms() - keep.as_millis() as i64;
-                if let Err(e) = self.store.purge_delivered(before).await {
+                if let Err(e) = self.store.purge_delivered(before, first_try_before).await {
                     tracing::warn!(error = %format!("{e:#}"), "retention purge failed");
                 }
             }

@@ -37,6 +37,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_purge_keeps_what_the_log_mode_keeps() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::purge_keeps_what_the_log_mode_keeps(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_registry_jobs_and_commands_round_trip() {
             let (store, _guard) = $open().await;
             crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
@@ -402,11 +408,11 @@ pub(crate) async fn dropping_and_purging(store: &Store) {
 
     assert_eq!(store.list_attempts("a1").await.unwrap().len(), 1);
     assert_eq!(
-        store.purge_delivered(now).await.unwrap(),
+        store.purge_delivered(now, now).await.unwrap(),
         0,
         "finished at `now`, not before"
     );
-    assert_eq!(store.purge_delivered(now + 1).await.unwrap(), 1);
+    assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
     assert!(store.get_delivery("a1").await.unwrap().is_none());
     assert!(store.list_attempts("a1").await.unwrap().is_empty());
     assert!(
@@ -508,4 +514,48 @@ pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
         cmds.results.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(),
         ["k1", "k2"]
     );
+}
+
+/// Retention: delivered rows older than `before` go, first-try successes older than
+/// `first_try_before` go (`delivery.log = failures`), retried ones stay until `before`.
+pub(crate) async fn purge_keeps_what_the_log_mode_keeps(store: &Store) {
+    let now = 1_000_000;
+    let rows = [
+        delivery("p1", Some("pk1"), None, now),
+        delivery("p2", Some("pk2"), None, now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ready.len(), 2);
+    // p1 delivered on its first attempt; p2 retried once, then delivered.
+    let p2 = ready.iter().find(|q| q.id == "p2").unwrap().clone();
+    let p1 = ready.iter().find(|q| q.id == "p1").unwrap().clone();
+    store
+        .complete(&[completion(&p2, Next::Retry { at_ms: now }, now)], now, |_| {})
+        .await
+        .unwrap();
+    let mut p2 = p2;
+    p2.attempts = 1;
+    store
+        .complete(
+            &[
+                completion(&p1, Next::Delivered, now),
+                completion(&p2, Next::Delivered, now),
+            ],
+            now,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    // `failures`: first-try successes go at once, retried ones stay.
+    assert_eq!(store.purge_delivered(now - 1000, now + 1).await.unwrap(), 1);
+    assert!(store.get_delivery("p1").await.unwrap().is_none());
+    assert!(store.get_delivery("p2").await.unwrap().is_some());
+    assert_eq!(store.list_attempts("p2").await.unwrap().len(), 2);
+    // Past the retention period, everything delivered goes, with its attempts.
+    assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
+    assert!(store.get_delivery("p2").await.unwrap().is_none());
+    assert!(store.list_attempts("p2").await.unwrap().is_empty());
 }

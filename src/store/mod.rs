@@ -126,7 +126,9 @@ pub trait Queue: Send + Sync {
 
     /// Forget some delivered rows finished before `before`, and their attempts; returns how many
     /// (a bounded number per call, so the write lock is held briefly).
-    async fn purge_delivered(&self, before: i64) -> anyhow::Result<u64>;
+    /// Forget delivered rows (and their attempts) finished before `before`, and those delivered
+    /// on their first attempt finished before `first_try_before` (`delivery.log = failures`).
+    async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64>;
 }
 
 /// Reading the delivery log and dead letters; replaying dead letters.
@@ -402,8 +404,8 @@ impl Store {
         self.queue.queue_stats().await
     }
 
-    pub async fn purge_delivered(&self, before: i64) -> anyhow::Result<u64> {
-        self.queue.purge_delivered(before).await
+    pub async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64> {
+        self.queue.purge_delivered(before, first_try_before).await
     }
 
     // ---- delivery log ---------------------------------------------------------------------------

@@ -565,23 +565,19 @@ impl Queue for PgStore {
         Ok((r.get("n"), r.get("oldest")))
     }
 
-    async fn purge_delivered(&self, before: i64) -> anyhow::Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(&pg(
-            "DELETE FROM attempts WHERE delivery_id IN \
-             (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
-        ))
+    async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64> {
+        // One statement: the rows (a bounded number) and their attempts, chosen once.
+        let n: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM deliveries WHERE seq IN (SELECT seq FROM deliveries \
+             WHERE state = 'delivered' AND (finished_at < $1 OR (attempts <= 1 AND finished_at < $2)) \
+             LIMIT 10000) RETURNING id), \
+             attempts_gone AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM gone)) \
+             SELECT COUNT(*) FROM gone",
+        )
         .bind(before)
-        .execute(&mut *tx)
+        .bind(first_try_before)
+        .fetch_one(&self.pool)
         .await?;
-        let r = sqlx::query(&pg(
-            "DELETE FROM deliveries WHERE seq IN \
-             (SELECT seq FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
-        ))
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(n as u64)
     }
 }

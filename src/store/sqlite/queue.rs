@@ -516,23 +516,34 @@ impl Queue for SqliteStore {
         Ok((r.get("n"), r.get("oldest")))
     }
 
-    async fn purge_delivered(&self, before: i64) -> anyhow::Result<u64> {
+    async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "DELETE FROM attempts WHERE delivery_id IN \
-             (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
+        // One selection for both statements, so the attempts purged are those of the rows purged.
+        let seqs: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, id FROM deliveries WHERE state = 'delivered' \
+             AND (finished_at < ?1 OR (attempts <= 1 AND finished_at < ?2)) LIMIT 10000",
         )
         .bind(before)
-        .execute(&mut *tx)
+        .bind(first_try_before)
+        .fetch_all(&mut *tx)
         .await?;
-        let r = sqlx::query(
-            "DELETE FROM deliveries WHERE seq IN \
-             (SELECT seq FROM deliveries WHERE state = 'delivered' AND finished_at < ? LIMIT 10000)",
-        )
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
+        let mut purged = 0;
+        for chunk in seqs.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = format!("DELETE FROM attempts WHERE delivery_id IN ({marks})");
+            let mut del = sqlx::query(&sql);
+            for (_, id) in chunk {
+                del = del.bind(id);
+            }
+            del.execute(&mut *tx).await?;
+            let sql = format!("DELETE FROM deliveries WHERE seq IN ({marks})");
+            let mut del = sqlx::query(&sql);
+            for (seq, _) in chunk {
+                del = del.bind(seq);
+            }
+            purged += del.execute(&mut *tx).await?.rows_affected();
+        }
         tx.commit().await?;
-        Ok(r.rows_affected())
+        Ok(purged)
     }
 }
