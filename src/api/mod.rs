@@ -26,7 +26,7 @@ pub struct AppState {
     pub settings: Settings,
     pub engine: Arc<Engine>,
     /// Where run commands are published for executors.
-    pub commands: Arc<dyn crate::intake::CommandSink>,
+    pub commands: Arc<dyn crate::runs::commands::CommandSink>,
     /// Set when `bus.kind = "kafka"`: `POST /events` produces to the events topic.
     pub kafka: Option<Arc<crate::intake::kafka::KafkaBus>>,
     /// SHA-256 digests of `auth.tokens` (see `token_matches`).

@@ -2,6 +2,7 @@
 //! validation, and the run lifecycle the relay enforces (`lifecycle`). They are stored by the
 //! store's [`crate::store::RunStore`].
 
+pub mod commands;
 pub mod lifecycle;
 pub mod model;
 pub mod service;

@@ -34,14 +34,14 @@ use tokio_util::sync::CancellationToken;
 
 use self::context::{tpl_of, RelayContext};
 use self::offsets::{Read, Tracker};
-use super::async_trait_free::CommandSinkFuture;
-use super::CommandSink;
 use crate::config::Settings;
 use crate::delivery::dead_letter::{dead_letter, parse_source, source_of, Cause, DeadLetterSink, SinkFuture};
 use crate::delivery::engine::Engine;
 use crate::delivery::job::{Ack, Job};
 use crate::domain::{now_ms, Envelope};
 use crate::metrics::Metrics;
+use crate::runs::commands::async_trait_free::CommandSinkFuture;
+use crate::runs::commands::CommandSink;
 use crate::store::NewDeadLetter;
 
 type Tp = (String, i32);
