@@ -348,6 +348,7 @@ async fn complete(app: &TestApp, run_id: &str) {
         url: String::new(),
         max_connections: 2,
         synchronous: Synchronous::Full,
+        lease_ms: 60_000,
     })
     .await
     .unwrap();

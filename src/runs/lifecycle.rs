@@ -494,6 +494,7 @@ mod tests {
             url: String::new(),
             max_connections: 2,
             synchronous: Synchronous::Normal,
+            lease_ms: 60_000,
         })
         .await
         .unwrap()

@@ -1,16 +1,60 @@
 //! What every store implementation must do, written against the [`Store`] handle only, so the
-//! next implementation (PostgreSQL) runs the same checks against itself. The SQLite store runs
-//! them in `sqlite::tests`.
+//! every implementation runs the same checks against itself: [`suite!`] makes one `#[tokio::test]`
+//! per check for a backend, given a function that opens a fresh, empty store of that backend
+//! (`sqlite::tests`, `postgres::tests`).
 //!
 //! The integration suites cover the same behaviour end to end; these pin the contract at the
 //! interface, where a second implementation is most likely to differ.
 
 use serde_json::json;
 
+/// One test per check of this module against one backend. `$open` is an async fn answering a
+/// fresh, empty [`Store`] and a guard that keeps its data alive for the test.
+macro_rules! suite {
+    ($open:path) => {
+        #[tokio::test]
+        async fn conformance_chains_are_delivered_in_order() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::chains_are_delivered_in_order(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_memory_deliveries_are_held_logged_and_parked() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::memory_deliveries_are_held_logged_and_parked(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_with_runs_saves_only_what_changed() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::with_runs_saves_only_what_changed(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_dropping_and_purging() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::dropping_and_purging(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_purge_keeps_what_the_log_mode_keeps() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::purge_keeps_what_the_log_mode_keeps(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_registry_jobs_and_commands_round_trip() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
+        }
+    };
+}
+pub(crate) use suite;
+
 use super::*;
 use crate::runs::model::{ErrorHandling, Stats, Status};
 
-fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -> NewDelivery {
+pub(crate) fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -> NewDelivery {
     NewDelivery {
         id: id.into(),
         event_id: format!("ev-{id}"),
@@ -31,7 +75,7 @@ fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -
     }
 }
 
-fn completion(q: &QueuedDelivery, next: Next, now: i64) -> Completion {
+pub(crate) fn completion(q: &QueuedDelivery, next: Next, now: i64) -> Completion {
     Completion {
         seq: q.seq,
         delivery_id: q.id.clone(),
@@ -71,7 +115,7 @@ fn dead_letter(q: &QueuedDelivery) -> NewDeadLetter {
     }
 }
 
-fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
+pub(crate) fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
     rows.iter().map(|q| q.id.as_str()).collect()
 }
 
@@ -251,7 +295,7 @@ pub(crate) async fn memory_deliveries_are_held_logged_and_parked(store: &Store) 
     assert_eq!(chain, [("x1", "ready"), ("p1", "waiting"), ("x2", "waiting")]);
 }
 
-fn run(id: &str, now: i64) -> Run {
+pub(crate) fn run(id: &str, now: i64) -> Run {
     Run {
         id: id.into(),
         sync_job_id: "job".into(),
@@ -314,6 +358,162 @@ pub(crate) async fn with_runs_saves_only_what_changed(store: &Store) {
     assert_eq!(
         (batch.errors, batch.bytes, batch.since),
         (vec![json!({"e": 1})], 8, Some(now - 10))
+    );
+}
+
+/// A run's queued rows can be dropped (except those in flight); delivered rows are purged after
+/// retention with their attempts, queued ones never.
+pub(crate) async fn dropping_and_purging(store: &Store) {
+    let now = crate::domain::now_ms();
+    let rows = [
+        delivery("a1", Some("t|ra"), Some("ra"), now),
+        delivery("a2", Some("t|ra"), Some("ra"), now),
+        delivery("a3", Some("t|ra"), Some("ra"), now),
+        delivery("b1", Some("t|rb"), Some("rb"), now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ids(&ready), ["a1", "b1"]);
+    assert_eq!(store.queue_stats().await.unwrap(), (4, Some(now)));
+    assert!(store.has_active("t|ra").await.unwrap());
+    let mut keys = store.active_order_keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, ["t|ra", "t|rb"]);
+
+    // a1 is in flight: kept; a2 and a3 are dropped.
+    let a1 = ready.iter().find(|q| q.id == "a1").unwrap();
+    let dropped = store.drop_queued_for_run("ra", &[a1.seq], now).await.unwrap();
+    assert_eq!(dropped.len(), 2);
+    let promoted = store
+        .complete(&[completion(a1, Next::Delivered, now)], now, |_| {})
+        .await
+        .unwrap();
+    assert!(promoted.is_empty(), "dropped rows are never promoted");
+    assert!(!store.has_active("t|ra").await.unwrap());
+
+    let b1 = ready.iter().find(|q| q.id == "b1").unwrap();
+    store
+        .complete(&[completion(b1, Next::Retry { at_ms: now + 60_000 }, now)], now, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(store.next_due_after(now).await.unwrap(), Some(now + 60_000));
+    assert!(store.due(now, 10, &[]).await.unwrap().is_empty());
+    assert_eq!(ids(&store.due(now + 60_000, 10, &[]).await.unwrap()), ["b1"]);
+    assert!(store
+        .due(now + 60_000, 10, &["webhook:wh".into()])
+        .await
+        .unwrap()
+        .is_empty());
+
+    assert_eq!(store.list_attempts("a1").await.unwrap().len(), 1);
+    assert_eq!(
+        store.purge_delivered(now, now).await.unwrap(),
+        0,
+        "finished at `now`, not before"
+    );
+    assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
+    assert!(store.get_delivery("a1").await.unwrap().is_none());
+    assert!(store.list_attempts("a1").await.unwrap().is_empty());
+    assert!(
+        store.get_delivery("b1").await.unwrap().is_some(),
+        "queued rows are never purged"
+    );
+    assert_eq!(store.get_delivery("a2").await.unwrap().unwrap().state, "dropped");
+}
+
+/// Webhooks (secrets included), kv, jobs, runs, Eloqua syncs and commands read back as written.
+pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
+    let now = crate::domain::now_ms();
+    let secret = crate::signing::Secret::generate();
+    let w = Webhook {
+        id: "w1".into(),
+        target_url: "http://127.0.0.1:1/hook".into(),
+        event_types: vec!["*".into()],
+        is_active: true,
+        description: None,
+        secret: secret.clone(),
+        previous_secret: None,
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let stored = store.insert_webhook(&w).await.unwrap();
+    assert!(stored.seq > 0);
+    let rotated = Webhook {
+        secret: crate::signing::Secret::generate(),
+        previous_secret: Some((secret.clone(), now + 1000)),
+        is_active: false,
+        description: Some("d".into()),
+        ..stored.clone()
+    };
+    store.update_webhook(&rotated).await.unwrap();
+    let got = store.get_webhook("w1").await.unwrap().unwrap();
+    assert_eq!(got.secret.expose(), rotated.secret.expose());
+    assert_eq!(
+        got.previous_secret.as_ref().map(|(s, e)| (s.expose(), *e)),
+        Some((secret.expose(), now + 1000))
+    );
+    assert!(!got.is_active);
+    assert_eq!(got.description.as_deref(), Some("d"));
+    store
+        .insert_webhook(&Webhook {
+            id: "w2".into(),
+            ..w.clone()
+        })
+        .await
+        .unwrap();
+    let page = store.list_webhooks(0, 1).await.unwrap();
+    assert_eq!(page.results.len(), 1);
+    assert_eq!(store.all_webhooks().await.unwrap().len(), 2);
+    assert!(store.delete_webhook("w2").await.unwrap());
+    assert!(!store.delete_webhook("w2").await.unwrap());
+
+    assert_eq!(store.kv_get_or_insert("k", "first").await.unwrap(), "first");
+    assert_eq!(store.kv_get_or_insert("k", "second").await.unwrap(), "first");
+
+    let job = crate::runs::model::SyncJob {
+        id: "job".into(),
+        integration_name: "crm".into(),
+        args_schema: Some(json!({"type": "object"})),
+        resources: Vec::new(),
+        environment_id: None,
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let job = store.insert_job(&job).await.unwrap();
+    assert!(job.seq > 0);
+    assert_eq!(store.list_jobs(Some("crm"), 0, 10).await.unwrap().results.len(), 1);
+    assert!(store.list_jobs(Some("other"), 0, 10).await.unwrap().results.is_empty());
+    let r = store.insert_run(&run("r1", now)).await.unwrap();
+    assert!(r.seq > 0);
+    assert_eq!(
+        store.delete_job("job").await.unwrap(),
+        Err(1),
+        "an active run keeps its job"
+    );
+    let f = RunFilter {
+        sync_job_id: Some("job".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.list_runs(&f, 0, 10).await.unwrap().results.len(), 1);
+    assert!(store.delete_run("r1").await.unwrap());
+    assert_eq!(store.delete_job("job").await.unwrap(), Ok(true));
+
+    let e = store.insert_eloqua_sync("https://x", None, "me", now).await.unwrap();
+    assert_eq!(
+        store.get_eloqua_sync(e.n).await.unwrap().unwrap().synced_instance_uri,
+        "https://x"
+    );
+
+    store.insert_command("k1", &json!({"a": 1})).await.unwrap();
+    store.insert_command("k2", &json!({"a": 2})).await.unwrap();
+    let cmds = store.list_commands(0, 10).await.unwrap();
+    assert_eq!(
+        cmds.results.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(),
+        ["k1", "k2"]
     );
 }
 

@@ -1,7 +1,7 @@
 //! The durable store, behind a storage interface. All SQL lives below this folder.
 //!
-//! The interface is cut by concern, one trait each, so a second database (PostgreSQL, next) is a
-//! second implementation of the same traits rather than a rewrite of their callers:
+//! The interface is cut by concern, one trait each, so a second database (PostgreSQL,
+//! `postgres`) is a second implementation of the same traits rather than a rewrite of their callers:
 //!
 //! - [`Queue`]: the embedded delivery queue — enqueue, take what is due, record outcomes,
 //!   promote the next row of a chain, dead-letter, drop, stats, retention;
@@ -23,6 +23,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
@@ -271,7 +272,7 @@ impl Store {
     pub async fn open(settings: &StoreSettings) -> anyhow::Result<Store> {
         match settings.kind {
             StoreKind::Sqlite => Ok(Store::new(sqlite::SqliteStore::open(settings).await?)),
-            StoreKind::Postgres => anyhow::bail!("store.kind = \"postgres\" is not supported by this build yet"),
+            StoreKind::Postgres => Ok(Store::new(postgres::PgStore::open(settings).await?)),
         }
     }
 

@@ -91,34 +91,18 @@ mod tests {
             url: String::new(),
             max_connections: 2,
             synchronous: Synchronous::Normal,
+            lease_ms: 60_000,
         })
         .await
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn chains_are_delivered_in_order() {
+    async fn fresh() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        conformance::chains_are_delivered_in_order(&open(&dir).await).await;
+        (open(&dir).await, dir)
     }
 
-    #[tokio::test]
-    async fn memory_deliveries_are_held_logged_and_parked() {
-        let dir = tempfile::tempdir().unwrap();
-        conformance::memory_deliveries_are_held_logged_and_parked(&open(&dir).await).await;
-    }
-
-    #[tokio::test]
-    async fn with_runs_saves_only_what_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        conformance::with_runs_saves_only_what_changed(&open(&dir).await).await;
-    }
-
-    #[tokio::test]
-    async fn purge_keeps_what_the_log_mode_keeps() {
-        let dir = tempfile::tempdir().unwrap();
-        conformance::purge_keeps_what_the_log_mode_keeps(&open(&dir).await).await;
-    }
+    conformance::suite!(fresh);
 
     #[tokio::test]
     async fn sync_fronts_storage() {
