@@ -43,6 +43,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_sync_fronts_storage() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::sync_fronts_storage(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_registry_jobs_and_commands_round_trip() {
             let (store, _guard) = $open().await;
             crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
@@ -502,7 +508,10 @@ pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
     assert!(store.delete_run("r1").await.unwrap());
     assert_eq!(store.delete_job("job").await.unwrap(), Ok(true));
 
-    let e = store.insert_eloqua_sync("https://x", None, "me", now).await.unwrap();
+    let e = store
+        .insert_eloqua_sync("https://x", None, None, "me", now)
+        .await
+        .unwrap();
     assert_eq!(
         store.get_eloqua_sync(e.n).await.unwrap().unwrap().synced_instance_uri,
         "https://x"

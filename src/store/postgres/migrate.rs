@@ -14,11 +14,18 @@ struct Migration {
 }
 
 /// In version order; a shipped file is never edited (see `migrations/README.md`).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "sync_fronts",
+        sql: include_str!("../../../migrations/postgres/0002_sync_fronts.sql"),
+    },
+];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).
 const LOCK_KEY: i64 = 0x5359_4e43_5245_4c41; // "SYNCRELA"

@@ -175,11 +175,11 @@ mod tests {
         assert_eq!(store.kv_get_or_insert("k", "third").await.unwrap(), "first");
         store.ping().await.unwrap();
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version")
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version ORDER BY version")
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2], "each migration applied once");
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{pg, placeholders, PgStore, IN_CHUNK};
 use crate::runs::model::{ErrorHandling, ResourceSpec, Run, Stats, Status, SyncJob};
-use crate::store::{CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked};
+use crate::store::{CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked, SyncUnit};
 
 fn json_col(r: &PgRow, col: &str) -> Value {
     r.get::<Option<String>, _>(col)
@@ -59,6 +59,35 @@ fn run_from_row(r: &PgRow) -> Run {
         updated_at: r.get("updated_at"),
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
+        sync_unit_id: r.get("sync_unit_id"),
+        seq: r.get("seq"),
+    }
+}
+
+fn eloqua_from_row(r: &PgRow) -> EloquaSync {
+    EloquaSync {
+        n: r.get("seq"),
+        synced_instance_uri: r.get("synced_instance_uri"),
+        callback_url: r.get("callback_url"),
+        status: r.get("status"),
+        created_by: r.get("created_by"),
+        created_at: r.get("created_at"),
+        run_id: r.get("run_id"),
+        callback_queued_at: r.get("callback_queued_at"),
+    }
+}
+
+fn unit_from_row(r: &PgRow) -> SyncUnit {
+    SyncUnit {
+        id: r.get("id"),
+        external_sync_unit: r.get("external_sync_unit"),
+        keyring: r.get("keyring"),
+        name: r.get("name"),
+        is_archived: r.get::<i64, _>("is_archived") != 0,
+        object_version: r.get("object_version"),
+        created_by: r.get("created_by"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
         seq: r.get("seq"),
     }
 }
@@ -217,7 +246,7 @@ impl RunStore for PgStore {
         let seq: i64 = sqlx::query_scalar(
             &pg("INSERT INTO sync_job_runs (id, sync_job_id, integrated_account_id, webhook_id, daemon_group_key, daemon_id, \
              callback_url, args, resources, sync_job, error_handling, ignore_previous_run, status, resource_stats, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"),
+             created_at, updated_at, sync_unit_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"),
         )
         .bind(&r.id)
         .bind(&r.sync_job_id)
@@ -235,6 +264,7 @@ impl RunStore for PgStore {
         .bind(serde_json::to_string(&r.resource_stats)?)
         .bind(r.created_at)
         .bind(r.updated_at)
+        .bind(&r.sync_unit_id)
         .fetch_one(&self.pool)
         .await?;
         Ok(Run { seq, ..r.clone() })
@@ -356,16 +386,19 @@ impl RunStore for PgStore {
         &self,
         uri: &str,
         callback_url: Option<&str>,
+        run_id: Option<&str>,
         created_by: &str,
         now: i64,
     ) -> anyhow::Result<EloquaSync> {
-        let n: i64 = sqlx::query_scalar(
-            &pg("INSERT INTO eloqua_syncs (synced_instance_uri, callback_url, status, created_by, created_at) VALUES (?, ?, 'pending', ?, ?) RETURNING seq"),
-        )
+        let n: i64 = sqlx::query_scalar(&pg(
+            "INSERT INTO eloqua_syncs (synced_instance_uri, callback_url, status, created_by, created_at, run_id) \
+             VALUES (?, ?, 'pending', ?, ?, ?) RETURNING seq",
+        ))
         .bind(uri)
         .bind(callback_url)
         .bind(created_by)
         .bind(now)
+        .bind(run_id)
         .fetch_one(&self.pool)
         .await?;
         Ok(EloquaSync {
@@ -375,6 +408,8 @@ impl RunStore for PgStore {
             status: "pending".into(),
             created_by: created_by.to_string(),
             created_at: now,
+            run_id: run_id.map(str::to_string),
+            callback_queued_at: None,
         })
     }
 
@@ -383,14 +418,128 @@ impl RunStore for PgStore {
             .bind(n)
             .fetch_optional(&self.pool)
             .await?
-            .map(|r| EloquaSync {
-                n: r.get("seq"),
-                synced_instance_uri: r.get("synced_instance_uri"),
-                callback_url: r.get("callback_url"),
-                status: r.get("status"),
-                created_by: r.get("created_by"),
-                created_at: r.get("created_at"),
-            }))
+            .as_ref()
+            .map(eloqua_from_row))
+    }
+
+    async fn list_eloqua_syncs(&self, offset: i64, limit: i64) -> anyhow::Result<(Vec<EloquaSync>, i64)> {
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM eloqua_syncs")
+            .fetch_one(&self.pool)
+            .await?;
+        let rows = sqlx::query(&pg("SELECT * FROM eloqua_syncs ORDER BY seq LIMIT ? OFFSET ?"))
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((rows.iter().map(eloqua_from_row).collect(), total))
+    }
+
+    async fn eloqua_sync_for_run(&self, run_id: &str) -> anyhow::Result<Option<EloquaSync>> {
+        Ok(sqlx::query(&pg("SELECT * FROM eloqua_syncs WHERE run_id = ?"))
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(eloqua_from_row))
+    }
+
+    async fn mark_eloqua_callback(&self, n: i64, at: Option<i64>) -> anyhow::Result<bool> {
+        let res = match at {
+            Some(t) => {
+                sqlx::query(&pg(
+                    "UPDATE eloqua_syncs SET callback_queued_at = ? WHERE seq = ? AND callback_queued_at IS NULL",
+                ))
+                .bind(t)
+                .bind(n)
+                .execute(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&pg("UPDATE eloqua_syncs SET callback_queued_at = NULL WHERE seq = ?"))
+                    .bind(n)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(res.rows_affected() > 0)
+    }
+
+    // ---- sync units -----------------------------------------------------------------------------
+
+    async fn insert_sync_units(&self, units: &[SyncUnit]) -> anyhow::Result<Vec<SyncUnit>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(units.len());
+        for u in units {
+            let seq: i64 = sqlx::query_scalar(&pg(
+                "INSERT INTO sync_units (id, external_sync_unit, keyring, name, is_archived, object_version, \
+                 created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            ))
+            .bind(&u.id)
+            .bind(&u.external_sync_unit)
+            .bind(&u.keyring)
+            .bind(&u.name)
+            .bind(u.is_archived as i64)
+            .bind(u.object_version)
+            .bind(&u.created_by)
+            .bind(u.created_at)
+            .bind(u.updated_at)
+            .fetch_one(&mut *tx)
+            .await?;
+            out.push(SyncUnit { seq, ..u.clone() });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn get_sync_unit(&self, id: &str) -> anyhow::Result<Option<SyncUnit>> {
+        Ok(sqlx::query(&pg("SELECT * FROM sync_units WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(unit_from_row))
+    }
+
+    async fn list_sync_units(&self, after: i64, limit: i64) -> anyhow::Result<Page<SyncUnit>> {
+        let rows = sqlx::query(&pg("SELECT * FROM sync_units WHERE seq > ? ORDER BY seq LIMIT ?"))
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Page::from_rows(
+            rows.iter()
+                .map(|r| (r.get::<i64, _>("seq"), unit_from_row(r)))
+                .collect(),
+            limit,
+        ))
+    }
+
+    async fn update_sync_unit(&self, u: &SyncUnit) -> anyhow::Result<()> {
+        sqlx::query(&pg(
+            "UPDATE sync_units SET name = ?, is_archived = ?, object_version = ?, updated_at = ? WHERE id = ?",
+        ))
+        .bind(&u.name)
+        .bind(u.is_archived as i64)
+        .bind(u.object_version)
+        .bind(u.updated_at)
+        .bind(&u.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn latest_unit_run(&self, unit_id: &str) -> anyhow::Result<Option<(Run, i64)>> {
+        let count: i64 = sqlx::query_scalar(&pg("SELECT COUNT(*) FROM sync_job_runs WHERE sync_unit_id = ?"))
+            .bind(unit_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(sqlx::query(&pg(
+            "SELECT * FROM sync_job_runs WHERE sync_unit_id = ? ORDER BY seq DESC LIMIT 1",
+        ))
+        .bind(unit_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| (run_from_row(&r), count)))
     }
 
     // ---- commands -------------------------------------------------------------------------------

@@ -105,12 +105,6 @@ mod tests {
     conformance::suite!(fresh);
 
     #[tokio::test]
-    async fn sync_fronts_storage() {
-        let dir = tempfile::tempdir().unwrap();
-        conformance::sync_fronts_storage(&open(&dir).await).await;
-    }
-
-    #[tokio::test]
     async fn reopening_keeps_the_data() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
