@@ -39,6 +39,8 @@ pub struct AppState {
 
 pub type State = web::Data<AppState>;
 
+pub use events::{parse_events, EventsRequest};
+
 /// Every route of the API: (method, path template, handler). `configure` registers exactly
 /// these and nothing else; the OpenAPI document (`openapi.rs`) documents exactly these
 /// (`tests/openapi.rs` checks both ways).
