@@ -537,7 +537,7 @@ fn schemas(settings: &Settings) -> Value {
                 "webhook_id": nullable(uuid()),
                 "callback_url": nullable(url()),
                 "environment_id": nullable(text(limits::NAME)),
-                "created_at": nullable(time()),
+                "created_at": nullable(json!({"type": "string", "format": "date-time", "description": "RFC 3339, between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z in UTC; defaults to the time the relay first saw the event"})),
                 "payload": {"type": "object", "description": "passed on as given"},
             },
             "allOf": [
