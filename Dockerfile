@@ -47,6 +47,8 @@ RUN mkdir -p src \
 # The real sources (config/default.toml is compiled in).
 COPY src ./src
 COPY config ./config
+# Schema migrations are compiled in (src/store/sqlite/migrate.rs).
+COPY migrations ./migrations
 # `touch` so cargo never mistakes the copied sources for the placeholder build.
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked

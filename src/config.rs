@@ -79,6 +79,13 @@ pub struct StoreSettings {
     pub url: String,
     pub max_connections: u32,
     pub synchronous: Synchronous,
+    /// PostgreSQL: how long a claim of a queued delivery keeps it from other instances (ms).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_lease_ms() -> u64 {
+    60_000
 }
 
 /// SQLite's `synchronous` setting (WAL journal): `full` syncs the log at every commit, so an
@@ -98,6 +105,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("kind", &self.kind)
             .field("path", &self.path)
             .field("synchronous", &self.synchronous)
+            .field("lease_ms", &self.lease_ms)
             .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
             .finish()
     }
@@ -442,7 +450,7 @@ impl Settings {
             StoreKind::Postgres if self.store.url.is_empty() => {
                 return bad("store.url", "required when store.kind = \"postgres\"")
             }
-            StoreKind::Postgres => return bad("store.kind", "postgres is not supported by this build yet; use sqlite"),
+            StoreKind::Postgres if self.store.lease_ms < 1000 => return bad("store.lease_ms", "must be at least 1000"),
             StoreKind::Sqlite if self.store.path.as_os_str().is_empty() => {
                 return bad("store.path", "must not be empty")
             }

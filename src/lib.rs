@@ -50,7 +50,6 @@ impl Application {
         } else {
             Secret::parse(&settings.callbacks.secret).context("callbacks.secret")?
         };
-        runs::migrate(store.pool()).await?;
         let engine = Engine::new(&settings, store, Metrics::new(), callback_secret);
         engine.load_webhooks().await?;
 
@@ -61,9 +60,9 @@ impl Application {
             config::BusKind::Kafka => Some(intake::kafka::KafkaBus::new(&settings, engine.metrics.clone())?),
             config::BusKind::Embedded => None,
         };
-        let commands: Arc<dyn intake::CommandSink> = match &kafka {
+        let commands: Arc<dyn runs::commands::CommandSink> = match &kafka {
             Some(k) => k.clone(),
-            None => Arc::new(intake::EmbeddedCommands {
+            None => Arc::new(runs::commands::EmbeddedCommands {
                 store: engine.store.clone(),
             }),
         };

@@ -4,9 +4,9 @@
 
 mod support;
 
-use support::*;
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::*;
 
 fn assert_field(status: u16, body: &Value, want_status: u16, want_type: &str, field: &str) {
     assert_eq!(status, want_status, "{body}");

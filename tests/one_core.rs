@@ -63,7 +63,7 @@ async fn a_first_try_kafka_success_is_in_the_delivery_log_with_its_attempt() {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
     let rx = Receiver::start().await;
-    let app = kafka_relay(&broker, "log1", &[]).await;
+    let mut app = kafka_relay(&broker, "log1", &[]).await;
     let (wid, _) = app.webhook(&rx.url("/ok"), &[]).await;
     broker
         .produce(
@@ -87,6 +87,8 @@ async fn a_first_try_kafka_success_is_in_the_delivery_log_with_its_attempt() {
     assert_eq!(attempts[0]["status"], 200);
     assert_eq!(attempts[0]["response_excerpt"], "receiver says hi");
     assert_eq!(one["body"]["id"], "k-log-1", "the log shows what was signed");
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +96,7 @@ async fn a_parked_delivery_that_runs_out_of_attempts_reaches_the_dead_letter_top
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();
     let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(500))).await;
-    let app = kafka_relay(
+    let mut app = kafka_relay(
         &broker,
         "dlq1",
         &[
@@ -137,6 +139,8 @@ async fn a_parked_delivery_that_runs_out_of_attempts_reaches_the_dead_letter_top
     assert_eq!(statuses, vec![500, 500, 500, 500], "{one}");
     let (_, dls) = app.get("/dead-letters?event_id=k-dlq-1").await;
     assert_eq!(dls["results"].as_array().unwrap().len(), 1, "{dls}");
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +152,7 @@ async fn replaying_a_dead_letter_made_in_memory_reaches_only_the_target_that_fai
         Reply::status(if r.path == "/big" { 413 } else { 200 })
     }))
     .await;
-    let app = kafka_relay(&broker, "rep1", &[]).await;
+    let mut app = kafka_relay(&broker, "rep1", &[]).await;
     let (wid, _) = app.webhook(&rx.url("/big"), &[]).await;
     let mut e = event("k-rep-1", &wid, Some(&run_id(3)), json!({"n": 1}));
     e["callback_url"] = json!(rx.url("/cb"));
@@ -183,6 +187,8 @@ async fn replaying_a_dead_letter_made_in_memory_reaches_only_the_target_that_fai
     let big = rx.on("/big");
     assert_eq!(big[1].status, 200);
     assert_eq!(big[1].header("webhook-id"), "k-rep-1", "same webhook-id");
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +205,7 @@ async fn a_run_created_through_the_api_is_delivered_before_its_events_from_kafka
         }
     }))
     .await;
-    let app = kafka_relay(&broker, "ord1", &[]).await;
+    let mut app = kafka_relay(&broker, "ord1", &[]).await;
     let (wid, _) = app.webhook(&rx.url("/hook"), &[]).await;
     let (s, job) = app
         .post(
@@ -246,6 +252,8 @@ async fn a_run_created_through_the_api_is_delivered_before_its_events_from_kafka
     assert_eq!(order, vec!["created", "started", "record", "record", "record"]);
     let refused = rx.received().iter().filter(|r| r.status == 503).count();
     assert_eq!(refused, 2, "created was refused twice first");
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +262,7 @@ async fn one_target_never_has_more_than_its_cap_in_flight_in_kafka_mode() {
     let broker = Broker::start();
     let hold = Duration::from_millis(100);
     let rx = Receiver::with_script(Arc::new(move |_, _| Reply::status(200).delayed(hold))).await;
-    let app = kafka_relay(
+    let mut app = kafka_relay(
         &broker,
         "cap1",
         &[("SYNCRELAY__DELIVERY__MAX_IN_FLIGHT_PER_WEBHOOK", "4")],
@@ -297,4 +305,45 @@ async fn one_target_never_has_more_than_its_cap_in_flight_in_kafka_mode() {
         assert!(Instant::now() < until, "{n} still counted in flight");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_keeps_what_delivery_log_says() {
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    // /flaky answers 500 once per event, then 200; /ok answers 200; /big 413.
+    let rx = Receiver::with_script(Arc::new(|r: &Received, seen| match r.path.as_str() {
+        "/flaky" if seen == 0 => Reply::status(500),
+        "/big" => Reply::status(413),
+        _ => Reply::status(200),
+    }))
+    .await;
+    let mut app = kafka_relay(&broker, "logf", &[("SYNCRELAY__DELIVERY__LOG", "failures")]).await;
+    let (ok, _) = app.webhook(&rx.url("/ok"), &[]).await;
+    let (flaky, _) = app.webhook(&rx.url("/flaky"), &[]).await;
+    let (big, _) = app.webhook(&rx.url("/big"), &[]).await;
+    broker
+        .produce(
+            "logf",
+            &[
+                message(event("lf-ok", &ok, Some(&run_id(1)), json!({}))),
+                message(event("lf-flaky", &flaky, Some(&run_id(2)), json!({}))),
+                message(event("lf-big", &big, Some(&run_id(3)), json!({}))),
+            ],
+        )
+        .await;
+    rx.wait_for(Duration::from_secs(20), "four answers", |g| g.len() >= 4)
+        .await;
+    // A failure is always kept (replay needs it); a retried delivery is kept under `failures`.
+    assert_eq!(deliveries_of(&app, "lf-big", 1).await[0]["status"], "dead");
+    let flaky_rows = deliveries_of(&app, "lf-flaky", 1).await;
+    assert_eq!(flaky_rows[0]["attempts_made"], 2, "{flaky_rows:?}");
+    // A first-try success is not: the log is written only for what failed at least once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, b) = app.get("/deliveries?event_id=lf-ok").await;
+    assert_eq!(b["results"].as_array().unwrap().len(), 0, "{b}");
+    // Close the consumer while the broker is still up (librdkafka waits for it when closing).
+    app.stop().await;
 }

@@ -1,6 +1,9 @@
 //! The run lifecycle wired into delivery, over real HTTP: a sync job and a run created through
-//! the API, scripted streams of run events through `POST /events` (naming only their run), and
-//! exactly what the run's webhook receives, in order, with the run's final status and counts.
+//! the API, scripted streams of run events naming only their run, and exactly what the run's
+//! webhook receives, in order, with the run's final status and counts. Every scenario runs on both
+//! buses (`both_buses!`): the events come in through `POST /events` (embedded; its answer is
+//! checked too) or are produced to the events topic keyed by the run id (Kafka), routed through
+//! the run the API created.
 
 mod support;
 
@@ -11,6 +14,37 @@ use serde_json::{json, Value};
 use support::*;
 
 const ACCOUNT: &str = "94801e49-a652-42f9-af14-dd203d7897da";
+
+/// How long a scenario waits for something to happen (a Kafka consumer reads in batches and
+/// retries in memory first; everything takes a little longer than in-process intake).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Send `events` the bus's way; on the embedded bus, `POST /events` with all of them and its
+/// answer (202 checked), on Kafka `None` (the broker's acknowledgement is all there is).
+async fn send(h: &Harness, events: &[Value]) -> Option<Value> {
+    match h.bus {
+        Bus::Embedded => {
+            let (s, resp) = h.api().post("/events", json!({ "events": events })).await;
+            assert_eq!(s, 202, "{resp}");
+            Some(resp)
+        }
+        Bus::Kafka => {
+            h.send(events).await;
+            None
+        }
+    }
+}
+
+/// The open dead letters `GET /dead-letters?{query}` lists, once there are at least `n`.
+async fn wait_dead_letters(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
+    eventually(WAIT, &format!("{n} dead letters ({query})"), || async move {
+        let (s, dl) = app.get(&format!("/dead-letters?{query}")).await;
+        assert_eq!(s, 200, "{dl}");
+        let rows = dl["results"].as_array().unwrap().clone();
+        (rows.len() >= n).then_some(rows)
+    })
+    .await
+}
 
 /// A webhook on `rx`, a sync job and a run of it with this error handling: (webhook id, its
 /// secret, run id).
@@ -76,12 +110,26 @@ fn names(bodies: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Wait for `n` 2xx answers, then a little longer to see that nothing more arrives.
-async fn delivered_exactly(rx: &Receiver, n: usize) -> Vec<Value> {
-    rx.wait_for(Duration::from_secs(20), &format!("{n} deliveries answered 2xx"), |g| {
-        g.iter().filter(|r| (200..300).contains(&r.status)).count() >= n
-    })
-    .await;
+/// Wait for `n` 2xx answers, then a little longer to see that nothing more arrives. On a
+/// timeout, says what did arrive and (Kafka) how many partitions the relay held.
+async fn delivered_exactly(h: &Harness, rx: &Receiver, n: usize) -> Vec<Value> {
+    let until = Instant::now() + WAIT;
+    while delivered(rx).len() < n {
+        if Instant::now() > until {
+            let seen: Vec<String> = rx
+                .received()
+                .iter()
+                .map(|r| format!("{}:{}", r.header("webhook-id"), r.status))
+                .collect();
+            let partitions = h.metrics().await.get("syncrelay_kafka_assigned_partitions", &[]);
+            panic!(
+                "timed out after {WAIT:?} waiting for {n} deliveries answered 2xx; received \
+                 {seen:?}; delivered {:?}; partitions held {partitions:?}",
+                names(&delivered(rx))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let got = delivered(rx);
     assert_eq!(got.len(), n, "{:?}", names(&got));
@@ -95,7 +143,7 @@ async fn run_status(app: &TestApp, run: &str) -> Value {
 }
 
 async fn wait_status(app: &TestApp, run: &str, status: &str) -> Value {
-    let until = Instant::now() + Duration::from_secs(20);
+    let until = Instant::now() + WAIT;
     loop {
         let b = run_status(app, run).await;
         if b["status"] == status {
@@ -106,329 +154,390 @@ async fn wait_status(app: &TestApp, run: &str, status: &str) -> Value {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ignore_mode_delivers_every_record_error_and_completed_last_with_counts() {
-    let rx = Receiver::start().await;
-    let app = spawn_app(&[]).await;
-    let (wid, secret, run) = run_on(&app, &rx, "ignore").await;
-    let (s, resp) = app
-        .post(
-            "/events",
-            json!({"events": [
-                ev("s1", &run, "started", ""),
-                ev("r1", &run, "record", "ticketing/tickets"),
-                ev("e1", &run, "record_error", "ticketing/tickets"),
-                ev("r2", &run, "record", "ticketing/comments"),
-                ev("e2", &run, "record_error", "ticketing/comments"),
-                ev("c1", &run, "completed", ""),
-            ]}),
-        )
-        .await;
-    assert_eq!(s, 202, "{resp}");
-    assert!(resp["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|e| e["status"] == "queued" && e["deliveries"] == 1));
-    let got = delivered_exactly(&rx, 7).await;
-    assert_eq!(
-        names(&got),
-        vec![
-            "created",
-            "started:s1",
-            "record:r1",
-            "record_error:e1",
-            "record:r2",
-            "record_error:e2",
-            "completed:c1"
-        ]
-    );
-    for b in &got {
-        assert_eq!(b["webhook_id"], wid.as_str(), "the run's webhook: {b}");
-        assert_eq!(b["sync_job_run_id"], run.as_str());
+both_buses!(
+    ignore_mode_delivers_every_record_error_and_completed_last_with_counts,
+    |bus| async move {
+        let rx = Receiver::start().await;
+        let h = Harness::start(bus, &[]).await;
+        let app = h.api();
+        let (wid, secret, run) = run_on(app, &rx, "ignore").await;
+        let events = vec![
+            ev("s1", &run, "started", ""),
+            ev("r1", &run, "record", "ticketing/tickets"),
+            ev("e1", &run, "record_error", "ticketing/tickets"),
+            ev("r2", &run, "record", "ticketing/comments"),
+            ev("e2", &run, "record_error", "ticketing/comments"),
+            ev("c1", &run, "completed", ""),
+        ];
+        if let Some(resp) = send(&h, &events).await {
+            assert!(
+                resp["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|e| e["status"] == "queued" && e["deliveries"] == 1),
+                "{resp}"
+            );
+        }
+        let got = delivered_exactly(&h, &rx, 7).await;
+        assert_eq!(
+            names(&got),
+            vec![
+                "created",
+                "started:s1",
+                "record:r1",
+                "record_error:e1",
+                "record:r2",
+                "record_error:e2",
+                "completed:c1"
+            ]
+        );
+        for b in &got {
+            assert_eq!(b["webhook_id"], wid.as_str(), "the run's webhook: {b}");
+            assert_eq!(b["sync_job_run_id"], run.as_str());
+        }
+        let completed = &got[6]["payload"];
+        assert_eq!(completed["n"], "c1", "the producer's payload is kept: {completed}");
+        assert_eq!(completed["records_delivered"], 2, "{completed}");
+        assert_eq!(completed["records_dead_lettered"], 0, "{completed}");
+        assert_eq!(
+            completed["record_errors"],
+            json!({"ticketing/comments": 1, "ticketing/tickets": 1})
+        );
+        // The final body is what was signed.
+        let last = rx
+            .received()
+            .into_iter()
+            .rfind(|r| r.header("webhook-id") == "c1")
+            .unwrap();
+        standardwebhooks::Webhook::new(&secret)
+            .unwrap()
+            .verify(&last.body, &last.header_map())
+            .expect("the completed body with its counts verifies");
+
+        let r = wait_status(app, &run, "completed").await;
+        assert!(r["started_at"].is_string() && r["finished_at"].is_string(), "{r}");
+        assert_eq!(r["resource_stats"]["ticketing/tickets"]["records"], 1, "{r}");
+        assert_eq!(r["resource_stats"]["ticketing/tickets"]["errors"], 1, "{r}");
+        assert_eq!(r["resource_stats"]["ticketing/comments"]["records_delivered"], 1, "{r}");
+
+        // Events of a finished run are dead-lettered, not delivered.
+        if let Some(resp) = send(&h, &[ev("late1", &run, "record", "ticketing/tickets")]).await {
+            assert_eq!(resp["events"][0]["status"], "dead_lettered", "{resp}");
+            assert_eq!(resp["events"][0]["reason"], "run_finished", "{resp}");
+        }
+        let dl = wait_dead_letters(app, "reason=run_finished", 1).await;
+        let ids: Vec<&str> = dl.iter().map(|d| d["event_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec!["late1"]);
+        assert_eq!(dl[0]["webhook_id"], wid.as_str());
+        if bus == Bus::Kafka {
+            let dlq = h.consume_dlq(1, WAIT).await;
+            assert_eq!(dlq.len(), 1, "{dlq:?}");
+            assert_eq!(dlq[0].json()["id"], "late1");
+            assert_eq!(dlq[0].header("x-dlq-reason"), Some("run_finished"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(delivered(&rx).len(), 7);
+        assert_eq!(
+            app.metric("syncrelay_runs_total", &[("status", "completed")]).await,
+            1.0
+        );
     }
-    let completed = &got[6]["payload"];
-    assert_eq!(completed["n"], "c1", "the producer's payload is kept: {completed}");
-    assert_eq!(completed["records_delivered"], 2, "{completed}");
-    assert_eq!(completed["records_dead_lettered"], 0, "{completed}");
-    assert_eq!(
-        completed["record_errors"],
-        json!({"ticketing/comments": 1, "ticketing/tickets": 1})
-    );
-    // The final body is what was signed.
-    let last = rx
-        .received()
-        .into_iter()
-        .rfind(|r| r.header("webhook-id") == "c1")
-        .unwrap();
-    standardwebhooks::Webhook::new(&secret)
-        .unwrap()
-        .verify(&last.body, &last.header_map())
-        .expect("the completed body with its counts verifies");
+);
 
-    let r = wait_status(&app, &run, "completed").await;
-    assert!(r["started_at"].is_string() && r["finished_at"].is_string(), "{r}");
-    assert_eq!(r["resource_stats"]["ticketing/tickets"]["records"], 1, "{r}");
-    assert_eq!(r["resource_stats"]["ticketing/tickets"]["errors"], 1, "{r}");
-    assert_eq!(r["resource_stats"]["ticketing/comments"]["records_delivered"], 1, "{r}");
+both_buses!(
+    fail_fast_delivers_the_first_error_then_failed_and_drops_the_rest,
+    |bus| async move {
+        let rx = Receiver::start().await;
+        let h = Harness::start(bus, &[]).await;
+        let app = h.api();
+        let (_, _, run) = run_on(app, &rx, "fail_fast").await;
+        let events = vec![
+            ev("s1", &run, "started", ""),
+            ev("r1", &run, "record", "ticketing/tickets"),
+            ev("e1", &run, "record_error", "ticketing/tickets"),
+            ev("r2", &run, "record", "ticketing/tickets"),
+            ev("e2", &run, "record_error", "ticketing/comments"),
+            ev("c1", &run, "completed", ""),
+        ];
+        if let Some(resp) = send(&h, &events).await {
+            let statuses: Vec<&str> = resp["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["status"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                statuses,
+                vec!["queued", "queued", "queued", "dropped", "dropped", "dropped"]
+            );
+            assert_eq!(resp["events"][3]["reason"], "run_failed");
+        }
+        let got = delivered_exactly(&h, &rx, 5).await;
+        assert_eq!(
+            names(&got),
+            vec!["created", "started:s1", "record:r1", "record_error:e1", "failed"]
+        );
+        let failed = &got[4]["payload"];
+        assert_eq!(failed["reason"], "fail_fast", "{failed}");
+        assert_eq!(failed["error"]["n"], "e1", "{failed}");
+        assert_eq!(failed["status"], "failed", "{failed}");
+        assert_eq!(failed["records_delivered"], 1, "{failed}");
+        assert_eq!(failed["records_dropped"], 2, "{failed}");
+        assert_eq!(failed["record_errors"], json!({"ticketing/tickets": 1}), "{failed}");
 
-    // Events of a finished run are dead-lettered, not delivered.
-    let (s, resp) = app
-        .post("/events", ev("late1", &run, "record", "ticketing/tickets"))
-        .await;
-    assert_eq!(s, 202, "{resp}");
-    assert_eq!(resp["events"][0]["status"], "dead_lettered", "{resp}");
-    assert_eq!(resp["events"][0]["reason"], "run_finished", "{resp}");
-    let (_, dl) = app.get("/dead-letters?reason=run_finished").await;
-    let ids: Vec<&str> = dl["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["event_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, vec!["late1"]);
-    assert_eq!(dl["results"][0]["webhook_id"], wid.as_str());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(delivered(&rx).len(), 7);
-    assert_eq!(
-        app.metric("syncrelay_runs_total", &[("status", "completed")]).await,
-        1.0
-    );
-}
+        let r = wait_status(app, &run, "failed").await;
+        assert_eq!(r["stop_reason"], "fail_fast", "{r}");
+        assert_eq!(r["resource_stats"]["ticketing/tickets"]["dropped"], 1, "{r}");
+        assert_eq!(r["resource_stats"]["ticketing/comments"]["dropped"], 1, "{r}");
+        // The three events after the error (r2, e2, c1) are dropped as events of a failed run.
+        assert_eq!(
+            app.metric("syncrelay_run_events_dropped_total", &[("reason", "run_failed")])
+                .await,
+            3.0
+        );
+        assert_eq!(app.metric("syncrelay_runs_total", &[("status", "failed")]).await, 1.0);
+    }
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fail_fast_delivers_the_first_error_then_failed_and_drops_the_rest() {
+both_buses!(
+    batch_mode_delivers_one_record_error_with_every_error_before_completed,
+    |bus| async move {
+        let rx = Receiver::start().await;
+        let h = Harness::start(bus, &[("SYNCRELAY__RUNS__BATCH__MAX_AGE_MS", "600000")]).await;
+        let app = h.api();
+        let (_, _, run) = run_on(app, &rx, "batch").await;
+        let events = vec![
+            ev("s1", &run, "started", ""),
+            ev("e1", &run, "record_error", "ticketing/tickets"),
+            ev("r1", &run, "record", "ticketing/tickets"),
+            ev("e2", &run, "record_error", "ticketing/comments"),
+            ev("c1", &run, "completed", ""),
+        ];
+        if let Some(resp) = send(&h, &events).await {
+            assert_eq!(resp["events"][1]["status"], "batched", "{resp}");
+        }
+        let got = delivered_exactly(&h, &rx, 5).await;
+        assert_eq!(
+            names(&got),
+            vec!["created", "started:s1", "record:r1", "record_error", "completed:c1"]
+        );
+        let errors: Vec<&str> = got[3]["payload"]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["n"].as_str().unwrap())
+            .collect();
+        assert_eq!(errors, vec!["e1", "e2"]);
+        assert_eq!(
+            got[4]["payload"]["record_errors"],
+            json!({"ticketing/comments": 1, "ticketing/tickets": 1})
+        );
+        wait_status(app, &run, "completed").await;
+    }
+);
+
+both_buses!(batch_mode_flushes_a_batch_by_age, |bus| async move {
     let rx = Receiver::start().await;
-    let app = spawn_app(&[]).await;
-    let (_, _, run) = run_on(&app, &rx, "fail_fast").await;
-    let (s, resp) = app
-        .post(
-            "/events",
-            json!({"events": [
-                ev("s1", &run, "started", ""),
-                ev("r1", &run, "record", "ticketing/tickets"),
-                ev("e1", &run, "record_error", "ticketing/tickets"),
-                ev("r2", &run, "record", "ticketing/tickets"),
-                ev("e2", &run, "record_error", "ticketing/comments"),
-                ev("c1", &run, "completed", ""),
-            ]}),
-        )
-        .await;
-    assert_eq!(s, 202, "{resp}");
-    let statuses: Vec<&str> = resp["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        statuses,
-        vec!["queued", "queued", "queued", "dropped", "dropped", "dropped"]
-    );
-    assert_eq!(resp["events"][3]["reason"], "run_failed");
-    let got = delivered_exactly(&rx, 5).await;
-    assert_eq!(
-        names(&got),
-        vec!["created", "started:s1", "record:r1", "record_error:e1", "failed"]
-    );
-    let failed = &got[4]["payload"];
-    assert_eq!(failed["reason"], "fail_fast", "{failed}");
-    assert_eq!(failed["error"]["n"], "e1", "{failed}");
-    assert_eq!(failed["status"], "failed", "{failed}");
-    assert_eq!(failed["records_delivered"], 1, "{failed}");
-    assert_eq!(failed["records_dropped"], 2, "{failed}");
-    assert_eq!(failed["record_errors"], json!({"ticketing/tickets": 1}), "{failed}");
-
-    let r = wait_status(&app, &run, "failed").await;
-    assert_eq!(r["stop_reason"], "fail_fast", "{r}");
-    assert_eq!(r["resource_stats"]["ticketing/tickets"]["dropped"], 1, "{r}");
-    assert_eq!(r["resource_stats"]["ticketing/comments"]["dropped"], 1, "{r}");
-    assert_eq!(
-        app.metric("syncrelay_run_events_dropped_total", &[("reason", "run_failed")])
-            .await,
-        3.0
-    );
-    assert_eq!(app.metric("syncrelay_runs_total", &[("status", "failed")]).await, 1.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_mode_delivers_one_record_error_with_every_error_before_completed() {
-    let rx = Receiver::start().await;
-    let app = spawn_app(&[("SYNCRELAY__RUNS__BATCH__MAX_AGE_MS", "600000")]).await;
-    let (_, _, run) = run_on(&app, &rx, "batch").await;
-    let (s, resp) = app
-        .post(
-            "/events",
-            json!({"events": [
-                ev("s1", &run, "started", ""),
-                ev("e1", &run, "record_error", "ticketing/tickets"),
-                ev("r1", &run, "record", "ticketing/tickets"),
-                ev("e2", &run, "record_error", "ticketing/comments"),
-                ev("c1", &run, "completed", ""),
-            ]}),
-        )
-        .await;
-    assert_eq!(s, 202, "{resp}");
-    assert_eq!(resp["events"][1]["status"], "batched", "{resp}");
-    let got = delivered_exactly(&rx, 5).await;
-    assert_eq!(
-        names(&got),
-        vec!["created", "started:s1", "record:r1", "record_error", "completed:c1"]
-    );
-    let errors: Vec<&str> = got[3]["payload"]["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["n"].as_str().unwrap())
-        .collect();
-    assert_eq!(errors, vec!["e1", "e2"]);
-    assert_eq!(
-        got[4]["payload"]["record_errors"],
-        json!({"ticketing/comments": 1, "ticketing/tickets": 1})
-    );
-    wait_status(&app, &run, "completed").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_mode_flushes_a_batch_by_age() {
-    let rx = Receiver::start().await;
-    let app = spawn_app(&[("SYNCRELAY__RUNS__BATCH__MAX_AGE_MS", "200")]).await;
-    let (_, _, run) = run_on(&app, &rx, "batch").await;
-    app.send_events(vec![
+    let h = Harness::start(bus, &[("SYNCRELAY__RUNS__BATCH__MAX_AGE_MS", "200")]).await;
+    let app = h.api();
+    let (_, _, run) = run_on(app, &rx, "batch").await;
+    h.send(&[
         ev("s1", &run, "started", ""),
         ev("e1", &run, "record_error", "ticketing/tickets"),
     ])
     .await;
-    let got = delivered_exactly(&rx, 3).await;
+    let got = delivered_exactly(&h, &rx, 3).await;
     assert_eq!(names(&got), vec!["created", "started:s1", "record_error"]);
     assert_eq!(got[2]["payload"]["errors"][0]["n"], "e1");
-    assert_eq!(run_status(&app, &run).await["status"], "running");
-}
+    assert_eq!(run_status(app, &run).await["status"], "running");
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completed_produced_while_a_record_is_in_retry_is_delivered_last_with_final_counts() {
-    // r2 is answered 500 twice before 200; r4 is answered 413 (dead letter, the run goes on).
-    let rx = Receiver::with_script(Arc::new(|r, seen| match r.header("webhook-id") {
-        "r2" if seen < 2 => Reply::status(500),
-        "r4" => Reply::status(413),
-        _ => Reply::status(200),
-    }))
-    .await;
-    let app = spawn_app(&[
-        ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "300"),
-        ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "1"),
-    ])
-    .await;
-    let (_, _, run) = run_on(&app, &rx, "ignore").await;
-    app.send_events(vec![
-        ev("s1", &run, "started", ""),
-        ev("r1", &run, "record", "ticketing/tickets"),
-        ev("r2", &run, "record", "ticketing/tickets"),
-        ev("r3", &run, "record", "ticketing/comments"),
-        ev("r4", &run, "record", "ticketing/comments"),
-    ])
-    .await;
-    // r2 has failed once and is waiting for its retry: now the executor says completed.
-    rx.wait_for(Duration::from_secs(10), "r2's first attempt", |g| {
-        g.iter().any(|r| r.header("webhook-id") == "r2")
-    })
-    .await;
-    app.send_events(vec![ev("c1", &run, "completed", "")]).await;
-    let got = delivered_exactly(&rx, 6).await;
-    assert_eq!(
-        names(&got),
-        vec![
-            "created",
-            "started:s1",
-            "record:r1",
-            "record:r2",
-            "record:r3",
-            "completed:c1"
-        ]
-    );
-    let attempts_r2 = rx.received().iter().filter(|r| r.header("webhook-id") == "r2").count();
-    assert_eq!(attempts_r2, 3);
-    // Nothing reached the receiver after completed.
-    assert_eq!(
-        rx.received().last().unwrap().header("webhook-id"),
-        "c1",
-        "completed is the last request"
-    );
-    let c = &got[5]["payload"];
-    assert_eq!(c["records_delivered"], 3, "{c}");
-    assert_eq!(c["records_dead_lettered"], 1, "{c}");
-    assert_eq!(c["resource_stats"]["ticketing/tickets"]["records_delivered"], 2, "{c}");
-    assert_eq!(
-        c["resource_stats"]["ticketing/comments"]["records_dead_lettered"], 1,
-        "{c}"
-    );
-    let r = wait_status(&app, &run, "completed").await;
-    assert_eq!(
-        r["resource_stats"]["ticketing/comments"]["records_dead_lettered"], 1,
-        "{r}"
-    );
-    // The delivery log keeps the body that was sent.
-    let (_, list) = app.get("/deliveries?event_id=c1").await;
-    let id = list["results"][0]["id"].as_str().unwrap().to_string();
-    let (_, d) = app.get(&format!("/deliveries/{id}")).await;
-    assert_eq!(d["body"]["payload"]["records_delivered"], 3, "{d}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_400_to_started_stops_the_run_and_its_later_events_are_not_delivered() {
-    let rx = Receiver::with_script(Arc::new(|r, _| {
-        if r.json()["event"] == "sync_job_run:started" {
-            Reply::status(400)
-        } else {
-            Reply::status(200)
+both_buses!(
+    completed_produced_while_a_record_is_in_retry_is_delivered_last_with_final_counts,
+    |bus| async move {
+        // r2 is answered 500 twice before 200; r4 is answered 413 (dead letter, the run goes on).
+        let rx = Receiver::with_script(Arc::new(|r, seen| match r.header("webhook-id") {
+            "r2" if seen < 2 => Reply::status(500),
+            "r4" => Reply::status(413),
+            _ => Reply::status(200),
+        }))
+        .await;
+        let h = Harness::start(
+            bus,
+            &[
+                ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "300"),
+                ("SYNCRELAY__DELIVERY__RETRY__MULTIPLIER", "1"),
+            ],
+        )
+        .await;
+        let app = h.api();
+        let (_, _, run) = run_on(app, &rx, "ignore").await;
+        h.send(&[
+            ev("s1", &run, "started", ""),
+            ev("r1", &run, "record", "ticketing/tickets"),
+            ev("r2", &run, "record", "ticketing/tickets"),
+            ev("r3", &run, "record", "ticketing/comments"),
+            ev("r4", &run, "record", "ticketing/comments"),
+        ])
+        .await;
+        // r2 has failed once and is waiting for its retry: now the executor says completed.
+        rx.wait_for(WAIT, "r2's first attempt", |g| {
+            g.iter().any(|r| r.header("webhook-id") == "r2")
+        })
+        .await;
+        h.send(&[ev("c1", &run, "completed", "")]).await;
+        let got = delivered_exactly(&h, &rx, 6).await;
+        assert_eq!(
+            names(&got),
+            vec![
+                "created",
+                "started:s1",
+                "record:r1",
+                "record:r2",
+                "record:r3",
+                "completed:c1"
+            ]
+        );
+        let attempts_r2 = rx.received().iter().filter(|r| r.header("webhook-id") == "r2").count();
+        assert_eq!(attempts_r2, 3);
+        // Nothing reached the receiver after completed.
+        assert_eq!(
+            rx.received().last().unwrap().header("webhook-id"),
+            "c1",
+            "completed is the last request"
+        );
+        let c = &got[5]["payload"];
+        assert_eq!(c["records_delivered"], 3, "{c}");
+        assert_eq!(c["records_dead_lettered"], 1, "{c}");
+        assert_eq!(c["resource_stats"]["ticketing/tickets"]["records_delivered"], 2, "{c}");
+        assert_eq!(
+            c["resource_stats"]["ticketing/comments"]["records_dead_lettered"], 1,
+            "{c}"
+        );
+        let r = wait_status(app, &run, "completed").await;
+        assert_eq!(
+            r["resource_stats"]["ticketing/comments"]["records_dead_lettered"], 1,
+            "{r}"
+        );
+        // The delivery log keeps the body that was sent.
+        let (_, list) = app.get("/deliveries?event_id=c1").await;
+        let id = list["results"][0]["id"].as_str().unwrap().to_string();
+        let (_, d) = app.get(&format!("/deliveries/{id}")).await;
+        assert_eq!(d["body"]["payload"]["records_delivered"], 3, "{d}");
+        if bus == Bus::Kafka {
+            // r4's 413 is on the dead-letter topic.
+            let dlq = h.consume_dlq(1, WAIT).await;
+            assert_eq!(dlq.len(), 1, "{dlq:?}");
+            assert_eq!(dlq[0].json()["id"], "r4");
+            assert_eq!(dlq[0].header("x-dlq-reason"), Some("payload_too_large"));
+            assert_eq!(dlq[0].header("x-dlq-last-status"), Some("413"));
         }
-    }))
-    .await;
-    let app = spawn_app(&[]).await;
-    let (_, _, run) = run_on(&app, &rx, "ignore").await;
-    app.send_events(vec![
-        ev("s1", &run, "started", ""),
-        ev("r1", &run, "record", "ticketing/tickets"),
-        ev("r2", &run, "record", "ticketing/tickets"),
-    ])
-    .await;
-    let r = wait_status(&app, &run, "stopped").await;
-    assert_eq!(r["stop_reason"], "started answered 400", "{r}");
-    assert!(r["finished_at"].is_string(), "{r}");
-    // Later events: dead-lettered as events of a finished run.
-    let (_, resp) = app.post("/events", ev("r3", &run, "record", "ticketing/tickets")).await;
-    assert_eq!(resp["events"][0]["reason"], "run_finished", "{resp}");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let got: Vec<String> = rx
-        .received()
-        .iter()
-        .map(|r| format!("{}:{}", r.json()["event"].as_str().unwrap(), r.status))
-        .collect();
-    assert_eq!(
-        got,
-        vec!["sync_job_run:created:200", "sync_job_run:started:400"],
-        "started is not retried and nothing after it is delivered"
-    );
-    let r = run_status(&app, &run).await;
-    assert_eq!(r["resource_stats"]["ticketing/tickets"]["dropped"], 3, "{r}");
-    // Executors are told to stop.
-    let (_, cmds) = app.get("/sync-job-run-commands?limit=1000").await;
-    let stop: Vec<&Value> = cmds["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["command"]["type"] == "stop")
-        .collect();
-    assert_eq!(stop.len(), 1, "{cmds}");
-    assert_eq!(stop[0]["command"]["run_id"], run.as_str());
-    // started itself is a dead letter with its own reason.
-    let (_, dl) = app.get("/dead-letters?reason=run_stopped").await;
-    assert_eq!(dl["results"][0]["event_id"], "s1", "{dl}");
-    assert_eq!(dl["results"][0]["last_status"], 400, "{dl}");
-    assert_eq!(
-        app.metric("syncrelay_run_events_dropped_total", &[("reason", "run_stopped")])
-            .await,
-        2.0
-    );
-    assert_eq!(app.metric("syncrelay_runs_total", &[("status", "stopped")]).await, 1.0);
-}
+    }
+);
+
+both_buses!(
+    a_400_to_started_stops_the_run_and_its_later_events_are_not_delivered,
+    |bus| async move {
+        let rx = Receiver::with_script(Arc::new(|r, _| {
+            if r.json()["event"] == "sync_job_run:started" {
+                Reply::status(400)
+            } else {
+                Reply::status(200)
+            }
+        }))
+        .await;
+        let h = Harness::start(bus, &[]).await;
+        let app = h.api();
+        let (_, _, run) = run_on(app, &rx, "ignore").await;
+        h.send(&[
+            ev("s1", &run, "started", ""),
+            ev("r1", &run, "record", "ticketing/tickets"),
+            ev("r2", &run, "record", "ticketing/tickets"),
+        ])
+        .await;
+        let r = wait_status(app, &run, "stopped").await;
+        assert_eq!(r["stop_reason"], "started answered 400", "{r}");
+        assert!(r["finished_at"].is_string(), "{r}");
+        // Later events: dead-lettered as events of a finished run.
+        if let Some(resp) = send(&h, &[ev("r3", &run, "record", "ticketing/tickets")]).await {
+            assert_eq!(resp["events"][0]["reason"], "run_finished", "{resp}");
+        }
+        wait_dead_letters(app, "reason=run_finished&event_id=r3", 1).await;
+        // r1 and r2 were dropped; give anything wrongly sent after them time to arrive.
+        eventually(WAIT, "r1 and r2 dropped", || async move {
+            let m = app.metrics().await;
+            (m.get("syncrelay_run_events_dropped_total", &[("reason", "run_stopped")]) == Some(2.0)).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got: Vec<String> = rx
+            .received()
+            .iter()
+            .map(|r| format!("{}:{}", r.json()["event"].as_str().unwrap(), r.status))
+            .collect();
+        assert_eq!(
+            got,
+            vec!["sync_job_run:created:200", "sync_job_run:started:400"],
+            "started is not retried and nothing after it is delivered"
+        );
+        let r = run_status(app, &run).await;
+        assert_eq!(r["resource_stats"]["ticketing/tickets"]["dropped"], 3, "{r}");
+        // Executors are told to stop: through `GET /sync-job-run-commands` (embedded) or on the
+        // commands topic keyed by run (Kafka; the run's creation is the message before it).
+        let commands: Vec<Value> = match bus {
+            Bus::Embedded => {
+                let (_, cmds) = app.get("/sync-job-run-commands?limit=1000").await;
+                cmds["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["command"].clone())
+                    .collect()
+            }
+            Bus::Kafka => h
+                .consume_commands(2, WAIT)
+                .await
+                .iter()
+                .map(|m| {
+                    assert_eq!(m.key.as_deref(), Some(run.as_bytes()), "keyed by run: {m:?}");
+                    m.json()
+                })
+                .collect(),
+        };
+        let stop: Vec<&Value> = commands.iter().filter(|c| c["type"] == "stop").collect();
+        assert_eq!(stop.len(), 1, "{commands:?}");
+        assert_eq!(stop[0]["run_id"], run.as_str());
+        // started itself is a dead letter with its own reason.
+        let (_, dl) = app.get("/dead-letters?reason=run_stopped").await;
+        assert_eq!(dl["results"][0]["event_id"], "s1", "{dl}");
+        assert_eq!(dl["results"][0]["last_status"], 400, "{dl}");
+        assert_eq!(
+            app.metric("syncrelay_run_events_dropped_total", &[("reason", "run_stopped")])
+                .await,
+            2.0
+        );
+        assert_eq!(app.metric("syncrelay_runs_total", &[("status", "stopped")]).await, 1.0);
+        if bus == Bus::Kafka {
+            // Both dead letters (s1 answered 400, r3 of the finished run) are on the topic.
+            let dlq = h.consume_dlq(2, WAIT).await;
+            let mut got: Vec<(String, String)> = dlq
+                .iter()
+                .map(|m| {
+                    (
+                        m.json()["id"].as_str().unwrap_or("?").to_string(),
+                        m.header("x-dlq-reason").unwrap_or("?").to_string(),
+                    )
+                })
+                .collect();
+            got.sort();
+            assert_eq!(
+                got,
+                vec![
+                    ("r3".to_string(), "run_finished".to_string()),
+                    ("s1".to_string(), "run_stopped".to_string())
+                ]
+            );
+        }
+    }
+);

@@ -339,17 +339,20 @@ async fn stopping_a_run_publishes_a_stop_command_and_delivers_stopped() {
 /// Drive a run to `completed` through the lifecycle library (what the engine does with the
 /// executor's events), on the app's own database.
 async fn complete(app: &TestApp, run_id: &str) {
-    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use syncrelay::config::{StoreKind, StoreSettings, Synchronous};
     use syncrelay::runs::{Action, BatchLimits, Runs};
-    let opts = SqliteConnectOptions::new()
-        .filename(app.data.path().join("syncrelay.db"))
-        .busy_timeout(Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
-        .await
-        .unwrap();
-    let runs = Runs::new(pool.clone(), BatchLimits::default());
+    use syncrelay::store::Store;
+    let store = Store::open(&StoreSettings {
+        kind: StoreKind::Sqlite,
+        path: app.data.path().join("syncrelay.db"),
+        url: String::new(),
+        max_connections: 2,
+        synchronous: Synchronous::Full,
+        lease_ms: 60_000,
+    })
+    .await
+    .unwrap();
+    let runs = Runs::new(store.clone(), BatchLimits::default());
     for (n, kind) in ["started", "completed"].iter().enumerate() {
         let e = syncrelay::domain::Envelope::parse(
             json!({"id": format!("x{n}"), "event": format!("sync_job_run:{kind}"), "sync_job_run_id": run_id, "payload": {}}),
@@ -360,7 +363,7 @@ async fn complete(app: &TestApp, run_id: &str) {
         let d = runs.on_ingest(&e).await.unwrap().expect("known run");
         assert_eq!(d.action, Action::Deliver);
     }
-    pool.close().await;
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

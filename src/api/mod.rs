@@ -1,6 +1,7 @@
 //! The HTTP API (CONTRACT §3). One file per resource; this one holds what they share: state,
 //! bearer authentication, request metrics, body reading with a typed 413, list paging.
 
+mod devrev;
 mod eloqua;
 mod events;
 mod openapi;
@@ -28,7 +29,7 @@ pub struct AppState {
     pub settings: Settings,
     pub engine: Arc<Engine>,
     /// Where run commands are published for executors.
-    pub commands: Arc<dyn crate::intake::CommandSink>,
+    pub commands: Arc<dyn crate::runs::commands::CommandSink>,
     /// Set when `bus.kind = "kafka"`: `POST /events` produces to the events topic.
     pub kafka: Option<Arc<crate::intake::kafka::KafkaBus>>,
     /// SHA-256 digests of `auth.tokens` (see `token_matches`).
@@ -78,7 +79,17 @@ fn routes() -> Vec<(Method, &'static str, Route)> {
         (Method::PATCH, "/sync-job-run/{id}", web::to(sync_job_runs::update)),
         (Method::DELETE, "/sync-job-run/{id}", web::to(sync_job_runs::delete)),
         (Method::POST, "/api/bulk/2.0/syncs", web::to(eloqua::create)),
+        (Method::GET, "/api/bulk/2.0/syncs", web::to(eloqua::list)),
         (Method::GET, "/api/bulk/2.0/syncs/{id}", web::to(eloqua::get)),
+        (Method::GET, "/api/bulk/2.0/syncs/{id}/logs", web::to(eloqua::logs)),
+        (
+            Method::POST,
+            "/airdrop.sync-units.create.bulk",
+            web::to(devrev::create_bulk),
+        ),
+        (Method::GET, "/airdrop.sync-units.get", web::to(devrev::get)),
+        (Method::GET, "/airdrop.sync-units.list", web::to(devrev::list)),
+        (Method::POST, "/airdrop.sync-units.update", web::to(devrev::update)),
     ]
 }
 

@@ -72,6 +72,23 @@ fn record(props: Value) -> Value {
     })
 }
 
+/// A string with something besides white space, without control characters.
+fn non_blank(max: usize) -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"})
+}
+
+/// Eloqua's paged list.
+fn eloqua_page(item: Value) -> Value {
+    record(json!({
+        "items": {"type": "array", "items": item},
+        "totalResults": {"type": "integer", "minimum": 0},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "offset": {"type": "integer", "minimum": 0},
+        "count": {"type": "integer", "minimum": 0},
+        "hasMore": {"type": "boolean"},
+    }))
+}
+
 fn url() -> Value {
     json!({
         "type": "string",
@@ -139,6 +156,17 @@ fn paging() -> Vec<Value> {
             "`next_cursor` of the previous page.",
             json!({"type": "string", "pattern": "^(-?[0-9]{1,18})?$"}),
         ),
+    ]
+}
+
+fn eloqua_paging() -> Vec<Value> {
+    vec![
+        query(
+            "limit",
+            "Page size (default 1000).",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+        ),
+        query("offset", "Items to skip.", json!({"type": "integer", "minimum": 0})),
     ]
 }
 
@@ -282,6 +310,7 @@ pub fn document(settings: &Settings) -> Value {
             {"name": "deliveries", "description": "Delivery log and dead letters"},
             {"name": "sync-jobs", "description": "Sync jobs, runs and run commands (Truto's shapes)"},
             {"name": "eloqua", "description": "Eloqua-style bulk syncs"},
+            {"name": "devrev", "description": "DevRev-style airdrop sync units"},
             {"name": "operations", "description": "Health, metrics, this document"},
         ],
         "paths": paths,
@@ -670,6 +699,7 @@ fn schemas(settings: &Settings) -> Value {
                 "error_handling": nullable(r("ErrorHandling")),
                 "ignore_previous_run": {"type": "boolean", "default": false},
                 "callback_url": nullable(url()),
+                "sync_unit_id": nullable(json!({"type": "string", "maxLength": limits::ID, "description": "a DevRev-style sync unit (not archived) this run syncs"})),
                 "validate_only": {"type": "boolean", "default": false},
             },
             "additionalProperties": false,
@@ -695,7 +725,11 @@ fn schemas(settings: &Settings) -> Value {
             "updated_at": time(),
             "started_at": nullable(time()),
             "finished_at": nullable(time()),
-            "sync_job": r("SyncJob"),
+            "sync_unit_id": nullable(json!({"type": "string"})),
+            "sync_job": {
+                "description": "the job as the run started it; an Eloqua sync's run has `{\"type\":\"eloqua_sync\",\"syncedInstanceUri\"}`",
+                "anyOf": [r("SyncJob"), record(json!({"type": {"const": "eloqua_sync"}, "syncedInstanceUri": {"type": "string"}}))],
+            },
         })),
         "SyncJobRunList": list_of(r("SyncJobRun")),
         "RunCommand": record(json!({
@@ -711,16 +745,91 @@ fn schemas(settings: &Settings) -> Value {
         "EloquaSyncCreate": object(&["syncedInstanceUri"], json!({
             "syncedInstanceUri": {"type": "string", "minLength": 2, "maxLength": limits::URI, "pattern": "^/[^\\s\\u0000-\\u001f\\u007f-\\u009f]+$"},
             "callbackURL": nullable(url()),
+            "webhookId": nullable(json!({"type": "string", "format": "uuid", "description": "relay extension: an active webhook that receives the sync's run events"})),
             "validate_only": {"type": "boolean", "default": false},
         })),
-        "EloquaSync": record(json!({
-            "syncedInstanceUri": {"type": "string"},
-            "callbackUrl": nullable(json!({"type": "string"})),
-            "status": {"type": "string"},
+        "EloquaSync": {
+            "type": "object",
+            "required": ["syncedInstanceUri", "callbackUrl", "status", "createdAt", "createdBy", "uri"],
+            "properties": {
+                "syncedInstanceUri": {"type": "string"},
+                "callbackUrl": nullable(json!({"type": "string"})),
+                "status": {"enum": ["pending", "active", "success", "warning", "error"]},
+                "createdAt": time(),
+                "createdBy": {"type": "string"},
+                "uri": {"type": "string", "pattern": "^/syncs/[0-9]+$"},
+                "syncStartedAt": time(),
+                "syncEndedAt": time(),
+                "sync_job_run_id": uuid(),
+            },
+            "additionalProperties": false,
+        },
+        "EloquaSyncPage": eloqua_page(r("EloquaSync")),
+        "EloquaSyncLogPage": eloqua_page(record(json!({
+            "syncUri": {"type": "string"},
+            "count": {"type": "integer", "minimum": 0},
+            "severity": {"enum": ["information", "warning", "error"]},
+            "statusCode": {"type": "string", "pattern": "^ELQ-[0-9]{5}$"},
+            "message": {"type": "string"},
             "createdAt": time(),
-            "createdBy": {"type": "string"},
-            "uri": {"type": "string", "pattern": "^/syncs/[0-9]+$"},
+        }))),
+    }));
+    add(json!({
+        // -- devrev
+        "SyncUnitsCreate": {
+            "type": "object",
+            "required": ["sync_units"],
+            "description": format!("All or nothing; the body is at most {} bytes.", super::devrev::MAX_BULK_BYTES),
+            "properties": {
+                "sync_units": {
+                    "type": "array", "minItems": 1, "maxItems": super::devrev::MAX_BULK_UNITS,
+                    "items": object(&["external_sync_unit", "keyring"], json!({
+                        "external_sync_unit": non_blank(limits::NAME),
+                        "keyring": non_blank(limits::NAME),
+                    })),
+                },
+            },
+        },
+        "SyncUnitUpdate": object(&["id"], json!({
+            "id": {"type": "string"},
+            "is_archived": nullable(json!({"type": "boolean"})),
+            "name": nullable(non_blank(limits::NAME)),
         })),
+        "SyncUnit": record(json!({
+            "id": {"type": "string", "pattern": "^don:integration:"},
+            "display_id": {"type": "string", "pattern": "^SYNCUNIT-[0-9]+$"},
+            "created_by": r("DevRevUser"),
+            "modified_by": r("DevRevUser"),
+            "created_date": time(),
+            "modified_date": time(),
+            "object_version": {"type": "integer", "minimum": 1},
+            "external_sync_unit_id": {"type": "string"},
+            "external_sync_unit_name": {"type": "string"},
+            "external_system_name": {"type": "string"},
+            "external_system_type": {"const": "keyring"},
+            "is_archived": {"type": "boolean"},
+            "name": {"type": "string"},
+            "sync_run": nullable(record(json!({
+                "id": uuid(),
+                "started_at": nullable(time()),
+                "ended_at": nullable(time()),
+                "mode": {"enum": ["initial", "incremental"]},
+                "progress": record(json!({"state": {"enum": ["starting", "in_progress", "rate_limited", "completed", "completed_with_errors", "failed", "cancelled"]}})),
+            }))),
+            "sync_type": {"const": "airdrop"},
+        })),
+        "DevRevUser": record(json!({
+            "type": {"type": "string"},
+            "id": {"type": "string"},
+            "display_name": {"type": "string"},
+            "display_id": {"type": "string"},
+        })),
+        "SyncUnitOne": record(json!({"sync_unit": r("SyncUnit")})),
+        "SyncUnitList": record(json!({
+            "sync_units": {"type": "array", "items": r("SyncUnit")},
+            "next_cursor": nullable(json!({"type": "string"})),
+        })),
+        "SyncUnitsCreated": record(json!({"sync_units": {"type": "array", "items": r("SyncUnit")}})),
 
         // -- operations
         "Live": record(json!({"status": {"const": "ok"}})),
@@ -1038,6 +1147,54 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 .body(r("EloquaSyncCreate"), json!({"syncedInstanceUri": "/contacts/exports/1", "callbackURL": "http://127.0.0.1:9000/eloqua"}))
                 .respond("201", ok("Created.", r("EloquaSync")))
                 .respond("200", ok("`validate_only`: valid.", r("Valid"))),
+        ),
+        (
+            "get",
+            "/api/bulk/2.0/syncs",
+            Op::new("listEloquaSyncs", "eloqua", "List Eloqua-style syncs (Eloqua's paging)")
+                .params(eloqua_paging())
+                .respond("200", ok("A page of syncs.", r("EloquaSyncPage")))
+                .errors(&["400"]),
+        ),
+        (
+            "get",
+            "/api/bulk/2.0/syncs/{id}/logs",
+            Op::new("getEloquaSyncLogs", "eloqua", "A sync's log items")
+                .params(vec![path_id("The number in the sync's `uri` (`/syncs/<n>`).")])
+                .params(eloqua_paging())
+                .respond("200", ok("A page of log items.", r("EloquaSyncLogPage")))
+                .errors(&["400", "404"]),
+        ),
+        (
+            "post",
+            "/airdrop.sync-units.create.bulk",
+            Op::new("createSyncUnits", "devrev", "Create sync units, all or nothing")
+                .body(r("SyncUnitsCreate"), json!({"sync_units": [{"external_sync_unit": "project-OPS", "keyring": "jira-cloud"}]}))
+                .respond("201", ok("Created.", r("SyncUnitsCreated"))),
+        ),
+        (
+            "get",
+            "/airdrop.sync-units.get",
+            Op::new("getSyncUnit", "devrev", "Read a sync unit with its latest run")
+                .params(vec![json!({"name": "id", "in": "query", "required": true, "description": "The unit's id (`don:integration:…`).", "schema": {"type": "string"}})])
+                .respond("200", ok("The unit.", r("SyncUnitOne")))
+                .errors(&["400", "404"]),
+        ),
+        (
+            "get",
+            "/airdrop.sync-units.list",
+            Op::new("listSyncUnits", "devrev", "List sync units")
+                .params(paging())
+                .respond("200", ok("A page of units.", r("SyncUnitList")))
+                .errors(&["400"]),
+        ),
+        (
+            "post",
+            "/airdrop.sync-units.update",
+            Op::new("updateSyncUnit", "devrev", "Archive or rename a sync unit")
+                .body(r("SyncUnitUpdate"), json!({"id": "don:integration:dvrv-us-1:devo/syncrelay:sync_unit/0", "is_archived": true}))
+                .respond("200", ok("The unit.", r("SyncUnitOne")))
+                .errors(&["404"]),
         ),
         (
             "get",

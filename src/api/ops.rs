@@ -2,12 +2,81 @@
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{list_response, read_body, PageQuery, State};
-use crate::domain::{check_text, limits, now_ms, Envelope};
+use crate::domain::{check_text, limits, now_ms, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
-use crate::store::{DeadLetterFilter, DeliveryFilter};
+use crate::store::{AttemptRow, CommandRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryRow};
+
+fn opt_time(ms: Option<i64>) -> Value {
+    ms.map(|m| Value::String(rfc3339_ms(m))).unwrap_or(Value::Null)
+}
+
+/// JSON text stored by the relay, as JSON (null should it not parse).
+fn parsed(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+fn delivery_json(d: &DeliveryRow) -> Value {
+    json!({
+        "id": d.id,
+        "event_id": d.event_id,
+        "event": d.event,
+        "sync_job_run_id": d.run_id,
+        "kind": d.kind,
+        "webhook_id": d.webhook_id,
+        // The API's names for the queue states.
+        "status": match d.state.as_str() {
+            "waiting" => "queued",
+            "ready" => "pending",
+            other => other,
+        },
+        "attempts_made": d.attempts,
+        "next_attempt_at": if d.finished_at.is_some() { Value::Null } else { opt_time(Some(d.next_attempt_at)) },
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "created_at": rfc3339_ms(d.created_at),
+        "finished_at": opt_time(d.finished_at),
+    })
+}
+
+fn attempt_json(a: &AttemptRow) -> Value {
+    json!({
+        "attempt": a.n,
+        "started_at": rfc3339_ms(a.started_at),
+        "duration_ms": a.duration_ms,
+        "status": a.status,
+        "error": a.error,
+        "response_excerpt": a.response_excerpt,
+    })
+}
+
+fn dead_letter_json(d: &DeadLetterRow) -> Value {
+    json!({
+        "id": d.id,
+        "delivery_id": d.delivery_id,
+        "event_id": d.event_id,
+        "event": d.event,
+        "webhook_id": d.webhook_id,
+        "kind": d.kind,
+        "reason": d.reason,
+        "attempts": d.attempts,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "event_body": parsed(&d.raw),
+        "created_at": rfc3339_ms(d.created_at),
+        "replayed_at": opt_time(d.replayed_at),
+    })
+}
+
+fn command_json(c: &CommandRow) -> Value {
+    json!({
+        "key": c.key,
+        "command": parsed(&c.command),
+        "created_at": rfc3339_ms(c.created_at),
+    })
+}
 
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
@@ -70,14 +139,22 @@ pub async fn list_deliveries(
         .store
         .list_deliveries(&f, page.after()?, page.limit()?)
         .await?;
-    Ok(list_response(p.results, p.next_cursor))
+    Ok(list_response(
+        p.results.iter().map(delivery_json).collect(),
+        p.next_cursor,
+    ))
 }
 
 pub async fn get_delivery(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    match state.engine.store.get_delivery(&id).await? {
-        Some(d) => Ok(HttpResponse::Ok().json(d)),
-        None => Err(ApiError::not_found("delivery", &id)),
-    }
+    let store = &state.engine.store;
+    let Some(row) = store.get_delivery(&id).await? else {
+        return Err(ApiError::not_found("delivery", &id));
+    };
+    let attempts = store.list_attempts(&id).await?;
+    let mut d = delivery_json(&row);
+    d["attempts"] = attempts.iter().map(attempt_json).collect();
+    d["body"] = parsed(&row.body);
+    Ok(HttpResponse::Ok().json(d))
 }
 
 pub async fn list_dead_letters(
@@ -91,7 +168,10 @@ pub async fn list_dead_letters(
         .store
         .list_dead_letters(&filter, page.after()?, page.limit()?)
         .await?;
-    Ok(list_response(p.results, p.next_cursor))
+    Ok(list_response(
+        p.results.iter().map(dead_letter_json).collect(),
+        p.next_cursor,
+    ))
 }
 
 fn check_dead_letter_filter(f: &DeadLetterFilter) -> Result<(), ApiError> {
@@ -194,5 +274,8 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
 /// the commands topic instead).
 pub async fn list_commands(state: State, page: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
     let p = state.engine.store.list_commands(page.after()?, page.limit()?).await?;
-    Ok(list_response(p.results, p.next_cursor))
+    Ok(list_response(
+        p.results.iter().map(command_json).collect(),
+        p.next_cursor,
+    ))
 }

@@ -6,14 +6,14 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::sync_jobs::{off_thread, pool};
+use super::sync_jobs::off_thread;
 use super::{check_target_url, list_response, read_body, PageQuery, State};
 use crate::domain::{check_json_size, check_text, limits, now_ms, parse_uuid, rfc3339_ms, Envelope};
 use crate::error::{parse_json, ApiError};
-use crate::runs::db::{self, RunFilter};
 use crate::runs::lifecycle::relay_event_prefix;
 use crate::runs::validate::{compile_args_schema, validate_args};
 use crate::runs::{ErrorHandling, Run, Runs, Status};
+use crate::store::RunFilter;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +27,8 @@ struct CreateRun {
     #[serde(default)]
     ignore_previous_run: bool,
     callback_url: Option<String>,
+    /// The DevRev-style sync unit this run syncs (CONTRACT §3, DevRev sync units).
+    sync_unit_id: Option<String>,
     #[serde(default)]
     validate_only: bool,
 }
@@ -49,7 +51,10 @@ pub struct RunQuery {
 
 async fn load(state: &State, id: &str) -> Result<Run, ApiError> {
     let id = parse_uuid("id", id).map_err(|_| ApiError::not_found("sync job run", id))?;
-    db::get_run(pool(state).await?, &id)
+    state
+        .engine
+        .store
+        .get_run(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("sync job run", &id))
 }
@@ -96,9 +101,10 @@ fn run_event(run: &Run, id: String, event: &str) -> Option<Envelope> {
 pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_body(&state, body).await?;
     let req: CreateRun = parse_json(&body)?;
-    let pool = pool(&state).await?;
+    let store = &state.engine.store;
     let job_id = parse_uuid("sync_job_id", &req.sync_job_id)?;
-    let job = db::get_job(pool, &job_id)
+    let job = store
+        .get_job(&job_id)
         .await?
         .ok_or_else(|| ApiError::field("sync_job_id", format!("no sync job {job_id}")))?;
     let account = parse_uuid("integrated_account_id", &req.integrated_account_id)?;
@@ -150,6 +156,19 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         Some(raw) => Some(check_target_url(&state, "callback_url", raw).await?.to_string()),
         None => None,
     };
+    let sync_unit_id = match &req.sync_unit_id {
+        Some(id) => {
+            check_text("sync_unit_id", id, limits::ID, false)?;
+            match store.runs().get_sync_unit(id).await? {
+                Some(u) if u.is_archived => {
+                    return Err(ApiError::field("sync_unit_id", format!("sync unit {id} is archived")))
+                }
+                Some(u) => Some(u.id),
+                None => return Err(ApiError::field("sync_unit_id", format!("no sync unit {id}"))),
+            }
+        }
+        None => None,
+    };
     if req.validate_only {
         return Ok(HttpResponse::Ok().json(json!({"valid": true})));
     }
@@ -176,14 +195,17 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         updated_at: now,
         started_at: None,
         finished_at: None,
+        sync_unit_id,
         seq: 0,
     };
     let previous_run_date = if run.ignore_previous_run {
         None
     } else {
-        db::previous_run_date(pool, &run.sync_job_id, &run.integrated_account_id).await?
+        store
+            .previous_run_date(&run.sync_job_id, &run.integrated_account_id)
+            .await?
     };
-    let run = db::insert_run(pool, &run).await?;
+    let run = store.insert_run(&run).await?;
     let body = run.to_json();
     let command = json!({
         "type": "start",
@@ -193,7 +215,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     });
     if let Err(e) = state.commands.publish(&run.id, command).await {
         // Without its command no executor will run it: do not leave it behind as `created`.
-        let _ = db::delete_run(pool, &run.id).await;
+        let _ = store.delete_run(&run.id).await;
         return Err(ApiError::Unavailable(format!(
             "could not publish the run's start command: {e:#}"
         )));
@@ -225,7 +247,11 @@ pub async fn list(state: State, q: web::Query<RunQuery>) -> Result<HttpResponse,
         integrated_account_id: uuid("integrated_account_id", &q.integrated_account_id)?,
         webhook_id: uuid("webhook_id", &q.webhook_id)?,
     };
-    let p = db::list_runs(pool(&state).await?, &filter, page.after()?, page.limit()?).await?;
+    let p = state
+        .engine
+        .store
+        .list_runs(&filter, page.after()?, page.limit()?)
+        .await?;
     Ok(list_response(
         p.results.iter().map(Run::to_json).collect(),
         p.next_cursor,
@@ -286,7 +312,7 @@ pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse,
             .map_err(ApiError::Internal)?;
         events = flushed;
     }
-    db::delete_run(pool(&state).await?, &run.id).await?;
+    state.engine.store.delete_run(&run.id).await?;
     events.extend(run_event(
         &run,
         format!("{}deleted", relay_event_prefix(&run.id)),

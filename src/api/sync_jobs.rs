@@ -4,13 +4,12 @@
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sqlx::SqlitePool;
 
 use super::{list_response, read_body, PageQuery, State};
 use crate::domain::{check_text, limits, now_ms, parse_uuid};
 use crate::error::{parse_json, ApiError};
 use crate::runs::validate::validate_job;
-use crate::runs::{db, ResourceSpec, SyncJob};
+use crate::runs::{ResourceSpec, SyncJob};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,16 +50,12 @@ pub(super) async fn off_thread<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("validation task failed: {e}")))?
 }
 
-/// The store's pool, with this module's tables in place.
-pub(super) async fn pool(state: &State) -> Result<&SqlitePool, ApiError> {
-    let pool = state.engine.store.pool();
-    crate::runs::ensure_migrated(pool).await?;
-    Ok(pool)
-}
-
 async fn load(state: &State, id: &str) -> Result<SyncJob, ApiError> {
     let id = parse_uuid("id", id).map_err(|_| ApiError::not_found("sync job", id))?;
-    db::get_job(pool(state).await?, &id)
+    state
+        .engine
+        .store
+        .get_job(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("sync job", &id))
 }
@@ -91,7 +86,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         updated_at: now,
         seq: 0,
     };
-    let job = db::insert_job(pool(&state).await?, &job).await?;
+    let job = state.engine.store.insert_job(&job).await?;
     Ok(HttpResponse::Created().json(job.to_json()))
 }
 
@@ -103,13 +98,11 @@ pub async fn list(state: State, q: web::Query<JobQuery>) -> Result<HttpResponse,
         limit: q.limit,
         cursor: q.cursor.clone(),
     };
-    let p = db::list_jobs(
-        pool(&state).await?,
-        q.integration_name.as_deref(),
-        page.after()?,
-        page.limit()?,
-    )
-    .await?;
+    let p = state
+        .engine
+        .store
+        .list_jobs(q.integration_name.as_deref(), page.after()?, page.limit()?)
+        .await?;
     Ok(list_response(
         p.results.iter().map(SyncJob::to_json).collect(),
         p.next_cursor,
@@ -145,13 +138,13 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     })
     .await?;
     job.updated_at = now_ms();
-    db::update_job(pool(&state).await?, &job).await?;
+    state.engine.store.update_job(&job).await?;
     Ok(HttpResponse::Ok().json(job.to_json()))
 }
 
 pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let job = load(&state, &id).await?;
-    match db::delete_job(pool(&state).await?, &job.id).await? {
+    match state.engine.store.delete_job(&job.id).await? {
         Ok(_) => Ok(HttpResponse::NoContent().finish()),
         Err(n) => Err(ApiError::Conflict(format!(
             "sync job {} has {n} active run(s) (created, running or rate_limited); stop them first",

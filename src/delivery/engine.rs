@@ -30,9 +30,9 @@ use super::outcome::Write;
 use super::retry::RetryPolicy;
 use crate::config::{LogMode, Settings};
 use crate::domain::{now_ms, Envelope};
-use crate::intake::CommandSink;
 use crate::metrics::Metrics;
 use crate::ordering::{Chains, Placement};
+use crate::runs::commands::CommandSink;
 use crate::runs::Runs;
 use crate::signing::Secret;
 use crate::store::{NewDeadLetter, NewDelivery, QueuedDelivery, Store, Webhook};
@@ -169,7 +169,7 @@ impl Engine {
         );
         let (writes, writes_rx) = mpsc::unbounded_channel();
         let limits = settings.runs.batch_limits();
-        let runs = Arc::new(Runs::new(store.pool().clone(), limits));
+        let runs = Arc::new(Runs::new(store.clone(), limits));
         Arc::new(Engine {
             store,
             metrics,
@@ -320,6 +320,10 @@ impl Engine {
             if r.status == "filtered" {
                 self.metrics.events_filtered.inc();
             }
+        }
+        let finishing = crate::runs::service::finishing_runs(events);
+        if !finishing.is_empty() {
+            self.eloqua_callbacks(&finishing).await;
         }
         Ok(routed)
     }
@@ -656,14 +660,15 @@ impl Engine {
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = Instant::now();
                 // Delivered rows stay for the retention period when the log keeps them all;
-                // otherwise only as long as the queue needs them.
-                let keep = if self.log_mode == LogMode::All {
-                    retention
-                } else {
-                    Duration::ZERO
+                // with `failures`, first-try successes go at once; with `none`, all of them.
+                let now = now_ms();
+                let kept = now - retention.as_millis() as i64;
+                let (before, first_try_before) = match self.log_mode {
+                    LogMode::All => (kept, kept),
+                    LogMode::Failures => (kept, now),
+                    LogMode::None => (now, now),
                 };
-                let before = now_ms() - keep.as_millis() as i64;
-                if let Err(e) = self.store.purge_delivered(before).await {
+                if let Err(e) = self.store.purge_delivered(before, first_try_before).await {
                     tracing::warn!(error = %format!("{e:#}"), "retention purge failed");
                 }
             }

@@ -23,6 +23,8 @@ impl Engine {
         let mut reason = None;
         let mut filtered = false;
         match &e.webhook_id {
+            // Only a callback URL (e.g. an Eloqua sync's callback): that is the target.
+            None if e.callback_url.is_some() && e.sync_job_run_id.is_none() => {}
             // A run the relay does not know: the event must name its webhook.
             None => reason = Some(unroutable("unknown_run", None)),
             Some(wid) => match self.webhooks.get(wid) {

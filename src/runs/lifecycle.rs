@@ -10,19 +10,19 @@
 //! - [`Runs::stop`] e.g. on a 400 answer to `sync_job_run:started`;
 //! - [`Runs::flush_due_batches`] periodically, for batch-mode errors due by age.
 //!
-//! State lives in the `sync_job_runs` row; every decision is one `BEGIN IMMEDIATE` transaction,
-//! so decisions on one run are serialised even across tasks.
+//! State lives with the run in the store; the rules here are synchronous and every decision is
+//! made inside one store transaction (`Store::with_runs`), so decisions on one run are
+//! serialised even across tasks.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
-use sqlx::{Row, SqlitePool};
 use url::Url;
 
-use super::db::run_from_row;
 use super::model::{ErrorHandling, Run, Stats, Status};
 use crate::domain::{now_ms, Envelope};
 use crate::group_commit::GroupCommit;
+use crate::store::{RunBatch as Batch, Store};
 
 /// When batch-mode record errors are flushed as one `sync_job_run:record_error`.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +73,7 @@ pub struct Decision {
 }
 
 pub struct Runs {
-    pool: SqlitePool,
+    store: Store,
     limits: BatchLimits,
     /// Outcomes counted by concurrent deliveries, committed together.
     outcomes: GroupCommit<Outcome>,
@@ -83,14 +83,6 @@ struct Outcome {
     run_id: String,
     resource: String,
     delivered: bool,
-}
-
-/// Batch-mode errors gathered on a run.
-struct Batch {
-    errors: Vec<Value>,
-    bytes: i64,
-    since: Option<i64>,
-    seq: i64,
 }
 
 /// Ids of events the relay makes for a run start with this, so feeding them back through
@@ -135,9 +127,9 @@ fn obj(v: Value) -> Map<String, Value> {
 }
 
 impl Runs {
-    pub fn new(pool: SqlitePool, limits: BatchLimits) -> Runs {
+    pub fn new(store: Store, limits: BatchLimits) -> Runs {
         Runs {
-            pool,
+            store,
             limits,
             outcomes: GroupCommit::default(),
         }
@@ -166,69 +158,10 @@ impl Runs {
         ))
     }
 
-    async fn load(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, run_id: &str) -> anyhow::Result<Option<(Run, Batch)>> {
-        let Some(r) = sqlx::query("SELECT * FROM sync_job_runs WHERE id = ?")
-            .bind(run_id)
-            .fetch_optional(&mut **tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let batch = Batch {
-            errors: serde_json::from_str(&r.get::<String, _>("batch_errors")).unwrap_or_default(),
-            bytes: r.get("batch_bytes"),
-            since: r.get("batch_since"),
-            seq: r.get("batch_seq"),
-        };
-        Ok(Some((run_from_row(&r), batch)))
-    }
-
-    async fn save(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, run: &Run, b: &Batch) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE sync_job_runs SET status = ?, resource_stats = ?, illegal_transitions = ?, stop_reason = ?, \
-             batch_errors = ?, batch_count = ?, batch_bytes = ?, batch_since = ?, batch_seq = ?, updated_at = ?, \
-             started_at = ?, finished_at = ? WHERE id = ?",
-        )
-        .bind(run.status.as_str())
-        .bind(serde_json::to_string(&run.resource_stats)?)
-        .bind(run.illegal_transitions)
-        .bind(&run.stop_reason)
-        .bind(serde_json::to_string(&b.errors)?)
-        .bind(b.errors.len() as i64)
-        .bind(b.bytes)
-        .bind(b.since)
-        .bind(b.seq)
-        .bind(run.updated_at)
-        .bind(run.started_at)
-        .bind(run.finished_at)
-        .bind(&run.id)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
     /// Decide what to do with one event. `None`: the relay does not know this run (an executor
     /// created it elsewhere, or it is not a run event): deliver as the event says.
     pub async fn on_ingest(&self, e: &Envelope) -> anyhow::Result<Option<Decision>> {
         Ok(self.on_ingest_many(&[e]).await?.pop().flatten())
-    }
-
-    /// Which of these runs the relay knows (one read, no write lock).
-    async fn known(&self, ids: &BTreeSet<&str>) -> anyhow::Result<HashSet<String>> {
-        let mut known = HashSet::new();
-        let ids: Vec<&str> = ids.iter().copied().collect();
-        for chunk in ids.chunks(500) {
-            let sql = format!(
-                "SELECT id FROM sync_job_runs WHERE id IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            known.extend(q.fetch_all(&self.pool).await?);
-        }
-        Ok(known)
     }
 
     /// [`Runs::on_ingest`] for a batch of events, in order, in one transaction: events of runs
@@ -239,43 +172,21 @@ impl Runs {
         if ids.is_empty() {
             return Ok(vec![None; events.len()]);
         }
-        let known = self.known(&ids).await?;
-        if known.is_empty() {
-            return Ok(vec![None; events.len()]);
-        }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut loaded: HashMap<String, Option<(Run, Batch, bool)>> = HashMap::new();
-        let now = now_ms();
-        let mut out = Vec::with_capacity(events.len());
-        for e in events {
-            let Some(id) = e.sync_job_run_id.as_deref().filter(|id| known.contains(*id)) else {
-                out.push(None);
-                continue;
-            };
-            if !loaded.contains_key(id) {
-                let state = Self::load(&mut tx, id).await?.map(|(r, b)| (r, b, false));
-                loaded.insert(id.to_string(), state);
-            }
-            match loaded.get_mut(id).and_then(Option::as_mut) {
-                None => out.push(None),
-                Some((run, batch, dirty)) => {
-                    let (d, changed) = self.decide(run, batch, e, now);
-                    *dirty |= changed;
-                    out.push(Some(d));
-                }
-            }
-        }
-        let mut wrote = false;
-        for (run, batch, dirty) in loaded.into_values().flatten() {
-            if dirty {
-                Self::save(&mut tx, &run, &batch).await?;
-                wrote = true;
-            }
-        }
-        if wrote {
-            tx.commit().await?;
-        }
-        Ok(out)
+        let ids: Vec<&str> = ids.into_iter().collect();
+        self.store
+            .with_runs(&ids, |runs| {
+                let now = now_ms();
+                events
+                    .iter()
+                    .map(|e| {
+                        let r = runs.get_mut(e.sync_job_run_id.as_deref()?)?;
+                        let (d, changed) = self.decide(&mut r.run, &mut r.batch, e, now);
+                        r.changed |= changed;
+                        Some(d)
+                    })
+                    .collect()
+            })
+            .await
     }
 
     /// The lifecycle rules for one event of a known run: the decision, and whether the run
@@ -443,38 +354,32 @@ impl Runs {
         self.count_outcomes(&items).await
     }
 
-    /// Count many outcomes: one read to find the runs the relay knows, then one transaction
-    /// that loads and saves each of them once.
+    /// Count many outcomes in one transaction that loads and saves each run once.
     async fn count_outcomes(&self, items: &[Outcome]) -> anyhow::Result<()> {
-        let ids: BTreeSet<&str> = items.iter().map(|o| o.run_id.as_str()).collect();
-        let known = self.known(&ids).await?;
-        if known.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut loaded: HashMap<&str, (Run, Batch)> = HashMap::new();
-        for o in items.iter().filter(|o| known.contains(&o.run_id)) {
-            if !loaded.contains_key(o.run_id.as_str()) {
-                let Some(state) = Self::load(&mut tx, &o.run_id).await? else {
-                    continue;
-                };
-                loaded.insert(&o.run_id, state);
-            }
-            let (run, _) = loaded.get_mut(o.run_id.as_str()).expect("loaded");
-            let s = run.resource_stats.entry(o.resource.clone()).or_default();
-            if o.delivered {
-                s.records_delivered += 1;
-            } else {
-                s.records_dead_lettered += 1;
-            }
-        }
-        let now = now_ms();
-        for (run, batch) in loaded.values_mut() {
-            run.updated_at = now;
-            Self::save(&mut tx, run, batch).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let ids: Vec<&str> = items
+            .iter()
+            .map(|o| o.run_id.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.store
+            .with_runs(&ids, |runs| {
+                let now = now_ms();
+                for o in items {
+                    let Some(r) = runs.get_mut(&o.run_id) else {
+                        continue;
+                    };
+                    let s = r.run.resource_stats.entry(o.resource.clone()).or_default();
+                    if o.delivered {
+                        s.records_delivered += 1;
+                    } else {
+                        s.records_dead_lettered += 1;
+                    }
+                    r.run.updated_at = now;
+                    r.changed = true;
+                }
+            })
+            .await
     }
 
     /// Count records and record errors of a run that were queued but will not be delivered
@@ -483,22 +388,23 @@ impl Runs {
         if resources.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let Some((mut run, batch)) = Self::load(&mut tx, run_id).await? else {
-            return Ok(());
-        };
-        for r in resources {
-            run.resource_stats.entry(r.clone()).or_default().dropped += 1;
-        }
-        run.updated_at = now_ms();
-        Self::save(&mut tx, &run, &batch).await?;
-        tx.commit().await?;
-        Ok(())
+        self.store
+            .with_runs(&[run_id], |runs| {
+                let Some(r) = runs.get_mut(run_id) else {
+                    return;
+                };
+                for res in resources {
+                    r.run.resource_stats.entry(res.clone()).or_default().dropped += 1;
+                }
+                r.run.updated_at = now_ms();
+                r.changed = true;
+            })
+            .await
     }
 
     /// The counts merged into a run's `completed` / `failed` payload at attempt time.
     pub async fn terminal_payload(&self, run_id: &str) -> anyhow::Result<Value> {
-        let Some(run) = super::db::get_run(&self.pool, run_id).await? else {
+        let Some(run) = self.store.get_run(run_id).await? else {
             return Ok(json!({}));
         };
         Ok(counts(&run.resource_stats))
@@ -509,47 +415,45 @@ impl Runs {
     /// run is now `stopped`; `flushed` holds a batch of gathered errors to queue before any
     /// `sync_job_run:stopped` the caller sends.
     pub async fn stop(&self, run_id: &str, why: &str) -> anyhow::Result<Option<Vec<Envelope>>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let Some((mut run, mut batch)) = Self::load(&mut tx, run_id).await? else {
-            return Ok(None);
-        };
-        if !run.status.is_active() {
-            return Ok(None);
-        }
-        let now = now_ms();
-        run.status = Status::Stopped;
-        run.stop_reason = Some(why.to_string());
-        run.finished_at = Some(now);
-        run.updated_at = now;
-        let flushed: Vec<Envelope> = self.flush(&run, &mut batch, now).into_iter().collect();
-        Self::save(&mut tx, &run, &batch).await?;
-        tx.commit().await?;
-        Ok(Some(flushed))
+        self.store
+            .with_runs(&[run_id], |runs| {
+                let r = runs.get_mut(run_id)?;
+                if !r.run.status.is_active() {
+                    return None;
+                }
+                let now = now_ms();
+                r.run.status = Status::Stopped;
+                r.run.stop_reason = Some(why.to_string());
+                r.run.finished_at = Some(now);
+                r.run.updated_at = now;
+                r.changed = true;
+                Some(self.flush(&r.run, &mut r.batch, now).into_iter().collect())
+            })
+            .await
     }
 
     /// Batch mode: the batches whose oldest error is at least `max_age_ms` old, taken off their
     /// runs. Queue them as they are (they carry the run's webhook and callback URL).
     pub async fn flush_due_batches(&self) -> anyhow::Result<Vec<Envelope>> {
         let now = now_ms();
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM sync_job_runs WHERE batch_since IS NOT NULL AND batch_since <= ? ORDER BY batch_since LIMIT 1000",
-        )
-        .bind(now - self.limits.max_age_ms)
-        .fetch_all(&self.pool)
-        .await?;
+        let due_since = now - self.limits.max_age_ms;
+        let ids = self.store.runs_with_due_batches(due_since, 1000).await?;
         let mut out = Vec::new();
+        // One transaction per run, so a long list never holds the write lock for long.
         for id in ids {
-            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let Some((run, mut batch)) = Self::load(&mut tx, &id).await? else {
-                continue;
-            };
-            if batch.since.is_some_and(|s| s <= now - self.limits.max_age_ms) {
-                if let Some(e) = self.flush(&run, &mut batch, now) {
-                    Self::save(&mut tx, &run, &batch).await?;
-                    tx.commit().await?;
-                    out.push(e);
-                }
-            }
+            let flushed = self
+                .store
+                .with_runs(&[id.as_str()], |runs| {
+                    let r = runs.get_mut(&id)?;
+                    if r.batch.since.is_none_or(|s| s > due_since) {
+                        return None;
+                    }
+                    let e = self.flush(&r.run, &mut r.batch, now)?;
+                    r.changed = true;
+                    Some(e)
+                })
+                .await?;
+            out.extend(flushed);
         }
         Ok(out)
     }
@@ -578,29 +482,25 @@ pub fn counts(stats: &Stats) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{StoreKind, StoreSettings, Synchronous};
     use crate::runs::model::Run;
-    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-    use std::str::FromStr;
 
     const WEBHOOK: &str = "9b0c2a7e-4d7b-4f4e-9a59-0d4b8f1c2e3a";
 
-    async fn pool(dir: &tempfile::TempDir) -> SqlitePool {
-        let opts = SqliteConnectOptions::from_str("sqlite://")
-            .unwrap()
-            .filename(dir.path().join("runs.db"))
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts)
-            .await
-            .unwrap();
-        crate::runs::migrate(&pool).await.unwrap();
-        pool
+    async fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(&StoreSettings {
+            kind: StoreKind::Sqlite,
+            path: dir.path().join("runs.db"),
+            url: String::new(),
+            max_connections: 2,
+            synchronous: Synchronous::Normal,
+            lease_ms: 60_000,
+        })
+        .await
+        .unwrap()
     }
 
-    async fn new_run(pool: &SqlitePool, mode: ErrorHandling) -> String {
+    async fn new_run(store: &Store, mode: ErrorHandling) -> String {
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
         let run = Run {
@@ -624,9 +524,10 @@ mod tests {
             updated_at: now,
             started_at: None,
             finished_at: None,
+            sync_unit_id: None,
             seq: 0,
         };
-        crate::runs::db::insert_run(pool, &run).await.unwrap();
+        store.insert_run(&run).await.unwrap();
         id
     }
 
@@ -665,8 +566,8 @@ mod tests {
         out
     }
 
-    async fn status(pool: &SqlitePool, run: &str) -> Run {
-        crate::runs::db::get_run(pool, run).await.unwrap().unwrap()
+    async fn status(store: &Store, run: &str) -> Run {
+        store.get_run(run).await.unwrap().unwrap()
     }
 
     const SCRIPT: [(&str, &str); 7] = [
@@ -682,15 +583,15 @@ mod tests {
     #[tokio::test]
     async fn ignore_mode_delivers_every_record_error_and_completes() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        let runs = Runs::new(pool.clone(), BatchLimits::default());
-        let run = new_run(&pool, ErrorHandling::Ignore).await;
+        let store = store(&dir).await;
+        let runs = Runs::new(store.clone(), BatchLimits::default());
+        let run = new_run(&store, ErrorHandling::Ignore).await;
         let got = feed(&runs, &run, &SCRIPT).await;
         for (a, b, af) in &got {
             assert_eq!(*a, Action::Deliver);
             assert!(b.is_empty() && af.is_empty());
         }
-        let r = status(&pool, &run).await;
+        let r = status(&store, &run).await;
         assert_eq!(r.status, Status::Completed);
         assert!(r.started_at.is_some() && r.finished_at.is_some());
         assert_eq!(r.resource_stats["ticketing/tickets"].records, 2);
@@ -704,9 +605,9 @@ mod tests {
     #[tokio::test]
     async fn fail_fast_fails_on_the_first_error_then_drops_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        let runs = Runs::new(pool.clone(), BatchLimits::default());
-        let run = new_run(&pool, ErrorHandling::FailFast).await;
+        let store = store(&dir).await;
+        let runs = Runs::new(store.clone(), BatchLimits::default());
+        let run = new_run(&store, ErrorHandling::FailFast).await;
         let got = feed(&runs, &run, &SCRIPT).await;
         let actions: Vec<Action> = got.iter().map(|g| g.0.clone()).collect();
         let drop = Action::Drop { reason: "run_failed" };
@@ -731,7 +632,7 @@ mod tests {
         // The synthesized event passes through when fed back.
         let back = runs.on_ingest(&after[0]).await.unwrap().unwrap();
         assert_eq!(back.action, Action::Deliver);
-        let r = status(&pool, &run).await;
+        let r = status(&store, &run).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(r.stop_reason.as_deref(), Some("fail_fast"));
         assert_eq!(r.resource_stats["ticketing/tickets"].dropped, 1);
@@ -744,14 +645,14 @@ mod tests {
     #[tokio::test]
     async fn batch_mode_absorbs_errors_and_flushes_by_count_and_before_the_end() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
+        let store = store(&dir).await;
         let limits = BatchLimits {
             max_errors: 2,
             max_bytes: 1 << 20,
             max_age_ms: 60_000,
         };
-        let runs = Runs::new(pool.clone(), limits);
-        let run = new_run(&pool, ErrorHandling::Batch).await;
+        let runs = Runs::new(store.clone(), limits);
+        let run = new_run(&store, ErrorHandling::Batch).await;
         let script = [
             ("started", ""),
             ("record_error", "a"),
@@ -794,7 +695,7 @@ mod tests {
             runs.on_ingest(&before[0]).await.unwrap().unwrap().action,
             Action::Deliver
         );
-        let r = status(&pool, &run).await;
+        let r = status(&store, &run).await;
         assert_eq!(r.status, Status::Completed);
         assert_eq!(r.resource_stats["a"].errors, 2);
         assert_eq!(r.resource_stats["b"].errors, 1);
@@ -803,16 +704,16 @@ mod tests {
     #[tokio::test]
     async fn batch_mode_flushes_by_bytes_and_by_age() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
+        let store = store(&dir).await;
         let runs = Runs::new(
-            pool.clone(),
+            store.clone(),
             BatchLimits {
                 max_errors: 1000,
                 max_bytes: 60,
                 max_age_ms: 0,
             },
         );
-        let run = new_run(&pool, ErrorHandling::Batch).await;
+        let run = new_run(&store, ErrorHandling::Batch).await;
         // Each error is ~30 bytes: the second fits, the third overflows and flushes the first two.
         let got = feed(
             &runs,
@@ -843,9 +744,9 @@ mod tests {
     #[tokio::test]
     async fn illegal_transitions_are_refused_and_counted_and_stop_ends_the_run() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        let runs = Runs::new(pool.clone(), BatchLimits::default());
-        let run = new_run(&pool, ErrorHandling::Ignore).await;
+        let store = store(&dir).await;
+        let runs = Runs::new(store.clone(), BatchLimits::default());
+        let run = new_run(&store, ErrorHandling::Ignore).await;
         let got = feed(
             &runs,
             &run,
@@ -874,7 +775,7 @@ mod tests {
                 Action::Deliver
             ]
         );
-        let r = status(&pool, &run).await;
+        let r = status(&store, &run).await;
         assert_eq!(r.illegal_transitions, 2);
         assert_eq!(r.status, Status::Running);
         // Outcomes count per resource.
@@ -892,7 +793,7 @@ mod tests {
         assert!(runs.stop(&run, "again").await.unwrap().is_none());
         let d = runs.on_ingest(&ev(&run, 50, "record", "x")).await.unwrap().unwrap();
         assert_eq!(d.action, Action::DeadLetter { reason: "run_finished" });
-        let r = status(&pool, &run).await;
+        let r = status(&store, &run).await;
         assert_eq!(r.status, Status::Stopped);
         assert_eq!(r.stop_reason.as_deref(), Some("started_rejected"));
         // Unknown runs: no decision.

@@ -163,6 +163,8 @@ pub struct Run {
     pub updated_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The DevRev-style sync unit the run syncs (CONTRACT §3, DevRev sync units).
+    pub sync_unit_id: Option<String>,
     pub seq: i64,
 }
 
@@ -193,6 +195,7 @@ impl Run {
             "updated_at": rfc3339_ms(self.updated_at),
             "started_at": opt_time(self.started_at),
             "finished_at": opt_time(self.finished_at),
+            "sync_unit_id": self.sync_unit_id,
             "sync_job": self.sync_job,
         })
     }

@@ -9,8 +9,81 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::attempt::payload_resource;
 use crate::delivery::engine::Engine;
 use crate::domain::{now_ms, subscribed, Envelope};
+use crate::runs::eloqua;
+
+/// Runs that may have just finished because of these events (their final events, and record
+/// errors, which end a `fail_fast` run).
+pub fn finishing_runs<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.event.as_str(),
+                "sync_job_run:completed" | "sync_job_run:failed" | "sync_job_run:stopped" | "sync_job_run:record_error"
+            )
+        })
+        .filter_map(|e| e.sync_job_run_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
 
 impl Engine {
+    /// Eloqua syncs (CONTRACT §3): queue the ONE callback of each sync among these runs whose
+    /// run has finished. The sync is marked in the store before its callback is queued (and
+    /// unmarked if queueing fails), so however many paths see the run finish, one is sent.
+    /// (Boxed: it queues through `Engine::queue`, which calls it.)
+    pub fn eloqua_callbacks<'a>(
+        &'a self,
+        run_ids: &'a [String],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            for id in run_ids {
+                if let Err(e) = self.eloqua_callback(id).await {
+                    tracing::error!(error = %format!("{e:#}"), run_id = %id, "queueing an Eloqua sync callback failed");
+                }
+            }
+        })
+    }
+
+    async fn eloqua_callback(&self, run_id: &str) -> anyhow::Result<()> {
+        let store = self.store.runs();
+        let Some(sync) = store.eloqua_sync_for_run(run_id).await? else {
+            return Ok(());
+        };
+        let Some(cb) = sync.callback_url.as_deref().and_then(|u| url::Url::parse(u).ok()) else {
+            return Ok(());
+        };
+        if sync.callback_queued_at.is_some() {
+            return Ok(());
+        }
+        let Some(run) = self.store.get_run(run_id).await? else {
+            return Ok(());
+        };
+        if !eloqua::is_finished(&run) || !store.mark_eloqua_callback(sync.n, Some(now_ms())).await? {
+            return Ok(());
+        }
+        let Value::Object(payload) = eloqua::sync_json(&sync, Some(&run)) else {
+            anyhow::bail!("the sync resource is an object")
+        };
+        let env = Envelope {
+            id: format!("evt_eloqua_sync_{}", sync.n),
+            event: eloqua::CALLBACK_EVENT.into(),
+            sync_job_run_id: None,
+            webhook_id: None,
+            callback_url: Some(cb),
+            environment_id: None,
+            created_at_ms: now_ms(),
+            payload,
+        };
+        if let Err(e) = self.queue(std::slice::from_ref(&env)).await {
+            let _ = store.mark_eloqua_callback(sync.n, None).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The body to send for this attempt: a run's `completed` / `failed` gets the run's final
     /// counts (`Runs::terminal_payload`) merged into its payload now, when every earlier event
     /// of the run to this webhook was answered or dead-lettered (the chain's order). `None`:
@@ -52,6 +125,7 @@ impl Engine {
             }
         };
         tracing::info!(run_id, reason = why, "run stopped");
+        self.eloqua_callbacks(&[run_id.to_string()]).await;
         self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
         let (keep, mut dropped_memory, mut promote) = self.forget_run(run_id);
         let res = self.store.drop_queued_for_run(run_id, &keep, now_ms()).await;

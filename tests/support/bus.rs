@@ -17,8 +17,9 @@
 //! (`cargo test delivered_and_signed`, `cargo test ::kafka`).
 //!
 //! Kafka: one tansu per test process ([`Broker::shared`]), fresh topics (events with 2
-//! partitions, commands, dead letters) and a fresh consumer group per harness; the Kafka
-//! harnesses of one process run one at a time (two cores).
+//! partitions, commands, dead letters) and a fresh consumer group per harness; `start` returns
+//! once the relay holds both partitions of its events topic; the Kafka harnesses of one process
+//! run one at a time (two cores).
 
 use std::future::Future;
 use std::time::Duration;
@@ -81,6 +82,7 @@ impl Harness {
                         .unwrap();
                 }
                 let app = spawn_app_with(extra, broker.relay_env(&group, &topics.events)).await;
+                wait_for_partitions(&app, 2).await;
                 Harness {
                     bus,
                     app,
@@ -148,6 +150,16 @@ impl Harness {
             .unwrap()
     }
 
+    /// The messages on the commands topic (what executors are told), read from the start until
+    /// `expect` arrived or `timeout` passed (Kafka only).
+    pub async fn consume_commands(&self, expect: usize, timeout: Duration) -> Vec<Consumed> {
+        let k = self.kafka();
+        let (broker, topic) = (k.broker, k.topics.commands.clone());
+        tokio::task::spawn_blocking(move || broker.read_all(&topic, expect, timeout))
+            .await
+            .unwrap()
+    }
+
     /// Stop the relay and wait for it (consumer closed while the broker is up).
     pub async fn stop(&mut self) {
         self.app.stop().await;
@@ -159,6 +171,24 @@ impl Drop for Harness {
         // Not awaited: the runtime ends the task. The shared broker outlives it, so
         // librdkafka's close does not wait for a broker that is gone.
         self.app.signal_stop();
+    }
+}
+
+/// Wait until the relay holds `n` partitions (`syncrelay_kafka_assigned_partitions`), up to 30 s:
+/// events produced before would be read anyway (`auto.offset.reset = earliest`), but a scenario's
+/// timings would include the group join.
+async fn wait_for_partitions(app: &TestApp, n: i64) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = app.metrics().await.get("syncrelay_kafka_assigned_partitions", &[]);
+        if held.is_some_and(|v| v as i64 == n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the relay never got its {n} partitions (holds {held:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -52,3 +52,23 @@ pub fn event(id: &str, webhook_id: &str, run: Option<&str>, payload: Value) -> V
 pub fn run_id(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
+
+/// Poll `probe` every 50 ms until it gives `Some`, or panic after `timeout` naming `what`: for
+/// state that appears asynchronously (on the Kafka bus, everything after the produce).
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -34,14 +34,14 @@ use tokio_util::sync::CancellationToken;
 
 use self::context::{tpl_of, RelayContext};
 use self::offsets::{Read, Tracker};
-use super::async_trait_free::CommandSinkFuture;
-use super::CommandSink;
 use crate::config::Settings;
 use crate::delivery::dead_letter::{dead_letter, parse_source, source_of, Cause, DeadLetterSink, SinkFuture};
 use crate::delivery::engine::Engine;
 use crate::delivery::job::{Ack, Job};
 use crate::domain::{now_ms, Envelope};
 use crate::metrics::Metrics;
+use crate::runs::commands::async_trait_free::CommandSinkFuture;
+use crate::runs::commands::CommandSink;
 use crate::store::NewDeadLetter;
 
 type Tp = (String, i32);
@@ -408,6 +408,7 @@ impl KafkaBus {
                 }
             }
         };
+        let finishing = crate::runs::service::finishing_runs(good.iter().map(|(_, e)| e));
         let mut jobs = Vec::new();
         for ((m, _), (deliveries, dead, routed)) in good.into_iter().zip(plans) {
             if routed.status == "filtered" {
@@ -430,6 +431,11 @@ impl KafkaBus {
             }
         }
         engine.submit(jobs);
+        if !finishing.is_empty() {
+            // Eloqua syncs whose run just finished: their callbacks (stored path, off this loop).
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.eloqua_callbacks(&finishing).await });
+        }
     }
 
     fn finish(&self, tp: &Tp, offset: i64, generation: u64) {

@@ -1,0 +1,656 @@
+//! What every store implementation must do, written against the [`Store`] handle only, so the
+//! every implementation runs the same checks against itself: [`suite!`] makes one `#[tokio::test]`
+//! per check for a backend, given a function that opens a fresh, empty store of that backend
+//! (`sqlite::tests`, `postgres::tests`).
+//!
+//! The integration suites cover the same behaviour end to end; these pin the contract at the
+//! interface, where a second implementation is most likely to differ.
+
+use serde_json::json;
+
+/// One test per check of this module against one backend. `$open` is an async fn answering a
+/// fresh, empty [`Store`] and a guard that keeps its data alive for the test.
+macro_rules! suite {
+    ($open:path) => {
+        #[tokio::test]
+        async fn conformance_chains_are_delivered_in_order() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::chains_are_delivered_in_order(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_memory_deliveries_are_held_logged_and_parked() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::memory_deliveries_are_held_logged_and_parked(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_with_runs_saves_only_what_changed() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::with_runs_saves_only_what_changed(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_dropping_and_purging() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::dropping_and_purging(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_purge_keeps_what_the_log_mode_keeps() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::purge_keeps_what_the_log_mode_keeps(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_sync_fronts_storage() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::sync_fronts_storage(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_registry_jobs_and_commands_round_trip() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
+        }
+    };
+}
+pub(crate) use suite;
+
+use super::*;
+use crate::runs::model::{ErrorHandling, Stats, Status};
+
+pub(crate) fn delivery(id: &str, order_key: Option<&str>, run_id: Option<&str>, now: i64) -> NewDelivery {
+    NewDelivery {
+        id: id.into(),
+        event_id: format!("ev-{id}"),
+        event: "sync_job_run:record".into(),
+        run_id: run_id.map(str::to_string),
+        kind: "webhook",
+        webhook_id: Some("wh".into()),
+        target_url: None,
+        target_key: "webhook:wh".into(),
+        order_key: order_key.map(str::to_string),
+        body: json!({"id": id}).to_string(),
+        created_at: now,
+        attempts: 0,
+        first_attempt_at: None,
+        next_attempt_at: None,
+        source: None,
+        log: Vec::new(),
+    }
+}
+
+pub(crate) fn completion(q: &QueuedDelivery, next: Next, now: i64) -> Completion {
+    Completion {
+        seq: q.seq,
+        delivery_id: q.id.clone(),
+        order_key: q.order_key.clone(),
+        attempt_no: q.attempts + 1,
+        first_attempt_at: now,
+        attempt: AttemptRecord {
+            started_at: now,
+            duration_ms: 5,
+            status: Some(if matches!(next, Next::Delivered) { 200 } else { 500 }),
+            error: None,
+            excerpt: Some("ok".into()),
+        },
+        next,
+        kind: "webhook",
+        target_key: q.target_key.clone(),
+        created_at: q.created_at,
+        body: None,
+        run_id: q.run_id.clone(),
+        event: q.event.clone(),
+        resource: None,
+    }
+}
+
+fn dead_letter(q: &QueuedDelivery) -> NewDeadLetter {
+    NewDeadLetter {
+        delivery_id: Some(q.id.clone()),
+        event_id: q.event_id.clone(),
+        event: q.event.clone(),
+        webhook_id: q.webhook_id.clone(),
+        kind: "webhook",
+        reason: "exhausted",
+        attempts: 1,
+        last_status: Some(500),
+        last_error: None,
+        raw: q.body.clone(),
+    }
+}
+
+pub(crate) fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
+    rows.iter().map(|q| q.id.as_str()).collect()
+}
+
+/// A chain is delivered one row at a time, in order; claims see exactly the rows that became
+/// ready; a dead letter can be replayed onto its chain.
+pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
+    let now = crate::domain::now_ms();
+    let rows = [
+        delivery("a1", Some("k"), Some("run"), now),
+        delivery("a2", Some("k"), Some("run"), now),
+        delivery("b1", None, Some("run"), now),
+    ];
+    let mut claimed = Vec::new();
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |r| claimed = r.to_vec())
+        .await
+        .unwrap();
+    // The chain's head and the row with no chain; a2 waits behind a1.
+    assert_eq!(ids(&ready), ["a1", "b1"]);
+    assert_eq!(ids(&claimed), ["a1", "b1"]);
+    assert_eq!(ids(&store.due(now, 10, &[]).await.unwrap()), ["a1", "b1"]);
+    assert!(store
+        .due(now, 10, &["webhook:wh".to_string()])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.has_active("k").await.unwrap());
+    assert_eq!(store.active_order_keys().await.unwrap(), ["k"]);
+    assert_eq!(store.queue_stats().await.unwrap(), (3, Some(now)));
+
+    // A retry keeps the chain's head; finishing it promotes the next row.
+    let a1 = ready[0].clone();
+    let retry = completion(&a1, Next::Retry { at_ms: now + 60_000 }, now);
+    let promoted = store.complete(&[retry], now, |_| {}).await.unwrap();
+    assert!(promoted.is_empty());
+    assert_eq!(store.next_due_after(now).await.unwrap(), Some(now + 60_000));
+    let mut delivered = completion(&a1, Next::Delivered, now);
+    delivered.attempt_no = 2;
+    let mut claimed = Vec::new();
+    let promoted = store
+        .complete(&[delivered], now, |r| claimed = r.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(ids(&promoted), ["a2"]);
+    assert_eq!(ids(&claimed), ["a2"]);
+
+    // The last row of the chain dies: the chain is idle, the log shows it all.
+    let a2 = promoted[0].clone();
+    store
+        .complete(&[completion(&a2, Next::Dead(dead_letter(&a2)), now)], now, |_| {})
+        .await
+        .unwrap();
+    assert!(!store.has_active("k").await.unwrap());
+    let dead = DeliveryFilter {
+        status: Some("dead".into()),
+        ..Default::default()
+    };
+    let page = store.list_deliveries(&dead, 0, 10).await.unwrap();
+    assert_eq!(page.results.len(), 1);
+    assert_eq!((page.results[0].id.as_str(), page.results[0].attempts), ("a2", 1));
+    let a1_log = store.get_delivery("a1").await.unwrap().unwrap();
+    assert_eq!((a1_log.state.as_str(), a1_log.finished_at), ("delivered", Some(now)));
+    let attempts = store.list_attempts("a1").await.unwrap();
+    assert_eq!(attempts.iter().map(|a| a.n).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(attempts[1].status, Some(200));
+
+    // Pages: one row a page, the cursor leads to the next.
+    let all = DeliveryFilter::default();
+    let first = store.list_deliveries(&all, 0, 1).await.unwrap();
+    let after = parse_cursor(first.next_cursor.as_deref()).unwrap();
+    let second = store.list_deliveries(&all, after, 10).await.unwrap();
+    assert_eq!((first.results[0].id.as_str(), second.results.len()), ("a1", 2));
+    assert!(second.next_cursor.is_none());
+
+    // Replay re-queues the dead delivery at the end of its (idle) chain, ready.
+    let dls = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(dls.results.len(), 1);
+    assert_eq!(dls.results[0].reason, "exhausted");
+    let mut asked = Vec::new();
+    let (replayed, requeued, held, raws) = store
+        .replay_dead_letters(
+            Some(&[dls.results[0].id.clone()]),
+            &DeadLetterFilter::default(),
+            10,
+            now,
+            |keys| {
+                asked = keys.to_vec();
+                HashSet::new()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((requeued, held.len(), raws.len()), (1, 0, 0));
+    assert_eq!(asked, ["k"]);
+    assert_eq!(replayed.len(), 1);
+    assert_eq!((replayed[0].event_id.as_str(), replayed[0].attempts), ("ev-a2", 0));
+    assert!(store.has_active("k").await.unwrap());
+    let open = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .await
+        .unwrap();
+    assert!(open.results.is_empty(), "a replayed dead letter is no longer open");
+
+    // Stopping the run drops what is queued, except what is in flight.
+    let b1 = ready[1].clone();
+    let dropped = store.drop_queued_for_run("run", &[b1.seq], now).await.unwrap();
+    assert_eq!(dropped.len(), 1, "the replayed row; b1 is in flight");
+    assert_eq!(store.queue_stats().await.unwrap().0, 1);
+}
+
+/// The memory path (Kafka): rows held behind a head kept in memory wait until promoted; what
+/// memory finished is logged with its attempts; a parked group goes ahead of the held rows.
+pub(crate) async fn memory_deliveries_are_held_logged_and_parked(store: &Store) {
+    let now = crate::domain::now_ms();
+    let held: HashSet<String> = ["m".to_string()].into();
+    let rows = [
+        delivery("x1", Some("m"), None, now),
+        delivery("x2", Some("m"), None, now),
+    ];
+    let ready = store.enqueue_claiming(&rows, &[], now, &held, |_| {}).await.unwrap();
+    assert!(ready.is_empty(), "a held chain's rows wait");
+    let promoted = store.promote(&["m".to_string()], now, |_| {}).await.unwrap();
+    assert_eq!(ids(&promoted), ["x1"]);
+    assert!(store.promote(&["m".to_string()], now, |_| {}).await.unwrap().is_empty());
+
+    let attempt = AttemptRecord {
+        started_at: now,
+        duration_ms: 3,
+        status: Some(503),
+        error: None,
+        excerpt: None,
+    };
+    let mut done = delivery("y1", None, None, now);
+    done.log = vec![
+        attempt.clone(),
+        AttemptRecord {
+            status: Some(200),
+            ..attempt.clone()
+        },
+    ];
+    let mut parked = delivery("p1", Some("m"), None, now);
+    parked.log = vec![attempt];
+    parked.attempts = 1;
+    store
+        .record(
+            &[Logged {
+                delivery: done,
+                state: "delivered",
+            }],
+            &[(vec![parked], true)],
+            &[],
+            now,
+        )
+        .await
+        .unwrap();
+    let y1 = store.get_delivery("y1").await.unwrap().unwrap();
+    assert_eq!(
+        (y1.state.as_str(), y1.attempts, y1.last_status),
+        ("delivered", 2, Some(200))
+    );
+    assert_eq!(store.list_attempts("y1").await.unwrap().len(), 2);
+    assert_eq!(store.list_attempts("p1").await.unwrap().len(), 1);
+    // The chain's order: its head, the parked row, then the row that was held behind it.
+    let all = store
+        .list_deliveries(&DeliveryFilter::default(), 0, 10)
+        .await
+        .unwrap()
+        .results;
+    let chain: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|d| d.id != "y1")
+        .map(|d| (d.id.as_str(), d.state.as_str()))
+        .collect();
+    assert_eq!(chain, [("x1", "ready"), ("p1", "waiting"), ("x2", "waiting")]);
+}
+
+pub(crate) fn run(id: &str, now: i64) -> Run {
+    Run {
+        id: id.into(),
+        sync_job_id: "job".into(),
+        integrated_account_id: "acct".into(),
+        webhook_id: None,
+        daemon_group_key: Some("default".into()),
+        daemon_id: None,
+        callback_url: None,
+        args: json!({}),
+        resources: json!([]),
+        sync_job: json!({}),
+        error_handling: ErrorHandling::Batch,
+        ignore_previous_run: false,
+        status: Status::Created,
+        resource_stats: Stats::new(),
+        illegal_transitions: 0,
+        stop_reason: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+        sync_unit_id: None,
+        seq: 0,
+    }
+}
+
+/// `with_runs` hands over exactly the runs that exist and writes back only the changed ones,
+/// batch included.
+pub(crate) async fn with_runs_saves_only_what_changed(store: &Store) {
+    let now = crate::domain::now_ms();
+    store.insert_run(&run("r1", now)).await.unwrap();
+    store.insert_run(&run("r2", now)).await.unwrap();
+
+    let seen = store.with_runs(&["nobody"], |runs| runs.is_empty()).await.unwrap();
+    assert!(seen, "unknown runs: called with nothing");
+
+    store
+        .with_runs(&["r1", "r2", "nobody"], |runs| {
+            assert!(runs.get_mut("nobody").is_none());
+            let r1 = runs.get_mut("r1").unwrap();
+            r1.run.status = Status::Running;
+            r1.batch.errors.push(json!({"e": 1}));
+            r1.batch.bytes = 8;
+            r1.batch.since = Some(now - 10);
+            r1.changed = true;
+            // Changed but not marked: not saved.
+            runs.get_mut("r2").unwrap().run.status = Status::Failed;
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.get_run("r1").await.unwrap().unwrap().status, Status::Running);
+    assert_eq!(store.get_run("r2").await.unwrap().unwrap().status, Status::Created);
+
+    assert_eq!(store.runs_with_due_batches(now, 10).await.unwrap(), ["r1"]);
+    assert!(store.runs_with_due_batches(now - 11, 10).await.unwrap().is_empty());
+    let batch = store
+        .with_runs(&["r1"], |runs| runs.get_mut("r1").unwrap().batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (batch.errors, batch.bytes, batch.since),
+        (vec![json!({"e": 1})], 8, Some(now - 10))
+    );
+}
+
+/// A run's queued rows can be dropped (except those in flight); delivered rows are purged after
+/// retention with their attempts, queued ones never.
+pub(crate) async fn dropping_and_purging(store: &Store) {
+    let now = crate::domain::now_ms();
+    let rows = [
+        delivery("a1", Some("t|ra"), Some("ra"), now),
+        delivery("a2", Some("t|ra"), Some("ra"), now),
+        delivery("a3", Some("t|ra"), Some("ra"), now),
+        delivery("b1", Some("t|rb"), Some("rb"), now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ids(&ready), ["a1", "b1"]);
+    assert_eq!(store.queue_stats().await.unwrap(), (4, Some(now)));
+    assert!(store.has_active("t|ra").await.unwrap());
+    let mut keys = store.active_order_keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, ["t|ra", "t|rb"]);
+
+    // a1 is in flight: kept; a2 and a3 are dropped.
+    let a1 = ready.iter().find(|q| q.id == "a1").unwrap();
+    let dropped = store.drop_queued_for_run("ra", &[a1.seq], now).await.unwrap();
+    assert_eq!(dropped.len(), 2);
+    let promoted = store
+        .complete(&[completion(a1, Next::Delivered, now)], now, |_| {})
+        .await
+        .unwrap();
+    assert!(promoted.is_empty(), "dropped rows are never promoted");
+    assert!(!store.has_active("t|ra").await.unwrap());
+
+    let b1 = ready.iter().find(|q| q.id == "b1").unwrap();
+    store
+        .complete(&[completion(b1, Next::Retry { at_ms: now + 60_000 }, now)], now, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(store.next_due_after(now).await.unwrap(), Some(now + 60_000));
+    assert!(store.due(now, 10, &[]).await.unwrap().is_empty());
+    assert_eq!(ids(&store.due(now + 60_000, 10, &[]).await.unwrap()), ["b1"]);
+    assert!(store
+        .due(now + 60_000, 10, &["webhook:wh".into()])
+        .await
+        .unwrap()
+        .is_empty());
+
+    assert_eq!(store.list_attempts("a1").await.unwrap().len(), 1);
+    assert_eq!(
+        store.purge_delivered(now, now).await.unwrap(),
+        0,
+        "finished at `now`, not before"
+    );
+    assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
+    assert!(store.get_delivery("a1").await.unwrap().is_none());
+    assert!(store.list_attempts("a1").await.unwrap().is_empty());
+    assert!(
+        store.get_delivery("b1").await.unwrap().is_some(),
+        "queued rows are never purged"
+    );
+    assert_eq!(store.get_delivery("a2").await.unwrap().unwrap().state, "dropped");
+}
+
+/// Webhooks (secrets included), kv, jobs, runs, Eloqua syncs and commands read back as written.
+pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
+    let now = crate::domain::now_ms();
+    let secret = crate::signing::Secret::generate();
+    let w = Webhook {
+        id: "w1".into(),
+        target_url: "http://127.0.0.1:1/hook".into(),
+        event_types: vec!["*".into()],
+        is_active: true,
+        description: None,
+        secret: secret.clone(),
+        previous_secret: None,
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let stored = store.insert_webhook(&w).await.unwrap();
+    assert!(stored.seq > 0);
+    let rotated = Webhook {
+        secret: crate::signing::Secret::generate(),
+        previous_secret: Some((secret.clone(), now + 1000)),
+        is_active: false,
+        description: Some("d".into()),
+        ..stored.clone()
+    };
+    store.update_webhook(&rotated).await.unwrap();
+    let got = store.get_webhook("w1").await.unwrap().unwrap();
+    assert_eq!(got.secret.expose(), rotated.secret.expose());
+    assert_eq!(
+        got.previous_secret.as_ref().map(|(s, e)| (s.expose(), *e)),
+        Some((secret.expose(), now + 1000))
+    );
+    assert!(!got.is_active);
+    assert_eq!(got.description.as_deref(), Some("d"));
+    store
+        .insert_webhook(&Webhook {
+            id: "w2".into(),
+            ..w.clone()
+        })
+        .await
+        .unwrap();
+    let page = store.list_webhooks(0, 1).await.unwrap();
+    assert_eq!(page.results.len(), 1);
+    assert_eq!(store.all_webhooks().await.unwrap().len(), 2);
+    assert!(store.delete_webhook("w2").await.unwrap());
+    assert!(!store.delete_webhook("w2").await.unwrap());
+
+    assert_eq!(store.kv_get_or_insert("k", "first").await.unwrap(), "first");
+    assert_eq!(store.kv_get_or_insert("k", "second").await.unwrap(), "first");
+
+    let job = crate::runs::model::SyncJob {
+        id: "job".into(),
+        integration_name: "crm".into(),
+        args_schema: Some(json!({"type": "object"})),
+        resources: Vec::new(),
+        environment_id: None,
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let job = store.insert_job(&job).await.unwrap();
+    assert!(job.seq > 0);
+    assert_eq!(store.list_jobs(Some("crm"), 0, 10).await.unwrap().results.len(), 1);
+    assert!(store.list_jobs(Some("other"), 0, 10).await.unwrap().results.is_empty());
+    let r = store.insert_run(&run("r1", now)).await.unwrap();
+    assert!(r.seq > 0);
+    assert_eq!(
+        store.delete_job("job").await.unwrap(),
+        Err(1),
+        "an active run keeps its job"
+    );
+    let f = RunFilter {
+        sync_job_id: Some("job".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.list_runs(&f, 0, 10).await.unwrap().results.len(), 1);
+    assert!(store.delete_run("r1").await.unwrap());
+    assert_eq!(store.delete_job("job").await.unwrap(), Ok(true));
+
+    let e = store
+        .insert_eloqua_sync("https://x", None, None, "me", now)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_eloqua_sync(e.n).await.unwrap().unwrap().synced_instance_uri,
+        "https://x"
+    );
+
+    store.insert_command("k1", &json!({"a": 1})).await.unwrap();
+    store.insert_command("k2", &json!({"a": 2})).await.unwrap();
+    let cmds = store.list_commands(0, 10).await.unwrap();
+    assert_eq!(
+        cmds.results.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(),
+        ["k1", "k2"]
+    );
+}
+
+/// Retention: delivered rows older than `before` go, first-try successes older than
+/// `first_try_before` go (`delivery.log = failures`), retried ones stay until `before`.
+pub(crate) async fn purge_keeps_what_the_log_mode_keeps(store: &Store) {
+    let now = 1_000_000;
+    let rows = [
+        delivery("p1", Some("pk1"), None, now),
+        delivery("p2", Some("pk2"), None, now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ready.len(), 2);
+    // p1 delivered on its first attempt; p2 retried once, then delivered.
+    let p2 = ready.iter().find(|q| q.id == "p2").unwrap().clone();
+    let p1 = ready.iter().find(|q| q.id == "p1").unwrap().clone();
+    store
+        .complete(&[completion(&p2, Next::Retry { at_ms: now }, now)], now, |_| {})
+        .await
+        .unwrap();
+    let mut p2 = p2;
+    p2.attempts = 1;
+    store
+        .complete(
+            &[
+                completion(&p1, Next::Delivered, now),
+                completion(&p2, Next::Delivered, now),
+            ],
+            now,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    // `failures`: first-try successes go at once, retried ones stay.
+    assert_eq!(store.purge_delivered(now - 1000, now + 1).await.unwrap(), 1);
+    assert!(store.get_delivery("p1").await.unwrap().is_none());
+    assert!(store.get_delivery("p2").await.unwrap().is_some());
+    assert_eq!(store.list_attempts("p2").await.unwrap().len(), 2);
+    // Past the retention period, everything delivered goes, with its attempts.
+    assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
+    assert!(store.get_delivery("p2").await.unwrap().is_none());
+    assert!(store.list_attempts("p2").await.unwrap().is_empty());
+}
+
+/// Eloqua syncs find their run and mark their one callback once; sync units are stored all
+/// together and show their latest run and how many runs name them.
+pub(crate) async fn sync_fronts_storage(store: &Store) {
+    let now = 1_700_000_000_000;
+    let runs = store.runs();
+    let mut r1 = run("run-a", now);
+    r1.sync_unit_id = Some("unit-1".into());
+    store.insert_run(&r1).await.unwrap();
+    let s = store
+        .insert_eloqua_sync(
+            "/contacts/exports/1",
+            Some("https://cb.example.com/x"),
+            Some("run-a"),
+            "api",
+            now,
+        )
+        .await
+        .unwrap();
+    let got = runs.eloqua_sync_for_run("run-a").await.unwrap().unwrap();
+    assert_eq!(
+        (got.n, got.run_id.as_deref(), got.callback_queued_at),
+        (s.n, Some("run-a"), None)
+    );
+    assert!(runs.eloqua_sync_for_run("run-x").await.unwrap().is_none());
+    assert!(runs.mark_eloqua_callback(s.n, Some(now)).await.unwrap());
+    assert!(
+        !runs.mark_eloqua_callback(s.n, Some(now + 1)).await.unwrap(),
+        "marked once"
+    );
+    assert_eq!(
+        store.get_eloqua_sync(s.n).await.unwrap().unwrap().callback_queued_at,
+        Some(now)
+    );
+    runs.mark_eloqua_callback(s.n, None).await.unwrap();
+    assert!(
+        runs.mark_eloqua_callback(s.n, Some(now + 2)).await.unwrap(),
+        "unmarked, marked again"
+    );
+    store
+        .insert_eloqua_sync("/contacts/exports/2", None, None, "api", now)
+        .await
+        .unwrap();
+    let (page, total) = runs.list_eloqua_syncs(1, 10).await.unwrap();
+    assert_eq!((page.len(), total), (1, 2));
+    assert_eq!(page[0].synced_instance_uri, "/contacts/exports/2");
+
+    let unit = |id: &str| SyncUnit {
+        id: id.into(),
+        external_sync_unit: format!("ext-{id}"),
+        keyring: "k".into(),
+        name: format!("ext-{id}"),
+        is_archived: false,
+        object_version: 1,
+        created_by: "api".into(),
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    let units = runs.insert_sync_units(&[unit("unit-1"), unit("unit-2")]).await.unwrap();
+    assert!(units[0].seq < units[1].seq);
+    // All or nothing: a duplicate id fails the whole insert.
+    assert!(runs.insert_sync_units(&[unit("unit-3"), unit("unit-1")]).await.is_err());
+    assert!(runs.get_sync_unit("unit-3").await.unwrap().is_none());
+    let page = runs.list_sync_units(0, 10).await.unwrap();
+    assert_eq!(page.results.len(), 2);
+    let mut u = runs.get_sync_unit("unit-1").await.unwrap().unwrap();
+    u.is_archived = true;
+    u.object_version = 2;
+    runs.update_sync_unit(&u).await.unwrap();
+    let u = runs.get_sync_unit("unit-1").await.unwrap().unwrap();
+    assert!(u.is_archived && u.object_version == 2);
+
+    let (latest, n) = runs.latest_unit_run("unit-1").await.unwrap().unwrap();
+    assert_eq!((latest.id.as_str(), n), ("run-a", 1));
+    let mut r2 = run("run-b", now + 1);
+    r2.sync_unit_id = Some("unit-1".into());
+    store.insert_run(&r2).await.unwrap();
+    let (latest, n) = runs.latest_unit_run("unit-1").await.unwrap().unwrap();
+    assert_eq!(
+        (latest.id.as_str(), latest.sync_unit_id.as_deref(), n),
+        ("run-b", Some("unit-1"), 2)
+    );
+    assert!(runs.latest_unit_run("unit-2").await.unwrap().is_none());
+}

@@ -1,0 +1,597 @@
+//! The durable store, behind a storage interface. All SQL lives below this folder.
+//!
+//! The interface is cut by concern, one trait each, so a second database (PostgreSQL,
+//! `postgres`) is a second implementation of the same traits rather than a rewrite of their callers:
+//!
+//! - [`Queue`]: the embedded delivery queue — enqueue, take what is due, record outcomes,
+//!   promote the next row of a chain, dead-letter, drop, stats, retention;
+//! - [`DeliveryLog`]: reading deliveries, attempts and dead letters, and replaying dead letters;
+//! - [`Registry`]: webhooks and generated settings (kv);
+//! - [`RunStore`]: sync jobs, runs (and the lifecycle's load-for-update / save), Eloqua-style
+//!   syncs, run commands;
+//! - [`Backend`]: the connection itself (health, shutdown).
+//!
+//! Callers hold a [`Store`]: a cheap handle whose methods keep the names they had when the
+//! store was one SQLite struct, and take plain closures where the traits need `dyn` ones.
+//!
+//! Queue model (every implementation keeps it): every (event, target) pair is a delivery row.
+//! Rows that share an `order_key` (target + run, "a chain") are delivered strictly in `seq`
+//! order: only the oldest unfinished row of a chain is `ready` (eligible once its
+//! `next_attempt_at` is due); the rows behind it are `waiting` and are promoted, one at a time,
+//! in the same transaction that finishes their predecessor. The dispatcher therefore only ever
+//! scans ready rows by due time, however long a run's backlog grows behind a failing receiver.
+
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod postgres;
+mod rows;
+pub mod sqlite;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_trait::async_trait;
+
+use crate::config::{StoreKind, StoreSettings};
+use crate::runs::model::{Run, SyncJob};
+
+pub use rows::*;
+
+/// Called with the rows that became ready inside a queue transaction, just before it commits.
+pub type Claim<'a> = &'a mut (dyn FnMut(&[QueuedDelivery]) + Send);
+
+/// Called once with the runs loaded for update inside a `RunStore::with_runs` transaction.
+pub type Decide<'a> = &'a mut (dyn FnMut(&mut RunsLocked) + Send);
+
+/// Called once inside a replay transaction with the chains of the re-queued rows; answers
+/// those whose head is kept in memory (their rows must wait behind it).
+pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);
+
+/// The embedded delivery queue (see the module docs for the chain model).
+///
+/// Claiming: the rows handed to a [`Claim`] callback or returned by [`Queue::due`] are the
+/// caller's to attempt until it reports them through [`Queue::complete`]. SQLite serves one
+/// process, which keeps that claim in memory; an implementation shared by several processes
+/// records it in the store instead (a lease taken in the same statement, e.g. `FOR UPDATE SKIP
+/// LOCKED`, released by `complete`), behind the same methods.
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Durably queue deliveries (in the order given) and record dead letters, in one
+    /// transaction; the rows that are ready now are handed to `claim` just before the commit (so
+    /// no dispatcher query can see them unclaimed) and returned. When this returns Ok the events
+    /// are committed. A row of a chain in `held` waits even when it would be its chain's first
+    /// (the chain's head is kept in memory).
+    async fn enqueue_claiming(
+        &self,
+        deliveries: &[NewDelivery],
+        dead: &[NewDeadLetter],
+        now: i64,
+        held: &HashSet<String>,
+        claim: Claim<'_>,
+    ) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Make the first row of each chain in `keys` ready when nothing of the chain is ready
+    /// (rows that were held behind deliveries kept in memory, which have now finished). The rows
+    /// promoted are handed to `claim` just before the commit and returned.
+    async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Write what deliveries kept in memory (Kafka) became, in one transaction:
+    /// - `logged`: finished ones (delivered or dead) as finished rows with their attempts, for
+    ///   the delivery log and for replay of exactly that (event, target) pair;
+    /// - `parked`: ones that move to the retry queue, each group in its chain's order; a group
+    ///   marked `true` (ahead) goes before the rows of its chain that were held behind it;
+    /// - `dead`: dead letters (their `delivery_id` names a row of `logged`).
+    async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()>;
+
+    /// Ready deliveries due by `now`, oldest due first, skipping the targets in `skip_targets`
+    /// (at their in-flight cap).
+    async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Does this chain still have queued deliveries?
+    async fn has_active(&self, order_key: &str) -> anyhow::Result<bool>;
+
+    /// Every chain with queued deliveries.
+    async fn active_order_keys(&self) -> anyhow::Result<Vec<String>>;
+
+    /// When the next ready delivery due after `now` becomes due, if any.
+    async fn next_due_after(&self, now: i64) -> anyhow::Result<Option<i64>>;
+
+    /// Record a batch of finished attempts in one transaction, promoting the next row of every
+    /// chain whose head finished; the promoted rows are handed to `claim` just before the commit
+    /// and returned.
+    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Dead-letter a queued delivery without an attempt (e.g. its webhook was deleted), and
+    /// promote the next row of its chain.
+    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()>;
+
+    /// Drop a run's queued deliveries except the rows in `keep` (in flight): never attempted
+    /// again. Returns (kind, event, body) of each dropped row.
+    async fn drop_queued_for_run(
+        &self,
+        run_id: &str,
+        keep: &[i64],
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, String, String)>>;
+
+    /// (queued deliveries, ingest time of the oldest)
+    async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)>;
+
+    /// Forget some delivered rows finished before `before`, and their attempts; returns how many
+    /// (a bounded number per call, so the write lock is held briefly).
+    /// Forget delivered rows (and their attempts) finished before `before`, and those delivered
+    /// on their first attempt finished before `first_try_before` (`delivery.log = failures`).
+    async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64>;
+}
+
+/// Reading the delivery log and dead letters; replaying dead letters.
+#[async_trait]
+pub trait DeliveryLog: Send + Sync {
+    /// Deliveries after cursor position `after`, oldest first.
+    async fn list_deliveries(
+        &self,
+        filter: &DeliveryFilter,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<DeliveryRow>>;
+
+    async fn get_delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryRow>>;
+
+    /// A delivery's attempts, first first.
+    async fn list_attempts(&self, delivery_id: &str) -> anyhow::Result<Vec<AttemptRow>>;
+
+    async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<DeadLetterRow>>;
+
+    /// Take up to `max` open dead letters (by `ids` if given, and the filter) out for replay, in
+    /// one transaction: rows backed by a delivery are re-queued (a new delivery of the same event
+    /// to the same target, at the end of its chain, same `webhook-id`); the raw events of the
+    /// others are returned for the caller to route again. `hold` gets the chains of the
+    /// re-queued rows (see [`Hold`]). Returns (re-queued rows ready now, how many were
+    /// re-queued, the chains held, raw events).
+    async fn replay_dead_letters(
+        &self,
+        ids: Option<&[String]>,
+        filter: &DeadLetterFilter,
+        max: i64,
+        now: i64,
+        hold: Hold<'_>,
+    ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)>;
+}
+
+/// Webhooks, and settings the relay generates once.
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Insert and return it as stored (with its `seq`).
+    async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook>;
+    async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()>;
+    async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>>;
+    async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>>;
+    async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>>;
+    async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool>;
+
+    /// The value stored under `key`, storing `value` first when there is none (the first of
+    /// concurrent callers wins).
+    async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String>;
+}
+
+/// Sync jobs, runs, Eloqua-style syncs and run commands.
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Insert and return it as stored (with its `seq`).
+    async fn insert_job(&self, j: &SyncJob) -> anyhow::Result<SyncJob>;
+    async fn update_job(&self, j: &SyncJob) -> anyhow::Result<()>;
+    async fn get_job(&self, id: &str) -> anyhow::Result<Option<SyncJob>>;
+    async fn list_jobs(&self, integration_name: Option<&str>, after: i64, limit: i64) -> anyhow::Result<Page<SyncJob>>;
+    /// Delete a job unless it has active runs. `Ok(Err(n))`: n active runs refused the delete.
+    async fn delete_job(&self, id: &str) -> anyhow::Result<Result<bool, i64>>;
+
+    /// Insert and return it as stored (with its `seq`).
+    async fn insert_run(&self, r: &Run) -> anyhow::Result<Run>;
+    async fn get_run(&self, id: &str) -> anyhow::Result<Option<Run>>;
+    async fn list_runs(&self, f: &RunFilter, after: i64, limit: i64) -> anyhow::Result<Page<Run>>;
+    /// Finish time of the last completed run of this job and account.
+    async fn previous_run_date(&self, job: &str, account: &str) -> anyhow::Result<Option<i64>>;
+    async fn delete_run(&self, id: &str) -> anyhow::Result<bool>;
+
+    /// The run lifecycle's unit of work: in ONE transaction, load the runs among `ids` that
+    /// exist (with their batches) for update, call `decide` exactly once with them, write back
+    /// those it marked changed, commit. Decisions on one run are thereby serialised across tasks
+    /// and processes. `decide` runs inside the transaction: it must not block.
+    ///
+    /// When none of `ids` exists, `decide` is called with nothing and no write lock is taken
+    /// (most events of a batch may belong to runs made elsewhere).
+    async fn with_runs(&self, ids: &[&str], decide: Decide<'_>) -> anyhow::Result<()>;
+
+    /// Ids of runs whose gathered batch is at least as old as `since_before` (oldest first).
+    async fn runs_with_due_batches(&self, since_before: i64, limit: i64) -> anyhow::Result<Vec<String>>;
+
+    async fn insert_eloqua_sync(
+        &self,
+        uri: &str,
+        callback_url: Option<&str>,
+        run_id: Option<&str>,
+        created_by: &str,
+        now: i64,
+    ) -> anyhow::Result<EloquaSync>;
+    async fn get_eloqua_sync(&self, n: i64) -> anyhow::Result<Option<EloquaSync>>;
+    /// Syncs by number, skipping `offset`, and how many there are in all.
+    async fn list_eloqua_syncs(&self, offset: i64, limit: i64) -> anyhow::Result<(Vec<EloquaSync>, i64)>;
+    /// The sync that started this run, if any.
+    async fn eloqua_sync_for_run(&self, run_id: &str) -> anyhow::Result<Option<EloquaSync>>;
+    /// Mark the sync's callback queued (`Some(now)`) unless it already is; answers whether this
+    /// call marked it. `None` clears the mark (queueing failed).
+    async fn mark_eloqua_callback(&self, n: i64, at: Option<i64>) -> anyhow::Result<bool>;
+
+    /// Insert sync units all together (one transaction: all or none).
+    async fn insert_sync_units(&self, units: &[SyncUnit]) -> anyhow::Result<Vec<SyncUnit>>;
+    async fn get_sync_unit(&self, id: &str) -> anyhow::Result<Option<SyncUnit>>;
+    async fn list_sync_units(&self, after: i64, limit: i64) -> anyhow::Result<Page<SyncUnit>>;
+    async fn update_sync_unit(&self, u: &SyncUnit) -> anyhow::Result<()>;
+    /// The unit's latest run and how many runs name it.
+    async fn latest_unit_run(&self, unit_id: &str) -> anyhow::Result<Option<(Run, i64)>>;
+
+    /// Keep a run command (JSON text) for executors to poll.
+    async fn insert_command(&self, key: &str, command: &str, now: i64) -> anyhow::Result<()>;
+    /// Commands after cursor position `after`, oldest first.
+    async fn list_commands(&self, after: i64, limit: i64) -> anyhow::Result<Page<CommandRow>>;
+}
+
+/// The connection itself.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// A real round trip to the database.
+    async fn ping(&self) -> anyhow::Result<()>;
+    /// Close every connection (at shutdown, after the last write).
+    async fn close(&self);
+}
+
+/// The handle the rest of the relay holds: one implementation behind every trait. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    queue: Arc<dyn Queue>,
+    log: Arc<dyn DeliveryLog>,
+    registry: Arc<dyn Registry>,
+    runs: Arc<dyn RunStore>,
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// Open the store `settings` name, bringing its schema up to date.
+    pub async fn open(settings: &StoreSettings) -> anyhow::Result<Store> {
+        match settings.kind {
+            StoreKind::Sqlite => Ok(Store::new(sqlite::SqliteStore::open(settings).await?)),
+            StoreKind::Postgres => Ok(Store::new(postgres::PgStore::open(settings).await?)),
+        }
+    }
+
+    /// One implementation of every trait, as a handle.
+    pub fn new<B: Queue + DeliveryLog + Registry + RunStore + Backend + 'static>(backend: B) -> Store {
+        let b = Arc::new(backend);
+        Store {
+            queue: b.clone(),
+            log: b.clone(),
+            registry: b.clone(),
+            runs: b.clone(),
+            backend: b,
+        }
+    }
+
+    pub fn queue(&self) -> &dyn Queue {
+        &*self.queue
+    }
+
+    pub fn log(&self) -> &dyn DeliveryLog {
+        &*self.log
+    }
+
+    pub fn registry(&self) -> &dyn Registry {
+        &*self.registry
+    }
+
+    pub fn runs(&self) -> &dyn RunStore {
+        &*self.runs
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.backend.ping().await
+    }
+
+    pub async fn close(&self) {
+        self.backend.close().await
+    }
+
+    // ---- queue ----------------------------------------------------------------------------------
+
+    /// [`Queue::enqueue_claiming`] with no chain held and no claim.
+    pub async fn enqueue(&self, deliveries: &[NewDelivery], dead: &[NewDeadLetter], now: i64) -> anyhow::Result<()> {
+        self.queue
+            .enqueue_claiming(deliveries, dead, now, &HashSet::new(), &mut |_| {})
+            .await
+            .map(|_| ())
+    }
+
+    /// See [`Queue::enqueue_claiming`].
+    pub async fn enqueue_claiming(
+        &self,
+        deliveries: &[NewDelivery],
+        dead: &[NewDeadLetter],
+        now: i64,
+        held: &HashSet<String>,
+        claim: impl FnOnce(&[QueuedDelivery]) + Send,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut claim = Some(claim);
+        self.queue
+            .enqueue_claiming(deliveries, dead, now, held, &mut |rows| {
+                if let Some(c) = claim.take() {
+                    c(rows)
+                }
+            })
+            .await
+    }
+
+    /// See [`Queue::promote`].
+    pub async fn promote(
+        &self,
+        keys: &[String],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]) + Send,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut claim = Some(claim);
+        self.queue
+            .promote(keys, now, &mut |rows| {
+                if let Some(c) = claim.take() {
+                    c(rows)
+                }
+            })
+            .await
+    }
+
+    pub async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        self.queue.record(logged, parked, dead, now).await
+    }
+
+    pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
+        self.queue.due(now, limit, skip_targets).await
+    }
+
+    pub async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
+        self.queue.has_active(order_key).await
+    }
+
+    /// See [`Queue::active_order_keys`] (loaded at start by the Kafka consumer, whose new events
+    /// of such a chain must queue behind them).
+    pub async fn active_order_keys(&self) -> anyhow::Result<Vec<String>> {
+        self.queue.active_order_keys().await
+    }
+
+    pub async fn next_due_after(&self, now: i64) -> anyhow::Result<Option<i64>> {
+        self.queue.next_due_after(now).await
+    }
+
+    /// See [`Queue::complete`].
+    pub async fn complete(
+        &self,
+        batch: &[Completion],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]) + Send,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut claim = Some(claim);
+        self.queue
+            .complete(batch, now, &mut |rows| {
+                if let Some(c) = claim.take() {
+                    c(rows)
+                }
+            })
+            .await
+    }
+
+    pub async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+        self.queue.dead_letter_queued(q, dl, now).await
+    }
+
+    pub async fn drop_queued_for_run(
+        &self,
+        run_id: &str,
+        keep: &[i64],
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, String, String)>> {
+        self.queue.drop_queued_for_run(run_id, keep, now).await
+    }
+
+    pub async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)> {
+        self.queue.queue_stats().await
+    }
+
+    pub async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64> {
+        self.queue.purge_delivered(before, first_try_before).await
+    }
+
+    // ---- delivery log ---------------------------------------------------------------------------
+
+    pub async fn list_deliveries(
+        &self,
+        filter: &DeliveryFilter,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<DeliveryRow>> {
+        self.log.list_deliveries(filter, after, limit).await
+    }
+
+    pub async fn get_delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryRow>> {
+        self.log.get_delivery(id).await
+    }
+
+    pub async fn list_attempts(&self, delivery_id: &str) -> anyhow::Result<Vec<AttemptRow>> {
+        self.log.list_attempts(delivery_id).await
+    }
+
+    pub async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<DeadLetterRow>> {
+        self.log.list_dead_letters(filter, after, limit).await
+    }
+
+    /// See [`DeliveryLog::replay_dead_letters`].
+    pub async fn replay_dead_letters(
+        &self,
+        ids: Option<&[String]>,
+        filter: &DeadLetterFilter,
+        max: i64,
+        now: i64,
+        hold: impl FnOnce(&[String]) -> HashSet<String> + Send,
+    ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)> {
+        let mut hold = Some(hold);
+        self.log
+            .replay_dead_letters(ids, filter, max, now, &mut |keys| {
+                hold.take().map(|h| h(keys)).unwrap_or_default()
+            })
+            .await
+    }
+
+    // ---- registry -------------------------------------------------------------------------------
+
+    pub async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook> {
+        self.registry.insert_webhook(w).await
+    }
+
+    pub async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
+        self.registry.update_webhook(w).await
+    }
+
+    pub async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>> {
+        self.registry.get_webhook(id).await
+    }
+
+    pub async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>> {
+        self.registry.list_webhooks(after, limit).await
+    }
+
+    pub async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
+        self.registry.all_webhooks().await
+    }
+
+    pub async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {
+        self.registry.delete_webhook(id).await
+    }
+
+    pub async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String> {
+        self.registry.kv_get_or_insert(key, value).await
+    }
+
+    // ---- runs -----------------------------------------------------------------------------------
+
+    pub async fn insert_job(&self, j: &SyncJob) -> anyhow::Result<SyncJob> {
+        self.runs.insert_job(j).await
+    }
+
+    pub async fn update_job(&self, j: &SyncJob) -> anyhow::Result<()> {
+        self.runs.update_job(j).await
+    }
+
+    pub async fn get_job(&self, id: &str) -> anyhow::Result<Option<SyncJob>> {
+        self.runs.get_job(id).await
+    }
+
+    pub async fn list_jobs(
+        &self,
+        integration_name: Option<&str>,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Page<SyncJob>> {
+        self.runs.list_jobs(integration_name, after, limit).await
+    }
+
+    pub async fn delete_job(&self, id: &str) -> anyhow::Result<Result<bool, i64>> {
+        self.runs.delete_job(id).await
+    }
+
+    pub async fn insert_run(&self, r: &Run) -> anyhow::Result<Run> {
+        self.runs.insert_run(r).await
+    }
+
+    pub async fn get_run(&self, id: &str) -> anyhow::Result<Option<Run>> {
+        self.runs.get_run(id).await
+    }
+
+    pub async fn list_runs(&self, f: &RunFilter, after: i64, limit: i64) -> anyhow::Result<Page<Run>> {
+        self.runs.list_runs(f, after, limit).await
+    }
+
+    pub async fn previous_run_date(&self, job: &str, account: &str) -> anyhow::Result<Option<i64>> {
+        self.runs.previous_run_date(job, account).await
+    }
+
+    pub async fn delete_run(&self, id: &str) -> anyhow::Result<bool> {
+        self.runs.delete_run(id).await
+    }
+
+    /// [`RunStore::with_runs`] with a plain closure, returning what it returns.
+    pub async fn with_runs<T: Send>(
+        &self,
+        ids: &[&str],
+        decide: impl FnOnce(&mut RunsLocked) -> T + Send,
+    ) -> anyhow::Result<T> {
+        let mut decide = Some(decide);
+        let mut out = None;
+        self.runs
+            .with_runs(ids, &mut |locked| {
+                if let Some(f) = decide.take() {
+                    out = Some(f(locked));
+                }
+            })
+            .await?;
+        out.context("the store did not call the run lifecycle back")
+    }
+
+    pub async fn runs_with_due_batches(&self, since_before: i64, limit: i64) -> anyhow::Result<Vec<String>> {
+        self.runs.runs_with_due_batches(since_before, limit).await
+    }
+
+    pub async fn insert_eloqua_sync(
+        &self,
+        uri: &str,
+        callback_url: Option<&str>,
+        run_id: Option<&str>,
+        created_by: &str,
+        now: i64,
+    ) -> anyhow::Result<EloquaSync> {
+        self.runs
+            .insert_eloqua_sync(uri, callback_url, run_id, created_by, now)
+            .await
+    }
+
+    pub async fn get_eloqua_sync(&self, n: i64) -> anyhow::Result<Option<EloquaSync>> {
+        self.runs.get_eloqua_sync(n).await
+    }
+
+    pub async fn insert_command(&self, key: &str, command: &serde_json::Value) -> anyhow::Result<()> {
+        self.runs
+            .insert_command(key, &command.to_string(), crate::domain::now_ms())
+            .await
+    }
+
+    pub async fn list_commands(&self, after: i64, limit: i64) -> anyhow::Result<Page<CommandRow>> {
+        self.runs.list_commands(after, limit).await
+    }
+}

@@ -1,0 +1,78 @@
+//! Versioned schema migrations (`migrations/postgres/`, compiled in), applied at open.
+//!
+//! Like SQLite's (`super::super::sqlite::migrate`): `schema_version` records the versions
+//! applied, each one in the same transaction as its row. Instances that start together take
+//! `pg_advisory_lock` first, so one migrates and the others then find the schema up to date.
+
+use anyhow::Context;
+use sqlx::PgPool;
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// In version order; a shipped file is never edited (see `migrations/README.md`).
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "sync_fronts",
+        sql: include_str!("../../../migrations/postgres/0002_sync_fronts.sql"),
+    },
+];
+
+/// The advisory lock key of syncrelay's migrations (any constant shared by every instance).
+const LOCK_KEY: i64 = 0x5359_4e43_5245_4c41; // "SYNCRELA"
+
+const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
+     version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)";
+
+pub(super) async fn run(pool: &PgPool) -> anyhow::Result<()> {
+    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    let out = migrate(&mut conn, latest).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    out?;
+    unlock?;
+    Ok(())
+}
+
+async fn migrate(conn: &mut sqlx::PgConnection, latest: i64) -> anyhow::Result<()> {
+    sqlx::raw_sql(VERSION_TABLE).execute(&mut *conn).await?;
+    let at: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *conn)
+        .await?;
+    anyhow::ensure!(
+        at <= latest,
+        "the database is at schema version {at}, newer than this build knows ({latest}): run a newer syncrelay"
+    );
+    for m in MIGRATIONS.iter().filter(|m| m.version > at) {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::raw_sql(m.sql)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("schema version {} ({})", m.version, m.name))?;
+        sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)")
+            .bind(m.version)
+            .bind(m.name)
+            .bind(crate::domain::now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(version = m.version, name = m.name, "store schema migrated");
+    }
+    Ok(())
+}

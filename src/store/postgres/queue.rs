@@ -1,0 +1,583 @@
+//! [`Queue`] on PostgreSQL: the `deliveries` table as a queue of chains (see `crate::store`).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use async_trait::async_trait;
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
+use crate::store::{AttemptRecord, Claim, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
+
+/// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
+/// (SQLite's `INSERT OR REPLACE`).
+const ATTEMPT_UPSERT: &str = " ON CONFLICT (delivery_id, n) DO UPDATE SET started_at = EXCLUDED.started_at, \
+     duration_ms = EXCLUDED.duration_ms, status = EXCLUDED.status, error = EXCLUDED.error, \
+     response_excerpt = EXCLUDED.response_excerpt";
+
+pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+     order_key, body, attempts, first_attempt_at, created_at, source";
+
+pub(super) fn queued_from_row(r: &PgRow) -> QueuedDelivery {
+    QueuedDelivery {
+        seq: r.get("seq"),
+        id: r.get("id"),
+        event_id: r.get("event_id"),
+        event: r.get("event"),
+        run_id: r.get("run_id"),
+        kind: r.get("kind"),
+        webhook_id: r.get("webhook_id"),
+        target_url: r.get("target_url"),
+        target_key: r.get("target_key"),
+        order_key: r.get("order_key"),
+        body: r.get("body"),
+        attempts: r.get("attempts"),
+        first_attempt_at: r.get("first_attempt_at"),
+        created_at: r.get("created_at"),
+        source: r.get("source"),
+    }
+}
+
+/// A queued row as a new delivery again (to be written anew), keeping its identity.
+pub(super) fn requeue(q: QueuedDelivery) -> NewDelivery {
+    NewDelivery {
+        id: q.id,
+        event_id: q.event_id,
+        event: q.event,
+        run_id: q.run_id,
+        kind: if q.kind == "callback" { "callback" } else { "webhook" },
+        webhook_id: q.webhook_id,
+        target_url: q.target_url,
+        target_key: q.target_key,
+        order_key: q.order_key,
+        body: q.body,
+        created_at: q.created_at,
+        attempts: q.attempts,
+        first_attempt_at: q.first_attempt_at,
+        next_attempt_at: None,
+        source: q.source,
+        log: Vec::new(),
+    }
+}
+
+pub(super) async fn insert_dead_letter(
+    tx: &mut Transaction<'_, Postgres>,
+    dl: &NewDeadLetter,
+    now: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(&pg(
+        "INSERT INTO dead_letters (id, delivery_id, event_id, event, webhook_id, kind, reason, attempts, last_status, \
+         last_error, raw, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    ))
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&dl.delivery_id)
+    .bind(&dl.event_id)
+    .bind(&dl.event)
+    .bind(&dl.webhook_id)
+    .bind(dl.kind)
+    .bind(dl.reason)
+    .bind(dl.attempts)
+    .bind(dl.last_status)
+    .bind(&dl.last_error)
+    .bind(&dl.raw)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The chains among `keys` that still have queued deliveries (a new row of a busy chain waits
+/// behind them; a row with no chain never waits).
+pub(super) async fn busy_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
+    let mut busy = HashSet::new();
+    for chunk in keys.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting')",
+            placeholders(chunk.len())
+        );
+        let sql = pg(sql.as_str());
+        let mut q = sqlx::query_scalar::<_, String>(sql.as_str());
+        for k in chunk {
+            q = q.bind(*k);
+        }
+        busy.extend(q.fetch_all(&mut **tx).await?);
+    }
+    Ok(busy)
+}
+
+/// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
+/// predecessor finished). Returns the rows promoted.
+async fn promote_next(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[&str],
+    now: i64,
+    lease: &Lease,
+) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let mut out = Vec::new();
+    for chunk in keys.chunks(IN_CHUNK) {
+        let sql = format!(
+            "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
+             WHERE state = 'waiting' AND seq IN \
+             (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting') GROUP BY order_key) \
+             RETURNING {QUEUED_COLUMNS}",
+            placeholders(chunk.len())
+        );
+        let sql = pg(sql.as_str());
+        let mut q = sqlx::query(sql.as_str())
+            .bind(now)
+            .bind(&lease.owner)
+            .bind(now + lease.ms);
+        for k in chunk {
+            q = q.bind(*k);
+        }
+        out.extend(q.fetch_all(&mut **tx).await?.iter().map(queued_from_row));
+    }
+    Ok(out)
+}
+
+/// Insert deliveries in the order given. The first row of a chain that has nothing queued is
+/// ready; every later one waits; a row whose chain is in `held` waits even when it is the first
+/// (its chain's head is kept in memory). Returns the rows that are ready now.
+pub(super) async fn insert_deliveries(
+    tx: &mut Transaction<'_, Postgres>,
+    deliveries: &[NewDelivery],
+    now: i64,
+    held: &HashSet<String>,
+    lease: &Lease,
+) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let keys: Vec<&str> = deliveries
+        .iter()
+        .filter_map(|d| d.order_key.as_deref())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut busy = busy_chains(tx, &keys).await?;
+    busy.extend(held.iter().cloned());
+    let states: Vec<&'static str> = deliveries
+        .iter()
+        .map(|d| match d.order_key.as_deref() {
+            Some(k) if !busy.insert(k.to_string()) => "waiting",
+            _ => "ready",
+        })
+        .collect();
+    let mut seqs: HashMap<String, i64> = HashMap::new();
+    for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
+        let mut sql = String::from(
+            "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+             order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
+             last_status, last_error, lease_owner, lease_until) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(" RETURNING seq, id");
+        let sql = pg(sql.as_str());
+        let mut q = sqlx::query(sql.as_str());
+        for (d, state) in chunk.iter().zip(st) {
+            let last = d.log.last();
+            q = q
+                .bind(&d.id)
+                .bind(&d.event_id)
+                .bind(&d.event)
+                .bind(&d.run_id)
+                .bind(d.kind)
+                .bind(&d.webhook_id)
+                .bind(&d.target_url)
+                .bind(&d.target_key)
+                .bind(&d.order_key)
+                .bind(&d.body)
+                .bind(*state)
+                .bind(d.attempts)
+                .bind(d.next_attempt_at.unwrap_or(now))
+                .bind(d.first_attempt_at)
+                .bind(d.created_at)
+                .bind(&d.source)
+                .bind(last.and_then(|a| a.status))
+                .bind(last.and_then(|a| a.error.clone()))
+                // A ready row is this instance's (handed to its claim, or parked by it).
+                .bind((*state == "ready").then_some(lease.owner.as_str()))
+                .bind((*state == "ready").then_some(now + lease.ms));
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            seqs.insert(r.get("id"), r.get("seq"));
+        }
+    }
+    Ok(deliveries
+        .iter()
+        .zip(&states)
+        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
+        .filter_map(|(d, _)| {
+            Some(QueuedDelivery {
+                seq: *seqs.get(&d.id)?,
+                id: d.id.clone(),
+                event_id: d.event_id.clone(),
+                event: d.event.clone(),
+                run_id: d.run_id.clone(),
+                kind: d.kind.to_string(),
+                webhook_id: d.webhook_id.clone(),
+                target_url: d.target_url.clone(),
+                target_key: d.target_key.clone(),
+                order_key: d.order_key.clone(),
+                body: d.body.clone(),
+                attempts: d.attempts,
+                first_attempt_at: d.first_attempt_at,
+                created_at: d.created_at,
+                source: d.source.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The attempt log of deliveries that were attempted in memory before their row was written.
+async fn insert_attempt_logs<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: impl Iterator<Item = &'a NewDelivery>,
+) -> anyhow::Result<()> {
+    let items: Vec<(&str, i64, &AttemptRecord)> = rows
+        .flat_map(|d| {
+            d.log
+                .iter()
+                .enumerate()
+                .map(move |(i, a)| (d.id.as_str(), i as i64 + 1, a))
+        })
+        .collect();
+    for chunk in items.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(ATTEMPT_UPSERT);
+        let sql = pg(sql.as_str());
+        let mut q = sqlx::query(sql.as_str());
+        for (id, n, a) in chunk {
+            q = q
+                .bind(*id)
+                .bind(*n)
+                .bind(a.started_at)
+                .bind(a.duration_ms)
+                .bind(a.status)
+                .bind(&a.error)
+                .bind(&a.excerpt);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Take the waiting rows of a chain out of the queue (to be written again behind rows that
+/// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
+async fn take_waiting(tx: &mut Transaction<'_, Postgres>, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
+    let rows = sqlx::query(&pg(&format!(
+        "DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting' RETURNING {QUEUED_COLUMNS}"
+    )))
+    .bind(key)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect();
+    out.sort_by_key(|q| q.seq);
+    Ok(out.into_iter().map(requeue).collect())
+}
+
+#[async_trait]
+impl Queue for PgStore {
+    async fn enqueue_claiming(
+        &self,
+        deliveries: &[NewDelivery],
+        dead: &[NewDeadLetter],
+        now: i64,
+        held: &HashSet<String>,
+        claim: Claim<'_>,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut tx = self.pool.begin().await?;
+        let ready = insert_deliveries(&mut tx, deliveries, now, held, &self.lease).await?;
+        for dl in dead {
+            insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        claim(&ready);
+        tx.commit().await?;
+        Ok(ready)
+    }
+
+    async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut tx = self.pool.begin().await?;
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let promoted = promote_next(&mut tx, &keys, now, &self.lease).await?;
+        claim(&promoted);
+        tx.commit().await?;
+        Ok(promoted)
+    }
+
+    async fn record(
+        &self,
+        logged: &[Logged],
+        parked: &[(Vec<NewDelivery>, bool)],
+        dead: &[NewDeadLetter],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in logged.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
+                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, last_status, last_error, \
+                 created_at, finished_at, source) VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            let sql = pg(sql.as_str());
+            let mut q = sqlx::query(sql.as_str());
+            for l in chunk {
+                let d = &l.delivery;
+                let last = d.log.last();
+                q = q
+                    .bind(&d.id)
+                    .bind(&d.event_id)
+                    .bind(&d.event)
+                    .bind(&d.run_id)
+                    .bind(d.kind)
+                    .bind(&d.webhook_id)
+                    .bind(&d.target_url)
+                    .bind(&d.target_key)
+                    .bind(&d.order_key)
+                    .bind(&d.body)
+                    .bind(l.state)
+                    .bind(d.log.len() as i64)
+                    .bind(now)
+                    .bind(d.first_attempt_at)
+                    .bind(last.and_then(|a| a.status))
+                    .bind(last.and_then(|a| a.error.clone()))
+                    .bind(d.created_at)
+                    .bind(now)
+                    .bind(&d.source);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        for (rows, ahead) in parked {
+            let key = rows.first().and_then(|d| d.order_key.clone());
+            // Rows held behind the in-memory part of this chain: taken out and written again
+            // after the parked ones, so the chain keeps the order its events came in.
+            let held = match (&key, ahead) {
+                (Some(k), true) => take_waiting(&mut tx, k).await?,
+                _ => Vec::new(),
+            };
+            insert_deliveries(&mut tx, rows, now, &HashSet::new(), &self.lease).await?;
+            if !held.is_empty() {
+                let keep: HashSet<String> = key.into_iter().collect();
+                insert_deliveries(&mut tx, &held, now, &keep, &self.lease).await?;
+            }
+            insert_attempt_logs(&mut tx, rows.iter()).await?;
+        }
+        for dl in dead {
+            insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
+        // Claimed in one statement: ready rows that are due and not leased to another instance
+        // (or whose lease expired), locked with SKIP LOCKED so instances polling together take
+        // different rows, then leased to this instance.
+        let mut sql = String::from(
+            "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE seq IN (SELECT seq FROM deliveries \
+             WHERE state = 'ready' AND next_attempt_at <= ? \
+             AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)",
+        );
+        if !skip_targets.is_empty() {
+            sql.push_str(&format!(
+                " AND target_key NOT IN ({})",
+                placeholders(skip_targets.len())
+            ));
+        }
+        sql.push_str(&format!(
+            " ORDER BY next_attempt_at, seq LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING next_attempt_at, {QUEUED_COLUMNS}"
+        ));
+        let sql = pg(&sql);
+        let mut q = sqlx::query(sql.as_str())
+            .bind(&self.lease.owner)
+            .bind(now + self.lease.ms)
+            .bind(now)
+            .bind(&self.lease.owner)
+            .bind(now);
+        for t in skip_targets {
+            q = q.bind(t);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        // RETURNING keeps no order: oldest due first, as asked.
+        let mut out: Vec<(i64, QueuedDelivery)> = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r)))
+            .collect();
+        out.sort_by_key(|(at, q)| (*at, q.seq));
+        Ok(out.into_iter().map(|(_, q)| q).collect())
+    }
+
+    async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
+        Ok(sqlx::query_scalar::<_, bool>(&pg(
+            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+        ))
+        .bind(order_key)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn active_order_keys(&self) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(&pg(
+            "SELECT DISTINCT order_key FROM deliveries WHERE state IN ('ready', 'waiting') AND order_key IS NOT NULL",
+        ))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn next_due_after(&self, now: i64) -> anyhow::Result<Option<i64>> {
+        Ok(sqlx::query_scalar(&pg(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'ready' AND next_attempt_at > ?",
+        ))
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in batch.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(ATTEMPT_UPSERT);
+            let sql = pg(sql.as_str());
+            let mut q = sqlx::query(sql.as_str());
+            for c in chunk {
+                q = q
+                    .bind(&c.delivery_id)
+                    .bind(c.attempt_no)
+                    .bind(c.attempt.started_at)
+                    .bind(c.attempt.duration_ms)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(&c.attempt.excerpt);
+            }
+            q.execute(&mut *tx).await?;
+
+            let mut sql = String::from(
+                "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
+                 first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
+                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(
+                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body) \
+                 WHERE deliveries.seq = v.seq",
+            );
+            let sql = pg(&sql);
+            let mut q = sqlx::query(sql.as_str());
+            for c in chunk {
+                let (state, next_at, finished) = match &c.next {
+                    Next::Delivered => ("delivered", now, Some(now)),
+                    Next::Retry { at_ms } => ("ready", *at_ms, None),
+                    Next::Dead(_) => ("dead", now, Some(now)),
+                };
+                q = q
+                    .bind(c.seq)
+                    .bind(state)
+                    .bind(c.attempt_no)
+                    .bind(next_at)
+                    .bind(c.first_attempt_at)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(finished)
+                    .bind(&c.body);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for c in batch {
+            if let Next::Dead(dl) = &c.next {
+                insert_dead_letter(&mut tx, dl, now).await?;
+            }
+        }
+        let finished: Vec<&str> = batch
+            .iter()
+            .filter(|c| !matches!(c.next, Next::Retry { .. }))
+            .filter_map(|c| c.order_key.as_deref())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
+        claim(&promoted);
+        tx.commit().await?;
+        Ok(promoted)
+    }
+
+    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&pg(
+            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?",
+        ))
+        .bind(now)
+        .bind(dl.reason)
+        .bind(q.seq)
+        .execute(&mut *tx)
+        .await?;
+        insert_dead_letter(&mut tx, dl, now).await?;
+        if let Some(k) = &q.order_key {
+            promote_next(&mut tx, &[k.as_str()], now, &self.lease).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn drop_queued_for_run(
+        &self,
+        run_id: &str,
+        keep: &[i64],
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, String, String)>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            &pg("SELECT seq, kind, event, body FROM deliveries WHERE run_id = ? AND state IN ('ready', 'waiting') ORDER BY seq"),
+        )
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let seq: i64 = r.get("seq");
+            if keep.contains(&seq) {
+                continue;
+            }
+            sqlx::query(&pg(
+                "UPDATE deliveries SET state = 'dropped', finished_at = ?, last_error = 'run_stopped' WHERE seq = ?",
+            ))
+            .bind(now)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            out.push((r.get("kind"), r.get("event"), r.get("body")));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)> {
+        let r = sqlx::query(&pg(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting')",
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((r.get("n"), r.get("oldest")))
+    }
+
+    async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64> {
+        // One statement: the rows (a bounded number) and their attempts, chosen once.
+        let n: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM deliveries WHERE seq IN (SELECT seq FROM deliveries \
+             WHERE state = 'delivered' AND (finished_at < $1 OR (attempts <= 1 AND finished_at < $2)) \
+             LIMIT 10000) RETURNING id), \
+             attempts_gone AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM gone)) \
+             SELECT COUNT(*) FROM gone",
+        )
+        .bind(before)
+        .bind(first_try_before)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+}

@@ -1,0 +1,580 @@
+//! [`RunStore`] on PostgreSQL: `sync_jobs`, `sync_job_runs` (with the lifecycle's batch state),
+//! `eloqua_syncs` and `commands`.
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
+
+use super::{pg, placeholders, PgStore, IN_CHUNK};
+use crate::runs::model::{ErrorHandling, ResourceSpec, Run, Stats, Status, SyncJob};
+use crate::store::{CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked, SyncUnit};
+
+fn json_col(r: &PgRow, col: &str) -> Value {
+    r.get::<Option<String>, _>(col)
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn job_from_row(r: &PgRow) -> anyhow::Result<SyncJob> {
+    let resources: Vec<ResourceSpec> = serde_json::from_str(&r.get::<String, _>("resources"))?;
+    Ok(SyncJob {
+        id: r.get("id"),
+        integration_name: r.get("integration_name"),
+        args_schema: match json_col(r, "args_schema") {
+            Value::Null => None,
+            v => Some(v),
+        },
+        resources,
+        environment_id: r.get("environment_id"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        seq: r.get("seq"),
+    })
+}
+
+fn run_from_row(r: &PgRow) -> Run {
+    let stats: Stats = r
+        .get::<Option<String>, _>("resource_stats")
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    Run {
+        id: r.get("id"),
+        sync_job_id: r.get("sync_job_id"),
+        integrated_account_id: r.get("integrated_account_id"),
+        webhook_id: r.get("webhook_id"),
+        daemon_group_key: r.get("daemon_group_key"),
+        daemon_id: r.get("daemon_id"),
+        callback_url: r.get("callback_url"),
+        args: json_col(r, "args"),
+        resources: json_col(r, "resources"),
+        sync_job: json_col(r, "sync_job"),
+        error_handling: ErrorHandling::parse(&r.get::<String, _>("error_handling")),
+        ignore_previous_run: r.get::<i64, _>("ignore_previous_run") != 0,
+        status: Status::parse(&r.get::<String, _>("status")).unwrap_or(Status::Created),
+        resource_stats: stats,
+        illegal_transitions: r.get("illegal_transitions"),
+        stop_reason: r.get("stop_reason"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+        sync_unit_id: r.get("sync_unit_id"),
+        seq: r.get("seq"),
+    }
+}
+
+fn eloqua_from_row(r: &PgRow) -> EloquaSync {
+    EloquaSync {
+        n: r.get("seq"),
+        synced_instance_uri: r.get("synced_instance_uri"),
+        callback_url: r.get("callback_url"),
+        status: r.get("status"),
+        created_by: r.get("created_by"),
+        created_at: r.get("created_at"),
+        run_id: r.get("run_id"),
+        callback_queued_at: r.get("callback_queued_at"),
+    }
+}
+
+fn unit_from_row(r: &PgRow) -> SyncUnit {
+    SyncUnit {
+        id: r.get("id"),
+        external_sync_unit: r.get("external_sync_unit"),
+        keyring: r.get("keyring"),
+        name: r.get("name"),
+        is_archived: r.get::<i64, _>("is_archived") != 0,
+        object_version: r.get("object_version"),
+        created_by: r.get("created_by"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        seq: r.get("seq"),
+    }
+}
+
+fn batch_from_row(r: &PgRow) -> RunBatch {
+    RunBatch {
+        errors: serde_json::from_str(&r.get::<String, _>("batch_errors")).unwrap_or_default(),
+        bytes: r.get("batch_bytes"),
+        since: r.get("batch_since"),
+        seq: r.get("batch_seq"),
+    }
+}
+
+/// Write back what the lifecycle changes on a run (its identity and settings never change).
+async fn save_run(tx: &mut Transaction<'_, Postgres>, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
+    sqlx::query(&pg(
+        "UPDATE sync_job_runs SET status = ?, resource_stats = ?, illegal_transitions = ?, stop_reason = ?, \
+         batch_errors = ?, batch_count = ?, batch_bytes = ?, batch_since = ?, batch_seq = ?, updated_at = ?, \
+         started_at = ?, finished_at = ? WHERE id = ?",
+    ))
+    .bind(run.status.as_str())
+    .bind(serde_json::to_string(&run.resource_stats)?)
+    .bind(run.illegal_transitions)
+    .bind(&run.stop_reason)
+    .bind(serde_json::to_string(&b.errors)?)
+    .bind(b.errors.len() as i64)
+    .bind(b.bytes)
+    .bind(b.since)
+    .bind(b.seq)
+    .bind(run.updated_at)
+    .bind(run.started_at)
+    .bind(run.finished_at)
+    .bind(&run.id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl PgStore {
+    /// Which of these runs exist (one read, no write lock).
+    async fn known_runs(&self, ids: &[&str]) -> anyhow::Result<Vec<String>> {
+        let mut known = Vec::new();
+        for chunk in ids.chunks(IN_CHUNK) {
+            let sql = format!(
+                "SELECT id FROM sync_job_runs WHERE id IN ({})",
+                placeholders(chunk.len())
+            );
+            let sql = pg(sql.as_str());
+            let mut q = sqlx::query_scalar::<_, String>(sql.as_str());
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            known.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(known)
+    }
+}
+
+#[async_trait]
+impl RunStore for PgStore {
+    // ---- jobs -----------------------------------------------------------------------------------
+
+    async fn insert_job(&self, j: &SyncJob) -> anyhow::Result<SyncJob> {
+        let seq: i64 = sqlx::query_scalar(
+            &pg("INSERT INTO sync_jobs (id, integration_name, args_schema, resources, environment_id, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq"),
+        )
+        .bind(&j.id)
+        .bind(&j.integration_name)
+        .bind(j.args_schema.as_ref().map(|v| v.to_string()))
+        .bind(serde_json::to_string(&j.resources)?)
+        .bind(&j.environment_id)
+        .bind(j.created_at)
+        .bind(j.updated_at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(SyncJob { seq, ..j.clone() })
+    }
+
+    async fn update_job(&self, j: &SyncJob) -> anyhow::Result<()> {
+        sqlx::query(
+            &pg("UPDATE sync_jobs SET integration_name = ?, args_schema = ?, resources = ?, environment_id = ?, updated_at = ? \
+             WHERE id = ?"),
+        )
+        .bind(&j.integration_name)
+        .bind(j.args_schema.as_ref().map(|v| v.to_string()))
+        .bind(serde_json::to_string(&j.resources)?)
+        .bind(&j.environment_id)
+        .bind(j.updated_at)
+        .bind(&j.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &str) -> anyhow::Result<Option<SyncJob>> {
+        sqlx::query(&pg("SELECT * FROM sync_jobs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(job_from_row)
+            .transpose()
+    }
+
+    async fn list_jobs(&self, integration_name: Option<&str>, after: i64, limit: i64) -> anyhow::Result<Page<SyncJob>> {
+        let rows = match integration_name {
+            Some(n) => {
+                sqlx::query(&pg(
+                    "SELECT * FROM sync_jobs WHERE seq > ? AND integration_name = ? ORDER BY seq LIMIT ?",
+                ))
+                .bind(after)
+                .bind(n)
+                .bind(limit + 1)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&pg("SELECT * FROM sync_jobs WHERE seq > ? ORDER BY seq LIMIT ?"))
+                    .bind(after)
+                    .bind(limit + 1)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push((r.get::<i64, _>("seq"), job_from_row(r)?));
+        }
+        Ok(Page::from_rows(out, limit))
+    }
+
+    async fn delete_job(&self, id: &str) -> anyhow::Result<Result<bool, i64>> {
+        let mut tx = self.pool.begin().await?;
+        let active: i64 = sqlx::query_scalar(
+            &pg("SELECT COUNT(*) FROM sync_job_runs WHERE sync_job_id = ? AND status IN ('created', 'running', 'rate_limited')"),
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active > 0 {
+            return Ok(Err(active));
+        }
+        let n = sqlx::query(&pg("DELETE FROM sync_jobs WHERE id = ?"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(Ok(n > 0))
+    }
+
+    // ---- runs -----------------------------------------------------------------------------------
+
+    async fn insert_run(&self, r: &Run) -> anyhow::Result<Run> {
+        let seq: i64 = sqlx::query_scalar(
+            &pg("INSERT INTO sync_job_runs (id, sync_job_id, integrated_account_id, webhook_id, daemon_group_key, daemon_id, \
+             callback_url, args, resources, sync_job, error_handling, ignore_previous_run, status, resource_stats, \
+             created_at, updated_at, sync_unit_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"),
+        )
+        .bind(&r.id)
+        .bind(&r.sync_job_id)
+        .bind(&r.integrated_account_id)
+        .bind(&r.webhook_id)
+        .bind(&r.daemon_group_key)
+        .bind(&r.daemon_id)
+        .bind(&r.callback_url)
+        .bind(r.args.to_string())
+        .bind(r.resources.to_string())
+        .bind(r.sync_job.to_string())
+        .bind(r.error_handling.as_str())
+        .bind(r.ignore_previous_run as i64)
+        .bind(r.status.as_str())
+        .bind(serde_json::to_string(&r.resource_stats)?)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .bind(&r.sync_unit_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Run { seq, ..r.clone() })
+    }
+
+    async fn get_run(&self, id: &str) -> anyhow::Result<Option<Run>> {
+        Ok(sqlx::query(&pg("SELECT * FROM sync_job_runs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(run_from_row))
+    }
+
+    async fn list_runs(&self, f: &RunFilter, after: i64, limit: i64) -> anyhow::Result<Page<Run>> {
+        let mut sql = String::from("SELECT * FROM sync_job_runs WHERE seq > ?");
+        let mut binds = Vec::new();
+        for (col, v) in [
+            ("sync_job_id", &f.sync_job_id),
+            ("status", &f.status),
+            ("integrated_account_id", &f.integrated_account_id),
+            ("webhook_id", &f.webhook_id),
+        ] {
+            if let Some(v) = v {
+                sql.push_str(&format!(" AND {col} = ?"));
+                binds.push(v.clone());
+            }
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        let sql = pg(sql.as_str());
+        let mut q = sqlx::query(sql.as_str()).bind(after);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
+        Ok(Page::from_rows(
+            rows.iter().map(|r| (r.get::<i64, _>("seq"), run_from_row(r))).collect(),
+            limit,
+        ))
+    }
+
+    async fn previous_run_date(&self, job: &str, account: &str) -> anyhow::Result<Option<i64>> {
+        Ok(sqlx::query_scalar(&pg(
+            "SELECT finished_at FROM sync_job_runs WHERE sync_job_id = ? AND integrated_account_id = ? \
+             AND status = 'completed' AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
+        ))
+        .bind(job)
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    async fn delete_run(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(sqlx::query(&pg("DELETE FROM sync_job_runs WHERE id = ?"))
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    // ---- the run lifecycle ----------------------------------------------------------------------
+
+    async fn with_runs(&self, ids: &[&str], decide: Decide<'_>) -> anyhow::Result<()> {
+        // Most events of a batch may belong to runs made elsewhere: finding that out costs one
+        // read, and the write lock is taken only when some run is ours.
+        let known = self.known_runs(ids).await?;
+        if known.is_empty() {
+            decide(&mut RunsLocked::default());
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut loaded = Vec::with_capacity(known.len());
+        for chunk in known.chunks(IN_CHUNK) {
+            let sql = format!(
+                "SELECT * FROM sync_job_runs WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                placeholders(chunk.len())
+            );
+            let sql = pg(sql.as_str());
+            let mut q = sqlx::query(sql.as_str());
+            for id in chunk {
+                q = q.bind(id);
+            }
+            loaded.extend(
+                q.fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| (run_from_row(r), batch_from_row(r))),
+            );
+        }
+        let mut locked = RunsLocked::new(loaded);
+        decide(&mut locked);
+        let mut wrote = false;
+        for r in locked.changed() {
+            save_run(&mut tx, &r.run, &r.batch).await?;
+            wrote = true;
+        }
+        // Nothing changed: the transaction rolls back when dropped.
+        if wrote {
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    async fn runs_with_due_batches(&self, since_before: i64, limit: i64) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            &pg("SELECT id FROM sync_job_runs WHERE batch_since IS NOT NULL AND batch_since <= ? ORDER BY batch_since LIMIT ?"),
+        )
+        .bind(since_before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---- Eloqua-style syncs ---------------------------------------------------------------------
+
+    async fn insert_eloqua_sync(
+        &self,
+        uri: &str,
+        callback_url: Option<&str>,
+        run_id: Option<&str>,
+        created_by: &str,
+        now: i64,
+    ) -> anyhow::Result<EloquaSync> {
+        let n: i64 = sqlx::query_scalar(&pg(
+            "INSERT INTO eloqua_syncs (synced_instance_uri, callback_url, status, created_by, created_at, run_id) \
+             VALUES (?, ?, 'pending', ?, ?, ?) RETURNING seq",
+        ))
+        .bind(uri)
+        .bind(callback_url)
+        .bind(created_by)
+        .bind(now)
+        .bind(run_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(EloquaSync {
+            n,
+            synced_instance_uri: uri.to_string(),
+            callback_url: callback_url.map(str::to_string),
+            status: "pending".into(),
+            created_by: created_by.to_string(),
+            created_at: now,
+            run_id: run_id.map(str::to_string),
+            callback_queued_at: None,
+        })
+    }
+
+    async fn get_eloqua_sync(&self, n: i64) -> anyhow::Result<Option<EloquaSync>> {
+        Ok(sqlx::query(&pg("SELECT * FROM eloqua_syncs WHERE seq = ?"))
+            .bind(n)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(eloqua_from_row))
+    }
+
+    async fn list_eloqua_syncs(&self, offset: i64, limit: i64) -> anyhow::Result<(Vec<EloquaSync>, i64)> {
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM eloqua_syncs")
+            .fetch_one(&self.pool)
+            .await?;
+        let rows = sqlx::query(&pg("SELECT * FROM eloqua_syncs ORDER BY seq LIMIT ? OFFSET ?"))
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((rows.iter().map(eloqua_from_row).collect(), total))
+    }
+
+    async fn eloqua_sync_for_run(&self, run_id: &str) -> anyhow::Result<Option<EloquaSync>> {
+        Ok(sqlx::query(&pg("SELECT * FROM eloqua_syncs WHERE run_id = ?"))
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(eloqua_from_row))
+    }
+
+    async fn mark_eloqua_callback(&self, n: i64, at: Option<i64>) -> anyhow::Result<bool> {
+        let res = match at {
+            Some(t) => {
+                sqlx::query(&pg(
+                    "UPDATE eloqua_syncs SET callback_queued_at = ? WHERE seq = ? AND callback_queued_at IS NULL",
+                ))
+                .bind(t)
+                .bind(n)
+                .execute(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&pg("UPDATE eloqua_syncs SET callback_queued_at = NULL WHERE seq = ?"))
+                    .bind(n)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(res.rows_affected() > 0)
+    }
+
+    // ---- sync units -----------------------------------------------------------------------------
+
+    async fn insert_sync_units(&self, units: &[SyncUnit]) -> anyhow::Result<Vec<SyncUnit>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(units.len());
+        for u in units {
+            let seq: i64 = sqlx::query_scalar(&pg(
+                "INSERT INTO sync_units (id, external_sync_unit, keyring, name, is_archived, object_version, \
+                 created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            ))
+            .bind(&u.id)
+            .bind(&u.external_sync_unit)
+            .bind(&u.keyring)
+            .bind(&u.name)
+            .bind(u.is_archived as i64)
+            .bind(u.object_version)
+            .bind(&u.created_by)
+            .bind(u.created_at)
+            .bind(u.updated_at)
+            .fetch_one(&mut *tx)
+            .await?;
+            out.push(SyncUnit { seq, ..u.clone() });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn get_sync_unit(&self, id: &str) -> anyhow::Result<Option<SyncUnit>> {
+        Ok(sqlx::query(&pg("SELECT * FROM sync_units WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(unit_from_row))
+    }
+
+    async fn list_sync_units(&self, after: i64, limit: i64) -> anyhow::Result<Page<SyncUnit>> {
+        let rows = sqlx::query(&pg("SELECT * FROM sync_units WHERE seq > ? ORDER BY seq LIMIT ?"))
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Page::from_rows(
+            rows.iter()
+                .map(|r| (r.get::<i64, _>("seq"), unit_from_row(r)))
+                .collect(),
+            limit,
+        ))
+    }
+
+    async fn update_sync_unit(&self, u: &SyncUnit) -> anyhow::Result<()> {
+        sqlx::query(&pg(
+            "UPDATE sync_units SET name = ?, is_archived = ?, object_version = ?, updated_at = ? WHERE id = ?",
+        ))
+        .bind(&u.name)
+        .bind(u.is_archived as i64)
+        .bind(u.object_version)
+        .bind(u.updated_at)
+        .bind(&u.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn latest_unit_run(&self, unit_id: &str) -> anyhow::Result<Option<(Run, i64)>> {
+        let count: i64 = sqlx::query_scalar(&pg("SELECT COUNT(*) FROM sync_job_runs WHERE sync_unit_id = ?"))
+            .bind(unit_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(sqlx::query(&pg(
+            "SELECT * FROM sync_job_runs WHERE sync_unit_id = ? ORDER BY seq DESC LIMIT 1",
+        ))
+        .bind(unit_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| (run_from_row(&r), count)))
+    }
+
+    // ---- commands -------------------------------------------------------------------------------
+
+    async fn insert_command(&self, key: &str, command: &str, now: i64) -> anyhow::Result<()> {
+        sqlx::query(&pg("INSERT INTO commands (key, command, created_at) VALUES (?, ?, ?)"))
+            .bind(key)
+            .bind(command)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_commands(&self, after: i64, limit: i64) -> anyhow::Result<Page<CommandRow>> {
+        let rows = sqlx::query(&pg(
+            "SELECT seq, key, command, created_at FROM commands WHERE seq > ? ORDER BY seq LIMIT ?",
+        ))
+        .bind(after)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Page::from_rows(
+            rows.iter()
+                .map(|r| {
+                    let row = CommandRow {
+                        seq: r.get("seq"),
+                        key: r.get("key"),
+                        command: r.get("command"),
+                        created_at: r.get("created_at"),
+                    };
+                    (row.seq, row)
+                })
+                .collect(),
+            limit,
+        ))
+    }
+}

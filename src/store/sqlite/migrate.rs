@@ -1,0 +1,171 @@
+//! Versioned schema migrations (`migrations/sqlite/`, compiled in), applied at open.
+//!
+//! A database records the versions applied to it in `schema_version`. Each missing version is
+//! applied in the same transaction as its `schema_version` row, so a crash leaves a database at
+//! one version or the next, never between. Opening a database a newer build has migrated fails
+//! rather than run against tables this build does not know.
+
+use anyhow::Context;
+use sqlx::SqlitePool;
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+    /// A query answering non-zero when the change is already in place: SQLite has no
+    /// `ADD COLUMN IF NOT EXISTS`, and builds from before versioned schemas made some changes
+    /// without recording them.
+    present: Option<&'static str>,
+}
+
+/// In version order; a shipped file is never edited (see `migrations/README.md`).
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../../../migrations/sqlite/0001_initial.sql"),
+        present: None,
+    },
+    Migration {
+        version: 2,
+        name: "delivery_source",
+        sql: include_str!("../../../migrations/sqlite/0002_delivery_source.sql"),
+        present: Some("SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'source'"),
+    },
+    Migration {
+        version: 3,
+        name: "sync_fronts",
+        sql: include_str!("../../../migrations/sqlite/0003_sync_fronts.sql"),
+        present: None,
+    },
+];
+
+const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
+     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)";
+
+async fn current(conn: &mut sqlx::SqliteConnection) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+pub(super) async fn run(pool: &SqlitePool) -> anyhow::Result<()> {
+    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql(VERSION_TABLE).execute(&mut *conn).await?;
+    // Read first without the write lock: at an up-to-date database (every start but the first
+    // after an upgrade) opening takes no lock another process would wait for.
+    let at = current(&mut conn).await?;
+    anyhow::ensure!(
+        at <= latest,
+        "the database is at schema version {at}, newer than this build knows ({latest}): run a newer syncrelay"
+    );
+    if at == latest {
+        return Ok(());
+    }
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+    // Another process may have migrated while we waited for the lock.
+    let at = current(&mut tx).await?;
+    for m in MIGRATIONS.iter().filter(|m| m.version > at) {
+        let present = match m.present {
+            Some(q) => sqlx::query_scalar::<_, i64>(q).fetch_one(&mut *tx).await? != 0,
+            None => false,
+        };
+        if !present {
+            sqlx::raw_sql(m.sql)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("schema version {} ({})", m.version, m.name))?;
+        }
+        sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)")
+            .bind(m.version)
+            .bind(m.name)
+            .bind(crate::domain::now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(version = m.version, name = m.name, "store schema migrated");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+    async fn pool(dir: &tempfile::TempDir) -> SqlitePool {
+        let opts = SqliteConnectOptions::new()
+            .filename(dir.path().join("m.db"))
+            .create_if_missing(true);
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn applies_once_and_adopts_a_database_made_before_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        // A database made by the unversioned build: its tables, with data, and no schema_version.
+        sqlx::raw_sql(MIGRATIONS[0].sql).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO kv (key, value) VALUES ('k', 'v')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        run(&pool).await.unwrap();
+        run(&pool).await.unwrap();
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(versions, vec![1, 2, 3]);
+        assert!(has_source(&pool).await);
+        let v: String = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'k'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(v, "v");
+    }
+
+    async fn has_source(pool: &SqlitePool) -> bool {
+        sqlx::query_scalar::<_, i64>(MIGRATIONS[1].present.unwrap())
+            .fetch_one(pool)
+            .await
+            .unwrap()
+            != 0
+    }
+
+    #[tokio::test]
+    async fn adopts_a_database_that_has_an_unrecorded_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        // Made by an unversioned build that already added `deliveries.source`.
+        sqlx::raw_sql(MIGRATIONS[0].sql).execute(&pool).await.unwrap();
+        sqlx::raw_sql(MIGRATIONS[1].sql).execute(&pool).await.unwrap();
+        run(&pool).await.unwrap();
+        assert!(has_source(&pool).await);
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_version")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 3);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_database_from_a_newer_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        run(&pool).await.unwrap();
+        sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (999, 'future', 0)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let e = run(&pool).await.unwrap_err();
+        assert!(format!("{e:#}").contains("schema version 999"), "{e:#}");
+    }
+}

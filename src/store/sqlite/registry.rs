@@ -1,0 +1,118 @@
+//! [`Registry`] on SQLite: `webhooks` and `kv`.
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+
+use super::SqliteStore;
+use crate::signing::Secret;
+use crate::store::{Page, Registry, Webhook};
+
+fn webhook_from_row(r: &SqliteRow) -> anyhow::Result<Webhook> {
+    let secret = Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
+    let prev: Option<String> = r.get("previous_secret");
+    let prev_exp: Option<i64> = r.get("previous_secret_expires_at");
+    let previous_secret = match (prev, prev_exp) {
+        (Some(p), Some(e)) => Some((Secret::parse(&p).context("stored previous secret")?, e)),
+        _ => None,
+    };
+    Ok(Webhook {
+        seq: r.get("seq"),
+        id: r.get("id"),
+        target_url: r.get("target_url"),
+        event_types: serde_json::from_str(r.get::<String, _>("event_types").as_str())?,
+        is_active: r.get::<i64, _>("is_active") != 0,
+        description: r.get("description"),
+        secret,
+        previous_secret,
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    })
+}
+
+#[async_trait]
+impl Registry for SqliteStore {
+    async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook> {
+        sqlx::query(
+            "INSERT INTO webhooks (id, target_url, event_types, is_active, description, secret, previous_secret, \
+             previous_secret_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+        )
+        .bind(&w.id)
+        .bind(&w.target_url)
+        .bind(serde_json::to_string(&w.event_types)?)
+        .bind(w.is_active as i64)
+        .bind(&w.description)
+        .bind(w.secret.expose())
+        .bind(w.created_at)
+        .bind(w.updated_at)
+        .execute(&self.pool)
+        .await?;
+        self.get_webhook(&w.id).await?.context("webhook just inserted")
+    }
+
+    async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE webhooks SET target_url = ?, event_types = ?, is_active = ?, description = ?, secret = ?, \
+             previous_secret = ?, previous_secret_expires_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&w.target_url)
+        .bind(serde_json::to_string(&w.event_types)?)
+        .bind(w.is_active as i64)
+        .bind(&w.description)
+        .bind(w.secret.expose())
+        .bind(w.previous_secret.as_ref().map(|(s, _)| s.expose().to_string()))
+        .bind(w.previous_secret.as_ref().map(|(_, e)| *e))
+        .bind(w.updated_at)
+        .bind(&w.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>> {
+        let row = sqlx::query("SELECT * FROM webhooks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(webhook_from_row).transpose()
+    }
+
+    async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>> {
+        let rows = sqlx::query("SELECT * FROM webhooks WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let items = rows
+            .iter()
+            .map(|r| webhook_from_row(r).map(|w| (w.seq, w)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Page::from_rows(items, limit))
+    }
+
+    async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
+        let rows = sqlx::query("SELECT * FROM webhooks").fetch_all(&self.pool).await?;
+        rows.iter().map(webhook_from_row).collect()
+    }
+
+    async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {
+        let r = sqlx::query("DELETE FROM webhooks WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String> {
+        sqlx::query("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = ?")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
