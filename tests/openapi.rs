@@ -181,6 +181,7 @@ async fn call_documented(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let headers = resp.headers().clone();
     let text = resp.text().await.unwrap();
     let what = format!("{} {path}", method.to_uppercase());
     assert_ne!(status, 405, "{what}: documented but not routed for this method: {text}");
@@ -192,6 +193,15 @@ async fn call_documented(
         .get(status.to_string())
         .unwrap_or_else(|| panic!("{what}: status {status} is not documented ({text})"));
     let response = resolve(doc, response);
+    // Documented headers are there and match their schema.
+    if let Some(hs) = response.get("headers").and_then(Value::as_object) {
+        for (name, h) in hs {
+            match headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                Some(v) => assert_matches(doc, &h["schema"], &json!(v), &format!("{what} header {name}")),
+                None => assert!(h["required"] != true, "{what}: {status} without its {name} header"),
+            }
+        }
+    }
     let value = match response.get("content") {
         None => {
             assert!(text.is_empty(), "{what}: {status} documents no body but got {text}");

@@ -166,7 +166,11 @@ fn eloqua_paging() -> Vec<Value> {
             "Page size (default 1000).",
             json!({"type": "integer", "minimum": 1, "maximum": 1000}),
         ),
-        query("offset", "Items to skip.", json!({"type": "integer", "minimum": 0})),
+        query(
+            "offset",
+            "Items to skip.",
+            json!({"type": "integer", "minimum": 0, "maximum": i64::MAX}),
+        ),
     ]
 }
 
@@ -1143,10 +1147,26 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         (
             "post",
             "/api/bulk/2.0/syncs",
-            Op::new("createEloquaSync", "eloqua", "Create an Eloqua-style sync")
+            Op::new("createEloquaSync", "eloqua", "Create an Eloqua-style sync (and the run that carries it out)")
                 .body(r("EloquaSyncCreate"), json!({"syncedInstanceUri": "/contacts/exports/1", "callbackURL": "http://127.0.0.1:9000/eloqua"}))
-                .respond("201", ok("Created.", r("EloquaSync")))
-                .respond("200", ok("`validate_only`: valid.", r("Valid"))),
+                .respond("201", {
+                    let mut created = ok("Created.", r("EloquaSync"));
+                    created["headers"] = json!({"Location": {
+                        "description": "`/api/bulk/2.0/syncs/<n>`: where the sync is read",
+                        "required": true,
+                        "schema": {"type": "string", "pattern": "^/api/bulk/2\\.0/syncs/[0-9]+$"},
+                    }});
+                    created
+                })
+                .respond("200", ok("`validate_only`: valid.", r("Valid")))
+                .links(
+                    "201",
+                    json!({
+                        // `#regex:` is schemathesis's extractor (the number at the end of Location).
+                        "GetEloquaSync": link("getEloquaSync", json!({"id": "$response.header.Location#regex:/syncs/([0-9]+)$"})),
+                        "GetEloquaSyncLogs": link("getEloquaSyncLogs", json!({"id": "$response.header.Location#regex:/syncs/([0-9]+)$"})),
+                    }),
+                ),
         ),
         (
             "get",
@@ -1170,7 +1190,21 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "/airdrop.sync-units.create.bulk",
             Op::new("createSyncUnits", "devrev", "Create sync units, all or nothing")
                 .body(r("SyncUnitsCreate"), json!({"sync_units": [{"external_sync_unit": "project-OPS", "keyring": "jira-cloud"}]}))
-                .respond("201", ok("Created.", r("SyncUnitsCreated"))),
+                .respond("201", ok("Created.", r("SyncUnitsCreated")))
+                .links(
+                    "201",
+                    json!({
+                        "GetSyncUnit": link("getSyncUnit", json!({"query.id": "$response.body#/sync_units/0/id"})),
+                        "UpdateSyncUnit": {
+                            "operationId": "updateSyncUnit",
+                            "requestBody": {"id": "$response.body#/sync_units/0/id"},
+                        },
+                        "CreateRunOfUnit": {
+                            "operationId": "createSyncJobRun",
+                            "requestBody": {"sync_unit_id": "$response.body#/sync_units/0/id"},
+                        },
+                    }),
+                ),
         ),
         (
             "get",
