@@ -278,6 +278,17 @@ impl Envelope {
 pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
     check_text(field, s, limits::URL, false)?;
     let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
+    // Stored, delivered and replayed in its normalised form (percent-encoded, IDNA), which may be
+    // longer than what was given: the limit holds for that form too.
+    if url.as_str().len() > limits::URL {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "is longer than {} characters once normalised (percent-encoding)",
+                limits::URL
+            ),
+        ));
+    }
     match url.scheme() {
         "https" => {}
         "http" if !https_only => {}
@@ -541,6 +552,28 @@ mod tests {
         }
         assert_eq!(rfc3339_ms(MIN_TIME_MS), "0000-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_ms(MAX_TIME_MS), "9999-12-31T23:59:59.999Z");
+    }
+
+    /// Found by `cargo fuzz` (fuzz target `envelope`): a callback URL within 2048 characters as
+    /// given but longer once normalised (each `û` becomes `%C3%BB`) was accepted; its stored form
+    /// then failed validation, so replaying the event's dead letter dropped it silently.
+    #[test]
+    fn a_url_longer_than_the_limit_once_normalised_is_refused() {
+        let run = "3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11";
+        let given = format!("https://example.com/{}", "û".repeat(1000));
+        assert!(given.chars().count() <= limits::URL);
+        let ev = json!({"id":"e","event":"x:y","webhook_id":run,"callback_url":given,"payload":{}});
+        assert_eq!(field(Envelope::parse(ev, 0, false).unwrap_err()), "callback_url");
+        assert_eq!(
+            field(parse_target_url("target_url", &given, false).unwrap_err()),
+            "target_url"
+        );
+        // At the limit once normalised it is accepted, and its stored form parses back.
+        let fits = format!("https://example.com/{}", "a".repeat(limits::URL - 20));
+        let ev = json!({"id":"e","event":"x:y","webhook_id":run,"callback_url":fits,"payload":{}});
+        let e = Envelope::parse(ev, 0, false).unwrap();
+        assert_eq!(e.callback_url.as_ref().unwrap().as_str().len(), limits::URL);
+        Envelope::parse(e.to_json(), 0, false).unwrap();
     }
 
     #[test]
