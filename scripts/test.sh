@@ -3,6 +3,7 @@
 #   unit + integration tests (cargo test: real HTTP receivers, the real binary, real SQLite, a real
 #   tansu broker, a real PostgreSQL the tests start themselves)
 #   the dashboard/alert check against a real Prometheus (tests/prometheus/check.sh)
+#   schemathesis against the relay's own OpenAPI document (scripts/schemathesis.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -67,8 +68,17 @@ echo "== dashboards and alerts against a real Prometheus"
 if SYNCRELAY_BIN="$PWD/target/debug/syncrelay" bash tests/prometheus/check.sh; then
     passed=$((passed + 1))
 else
-    echo "tests: $passed passed, $((failed + 1)) failed"
-    exit 1
+    failed=$((failed + 1))
+fi
+
+# The API fuzzed against its own OpenAPI document (scripts/schemathesis.sh: a pinned schemathesis
+# in target/venv, the debug relay in a loopback-only network namespace, about two minutes).
+echo "== schemathesis against GET /openapi.json"
+if SYNCRELAY_BIN="$PWD/target/debug/syncrelay" bash scripts/schemathesis.sh; then
+    passed=$((passed + 1))
+else
+    failed=$((failed + 1))
 fi
 
 echo "tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -90,6 +90,10 @@ pub fn rfc3339_ms(ms: i64) -> String {
     )
 }
 
+/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z: the instants `rfc3339_ms` can write.
+pub const MIN_TIME_MS: i64 = -62_167_219_200_000;
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     OffsetDateTime::parse(s, &Rfc3339)
         .ok()
@@ -193,7 +197,19 @@ impl Envelope {
             check_text("environment_id", e, limits::NAME, false)?;
         }
         let created_at_ms = match string(&mut o, "created_at", false)? {
-            Some(s) => parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?,
+            Some(s) => {
+                let ms =
+                    parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?;
+                // The delivery body says it again in UTC (`rfc3339_ms`): it must be a year
+                // RFC 3339 can write there.
+                if !(MIN_TIME_MS..=MAX_TIME_MS).contains(&ms) {
+                    return Err(ApiError::field(
+                        "created_at",
+                        "must be between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z in UTC",
+                    ));
+                }
+                ms
+            }
             None => now,
         };
         let payload = match o.remove("payload") {
@@ -262,6 +278,17 @@ impl Envelope {
 pub fn parse_target_url(field: &str, s: &str, https_only: bool) -> Result<Url, ApiError> {
     check_text(field, s, limits::URL, false)?;
     let url = Url::parse(s).map_err(|e| ApiError::field(field, format!("is not a valid URL ({e})")))?;
+    // Stored, delivered and replayed in its normalised form (percent-encoded, IDNA), which may be
+    // longer than what was given: the limit holds for that form too.
+    if url.as_str().len() > limits::URL {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "is longer than {} characters once normalised (percent-encoding)",
+                limits::URL
+            ),
+        ));
+    }
     match url.scheme() {
         "https" => {}
         "http" if !https_only => {}
@@ -493,6 +520,60 @@ mod tests {
         for (v, f) in cases {
             assert_eq!(field(Envelope::parse(v.clone(), 0, false).unwrap_err()), f, "{v}");
         }
+    }
+
+    /// Found by `cargo fuzz` (fuzz target `envelope`): an offset that moves `created_at` out of
+    /// years 0000-9999 in UTC was accepted, and the delivery body then said `-001-12-31T23:59:00.000Z`
+    /// (not RFC 3339) or, past 9999, `1970-01-01T00:00:00.000Z`.
+    #[test]
+    fn created_at_outside_years_0000_to_9999_in_utc_is_refused() {
+        let run = "3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11";
+        let ev = |t: &str| json!({"id":"e","event":"x:y","webhook_id":run,"created_at":t,"payload":{}});
+        for t in [
+            "0000-01-01T00:00:00+00:01",
+            "9999-12-31T23:59:59-23:59",
+            "9999-12-31T23:30:00-00:30",
+        ] {
+            assert_eq!(
+                field(Envelope::parse(ev(t), 0, false).unwrap_err()),
+                "created_at",
+                "{t}"
+            );
+        }
+        for (t, want) in [
+            ("0000-01-01T00:00:00Z", "0000-01-01T00:00:00.000Z"),
+            ("0000-01-01T00:01:00+00:01", "0000-01-01T00:00:00.000Z"),
+            ("9999-12-31T23:59:59.999Z", "9999-12-31T23:59:59.999Z"),
+            ("2026-11-25T12:00:00+02:00", "2026-11-25T10:00:00.000Z"),
+        ] {
+            let e = Envelope::parse(ev(t), 0, false).unwrap();
+            assert_eq!(rfc3339_ms(e.created_at_ms), want, "{t}");
+            assert_eq!(parse_rfc3339_ms(want), Some(e.created_at_ms), "{t}");
+        }
+        assert_eq!(rfc3339_ms(MIN_TIME_MS), "0000-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(MAX_TIME_MS), "9999-12-31T23:59:59.999Z");
+    }
+
+    /// Found by `cargo fuzz` (fuzz target `envelope`): a callback URL within 2048 characters as
+    /// given but longer once normalised (each `û` becomes `%C3%BB`) was accepted; its stored form
+    /// then failed validation, so replaying the event's dead letter dropped it silently.
+    #[test]
+    fn a_url_longer_than_the_limit_once_normalised_is_refused() {
+        let run = "3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11";
+        let given = format!("https://example.com/{}", "û".repeat(1000));
+        assert!(given.chars().count() <= limits::URL);
+        let ev = json!({"id":"e","event":"x:y","webhook_id":run,"callback_url":given,"payload":{}});
+        assert_eq!(field(Envelope::parse(ev, 0, false).unwrap_err()), "callback_url");
+        assert_eq!(
+            field(parse_target_url("target_url", &given, false).unwrap_err()),
+            "target_url"
+        );
+        // At the limit once normalised it is accepted, and its stored form parses back.
+        let fits = format!("https://example.com/{}", "a".repeat(limits::URL - 20));
+        let ev = json!({"id":"e","event":"x:y","webhook_id":run,"callback_url":fits,"payload":{}});
+        let e = Envelope::parse(ev, 0, false).unwrap();
+        assert_eq!(e.callback_url.as_ref().unwrap().as_str().len(), limits::URL);
+        Envelope::parse(e.to_json(), 0, false).unwrap();
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("method {method} is not allowed here; allowed: {}", allowed.join(", "))]
+    MethodNotAllowed { method: String, allowed: Vec<String> },
     #[error("request body is larger than {max_bytes} bytes")]
     TooLarge { max_bytes: usize, field: Option<String> },
     #[error("the request body was not received within {timeout_ms} ms")]
@@ -74,6 +76,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -96,6 +99,11 @@ impl ResponseError for ApiError {
             }),
             ApiError::NotFound(m) => json!({"type": "not_found", "message": m, "detail": null}),
             ApiError::Conflict(m) => json!({"type": "conflict", "message": m, "detail": null}),
+            ApiError::MethodNotAllowed { method, allowed } => json!({
+                "type": "method_not_allowed",
+                "message": self.to_string(),
+                "detail": { "method": method, "allowed": allowed },
+            }),
             ApiError::TooLarge { max_bytes, field } => json!({
                 "type": "request_entity_too_large",
                 "message": match field { Some(f) => format!("{f}: larger than {max_bytes} bytes"), None => self.to_string() },
@@ -135,6 +143,9 @@ impl ResponseError for ApiError {
             }
             ApiError::TooManyRequests { retry_after } => {
                 resp.insert_header(("retry-after", retry_after.to_string()));
+            }
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                resp.insert_header(("allow", allowed.join(", ")));
             }
             _ => {}
         }

@@ -157,7 +157,10 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
             "could not publish the sync's start command: {e:#}"
         )));
     }
-    Ok(HttpResponse::Created().json(sync_json(&s, Some(&run))))
+    // Where the new sync is read (RFC 9110 §10.2.2): `uri` is Eloqua's, relative to its API.
+    Ok(HttpResponse::Created()
+        .insert_header(("location", format!("/api/bulk/2.0{}", uri_of(&s))))
+        .json(sync_json(&s, Some(&run))))
 }
 
 pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {

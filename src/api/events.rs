@@ -43,27 +43,38 @@ fn split(body: &[u8]) -> Result<(Vec<Box<RawValue>>, bool, bool), ApiError> {
     }
 }
 
-pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
-    let s = &state.settings;
-    let body = read_body(&state, body).await?;
-    let (raws, batch, validate_only) = split(&body)?;
+/// A parsed `POST /events` body.
+pub struct EventsRequest {
+    pub events: Vec<Envelope>,
+    /// `{"events":[…]}` (error fields are then `events[i].…`).
+    pub batch: bool,
+    pub validate_only: bool,
+}
+
+/// Parse and validate a `POST /events` body as the route does before anything is queued: one
+/// event or a batch, repeated keys outside payloads, the batch size, each event's size and
+/// shape (`Envelope::parse`). Errors name the field. No I/O (callback hosts are checked later).
+pub fn parse_events(
+    body: &[u8],
+    max_batch: usize,
+    max_event_bytes: usize,
+    https_only: bool,
+    now: i64,
+) -> Result<EventsRequest, ApiError> {
+    let (raws, batch, validate_only) = split(body)?;
     if raws.is_empty() {
         return Err(ApiError::field("events", "must hold at least one event"));
     }
-    if raws.len() > s.events.max_batch {
-        return Err(ApiError::field(
-            "events",
-            format!("holds more than {} events", s.events.max_batch),
-        ));
+    if raws.len() > max_batch {
+        return Err(ApiError::field("events", format!("holds more than {max_batch} events")));
     }
-    let now = now_ms();
     let mut events = Vec::with_capacity(raws.len());
     for (i, raw) in raws.iter().enumerate() {
         let prefix = if batch { format!("events[{i}]") } else { String::new() };
         let within = |e: ApiError| if batch { e.within(&prefix) } else { e };
-        if raw.get().len() > s.events.max_event_bytes {
+        if raw.get().len() > max_event_bytes {
             return Err(within(ApiError::TooLarge {
-                max_bytes: s.events.max_event_bytes,
+                max_bytes: max_event_bytes,
                 field: Some("event".into()),
             }));
         }
@@ -73,8 +84,29 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
                 o.remove("validate_only");
             }
         }
-        events.push(Envelope::parse(v, now, s.delivery.https_only).map_err(within)?);
+        events.push(Envelope::parse(v, now, https_only).map_err(within)?);
     }
+    Ok(EventsRequest {
+        events,
+        batch,
+        validate_only,
+    })
+}
+
+pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let s = &state.settings;
+    let body = read_body(&state, body).await?;
+    let EventsRequest {
+        events,
+        batch,
+        validate_only,
+    } = parse_events(
+        &body,
+        s.events.max_batch,
+        s.events.max_event_bytes,
+        s.delivery.https_only,
+        now_ms(),
+    )?;
     // Callback URLs are checked now as far as possible without DNS (IP literals, loopback
     // names); host names are resolved when they are dialled, by the guarded resolver.
     for (i, e) in events.iter().enumerate() {

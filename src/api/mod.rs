@@ -4,6 +4,7 @@
 mod devrev;
 mod eloqua;
 mod events;
+mod openapi;
 mod ops;
 mod sync_job_runs;
 mod sync_jobs;
@@ -14,8 +15,9 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, HttpResponse, ResponseError};
+use actix_web::{web, HttpResponse, ResponseError, Route};
 use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
 
@@ -38,55 +40,111 @@ pub struct AppState {
 
 pub type State = web::Data<AppState>;
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("")
-            .wrap(from_fn(authenticate))
-            .wrap(from_fn(observe))
-            .route("/health/live", web::get().to(ops::live))
-            .route("/health/ready", web::get().to(ops::ready))
-            .route("/metrics", web::get().to(ops::metrics))
-            .route("/webhook", web::post().to(webhooks::create))
-            .route("/webhook", web::get().to(webhooks::list))
-            .route("/webhook/{id}", web::get().to(webhooks::get))
-            .route("/webhook/{id}", web::patch().to(webhooks::update))
-            .route("/webhook/{id}", web::delete().to(webhooks::delete))
-            .route("/webhook/{id}/rotate-secret", web::post().to(webhooks::rotate_secret))
-            .route("/webhook/{id}/test", web::post().to(webhooks::test))
-            .route("/events", web::post().to(events::ingest))
-            .route("/deliveries", web::get().to(ops::list_deliveries))
-            .route("/deliveries/{id}", web::get().to(ops::get_delivery))
-            .route("/dead-letters", web::get().to(ops::list_dead_letters))
-            .route("/dead-letters/replay", web::post().to(ops::replay_dead_letters))
-            .route("/sync-job-run-commands", web::get().to(ops::list_commands))
-            .route("/sync-job", web::post().to(sync_jobs::create))
-            .route("/sync-job", web::get().to(sync_jobs::list))
-            .route("/sync-job/{id}", web::get().to(sync_jobs::get))
-            .route("/sync-job/{id}", web::patch().to(sync_jobs::update))
-            .route("/sync-job/{id}", web::delete().to(sync_jobs::delete))
-            .route("/sync-job-run", web::post().to(sync_job_runs::create))
-            .route("/sync-job-run", web::get().to(sync_job_runs::list))
-            .route("/sync-job-run/{id}", web::get().to(sync_job_runs::get))
-            .route("/sync-job-run/{id}", web::patch().to(sync_job_runs::update))
-            .route("/sync-job-run/{id}", web::delete().to(sync_job_runs::delete))
-            .route("/api/bulk/2.0/syncs", web::post().to(eloqua::create))
-            .route("/api/bulk/2.0/syncs", web::get().to(eloqua::list))
-            .route("/api/bulk/2.0/syncs/{id}", web::get().to(eloqua::get))
-            .route("/api/bulk/2.0/syncs/{id}/logs", web::get().to(eloqua::logs))
-            .route("/airdrop.sync-units.create.bulk", web::post().to(devrev::create_bulk))
-            .route("/airdrop.sync-units.get", web::get().to(devrev::get))
-            .route("/airdrop.sync-units.list", web::get().to(devrev::list))
-            .route("/airdrop.sync-units.update", web::post().to(devrev::update))
-            .default_service(web::to(not_found)),
-    );
+pub use events::{parse_events, EventsRequest};
+
+/// Every route of the API: (method, path template, handler). `configure` registers exactly
+/// these and nothing else; the OpenAPI document (`openapi.rs`) documents exactly these
+/// (`tests/openapi.rs` checks both ways).
+fn routes() -> Vec<(Method, &'static str, Route)> {
+    vec![
+        (Method::GET, "/health/live", web::to(ops::live)),
+        (Method::GET, "/health/ready", web::to(ops::ready)),
+        (Method::GET, "/metrics", web::to(ops::metrics)),
+        (Method::GET, "/openapi.json", web::to(openapi::serve)),
+        (Method::POST, "/webhook", web::to(webhooks::create)),
+        (Method::GET, "/webhook", web::to(webhooks::list)),
+        (Method::GET, "/webhook/{id}", web::to(webhooks::get)),
+        (Method::PATCH, "/webhook/{id}", web::to(webhooks::update)),
+        (Method::DELETE, "/webhook/{id}", web::to(webhooks::delete)),
+        (
+            Method::POST,
+            "/webhook/{id}/rotate-secret",
+            web::to(webhooks::rotate_secret),
+        ),
+        (Method::POST, "/webhook/{id}/test", web::to(webhooks::test)),
+        (Method::POST, "/events", web::to(events::ingest)),
+        (Method::GET, "/deliveries", web::to(ops::list_deliveries)),
+        (Method::GET, "/deliveries/{id}", web::to(ops::get_delivery)),
+        (Method::GET, "/dead-letters", web::to(ops::list_dead_letters)),
+        (Method::POST, "/dead-letters/replay", web::to(ops::replay_dead_letters)),
+        (Method::GET, "/sync-job-run-commands", web::to(ops::list_commands)),
+        (Method::POST, "/sync-job", web::to(sync_jobs::create)),
+        (Method::GET, "/sync-job", web::to(sync_jobs::list)),
+        (Method::GET, "/sync-job/{id}", web::to(sync_jobs::get)),
+        (Method::PATCH, "/sync-job/{id}", web::to(sync_jobs::update)),
+        (Method::DELETE, "/sync-job/{id}", web::to(sync_jobs::delete)),
+        (Method::POST, "/sync-job-run", web::to(sync_job_runs::create)),
+        (Method::GET, "/sync-job-run", web::to(sync_job_runs::list)),
+        (Method::GET, "/sync-job-run/{id}", web::to(sync_job_runs::get)),
+        (Method::PATCH, "/sync-job-run/{id}", web::to(sync_job_runs::update)),
+        (Method::DELETE, "/sync-job-run/{id}", web::to(sync_job_runs::delete)),
+        (Method::POST, "/api/bulk/2.0/syncs", web::to(eloqua::create)),
+        (Method::GET, "/api/bulk/2.0/syncs", web::to(eloqua::list)),
+        (Method::GET, "/api/bulk/2.0/syncs/{id}", web::to(eloqua::get)),
+        (Method::GET, "/api/bulk/2.0/syncs/{id}/logs", web::to(eloqua::logs)),
+        (
+            Method::POST,
+            "/airdrop.sync-units.create.bulk",
+            web::to(devrev::create_bulk),
+        ),
+        (Method::GET, "/airdrop.sync-units.get", web::to(devrev::get)),
+        (Method::GET, "/airdrop.sync-units.list", web::to(devrev::list)),
+        (Method::POST, "/airdrop.sync-units.update", web::to(devrev::update)),
+    ]
 }
 
+/// `(METHOD, path template)` of every route `configure` registers.
+pub fn route_table() -> Vec<(String, String)> {
+    routes()
+        .into_iter()
+        .map(|(m, p, _)| (m.as_str().to_string(), p.to_string()))
+        .collect()
+}
+
+/// The OpenAPI 3.1 document of the API for these settings (served at `GET /openapi.json`).
+pub fn openapi_document(settings: &Settings) -> serde_json::Value {
+    openapi::document(settings)
+}
+
+/// `(METHOD, path template)` of every operation in an OpenAPI document.
+pub fn documented_operations(doc: &serde_json::Value) -> Vec<(String, String)> {
+    openapi::documented_operations(doc)
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let mut scope = web::scope("").wrap(from_fn(authenticate)).wrap(from_fn(observe));
+    for (method, path, route) in routes() {
+        scope = scope.route(path, route.method(method));
+    }
+    cfg.service(scope.default_service(web::to(not_found)));
+}
+
+/// No route matched: 405 with `Allow` when the path is a route's under another method (RFC 9110
+/// §15.5.6), else 404.
 async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    let allowed = allowed_methods(req.path());
+    if !allowed.is_empty() {
+        return Err(ApiError::MethodNotAllowed {
+            method: method_label(req.method()).to_string(),
+            allowed,
+        });
+    }
     Err(ApiError::NotFound(format!("no route {} {}", req.method(), req.path())))
 }
 
+/// The methods routed for a path (empty when no route template matches it).
+pub fn allowed_methods(path: &str) -> Vec<String> {
+    let mut allowed: Vec<String> = route_table()
+        .into_iter()
+        .filter(|(_, template)| actix_web::dev::ResourceDef::new(template.as_str()).is_match(path))
+        .map(|(m, _)| m)
+        .collect();
+    allowed.dedup();
+    allowed
+}
+
 fn is_public(path: &str) -> bool {
-    path == "/metrics" || path.starts_with("/health/")
+    path == "/metrics" || path == "/openapi.json" || path.starts_with("/health/")
 }
 
 /// The token of an `Authorization` header value: scheme `Bearer` in any case (RFC 9110 §11.1),

@@ -123,11 +123,11 @@ pub async fn list_deliveries(
             match s.as_str() {
                 "pending" => "ready",
                 "queued" => "waiting",
-                "delivered" | "dead" => s.as_str(),
+                "delivered" | "dead" | "dropped" => s.as_str(),
                 _ => {
                     return Err(ApiError::field(
                         "status",
-                        "must be one of pending, queued, delivered, dead",
+                        "must be one of pending, queued, delivered, dead, dropped",
                     ))
                 }
             }
@@ -194,7 +194,26 @@ struct Replay {
     webhook_id: Option<String>,
     reason: Option<String>,
     event_id: Option<String>,
+    #[serde(default, deserialize_with = "integral")]
     limit: Option<i64>,
+}
+
+/// An integer given as a JSON number: `5` and `5.0` alike (JSON Schema's `integer` is any number
+/// without a fractional part, so clients generated from the OpenAPI document may send either).
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    n.as_i64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() <= 9.0e15)
+                .map(|f| f as i64)
+        })
+        .or_else(|| n.as_u64().map(|_| i64::MAX))
+        .map(Some)
+        .ok_or_else(|| D::Error::custom("must be an integer"))
 }
 
 /// Re-drive dead letters with the same `webhook-id`: by id, or every open one matching a filter.
