@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use syncrelay::config::{LogFormat, Settings};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc: each delivery allocates and frees many short-lived buffers,
+/// often on another worker thread than the one that allocated them, where glibc's arenas spent a
+/// quarter of the relay's CPU (docs/BENCHMARKS.md, 2026-12-02).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "syncrelay", version, about = "Sync job run events in, signed webhooks out")]
 struct Cli {

@@ -228,6 +228,18 @@ pub(crate) fn record_resource(event: &str, body: &str) -> Option<String> {
 }
 
 pub(crate) fn payload_resource(body: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    v.get("payload")?.get("resource")?.as_str().map(str::to_string)
+    // Called for every record delivered: read just `payload.resource`, skipping everything
+    // else without building a tree of the (possibly large) payload.
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        payload: Option<Payload<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Payload<'a> {
+        #[serde(borrow)]
+        resource: Option<std::borrow::Cow<'a, str>>,
+    }
+    let b: Body = serde_json::from_str(body).ok()?;
+    b.payload?.resource.map(|r| r.into_owned())
 }

@@ -16,7 +16,7 @@
 //! - the order of a run's events is kept by `ordering::Chains` (memory) and by the store's
 //!   ready/waiting rows (stored): only a chain's head is ever handed to the dispatcher.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use super::client::DeliveryClient;
 use super::dead_letter::DeadLetterSink;
 use super::job::{Ack, Job};
 use super::outcome::Write;
+use super::ready::Ready;
 use super::retry::RetryPolicy;
 use crate::config::{LogMode, Settings};
 use crate::domain::{now_ms, Envelope};
@@ -118,7 +119,7 @@ pub(super) struct InFlight {
     /// Jobs ready to start: stored rows just committed ready (new chains on ingest, rows
     /// promoted when their predecessor finished) and memory jobs that became their chain's
     /// head, handed over in memory so the dispatcher does not have to find them with a query.
-    pub hot: VecDeque<Job>,
+    pub hot: Ready,
     /// Stored rows in `hot`, or claimed for it by a transaction not yet committed. Never
     /// picked by a dispatcher query. Bounded by `hot_cap`; rows beyond it stay for the query.
     pub claimed: HashSet<i64>,
@@ -462,30 +463,19 @@ impl Engine {
                 let mut f = self.in_flight.lock().expect("lock");
                 let mut free = self.max_in_flight.saturating_sub(f.active);
                 if free > 0 && !f.hot.is_empty() {
-                    let mut keep = VecDeque::new();
-                    while let Some(job) = f.hot.pop_front() {
-                        if free == 0 {
-                            keep.push_back(job);
-                            keep.append(&mut f.hot);
-                            break;
-                        }
-                        let n = f.per_target.entry(job.q.target_key.clone()).or_insert(0);
-                        if *n >= self.per_target_cap {
-                            keep.push_back(job);
-                            continue;
-                        }
-                        *n += 1;
-                        f.active += 1;
+                    let f = &mut *f;
+                    let jobs = f.hot.take(free, &mut f.per_target, self.per_target_cap);
+                    for job in &jobs {
                         if job.is_memory() {
                             f.memory += 1;
                         } else {
                             f.claimed.remove(&job.q.seq);
                             f.rows.insert(job.q.seq);
                         }
-                        free -= 1;
-                        hot_jobs.push(job);
                     }
-                    f.hot = keep;
+                    f.active += jobs.len();
+                    free -= jobs.len();
+                    hot_jobs = jobs;
                 }
                 // 2. The store, when something may be there that is not in memory.
                 let scan = free > 0
@@ -699,9 +689,7 @@ impl Engine {
         let keep = {
             let mut f = self.in_flight.lock().expect("lock");
             let InFlight { hot, claimed, .. } = &mut *f;
-            let (gone, kept): (VecDeque<Job>, VecDeque<Job>) = hot.drain(..).partition(|j| is_run(j));
-            *hot = kept;
-            for j in gone {
+            for j in hot.remove_where(is_run) {
                 if j.is_memory() {
                     heads.push(j.q.order_key.clone());
                     dropped.push(j);

@@ -10,4 +10,5 @@ pub mod dead_letter;
 pub mod engine;
 pub mod job;
 pub mod outcome;
+mod ready;
 pub mod retry;
