@@ -10,7 +10,8 @@
 //! `target/bench-e2e.json`.
 //!
 //! Scenarios (`--only` takes a comma-separated list; default: all): `embedded`, `kafka` (each with
-//! L_client, latency at half load, and for embedded the single run), `large` (16 KiB payloads:
+//! L_client, latency at half load, and for embedded the single run), `postgres` (the embedded
+//! bus on a PostgreSQL store the bench starts itself, with its ratio to `embedded`), `large` (16 KiB payloads:
 //! `large-embedded`, `large-kafka`), `isolation` (100 webhooks, one answering after 5 s:
 //! `isolation-embedded`, `isolation-kafka`), `parked` (RSS with 100,000 events held for a 503
 //! receiver: `parked-embedded`, `parked-kafka`).
@@ -415,6 +416,39 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
         verified: (verified.0 + v2.0, verified.1 + v2.1),
         latency,
     }
+}
+
+/// The embedded bus on a PostgreSQL store (`store.kind = "postgres"`): the same workload as
+/// `embedded`'s throughput phase, against a fresh server with PostgreSQL's durable defaults
+/// (fsync and synchronous commit on: what SQLite's `synchronous = full` is compared with).
+/// Returns (events/s, relay CPU seconds, peak RSS MiB, verified signatures).
+async fn postgres(rx: &Receiver, runs: usize, per_run: usize) -> (f64, f64, f64, (usize, usize)) {
+    let pg = tokio::task::spawn_blocking(support::postgres::PgServer::start_durable)
+        .await
+        .unwrap();
+    let url = pg.create_database();
+    let relay = start_relay(vec![
+        ("SYNCRELAY__STORE__KIND".into(), "postgres".into()),
+        ("SYNCRELAY__STORE__URL".into(), url),
+    ])
+    .await;
+    let (wid, secret) = webhook(&relay, &rx.url("/postgres")).await;
+    let events = workload("pg", &wid, runs, per_run, 0);
+    let n = events.len() as u64;
+    rx.reset();
+    relay.reset_peak_rss();
+    let cpu0 = relay.cpu_secs();
+    let started = Instant::now();
+    post_events(&relay, &events).await;
+    let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
+    let eps = n as f64 / secs(done - started);
+    let cpu = relay.cpu_secs() - cpu0;
+    eprintln!("  postgres: relay CPU {cpu:.2}s over {:.2}s wall", secs(done - started));
+    let rss = relay.peak_rss_mib();
+    let verified = rx.verify_samples(&secret);
+    drop(relay);
+    drop(pg);
+    (eps, cpu, rss, verified)
 }
 
 struct KafkaResult {
@@ -879,8 +913,9 @@ fn machine() -> (usize, String) {
 }
 
 /// Scenarios `--only` accepts; `large`, `isolation` and `parked` also take `-embedded` / `-kafka`.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "embedded",
+    "postgres",
     "kafka",
     "large",
     "large-embedded",
@@ -1059,6 +1094,33 @@ fn main() {
             rep.rss("single_run", emb.rss_single);
             rep.target("embedded_ge_0_5_l_client", ratio >= 0.5);
             rep.target("embedded_p99_le_50ms", p99 <= 50.0);
+        }
+
+        if want("postgres") {
+            eprintln!("postgres: {runs} runs x {per_run} events, embedded bus, PostgreSQL store (durable)");
+            let (eps, cpu, rss, verified) = postgres(&rx, runs, per_run).await;
+            rep.verified(verified);
+            let vs = rep.json.get("embedded_eps").and_then(Value::as_f64);
+            let ratio = vs.map(|e| eps / e);
+            rep.row(
+                &format!("PostgreSQL store e2e ({total} events, {runs} runs, embedded bus)"),
+                &match ratio {
+                    Some(r) => format!("{eps:.0} events/s ({r:.2} x SQLite embedded); relay CPU {cpu:.2} s"),
+                    None => format!("{eps:.0} events/s (run `embedded` too for the ratio); relay CPU {cpu:.2} s"),
+                },
+                ">= 0.6 x SQLite embedded and >= 2,000 events/s",
+                yes(eps >= 2000.0 && ratio.is_none_or(|r| r >= 0.6)),
+            );
+            rep.set("postgres_eps", json!(eps));
+            rep.set("postgres_relay_cpu_s", json!(cpu));
+            if let Some(r) = ratio {
+                rep.set("postgres_ratio_sqlite", json!(r));
+            }
+            rep.rss("postgres", rss);
+            rep.target("postgres_ge_2000_eps", eps >= 2000.0);
+            if let Some(r) = ratio {
+                rep.target("postgres_ge_0_6_sqlite", r >= 0.6);
+            }
         }
 
         if want("kafka") {

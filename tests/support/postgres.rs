@@ -113,6 +113,17 @@ impl PgServer {
     /// A new server: `initdb -A trust` in a fresh temporary folder, started on a free loopback
     /// port, durability off (test data only).
     pub fn start() -> PgServer {
+        PgServer::start_with(false)
+    }
+
+    /// A new server with PostgreSQL's durable defaults (fsync, synchronous commit, full page
+    /// writes): what the benchmark compares with SQLite's `synchronous = full`.
+    #[allow(dead_code)]
+    pub fn start_durable() -> PgServer {
+        PgServer::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PgServer {
         let bin = bin_dir();
         let dir = std::env::temp_dir().join(format!(
             "syncrelay-pg-{}-{}",
@@ -161,9 +172,13 @@ impl PgServer {
                 .arg(dir.join("server.log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                     -c synchronous_commit=off -c full_page_writes=off",
-                    dir.display()
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 {}",
+                    dir.display(),
+                    if durable {
+                        ""
+                    } else {
+                        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+                    }
                 ))
                 .args(["-w", "-t", "60", "start"])
                 .stdin(Stdio::null());
