@@ -262,7 +262,26 @@ fn secs(d: Duration) -> f64 {
 
 /// L_client: a bare reqwest client, signing like the relay, `CONCURRENCY` requests in flight,
 /// each POSTing the same event of about `payload` bytes.
-async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize) {
+/// CPU seconds used so far by this process's tokio worker threads: where the bare client of
+/// `l_client` runs (the receiver answers on actix's own worker threads, not counted).
+fn client_cpu_secs() -> f64 {
+    let mut total = 0.0;
+    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !(comm.starts_with("tokio-rt-worker") || comm.starts_with("tokio-runtime-w")) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // After the command name (in parentheses): utime is the 12th field, stime the 13th.
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / 100.0;
+    }
+    total
+}
+
+/// Returns (requests/s, signatures verified, sampled, client CPU seconds per request).
+async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize, f64) {
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let key = base64::engine::general_purpose::STANDARD
         .decode(secret.trim_start_matches("whsec_"))
@@ -272,6 +291,7 @@ async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize
     let url = rx.url("/limit");
     rx.reset();
     let next = Arc::new(AtomicU64::new(0));
+    let cpu0 = client_cpu_secs();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
@@ -310,8 +330,9 @@ async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize
         t.await.unwrap();
     }
     let el = started.elapsed();
+    let cpu = client_cpu_secs() - cpu0;
     let (ok, sampled) = rx.verify_samples(secret);
-    (n as f64 / secs(el), ok, sampled)
+    (n as f64 / secs(el), ok, sampled, cpu / n as f64)
 }
 
 /// Post `events` in batches of 500, two batches in flight; returns when all are accepted.
@@ -340,6 +361,8 @@ async fn post_events_batched(relay: &RelayProcess, events: &[Value], batch: usiz
 
 struct EmbeddedResult {
     eps: f64,
+    /// Relay CPU seconds over the throughput phase.
+    cpu: f64,
     single_eps: f64,
     rss_throughput: f64,
     rss_single: f64,
@@ -361,11 +384,8 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
     let accepted = started.elapsed();
     let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
     let eps = n as f64 / secs(done - started);
-    eprintln!(
-        "  embedded: relay CPU {:.2}s over {:.2}s wall",
-        relay.cpu_secs() - cpu0,
-        secs(done - started)
-    );
+    let cpu = relay.cpu_secs() - cpu0;
+    eprintln!("  embedded: relay CPU {cpu:.2}s over {:.2}s wall", secs(done - started));
     eprintln!(
         "  embedded: accepted {n} in {:.2}s, delivered in {:.2}s",
         secs(accepted),
@@ -410,6 +430,7 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
     drop(relay);
     EmbeddedResult {
         eps,
+        cpu,
         single_eps,
         rss_throughput,
         rss_single,
@@ -453,6 +474,8 @@ async fn postgres(rx: &Receiver, runs: usize, per_run: usize) -> (f64, f64, f64,
 
 struct KafkaResult {
     eps_delivered: f64,
+    /// Relay CPU seconds over the throughput phase.
+    cpu: f64,
     eps_committed: f64,
     l_broker: f64,
     rss: f64,
@@ -545,11 +568,8 @@ async fn kafka(
         secs(delivered - started),
         secs(committed - started)
     );
-    eprintln!(
-        "  kafka: relay CPU {:.2}s over {:.2}s wall",
-        relay.cpu_secs() - cpu0,
-        secs(delivered - started)
-    );
+    let cpu = relay.cpu_secs() - cpu0;
+    eprintln!("  kafka: relay CPU {cpu:.2}s over {:.2}s wall", secs(delivered - started));
     let rss = relay.peak_rss_mib();
     let verified = rx.verify_samples(&secret);
 
@@ -597,6 +617,7 @@ async fn kafka(
     .unwrap();
     KafkaResult {
         eps_delivered,
+        cpu,
         eps_committed: n as f64 / secs(committed - started),
         l_broker,
         rss,
@@ -996,6 +1017,25 @@ impl Report {
     }
 }
 
+/// Relay CPU per delivered event against the bare signing client's CPU per request (same
+/// bodies, same receiver, same run): what the relay costs beyond the HTTP client it wraps.
+fn cpu_row(rep: &mut Report, bus: &str, relay_per_event: f64, client_per_request: f64) {
+    let ratio = relay_per_event / client_per_request;
+    rep.row(
+        &format!("Relay CPU per delivered event ({bus}) / bare client CPU per request"),
+        &format!(
+            "{:.3} ms / {:.3} ms = {ratio:.2} x",
+            relay_per_event * 1e3,
+            client_per_request * 1e3
+        ),
+        "<= 2.0 x",
+        Some(ratio <= 2.0),
+    );
+    rep.set(&format!("{bus}_relay_cpu_ms_per_event"), json!(relay_per_event * 1e3));
+    rep.set(&format!("{bus}_cpu_ratio_client"), json!(ratio));
+    rep.target(&format!("{bus}_cpu_le_2_0_client"), ratio <= 2.0);
+}
+
 fn lat_json((rate, (p50, p99, p999)): (f64, (f64, f64, f64))) -> Value {
     json!({"rate_eps": rate, "p50": p50, "p99": p99, "p999": p999})
 }
@@ -1040,7 +1080,7 @@ fn main() {
 
         let l_client_eps = if want("embedded") || want("kafka") {
             eprintln!("L_client: {total} signed POSTs of {PAYLOAD_BYTES} B, concurrency {CONCURRENCY}");
-            let (l, ok, n) = l_client(&rx, total, PAYLOAD_BYTES).await;
+            let (l, ok, n, cpu_req) = l_client(&rx, total, PAYLOAD_BYTES).await;
             rep.verified((ok, n));
             rep.row(
                 &format!("L_client (bare signing reqwest, concurrency {CONCURRENCY})"),
@@ -1049,15 +1089,17 @@ fn main() {
                 None,
             );
             rep.set("l_client_eps", json!(l));
-            Some(l)
+            rep.set("l_client_cpu_ms_per_request", json!(cpu_req * 1e3));
+            Some((l, cpu_req))
         } else {
             None
         };
 
         if want("embedded") {
-            let l_client = l_client_eps.unwrap();
+            let (l_client, client_cpu) = l_client_eps.unwrap();
             eprintln!("embedded: {runs} runs x {per_run} events, then one run of {single}");
             let emb = embedded(&rx, runs, per_run, single, lat_secs).await;
+            cpu_row(&mut rep, "embedded", emb.cpu / total as f64, client_cpu);
             let ratio = emb.eps / l_client;
             rep.verified(emb.verified);
             rep.row(
@@ -1124,9 +1166,10 @@ fn main() {
         }
 
         if want("kafka") {
-            let l_client = l_client_eps.unwrap();
+            let (l_client, client_cpu) = l_client_eps.unwrap();
             eprintln!("kafka: {runs} runs x {per_run} events, 8 partitions");
             let kfk = kafka(&rx, runs, per_run, PAYLOAD_BYTES, Some(lat_secs), "bench.events").await;
+            cpu_row(&mut rep, "kafka", kfk.cpu / total as f64, client_cpu);
             let limit = l_client.min(kfk.l_broker);
             let binds = if kfk.l_broker < l_client { "L_broker" } else { "L_client" };
             let ratio = kfk.eps_delivered / limit;
@@ -1176,7 +1219,7 @@ fn main() {
 
         if want("large-embedded") || want("large-kafka") {
             eprintln!("L_client 16 KiB: {large_total} signed POSTs of {LARGE_PAYLOAD_BYTES} B, concurrency {CONCURRENCY}");
-            let (l16, ok, n) = l_client(&rx, large_total, LARGE_PAYLOAD_BYTES).await;
+            let (l16, ok, n, _) = l_client(&rx, large_total, LARGE_PAYLOAD_BYTES).await;
             rep.verified((ok, n));
             rep.row(
                 &format!("L_client 16 KiB (bare signing reqwest, {large_total} requests)"),
