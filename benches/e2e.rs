@@ -569,7 +569,10 @@ async fn kafka(
         secs(committed - started)
     );
     let cpu = relay.cpu_secs() - cpu0;
-    eprintln!("  kafka: relay CPU {cpu:.2}s over {:.2}s wall", secs(delivered - started));
+    eprintln!(
+        "  kafka: relay CPU {cpu:.2}s over {:.2}s wall",
+        secs(delivered - started)
+    );
     let rss = relay.peak_rss_mib();
     let verified = rx.verify_samples(&secret);
 
@@ -581,14 +584,20 @@ async fn kafka(
     };
     drop(relay);
 
-    // L_broker: a bare consumer reads the same topic (same messages) from the beginning.
+    // L_broker: a bare consumer reads the same topic (same messages) in steady state: with the
+    // relay's fetch.wait.max.ms (tansu answers a fetch only when that wait expires, so a
+    // default 500 ms would measure the wait, not the broker), a first full pass to connect,
+    // fetch metadata and get positioned, then the timed pass from the beginning again — so
+    // connection and assignment time are not counted as consumption.
     let bootstrap = broker.bootstrap();
     let total = n + 1;
+    let wait = fetch_wait_ms().to_string();
     let l_broker = tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "bench-bare-reader")
             .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", &wait)
             .create()
             .unwrap();
         let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
@@ -596,22 +605,32 @@ async fn kafka(
         for p in md.topics()[0].partitions() {
             tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
         }
-        c.assign(&tpl).unwrap();
-        let started = Instant::now();
-        let mut got = 0u64;
-        let mut bytes = 0usize;
-        while got < total {
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "bare consumer stalled at {got}"
-            );
-            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-                bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
-                got += 1;
+        let read_all = |what: &str| {
+            c.assign(&tpl).unwrap();
+            let started = Instant::now();
+            let mut got = 0u64;
+            let mut bytes = 0usize;
+            while got < total {
+                assert!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "bare consumer ({what}) stalled at {got}"
+                );
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                    bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
+                    got += 1;
+                }
             }
-        }
-        assert!(bytes > 0);
-        total as f64 / secs(started.elapsed())
+            assert!(bytes > 0);
+            started.elapsed()
+        };
+        let warm = read_all("warm-up pass");
+        let timed = read_all("timed pass");
+        eprintln!(
+            "  L_broker: warm-up pass {:.2}s, timed pass {:.2}s for {total} messages",
+            secs(warm),
+            secs(timed)
+        );
+        total as f64 / secs(timed)
     })
     .await
     .unwrap();
@@ -1112,8 +1131,8 @@ fn main() {
             rep.row(
                 &format!("Embedded latency at {rate:.0} events/s (half e2e), paced {lat_secs:.1}s: p50 / p99 / p99.9"),
                 &format!("{p50:.1} / {p99:.1} / {p999:.1} ms"),
-                "p99 <= 50 ms",
-                yes(p99 <= 50.0),
+                "p99 <= 25 ms",
+                yes(p99 <= 25.0),
             );
             rep.row(
                 &format!("Single run ({single} events, embedded, sequential)"),
@@ -1125,8 +1144,8 @@ fn main() {
             rep.row(
                 "Relay peak RSS: embedded throughput / single run",
                 &format!("{:.1} / {:.1} MiB", emb.rss_throughput, emb.rss_single),
-                "<= 300 MiB",
-                yes(rss_max <= 300.0),
+                "<= 200 MiB",
+                yes(rss_max <= 200.0),
             );
             rep.set("embedded_eps", json!(emb.eps));
             rep.set("embedded_ratio_l_client", json!(ratio));
@@ -1135,7 +1154,7 @@ fn main() {
             rep.rss("embedded_throughput", emb.rss_throughput);
             rep.rss("single_run", emb.rss_single);
             rep.target("embedded_ge_0_5_l_client", ratio >= 0.5);
-            rep.target("embedded_p99_le_50ms", p99 <= 50.0);
+            rep.target("embedded_p99_le_25ms", p99 <= 25.0);
         }
 
         if want("postgres") {
@@ -1175,16 +1194,21 @@ fn main() {
             let ratio = kfk.eps_delivered / limit;
             rep.verified(kfk.verified);
             rep.row(
-                "L_broker (bare rdkafka consumer, tansu)",
-                &format!("{:.0} msgs/s", kfk.l_broker),
-                "",
-                None,
+                "L_broker (bare rdkafka consumer, tansu, steady state)",
+                &format!(
+                    "{:.0} msgs/s ({:.2} x the relay's Kafka rate)",
+                    kfk.l_broker,
+                    kfk.l_broker / kfk.eps_delivered
+                ),
+                ">= the relay's Kafka rate (a bare consumer is not slower than the relay)",
+                yes(kfk.l_broker >= kfk.eps_delivered),
             );
+            rep.target("l_broker_ge_relay_kafka", kfk.l_broker >= kfk.eps_delivered);
             rep.row(
                 &format!("Kafka e2e delivered ({total} events, 8 partitions)"),
                 &format!("{:.0} events/s ({ratio:.2} x {binds})", kfk.eps_delivered),
-                ">= 0.7 x min(L_client, L_broker)",
-                yes(ratio >= 0.7),
+                ">= 0.8 x min(L_client, L_broker)",
+                yes(ratio >= 0.8),
             );
             rep.row(
                 "Kafka e2e to offsets committed",
@@ -1203,8 +1227,8 @@ fn main() {
             rep.row(
                 "Relay peak RSS: kafka throughput",
                 &format!("{:.1} MiB", kfk.rss),
-                "<= 300 MiB",
-                yes(kfk.rss <= 300.0),
+                "<= 200 MiB",
+                yes(kfk.rss <= 200.0),
             );
             rep.set("l_broker_mps", json!(kfk.l_broker));
             rep.set("kafka_delivered_eps", json!(kfk.eps_delivered));
@@ -1213,7 +1237,7 @@ fn main() {
             rep.set("kafka_binding_limit", json!(binds));
             rep.latency.insert("kafka".into(), lat_json(lat));
             rep.rss("kafka", kfk.rss);
-            rep.target("kafka_ge_0_7_min_limit", ratio >= 0.7);
+            rep.target("kafka_ge_0_8_min_limit", ratio >= 0.8);
             rep.target("kafka_p99_le_50ms", p99 <= 50.0);
         }
 
@@ -1274,8 +1298,8 @@ fn main() {
                         k.eps_committed,
                         k.rss
                     ),
-                    ">= 0.7 x min(L_client, L_broker)",
-                    yes(ratio >= 0.7),
+                    ">= 0.8 x min(L_client, L_broker)",
+                    yes(ratio >= 0.8),
                 );
                 large.insert(
                     "kafka".into(),
@@ -1283,7 +1307,7 @@ fn main() {
                            "mb_per_s": mbps(k.eps_delivered, LARGE_PAYLOAD_BYTES), "l_broker_mps": k.l_broker,
                            "ratio": ratio, "binding_limit": binds, "rss_mib": k.rss}),
                 );
-                rep.target("large_kafka_ge_0_7_min_limit", ratio >= 0.7);
+                rep.target("large_kafka_ge_0_8_min_limit", ratio >= 0.8);
                 rep.rss("large_kafka", k.rss);
             }
             rep.set("large", Value::Object(large));
@@ -1355,15 +1379,15 @@ fn main() {
                     p.n as f64 / p.held_secs,
                     p.queue_depth
                 ),
-                "<= 300 MiB",
-                yes(p.rss <= 300.0),
+                "<= 200 MiB",
+                yes(p.rss <= 200.0),
             );
             parked_json.insert(
                 name.into(),
                 json!({"events": p.n, "rss_mib": p.rss, "held_secs": p.held_secs, "held_eps": p.n as f64 / p.held_secs,
                        "queue_depth": p.queue_depth, "parked_total": p.parked_metric, "attempts_503": p.attempts_503}),
             );
-            rep.target(&format!("parked_{name}_rss_le_300_mib"), p.rss <= 300.0);
+            rep.target(&format!("parked_{name}_rss_le_200_mib"), p.rss <= 200.0);
             rep.rss(&format!("parked_{name}"), p.rss);
         }
         if !parked_json.is_empty() {
@@ -1380,8 +1404,8 @@ fn main() {
             yes(verified.0 == verified.1),
         );
         rep.target("signatures_all_verified", verified.0 == verified.1);
-        let rss_ok = rep.rss.values().all(|v| v.as_f64().is_some_and(|m| m <= 300.0));
-        rep.target("rss_le_300_mib", rss_ok);
+        let rss_ok = rep.rss.values().all(|v| v.as_f64().is_some_and(|m| m <= 200.0));
+        rep.target("rss_le_200_mib", rss_ok);
 
         println!();
         println!(
