@@ -38,6 +38,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0003_sync_fronts.sql"),
         present: None,
     },
+    Migration {
+        version: 4,
+        name: "census_syncs",
+        sql: include_str!("../../../migrations/sqlite/0004_census_syncs.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
