@@ -202,6 +202,7 @@ impl Sync {
         for (k, x) in std::mem::take(o) {
             out.insert(k, x);
         }
+        out.insert("alert_attributes".into(), Value::Array(self.alerts_json()));
         // The deprecated fields, as what the alerts amount to.
         out.insert(
             "failed_run_notifications_enabled".into(),
@@ -216,6 +217,30 @@ impl Sync {
             out.insert("held_deliveries".into(), json!(h));
         }
         Value::Object(out)
+    }
+
+    /// `alert_attributes` in Census's shape.
+    pub fn alerts_json(&self) -> Vec<Value> {
+        self.config
+            .alerts
+            .iter()
+            .map(|a| {
+                let options = match a.kind {
+                    AlertKind::InvalidRecordPercent => json!({"threshold": a.threshold}),
+                    AlertKind::Status => match &a.status {
+                        Some(s) => json!({"status": s}),
+                        None => Value::Null,
+                    },
+                    AlertKind::Failure => Value::Null,
+                };
+                json!({
+                    "type": a.type_name,
+                    "send_for": if a.every_time { "every_time" } else { "first_time" },
+                    "should_send_recovery": a.should_send_recovery,
+                    "options": options,
+                })
+            })
+            .collect()
     }
 
     /// The sync as a create request would give it (PATCH merges into this).
@@ -238,26 +263,7 @@ impl Sync {
                 json!({"from": from, "to": m.to, "is_primary_identifier": m.is_primary_identifier})
             })
             .collect();
-        let alerts: Vec<Value> = c
-            .alerts
-            .iter()
-            .map(|a| {
-                let options = match a.kind {
-                    AlertKind::InvalidRecordPercent => json!({"threshold": a.threshold}),
-                    AlertKind::Status => match &a.status {
-                        Some(s) => json!({"status": s}),
-                        None => Value::Null,
-                    },
-                    AlertKind::Failure => Value::Null,
-                };
-                json!({
-                    "type": a.type_name,
-                    "send_for": if a.every_time { "every_time" } else { "first_time" },
-                    "should_send_recovery": a.should_send_recovery,
-                    "options": options,
-                })
-            })
-            .collect();
+        let alerts = self.alerts_json();
         let mut v = json!({
             "label": c.label,
             "operation": c.operation,
