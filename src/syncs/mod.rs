@@ -775,7 +775,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|v| v["mappings"][2]["to"] = json!("")), "mappings[2].to"),
             (Box::new(|v| v["mappings"][2]["to"] = json!("Email")), "mappings[2].to"),
             (Box::new(|v| v["mappings"][2]["to"] = json!(5)), "mappings[2].to"),

@@ -116,7 +116,6 @@ pub(super) async fn paused_chains(tx: &mut Transaction<'_, Sqlite>, keys: &[&str
             "SELECT id FROM census_syncs WHERE paused = 1 AND id IN ({})",
             placeholders(chunk.len())
         );
-        let sql = sql;
         let mut q = sqlx::query_scalar::<_, i64>(sql.as_str());
         for id in chunk {
             q = q.bind(*id);
