@@ -453,9 +453,9 @@ fn schemas(settings: &Settings) -> Value {
         "event_id": {"type": "string"},
         "event": {"type": "string"},
         "sync_job_run_id": nullable(json!({"type": "string"})),
-        "kind": {"enum": ["webhook", "callback"]},
+        "kind": {"enum": ["webhook", "callback", "sync"]},
         "webhook_id": nullable(json!({"type": "string"})),
-        "status": {"enum": ["pending", "queued", "delivered", "dead", "dropped"]},
+        "status": {"enum": ["pending", "queued", "paused", "delivered", "dead", "dropped"]},
         "attempts_made": int(),
         "next_attempt_at": nullable(time()),
         "last_status": nullable(int()),
@@ -623,7 +623,7 @@ fn schemas(settings: &Settings) -> Value {
             "event_id": {"type": "string"},
             "event": {"type": "string"},
             "webhook_id": nullable(json!({"type": "string"})),
-            "kind": {"enum": ["webhook", "callback"]},
+            "kind": {"enum": ["webhook", "callback", "sync"]},
             "reason": {"type": "string"},
             "attempts": int(),
             "last_status": nullable(int()),
@@ -1062,7 +1062,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     query(
                         "status",
                         "Only deliveries in this state.",
-                        json!({"enum": ["pending", "queued", "delivered", "dead", "dropped"]}),
+                        json!({"enum": ["pending", "queued", "paused", "delivered", "dead", "dropped"]}),
                     ),
                 ])
                 .respond("200", ok("A page of deliveries.", r("DeliveryList")))
