@@ -196,10 +196,13 @@ impl Engine {
                 Some(_) => {
                     // The transform works on the parsed payload; the event's other targets
                     // get it untransformed.
-                    let mapped = Envelope {
-                        payload: crate::syncs::mapping::map_payload(&e.payload, s.id, &s.config),
-                        ..e.clone()
+                    let max = crate::syncs::mapping::MAX_MAPPED_BYTES;
+                    let Some(payload) = crate::syncs::mapping::map_payload_within(&e.payload, s.id, &s.config, max)
+                    else {
+                        dead.push(event_dead_letter(e, Some(wid.clone()), "payload_too_large"));
+                        continue;
                     };
+                    let mapped = Envelope { payload, ..e.clone() };
                     out.push(delivery(
                         e,
                         now,

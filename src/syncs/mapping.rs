@@ -17,18 +17,52 @@ use serde_json::{Map, Value};
 
 use super::{FieldOrder, From, Normalization, SyncConfig};
 
+/// The largest mapped payload, in bytes as compact JSON (about): mappings may repeat a value or
+/// add constants to every record of a `records` array, so a small event could otherwise map to
+/// a huge body. Above it the event is dead-lettered for that sync (`payload_too_large`).
+pub const MAX_MAPPED_BYTES: usize = 4 * 1024 * 1024;
+
+/// Compact JSON size of a value, without writing it anywhere.
+fn json_size(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
+}
+
 /// The payload as the sync's destination receives it.
 pub fn map_payload(payload: &Map<String, Value>, sync_id: i64, c: &SyncConfig) -> Map<String, Value> {
+    map_payload_within(payload, sync_id, c, usize::MAX).expect("no bound")
+}
+
+/// [`map_payload`], or `None` as soon as the mapped records pass `max` bytes (about; nothing
+/// much larger than `max` is built).
+pub fn map_payload_within(
+    payload: &Map<String, Value>,
+    sync_id: i64,
+    c: &SyncConfig,
+    max: usize,
+) -> Option<Map<String, Value>> {
+    let mut budget = max;
     let mut out = payload.clone();
     match out.get_mut("records") {
         Some(Value::Array(records)) => {
             for r in records.iter_mut() {
-                *r = Value::Object(map_record(r, c));
+                *r = Value::Object(map_record_within(r, c, &mut budget)?);
             }
         }
         _ => match out.get_mut("record") {
-            Some(r @ Value::Object(_)) => *r = Value::Object(map_record(r, c)),
-            _ => out = map_record(&Value::Object(payload.clone()), c),
+            Some(r @ Value::Object(_)) => *r = Value::Object(map_record_within(r, c, &mut budget)?),
+            _ => out = map_record_within(&Value::Object(payload.clone()), c, &mut budget)?,
         },
     }
     out.insert("operation".into(), Value::String(c.operation.clone()));
@@ -37,24 +71,38 @@ pub fn map_payload(payload: &Map<String, Value>, sync_id: i64, c: &SyncConfig) -
     if let Some(m) = c.mappings.iter().find(|m| m.is_primary_identifier) {
         out.insert("primary_identifier".into(), Value::String(m.to.clone()));
     }
-    out
+    Some(out)
 }
 
 /// One record, mapped. A record that is not an object has no properties (only constants map).
 pub fn map_record(record: &Value, c: &SyncConfig) -> Map<String, Value> {
+    let mut unbounded = usize::MAX;
+    map_record_within(record, c, &mut unbounded).expect("no bound")
+}
+
+/// [`map_record`], spending `budget` bytes (each field's name and value as JSON); `None` when
+/// it runs out (checked before each value is copied).
+fn map_record_within(record: &Value, c: &SyncConfig, budget: &mut usize) -> Option<Map<String, Value>> {
+    let mut spend = |name: &str, v: &Value| -> Option<()> {
+        *budget = budget.checked_sub(name.len() + json_size(v) + 4)?;
+        Some(())
+    };
     let mut fields: Vec<(String, Value)> = Vec::with_capacity(c.mappings.len());
     for m in &c.mappings {
         let v = match &m.from {
-            From::Column(path) => lookup(record, path).cloned().unwrap_or(Value::Null),
-            From::Constant { value, .. } => value.clone(),
+            From::Column(path) => lookup(record, path).unwrap_or(&Value::Null),
+            From::Constant { value, .. } => value,
         };
-        fields.push((m.to.clone(), v));
+        spend(&m.to, v)?;
+        fields.push((m.to.clone(), v.clone()));
     }
     if let (Some(norm), Value::Object(props)) = (c.sync_all_properties, record) {
+        let mut names: std::collections::HashSet<String> = fields.iter().map(|(n, _)| n.clone()).collect();
         for (k, v) in props {
             let name = normalize(k, norm);
             // Explicit mappings, and properties seen first, keep a name.
-            if !fields.iter().any(|(n, _)| *n == name) {
+            if names.insert(name.clone()) {
+                spend(&name, v)?;
                 fields.push((name, v.clone()));
             }
         }
@@ -63,7 +111,7 @@ pub fn map_record(record: &Value, c: &SyncConfig) -> Map<String, Value> {
         // Stable: equal names cannot occur (names are unique above).
         fields.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    fields.into_iter().collect()
+    Some(fields.into_iter().collect())
 }
 
 /// A column: the property named exactly `path`, else the dot path through objects (and arrays,
@@ -266,6 +314,21 @@ mod tests {
         let c = config(vec![], FieldOrder::Alphabetical, Some(Normalization::StartCase));
         let m = map_record(&json!({"z_field": 1, "a_field": 2}), &c);
         assert_eq!(keys(&m), ["A Field", "Z Field"]);
+    }
+
+    #[test]
+    fn a_mapping_that_would_blow_up_the_payload_stops_at_the_bound() {
+        let c = config(
+            vec![constant(json!("x".repeat(1000)), "Big"), col("n", "N", false)],
+            FieldOrder::Alphabetical,
+            None,
+        );
+        let records: Vec<Value> = (0..100).map(|n| json!({"n": n})).collect();
+        let p = json!({"records": records});
+        let p = p.as_object().unwrap();
+        assert!(map_payload_within(p, 1, &c, 50_000).is_none(), "100 × 1 KB constants");
+        let out = map_payload_within(p, 1, &c, 200_000).unwrap();
+        assert_eq!(out["records"].as_array().unwrap().len(), 100);
     }
 
     #[test]
