@@ -24,5 +24,9 @@ CREATE TABLE IF NOT EXISTS census_alert_state (
 );
 
 -- Deliveries of a paused sync are rows in state 'paused' (never ready, never promoted) until the
--- sync is unpaused; the chain index must see them so later rows of the chain wait behind them.
+-- sync is unpaused. A chain's queued rows are now those ready, waiting or paused: the queue's
+-- queries say `state IN ('ready', 'waiting', 'paused')`, and a partial index is only used for the
+-- very condition it was made with, so the chain index is made again with that condition.
+DROP INDEX IF EXISTS deliveries_key;
+CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries(order_key, seq) WHERE state IN ('ready', 'waiting', 'paused');
 CREATE INDEX IF NOT EXISTS deliveries_paused ON deliveries(order_key, seq) WHERE state = 'paused';

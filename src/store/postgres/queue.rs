@@ -599,8 +599,9 @@ impl Queue for PgStore {
     }
 
     async fn pause_queued(&self, sync_id: i64) -> anyhow::Result<u64> {
+        // The `IN` term is the chain index's condition, so the scan is of queued rows only.
         let prefix = crate::syncs::order_key_prefix(sync_id);
-        Ok(sqlx::query(&pg("UPDATE deliveries SET state = 'paused' WHERE state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)"))
+        Ok(sqlx::query(&pg("UPDATE deliveries SET state = 'paused' WHERE state IN ('ready', 'waiting', 'paused') AND state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)"))
         .bind(&prefix)
         .bind(&prefix)
         .bind(sync_id)
