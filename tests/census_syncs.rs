@@ -541,3 +541,66 @@ async fn validate_only_creates_nothing_and_bad_requests_name_the_field() {
     let (s, _) = app.get("/syncs/abc").await;
     assert_eq!(s, 404);
 }
+
+both_buses!(failure_and_status_alerts_follow_the_runs, |bus| async move {
+    let rx = Receiver::start().await;
+    let mut h = Harness::start(bus, &[]).await;
+    let app = h.api();
+    let (hook, _) = app.webhook(&rx.url("/hook"), &["sync_job_run:record"]).await;
+    let (dest, _) = app.webhook(&rx.url("/dest"), &["nothing:subscribed"]).await;
+    app.webhook(&rx.url("/alerts"), &["sync_job_run:*"]).await;
+    let job = job(app).await;
+    let id = sync(
+        app,
+        json!({"source_attributes": source(&job), "destination_attributes": {"connection_id": dest, "object": "contact"},
+               "operation": "append", "mappings": [{"from": {"type": "column", "data": "n"}, "to": "n"}],
+               "alert_attributes": [{"type": "FailureAlertConfiguration"}, {"type": "StatusAlertConfiguration"}]}),
+    )
+    .await;
+    // (alert type, state, observed value) of this sync's alerts so far.
+    let seen = || -> Vec<(String, String, Value)> {
+        rx.on("/alerts")
+            .iter()
+            .map(Received::json)
+            .filter(|b| b["event"] == "sync_job_run:alert" && b["payload"]["sync_id"] == id)
+            .map(|b| {
+                let p = &b["payload"];
+                (
+                    p["alert_type"].as_str().unwrap().into(),
+                    p["state"].as_str().unwrap().into(),
+                    p["observed_value"].clone(),
+                )
+            })
+            .collect()
+    };
+    let a = |t: &str, s: &str, v: &str| (t.to_string(), s.to_string(), json!(v));
+    let r1 = run(app, &job, &hook).await;
+    h.send(&[ev("s1", &r1, "started", json!({})), ev("f1", &r1, "failed", json!({}))])
+        .await;
+    eventually(WAIT, "run 1's alerts", || async { (seen().len() >= 3).then_some(()) }).await;
+    let r2 = run(app, &job, &hook).await;
+    h.send(&[
+        ev("s2", &r2, "started", json!({})),
+        ev("c2", &r2, "completed", json!({})),
+    ])
+    .await;
+    eventually(WAIT, "run 2's alerts", || async { (seen().len() >= 6).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = seen();
+    // Within one run, the order of different alert types is not promised.
+    let key = |x: &(String, String, Value)| (x.0.clone(), x.1.clone(), x.2.to_string());
+    got[..3].sort_by_key(key);
+    got[3..].sort_by_key(key);
+    assert_eq!(
+        got,
+        [
+            a("Failure", "triggered", "failed"),
+            a("Status", "triggered", "failed"),
+            a("Status", "triggered", "started"),
+            a("Failure", "recovered", "completed"),
+            a("Status", "triggered", "completed"),
+            a("Status", "triggered", "started"),
+        ]
+    );
+    h.stop().await;
+});
