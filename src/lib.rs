@@ -14,6 +14,7 @@ pub mod routing;
 pub mod runs;
 pub mod signing;
 pub mod store;
+pub mod syncs;
 
 use std::net::TcpListener;
 use std::sync::Arc;

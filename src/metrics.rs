@@ -42,7 +42,11 @@ pub const RUN_DROP_REASONS: &[&str] = &["illegal_transition", "run_failed", "run
 /// `status` a run ended with.
 pub const RUN_END_STATUSES: &[&str] = &["completed", "failed", "stopped"];
 /// `kind` of a delivery target.
-pub const TARGET_KINDS: &[&str] = &["webhook", "callback"];
+pub const TARGET_KINDS: &[&str] = &["webhook", "callback", "sync"];
+/// `alert_type` of a Census-style sync alert.
+pub const SYNC_ALERT_TYPES: &[&str] = &["InvalidRecordPercent", "Failure", "Status"];
+/// `state` of a sync alert.
+pub const SYNC_ALERT_STATES: &[&str] = &["triggered", "recovered"];
 /// `status_class` of an API response.
 pub const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
 
@@ -79,6 +83,8 @@ pub struct Metrics {
     pub parked: IntCounter,
     pub run_events_dropped: IntCounterVec,
     pub runs_finished: IntCounterVec,
+    pub sync_alerts: IntCounterVec,
+    pub sync_deliveries_held: IntGauge,
 }
 
 /// `status` of a consumed Kafka message.
@@ -246,6 +252,15 @@ impl Metrics {
                 "Runs that reached a final status, by status.",
                 &["status"],
             ),
+            sync_alerts: counter_vec(
+                "syncrelay_sync_alerts_total",
+                "Census-style sync alerts sent (sync_job_run:alert events), by alert type and state.",
+                &["alert_type", "state"],
+            ),
+            sync_deliveries_held: gauge(
+                "syncrelay_sync_deliveries_held",
+                "Deliveries held for paused Census-style syncs (accepted, not attempted until unpaused).",
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -278,6 +293,11 @@ impl Metrics {
         }
         for s in RUN_END_STATUSES {
             m.runs_finished.with_label_values(&[s]);
+        }
+        for t in SYNC_ALERT_TYPES {
+            for st in SYNC_ALERT_STATES {
+                m.sync_alerts.with_label_values(&[t, st]);
+            }
         }
         for k in REBALANCE_KINDS {
             m.kafka_rebalances.with_label_values(&[k]);

@@ -205,6 +205,8 @@ fn catalogue_types_and_labels_match_the_registry() {
             metrics::RUN_DROP_REASONS,
         ),
         (("syncrelay_runs_total", "status"), metrics::RUN_END_STATUSES),
+        (("syncrelay_sync_alerts_total", "alert_type"), metrics::SYNC_ALERT_TYPES),
+        (("syncrelay_sync_alerts_total", "state"), metrics::SYNC_ALERT_STATES),
     ]
     .into_iter()
     .collect();

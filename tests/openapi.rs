@@ -306,6 +306,13 @@ async fn every_documented_operation_is_routed_and_answers_as_documented() {
     .await;
     assert_eq!(s, 201, "{units}");
     let unit_id = units["sync_units"][0]["id"].as_str().unwrap().to_string();
+    // A Census-style sync from the job's runs to the webhook.
+    let mut census_body = example(&doc, "post", "/syncs").unwrap();
+    census_body["source_attributes"]["object"]["id"] = json!(job_id);
+    census_body["destination_attributes"]["connection_id"] = json!(webhook_id);
+    let (s, census) = call_documented(&app, &doc, "post", "/syncs", "/syncs", Some(&census_body)).await;
+    assert_eq!(s, 201, "{census}");
+    let census_id = census["data"]["sync_id"].to_string();
     // The run's `created` event is in the delivery log.
     let mut delivery_id = None;
     for _ in 0..50 {
@@ -327,6 +334,8 @@ async fn every_documented_operation_is_routed_and_answers_as_documented() {
             &run_id
         } else if template.starts_with("/deliveries/") {
             &delivery_id
+        } else if template.starts_with("/syncs/") {
+            &census_id
         } else {
             &sync_n
         };
@@ -349,6 +358,9 @@ async fn every_documented_operation_is_routed_and_answers_as_documented() {
         let mut body = example(&doc, method, template);
         if template == "/airdrop.sync-units.update" {
             body = Some(json!({"id": unit_id, "name": "renamed"}));
+        }
+        if template == "/syncs" && method == "post" {
+            body = Some(census_body.clone());
         }
         let (status, value) = call_documented(&app, &doc, method, template, &concrete(template), body.as_ref()).await;
         seen.push(format!("{} {template} {status}", method.to_uppercase()));

@@ -8,6 +8,7 @@ mod openapi;
 mod ops;
 mod sync_job_runs;
 mod sync_jobs;
+mod syncs;
 mod webhooks;
 
 use std::sync::Arc;
@@ -90,6 +91,11 @@ fn routes() -> Vec<(Method, &'static str, Route)> {
         (Method::GET, "/airdrop.sync-units.get", web::to(devrev::get)),
         (Method::GET, "/airdrop.sync-units.list", web::to(devrev::list)),
         (Method::POST, "/airdrop.sync-units.update", web::to(devrev::update)),
+        (Method::POST, "/syncs", web::to(syncs::create)),
+        (Method::GET, "/syncs", web::to(syncs::list)),
+        (Method::GET, "/syncs/{id}", web::to(syncs::get)),
+        (Method::PATCH, "/syncs/{id}", web::to(syncs::update)),
+        (Method::DELETE, "/syncs/{id}", web::to(syncs::delete)),
     ]
 }
 

@@ -315,6 +315,7 @@ pub fn document(settings: &Settings) -> Value {
             {"name": "sync-jobs", "description": "Sync jobs, runs and run commands (Truto's shapes)"},
             {"name": "eloqua", "description": "Eloqua-style bulk syncs"},
             {"name": "devrev", "description": "DevRev-style airdrop sync units"},
+            {"name": "census", "description": "Census-style syncs: mapped records of a sync job's runs to a webhook"},
             {"name": "operations", "description": "Health, metrics, this document"},
         ],
         "paths": paths,
@@ -452,9 +453,9 @@ fn schemas(settings: &Settings) -> Value {
         "event_id": {"type": "string"},
         "event": {"type": "string"},
         "sync_job_run_id": nullable(json!({"type": "string"})),
-        "kind": {"enum": ["webhook", "callback"]},
+        "kind": {"enum": ["webhook", "callback", "sync"]},
         "webhook_id": nullable(json!({"type": "string"})),
-        "status": {"enum": ["pending", "queued", "delivered", "dead", "dropped"]},
+        "status": {"enum": ["pending", "queued", "paused", "delivered", "dead", "dropped"]},
         "attempts_made": int(),
         "next_attempt_at": nullable(time()),
         "last_status": nullable(int()),
@@ -622,7 +623,7 @@ fn schemas(settings: &Settings) -> Value {
             "event_id": {"type": "string"},
             "event": {"type": "string"},
             "webhook_id": nullable(json!({"type": "string"})),
-            "kind": {"enum": ["webhook", "callback"]},
+            "kind": {"enum": ["webhook", "callback", "sync"]},
             "reason": {"type": "string"},
             "attempts": int(),
             "last_status": nullable(int()),
@@ -769,6 +770,73 @@ fn schemas(settings: &Settings) -> Value {
             "additionalProperties": false,
         },
         "EloquaSyncPage": eloqua_page(r("EloquaSync")),
+        // -- Census-style syncs
+        "CensusSyncCreate": census_sync_input(&["source_attributes", "destination_attributes", "operation"]),
+        "CensusSyncUpdate": census_sync_input(&[]),
+        "CensusSync": {
+            "type": "object",
+            "required": ["id", "status", "created_at", "updated_at", "label", "operation", "paused", "source_attributes",
+                "destination_attributes", "mappings", "field_behavior", "field_normalization", "field_order", "alert_attributes",
+                "failed_run_notifications_enabled", "failed_record_notifications_enabled", "failed_record_notifications_threshold_percent"],
+            "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "status": {"enum": ["ready", "paused"]},
+                "created_at": time(),
+                "updated_at": time(),
+                "label": nullable(json!({"type": "string"})),
+                "operation": {"enum": ["append", "insert", "mirror", "update", "upsert"]},
+                "paused": {"type": "boolean"},
+                "source_attributes": record(json!({"object": record(json!({"type": {"const": "sync_job"}, "id": uuid()}))})),
+                "destination_attributes": record(json!({"connection_id": uuid(), "object": {"type": "string"}})),
+                "mappings": {"type": "array", "items": r("CensusMapping")},
+                "field_behavior": {"enum": ["specific_properties", "sync_all_properties"]},
+                "field_normalization": nullable(json!({"enum": ["start_case", "lower_case", "upper_case", "camel_case", "snake_case", "match_source_names"]})),
+                "field_order": {"enum": ["alphabetical_column_name", "mapping_order"]},
+                "alert_attributes": {"type": "array", "items": r("CensusAlert")},
+                "failed_run_notifications_enabled": {"type": "boolean"},
+                "failed_record_notifications_enabled": {"type": "boolean"},
+                "failed_record_notifications_threshold_percent": nullable(json!({"type": "number", "minimum": 0, "maximum": 100})),
+                "held_deliveries": {"type": "integer", "minimum": 0, "description": "deliveries held while paused"},
+            },
+            "additionalProperties": false,
+        },
+        "CensusMapping": object(&["from", "to"], json!({
+            "from": {"oneOf": [
+                object(&["type", "data"], json!({
+                    "type": {"const": "column"},
+                    "data": {"type": "string", "minLength": 1, "maxLength": crate::syncs::sync_limits::COLUMN, "description": "a column name or dot path into the record"},
+                })),
+                object(&["type", "data"], json!({
+                    "type": {"const": "constant_value"},
+                    "data": object(&["value"], json!({"value": {}, "basic_type": nullable(text(limits::NAME))})),
+                })),
+            ]},
+            "to": {"type": "string", "minLength": 1, "maxLength": limits::NAME, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"},
+            "is_primary_identifier": {"type": "boolean", "default": false},
+        })),
+        "CensusAlert": object(&["type"], json!({
+            "type": {"enum": ["InvalidRecordPercent", "InvalidRecordPercentAlertConfiguration", "Failure", "FailureAlertConfiguration", "Status", "StatusAlertConfiguration"]},
+            "send_for": nullable(json!({"enum": ["first_time", "every_time"]})),
+            "should_send_recovery": nullable(json!({"type": "boolean", "default": true})),
+            "options": nullable(json!({"type": "object", "description": "InvalidRecordPercent: {threshold: 0-100 (number or numeric string)}; Status: {status: started|completed}"})),
+        })),
+        "CensusSyncCreated": record(json!({"status": {"const": "created"}, "data": record(json!({"sync_id": {"type": "integer", "minimum": 1}}))})),
+        "CensusSyncValidated": record(json!({"status": {"const": "success"}, "data": record(json!({"sync_id": nullable(json!({"type": "integer"})), "validate_only": {"const": true}}))})),
+        "CensusSyncOne": record(json!({"status": {"const": "success"}, "data": r("CensusSync")})),
+        "CensusSyncUpdated": record(json!({"status": {"const": "updated"}, "data": r("CensusSync")})),
+        "CensusSyncDeleted": record(json!({"status": {"const": "deleted"}, "data": record(json!({"sync_id": {"type": "integer"}}))})),
+        "CensusSyncPage": record(json!({
+            "status": {"const": "success"},
+            "pagination": record(json!({
+                "total_records": {"type": "integer", "minimum": 0},
+                "per_page": {"type": "integer", "minimum": 1, "maximum": 100},
+                "page": {"type": "integer", "minimum": 1},
+                "prev_page": nullable(json!({"type": "integer", "minimum": 1})),
+                "next_page": nullable(json!({"type": "integer", "minimum": 2})),
+                "last_page": {"type": "integer", "minimum": 1},
+            })),
+            "data": {"type": "array", "items": r("CensusSync")},
+        })),
         "EloquaSyncLogPage": eloqua_page(record(json!({
             "syncUri": {"type": "string"},
             "count": {"type": "integer", "minimum": 0},
@@ -994,7 +1062,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     query(
                         "status",
                         "Only deliveries in this state.",
-                        json!({"enum": ["pending", "queued", "delivered", "dead", "dropped"]}),
+                        json!({"enum": ["pending", "queued", "paused", "delivered", "dead", "dropped"]}),
                     ),
                 ])
                 .respond("200", ok("A page of deliveries.", r("DeliveryList")))
@@ -1231,12 +1299,118 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 .errors(&["404"]),
         ),
         (
+            "post",
+            "/syncs",
+            Op::new("createCensusSync", "census", "Create a Census-style sync (or only validate it)")
+                .body(r("CensusSyncCreate"), json!({
+                    "source_attributes": {"object": {"type": "sync_job", "id": "5b0c3a7e-8e1f-4f5e-9d3c-0a1b2c3d4e5f"}},
+                    "destination_attributes": {"connection_id": "8d0f1a52-3c55-4bb4-9a43-2f6f7f0c1e10", "object": "contact"},
+                    "operation": "upsert",
+                    "mappings": [
+                        {"from": {"type": "column", "data": "email"}, "to": "Email", "is_primary_identifier": true},
+                        {"from": {"type": "constant_value", "data": {"value": "syncrelay"}}, "to": "Source"}
+                    ],
+                    "alert_attributes": [{"type": "InvalidRecordPercent", "send_for": "first_time", "options": {"threshold": 50}}]
+                }))
+                .respond("201", {
+                    let mut created = ok("Created.", r("CensusSyncCreated"));
+                    created["headers"] = json!({"Location": {
+                        "description": "`/syncs/<sync_id>`: where the sync is read",
+                        "required": true,
+                        "schema": {"type": "string", "pattern": "^/syncs/[0-9]+$"},
+                    }});
+                    created
+                })
+                .respond("200", ok("`validate_only`: valid; nothing was created.", r("CensusSyncValidated")))
+                .links(
+                    "201",
+                    json!({
+                        "GetCensusSync": link("getCensusSync", json!({"id": "$response.body#/data/sync_id"})),
+                        "UpdateCensusSync": link("updateCensusSync", json!({"id": "$response.body#/data/sync_id"})),
+                    }),
+                ),
+        ),
+        (
+            "get",
+            "/syncs",
+            Op::new("listCensusSyncs", "census", "List Census-style syncs (Census's paging)")
+                .params(census_paging())
+                .respond("200", ok("A page of syncs.", r("CensusSyncPage")))
+                .errors(&["400"]),
+        ),
+        (
+            "get",
+            "/syncs/{id}",
+            Op::new("getCensusSync", "census", "Read a Census-style sync")
+                .params(vec![path_id("The sync's id (`sync_id`).")])
+                .respond("200", ok("The sync.", r("CensusSyncOne")))
+                .errors(&["404"]),
+        ),
+        (
+            "patch",
+            "/syncs/{id}",
+            Op::new("updateCensusSync", "census", "Update a Census-style sync (top-level fields replace; `paused` holds or releases its deliveries)")
+                .params(vec![path_id("The sync's id (`sync_id`).")])
+                .body(r("CensusSyncUpdate"), json!({"paused": true}))
+                .respond("200", ok("The sync as updated (or, with `validate_only`, valid).", json!({"anyOf": [r("CensusSyncUpdated"), r("CensusSyncValidated")]})))
+                .errors(&["400", "404"]),
+        ),
+        (
+            "delete",
+            "/syncs/{id}",
+            Op::new("deleteCensusSync", "census", "Delete a Census-style sync (deliveries it held are released)")
+                .params(vec![path_id("The sync's id (`sync_id`).")])
+                .respond("200", ok("Deleted.", r("CensusSyncDeleted")))
+                .errors(&["404"]),
+        ),
+        (
             "get",
             "/api/bulk/2.0/syncs/{id}",
             Op::new("getEloquaSync", "eloqua", "Read an Eloqua-style sync")
                 .params(vec![path_id("The number in the sync's `uri` (`/syncs/<n>`).")])
                 .respond("200", ok("The sync.", r("EloquaSync")))
                 .errors(&["404"]),
+        ),
+    ]
+}
+
+/// The body of `POST /syncs` (`required` as given) and `PATCH /syncs/{id}` (nothing required).
+fn census_sync_input(required: &[&str]) -> Value {
+    object(
+        required,
+        json!({
+            "source_attributes": object(&["object"], json!({"object": object(&["type", "id"], json!({"type": {"const": "sync_job"}, "id": uuid()}))})),
+            "destination_attributes": object(&["connection_id", "object"], json!({
+                "connection_id": {"type": "string", "format": "uuid", "description": "the destination webhook's id"},
+                "object": non_blank(limits::NAME),
+            })),
+            "operation": {"enum": ["append", "insert", "mirror", "update", "upsert"], "description": "update, upsert and mirror need exactly one mapping with is_primary_identifier"},
+            "mappings": {"type": "array", "maxItems": crate::syncs::sync_limits::MAPPINGS, "items": r("CensusMapping")},
+            "label": nullable(text(limits::NAME)),
+            "paused": nullable(json!({"type": "boolean", "default": false})),
+            "validate_only": {"type": "boolean", "default": false},
+            "field_behavior": nullable(json!({"enum": ["specific_properties", "sync_all_properties"]})),
+            "field_normalization": nullable(json!({"enum": ["start_case", "lower_case", "upper_case", "camel_case", "snake_case", "match_source_names"]})),
+            "field_order": nullable(json!({"enum": ["alphabetical_column_name", "mapping_order"]})),
+            "alert_attributes": nullable(json!({"type": "array", "maxItems": crate::syncs::sync_limits::ALERTS, "items": r("CensusAlert")})),
+            "failed_run_notifications_enabled": nullable(json!({"type": "boolean", "deprecated": true})),
+            "failed_record_notifications_enabled": nullable(json!({"type": "boolean", "deprecated": true})),
+            "failed_record_notifications_threshold_percent": nullable(json!({"anyOf": [{"type": "number", "minimum": 0, "maximum": 100}, {"type": "string"}], "deprecated": true})),
+        }),
+    )
+}
+
+fn census_paging() -> Vec<Value> {
+    vec![
+        query(
+            "page",
+            "Page number (default 1).",
+            json!({"type": "integer", "minimum": 1, "maximum": 1_000_000}),
+        ),
+        query(
+            "per_page",
+            "Page size (default 25).",
+            json!({"type": "integer", "minimum": 1, "maximum": 100}),
         ),
     ]
 }

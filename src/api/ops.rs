@@ -123,11 +123,11 @@ pub async fn list_deliveries(
             match s.as_str() {
                 "pending" => "ready",
                 "queued" => "waiting",
-                "delivered" | "dead" | "dropped" => s.as_str(),
+                "delivered" | "dead" | "dropped" | "paused" => s.as_str(),
                 _ => {
                     return Err(ApiError::field(
                         "status",
-                        "must be one of pending, queued, delivered, dead, dropped",
+                        "must be one of pending, queued, paused, delivered, dead, dropped",
                     ))
                 }
             }

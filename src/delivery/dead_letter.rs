@@ -70,7 +70,7 @@ pub fn dead_letter(reason: &'static str, cause: Cause<'_>) -> NewDeadLetter {
             event_id: q.event_id.clone(),
             event: q.event.clone(),
             webhook_id: q.webhook_id.clone(),
-            kind: if q.kind == "callback" { "callback" } else { "webhook" },
+            kind: crate::store::kind_str(&q.kind),
             reason,
             attempts,
             last_status,

@@ -79,6 +79,8 @@ pub struct Engine {
     pub store: Store,
     pub metrics: Metrics,
     pub webhooks: WebhookCache,
+    /// Census-style syncs, by id and by source job (routing reads them on every record).
+    pub syncs: crate::syncs::SyncCache,
     /// The run lifecycle (one instance for the engine, the API and the Kafka intake).
     pub runs: Arc<Runs>,
     /// The order of every run's deliveries kept in memory (see `ordering`).
@@ -175,6 +177,7 @@ impl Engine {
             store,
             metrics,
             webhooks: WebhookCache::default(),
+            syncs: crate::syncs::SyncCache::default(),
             runs,
             chains: Chains::default(),
             commands: OnceLock::new(),
@@ -287,6 +290,7 @@ impl Engine {
         for w in self.store.all_webhooks().await? {
             self.webhooks.put(w);
         }
+        self.load_syncs().await?;
         // Chains with rows in the store: new memory deliveries of them queue behind.
         self.chains.note_stored(self.store.active_order_keys().await?);
         Ok(())
@@ -325,6 +329,10 @@ impl Engine {
         let finishing = crate::runs::service::finishing_runs(events);
         if !finishing.is_empty() {
             self.eloqua_callbacks(&finishing).await;
+        }
+        let alerting = crate::syncs::alerts::alert_runs(events);
+        if !alerting.is_empty() {
+            self.sync_alerts(&alerting).await;
         }
         Ok(routed)
     }
@@ -629,6 +637,11 @@ impl Engine {
                 }
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "webhook refresh failed"),
             }
+            // Other instances may have changed syncs; paused rows of syncs no longer paused
+            // (unpaused or deleted while a row was being written paused) are released.
+            if let Err(e) = self.refresh_syncs().await {
+                tracing::warn!(error = %format!("{e:#}"), "sync refresh failed");
+            }
             match self.store.queue_stats().await {
                 Ok((depth, oldest)) => {
                     self.metrics.queue_depth.set(depth);
@@ -745,5 +758,86 @@ impl Engine {
         }
         self.notify();
         Ok((requeued, raws))
+    }
+}
+
+impl Engine {
+    /// Load every Census-style sync into the cache routing reads.
+    pub async fn load_syncs(&self) -> anyhow::Result<()> {
+        let mut all = Vec::new();
+        for r in self.store.runs().all_census_syncs().await? {
+            all.push(crate::syncs::Sync::from_row(&r)?);
+        }
+        self.syncs.replace(all);
+        Ok(())
+    }
+
+    /// Housekeeping: reload syncs, release the held rows of syncs no longer paused, and update
+    /// the held-deliveries gauge.
+    async fn refresh_syncs(&self) -> anyhow::Result<()> {
+        self.load_syncs().await?;
+        let mut held = 0;
+        for (id, n) in self.store.queue().paused_counts().await? {
+            if self.syncs.get(id).is_some_and(|s| s.paused) {
+                held += n;
+            } else {
+                self.release_sync(id).await?;
+            }
+        }
+        self.metrics.sync_deliveries_held.set(held);
+        Ok(())
+    }
+
+    /// Release a sync's held rows (it was unpaused or deleted; the store checks): each chain
+    /// goes on from its oldest row.
+    pub async fn release_sync(&self, sync_id: i64) -> anyhow::Result<()> {
+        let mut taken = Vec::new();
+        match self
+            .store
+            .release_paused(sync_id, now_ms(), |r| taken = self.claim(r))
+            .await
+        {
+            Ok(rows) => {
+                // Memory deliveries of these chains (Kafka) must queue behind the released rows.
+                self.chains.note_stored(rows.iter().filter_map(|r| r.order_key.clone()));
+                self.push_hot(rows, &taken);
+                self.notify();
+                Ok(())
+            }
+            Err(e) => {
+                self.unclaim(&taken);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Kafka: deliveries of paused syncs are written to the store at once (which holds them)
+    /// instead of living in memory; each is acknowledged once its row is committed. Awaited in
+    /// the intake so the rows of later messages are written after these.
+    pub async fn store_held(&self, rows: Vec<(NewDelivery, Arc<dyn super::job::Ack>)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let ds: Vec<NewDelivery> = rows.iter().map(|(d, _)| d.clone()).collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store_rows(&ds, &[], now_ms()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if rows.iter().all(|(_, a)| !a.current()) {
+                        // The partitions were taken from us: the new owner reads them again.
+                        return;
+                    }
+                    tracing::error!(error = %format!("{e:#}"), "storing held sync deliveries failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        for (_, a) in rows {
+            a.done();
+        }
     }
 }

@@ -74,11 +74,7 @@ impl Job {
     }
 
     pub fn kind(&self) -> &'static str {
-        if self.q.kind == "callback" {
-            "callback"
-        } else {
-            "webhook"
-        }
+        crate::store::kind_str(&self.q.kind)
     }
 
     /// The row to write for this job (parked or logged), with its attempts so far.

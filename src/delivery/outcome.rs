@@ -157,7 +157,7 @@ impl Engine {
             first_attempt_at: q.first_attempt_at.unwrap_or(record.started_at),
             attempt: record,
             next: d.next,
-            kind: if q.kind == "callback" { "callback" } else { "webhook" },
+            kind: crate::store::kind_str(&q.kind),
             target_key: q.target_key.clone(),
             created_at: q.created_at,
             body: d.body,

@@ -1,6 +1,6 @@
-//! Routing: what one event becomes — deliveries to targets (its webhook, its callback URL),
-//! dead letters, or nothing (filtered, dropped by its run's lifecycle). Pure decisions; nothing
-//! here writes or sends.
+//! Routing: what one event becomes — deliveries to targets (its webhook, its callback URL, the
+//! Census-style syncs of its run's job), dead letters, or nothing (filtered, dropped by its run's
+//! lifecycle). Pure decisions; nothing here writes or sends.
 
 use crate::delivery::dead_letter::{dead_letter, Cause};
 use crate::delivery::engine::{Engine, Routed};
@@ -125,7 +125,13 @@ impl Engine {
                     callback_url: d.callback_url.clone(),
                     ..e.clone()
                 };
-                self.route(&main, now, out, dead)
+                let mut routed = self.route(&main, now, out, dead);
+                let synced = self.route_syncs(&main, &d.sync_job_id, now, out, dead);
+                if synced > 0 {
+                    routed.deliveries += synced;
+                    routed.status = "queued";
+                }
+                routed
             }
             Action::Drop { reason } => {
                 self.metrics.run_events_dropped.with_label_values(&[reason]).inc();
@@ -159,6 +165,70 @@ impl Engine {
             self.route(a, now, out, dead);
         }
         routed
+    }
+}
+
+impl Engine {
+    /// A run's record goes to every Census-style sync whose source is the run's job as well: to
+    /// the sync's destination webhook (signed with its secret), mapped (`syncs::mapping`), on
+    /// its own chain per (sync, run). Whether the sync is paused is the store's to decide when
+    /// the row is written (`Queue::enqueue_claiming`). Returns how many deliveries it added.
+    fn route_syncs(
+        &self,
+        e: &Envelope,
+        job: &str,
+        now: i64,
+        out: &mut Vec<NewDelivery>,
+        dead: &mut Vec<NewDeadLetter>,
+    ) -> usize {
+        if e.event != "sync_job_run:record" || self.syncs.is_empty() {
+            return 0;
+        }
+        let Some(run) = &e.sync_job_run_id else {
+            return 0;
+        };
+        let mut n = 0;
+        for s in self.syncs.for_job(job) {
+            let wid = &s.webhook_id;
+            match self.webhooks.get(wid) {
+                None => dead.push(event_dead_letter(e, Some(wid.clone()), "unknown_webhook")),
+                Some(w) if !w.is_active => dead.push(event_dead_letter(e, Some(wid.clone()), "webhook_disabled")),
+                Some(_) => {
+                    // The transform works on the parsed payload; the event's other targets
+                    // get it untransformed.
+                    let max = crate::syncs::mapping::MAX_MAPPED_BYTES;
+                    let Some(payload) = crate::syncs::mapping::map_payload_within(&e.payload, s.id, &s.config, max)
+                    else {
+                        dead.push(event_dead_letter(e, Some(wid.clone()), "payload_too_large"));
+                        continue;
+                    };
+                    let mapped = Envelope { payload, ..e.clone() };
+                    out.push(delivery(
+                        e,
+                        now,
+                        "sync",
+                        Some(wid.clone()),
+                        None,
+                        format!("w:{wid}"),
+                        Some(format!("{}{run}", crate::syncs::order_key_prefix(s.id))),
+                        mapped.body(Some(wid)),
+                    ));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Is this a delivery of a sync that is paused now? (The Kafka intake stores those rather
+    /// than keep them in memory: the store holds them.)
+    pub fn held_by_pause(&self, d: &NewDelivery) -> bool {
+        d.kind == "sync"
+            && d.order_key
+                .as_deref()
+                .and_then(crate::syncs::sync_of_order_key)
+                .and_then(|id| self.syncs.get(id))
+                .is_some_and(|s| s.paused)
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Decision {
     pub webhook_id: Option<String>,
     /// The callback URL to deliver to as well: the event's own, else the run's.
     pub callback_url: Option<Url>,
+    /// The run's sync job (its Census-style syncs get its records too).
+    pub sync_job_id: String,
     pub action: Action,
     /// Queue these before this event (a batch flush ahead of a terminal event).
     pub before: Vec<Envelope>,
@@ -194,6 +196,7 @@ impl Runs {
     fn decide(&self, run: &mut Run, batch: &mut Batch, e: &Envelope, now: i64) -> (Decision, bool) {
         let mut d = Decision {
             webhook_id: e.webhook_id.clone().or_else(|| run.webhook_id.clone()),
+            sync_job_id: run.sync_job_id.clone(),
             callback_url: e
                 .callback_url
                 .clone()

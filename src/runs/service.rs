@@ -126,6 +126,7 @@ impl Engine {
         };
         tracing::info!(run_id, reason = why, "run stopped");
         self.eloqua_callbacks(&[run_id.to_string()]).await;
+        self.sync_alerts(&[run_id.to_string()]).await;
         self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
         let (keep, mut dropped_memory, mut promote) = self.forget_run(run_id);
         let res = self.store.drop_queued_for_run(run_id, &keep, now_ms()).await;

@@ -49,6 +49,18 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_paused_syncs_hold_their_rows_until_released() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::paused_syncs_hold_their_rows_until_released(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_census_syncs_and_alert_state() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::census_syncs_and_alert_state(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_registry_jobs_and_commands_round_trip() {
             let (store, _guard) = $open().await;
             crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
@@ -653,4 +665,139 @@ pub(crate) async fn sync_fronts_storage(store: &Store) {
         ("run-b", Some("unit-1"), 2)
     );
     assert!(runs.latest_unit_run("unit-2").await.unwrap().is_none());
+}
+
+fn census_row(paused: bool, now: i64) -> CensusSyncRow {
+    CensusSyncRow {
+        id: 0,
+        sync_job_id: "job-1".into(),
+        webhook_id: "wh".into(),
+        paused,
+        config: "{}".into(),
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// A paused Census-style sync's rows (`s:<sync>:<run>` chains) are written `paused`: never due,
+/// counted, kept; rows behind them wait. Pausing later pauses what waits; releasing is refused
+/// while the stored sync is paused and, once it is not, makes each chain go on from its oldest
+/// row, in order.
+pub(crate) async fn paused_syncs_hold_their_rows_until_released(store: &Store) {
+    let now = crate::domain::now_ms();
+    let runs = store.runs();
+    let q = store.queue();
+    let s = runs.insert_census_sync(&census_row(true, now)).await.unwrap();
+    let key = format!("s:{}:run", s.id);
+    let other = runs.insert_census_sync(&census_row(false, now)).await.unwrap();
+    let other_key = format!("s:{}:run", other.id);
+    let rows = [
+        delivery("p1", Some(&key), Some("run"), now),
+        delivery("p2", Some(&key), Some("run"), now),
+        delivery("o1", Some(&other_key), Some("run"), now),
+        delivery("o2", Some(&other_key), Some("run"), now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ids(&ready), ["o1"], "the paused sync's rows are held, the other's go");
+    assert_eq!(ids(&store.due(now, 10, &[]).await.unwrap()), ["o1"]);
+    assert_eq!(store.queue_stats().await.unwrap().0, 4, "held rows are counted");
+    assert!(store.has_active(&key).await.unwrap());
+    assert!(store.active_order_keys().await.unwrap().contains(&key));
+    assert_eq!(q.paused_counts().await.unwrap(), [(s.id, 2)]);
+    // Still paused: releasing does nothing.
+    assert!(store.release_paused(s.id, now, |_| {}).await.unwrap().is_empty());
+    // A later row of the chain is held too.
+    store
+        .enqueue(&[delivery("p3", Some(&key), Some("run"), now)], &[], now)
+        .await
+        .unwrap();
+
+    // The other sync is paused while o1 is in flight: o2 (waiting) is paused, and finishing o1
+    // promotes nothing.
+    let mut o = other.clone();
+    o.paused = true;
+    assert!(runs.update_census_sync(&o).await.unwrap());
+    assert_eq!(q.pause_queued(other.id).await.unwrap(), 1);
+    let promoted = store
+        .complete(&[completion(&ready[0], Next::Delivered, now)], now, |_| {})
+        .await
+        .unwrap();
+    assert!(promoted.is_empty(), "o2 is held");
+
+    // Unpaused: the chain goes on from its oldest row, one at a time, in order.
+    let mut unpaused = s.clone();
+    unpaused.paused = false;
+    assert!(runs.update_census_sync(&unpaused).await.unwrap());
+    let mut claimed = Vec::new();
+    let released = store.release_paused(s.id, now, |r| claimed = r.to_vec()).await.unwrap();
+    assert_eq!(ids(&released), ["p1"]);
+    assert_eq!(ids(&claimed), ["p1"]);
+    assert_eq!(q.paused_counts().await.unwrap(), [(other.id, 1)]);
+    // A row written after the release waits behind the released ones.
+    store
+        .enqueue(&[delivery("p4", Some(&key), Some("run"), now)], &[], now)
+        .await
+        .unwrap();
+    let mut order = Vec::new();
+    let mut head = released[0].clone();
+    loop {
+        order.push(head.id.clone());
+        let next = store
+            .complete(&[completion(&head, Next::Delivered, now)], now, |_| {})
+            .await
+            .unwrap();
+        match next.first() {
+            Some(n) => head = n.clone(),
+            None => break,
+        }
+    }
+    assert_eq!(order, ["p1", "p2", "p3", "p4"]);
+    assert!(!store.has_active(&key).await.unwrap());
+    // A deleted sync's held rows are released too (never lost).
+    assert!(runs.delete_census_sync(other.id).await.unwrap());
+    assert_eq!(ids(&store.release_paused(other.id, now, |_| {}).await.unwrap()), ["o2"]);
+}
+
+/// Census-style syncs round-trip; an alert is evaluated once per run and remembers whether it
+/// fired.
+pub(crate) async fn census_syncs_and_alert_state(store: &Store) {
+    let now = crate::domain::now_ms();
+    let runs = store.runs();
+    let a = runs.insert_census_sync(&census_row(false, now)).await.unwrap();
+    let mut b = census_row(true, now);
+    b.config = r#"{"x":1}"#.into();
+    let b = runs.insert_census_sync(&b).await.unwrap();
+    assert!(b.id > a.id);
+    assert_eq!(runs.get_census_sync(b.id).await.unwrap().as_ref(), Some(&b));
+    let (page, total) = runs.list_census_syncs(1, 10).await.unwrap();
+    assert_eq!((page.len(), total, page[0].id), (1, 2, b.id));
+    assert_eq!(runs.all_census_syncs().await.unwrap().len(), 2);
+    let mut changed = a.clone();
+    changed.webhook_id = "wh2".into();
+    changed.updated_at = now + 1;
+    assert!(runs.update_census_sync(&changed).await.unwrap());
+    assert_eq!(runs.get_census_sync(a.id).await.unwrap(), Some(changed));
+
+    let step = |run: &'static str, firing: bool| runs.census_alert_step(a.id, "Failure", run, firing);
+    assert_eq!(
+        step("r1", true).await.unwrap(),
+        Some(false),
+        "first run: nothing fired before"
+    );
+    assert_eq!(step("r1", true).await.unwrap(), None, "a run is evaluated once");
+    assert_eq!(step("r2", false).await.unwrap(), Some(true));
+    assert_eq!(step("r3", false).await.unwrap(), Some(false));
+    assert_eq!(
+        runs.census_alert_step(a.id, "Status:started", "r3", true)
+            .await
+            .unwrap(),
+        Some(false),
+        "each alert keeps its own state"
+    );
+    assert!(runs.delete_census_sync(a.id).await.unwrap());
+    assert!(!runs.delete_census_sync(a.id).await.unwrap());
+    assert!(runs.get_census_sync(a.id).await.unwrap().is_none());
 }

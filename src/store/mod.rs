@@ -124,6 +124,20 @@ pub trait Queue: Send + Sync {
     /// (queued deliveries, ingest time of the oldest)
     async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)>;
 
+    /// Census-style syncs (CONTRACT §3): make the waiting rows of this sync's chains `paused`
+    /// (it was just paused; a row ready or in flight finishes as it is, and the chain stops
+    /// behind it). Does nothing unless the stored sync is paused. Returns how many.
+    async fn pause_queued(&self, sync_id: i64) -> anyhow::Result<u64>;
+
+    /// Release this sync's paused rows unless the stored sync is paused (it was unpaused or
+    /// deleted): they wait again in their chains' order, and each chain's first row is made
+    /// ready when nothing of the chain is. The rows made ready are handed to `claim` just before
+    /// the commit and returned.
+    async fn release_paused(&self, sync_id: i64, now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>>;
+
+    /// Rows held `paused`, per sync id.
+    async fn paused_counts(&self) -> anyhow::Result<Vec<(i64, i64)>>;
+
     /// Forget some delivered rows finished before `before`, and their attempts; returns how many
     /// (a bounded number per call, so the write lock is held briefly).
     /// Forget delivered rows (and their attempts) finished before `before`, and those delivered
@@ -233,6 +247,27 @@ pub trait RunStore: Send + Sync {
     /// Mark the sync's callback queued (`Some(now)`) unless it already is; answers whether this
     /// call marked it. `None` clears the mark (queueing failed).
     async fn mark_eloqua_callback(&self, n: i64, at: Option<i64>) -> anyhow::Result<bool>;
+
+    /// Census-style syncs (CONTRACT §3). Insert and return it with its id.
+    async fn insert_census_sync(&self, s: &CensusSyncRow) -> anyhow::Result<CensusSyncRow>;
+    async fn get_census_sync(&self, id: i64) -> anyhow::Result<Option<CensusSyncRow>>;
+    /// Syncs by id, skipping `offset`, and how many there are in all.
+    async fn list_census_syncs(&self, offset: i64, limit: i64) -> anyhow::Result<(Vec<CensusSyncRow>, i64)>;
+    async fn all_census_syncs(&self) -> anyhow::Result<Vec<CensusSyncRow>>;
+    /// Write a sync's settings, source, destination and paused flag; false when it is gone.
+    async fn update_census_sync(&self, s: &CensusSyncRow) -> anyhow::Result<bool>;
+    /// Delete a sync and its alert state.
+    async fn delete_census_sync(&self, id: i64) -> anyhow::Result<bool>;
+    /// One alert of a sync, evaluated for a run: record whether it fires now. `None` when this
+    /// run was already evaluated for it (by another path or instance: nothing to send), else
+    /// whether it was firing before. One transaction, so a run is evaluated once.
+    async fn census_alert_step(
+        &self,
+        sync_id: i64,
+        alert: &str,
+        run_id: &str,
+        firing: bool,
+    ) -> anyhow::Result<Option<bool>>;
 
     /// Insert sync units all together (one transaction: all or none).
     async fn insert_sync_units(&self, units: &[SyncUnit]) -> anyhow::Result<Vec<SyncUnit>>;
@@ -351,6 +386,23 @@ impl Store {
         let mut claim = Some(claim);
         self.queue
             .promote(keys, now, &mut |rows| {
+                if let Some(c) = claim.take() {
+                    c(rows)
+                }
+            })
+            .await
+    }
+
+    /// See [`Queue::release_paused`].
+    pub async fn release_paused(
+        &self,
+        sync_id: i64,
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]) + Send,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let mut claim = Some(claim);
+        self.queue
+            .release_paused(sync_id, now, &mut |rows| {
                 if let Some(c) = claim.take() {
                     c(rows)
                 }

@@ -36,6 +36,16 @@ impl std::fmt::Debug for Webhook {
 
 // ---- queue --------------------------------------------------------------------------------------
 
+/// A delivery's kind as stored: `webhook` (an event to its webhook), `callback` (to a callback
+/// URL) or `sync` (a record to a Census-style sync's destination webhook, mapped).
+pub fn kind_str(k: &str) -> &'static str {
+    match k {
+        "callback" => "callback",
+        "sync" => "sync",
+        _ => "webhook",
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
     pub id: String,
@@ -296,6 +306,20 @@ pub struct CommandRow {
     /// The command (JSON text).
     pub command: String,
     pub created_at: i64,
+}
+
+/// A Census-style sync as stored (`crate::syncs::Sync` is its parsed form).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CensusSyncRow {
+    /// Census's integer sync id (assigned by the store).
+    pub id: i64,
+    pub sync_job_id: String,
+    pub webhook_id: String,
+    pub paused: bool,
+    /// The validated settings, JSON.
+    pub config: String,
+    pub created_at: i64,
+    pub updated_at: i64,
 }
 
 pub struct EloquaSync {

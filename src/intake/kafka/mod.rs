@@ -409,7 +409,9 @@ impl KafkaBus {
             }
         };
         let finishing = crate::runs::service::finishing_runs(good.iter().map(|(_, e)| e));
+        let alerting = crate::syncs::alerts::alert_runs(good.iter().map(|(_, e)| e));
         let mut jobs = Vec::new();
+        let mut held = Vec::new();
         for ((m, _), (deliveries, dead, routed)) in good.into_iter().zip(plans) {
             if routed.status == "filtered" {
                 self.metrics.events_filtered.inc();
@@ -427,10 +429,20 @@ impl KafkaBus {
             }
             for mut d in deliveries {
                 d.source = Some(source.clone());
-                jobs.push(Job::memory(d, ack.clone()));
+                if engine.held_by_pause(&d) {
+                    held.push((d, ack.clone() as Arc<dyn Ack>));
+                } else {
+                    jobs.push(Job::memory(d, ack.clone()));
+                }
             }
         }
         engine.submit(jobs);
+        // A paused sync's deliveries are held in the store, never attempted from memory.
+        engine.store_held(held).await;
+        if !alerting.is_empty() {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.sync_alerts(&alerting).await });
+        }
         if !finishing.is_empty() {
             // Eloqua syncs whose run just finished: their callbacks (stored path, off this loop).
             let engine = engine.clone();

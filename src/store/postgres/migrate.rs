@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "sync_fronts",
         sql: include_str!("../../../migrations/postgres/0002_sync_fronts.sql"),
     },
+    Migration {
+        version: 3,
+        name: "census_syncs",
+        sql: include_str!("../../../migrations/postgres/0003_census_syncs.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).

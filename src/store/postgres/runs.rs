@@ -8,7 +8,9 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{pg, placeholders, PgStore, IN_CHUNK};
 use crate::runs::model::{ErrorHandling, ResourceSpec, Run, Stats, Status, SyncJob};
-use crate::store::{CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked, SyncUnit};
+use crate::store::{
+    CensusSyncRow, CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked, SyncUnit,
+};
 
 fn json_col(r: &PgRow, col: &str) -> Value {
     r.get::<Option<String>, _>(col)
@@ -61,6 +63,18 @@ fn run_from_row(r: &PgRow) -> Run {
         finished_at: r.get("finished_at"),
         sync_unit_id: r.get("sync_unit_id"),
         seq: r.get("seq"),
+    }
+}
+
+fn census_from_row(r: &PgRow) -> CensusSyncRow {
+    CensusSyncRow {
+        id: r.get("id"),
+        sync_job_id: r.get("sync_job_id"),
+        webhook_id: r.get("webhook_id"),
+        paused: r.get::<i64, _>("paused") != 0,
+        config: r.get("config"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
     }
 }
 
@@ -543,6 +557,117 @@ impl RunStore for PgStore {
     }
 
     // ---- commands -------------------------------------------------------------------------------
+
+    // ---- Census-style syncs ---------------------------------------------------------------------
+
+    async fn insert_census_sync(&self, s: &CensusSyncRow) -> anyhow::Result<CensusSyncRow> {
+        let id: i64 = sqlx::query_scalar(&pg("INSERT INTO census_syncs (sync_job_id, webhook_id, paused, config, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id"))
+        .bind(&s.sync_job_id)
+        .bind(&s.webhook_id)
+        .bind(i64::from(s.paused))
+        .bind(&s.config)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(CensusSyncRow { id, ..s.clone() })
+    }
+
+    async fn get_census_sync(&self, id: i64) -> anyhow::Result<Option<CensusSyncRow>> {
+        Ok(sqlx::query(&pg("SELECT * FROM census_syncs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(census_from_row))
+    }
+
+    async fn list_census_syncs(&self, offset: i64, limit: i64) -> anyhow::Result<(Vec<CensusSyncRow>, i64)> {
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM census_syncs")
+            .fetch_one(&self.pool)
+            .await?;
+        let rows = sqlx::query(&pg("SELECT * FROM census_syncs ORDER BY id LIMIT ? OFFSET ?"))
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((rows.iter().map(census_from_row).collect(), total))
+    }
+
+    async fn all_census_syncs(&self) -> anyhow::Result<Vec<CensusSyncRow>> {
+        let rows = sqlx::query("SELECT * FROM census_syncs ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(census_from_row).collect())
+    }
+
+    async fn update_census_sync(&self, s: &CensusSyncRow) -> anyhow::Result<bool> {
+        Ok(sqlx::query(&pg("UPDATE census_syncs SET sync_job_id = ?, webhook_id = ?, paused = ?, config = ?, updated_at = ? WHERE id = ?"))
+            .bind(&s.sync_job_id)
+            .bind(&s.webhook_id)
+            .bind(i64::from(s.paused))
+            .bind(&s.config)
+            .bind(s.updated_at)
+            .bind(s.id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn delete_census_sync(&self, id: i64) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&pg("DELETE FROM census_alert_state WHERE sync_id = ?"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query(&pg("DELETE FROM census_syncs WHERE id = ?"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn census_alert_step(
+        &self,
+        sync_id: i64,
+        alert: &str,
+        run_id: &str,
+        firing: bool,
+    ) -> anyhow::Result<Option<bool>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&pg(
+            "INSERT INTO census_alert_state (sync_id, alert) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        ))
+        .bind(sync_id)
+        .bind(alert)
+        .execute(&mut *tx)
+        .await?;
+        let (last, was): (String, i64) = sqlx::query_as(&pg(
+            "SELECT last_run, firing FROM census_alert_state WHERE sync_id = ? AND alert = ? FOR UPDATE",
+        ))
+        .bind(sync_id)
+        .bind(alert)
+        .fetch_one(&mut *tx)
+        .await?;
+        if last == run_id {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        sqlx::query(&pg(
+            "UPDATE census_alert_state SET last_run = ?, firing = ? WHERE sync_id = ? AND alert = ?",
+        ))
+        .bind(run_id)
+        .bind(i64::from(firing))
+        .bind(sync_id)
+        .bind(alert)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(was != 0))
+    }
 
     async fn insert_command(&self, key: &str, command: &str, now: i64) -> anyhow::Result<()> {
         sqlx::query(&pg("INSERT INTO commands (key, command, created_at) VALUES (?, ?, ?)"))

@@ -39,7 +39,7 @@ pub(super) fn requeue(q: QueuedDelivery) -> NewDelivery {
         event_id: q.event_id,
         event: q.event,
         run_id: q.run_id,
-        kind: if q.kind == "callback" { "callback" } else { "webhook" },
+        kind: crate::store::kind_str(&q.kind),
         webhook_id: q.webhook_id,
         target_url: q.target_url,
         target_key: q.target_key,
@@ -86,7 +86,7 @@ pub(super) async fn busy_chains(tx: &mut Transaction<'_, Sqlite>, keys: &[&str])
     let mut busy = HashSet::new();
     for chunk in keys.chunks(IN_CHUNK) {
         let sql = format!(
-            "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting')",
+            "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused')",
             placeholders(chunk.len())
         );
         let mut q = sqlx::query_scalar::<_, String>(&sql);
@@ -96,6 +96,37 @@ pub(super) async fn busy_chains(tx: &mut Transaction<'_, Sqlite>, keys: &[&str])
         busy.extend(q.fetch_all(&mut **tx).await?);
     }
     Ok(busy)
+}
+
+/// The chains among `keys` that are a paused Census-style sync's (`s:<sync id>:<run>`): their new
+/// rows are written `paused` (CONTRACT §3, Census syncs: paused).
+pub(super) async fn paused_chains(tx: &mut Transaction<'_, Sqlite>, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
+    let ids: Vec<i64> = keys
+        .iter()
+        .filter_map(|k| crate::syncs::sync_of_order_key(k))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut paused = HashSet::new();
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT id FROM census_syncs WHERE paused = 1 AND id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(sql.as_str());
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        paused.extend(q.fetch_all(&mut **tx).await?);
+    }
+    Ok(keys
+        .iter()
+        .filter(|k| crate::syncs::sync_of_order_key(k).is_some_and(|i| paused.contains(&i)))
+        .map(|k| k.to_string())
+        .collect())
 }
 
 /// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
@@ -109,7 +140,7 @@ async fn promote_next(
     for chunk in keys.chunks(IN_CHUNK) {
         let sql = format!(
             "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE state = 'waiting' AND seq IN \
-             (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting') GROUP BY order_key) \
+             (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused') GROUP BY order_key) \
              RETURNING {QUEUED_COLUMNS}",
             placeholders(chunk.len())
         );
@@ -139,9 +170,16 @@ pub(super) async fn insert_deliveries(
         .collect();
     let mut busy = busy_chains(tx, &keys).await?;
     busy.extend(held.iter().cloned());
+    let paused = paused_chains(tx, &keys).await?;
     let states: Vec<&'static str> = deliveries
         .iter()
         .map(|d| match d.order_key.as_deref() {
+            // A paused sync's rows are held whatever their place in the chain; the rows
+            // behind them wait (the chain is busy).
+            Some(k) if paused.contains(k) => {
+                busy.insert(k.to_string());
+                "paused"
+            }
             Some(k) if !busy.insert(k.to_string()) => "waiting",
             _ => "ready",
         })
@@ -369,7 +407,7 @@ impl Queue for SqliteStore {
 
     async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
         Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting'))",
+            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting', 'paused'))",
         )
         .bind(order_key)
         .fetch_one(&self.pool)
@@ -379,7 +417,7 @@ impl Queue for SqliteStore {
 
     async fn active_order_keys(&self) -> anyhow::Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT order_key FROM deliveries WHERE state IN ('ready', 'waiting') AND order_key IS NOT NULL",
+            "SELECT DISTINCT order_key FROM deliveries WHERE state IN ('ready', 'waiting', 'paused') AND order_key IS NOT NULL",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -483,7 +521,7 @@ impl Queue for SqliteStore {
     ) -> anyhow::Result<Vec<(String, String, String)>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
-            "SELECT seq, kind, event, body FROM deliveries WHERE run_id = ? AND state IN ('ready', 'waiting') ORDER BY seq",
+            "SELECT seq, kind, event, body FROM deliveries WHERE run_id = ? AND state IN ('ready', 'waiting', 'paused') ORDER BY seq",
         )
         .bind(run_id)
         .fetch_all(&mut *tx)
@@ -507,9 +545,54 @@ impl Queue for SqliteStore {
         Ok(out)
     }
 
+    async fn pause_queued(&self, sync_id: i64) -> anyhow::Result<u64> {
+        // The `IN` term is the chain index's condition, so the scan is of queued rows only.
+        let prefix = crate::syncs::order_key_prefix(sync_id);
+        Ok(sqlx::query("UPDATE deliveries SET state = 'paused' WHERE state IN ('ready', 'waiting', 'paused') AND state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)")
+        .bind(&prefix)
+        .bind(&prefix)
+        .bind(sync_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    async fn release_paused(&self, sync_id: i64, now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+        let prefix = crate::syncs::order_key_prefix(sync_id);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let keys: Vec<Option<String>> = sqlx::query_scalar("UPDATE deliveries SET state = 'waiting' WHERE state = 'paused' AND substr(order_key, 1, length(?)) = ? AND NOT EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1) RETURNING order_key")
+        .bind(&prefix)
+        .bind(&prefix)
+        .bind(sync_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let keys: BTreeSet<String> = keys.into_iter().flatten().collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // The oldest row of each chain goes first: it was held in the chain's order.
+        let promoted = promote_next(&mut tx, &refs, now).await?;
+        claim(&promoted);
+        tx.commit().await?;
+        Ok(promoted)
+    }
+
+    async fn paused_counts(&self) -> anyhow::Result<Vec<(i64, i64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT order_key, COUNT(*) FROM deliveries WHERE state = 'paused' AND order_key IS NOT NULL GROUP BY order_key",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut per: std::collections::BTreeMap<i64, i64> = Default::default();
+        for (k, n) in rows {
+            if let Some(id) = crate::syncs::sync_of_order_key(&k) {
+                *per.entry(id).or_default() += n;
+            }
+        }
+        Ok(per.into_iter().collect())
+    }
+
     async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)> {
         let r = sqlx::query(
-            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting')",
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting', 'paused')",
         )
         .fetch_one(&self.pool)
         .await?;
