@@ -47,6 +47,8 @@ pub const TARGET_KINDS: &[&str] = &["webhook", "callback", "sync"];
 pub const SYNC_ALERT_TYPES: &[&str] = &["InvalidRecordPercent", "Failure", "Status"];
 /// `state` of a sync alert.
 pub const SYNC_ALERT_STATES: &[&str] = &["triggered", "recovered"];
+/// `status` of a finished Eloqua bulk sync (its callback's payload).
+pub const ELOQUA_SYNC_STATUSES: &[&str] = &["success", "warning", "error"];
 /// `status_class` of an API response.
 pub const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
 
@@ -85,6 +87,9 @@ pub struct Metrics {
     pub runs_finished: IntCounterVec,
     pub sync_alerts: IntCounterVec,
     pub sync_deliveries_held: IntGauge,
+    pub eloqua_callbacks: IntCounterVec,
+    pub sync_units_created: IntCounter,
+    pub sync_unit_runs: IntCounter,
 }
 
 /// `status` of a consumed Kafka message.
@@ -261,6 +266,19 @@ impl Metrics {
                 "syncrelay_sync_deliveries_held",
                 "Deliveries held for paused Census-style syncs (accepted, not attempted until unpaused).",
             ),
+            eloqua_callbacks: counter_vec(
+                "syncrelay_eloqua_sync_callbacks_total",
+                "Eloqua bulk syncs that finished and had their one callback queued, by the sync's final status.",
+                &["status"],
+            ),
+            sync_units_created: counter(
+                "syncrelay_sync_units_created_total",
+                "DevRev-style sync units created (airdrop.sync-units.create.bulk).",
+            ),
+            sync_unit_runs: counter(
+                "syncrelay_sync_unit_runs_total",
+                "Sync job runs created naming a DevRev-style sync unit (sync_unit_id).",
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -293,6 +311,9 @@ impl Metrics {
         }
         for s in RUN_END_STATUSES {
             m.runs_finished.with_label_values(&[s]);
+        }
+        for st in ELOQUA_SYNC_STATUSES {
+            m.eloqua_callbacks.with_label_values(&[st]);
         }
         for t in SYNC_ALERT_TYPES {
             for st in SYNC_ALERT_STATES {

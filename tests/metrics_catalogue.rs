@@ -207,6 +207,10 @@ fn catalogue_types_and_labels_match_the_registry() {
         (("syncrelay_runs_total", "status"), metrics::RUN_END_STATUSES),
         (("syncrelay_sync_alerts_total", "alert_type"), metrics::SYNC_ALERT_TYPES),
         (("syncrelay_sync_alerts_total", "state"), metrics::SYNC_ALERT_STATES),
+        (
+            ("syncrelay_eloqua_sync_callbacks_total", "status"),
+            metrics::ELOQUA_SYNC_STATUSES,
+        ),
     ]
     .into_iter()
     .collect();

@@ -166,6 +166,16 @@ both_buses!(
         h.send(&[ev("late", &run, "completed")]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(rx.on("/cb").len(), 1);
+        // And the dashboard's metric counts it once, by the sync's final status.
+        let m = h.metrics().await;
+        assert_eq!(
+            m.value("syncrelay_eloqua_sync_callbacks_total", &[("status", "warning")]),
+            1.0
+        );
+        assert_eq!(
+            m.value("syncrelay_eloqua_sync_callbacks_total", &[("status", "error")]),
+            0.0
+        );
     }
 );
 
@@ -361,6 +371,9 @@ both_buses!(
         assert!(u["sync_run"]["ended_at"].is_null());
         h.send(&[ev("b1", &r2, "started"), ev("b2", &r2, "failed")]).await;
         wait_unit(app, &uid, |r| r["progress"]["state"] == "failed", "second run failed").await;
+        let m = h.metrics().await;
+        assert_eq!(m.value("syncrelay_sync_units_created_total", &[]), 1.0);
+        assert_eq!(m.value("syncrelay_sync_unit_runs_total", &[]), 2.0);
 
         // Archive: a run can no longer name it.
         let (s, b) = app

@@ -159,6 +159,7 @@ pub async fn create_bulk(state: State, body: web::Payload) -> Result<HttpRespons
         });
     }
     let units = state.engine.store.runs().insert_sync_units(&units).await?;
+    state.engine.metrics.sync_units_created.inc_by(units.len() as u64);
     let out: Vec<Value> = units.iter().map(|u| unit_json(u, None)).collect();
     Ok(HttpResponse::Created().json(json!({ "sync_units": out })))
 }

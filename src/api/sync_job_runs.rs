@@ -220,6 +220,9 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
             "could not publish the run's start command: {e:#}"
         )));
     }
+    if run.sync_unit_id.is_some() {
+        state.engine.metrics.sync_unit_runs.inc();
+    }
     let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
     if let Some(e) = run_event(&run, id, "sync_job_run:created") {
         state.engine.ingest(&[e], "api").await?;

@@ -81,6 +81,10 @@ impl Engine {
             let _ = store.mark_eloqua_callback(sync.n, None).await;
             return Err(e);
         }
+        self.metrics
+            .eloqua_callbacks
+            .with_label_values(&[eloqua::status_of(&run)])
+            .inc();
         Ok(())
     }
 
