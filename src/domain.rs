@@ -143,6 +143,12 @@ pub struct Envelope {
     pub environment_id: Option<String>,
     pub created_at_ms: i64,
     pub payload: Map<String, Value>,
+    /// Made by the relay itself (a batch of record errors, a synthesized `failed`, a run the
+    /// API stopped or deleted, operational events): its run's lifecycle already decided on it.
+    /// Only code sets this — `parse` (every way in: the API, Kafka, replay) always leaves it
+    /// false — so a client cannot claim it, whatever id it picks (an id starting with the
+    /// relay's own `sr_<run>_` prefix gets the rules like any other).
+    pub relay_made: bool,
 }
 
 impl Envelope {
@@ -226,6 +232,7 @@ impl Envelope {
             environment_id,
             created_at_ms,
             payload,
+            relay_made: false,
         })
     }
 

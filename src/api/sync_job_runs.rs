@@ -95,6 +95,7 @@ fn run_event(run: &Run, id: String, event: &str) -> Option<Envelope> {
             .map(str::to_string),
         created_at_ms: now_ms(),
         payload: payload_of(run),
+        relay_made: true,
     })
 }
 

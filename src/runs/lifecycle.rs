@@ -85,8 +85,8 @@ struct Outcome {
     delivered: bool,
 }
 
-/// Ids of events the relay makes for a run start with this, so feeding them back through
-/// `on_ingest` passes them through unchanged.
+/// Ids of events the relay makes for a run start with this (one id per made event, the same
+/// on every attempt). Not how they are recognised: that is `Envelope::relay_made`.
 pub fn relay_event_prefix(run_id: &str) -> String {
     format!("sr_{}_", run_id.replace('-', ""))
 }
@@ -116,6 +116,7 @@ fn run_envelope(run: &Run, id: String, event: &str, payload: Map<String, Value>,
         environment_id: environment_of(run),
         created_at_ms: now,
         payload,
+        relay_made: true,
     }
 }
 
@@ -202,8 +203,9 @@ impl Runs {
             before: Vec::new(),
             after: Vec::new(),
         };
-        if e.id.starts_with(&relay_event_prefix(&run.id)) {
-            // Made by the relay itself (batch flush, synthesized failed, API stop): already decided.
+        if e.relay_made {
+            // Made by the relay itself (batch flush, synthesized failed, API stop): already
+            // decided. Never the id: a client may send any id, the flag only code sets.
             return (d, false);
         }
         let kind = e.event.strip_prefix("sync_job_run:").unwrap_or(&e.event);
@@ -544,6 +546,7 @@ mod tests {
             environment_id: None,
             created_at_ms: 0,
             payload,
+            relay_made: false,
         }
     }
 
@@ -632,6 +635,13 @@ mod tests {
         // The synthesized event passes through when fed back.
         let back = runs.on_ingest(&after[0]).await.unwrap().unwrap();
         assert_eq!(back.action, Action::Deliver);
+        // The same id from a client (issue 13: ids are not proof of origin) gets the rules.
+        let forged = Envelope {
+            relay_made: false,
+            ..after[0].clone()
+        };
+        let d = runs.on_ingest(&forged).await.unwrap().unwrap();
+        assert_eq!(d.action, Action::Drop { reason: "run_failed" });
         let r = status(&store, &run).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(r.stop_reason.as_deref(), Some("fail_fast"));

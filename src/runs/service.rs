@@ -76,6 +76,7 @@ impl Engine {
             environment_id: None,
             created_at_ms: now_ms(),
             payload,
+            relay_made: true,
         };
         if let Err(e) = self.queue(std::slice::from_ref(&env)).await {
             let _ = store.mark_eloqua_callback(sync.n, None).await;
@@ -215,6 +216,7 @@ impl Engine {
                 environment_id: None,
                 created_at_ms: now,
                 payload: payload.clone(),
+                relay_made: true,
             })
             .collect();
         if !envelopes.is_empty() {
