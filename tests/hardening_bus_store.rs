@@ -155,3 +155,107 @@ both_stores!(
         assert_eq!(b["replayed"], 3, "{b}");
     }
 );
+
+/// Send events given as JSON text, unchanged, the bus's way: `POST /events` with them as the
+/// batch's items (202), or each produced as a message keyed by `key`.
+async fn send_text(h: &Harness, key: &str, events: &[String]) {
+    match h.bus {
+        Bus::Embedded => {
+            let body = format!(r#"{{"events":[{}]}}"#, events.join(","));
+            let r = h
+                .api()
+                .req(Method::POST, "/events")
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        }
+        Bus::Kafka => {
+            let k = h.kafka();
+            let msgs: Vec<(Option<String>, Vec<u8>)> = events
+                .iter()
+                .map(|e| (Some(key.to_string()), e.clone().into_bytes()))
+                .collect();
+            k.broker.produce(&k.topics.events, &msgs).await;
+        }
+    }
+}
+
+/// The bytes of a delivery body's `payload` (the body is `{"id","event","payload",
+/// "environment_id",…}` in that order).
+fn payload_bytes(r: &Received) -> String {
+    let body = std::str::from_utf8(&r.body).unwrap();
+    let from = body.find(r#","payload":"#).unwrap() + r#","payload":"#.len();
+    let to = body.rfind(r#","environment_id":"#).unwrap();
+    body[from..to].to_string()
+}
+
+/// What producers send: numbers no float holds, negative zero, an exponent, a repeated key,
+/// keys out of order, whitespace (inside a string too).
+const PAYLOAD_SENT: &str = "{ \"big\": 123456789012345678901234567890, \"neg\": -0, \"exp\": 1E2,\n  \
+    \"dup\": 1, \"dup\": 2, \"z\": {\"b\": 1.50, \"a\": \"x y\\n\"} }";
+/// What receivers get: the same bytes, whitespace outside strings aside (the body is compact).
+const PAYLOAD_GOT: &str =
+    r#"{"big":123456789012345678901234567890,"neg":-0,"exp":1E2,"dup":1,"dup":2,"z":{"b":1.50,"a":"x y\n"}}"#;
+
+// Finding: the payload was not passed through untouched (CONTRACT §1):
+// 123456789012345678901234567890 arrived as 1.2345678901234568e+29, -0 as -0.0, 1E2 as 100.0,
+// repeated keys collapsed. Now its bytes go through as given: delivered, replayed from a dead
+// letter, and in a run's `completed` (whose payload gets the run's counts added).
+both_buses!(the_payload_reaches_the_receiver_byte_for_byte, |bus| async move {
+    let rx = Receiver::start().await;
+    let mut h = Harness::start(bus, &[]).await;
+    let (wid, secret) = h.api().webhook(&rx.url("/hook"), &[]).await;
+    let text = |id: &str, event: &str, run: Option<&str>, payload: &str| {
+        let run = run.map(|r| format!(r#","sync_job_run_id":"{r}""#)).unwrap_or_default();
+        format!(r#"{{"id":"{id}","event":"{event}","webhook_id":"{wid}"{run},"payload":{payload}}}"#)
+    };
+    send_text(&h, "k", &[text("p1", "record:created", None, PAYLOAD_SENT)]).await;
+    let got = rx.wait_for(WAIT, "p1", |g| g.len() == 1).await;
+    assert_eq!(payload_bytes(&got[0]), PAYLOAD_GOT);
+    let verifier = standardwebhooks::Webhook::new(&secret).unwrap();
+    verifier
+        .verify(&got[0].body, &got[0].header_map())
+        .expect("signature verifies");
+
+    // Refused (webhook disabled), dead-lettered, replayed once the webhook is active again.
+    let set_active = |on: bool| {
+        let path = format!("/webhook/{wid}");
+        let api = h.api();
+        async move {
+            let (s, b) = api.call(Method::PATCH, &path, Some(json!({"is_active": on}))).await;
+            assert_eq!(s, 200, "{b}");
+        }
+    };
+    set_active(false).await;
+    send_text(&h, "k", &[text("p2", "record:created", None, PAYLOAD_SENT)]).await;
+    let dl = wait_dead_letters(h.api(), "event_id=p2", 1).await;
+    set_active(true).await;
+    let (s, b) = h
+        .api()
+        .post("/dead-letters/replay", json!({"ids": [dl[0]["id"]]}))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let got = rx.wait_for(WAIT, "p2", |g| g.len() == 2).await;
+    assert_eq!(got[1].header("webhook-id"), "p2");
+    assert_eq!(payload_bytes(&got[1]), PAYLOAD_GOT);
+
+    // A run's `completed` gets the run's counts added to its payload; the rest stays as sent.
+    let run = new_run(h.api(), &wid).await;
+    let started = text("p3", "sync_job_run:started", Some(&run), "{}");
+    let completed = text("p4", "sync_job_run:completed", Some(&run), PAYLOAD_SENT);
+    send_text(&h, &run, &[started, completed]).await;
+    let got = rx
+        .wait_for(WAIT, "completed", |g| has(g, "sync_job_run:completed"))
+        .await;
+    let done = got.iter().find(|r| r.header("webhook-id") == "p4").unwrap();
+    let p = payload_bytes(done);
+    let head = &PAYLOAD_GOT[..PAYLOAD_GOT.len() - 1];
+    assert!(p.starts_with(head) && p.len() > PAYLOAD_GOT.len(), "{p}");
+    verifier
+        .verify(&done.body, &done.header_map())
+        .expect("signature verifies");
+    h.stop().await;
+});

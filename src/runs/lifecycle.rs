@@ -116,6 +116,7 @@ fn run_envelope(run: &Run, id: String, event: &str, payload: Map<String, Value>,
         environment_id: environment_of(run),
         created_at_ms: now,
         payload,
+        payload_raw: None,
         relay_made: true,
     }
 }
@@ -546,6 +547,7 @@ mod tests {
             environment_id: None,
             created_at_ms: 0,
             payload,
+            payload_raw: None,
             relay_made: false,
         }
     }
