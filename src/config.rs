@@ -82,6 +82,14 @@ pub struct StoreSettings {
     /// PostgreSQL: how long a claim of a queued delivery keeps it from other instances (ms).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// Base64 of 32 bytes: webhook and callback secrets are stored encrypted with it (empty:
+    /// stored as they are, with a warning at start). See `store::secrets`.
+    #[serde(default)]
+    pub encryption_key: String,
+    /// Keys secrets may still be encrypted with (rotation): read, and re-encrypted with
+    /// `encryption_key` at start.
+    #[serde(default)]
+    pub previous_encryption_keys: Vec<String>,
 }
 
 fn default_lease_ms() -> u64 {
@@ -107,6 +115,15 @@ impl std::fmt::Debug for StoreSettings {
             .field("synchronous", &self.synchronous)
             .field("lease_ms", &self.lease_ms)
             .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "encryption_key",
+                &if self.encryption_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("previous_encryption_keys", &self.previous_encryption_keys.len())
             .finish()
     }
 }
@@ -486,6 +503,16 @@ impl Settings {
         if self.runs.batch.max_age_ms == 0 {
             return bad("runs.batch.max_age_ms", "must be at least 1");
         }
+        if !self.store.encryption_key.is_empty() {
+            if let Err(m) = crate::store::secrets::check_key(&self.store.encryption_key) {
+                return bad("store.encryption_key", &m);
+            }
+        }
+        for (i, k) in self.store.previous_encryption_keys.iter().enumerate() {
+            if let Err(m) = crate::store::secrets::check_key(k) {
+                return bad(&format!("store.previous_encryption_keys[{i}]"), &m);
+            }
+        }
         if !self.callbacks.secret.is_empty() && crate::signing::Secret::parse(&self.callbacks.secret).is_err() {
             return bad(
                 "callbacks.secret",
@@ -506,9 +533,16 @@ impl Settings {
 
 /// Keys whose values are secrets: never quoted in an error.
 fn is_secret_key(key: &str) -> bool {
-    ["auth.tokens", "callbacks.secret", "store.url", "bus.kafka.librdkafka"]
-        .iter()
-        .any(|k| key == *k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
+    [
+        "auth.tokens",
+        "callbacks.secret",
+        "store.url",
+        "store.encryption_key",
+        "store.previous_encryption_keys",
+        "bus.kafka.librdkafka",
+    ]
+    .iter()
+    .any(|k| key == *k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
 }
 
 /// `invalid type: string "s3cr3t", expected a sequence` -> `invalid type: string (value not

@@ -259,3 +259,176 @@ both_buses!(the_payload_reaches_the_receiver_byte_for_byte, |bus| async move {
         .expect("signature verifies");
     h.stop().await;
 });
+
+/// Keys for `store.encryption_key` (base64 of 32 bytes).
+const K1: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+const K2: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+/// Where a test's store lives across restarts of the relay.
+struct StoreAt {
+    kind: &'static str,
+    /// SQLite: the database file, in folders the relay creates.
+    db: std::path::PathBuf,
+    /// PostgreSQL: the database's URL.
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl StoreAt {
+    async fn new(kind: &'static str) -> StoreAt {
+        let dir = tempfile::tempdir().unwrap();
+        let url = if kind == "postgres" {
+            tokio::task::spawn_blocking(postgres::database).await.unwrap()
+        } else {
+            String::new()
+        };
+        StoreAt {
+            kind,
+            db: dir.path().join("new/sub/syncrelay.db"),
+            url,
+            _dir: dir,
+        }
+    }
+
+    fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = vec![("SYNCRELAY__STORE__PATH".to_string(), self.db.display().to_string())];
+        if self.kind == "postgres" {
+            env.push(("SYNCRELAY__STORE__KIND".into(), "postgres".into()));
+            env.push(("SYNCRELAY__STORE__URL".into(), self.url.clone()));
+        }
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    }
+
+    async fn start(&self, extra: &[(&str, &str)]) -> TestApp {
+        spawn_app_with(&[], self.env(extra)).await
+    }
+
+    /// Everything the store holds about secrets, as stored: the SQLite files' bytes (database,
+    /// -wal), or PostgreSQL's webhook secret columns and kv values.
+    async fn raw(&self) -> String {
+        if self.kind == "postgres" {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT secret || ' ' || coalesce(previous_secret, '') FROM webhooks UNION ALL SELECT value FROM kv",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            return rows.join("\n");
+        }
+        let mut all = Vec::new();
+        for suffix in ["", "-wal"] {
+            let mut p = self.db.as_os_str().to_owned();
+            p.push(suffix);
+            all.extend(std::fs::read(p).unwrap_or_default());
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    }
+}
+
+/// Send a `record:created` event to webhook `wid` and check its delivery verifies with
+/// `secret` (Standard Webhooks' reference verifier).
+async fn delivers_signed(app: &TestApp, rx: &Receiver, wid: &str, id: &str, secret: &str) {
+    app.send_events(vec![event(id, wid, None, json!({"n": 1}))]).await;
+    let got = rx
+        .wait_for(WAIT, id, |g| g.iter().any(|r| r.header("webhook-id") == id))
+        .await;
+    let r = got.iter().find(|r| r.header("webhook-id") == id).unwrap();
+    standardwebhooks::Webhook::new(secret)
+        .unwrap()
+        .verify(&r.body, &r.header_map())
+        .expect("the delivery verifies with the webhook's secret");
+}
+
+// Finding: secrets (webhook, previous, callback) were stored in plaintext and the database file
+// was created world-readable. Now they are sealed with `store.encryption_key`, rows from before
+// are re-sealed at start, a rotated key keeps them readable (`store.previous_encryption_keys`),
+// and the SQLite folder and files are owner-only.
+both_stores!(
+    secrets_are_encrypted_at_rest_and_survive_key_rotation,
+    |kind: &'static str| async move {
+        let at = StoreAt::new(kind).await;
+        let rx = Receiver::start().await;
+
+        // Without a key (as before): the secret is in the store as it is, which the check sees.
+        let mut app = at.start(&[]).await;
+        let (wid, s1) = app.webhook(&rx.url("/hook"), &[]).await;
+        app.stop().await;
+        assert!(at.raw().await.contains(&s1), "the check finds a plaintext secret");
+
+        // With a key: the old row is re-sealed at start; a rotation's new and previous secrets and
+        // the callback secret are stored sealed; deliveries verify.
+        let mut app = at.start(&[("SYNCRELAY__STORE__ENCRYPTION_KEY", K1)]).await;
+        if kind == "sqlite" {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            let sub = at.db.parent().unwrap();
+            assert_eq!(mode(sub), 0o700, "data folder");
+            assert_eq!(
+                mode(sub.parent().unwrap()),
+                0o700,
+                "data folder's parent the relay created"
+            );
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = at.db.as_os_str().to_owned();
+                p.push(suffix);
+                assert_eq!(mode(std::path::Path::new(&p)), 0o600, "syncrelay.db{suffix}");
+            }
+        }
+        let (s, rotated) = app.post(&format!("/webhook/{wid}/rotate-secret"), json!({})).await;
+        assert_eq!(s, 200, "{rotated}");
+        let s2 = rotated["secret"].as_str().unwrap().to_string();
+        delivers_signed(&app, &rx, &wid, "k1", &s2).await;
+        app.stop().await;
+        let raw = at.raw().await;
+        assert!(!raw.contains(&s1) && !raw.contains(&s2), "no secret in the store");
+        assert!(!raw.contains("whsec_"), "the callback secret is sealed too");
+        if kind == "postgres" {
+            assert_eq!(raw.matches("enc:v1:").count(), 3, "{raw}");
+        }
+
+        // Key rotation: the new key, the old one still readable; re-sealed at start.
+        let both = format!("[\"{K1}\"]");
+        let mut app = at
+            .start(&[
+                ("SYNCRELAY__STORE__ENCRYPTION_KEY", K2),
+                ("SYNCRELAY__STORE__PREVIOUS_ENCRYPTION_KEYS", &both),
+            ])
+            .await;
+        delivers_signed(&app, &rx, &wid, "k2", &s2).await;
+        app.stop().await;
+        // The old key is no longer needed.
+        let mut app = at.start(&[("SYNCRELAY__STORE__ENCRYPTION_KEY", K2)]).await;
+        delivers_signed(&app, &rx, &wid, "k3", &s2).await;
+        let (s, w) = app.get(&format!("/webhook/{wid}")).await;
+        assert_eq!(s, 200, "{w}");
+        assert!(
+            w["previous_secret_expires_at"].is_string(),
+            "the previous secret still reads: {w}"
+        );
+        app.stop().await;
+        let raw = at.raw().await;
+        assert!(!raw.contains(&s1) && !raw.contains(&s2) && !raw.contains("whsec_"));
+
+        // The wrong key: the start fails, naming the keys to give, never quoting a secret.
+        let settings = syncrelay::config::Settings::load(
+            None,
+            test_env(at.db.parent().unwrap(), &[])
+                .into_iter()
+                .chain(at.env(&[("SYNCRELAY__STORE__ENCRYPTION_KEY", K1)]))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let err = match syncrelay::Application::build(settings).await {
+            Ok(_) => panic!("the relay started with a key that opens nothing"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("store.previous_encryption_keys"), "{err}");
+        assert!(
+            !err.contains(K1) && !err.contains(K2) && !err.contains("whsec_"),
+            "{err}"
+        );
+    }
+);

@@ -498,6 +498,8 @@ mod tests {
             max_connections: 2,
             synchronous: Synchronous::Normal,
             lease_ms: 60_000,
+            encryption_key: String::new(),
+            previous_encryption_keys: Vec::new(),
         })
         .await
         .unwrap()

@@ -55,6 +55,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_secrets_are_stored_sealed_and_resealed_only_if_unchanged() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::secrets_are_stored_sealed_and_resealed_only_if_unchanged(store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_replay_by_more_ids_than_a_statement_binds() {
             let (store, _guard) = $open().await;
             crate::store::conformance::replay_by_more_ids_than_a_statement_binds(&store).await;
@@ -698,4 +704,92 @@ pub(crate) async fn replay_by_more_ids_than_a_statement_binds(store: &Store) {
         .unwrap();
     assert_eq!((requeued, raws.len()), (0, 2));
     assert!(raws[0].contains("r1") && raws[1].contains("r2"), "{raws:?}");
+}
+
+/// Secrets reach the backend sealed and come back opened; re-sealing (`reseal_webhook`,
+/// `kv_replace`) is a compare-and-set, so a secret changed meanwhile is never overwritten.
+pub(crate) async fn secrets_are_stored_sealed_and_resealed_only_if_unchanged(store: Store) {
+    use crate::store::secrets::Sealer;
+    let key = |n: u8| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([n; 32])
+    };
+    let settings = |current: u8, previous: &[u8]| crate::config::StoreSettings {
+        kind: crate::config::StoreKind::Sqlite,
+        path: "unused".into(),
+        url: String::new(),
+        max_connections: 2,
+        synchronous: crate::config::Synchronous::Normal,
+        lease_ms: 60_000,
+        encryption_key: key(current),
+        previous_encryption_keys: previous.iter().map(|n| key(*n)).collect(),
+    };
+    let sealed = store
+        .clone()
+        .with_sealer(Sealer::from_settings(&settings(1, &[])).unwrap());
+    let now = crate::domain::now_ms();
+    let secret = crate::signing::Secret::generate();
+    let w = Webhook {
+        id: "ws".into(),
+        target_url: "http://127.0.0.1:1/hook".into(),
+        event_types: vec![],
+        is_active: true,
+        description: None,
+        secret: secret.clone(),
+        previous_secret: Some((crate::signing::Secret::generate(), now + 1000)),
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    sealed.insert_webhook(&w).await.unwrap();
+    sealed.update_webhook(&w).await.unwrap();
+    let raw = sealed.registry().get_webhook("ws").await.unwrap().unwrap();
+    assert!(raw.secret.starts_with("enc:v1:") && !raw.secret.contains(secret.expose()));
+    let raw_prev = raw.previous_secret.clone().unwrap().0;
+    assert!(raw_prev.starts_with("enc:v1:"));
+    assert_eq!(
+        sealed.get_webhook("ws").await.unwrap().unwrap().secret.expose(),
+        secret.expose()
+    );
+    // Compare-and-set: a stale `from` changes nothing; the current one does.
+    let reg = sealed.registry();
+    assert!(!reg
+        .reseal_webhook("ws", ("stale", Some(&raw_prev)), ("x", None))
+        .await
+        .unwrap());
+    assert!(!reg
+        .reseal_webhook("ws", (&raw.secret, None), ("x", None))
+        .await
+        .unwrap());
+    assert!(reg
+        .reseal_webhook("ws", (&raw.secret, Some(&raw_prev)), ("x", Some("y")))
+        .await
+        .unwrap());
+    let now_raw = reg.get_webhook("ws").await.unwrap().unwrap();
+    assert_eq!(
+        (now_raw.secret.as_str(), now_raw.previous_secret.unwrap().0.as_str()),
+        ("x", "y")
+    );
+    reg.kv_get_or_insert("kk", "a").await.unwrap();
+    assert!(!reg.kv_replace("kk", "b", "c").await.unwrap());
+    assert!(reg.kv_replace("kk", "a", "c").await.unwrap());
+    assert_eq!(reg.kv_get_or_insert("kk", "z").await.unwrap(), "c");
+
+    // A kv secret: sealed when stored, re-sealed with a new key, the same secret throughout.
+    let generated = crate::signing::Secret::generate();
+    let got = sealed
+        .secret_get_or_insert("callbacks.secret", &generated)
+        .await
+        .unwrap();
+    assert_eq!(got.expose(), generated.expose());
+    let first = reg.kv_get_or_insert("callbacks.secret", "-").await.unwrap();
+    assert!(first.starts_with("enc:v1:"));
+    let rotated = store.with_sealer(Sealer::from_settings(&settings(2, &[1])).unwrap());
+    let again = rotated
+        .secret_get_or_insert("callbacks.secret", &crate::signing::Secret::generate())
+        .await
+        .unwrap();
+    assert_eq!(again.expose(), generated.expose());
+    let second = reg.kv_get_or_insert("callbacks.secret", "-").await.unwrap();
+    assert!(second.starts_with("enc:v1:") && second != first);
 }

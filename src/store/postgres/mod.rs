@@ -145,6 +145,8 @@ mod tests {
             max_connections: 4,
             synchronous: Synchronous::Normal,
             lease_ms: 60_000,
+            encryption_key: String::new(),
+            previous_encryption_keys: Vec::new(),
         }
     }
 
