@@ -92,6 +92,10 @@ pub struct StoreSettings {
     pub previous_encryption_keys: Vec<String>,
 }
 
+fn default_dead_letter_retention_hours() -> u64 {
+    720
+}
+
 fn default_lease_ms() -> u64 {
     60_000
 }
@@ -207,6 +211,10 @@ pub struct DeliverySettings {
     pub https_only: bool,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
+    /// Dead letters, and dead and dropped rows with their attempts, are kept this long (hours);
+    /// 0 keeps them for ever.
+    #[serde(default = "default_dead_letter_retention_hours")]
+    pub dead_letter_retention_hours: u64,
     /// Which finished deliveries are kept in the delivery log (`GET /deliveries`).
     pub log: LogMode,
     pub retry: RetrySettings,

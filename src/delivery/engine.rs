@@ -128,6 +128,8 @@ pub struct Engine {
     poll_interval: Duration,
     rotation_grace_ms: i64,
     retention: Duration,
+    /// `delivery.dead_letter_retention_hours` (None: kept for ever).
+    failure_retention: Option<Duration>,
     pub(super) log_mode: LogMode,
     /// A memory job gets this many attempts in memory before it is parked in the store…
     pub(super) inline_attempts: u32,
@@ -219,6 +221,8 @@ impl Engine {
             poll_interval: Duration::from_millis(d.poll_interval_ms.max(10)),
             rotation_grace_ms: (settings.webhooks.secret_rotation_grace_seconds * 1000) as i64,
             retention: Duration::from_secs(d.retention_hours * 3600),
+            failure_retention: (d.dead_letter_retention_hours > 0)
+                .then(|| Duration::from_secs(d.dead_letter_retention_hours.saturating_mul(3600))),
             log_mode: d.log,
             inline_attempts: settings.bus.kafka.inline_attempts.max(1),
             inline_max_delay: Duration::from_millis(settings.bus.kafka.inline_max_delay_ms),
@@ -700,6 +704,15 @@ impl Engine {
                 };
                 if let Err(e) = self.store.purge_delivered(before, first_try_before).await {
                     tracing::warn!(error = %format!("{e:#}"), "retention purge failed");
+                }
+                if let Some(keep) = self.failure_retention {
+                    let dead_letters_before = now.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64);
+                    // A dead row outlives its dead letter by an hour: replay of a dead letter
+                    // that is still there always finds its row (they are made together).
+                    let rows_before = dead_letters_before.saturating_sub(3_600_000);
+                    if let Err(e) = self.store.purge_failed(rows_before, dead_letters_before).await {
+                        tracing::warn!(error = %format!("{e:#}"), "retention purge of failures failed");
+                    }
                 }
             }
         }

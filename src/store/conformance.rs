@@ -61,6 +61,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_failures_are_purged_after_their_retention() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::failures_are_purged_after_their_retention(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_replay_by_more_ids_than_a_statement_binds() {
             let (store, _guard) = $open().await;
             crate::store::conformance::replay_by_more_ids_than_a_statement_binds(&store).await;
@@ -792,4 +798,66 @@ pub(crate) async fn secrets_are_stored_sealed_and_resealed_only_if_unchanged(sto
     assert_eq!(again.expose(), generated.expose());
     let second = reg.kv_get_or_insert("callbacks.secret", "-").await.unwrap();
     assert!(second.starts_with("enc:v1:") && second != first);
+}
+
+/// Dead and dropped rows (with their attempts) and dead letters are forgotten once older than
+/// their retention (issue 13: only delivered rows were ever purged); queued and delivered rows
+/// are left to their own rules.
+pub(crate) async fn failures_are_purged_after_their_retention(store: &Store) {
+    let now = crate::domain::now_ms();
+    let rows = [
+        delivery("d1", Some("t|x"), Some("x"), now),
+        delivery("p1", Some("t|y"), Some("y"), now),
+        delivery("p2", Some("t|y"), Some("y"), now),
+        delivery("ok", None, None, now),
+        delivery("q1", Some("t|z"), Some("z"), now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[refused("gone")], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    let row = |id: &str| ready.iter().find(|q| q.id == id).unwrap().clone();
+    let d1 = row("d1");
+    store
+        .complete(
+            &[
+                completion(&d1, Next::Dead(dead_letter(&d1)), now),
+                completion(&row("ok"), Next::Delivered, now),
+            ],
+            now,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let p1 = row("p1");
+    assert_eq!(store.drop_queued_for_run("y", &[p1.seq], now).await.unwrap().len(), 1);
+    store
+        .complete(&[completion(&p1, Next::Dead(dead_letter(&p1)), now)], now, |_| {})
+        .await
+        .unwrap();
+    let all = DeadLetterFilter {
+        include_replayed: true,
+        ..Default::default()
+    };
+    assert_eq!(store.list_dead_letters(&all, 0, 10).await.unwrap().results.len(), 3);
+    assert_eq!(store.list_attempts("d1").await.unwrap().len(), 1);
+
+    // Nothing is older than the cut-offs yet.
+    assert_eq!(store.purge_failed(now, now).await.unwrap(), 0);
+    // Dead letters first (their rows are kept a little longer by the engine).
+    assert_eq!(store.purge_failed(now, now + 1).await.unwrap(), 3);
+    assert!(store.list_dead_letters(&all, 0, 10).await.unwrap().results.is_empty());
+    assert!(store.get_delivery("d1").await.unwrap().is_some());
+    // Then the dead and dropped rows with their attempts.
+    assert_eq!(store.purge_failed(now + 1, now + 1).await.unwrap(), 3);
+    for id in ["d1", "p1", "p2"] {
+        assert!(store.get_delivery(id).await.unwrap().is_none(), "{id}");
+    }
+    assert!(store.list_attempts("d1").await.unwrap().is_empty());
+    assert_eq!(store.get_delivery("ok").await.unwrap().unwrap().state, "delivered");
+    assert!(
+        store.get_delivery("q1").await.unwrap().is_some(),
+        "queued rows are never purged"
+    );
+    assert_eq!(store.queue_stats().await.unwrap().0, 1);
 }

@@ -132,6 +132,11 @@ pub trait Queue: Send + Sync {
     /// Forget delivered rows (and their attempts) finished before `before`, and those delivered
     /// on their first attempt finished before `first_try_before` (`delivery.log = failures`).
     async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64>;
+
+    /// Forget dead and dropped rows (and their attempts) finished before `rows_before`, and dead
+    /// letters (open or replayed) made before `dead_letters_before`; returns how many of both
+    /// (a bounded number per call). Rows still queued or delivered are never touched.
+    async fn purge_failed(&self, rows_before: i64, dead_letters_before: i64) -> anyhow::Result<u64>;
 }
 
 /// Reading the delivery log and dead letters; replaying dead letters.
@@ -555,6 +560,10 @@ impl Store {
 
     pub async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64> {
         self.queue.purge_delivered(before, first_try_before).await
+    }
+
+    pub async fn purge_failed(&self, rows_before: i64, dead_letters_before: i64) -> anyhow::Result<u64> {
+        self.queue.purge_failed(rows_before, dead_letters_before).await
     }
 
     // ---- delivery log ---------------------------------------------------------------------------
