@@ -755,6 +755,30 @@ mod tests {
         assert!(!msg.contains("sup3r-s3cret-t0ken"), "{msg}");
         let e = Settings::load(None, env(&[("SYNCRELAY__CALLBACKS__SECRET", "[\"whsec_leak\"]")])).unwrap_err();
         assert!(!e.to_string().contains("whsec_leak"), "{e}");
+        // Encryption keys: a bad one names the key, never the value (nor does the debug print).
+        for (k, v, named) in [
+            (
+                "SYNCRELAY__STORE__ENCRYPTION_KEY",
+                "c2hvcnQta2V5LWxlYWs=",
+                "store.encryption_key",
+            ),
+            (
+                "SYNCRELAY__STORE__ENCRYPTION_KEY",
+                "[\"c2hvcnQta2V5LWxlYWs=\"]",
+                "store.encryption_key",
+            ),
+            (
+                "SYNCRELAY__STORE__PREVIOUS_ENCRYPTION_KEYS",
+                "[\"c2hvcnQta2V5LWxlYWs=\"]",
+                "store.previous_encryption_keys[0]",
+            ),
+        ] {
+            let e = Settings::load(None, env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(named) && !e.contains("c2hvcnQta2V5LWxlYWs"), "{e}");
+        }
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let s = Settings::load(None, env(&[("SYNCRELAY__STORE__ENCRYPTION_KEY", key)])).unwrap();
+        assert!(!format!("{s:?}").contains(key));
     }
 
     #[test]
