@@ -432,3 +432,45 @@ both_stores!(
         );
     }
 );
+
+/// Deeply nested JSON is refused with a typed 400 (JSON is read at most 128 levels deep), never
+/// a crash or a 5xx, in the payload as anywhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_json_is_a_typed_400() {
+    let app = spawn_app(&[]).await;
+    let wid = uuid::Uuid::new_v4();
+    let deep = format!("{}1{}", "[".repeat(20_000), "]".repeat(20_000));
+    for body in [
+        format!(r#"{{"id":"e","event":"a:b","webhook_id":"{wid}","payload":{{"x":{deep}}}}}"#),
+        format!(r#"{{"events":[{{"id":"e","event":"a:b","webhook_id":"{wid}","payload":{{"x":{deep}}}}}]}}"#),
+        format!(r#"{{"target_url":"https://example.com/","description":{deep}}}"#),
+    ] {
+        let path = if body.contains("target_url") {
+            "/webhook"
+        } else {
+            "/events"
+        };
+        let r = app
+            .req(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let b: Value = r.json().await.unwrap();
+        assert_eq!((status, &b["type"]), (400, &json!("bad_request")), "{path}: {b}");
+    }
+    // Just within the depth limit is fine.
+    let ok = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+    let (s, b) = app
+        .post(
+            "/events",
+            serde_json::from_str(&format!(
+                r#"{{"id":"e2","event":"a:b","webhook_id":"{wid}","payload":{{"x":{ok}}}}}"#
+            ))
+            .unwrap(),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+}
