@@ -82,6 +82,18 @@ pub struct StoreSettings {
     /// PostgreSQL: how long a claim of a queued delivery keeps it from other instances (ms).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// Base64 of 32 bytes: webhook and callback secrets are stored encrypted with it (empty:
+    /// stored as they are, with a warning at start). See `store::secrets`.
+    #[serde(default)]
+    pub encryption_key: String,
+    /// Keys secrets may still be encrypted with (rotation): read, and re-encrypted with
+    /// `encryption_key` at start.
+    #[serde(default)]
+    pub previous_encryption_keys: Vec<String>,
+}
+
+fn default_dead_letter_retention_hours() -> u64 {
+    720
 }
 
 fn default_lease_ms() -> u64 {
@@ -107,6 +119,15 @@ impl std::fmt::Debug for StoreSettings {
             .field("synchronous", &self.synchronous)
             .field("lease_ms", &self.lease_ms)
             .field("url", &if self.url.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "encryption_key",
+                &if self.encryption_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("previous_encryption_keys", &self.previous_encryption_keys.len())
             .finish()
     }
 }
@@ -190,6 +211,10 @@ pub struct DeliverySettings {
     pub https_only: bool,
     pub poll_interval_ms: u64,
     pub retention_hours: u64,
+    /// Dead letters, and dead and dropped rows with their attempts, are kept this long (hours);
+    /// 0 keeps them for ever.
+    #[serde(default = "default_dead_letter_retention_hours")]
+    pub dead_letter_retention_hours: u64,
     /// Which finished deliveries are kept in the delivery log (`GET /deliveries`).
     pub log: LogMode,
     pub retry: RetrySettings,
@@ -486,6 +511,16 @@ impl Settings {
         if self.runs.batch.max_age_ms == 0 {
             return bad("runs.batch.max_age_ms", "must be at least 1");
         }
+        if !self.store.encryption_key.is_empty() {
+            if let Err(m) = crate::store::secrets::check_key(&self.store.encryption_key) {
+                return bad("store.encryption_key", &m);
+            }
+        }
+        for (i, k) in self.store.previous_encryption_keys.iter().enumerate() {
+            if let Err(m) = crate::store::secrets::check_key(k) {
+                return bad(&format!("store.previous_encryption_keys[{i}]"), &m);
+            }
+        }
         if !self.callbacks.secret.is_empty() && crate::signing::Secret::parse(&self.callbacks.secret).is_err() {
             return bad(
                 "callbacks.secret",
@@ -506,9 +541,16 @@ impl Settings {
 
 /// Keys whose values are secrets: never quoted in an error.
 fn is_secret_key(key: &str) -> bool {
-    ["auth.tokens", "callbacks.secret", "store.url", "bus.kafka.librdkafka"]
-        .iter()
-        .any(|k| key == *k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
+    [
+        "auth.tokens",
+        "callbacks.secret",
+        "store.url",
+        "store.encryption_key",
+        "store.previous_encryption_keys",
+        "bus.kafka.librdkafka",
+    ]
+    .iter()
+    .any(|k| key == *k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")))
 }
 
 /// `invalid type: string "s3cr3t", expected a sequence` -> `invalid type: string (value not
@@ -713,6 +755,30 @@ mod tests {
         assert!(!msg.contains("sup3r-s3cret-t0ken"), "{msg}");
         let e = Settings::load(None, env(&[("SYNCRELAY__CALLBACKS__SECRET", "[\"whsec_leak\"]")])).unwrap_err();
         assert!(!e.to_string().contains("whsec_leak"), "{e}");
+        // Encryption keys: a bad one names the key, never the value (nor does the debug print).
+        for (k, v, named) in [
+            (
+                "SYNCRELAY__STORE__ENCRYPTION_KEY",
+                "c2hvcnQta2V5LWxlYWs=",
+                "store.encryption_key",
+            ),
+            (
+                "SYNCRELAY__STORE__ENCRYPTION_KEY",
+                "[\"c2hvcnQta2V5LWxlYWs=\"]",
+                "store.encryption_key",
+            ),
+            (
+                "SYNCRELAY__STORE__PREVIOUS_ENCRYPTION_KEYS",
+                "[\"c2hvcnQta2V5LWxlYWs=\"]",
+                "store.previous_encryption_keys[0]",
+            ),
+        ] {
+            let e = Settings::load(None, env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(named) && !e.contains("c2hvcnQta2V5LWxlYWs"), "{e}");
+        }
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let s = Settings::load(None, env(&[("SYNCRELAY__STORE__ENCRYPTION_KEY", key)])).unwrap();
+        assert!(!format!("{s:?}").contains(key));
     }
 
     #[test]

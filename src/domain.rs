@@ -2,6 +2,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -143,6 +147,19 @@ pub struct Envelope {
     pub environment_id: Option<String>,
     pub created_at_ms: i64,
     pub payload: Map<String, Value>,
+    /// The payload's JSON text as it was given (compacted: whitespace outside strings removed),
+    /// when the event came from outside (the API, a Kafka message, a replayed dead letter). The
+    /// delivery body and the stored event carry these bytes, so big or negative-zero numbers,
+    /// exponents, key order and repeated keys reach the receiver as sent (CONTRACT §1); `payload`
+    /// is the parsed form the relay reads (lifecycle fields). Code that changes `payload` for
+    /// delivery must set this to `None` (then `payload` is written instead).
+    pub payload_raw: Option<Arc<RawValue>>,
+    /// Made by the relay itself (a batch of record errors, a synthesized `failed`, a run the
+    /// API stopped or deleted, operational events): its run's lifecycle already decided on it.
+    /// Only code sets this — `parse` (every way in: the API, Kafka, replay) always leaves it
+    /// false — so a client cannot claim it, whatever id it picks (an id starting with the
+    /// relay's own `sr_<run>_` prefix gets the rules like any other).
+    pub relay_made: bool,
 }
 
 impl Envelope {
@@ -226,31 +243,59 @@ impl Envelope {
             environment_id,
             created_at_ms,
             payload,
+            payload_raw: None,
+            relay_made: false,
         })
+    }
+
+    /// [`Envelope::parse`] of an event's JSON text: the same checks, and the payload's bytes as
+    /// given are kept (`payload_raw`) for the delivery body.
+    pub fn parse_text(text: &str, now: i64, https_only: bool) -> Result<Envelope, ApiError> {
+        let v: Value = serde_json::from_str(text).map_err(|e| ApiError::bad(e.to_string()))?;
+        Ok(Envelope::parse(v, now, https_only)?.with_raw_payload(text))
+    }
+
+    /// Keep the payload's bytes from `text`, the JSON text this event was parsed from.
+    pub fn with_raw_payload(mut self, text: &str) -> Envelope {
+        self.payload_raw = raw_payload(text);
+        self
+    }
+
+    /// The payload as written into bodies: its bytes as given, else the parsed form.
+    fn payload_out(&self) -> PayloadOut<'_> {
+        match &self.payload_raw {
+            Some(raw) => PayloadOut::Raw(raw),
+            None => PayloadOut::Parsed(&self.payload),
+        }
     }
 
     /// The delivery body (CONTRACT §2): compact JSON, the bytes that are signed.
     pub fn body(&self, webhook_id: Option<&str>) -> String {
-        let mut o = Map::new();
-        o.insert("id".into(), Value::String(self.id.clone()));
-        o.insert("event".into(), Value::String(self.event.clone()));
-        o.insert("payload".into(), Value::Object(self.payload.clone()));
-        o.insert(
-            "environment_id".into(),
-            self.environment_id.clone().map(Value::String).unwrap_or(Value::Null),
-        );
-        o.insert("created_at".into(), Value::String(rfc3339_ms(self.created_at_ms)));
-        o.insert(
-            "webhook_id".into(),
-            webhook_id.map(|s| Value::String(s.to_string())).unwrap_or(Value::Null),
-        );
-        if let Some(run) = &self.sync_job_run_id {
-            o.insert("sync_job_run_id".into(), Value::String(run.clone()));
+        #[derive(Serialize)]
+        struct Body<'a> {
+            id: &'a str,
+            event: &'a str,
+            payload: PayloadOut<'a>,
+            environment_id: Option<&'a str>,
+            created_at: String,
+            webhook_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sync_job_run_id: Option<&'a str>,
         }
-        serde_json::to_string(&Value::Object(o)).expect("JSON values serialize")
+        serde_json::to_string(&Body {
+            id: &self.id,
+            event: &self.event,
+            payload: self.payload_out(),
+            environment_id: self.environment_id.as_deref(),
+            created_at: rfc3339_ms(self.created_at_ms),
+            webhook_id,
+            sync_job_run_id: self.sync_job_run_id.as_deref(),
+        })
+        .expect("JSON values serialize")
     }
 
-    /// The event as received, normalised (for dead letters and replay).
+    /// The event as received, normalised (for dead letters and replay). The payload is parsed
+    /// here; [`Envelope::to_json_text`] keeps its bytes.
     pub fn to_json(&self) -> Value {
         let mut o = Map::new();
         o.insert("id".into(), self.id.clone().into());
@@ -271,6 +316,118 @@ impl Envelope {
         o.insert("payload".into(), Value::Object(self.payload.clone()));
         Value::Object(o)
     }
+
+    /// [`Envelope::to_json`] as compact text with the payload's bytes as given: what is stored
+    /// for dead letters and produced to the events topic, so replay and Kafka keep them.
+    pub fn to_json_text(&self) -> String {
+        #[derive(Serialize)]
+        struct Event<'a> {
+            id: &'a str,
+            event: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sync_job_run_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            webhook_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            callback_url: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            environment_id: Option<&'a str>,
+            created_at: String,
+            payload: PayloadOut<'a>,
+        }
+        serde_json::to_string(&Event {
+            id: &self.id,
+            event: &self.event,
+            sync_job_run_id: self.sync_job_run_id.as_deref(),
+            webhook_id: self.webhook_id.as_deref(),
+            callback_url: self.callback_url.as_ref().map(Url::as_str),
+            environment_id: self.environment_id.as_deref(),
+            created_at: rfc3339_ms(self.created_at_ms),
+            payload: self.payload_out(),
+        })
+        .expect("JSON values serialize")
+    }
+}
+
+/// A payload written into a body: its bytes as given, or the parsed map.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PayloadOut<'a> {
+    Raw(&'a RawValue),
+    Parsed(&'a Map<String, Value>),
+}
+
+/// The `payload` member of an event's JSON text, compacted, if it is an object. `None` when the
+/// text has no single `payload` member (the parsed form is used then).
+pub fn raw_payload(event_text: &str) -> Option<Arc<RawValue>> {
+    #[derive(serde::Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow)]
+        payload: Option<&'a RawValue>,
+    }
+    let raw = serde_json::from_str::<Only>(event_text).ok()?.payload?;
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    let compact = RawValue::from_string(compact_json(raw.get())).ok()?;
+    Some(Arc::from(compact))
+}
+
+/// Valid JSON text without the whitespace outside strings (the bytes of every token kept).
+pub fn compact_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let (mut in_str, mut escaped) = (false, false);
+    for c in s.chars() {
+        if in_str {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            in_str = c == '"';
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The members of a JSON object's text in order, values as their bytes (repeated keys kept).
+pub fn object_members(text: &str) -> Option<Vec<(String, Box<RawValue>)>> {
+    struct Members;
+    impl<'de> serde::de::Visitor<'de> for Members {
+        type Value = Vec<(String, Box<RawValue>)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(kv) = m.next_entry::<String, Box<RawValue>>()? {
+                out.push(kv);
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::Deserializer::deserialize_map(&mut de, Members).ok()
+}
+
+/// An object's compact text from its members, in order.
+pub fn write_members(members: &[(String, Box<RawValue>)]) -> String {
+    let mut out = String::from("{");
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(k).expect("strings serialize"));
+        out.push(':');
+        out.push_str(v.get());
+    }
+    out.push('}');
+    out
 }
 
 /// A delivery target URL: http(s), a host, no fragment. IP-literal hosts are checked for being
@@ -585,6 +742,27 @@ mod tests {
             e.body(Some("w")),
             r#"{"id":"e1","event":"a:b","payload":{"z":1,"a":{"y":2,"b":3}},"environment_id":null,"created_at":"2026-11-25T10:00:00.000Z","webhook_id":"w"}"#
         );
+    }
+
+    #[test]
+    fn payload_bytes_are_kept_compacted() {
+        assert_eq!(
+            compact_json("{ \"a\" : [1, 2.50 ,1E2],\n\t\"s\": \" q \\\" \\\\ \" }"),
+            r#"{"a":[1,2.50,1E2],"s":" q \" \\ "}"#
+        );
+        let text = r#"{"id":"e","event":"a:b","webhook_id":"3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11",
+            "payload": {"n": 123456789012345678901234567890, "d": 1, "d": -0}}"#;
+        let e = Envelope::parse_text(text, 0, false).unwrap();
+        let want = r#"{"n":123456789012345678901234567890,"d":1,"d":-0}"#;
+        assert_eq!(e.payload_raw.as_deref().map(RawValue::get), Some(want));
+        assert!(e.body(None).contains(&format!(r#""payload":{want},"#)));
+        // The stored form keeps the bytes too, and parses back to the same.
+        let again = Envelope::parse_text(&e.to_json_text(), 0, false).unwrap();
+        assert_eq!(again.body(None), e.body(None));
+        let members = object_members(want).unwrap();
+        assert_eq!(members.len(), 3);
+        assert_eq!(write_members(&members), want);
+        assert!(raw_payload(r#"{"payload":[1]}"#).is_none());
     }
 
     #[test]

@@ -44,10 +44,10 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let store = Store::open(&settings.store).await?;
         let callback_secret = if settings.callbacks.secret.is_empty() {
-            let stored = store
-                .kv_get_or_insert("callbacks.secret", Secret::generate().expose())
-                .await?;
-            Secret::parse(&stored).context("stored callback secret")?
+            store
+                .secret_get_or_insert("callbacks.secret", &Secret::generate())
+                .await
+                .context("stored callback secret")?
         } else {
             Secret::parse(&settings.callbacks.secret).context("callbacks.secret")?
         };

@@ -349,6 +349,8 @@ async fn complete(app: &TestApp, run_id: &str) {
         max_connections: 2,
         synchronous: Synchronous::Full,
         lease_ms: 60_000,
+        encryption_key: String::new(),
+        previous_encryption_keys: Vec::new(),
     })
     .await
     .unwrap();

@@ -84,7 +84,11 @@ pub fn parse_events(
                 o.remove("validate_only");
             }
         }
-        events.push(Envelope::parse(v, now, https_only).map_err(within)?);
+        events.push(
+            Envelope::parse(v, now, https_only)
+                .map_err(within)?
+                .with_raw_payload(raw.get()),
+        );
     }
     Ok(EventsRequest {
         events,

@@ -259,6 +259,7 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
         if let Ok(e) = serde_json::from_str(&raw)
             .map_err(|e| ApiError::bad(e.to_string()))
             .and_then(|v| Envelope::parse(v, now, false))
+            .map(|e| e.with_raw_payload(&raw))
         {
             envelopes.push(e);
         }

@@ -95,6 +95,8 @@ fn run_event(run: &Run, id: String, event: &str) -> Option<Envelope> {
             .map(str::to_string),
         created_at_ms: now_ms(),
         payload: payload_of(run),
+        payload_raw: None,
+        relay_made: true,
     })
 }
 

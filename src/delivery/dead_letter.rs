@@ -57,7 +57,7 @@ pub fn dead_letter(reason: &'static str, cause: Cause<'_>) -> NewDeadLetter {
             attempts: 0,
             last_status: None,
             last_error: None,
-            raw: event.to_json().to_string(),
+            raw: event.to_json_text(),
         },
         Cause::Delivery {
             q,

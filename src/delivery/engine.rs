@@ -41,6 +41,37 @@ use crate::store::{NewDeadLetter, NewDelivery, QueuedDelivery, Store, Webhook};
 /// After this long an unhealthy target gets live attempts again (a probe).
 const UNHEALTHY_PROBE_AFTER: Duration = Duration::from_secs(30);
 
+/// Targets whose last attempt failed, and since when. Keys include the host:port of every
+/// callback URL events name, so entries of targets that failed once and were never tried again
+/// must go (issue 13: the map was never pruned): an entry older than the probe interval means
+/// nothing any more (`target_unhealthy` ignores it), and such entries are swept whenever the map
+/// has doubled since the last sweep — amortised O(1) per failure, and the map holds at most
+/// about twice the targets that failed within the last `UNHEALTHY_PROBE_AFTER`.
+#[derive(Default)]
+struct Unhealthy {
+    since: HashMap<String, Instant>,
+    /// Sweep when the map reaches this size.
+    sweep_at: usize,
+}
+
+impl Unhealthy {
+    /// Smallest size at which the map is swept (sweeping a small map would gain nothing).
+    const MIN_SWEEP: usize = 1024;
+
+    fn note(&mut self, target_key: &str, ok: bool, now: Instant) {
+        if ok {
+            self.since.remove(target_key);
+            return;
+        }
+        self.since.insert(target_key.to_string(), now);
+        if self.since.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
+            self.since
+                .retain(|_, since| now.saturating_duration_since(*since) < UNHEALTHY_PROBE_AFTER);
+            self.sweep_at = self.since.len() * 2;
+        }
+    }
+}
+
 /// Webhooks by id, kept in step with the store by the API (single process) and reloaded at
 /// start and every housekeeping round (other instances sharing the store).
 #[derive(Default)]
@@ -100,13 +131,15 @@ pub struct Engine {
     poll_interval: Duration,
     rotation_grace_ms: i64,
     retention: Duration,
+    /// `delivery.dead_letter_retention_hours` (None: kept for ever).
+    failure_retention: Option<Duration>,
     pub(super) log_mode: LogMode,
     /// A memory job gets this many attempts in memory before it is parked in the store…
     pub(super) inline_attempts: u32,
     /// …and waits in memory for a retry no longer than this.
     pub(super) inline_max_delay: Duration,
     pub(super) in_flight: Mutex<InFlight>,
-    unhealthy: Mutex<HashMap<String, Instant>>,
+    unhealthy: Mutex<Unhealthy>,
     pub(super) wake: Notify,
     pub(super) writes: mpsc::UnboundedSender<Write>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
@@ -192,11 +225,13 @@ impl Engine {
             poll_interval: Duration::from_millis(d.poll_interval_ms.max(10)),
             rotation_grace_ms: (settings.webhooks.secret_rotation_grace_seconds * 1000) as i64,
             retention: Duration::from_secs(d.retention_hours * 3600),
+            failure_retention: (d.dead_letter_retention_hours > 0)
+                .then(|| Duration::from_secs(d.dead_letter_retention_hours.saturating_mul(3600))),
             log_mode: d.log,
             inline_attempts: settings.bus.kafka.inline_attempts.max(1),
             inline_max_delay: Duration::from_millis(settings.bus.kafka.inline_max_delay_ms),
             in_flight: Mutex::new(InFlight::default()),
-            unhealthy: Mutex::new(HashMap::new()),
+            unhealthy: Mutex::new(Unhealthy::default()),
             wake: Notify::new(),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
@@ -593,18 +628,17 @@ impl Engine {
     /// the store instead of holding a partition while it retries.
     pub fn target_unhealthy(&self, target_key: &str) -> bool {
         let h = self.unhealthy.lock().expect("lock");
-        h.get(target_key)
+        h.since
+            .get(target_key)
             .is_some_and(|since| since.elapsed() < UNHEALTHY_PROBE_AFTER)
     }
 
     /// Record an attempt's effect on its target's health.
     pub fn note_health(&self, target_key: &str, ok: bool) {
-        let mut h = self.unhealthy.lock().expect("lock");
-        if ok {
-            h.remove(target_key);
-        } else {
-            h.insert(target_key.to_string(), Instant::now());
-        }
+        self.unhealthy
+            .lock()
+            .expect("lock")
+            .note(target_key, ok, Instant::now());
     }
 
     /// Queue depth and oldest-undelivered gauges, webhook refresh, chain refresh and retention.
@@ -673,6 +707,15 @@ impl Engine {
                 };
                 if let Err(e) = self.store.purge_delivered(before, first_try_before).await {
                     tracing::warn!(error = %format!("{e:#}"), "retention purge failed");
+                }
+                if let Some(keep) = self.failure_retention {
+                    let dead_letters_before = now.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64);
+                    // A dead row outlives its dead letter by an hour: replay of a dead letter
+                    // that is still there always finds its row (they are made together).
+                    let rows_before = dead_letters_before.saturating_sub(3_600_000);
+                    if let Err(e) = self.store.purge_failed(rows_before, dead_letters_before).await {
+                        tracing::warn!(error = %format!("{e:#}"), "retention purge of failures failed");
+                    }
                 }
             }
         }
@@ -838,6 +881,41 @@ impl Engine {
         }
         for (_, a) in rows {
             a.done();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: the map of unhealthy targets (keyed by host:port, so by every callback host
+    /// events name) was never pruned. Entries past the probe interval are swept as it grows.
+    #[test]
+    fn unhealthy_targets_are_swept_once_past_the_probe_interval() {
+        let mut h = Unhealthy::default();
+        let t0 = Instant::now();
+        for i in 0..5_000 {
+            h.note(&format!("c:old{i}:443"), false, t0);
+        }
+        // All still count (within the probe interval): nothing is lost.
+        assert_eq!(h.since.len(), 5_000);
+        let t1 = t0 + UNHEALTHY_PROBE_AFTER + Duration::from_secs(1);
+        for i in 0..5_000 {
+            h.note(&format!("c:new{i}:443"), false, t1);
+        }
+        assert_eq!(h.since.len(), 5_000, "only the targets that failed lately are kept");
+        assert!(h.since.keys().all(|k| k.starts_with("c:new")));
+        // A success forgets its target at once.
+        h.note("c:new0:443", true, t1);
+        assert!(!h.since.contains_key("c:new0:443"));
+        // Growth stays bounded however many targets come and go.
+        for round in 2..20u32 {
+            let t = t0 + (UNHEALTHY_PROBE_AFTER + Duration::from_secs(1)) * round;
+            for i in 0..3_000 {
+                h.note(&format!("c:r{round}-{i}:443"), false, t);
+            }
+            assert!(h.since.len() <= 2 * 5_000 + 3_000, "{}", h.since.len());
         }
     }
 }

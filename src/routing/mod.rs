@@ -5,7 +5,6 @@
 use crate::delivery::dead_letter::{dead_letter, Cause};
 use crate::delivery::engine::{Engine, Routed};
 use crate::domain::{subscribed, Envelope};
-use crate::runs::lifecycle::relay_event_prefix;
 use crate::runs::{Action, Decision};
 use crate::store::{NewDeadLetter, NewDelivery};
 
@@ -106,10 +105,7 @@ impl Engine {
             // Not a run the relay knows: deliver as the event says.
             return self.route(e, now, out, dead);
         };
-        let relay_made = e
-            .sync_job_run_id
-            .as_deref()
-            .is_some_and(|r| e.id.starts_with(&relay_event_prefix(r)));
+        let relay_made = e.relay_made;
         for b in &d.before {
             self.route(b, now, out, dead);
         }
@@ -202,7 +198,12 @@ impl Engine {
                         dead.push(event_dead_letter(e, Some(wid.clone()), "payload_too_large"));
                         continue;
                     };
-                    let mapped = Envelope { payload, ..e.clone() };
+                    // The mapped payload is new JSON: the original bytes must not be sent.
+                    let mapped = Envelope {
+                        payload,
+                        payload_raw: None,
+                        ..e.clone()
+                    };
                     out.push(delivery(
                         e,
                         now,

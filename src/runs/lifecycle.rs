@@ -87,8 +87,8 @@ struct Outcome {
     delivered: bool,
 }
 
-/// Ids of events the relay makes for a run start with this, so feeding them back through
-/// `on_ingest` passes them through unchanged.
+/// Ids of events the relay makes for a run start with this (one id per made event, the same
+/// on every attempt). Not how they are recognised: that is `Envelope::relay_made`.
 pub fn relay_event_prefix(run_id: &str) -> String {
     format!("sr_{}_", run_id.replace('-', ""))
 }
@@ -118,6 +118,8 @@ fn run_envelope(run: &Run, id: String, event: &str, payload: Map<String, Value>,
         environment_id: environment_of(run),
         created_at_ms: now,
         payload,
+        payload_raw: None,
+        relay_made: true,
     }
 }
 
@@ -205,8 +207,9 @@ impl Runs {
             before: Vec::new(),
             after: Vec::new(),
         };
-        if e.id.starts_with(&relay_event_prefix(&run.id)) {
-            // Made by the relay itself (batch flush, synthesized failed, API stop): already decided.
+        if e.relay_made {
+            // Made by the relay itself (batch flush, synthesized failed, API stop): already
+            // decided. Never the id: a client may send any id, the flag only code sets.
             return (d, false);
         }
         let kind = e.event.strip_prefix("sync_job_run:").unwrap_or(&e.event);
@@ -498,6 +501,8 @@ mod tests {
             max_connections: 2,
             synchronous: Synchronous::Normal,
             lease_ms: 60_000,
+            encryption_key: String::new(),
+            previous_encryption_keys: Vec::new(),
         })
         .await
         .unwrap()
@@ -547,6 +552,8 @@ mod tests {
             environment_id: None,
             created_at_ms: 0,
             payload,
+            payload_raw: None,
+            relay_made: false,
         }
     }
 
@@ -635,6 +642,13 @@ mod tests {
         // The synthesized event passes through when fed back.
         let back = runs.on_ingest(&after[0]).await.unwrap().unwrap();
         assert_eq!(back.action, Action::Deliver);
+        // The same id from a client (issue 13: ids are not proof of origin) gets the rules.
+        let forged = Envelope {
+            relay_made: false,
+            ..after[0].clone()
+        };
+        let d = runs.on_ingest(&forged).await.unwrap().unwrap();
+        assert_eq!(d.action, Action::Drop { reason: "run_failed" });
         let r = status(&store, &run).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(r.stop_reason.as_deref(), Some("fail_fast"));

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::attempt::payload_resource;
@@ -76,6 +76,8 @@ impl Engine {
             environment_id: None,
             created_at_ms: now_ms(),
             payload,
+            payload_raw: None,
+            relay_made: true,
         };
         if let Err(e) = self.queue(std::slice::from_ref(&env)).await {
             let _ = store.mark_eloqua_callback(sync.n, None).await;
@@ -104,14 +106,28 @@ impl Engine {
                 return None;
             }
         };
-        let mut v: Map<String, Value> = serde_json::from_str(body).ok()?;
-        let Some(Value::Object(payload)) = v.get_mut("payload") else {
-            return None;
-        };
+        // Member by member, values as their bytes: the payload's numbers, key order and
+        // repeated keys stay as the producer sent them (CONTRACT §1); only the counts change.
+        let mut top = crate::domain::object_members(body)?;
+        let (_, payload) = top.iter_mut().find(|(k, _)| k == "payload")?;
+        let mut members = crate::domain::object_members(payload.get())?;
         for (k, x) in counts {
-            payload.insert(k, x);
+            let x = serde_json::value::to_raw_value(&x).ok()?;
+            match members.iter().position(|(m, _)| *m == k) {
+                Some(i) => {
+                    members[i].1 = x;
+                    // A repeated key is replaced once: the last of its kind would win.
+                    let mut n = 0;
+                    members.retain(|(m, _)| {
+                        n += (*m == k) as usize;
+                        *m != k || n == 1
+                    });
+                }
+                None => members.push((k, x)),
+            }
         }
-        let new = serde_json::to_string(&Value::Object(v)).ok()?;
+        *payload = serde_json::value::RawValue::from_string(crate::domain::write_members(&members)).ok()?;
+        let new = crate::domain::write_members(&top);
         (new != body).then_some(new)
     }
 
@@ -220,6 +236,8 @@ impl Engine {
                 environment_id: None,
                 created_at_ms: now,
                 payload: payload.clone(),
+                payload_raw: None,
+                relay_made: true,
             })
             .collect();
         if !envelopes.is_empty() {

@@ -65,6 +65,24 @@ macro_rules! suite {
             let (store, _guard) = $open().await;
             crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
         }
+
+        #[tokio::test]
+        async fn conformance_secrets_are_stored_sealed_and_resealed_only_if_unchanged() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::secrets_are_stored_sealed_and_resealed_only_if_unchanged(store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_failures_are_purged_after_their_retention() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::failures_are_purged_after_their_retention(&store).await;
+        }
+
+        #[tokio::test]
+        async fn conformance_replay_by_more_ids_than_a_statement_binds() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::replay_by_more_ids_than_a_statement_binds(&store).await;
+        }
     };
 }
 pub(crate) use suite;
@@ -800,4 +818,193 @@ pub(crate) async fn census_syncs_and_alert_state(store: &Store) {
     assert!(runs.delete_census_sync(a.id).await.unwrap());
     assert!(!runs.delete_census_sync(a.id).await.unwrap());
     assert!(runs.get_census_sync(a.id).await.unwrap().is_none());
+}
+
+/// A dead letter without a delivery (an event refused when routed), for replay.
+pub(crate) fn refused(event_id: &str) -> NewDeadLetter {
+    NewDeadLetter {
+        delivery_id: None,
+        event_id: event_id.into(),
+        event: "x:y".into(),
+        webhook_id: None,
+        kind: "webhook",
+        reason: "unknown_webhook",
+        attempts: 0,
+        last_status: None,
+        last_error: None,
+        raw: format!(r#"{{"id":"{event_id}"}}"#),
+    }
+}
+
+/// Replay by more ids than one SQL statement may bind (SQLite 32,766 variables, PostgreSQL
+/// 65,535) finds the ones that exist (issue 13: 40,000 ids answered 500, "too many SQL
+/// variables"). The API caps the list lower; the store must not depend on it.
+pub(crate) async fn replay_by_more_ids_than_a_statement_binds(store: &Store) {
+    let now = crate::domain::now_ms();
+    store.enqueue(&[], &[refused("r1"), refused("r2")], now).await.unwrap();
+    let open = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = (0..70_000).map(|i| format!("none-{i}")).collect();
+    ids.insert(35_000, open.results[1].id.clone());
+    ids.push(open.results[0].id.clone());
+    let (_, requeued, _, raws) = store
+        .replay_dead_letters(Some(&ids), &DeadLetterFilter::default(), 10_000, now, |_| {
+            HashSet::new()
+        })
+        .await
+        .unwrap();
+    assert_eq!((requeued, raws.len()), (0, 2));
+    assert!(raws[0].contains("r1") && raws[1].contains("r2"), "{raws:?}");
+}
+
+/// Secrets reach the backend sealed and come back opened; re-sealing (`reseal_webhook`,
+/// `kv_replace`) is a compare-and-set, so a secret changed meanwhile is never overwritten.
+pub(crate) async fn secrets_are_stored_sealed_and_resealed_only_if_unchanged(store: Store) {
+    use crate::store::secrets::Sealer;
+    let key = |n: u8| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([n; 32])
+    };
+    let settings = |current: u8, previous: &[u8]| crate::config::StoreSettings {
+        kind: crate::config::StoreKind::Sqlite,
+        path: "unused".into(),
+        url: String::new(),
+        max_connections: 2,
+        synchronous: crate::config::Synchronous::Normal,
+        lease_ms: 60_000,
+        encryption_key: key(current),
+        previous_encryption_keys: previous.iter().map(|n| key(*n)).collect(),
+    };
+    let sealed = store
+        .clone()
+        .with_sealer(Sealer::from_settings(&settings(1, &[])).unwrap());
+    let now = crate::domain::now_ms();
+    let secret = crate::signing::Secret::generate();
+    let w = Webhook {
+        id: "ws".into(),
+        target_url: "http://127.0.0.1:1/hook".into(),
+        event_types: vec![],
+        is_active: true,
+        description: None,
+        secret: secret.clone(),
+        previous_secret: Some((crate::signing::Secret::generate(), now + 1000)),
+        created_at: now,
+        updated_at: now,
+        seq: 0,
+    };
+    sealed.insert_webhook(&w).await.unwrap();
+    sealed.update_webhook(&w).await.unwrap();
+    let raw = sealed.registry().get_webhook("ws").await.unwrap().unwrap();
+    assert!(raw.secret.starts_with("enc:v1:") && !raw.secret.contains(secret.expose()));
+    let raw_prev = raw.previous_secret.clone().unwrap().0;
+    assert!(raw_prev.starts_with("enc:v1:"));
+    assert_eq!(
+        sealed.get_webhook("ws").await.unwrap().unwrap().secret.expose(),
+        secret.expose()
+    );
+    // Compare-and-set: a stale `from` changes nothing; the current one does.
+    let reg = sealed.registry();
+    assert!(!reg
+        .reseal_webhook("ws", ("stale", Some(&raw_prev)), ("x", None))
+        .await
+        .unwrap());
+    assert!(!reg
+        .reseal_webhook("ws", (&raw.secret, None), ("x", None))
+        .await
+        .unwrap());
+    assert!(reg
+        .reseal_webhook("ws", (&raw.secret, Some(&raw_prev)), ("x", Some("y")))
+        .await
+        .unwrap());
+    let now_raw = reg.get_webhook("ws").await.unwrap().unwrap();
+    assert_eq!(
+        (now_raw.secret.as_str(), now_raw.previous_secret.unwrap().0.as_str()),
+        ("x", "y")
+    );
+    reg.kv_get_or_insert("kk", "a").await.unwrap();
+    assert!(!reg.kv_replace("kk", "b", "c").await.unwrap());
+    assert!(reg.kv_replace("kk", "a", "c").await.unwrap());
+    assert_eq!(reg.kv_get_or_insert("kk", "z").await.unwrap(), "c");
+
+    // A kv secret: sealed when stored, re-sealed with a new key, the same secret throughout.
+    let generated = crate::signing::Secret::generate();
+    let got = sealed
+        .secret_get_or_insert("callbacks.secret", &generated)
+        .await
+        .unwrap();
+    assert_eq!(got.expose(), generated.expose());
+    let first = reg.kv_get_or_insert("callbacks.secret", "-").await.unwrap();
+    assert!(first.starts_with("enc:v1:"));
+    let rotated = store.with_sealer(Sealer::from_settings(&settings(2, &[1])).unwrap());
+    let again = rotated
+        .secret_get_or_insert("callbacks.secret", &crate::signing::Secret::generate())
+        .await
+        .unwrap();
+    assert_eq!(again.expose(), generated.expose());
+    let second = reg.kv_get_or_insert("callbacks.secret", "-").await.unwrap();
+    assert!(second.starts_with("enc:v1:") && second != first);
+}
+
+/// Dead and dropped rows (with their attempts) and dead letters are forgotten once older than
+/// their retention (issue 13: only delivered rows were ever purged); queued and delivered rows
+/// are left to their own rules.
+pub(crate) async fn failures_are_purged_after_their_retention(store: &Store) {
+    let now = crate::domain::now_ms();
+    let rows = [
+        delivery("d1", Some("t|x"), Some("x"), now),
+        delivery("p1", Some("t|y"), Some("y"), now),
+        delivery("p2", Some("t|y"), Some("y"), now),
+        delivery("ok", None, None, now),
+        delivery("q1", Some("t|z"), Some("z"), now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[refused("gone")], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    let row = |id: &str| ready.iter().find(|q| q.id == id).unwrap().clone();
+    let d1 = row("d1");
+    store
+        .complete(
+            &[
+                completion(&d1, Next::Dead(dead_letter(&d1)), now),
+                completion(&row("ok"), Next::Delivered, now),
+            ],
+            now,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let p1 = row("p1");
+    assert_eq!(store.drop_queued_for_run("y", &[p1.seq], now).await.unwrap().len(), 1);
+    store
+        .complete(&[completion(&p1, Next::Dead(dead_letter(&p1)), now)], now, |_| {})
+        .await
+        .unwrap();
+    let all = DeadLetterFilter {
+        include_replayed: true,
+        ..Default::default()
+    };
+    assert_eq!(store.list_dead_letters(&all, 0, 10).await.unwrap().results.len(), 3);
+    assert_eq!(store.list_attempts("d1").await.unwrap().len(), 1);
+
+    // Nothing is older than the cut-offs yet.
+    assert_eq!(store.purge_failed(now, now).await.unwrap(), 0);
+    // Dead letters first (their rows are kept a little longer by the engine).
+    assert_eq!(store.purge_failed(now, now + 1).await.unwrap(), 3);
+    assert!(store.list_dead_letters(&all, 0, 10).await.unwrap().results.is_empty());
+    assert!(store.get_delivery("d1").await.unwrap().is_some());
+    // Then the dead and dropped rows with their attempts.
+    assert_eq!(store.purge_failed(now + 1, now + 1).await.unwrap(), 3);
+    for id in ["d1", "p1", "p2"] {
+        assert!(store.get_delivery(id).await.unwrap().is_none(), "{id}");
+    }
+    assert!(store.list_attempts("d1").await.unwrap().is_empty());
+    assert_eq!(store.get_delivery("ok").await.unwrap().unwrap().state, "delivered");
+    assert!(
+        store.get_delivery("q1").await.unwrap().is_some(),
+        "queued rows are never purged"
+    );
+    assert_eq!(store.queue_stats().await.unwrap().0, 1);
 }

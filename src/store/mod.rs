@@ -25,6 +25,7 @@
 pub(crate) mod conformance;
 pub mod postgres;
 mod rows;
+pub mod secrets;
 pub mod sqlite;
 
 use std::collections::HashSet;
@@ -35,6 +36,8 @@ use async_trait::async_trait;
 
 use crate::config::{StoreKind, StoreSettings};
 use crate::runs::model::{Run, SyncJob};
+use crate::signing::Secret;
+use secrets::Sealer;
 
 pub use rows::*;
 
@@ -143,6 +146,11 @@ pub trait Queue: Send + Sync {
     /// Forget delivered rows (and their attempts) finished before `before`, and those delivered
     /// on their first attempt finished before `first_try_before` (`delivery.log = failures`).
     async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64>;
+
+    /// Forget dead and dropped rows (and their attempts) finished before `rows_before`, and dead
+    /// letters (open or replayed) made before `dead_letters_before`; returns how many of both
+    /// (a bounded number per call). Rows still queued or delivered are never touched.
+    async fn purge_failed(&self, rows_before: i64, dead_letters_before: i64) -> anyhow::Result<u64>;
 }
 
 /// Reading the delivery log and dead letters; replaying dead letters.
@@ -184,20 +192,34 @@ pub trait DeliveryLog: Send + Sync {
     ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)>;
 }
 
-/// Webhooks, and settings the relay generates once.
+/// Webhooks, and settings the relay generates once. Secrets arrive here as stored text (sealed
+/// by `secrets` in the [`Store`] handle when a key is configured) and are kept as given.
 #[async_trait]
 pub trait Registry: Send + Sync {
     /// Insert and return it as stored (with its `seq`).
-    async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook>;
-    async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()>;
-    async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>>;
-    async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>>;
-    async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>>;
+    async fn insert_webhook(&self, w: &StoredWebhook) -> anyhow::Result<StoredWebhook>;
+    async fn update_webhook(&self, w: &StoredWebhook) -> anyhow::Result<()>;
+    async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<StoredWebhook>>;
+    async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<StoredWebhook>>;
+    async fn all_webhooks(&self) -> anyhow::Result<Vec<StoredWebhook>>;
     async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool>;
 
     /// The value stored under `key`, storing `value` first when there is none (the first of
     /// concurrent callers wins).
     async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String>;
+
+    /// Replace a webhook's stored secret and previous secret `from` -> `to` (re-sealing), only
+    /// if they are still `from` (another instance or the API may have changed them since they
+    /// were read); answers whether it did.
+    async fn reseal_webhook(
+        &self,
+        id: &str,
+        from: (&str, Option<&str>),
+        to: (&str, Option<&str>),
+    ) -> anyhow::Result<bool>;
+
+    /// Replace the value under `key` with `to` only if it is still `from`; answers whether it did.
+    async fn kv_replace(&self, key: &str, from: &str, to: &str) -> anyhow::Result<bool>;
 }
 
 /// Sync jobs, runs, Eloqua-style syncs and run commands.
@@ -300,15 +322,29 @@ pub struct Store {
     registry: Arc<dyn Registry>,
     runs: Arc<dyn RunStore>,
     backend: Arc<dyn Backend>,
+    /// Seals secrets on the way in, opens them on the way out (the one place, for every backend).
+    sealer: Arc<Sealer>,
 }
 
 impl Store {
     /// Open the store `settings` name, bringing its schema up to date.
+    /// Secrets are sealed with `store.encryption_key`; those stored otherwise (plaintext from
+    /// before, an older key) are re-sealed now.
     pub async fn open(settings: &StoreSettings) -> anyhow::Result<Store> {
-        match settings.kind {
-            StoreKind::Sqlite => Ok(Store::new(sqlite::SqliteStore::open(settings).await?)),
-            StoreKind::Postgres => Ok(Store::new(postgres::PgStore::open(settings).await?)),
+        let sealer = Sealer::from_settings(settings)?;
+        if !sealer.encrypts() {
+            tracing::warn!(
+                "store.encryption_key is not set: webhook and callback secrets are stored unencrypted \
+                 (see docs/OPERATIONS.md, \"Encryption at rest\")"
+            );
         }
+        let store = match settings.kind {
+            StoreKind::Sqlite => Store::new(sqlite::SqliteStore::open(settings).await?),
+            StoreKind::Postgres => Store::new(postgres::PgStore::open(settings).await?),
+        }
+        .with_sealer(sealer);
+        store.reseal_webhooks().await.context("re-encrypting stored secrets")?;
+        Ok(store)
     }
 
     /// One implementation of every trait, as a handle.
@@ -320,7 +356,109 @@ impl Store {
             registry: b.clone(),
             runs: b.clone(),
             backend: b,
+            sealer: Arc::new(Sealer::default()),
         }
+    }
+
+    /// This handle sealing secrets with `sealer`'s keys.
+    pub fn with_sealer(mut self, sealer: Sealer) -> Store {
+        self.sealer = Arc::new(sealer);
+        self
+    }
+
+    // ---- secrets at rest (see `secrets`) --------------------------------------------------------
+
+    fn secret_place(id: &str, which: &str) -> String {
+        format!("webhook:{id}:{which}")
+    }
+
+    fn seal_webhook(&self, w: &Webhook) -> StoredWebhook {
+        let seal = |which: &str, s: &Secret| self.sealer.seal(&Store::secret_place(&w.id, which), s.expose());
+        StoredWebhook {
+            secret: seal("secret", &w.secret),
+            previous_secret: w
+                .previous_secret
+                .as_ref()
+                .map(|(s, e)| (seal("previous_secret", s), *e)),
+            id: w.id.clone(),
+            target_url: w.target_url.clone(),
+            event_types: w.event_types.clone(),
+            is_active: w.is_active,
+            description: w.description.clone(),
+            created_at: w.created_at,
+            updated_at: w.updated_at,
+            seq: w.seq,
+        }
+    }
+
+    fn open_webhook(&self, w: StoredWebhook) -> anyhow::Result<Webhook> {
+        let open = |which: &str, s: &str| -> anyhow::Result<Secret> {
+            let plain = self.sealer.open(&Store::secret_place(&w.id, which), s)?;
+            Secret::parse(&plain).with_context(|| format!("stored {which} of webhook {}", w.id))
+        };
+        Ok(Webhook {
+            secret: open("secret", &w.secret)?,
+            previous_secret: match &w.previous_secret {
+                Some((s, e)) => Some((open("previous_secret", s)?, *e)),
+                None => None,
+            },
+            id: w.id,
+            target_url: w.target_url,
+            event_types: w.event_types,
+            is_active: w.is_active,
+            description: w.description,
+            created_at: w.created_at,
+            updated_at: w.updated_at,
+            seq: w.seq,
+        })
+    }
+
+    /// Re-seal every webhook secret not stored in the current form (plaintext from before
+    /// encryption, or sealed with a previous key). Compare-and-set per row, so a secret the API
+    /// rotates meanwhile (or another instance re-seals first) is left as it is.
+    async fn reseal_webhooks(&self) -> anyhow::Result<()> {
+        let mut n = 0;
+        for w in self.registry.all_webhooks().await? {
+            let current = |s: &str| self.sealer.is_current(s);
+            if current(&w.secret) && w.previous_secret.as_ref().is_none_or(|(p, _)| current(p)) {
+                continue;
+            }
+            let to = self.seal_webhook(&self.open_webhook(w.clone())?);
+            let from_prev = w.previous_secret.as_ref().map(|(p, _)| p.as_str());
+            let to_prev = to.previous_secret.as_ref().map(|(p, _)| p.as_str());
+            if self
+                .registry
+                .reseal_webhook(&w.id, (&w.secret, from_prev), (&to.secret, to_prev))
+                .await?
+            {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                webhooks = n,
+                "re-encrypted stored webhook secrets with store.encryption_key"
+            );
+        }
+        Ok(())
+    }
+
+    /// A secret kept under `key` (e.g. the generated callback secret): the stored one, else
+    /// `generated`, stored now. Stored sealed, re-sealed when it is not in the current form.
+    pub async fn secret_get_or_insert(&self, key: &str, generated: &Secret) -> anyhow::Result<Secret> {
+        let place = format!("kv:{key}");
+        let stored = self
+            .registry
+            .kv_get_or_insert(key, &self.sealer.seal(&place, generated.expose()))
+            .await?;
+        let plain = self.sealer.open(&place, &stored)?;
+        let secret = Secret::parse(&plain).with_context(|| format!("stored {key}"))?;
+        if !self.sealer.is_current(&stored) {
+            self.registry
+                .kv_replace(key, &stored, &self.sealer.seal(&place, &plain))
+                .await?;
+        }
+        Ok(secret)
     }
 
     pub fn queue(&self) -> &dyn Queue {
@@ -476,6 +614,10 @@ impl Store {
         self.queue.purge_delivered(before, first_try_before).await
     }
 
+    pub async fn purge_failed(&self, rows_before: i64, dead_letters_before: i64) -> anyhow::Result<u64> {
+        self.queue.purge_failed(rows_before, dead_letters_before).await
+    }
+
     // ---- delivery log ---------------------------------------------------------------------------
 
     pub async fn list_deliveries(
@@ -524,23 +666,41 @@ impl Store {
     // ---- registry -------------------------------------------------------------------------------
 
     pub async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook> {
-        self.registry.insert_webhook(w).await
+        let stored = self.registry.insert_webhook(&self.seal_webhook(w)).await?;
+        self.open_webhook(stored)
     }
 
     pub async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
-        self.registry.update_webhook(w).await
+        self.registry.update_webhook(&self.seal_webhook(w)).await
     }
 
     pub async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>> {
-        self.registry.get_webhook(id).await
+        self.registry
+            .get_webhook(id)
+            .await?
+            .map(|w| self.open_webhook(w))
+            .transpose()
     }
 
     pub async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>> {
-        self.registry.list_webhooks(after, limit).await
+        let page = self.registry.list_webhooks(after, limit).await?;
+        Ok(Page {
+            results: page
+                .results
+                .into_iter()
+                .map(|w| self.open_webhook(w))
+                .collect::<anyhow::Result<_>>()?,
+            next_cursor: page.next_cursor,
+        })
     }
 
     pub async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
-        self.registry.all_webhooks().await
+        self.registry
+            .all_webhooks()
+            .await?
+            .into_iter()
+            .map(|w| self.open_webhook(w))
+            .collect()
     }
 
     pub async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {

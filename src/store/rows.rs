@@ -10,21 +10,26 @@ use crate::signing::Secret;
 
 // ---- webhooks and kv ----------------------------------------------------------------------------
 
+/// A webhook. `S` is how its secrets are held: [`Secret`] everywhere but inside the store, where
+/// the backends see them as stored text ([`StoredWebhook`], sealed by `store::secrets`).
 #[derive(Clone)]
-pub struct Webhook {
+pub struct Webhook<S = Secret> {
     pub id: String,
     pub target_url: String,
     pub event_types: Vec<String>,
     pub is_active: bool,
     pub description: Option<String>,
-    pub secret: Secret,
-    pub previous_secret: Option<(Secret, i64)>,
+    pub secret: S,
+    pub previous_secret: Option<(S, i64)>,
     pub created_at: i64,
     pub updated_at: i64,
     pub seq: i64,
 }
 
-impl std::fmt::Debug for Webhook {
+/// A webhook as the backends store it: secrets as stored text (sealed when a key is configured).
+pub type StoredWebhook = Webhook<String>;
+
+impl<S> std::fmt::Debug for Webhook<S> {
     // Never prints the secrets.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")

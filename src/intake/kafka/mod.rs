@@ -182,7 +182,7 @@ impl KafkaBus {
     /// partition), and wait for the broker's acknowledgement.
     pub async fn produce_event(&self, e: &Envelope) -> anyhow::Result<()> {
         let key = e.sync_job_run_id.clone().unwrap_or_else(|| e.id.clone());
-        let payload = e.to_json().to_string();
+        let payload = e.to_json_text();
         self.producer
             .send(
                 FutureRecord::to(&self.events_topic).key(&key).payload(&payload),
@@ -542,5 +542,7 @@ fn decode(raw: &[u8], max_bytes: usize, now: i64) -> Result<Envelope, (&'static 
     }
     let text = std::str::from_utf8(raw).map_err(|e| ("malformed", format!("not UTF-8: {e}")))?;
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ("malformed", format!("not JSON: {e}")))?;
-    Envelope::parse(v, now, false).map_err(|e| ("malformed", e.to_string()))
+    Envelope::parse(v, now, false)
+        .map(|e| e.with_raw_payload(text))
+        .map_err(|e| ("malformed", e.to_string()))
 }

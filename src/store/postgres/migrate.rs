@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "census_syncs",
         sql: include_str!("../../../migrations/postgres/0003_census_syncs.sql"),
     },
+    Migration {
+        version: 4,
+        name: "retention",
+        sql: include_str!("../../../migrations/postgres/0004_retention.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).

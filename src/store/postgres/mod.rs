@@ -145,6 +145,8 @@ mod tests {
             max_connections: 4,
             synchronous: Synchronous::Normal,
             lease_ms: 60_000,
+            encryption_key: String::new(),
+            previous_encryption_keys: Vec::new(),
         }
     }
 
@@ -179,7 +181,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3], "each migration applied once");
+        assert_eq!(versions, vec![1, 2, 3, 4], "each migration applied once");
     }
 
     #[tokio::test]

@@ -667,4 +667,21 @@ impl Queue for PgStore {
         .await?;
         Ok(n as u64)
     }
+
+    async fn purge_failed(&self, rows_before: i64, dead_letters_before: i64) -> anyhow::Result<u64> {
+        // One statement: the dead letters, the rows (bounded numbers) and the rows' attempts.
+        let n: i64 = sqlx::query_scalar(
+            "WITH dl_gone AS (DELETE FROM dead_letters WHERE seq IN (SELECT seq FROM dead_letters \
+             WHERE created_at < $2 LIMIT 10000) RETURNING 1), \
+             gone AS (DELETE FROM deliveries WHERE seq IN (SELECT seq FROM deliveries \
+             WHERE state IN ('dead', 'dropped') AND finished_at < $1 LIMIT 10000) RETURNING id), \
+             attempts_gone AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM gone)) \
+             SELECT (SELECT COUNT(*) FROM gone) + (SELECT COUNT(*) FROM dl_gone)",
+        )
+        .bind(rows_before)
+        .bind(dead_letters_before)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
 }

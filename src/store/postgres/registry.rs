@@ -6,18 +6,18 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 use super::{pg, PgStore};
-use crate::signing::Secret;
-use crate::store::{Page, Registry, Webhook};
+use crate::store::{Page, Registry, StoredWebhook};
 
-fn webhook_from_row(r: &PgRow) -> anyhow::Result<Webhook> {
-    let secret = Secret::parse(r.get::<String, _>("secret").as_str()).context("stored secret")?;
+fn webhook_from_row(r: &PgRow) -> anyhow::Result<StoredWebhook> {
+    // Secrets as stored (sealed when a key is configured): the Store handle opens them.
+    let secret: String = r.get("secret");
     let prev: Option<String> = r.get("previous_secret");
     let prev_exp: Option<i64> = r.get("previous_secret_expires_at");
     let previous_secret = match (prev, prev_exp) {
-        (Some(p), Some(e)) => Some((Secret::parse(&p).context("stored previous secret")?, e)),
+        (Some(p), Some(e)) => Some((p, e)),
         _ => None,
     };
-    Ok(Webhook {
+    Ok(StoredWebhook {
         seq: r.get("seq"),
         id: r.get("id"),
         target_url: r.get("target_url"),
@@ -33,7 +33,7 @@ fn webhook_from_row(r: &PgRow) -> anyhow::Result<Webhook> {
 
 #[async_trait]
 impl Registry for PgStore {
-    async fn insert_webhook(&self, w: &Webhook) -> anyhow::Result<Webhook> {
+    async fn insert_webhook(&self, w: &StoredWebhook) -> anyhow::Result<StoredWebhook> {
         sqlx::query(&pg(
             "INSERT INTO webhooks (id, target_url, event_types, is_active, description, secret, previous_secret, \
              previous_secret_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
@@ -43,7 +43,7 @@ impl Registry for PgStore {
         .bind(serde_json::to_string(&w.event_types)?)
         .bind(w.is_active as i64)
         .bind(&w.description)
-        .bind(w.secret.expose())
+        .bind(&w.secret)
         .bind(w.created_at)
         .bind(w.updated_at)
         .execute(&self.pool)
@@ -51,7 +51,7 @@ impl Registry for PgStore {
         self.get_webhook(&w.id).await?.context("webhook just inserted")
     }
 
-    async fn update_webhook(&self, w: &Webhook) -> anyhow::Result<()> {
+    async fn update_webhook(&self, w: &StoredWebhook) -> anyhow::Result<()> {
         sqlx::query(&pg(
             "UPDATE webhooks SET target_url = ?, event_types = ?, is_active = ?, description = ?, secret = ?, \
              previous_secret = ?, previous_secret_expires_at = ?, updated_at = ? WHERE id = ?",
@@ -60,8 +60,8 @@ impl Registry for PgStore {
         .bind(serde_json::to_string(&w.event_types)?)
         .bind(w.is_active as i64)
         .bind(&w.description)
-        .bind(w.secret.expose())
-        .bind(w.previous_secret.as_ref().map(|(s, _)| s.expose().to_string()))
+        .bind(&w.secret)
+        .bind(w.previous_secret.as_ref().map(|(s, _)| s.as_str()))
         .bind(w.previous_secret.as_ref().map(|(_, e)| *e))
         .bind(w.updated_at)
         .bind(&w.id)
@@ -70,7 +70,7 @@ impl Registry for PgStore {
         Ok(())
     }
 
-    async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<Webhook>> {
+    async fn get_webhook(&self, id: &str) -> anyhow::Result<Option<StoredWebhook>> {
         let row = sqlx::query(&pg("SELECT * FROM webhooks WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
@@ -78,7 +78,7 @@ impl Registry for PgStore {
         row.as_ref().map(webhook_from_row).transpose()
     }
 
-    async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<Webhook>> {
+    async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<StoredWebhook>> {
         let rows = sqlx::query(&pg("SELECT * FROM webhooks WHERE seq > ? ORDER BY seq LIMIT ?"))
             .bind(after)
             .bind(limit + 1)
@@ -91,7 +91,7 @@ impl Registry for PgStore {
         Ok(Page::from_rows(items, limit))
     }
 
-    async fn all_webhooks(&self) -> anyhow::Result<Vec<Webhook>> {
+    async fn all_webhooks(&self) -> anyhow::Result<Vec<StoredWebhook>> {
         let rows = sqlx::query(&pg("SELECT * FROM webhooks")).fetch_all(&self.pool).await?;
         rows.iter().map(webhook_from_row).collect()
     }
@@ -116,5 +116,32 @@ impl Registry for PgStore {
             .bind(key)
             .fetch_one(&self.pool)
             .await?)
+    }
+
+    async fn reseal_webhook(
+        &self,
+        id: &str,
+        from: (&str, Option<&str>),
+        to: (&str, Option<&str>),
+    ) -> anyhow::Result<bool> {
+        let r = sqlx::query(&pg("UPDATE webhooks SET secret = ?, previous_secret = ? WHERE id = ? AND secret = ? AND previous_secret IS NOT DISTINCT FROM ?"))
+            .bind(to.0)
+            .bind(to.1)
+            .bind(id)
+            .bind(from.0)
+            .bind(from.1)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn kv_replace(&self, key: &str, from: &str, to: &str) -> anyhow::Result<bool> {
+        let r = sqlx::query(&pg("UPDATE kv SET value = ? WHERE key = ? AND value = ?"))
+            .bind(to)
+            .bind(key)
+            .bind(from)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 }

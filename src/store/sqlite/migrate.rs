@@ -44,6 +44,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0004_census_syncs.sql"),
         present: None,
     },
+    Migration {
+        version: 5,
+        name: "retention",
+        sql: include_str!("../../../migrations/sqlite/0005_retention.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
@@ -129,7 +135,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, (1..=MIGRATIONS.len() as i64).collect::<Vec<_>>());
         assert!(has_source(&pool).await);
         let v: String = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'k'")
             .fetch_one(&pool)
@@ -159,7 +165,7 @@ mod tests {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(n, 4);
+        assert_eq!(n, MIGRATIONS.len() as i64);
     }
 
     #[tokio::test]

@@ -42,9 +42,10 @@ impl SqliteStore {
     pub async fn open(settings: &StoreSettings) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = settings.path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
+                private_dir(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
             }
         }
+        private_files(&settings.path).with_context(|| format!("creating store {}", settings.path.display()))?;
         let opts = SqliteConnectOptions::from_str("sqlite://")?
             .filename(&settings.path)
             .create_if_missing(true)
@@ -56,6 +57,9 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             // Statement journals of multi-row statements stay in memory.
             .pragma("temp_store", "memory")
+            // What a row loses on update or delete (a secret re-encrypted at start, a purged
+            // body) is zeroed where that costs no extra I/O, instead of lingering in the file.
+            .pragma("secure_delete", "fast")
             .foreign_keys(false);
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.max(2))
@@ -67,8 +71,49 @@ impl SqliteStore {
             .await
             .with_context(|| format!("opening store {}", settings.path.display()))?;
         migrate::run(&pool).await.context("migrating the schema")?;
+        // SQLite gives the -wal and -shm files the database file's mode; made before this
+        // version they may be looser.
+        private_files(&settings.path).with_context(|| format!("securing store {}", settings.path.display()))?;
         Ok(SqliteStore { pool })
     }
+}
+
+/// The data folder, made owner-only (0700) where it is created (a folder that already exists is
+/// left as it is: it may be shared, e.g. the working directory).
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// The database file (created empty when missing) and its -wal / -shm files, owner read/write
+/// only (0600): they hold every event body and, without `store.encryption_key`, the secrets.
+fn private_files(db: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if db.as_os_str() == ":memory:" {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(db)?;
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r?,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = db;
+    Ok(())
 }
 
 #[async_trait]
@@ -96,6 +141,8 @@ mod tests {
             max_connections: 2,
             synchronous: Synchronous::Normal,
             lease_ms: 60_000,
+            encryption_key: String::new(),
+            previous_encryption_keys: Vec::new(),
         })
         .await
         .unwrap()

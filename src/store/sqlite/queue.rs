@@ -629,4 +629,41 @@ impl Queue for SqliteStore {
         tx.commit().await?;
         Ok(purged)
     }
+
+    async fn purge_failed(&self, rows_before: i64, dead_letters_before: i64) -> anyhow::Result<u64> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let dead_letters = sqlx::query(
+            "DELETE FROM dead_letters WHERE seq IN \
+             (SELECT seq FROM dead_letters WHERE created_at < ? LIMIT 10000)",
+        )
+        .bind(dead_letters_before)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // One selection for both statements, so the attempts purged are those of the rows purged.
+        let seqs: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, id FROM deliveries WHERE state IN ('dead', 'dropped') AND finished_at < ? LIMIT 10000",
+        )
+        .bind(rows_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rows = 0;
+        for chunk in seqs.chunks(IN_CHUNK) {
+            let marks = placeholders(chunk.len());
+            let sql = format!("DELETE FROM attempts WHERE delivery_id IN ({marks})");
+            let mut del = sqlx::query(&sql);
+            for (_, id) in chunk {
+                del = del.bind(id);
+            }
+            del.execute(&mut *tx).await?;
+            let sql = format!("DELETE FROM deliveries WHERE seq IN ({marks})");
+            let mut del = sqlx::query(&sql);
+            for (seq, _) in chunk {
+                del = del.bind(seq);
+            }
+            rows += del.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(dead_letters + rows)
+    }
 }
