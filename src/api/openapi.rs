@@ -398,6 +398,12 @@ fn schemas(settings: &Settings) -> Value {
         "created_at": time(),
         "updated_at": time(),
     });
+    let mut with_state = webhook_props.clone();
+    with_state["delivery"] = record(json!({
+        "breaker": {"enum": ["closed", "open", "half_open"], "description": "this instance's circuit breaker for the webhook"},
+        "concurrency_limit": {"type": "integer", "minimum": 1, "description": "requests this instance may have in progress to the webhook now (adaptive)"},
+        "failing_since": nullable(time()),
+    }));
     let mut with_secret = webhook_props.clone();
     with_secret["secret"] = json!({"type": "string", "pattern": "^whsec_"});
 
@@ -543,6 +549,7 @@ fn schemas(settings: &Settings) -> Value {
             "description": nullable(json!({"type": "string", "maxLength": limits::DESCRIPTION, "pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"})),
         })),
         "Webhook": record(webhook_props),
+        "WebhookWithState": record(with_state),
         "WebhookWithSecret": record(with_secret),
         "WebhookList": list_of(r("Webhook")),
         "WebhookTest": record(json!({
@@ -937,7 +944,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "/webhook/{id}",
             Op::new("getWebhook", "webhooks", "Read a webhook (never its secret)")
                 .params(vec![webhook_id()])
-                .respond("200", ok("The webhook.", r("Webhook")))
+                .respond("200", ok("The webhook, with its delivery state.", r("WebhookWithState")))
                 .errors(&["404"]),
         ),
         (

@@ -136,7 +136,21 @@ pub async fn list(state: State, q: web::Query<PageQuery>) -> Result<HttpResponse
 }
 
 pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(webhook_json(&load(&state, &id).await?)))
+    let w = load(&state, &id).await?;
+    let mut body = webhook_json(&w);
+    body["delivery"] = delivery_state(&state, &w);
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// What this instance's delivery core knows of the webhook's target right now: its circuit
+/// breaker, its adaptive in-flight limit, and since when it has only failed.
+fn delivery_state(state: &State, w: &Webhook) -> Value {
+    let (breaker, limit, failing_since) = state.engine.target_state(&format!("w:{}", w.id));
+    json!({
+        "breaker": breaker,
+        "concurrency_limit": limit,
+        "failing_since": failing_since.map(rfc3339_ms),
+    })
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
@@ -173,6 +187,7 @@ pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse,
     let w = load(&state, &id).await?;
     state.engine.store.delete_webhook(&w.id).await?;
     state.engine.webhooks.remove(&w.id);
+    state.engine.targets.forget(&format!("w:{}", w.id));
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -184,6 +199,20 @@ pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpRe
     w.updated_at = now;
     state.engine.store.update_webhook(&w).await?;
     state.engine.webhooks.put(w.clone());
+    // Subscribers (never the secret itself) learn that the signing key changed and until when
+    // the previous one still signs.
+    let payload = json!({
+        "webhook_id": w.id,
+        "rotated_at": rfc3339_ms(now),
+        "previous_secret_expires_at": w.previous_secret.as_ref().map(|(_, e)| rfc3339_ms(*e)),
+    });
+    if let Err(e) = state
+        .engine
+        .broadcast("webhook:secret_rotated", payload, Some(&w.id))
+        .await
+    {
+        tracing::error!(error = %format!("{e:#}"), "could not queue webhook:secret_rotated");
+    }
     let mut body = webhook_json(&w);
     body["secret"] = Value::String(w.secret.expose().to_string());
     Ok(HttpResponse::Ok().json(body))

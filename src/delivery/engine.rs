@@ -28,6 +28,7 @@ use super::dead_letter::DeadLetterSink;
 use super::job::{Ack, Job};
 use super::outcome::Write;
 use super::retry::RetryPolicy;
+use super::targets::Targets;
 use crate::config::{LogMode, Settings};
 use crate::domain::{now_ms, Envelope};
 use crate::metrics::Metrics;
@@ -36,9 +37,6 @@ use crate::runs::commands::CommandSink;
 use crate::runs::Runs;
 use crate::signing::Secret;
 use crate::store::{NewDeadLetter, NewDelivery, QueuedDelivery, Store, Webhook};
-
-/// After this long an unhealthy target gets live attempts again (a probe).
-const UNHEALTHY_PROBE_AFTER: Duration = Duration::from_secs(30);
 
 /// Webhooks by id, kept in step with the store by the API (single process) and reloaded at
 /// start and every housekeeping round (other instances sharing the store).
@@ -103,7 +101,10 @@ pub struct Engine {
     /// …and waits in memory for a retry no longer than this.
     pub(super) inline_max_delay: Duration,
     pub(super) in_flight: Mutex<InFlight>,
-    unhealthy: Mutex<HashMap<String, Instant>>,
+    /// Per target: adaptive limit, circuit breaker, Retry-After pause (see `targets`).
+    pub targets: Targets,
+    /// `webhooks.disable_after_seconds` in ms (0: never).
+    pub(crate) disable_after_ms: i64,
     pub(super) wake: Notify,
     pub(super) writes: mpsc::UnboundedSender<Write>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
@@ -146,15 +147,19 @@ impl InFlight {
         was
     }
 
-    /// An attempt's request finished: its slot under the caps is free.
-    pub fn request_done(&mut self, target_key: &str) {
+    /// An attempt's request finished: its slot under the caps is free. Returns the target's
+    /// requests in progress before it.
+    pub fn request_done(&mut self, target_key: &str) -> usize {
         self.active = self.active.saturating_sub(1);
+        let mut before = 0;
         if let Some(n) = self.per_target.get_mut(target_key) {
+            before = *n;
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.per_target.remove(target_key);
             }
         }
+        before
     }
 }
 
@@ -172,7 +177,7 @@ impl Engine {
         let runs = Arc::new(Runs::new(store.clone(), limits));
         Arc::new(Engine {
             store,
-            metrics,
+            metrics: metrics.clone(),
             webhooks: WebhookCache::default(),
             runs,
             chains: Chains::default(),
@@ -192,7 +197,8 @@ impl Engine {
             inline_attempts: settings.bus.kafka.inline_attempts.max(1),
             inline_max_delay: Duration::from_millis(settings.bus.kafka.inline_max_delay_ms),
             in_flight: Mutex::new(InFlight::default()),
-            unhealthy: Mutex::new(HashMap::new()),
+            targets: Targets::new(d.adaptive.clone(), d.breaker.clone(), metrics.clone()),
+            disable_after_ms: (settings.webhooks.disable_after_seconds.min(i64::MAX as u64 / 1000) * 1000) as i64,
             wake: Notify::new(),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
@@ -451,26 +457,61 @@ impl Engine {
 
     async fn dispatch(self: Arc<Self>, stop: CancellationToken) {
         let mut last_scan: Option<Instant> = None;
+        // When a blocked target (open breaker, Retry-After pause) may take requests again:
+        // its rows are only in the store then, so the dispatcher queries.
+        let mut unblock_at: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return;
             }
             let now_i = Instant::now();
+            let (blocked, next_unblock) = self.targets.blocked(now_i);
+            let unblocked = unblock_at.is_some_and(|t| t <= now_i);
+            unblock_at = next_unblock;
+            // Memory jobs of targets whose breaker is open leave memory for the store (their
+            // partition's offset moves on); stored rows of blocked targets leave the in-memory
+            // queue and are found by a query once the target takes requests again.
+            let mut park = Vec::new();
             // 1. Jobs handed over in memory, oldest first, skipping targets at their cap.
             let mut hot_jobs = Vec::new();
             let (free, skip, known, epoch, scan) = {
                 let mut f = self.in_flight.lock().expect("lock");
                 let mut free = self.max_in_flight.saturating_sub(f.active);
+                if !blocked.is_empty() && !f.hot.is_empty() {
+                    let InFlight { hot, claimed, .. } = &mut *f;
+                    let mut keep = VecDeque::with_capacity(hot.len());
+                    for job in hot.drain(..) {
+                        if !blocked.contains(&job.q.target_key) {
+                            keep.push_back(job);
+                        } else if job.is_memory() {
+                            if self.targets.is_open(&job.q.target_key) {
+                                park.push(job);
+                            } else {
+                                // Paused only (Retry-After): it waits in memory.
+                                keep.push_back(job);
+                            }
+                        } else {
+                            claimed.remove(&job.q.seq);
+                            self.metrics.held_attempts.inc();
+                        }
+                    }
+                    *hot = keep;
+                }
                 if free > 0 && !f.hot.is_empty() {
                     let mut keep = VecDeque::new();
+                    let mut allowance: HashMap<String, usize> = HashMap::new();
                     while let Some(job) = f.hot.pop_front() {
                         if free == 0 {
                             keep.push_back(job);
                             keep.append(&mut f.hot);
                             break;
                         }
-                        let n = f.per_target.entry(job.q.target_key.clone()).or_insert(0);
-                        if *n >= self.per_target_cap {
+                        let key = &job.q.target_key;
+                        let cap = *allowance
+                            .entry(key.clone())
+                            .or_insert_with(|| self.targets.allowance(key, self.per_target_cap, now_i));
+                        let n = f.per_target.entry(key.clone()).or_insert(0);
+                        if *n >= cap {
                             keep.push_back(job);
                             continue;
                         }
@@ -490,19 +531,25 @@ impl Engine {
                 // 2. The store, when something may be there that is not in memory.
                 let scan = free > 0
                     && (f.overflow
+                        || unblocked
                         || f.scan_at.is_some_and(|t| t <= now_i)
                         || last_scan.is_none_or(|t: Instant| now_i.duration_since(t) >= self.poll_interval));
                 // Releases before now are visible to the query we are about to run.
                 f.released.clear();
                 f.epoch += 1;
-                let skip: Vec<String> = f
+                let mut skip: Vec<String> = f
                     .per_target
                     .iter()
-                    .filter(|(_, n)| **n >= self.per_target_cap)
+                    .filter(|(k, n)| **n >= self.targets.allowance(k, self.per_target_cap, now_i))
                     .map(|(k, _)| k.clone())
                     .collect();
+                skip.extend(blocked.iter().filter(|k| !f.per_target.contains_key(*k)).cloned());
                 (free, skip, f.rows.len() + f.claimed.len(), f.epoch, scan)
             };
+            for job in park {
+                self.metrics.held_attempts.inc();
+                self.park_head(job, None);
+            }
             let mut started = hot_jobs.len();
             for job in hot_jobs {
                 self.start(job);
@@ -518,6 +565,7 @@ impl Engine {
                         exhausted = (rows.len() as i64) < limit;
                         let mut jobs = Vec::new();
                         let mut f = self.in_flight.lock().expect("lock");
+                        let mut allowance: HashMap<String, usize> = HashMap::new();
                         for row in rows {
                             if took >= free {
                                 exhausted = false;
@@ -529,8 +577,14 @@ impl Engine {
                             {
                                 continue;
                             }
+                            let cap = *allowance
+                                .entry(row.target_key.clone())
+                                .or_insert_with(|| self.targets.allowance(&row.target_key, self.per_target_cap, now_i));
                             let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
-                            if *n >= self.per_target_cap {
+                            if *n >= cap {
+                                if *n == 0 {
+                                    f.per_target.remove(&row.target_key);
+                                }
                                 continue;
                             }
                             *n += 1;
@@ -559,9 +613,12 @@ impl Engine {
                 continue;
             }
             // Nothing more to start now: sleep until woken (new work, a finished attempt), the
-            // next retry is due, or the poll interval passes.
+            // next retry is due, a blocked target may go again, or the poll interval passes.
             let mut sleep = self.poll_interval;
             if let Some(at) = self.in_flight.lock().expect("lock").scan_at {
+                sleep = sleep.min(at.saturating_duration_since(Instant::now()));
+            }
+            if let Some(at) = unblock_at {
                 sleep = sleep.min(at.saturating_duration_since(Instant::now()));
             }
             let _ = exhausted;
@@ -579,10 +636,12 @@ impl Engine {
     }
 
     /// An attempt's request finished (or never started): its slot under the caps is free.
-    pub(super) fn request_done(&self, target_key: &str) {
+    /// Returns the target's requests in progress before it.
+    pub(super) fn request_done(&self, target_key: &str) -> usize {
         self.metrics.in_flight.dec();
-        self.in_flight.lock().expect("lock").request_done(target_key);
+        let before = self.in_flight.lock().expect("lock").request_done(target_key);
         self.wake.notify_one();
+        before
     }
 
     /// A memory job's attempt is over (it was retried, parked, finished or dropped).
@@ -591,22 +650,15 @@ impl Engine {
         f.memory = f.memory.saturating_sub(1);
     }
 
-    /// Has the target failed recently? New memory work for an unhealthy target is parked in
-    /// the store instead of holding a partition while it retries.
-    pub fn target_unhealthy(&self, target_key: &str) -> bool {
-        let h = self.unhealthy.lock().expect("lock");
-        h.get(target_key)
-            .is_some_and(|since| since.elapsed() < UNHEALTHY_PROBE_AFTER)
+    /// A target's breaker state, adaptive limit and failure clock (`GET /webhook/{id}`).
+    pub fn target_state(&self, target_key: &str) -> (&'static str, usize, Option<i64>) {
+        self.targets.state(target_key, self.per_target_cap)
     }
 
-    /// Record an attempt's effect on its target's health.
-    pub fn note_health(&self, target_key: &str, ok: bool) {
-        let mut h = self.unhealthy.lock().expect("lock");
-        if ok {
-            h.remove(target_key);
-        } else {
-            h.insert(target_key.to_string(), Instant::now());
-        }
+    /// Has the target failed recently, or is its breaker open? New memory work for it is
+    /// parked in the store instead of holding a partition while it retries or waits.
+    pub fn target_unhealthy(&self, target_key: &str) -> bool {
+        self.targets.unhealthy(target_key)
     }
 
     /// Queue depth and oldest-undelivered gauges, webhook refresh, chain refresh and retention.
@@ -639,6 +691,8 @@ impl Engine {
                 }
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "webhook refresh failed"),
             }
+            self.targets.forget_idle();
+            self.metrics.breakers_open.set(self.targets.open_count() as i64);
             match self.store.queue_stats().await {
                 Ok((depth, oldest)) => {
                     self.metrics.queue_depth.set(depth);

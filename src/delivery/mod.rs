@@ -11,3 +11,4 @@ pub mod engine;
 pub mod job;
 pub mod outcome;
 pub mod retry;
+pub mod targets;

@@ -193,19 +193,29 @@ impl Engine {
         }
     }
 
-    /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
-    /// subscribes to it.
-    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, except: Option<&str>) -> anyhow::Result<()> {
+    /// Queue an operational event (`webhook:disabled`, `webhook:failing`, …) to every active
+    /// webhook that subscribes to it. `about`: the webhook the event is about; it never gets
+    /// an event about its own failure (nor any while its target is failing), so a failing
+    /// receiver is not sent more, and an operational event cannot feed itself.
+    /// `webhook:disabled` goes to every webhook whose event types include it (an empty list
+    /// included, as always); the others only to webhooks naming them (`webhook:failing`,
+    /// `webhook:*`, `*`): a catch-all webhook of run events does not get relay chatter.
+    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, about: Option<&str>) -> anyhow::Result<()> {
         let serde_json::Value::Object(payload) = payload else {
             anyhow::bail!("payload must be an object")
         };
         let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
         let now = now_ms();
+        let explicit = event != "webhook:disabled";
         let envelopes: Vec<Envelope> = self
             .webhooks
             .all()
             .iter()
-            .filter(|w| w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event))
+            .filter(|w| w.is_active && subscribed(&w.event_types, event) && !(explicit && w.event_types.is_empty()))
+            .filter(|w| match about {
+                Some(a) if a == w.id => !about_its_failure(event) && !self.target_unhealthy(&format!("w:{a}")),
+                _ => true,
+            })
             .map(|w| Envelope {
                 id: id.clone(),
                 event: event.to_string(),
@@ -217,13 +227,18 @@ impl Engine {
                 payload: payload.clone(),
             })
             .collect();
+        if let Some(c) = crate::metrics::OPERATIONAL_EVENTS.iter().find(|e| **e == event) {
+            self.metrics.operational_events.with_label_values(&[c]).inc();
+        }
         if !envelopes.is_empty() {
             self.ingest(&envelopes, "api").await?;
         }
         Ok(())
     }
 
-    pub async fn disable_webhook(&self, id: &str) {
+    /// Disable a webhook (410 Gone, or failing for `webhooks.disable_after_seconds`) and tell
+    /// its subscribers why.
+    pub async fn disable_webhook(&self, id: &str, reason: &str) {
         let Some(w) = self.webhooks.get(id) else {
             return;
         };
@@ -237,12 +252,90 @@ impl Engine {
             tracing::error!(error = %format!("{e:#}"), "could not disable webhook");
             return;
         }
-        tracing::warn!(webhook_id = %id, "receiver answered 410 Gone: webhook disabled");
+        tracing::warn!(webhook_id = %id, reason, "webhook disabled");
         self.webhooks.put(w);
         self.metrics.webhooks_disabled.inc();
-        let payload = json!({"webhook_id": id, "reason": "receiver answered 410 Gone", "disabled_at": crate::domain::rfc3339_ms(now_ms())});
+        let payload = json!({"webhook_id": id, "reason": reason, "disabled_at": crate::domain::rfc3339_ms(now_ms())});
         if let Err(e) = self.broadcast("webhook:disabled", payload, Some(id)).await {
             tracing::error!(error = %format!("{e:#}"), "could not queue webhook:disabled");
         }
     }
+
+    /// An attempt changed its target's state: its breaker opened (`webhook:failing`) or closed
+    /// (`webhook:recovered`), or it has failed long enough to be disabled. Callback hosts have
+    /// no subscribers: their changes are logged and counted only.
+    pub(crate) async fn target_changed(
+        &self,
+        q: &crate::store::QueuedDelivery,
+        kind: &str,
+        seen: crate::delivery::targets::Observed,
+        now: i64,
+    ) {
+        let webhook = q.webhook_id.as_deref().filter(|_| kind == "webhook");
+        if seen.opened {
+            tracing::warn!(target = %q.target_key, "circuit breaker opened: deliveries held");
+            if let Some(id) = webhook {
+                let payload = json!({
+                    "webhook_id": id,
+                    "breaker": "open",
+                    "failing_since": seen.failing_since.map(crate::domain::rfc3339_ms),
+                    "opened_at": crate::domain::rfc3339_ms(now),
+                });
+                if let Err(e) = self.broadcast("webhook:failing", payload, Some(id)).await {
+                    tracing::error!(error = %format!("{e:#}"), "could not queue webhook:failing");
+                }
+            }
+        }
+        if seen.closed {
+            tracing::info!(target = %q.target_key, "circuit breaker closed: deliveries resume");
+            if let Some(id) = webhook {
+                let payload =
+                    json!({"webhook_id": id, "breaker": "closed", "recovered_at": crate::domain::rfc3339_ms(now)});
+                if let Err(e) = self.broadcast("webhook:recovered", payload, Some(id)).await {
+                    tracing::error!(error = %format!("{e:#}"), "could not queue webhook:recovered");
+                }
+            }
+        }
+        if let (Some(id), Some(since)) = (webhook, seen.failing_since) {
+            if self.disable_after_ms > 0 && now - since >= self.disable_after_ms {
+                let reason = format!(
+                    "deliveries failed for {} s without a success (webhooks.disable_after_seconds)",
+                    (now - since) / 1000
+                );
+                self.disable_webhook(id, &reason).await;
+                self.targets.forget(&q.target_key);
+            }
+        }
+    }
+
+    /// `delivery:exhausted`: a delivery was dead-lettered after its attempts. Not for the
+    /// relay's own operational events (a subscriber failing to take them must not make more).
+    pub(crate) async fn exhausted(&self, q: &crate::store::QueuedDelivery, attempts: i64, last_status: Option<i64>) {
+        if is_operational(&q.event) {
+            return;
+        }
+        let payload = json!({
+            "webhook_id": q.webhook_id,
+            "kind": q.kind,
+            "event_id": q.event_id,
+            "event": q.event,
+            "sync_job_run_id": q.run_id,
+            "attempts": attempts,
+            "last_status": last_status,
+        });
+        let about = q.webhook_id.as_deref().filter(|_| q.kind == "webhook");
+        if let Err(e) = self.broadcast("delivery:exhausted", payload, about).await {
+            tracing::error!(error = %format!("{e:#}"), "could not queue delivery:exhausted");
+        }
+    }
+}
+
+/// Events the relay makes about its own operation.
+pub fn is_operational(event: &str) -> bool {
+    crate::metrics::OPERATIONAL_EVENTS.contains(&event)
+}
+
+/// Events about a webhook's failure: never sent to that webhook.
+fn about_its_failure(event: &str) -> bool {
+    matches!(event, "webhook:failing" | "webhook:disabled" | "delivery:exhausted")
 }
