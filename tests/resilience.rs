@@ -299,3 +299,213 @@ both_buses!(
         h.stop().await;
     }
 );
+
+/// The first 2xx-answered `payload.i` of each run's records at `path`, in arrival order.
+fn per_run_order(got: &[Received], path: &str) -> HashMap<String, Vec<i64>> {
+    let mut order: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for r in got.iter().filter(|r| r.path == path && r.status == 200) {
+        let b = r.json();
+        if b["event"] == "sync_job_run:record" && seen.insert(r.header("webhook-id").to_string()) {
+            order
+                .entry(b["sync_job_run_id"].as_str().unwrap().to_string())
+                .or_default()
+                .push(b["payload"]["i"].as_i64().unwrap());
+        }
+    }
+    order
+}
+
+both_buses!(
+    prolonged_failure_disables_and_enable_replays_in_order,
+    |bus| async move {
+        let down = Arc::new(AtomicBool::new(true));
+        let d = down.clone();
+        let rx = Receiver::with_script(Arc::new(move |r, _| match r.path.as_str() {
+            "/dying" if d.load(Ordering::SeqCst) => Reply::status(502),
+            _ => Reply::status(200),
+        }))
+        .await;
+        // Five days compressed to two seconds; the breaker probes every 300 ms meanwhile.
+        let mut h = Harness::start(
+            bus,
+            &[
+                ("SYNCRELAY__WEBHOOKS__DISABLE_AFTER_SECONDS", "2"),
+                ("SYNCRELAY__DELIVERY__BREAKER__CONSECUTIVE_FAILURES", "3"),
+                ("SYNCRELAY__DELIVERY__BREAKER__COOL_DOWN_MS", "300"),
+                ("SYNCRELAY__DELIVERY__RETRY__MAX_ATTEMPTS", "1000"),
+                ("SYNCRELAY__DELIVERY__RETRY__MAX_INTERVAL_MS", "200"),
+            ],
+        )
+        .await;
+        let app = h.api();
+        let (dying, _) = app.webhook(&rx.url("/dying"), &["sync_job_run:*", "webhook:*"]).await;
+        let (_watch, _) = app
+            .webhook(&rx.url("/watch"), &["webhook:disabled", "webhook:enabled"])
+            .await;
+        let record = |run: usize, i: i64| event(&format!("d{run}-{i}"), &dying, Some(&run_id(run)), json!({"i": i}));
+        let mut first = Vec::new();
+        for i in 0..3 {
+            for run in 1..=3 {
+                first.push(record(run, i));
+            }
+        }
+        let sent = Instant::now();
+        h.send(&first).await;
+        let got = rx
+            .wait_for(WAIT, "webhook:disabled", |g| {
+                g.iter()
+                    .any(|r| r.path == "/watch" && r.json()["event"] == "webhook:disabled")
+            })
+            .await;
+        let took = sent.elapsed();
+        let note = got
+            .iter()
+            .find(|r| r.path == "/watch" && r.json()["event"] == "webhook:disabled")
+            .unwrap()
+            .json();
+        assert_eq!(note["payload"]["webhook_id"], dying.as_str());
+        let reason = note["payload"]["reason"].as_str().unwrap();
+        assert!(reason.contains("disable_after_seconds"), "{reason}");
+        assert!(
+            took >= Duration::from_secs(2),
+            "disabled after {took:?}, before 2 s of failures"
+        );
+        let (_, w) = app.get(&format!("/webhook/{dying}")).await;
+        assert_eq!(w["is_active"], false);
+        assert_eq!(w["delivery"]["breaker"], "held", "{w}");
+        // While disabled: new events are dead-lettered at intake (as for any disabled webhook)…
+        let mut later = Vec::new();
+        for i in 3..5 {
+            for run in 1..=3 {
+                later.push(record(run, i));
+            }
+        }
+        h.send(&later).await;
+        eventually(WAIT, "6 dead letters webhook_disabled", || async {
+            let (_, dl) = app
+                .get(&format!("/dead-letters?webhook_id={dying}&reason=webhook_disabled"))
+                .await;
+            (dl["results"].as_array().map_or(0, Vec::len) >= 6).then_some(())
+        })
+        .await;
+        // …and the pending ones are kept: the receiver is back, yet nothing goes until enabled.
+        down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            !rx.on("/dying").iter().any(|r| r.status == 200),
+            "nothing is sent to a disabled webhook"
+        );
+        let (_, q) = app.get(&format!("/deliveries?webhook_id={dying}&status=queued")).await;
+        assert!(
+            !q["results"].as_array().unwrap().is_empty(),
+            "the first events are still queued: {q}"
+        );
+        let (s, b) = app
+            .post(&format!("/webhook/{dying}/enable"), json!({"replay": true}))
+            .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["is_active"], true);
+        assert!(b["replayed"].as_u64().unwrap() >= 6, "{b}");
+        let got = rx
+            .wait_for(WAIT, "all 15 records and webhook:enabled", |g| {
+                per_run_order(g, "/dying").values().map(Vec::len).sum::<usize>() >= 15
+                    && g.iter()
+                        .any(|r| r.path == "/watch" && r.json()["event"] == "webhook:enabled")
+            })
+            .await;
+        for (run, seq) in per_run_order(&got, "/dying") {
+            assert_eq!(seq, vec![0, 1, 2, 3, 4], "run {run}: every event once, in order");
+        }
+        assert!(
+            !rx.on("/dying").iter().any(|r| r.json()["event"] == "webhook:disabled"),
+            "the disabled webhook was not told of its own disabling"
+        );
+        let (_, w) = app.get(&format!("/webhook/{dying}")).await;
+        assert_eq!(w["delivery"]["breaker"], "closed", "{w}");
+        // Bad input is a typed 400 naming the field; an unknown webhook a 404.
+        let (s, b) = app
+            .post(&format!("/webhook/{dying}/enable"), json!({"replay": "yes"}))
+            .await;
+        assert_eq!(s, 400, "{b}");
+        let (s, _) = app
+            .post("/webhook/00000000-0000-4000-8000-000000000000/enable", json!({}))
+            .await;
+        assert_eq!(s, 404);
+        h.stop().await;
+    }
+);
+
+both_buses!(
+    operational_events_reach_subscribers_and_never_the_failing_target,
+    |bus| async move {
+        // /dead answers 500 to everything; /watch takes every operational event.
+        let rx = Receiver::with_script(Arc::new(|r, _| match r.path.as_str() {
+            "/dead" => Reply::status(500),
+            _ => Reply::status(200),
+        }))
+        .await;
+        let mut h = Harness::start(bus, &[("SYNCRELAY__DELIVERY__RETRY__MAX_ATTEMPTS", "2")]).await;
+        let app = h.api();
+        let (dead, _) = app.webhook(&rx.url("/dead"), &["*"]).await;
+        let (watch, _) = app
+            .webhook(&rx.url("/watch"), &["webhook:*", "delivery:exhausted"])
+            .await;
+        // A catch-all webhook of run events gets no relay chatter.
+        let (_all, _) = app.webhook(&rx.url("/all"), &[]).await;
+        h.send(&[event("x1", &dead, None, json!({}))]).await;
+        let got = rx
+            .wait_for(WAIT, "delivery:exhausted", |g| {
+                g.iter()
+                    .any(|r| r.path == "/watch" && r.json()["event"] == "delivery:exhausted")
+            })
+            .await;
+        let n = got
+            .iter()
+            .find(|r| r.path == "/watch" && r.json()["event"] == "delivery:exhausted")
+            .unwrap()
+            .json();
+        assert_eq!(n["payload"]["webhook_id"], dead.as_str());
+        assert_eq!(n["payload"]["event_id"], "x1");
+        assert_eq!(n["payload"]["attempts"], 2);
+        assert_eq!(n["webhook_id"], watch.as_str());
+        // Rotating a secret is announced, without the secret.
+        let (s, rotated) = app.post(&format!("/webhook/{dead}/rotate-secret"), json!({})).await;
+        assert_eq!(s, 200);
+        let got = rx
+            .wait_for(WAIT, "webhook:secret_rotated", |g| {
+                g.iter()
+                    .any(|r| r.path == "/watch" && r.json()["event"] == "webhook:secret_rotated")
+            })
+            .await;
+        let n = got
+            .iter()
+            .find(|r| r.path == "/watch" && r.json()["event"] == "webhook:secret_rotated")
+            .unwrap();
+        assert_eq!(n.json()["payload"]["webhook_id"], dead.as_str());
+        let secret = rotated["secret"].as_str().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&n.body).contains(secret),
+            "no secret in the event"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The failing webhook (subscribed to everything) got only its own event's attempts, and
+        // the catch-all webhook nothing.
+        let at_dead: Vec<String> = rx
+            .on("/dead")
+            .iter()
+            .map(|r| r.json()["event"].as_str().unwrap().to_string())
+            .collect();
+        assert!(at_dead.iter().all(|e| e == "record:created"), "{at_dead:?}");
+        assert!(rx.on("/all").is_empty(), "catch-all got {:?}", rx.on("/all").len());
+        let m = h.metrics().await;
+        assert_eq!(
+            m.value(
+                "syncrelay_operational_events_total",
+                &[("event_type", "delivery:exhausted")]
+            ),
+            1.0
+        );
+        h.stop().await;
+    }
+);

@@ -400,7 +400,7 @@ fn schemas(settings: &Settings) -> Value {
     });
     let mut with_state = webhook_props.clone();
     with_state["delivery"] = record(json!({
-        "breaker": {"enum": ["closed", "open", "half_open"], "description": "this instance's circuit breaker for the webhook"},
+        "breaker": {"enum": ["closed", "open", "half_open", "held"], "description": "this instance's circuit breaker for the webhook (`held`: the webhook is disabled, its pending events are kept)"},
         "concurrency_limit": {"type": "integer", "minimum": 1, "description": "requests this instance may have in progress to the webhook now (adaptive)"},
         "failing_since": nullable(time()),
     }));
@@ -549,7 +549,17 @@ fn schemas(settings: &Settings) -> Value {
             "description": nullable(json!({"type": "string", "maxLength": limits::DESCRIPTION, "pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"})),
         })),
         "Webhook": record(webhook_props),
-        "WebhookWithState": record(with_state),
+        "WebhookWithState": record(with_state.clone()),
+        "WebhookEnabled": record({
+            let mut p = with_state;
+            p["replayed"] = json!({"type": "integer", "minimum": 0, "description": "dead letters re-queued (with `replay`)"});
+            p
+        }),
+        "WebhookEnable": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {"replay": {"type": "boolean", "default": false, "description": "also re-queue what was dead-lettered because the webhook was disabled (reason `webhook_disabled`), in per-run order"}},
+        },
         "WebhookWithSecret": record(with_secret),
         "WebhookList": list_of(r("Webhook")),
         "WebhookTest": record(json!({
@@ -979,6 +989,15 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 .params(vec![webhook_id()])
                 .respond("200", ok("The attempt (a failed attempt is still 200).", r("WebhookTest")))
                 .errors(&["404", "409"]),
+        ),
+        (
+            "post",
+            "/webhook/{id}/enable",
+            Op::new("enableWebhook", "webhooks", "Enable a webhook; its held events go again, and with `replay` what was dead-lettered while it was disabled")
+                .params(vec![webhook_id()])
+                .body(r("WebhookEnable"), json!({"replay": true}))
+                .respond("200", ok("The enabled webhook and how many dead letters were re-queued.", r("WebhookEnabled")))
+                .errors(&["404"]),
         ),
         (
             "post",

@@ -176,6 +176,8 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     w.updated_at = now_ms();
     state.engine.store.update_webhook(&w).await?;
     state.engine.webhooks.put(w.clone());
+    // A disabled webhook's pending events are held (kept, not attempted) until it is enabled.
+    state.engine.targets.hold(&format!("w:{}", w.id), !w.is_active);
     if w.is_active {
         // Deliveries parked for a re-enabled webhook may be due now.
         state.engine.notify();
@@ -189,6 +191,31 @@ pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse,
     state.engine.webhooks.remove(&w.id);
     state.engine.targets.forget(&format!("w:{}", w.id));
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EnableWebhook {
+    #[serde(default)]
+    replay: bool,
+}
+
+/// Enable a webhook (disabled by a 410, by prolonged failure, or by hand): its held events go
+/// again in order; `{"replay": true}` also re-queues what was dead-lettered because it was
+/// disabled. Answers the webhook and `replayed`.
+pub async fn enable(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&state, body).await?;
+    let req: EnableWebhook = if body.iter().all(u8::is_ascii_whitespace) {
+        EnableWebhook::default()
+    } else {
+        parse_json(&body)?
+    };
+    let w = load(&state, &id).await?;
+    let (w, replayed) = state.engine.enable_webhook(w, req.replay).await?;
+    let mut body = webhook_json(&w);
+    body["delivery"] = delivery_state(&state, &w);
+    body["replayed"] = json!(replayed);
+    Ok(HttpResponse::Ok().json(body))
 }
 
 pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -290,6 +290,8 @@ impl Engine {
 
     pub async fn load_webhooks(&self) -> anyhow::Result<()> {
         for w in self.store.all_webhooks().await? {
+            // A disabled webhook's pending events are kept, not attempted.
+            self.targets.hold(&format!("w:{}", w.id), !w.is_active);
             self.webhooks.put(w);
         }
         // Chains with rows in the store: new memory deliveries of them queue behind.
@@ -679,6 +681,14 @@ impl Engine {
                     for w in all {
                         // Never overwrite a newer version this instance already has.
                         if self.webhooks.get(&w.id).is_none_or(|c| c.updated_at <= w.updated_at) {
+                            let key = format!("w:{}", w.id);
+                            if !w.is_active {
+                                self.targets.hold(&key, true);
+                            } else if self.targets.is_held(&key) {
+                                // Enabled by another instance.
+                                self.targets.hold(&key, false);
+                                self.notify();
+                            }
                             self.webhooks.put(w);
                         }
                     }
@@ -686,6 +696,7 @@ impl Engine {
                         // Created after the query started: not deleted, just not seen yet.
                         if !ids.contains(&w.id) && w.created_at < started {
                             self.webhooks.remove(&w.id);
+                            self.targets.forget(&format!("w:{}", w.id));
                         }
                     }
                 }

@@ -83,6 +83,9 @@ struct Target {
     failing_since: Option<i64>,
     last_seen: Instant,
     series: bool,
+    /// Its webhook is disabled: nothing goes, its pending events are kept (not dead-lettered)
+    /// until it is enabled again.
+    held: bool,
 }
 
 /// What one attempt changed.
@@ -158,6 +161,7 @@ impl Targets {
             failing_since: None,
             last_seen: now,
             series: false,
+            held: false,
         }
     }
 
@@ -169,7 +173,7 @@ impl Targets {
         let Some(t) = map.get_mut(key) else {
             return self.initial(cap);
         };
-        if t.paused_until.is_some_and(|p| p > now) {
+        if t.held || t.paused_until.is_some_and(|p| p > now) {
             return 0;
         }
         match t.breaker {
@@ -221,23 +225,47 @@ impl Targets {
             if let Some(u) = until {
                 keys.push(k.clone());
                 next = Some(next.map_or(u, |n| n.min(u)));
+            } else if t.held {
+                // Until enabled (which wakes the dispatcher itself).
+                keys.push(k.clone());
             }
         }
         (keys, next)
     }
 
-    /// Is the breaker of this target open (or half-open)? Its new Kafka deliveries are parked.
+    /// Is the breaker of this target open (or half-open), or is it held (disabled)? Its Kafka
+    /// deliveries are parked in the store.
     pub fn is_open(&self, key: &str) -> bool {
         let map = self.map.lock().expect("lock");
-        map.get(key).is_some_and(|t| t.breaker != Breaker::Closed)
+        map.get(key).is_some_and(|t| t.held || t.breaker != Breaker::Closed)
     }
 
-    /// Did this target fail recently, or is its breaker not closed?
+    /// Did this target fail recently, is its breaker not closed, or is it held?
     pub fn unhealthy(&self, key: &str) -> bool {
         let map = self.map.lock().expect("lock");
         map.get(key).is_some_and(|t| {
-            t.breaker != Breaker::Closed || t.last_failure.is_some_and(|f| f.elapsed() < RECENT_FAILURE)
+            t.held || t.breaker != Breaker::Closed || t.last_failure.is_some_and(|f| f.elapsed() < RECENT_FAILURE)
         })
+    }
+
+    /// Is this target held (its webhook disabled)?
+    pub fn is_held(&self, key: &str) -> bool {
+        self.map.lock().expect("lock").get(key).is_some_and(|t| t.held)
+    }
+
+    /// Hold a target (its webhook was disabled: keep its events, send nothing) or release it
+    /// (enabled: it starts afresh, breaker closed and failure clock stopped).
+    pub fn hold(&self, key: &str, held: bool) {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("lock");
+        if held {
+            let t = map.entry(key.to_string()).or_insert_with(|| self.fresh(now));
+            t.held = true;
+        } else if map.get(key).is_some_and(|t| t.held) {
+            if let Some(t) = map.remove(key) {
+                self.unexport(key, &t);
+            }
+        }
     }
 
     /// `Retry-After` on a 429/503: no request to this target before `until`.
@@ -387,6 +415,7 @@ impl Targets {
     pub fn state(&self, key: &str, cap: usize) -> (&'static str, usize, Option<i64>) {
         let map = self.map.lock().expect("lock");
         match map.get(key) {
+            Some(t) if t.held => ("held", self.limit_of(t, cap), t.failing_since),
             Some(t) => (t.breaker.label(), self.limit_of(t, cap), t.failing_since),
             None => ("closed", self.initial(cap), None),
         }
@@ -417,6 +446,7 @@ impl Targets {
             .iter()
             .filter(|(_, t)| {
                 now.duration_since(t.last_seen) > FORGET_IDLE
+                    && !t.held
                     && t.breaker == Breaker::Closed
                     && t.paused_until.is_none_or(|p| p <= now)
                     && t.failing_since.is_none()
@@ -607,6 +637,20 @@ mod tests {
         assert!(next.is_some());
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(t.allowance("c:h:80", 32, Instant::now()), 4);
+    }
+
+    #[test]
+    fn a_held_target_gets_nothing_until_released_afresh() {
+        let t = targets(1000, 1);
+        t.observe("w:f", &st(500), Instant::now(), MS, 0, 5);
+        t.hold("w:f", true);
+        assert_eq!(t.allowance("w:f", 32, Instant::now()), 0);
+        assert!(t.is_open("w:f") && t.unhealthy("w:f"));
+        assert_eq!(t.blocked(Instant::now()).0, vec!["w:f".to_string()]);
+        assert_eq!(t.state("w:f", 32).0, "held");
+        t.hold("w:f", false);
+        assert_eq!(t.state("w:f", 32), ("closed", 4, None));
+        assert!(!t.unhealthy("w:f"));
     }
 
     #[test]

@@ -254,6 +254,8 @@ impl Engine {
         }
         tracing::warn!(webhook_id = %id, reason, "webhook disabled");
         self.webhooks.put(w);
+        // Its pending events stay queued, untouched, until it is enabled again.
+        self.targets.hold(&format!("w:{id}"), true);
         self.metrics.webhooks_disabled.inc();
         let payload = json!({"webhook_id": id, "reason": reason, "disabled_at": crate::domain::rfc3339_ms(now_ms())});
         if let Err(e) = self.broadcast("webhook:disabled", payload, Some(id)).await {
@@ -303,9 +305,69 @@ impl Engine {
                     (now - since) / 1000
                 );
                 self.disable_webhook(id, &reason).await;
-                self.targets.forget(&q.target_key);
             }
         }
+    }
+
+    /// Enable a webhook again (`POST /webhook/{id}/enable`): its held events go again, in
+    /// order, and with `replay` so do the events dead-lettered because it was disabled
+    /// (reason `webhook_disabled`: those that arrived while it was disabled, and any taken off
+    /// the queue as it was being disabled), each at the end of its run's chain. Returns the
+    /// webhook and how many dead letters were re-queued.
+    pub async fn enable_webhook(
+        &self,
+        mut w: crate::store::Webhook,
+        replay: bool,
+    ) -> anyhow::Result<(crate::store::Webhook, u64)> {
+        let was_active = w.is_active;
+        let now = now_ms();
+        if !was_active {
+            w.is_active = true;
+            w.updated_at = now;
+            self.store.update_webhook(&w).await?;
+            self.webhooks.put(w.clone());
+        }
+        self.targets.hold(&format!("w:{}", w.id), false);
+        let mut replayed = 0;
+        if replay {
+            let filter = crate::store::DeadLetterFilter {
+                webhook_id: Some(w.id.clone()),
+                reason: Some("webhook_disabled".into()),
+                event_id: None,
+                include_replayed: false,
+            };
+            // In pages, oldest first: each page goes behind the one before in its chains.
+            loop {
+                let at = now_ms();
+                let (requeued, raws) = self.replay_dead_letters(None, &filter, 1000, at).await?;
+                // Events refused at intake because the webhook was disabled have no delivery
+                // to re-queue: they are routed again, in their order (as the replay route does).
+                let n = requeued + raws.len() as u64;
+                let envelopes: Vec<Envelope> = raws
+                    .iter()
+                    .filter_map(|raw| serde_json::from_str(raw).ok())
+                    .filter_map(|v| Envelope::parse(v, at, false).ok())
+                    .collect();
+                if !envelopes.is_empty() {
+                    self.ingest(&envelopes, "api").await?;
+                }
+                replayed += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+            self.metrics.dead_letters_replayed.inc_by(replayed);
+        }
+        self.notify();
+        if !was_active {
+            tracing::info!(webhook_id = %w.id, replayed, "webhook enabled");
+            let payload =
+                json!({"webhook_id": w.id, "enabled_at": crate::domain::rfc3339_ms(now), "replayed": replayed});
+            if let Err(e) = self.broadcast("webhook:enabled", payload, Some(&w.id)).await {
+                tracing::error!(error = %format!("{e:#}"), "could not queue webhook:enabled");
+            }
+        }
+        Ok((w, replayed))
     }
 
     /// `delivery:exhausted`: a delivery was dead-lettered after its attempts. Not for the
