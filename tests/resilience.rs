@@ -509,3 +509,100 @@ both_buses!(
         h.stop().await;
     }
 );
+
+both_buses!(
+    per_webhook_overrides_set_the_cap_and_the_retry_schedule,
+    |bus| async move {
+        let rx = Receiver::with_script(Arc::new(|r, _| match r.path.as_str() {
+            "/fails" => Reply::status(500),
+            _ => Reply::status(200).delayed(Duration::from_millis(150)),
+        }))
+        .await;
+        let mut h = Harness::start(bus, &[]).await; // 12 attempts, cap 32 by default
+        let app = h.api();
+        let (slow, _) = app.webhook(&rx.url("/slow"), &[]).await;
+        let (fails, _) = app.webhook(&rx.url("/fails"), &[]).await;
+        // Validated: typed 400 naming the field.
+        for (body, field) in [
+            (json!({"overrides": {"max_in_flight": 0}}), "overrides.max_in_flight"),
+            (
+                json!({"overrides": {"max_in_flight": 100000}}),
+                "overrides.max_in_flight",
+            ),
+            (
+                json!({"overrides": {"retry": {"max_attempts": 0}}}),
+                "overrides.retry.max_attempts",
+            ),
+            (
+                json!({"overrides": {"retry": {"initial_interval_ms": 700000}}}),
+                "overrides.retry.initial_interval_ms",
+            ),
+            (
+                json!({"overrides": {"retry": {"multiplier": 0.5}}}),
+                "overrides.retry.multiplier",
+            ),
+            (
+                json!({"overrides": {"retry": {"often": true}}}),
+                "overrides.retry.often",
+            ),
+        ] {
+            let (s, b) = app
+                .call(reqwest::Method::PATCH, &format!("/webhook/{slow}"), Some(body.clone()))
+                .await;
+            assert_eq!(s, 400, "{body} -> {b}");
+            assert_eq!(b["detail"]["field"], field, "{body} -> {b}");
+        }
+        let (s, w) = app
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/webhook/{slow}"),
+                Some(json!({"overrides": {"max_in_flight": 2}})),
+            )
+            .await;
+        assert_eq!(s, 200, "{w}");
+        assert_eq!(w["overrides"], json!({"max_in_flight": 2}));
+        let (s, w) = app
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/webhook/{fails}"),
+                Some(json!({"overrides": {"retry": {"max_attempts": 2, "initial_interval_ms": 10}}})),
+            )
+            .await;
+        assert_eq!(s, 200, "{w}");
+        let events: Vec<Value> = (0..12)
+            .map(|i| event(&format!("s{i}"), &slow, None, json!({})))
+            .collect();
+        h.send(&events).await;
+        h.send(&[event("f1", &fails, None, json!({}))]).await;
+        rx.wait_for(WAIT, "12 slow deliveries", |g| {
+            g.iter().filter(|r| r.path == "/slow").count() >= 12
+        })
+        .await;
+        assert!(
+            rx.max_concurrent("/slow") <= 2,
+            "cap 2 held: {}",
+            rx.max_concurrent("/slow")
+        );
+        eventually(WAIT, "f1 dead-lettered", || async {
+            let (_, dl) = app.get("/dead-letters?event_id=f1").await;
+            dl["results"].as_array().filter(|a| !a.is_empty()).cloned()
+        })
+        .await;
+        assert_eq!(
+            rx.on("/fails").len(),
+            2,
+            "the webhook's own max_attempts (2), not the default 12"
+        );
+        // null clears them.
+        let (s, w) = app
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/webhook/{slow}"),
+                Some(json!({"overrides": null})),
+            )
+            .await;
+        assert_eq!(s, 200);
+        assert!(w["overrides"].is_null(), "{w}");
+        h.stop().await;
+    }
+);

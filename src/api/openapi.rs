@@ -388,7 +388,28 @@ fn schemas(settings: &Settings) -> Value {
     let mut routed_optional_reason = routed;
     routed_optional_reason["required"] = json!(["id", "status", "deliveries"]);
 
+    let overrides = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "description": "this webhook's delivery settings replacing the configured ones",
+        "properties": {
+            "max_in_flight": {"type": "integer", "minimum": 1, "maximum": settings.delivery.max_in_flight, "description": "cap of requests in progress (replaces delivery.max_in_flight_per_webhook; the adaptive limit stays under it)"},
+            "retry": {
+                "type": "object",
+                "additionalProperties": false,
+                "description": "replaces keys of delivery.retry; together they must make a valid policy",
+                "properties": {
+                    "initial_interval_ms": {"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64},
+                    "multiplier": {"type": "number", "minimum": 1, "maximum": 100},
+                    "max_interval_ms": {"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64},
+                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "max_elapsed_ms": {"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64},
+                },
+            },
+        },
+    });
     let webhook_props = json!({
+        "overrides": nullable(overrides.clone()),
         "id": uuid(),
         "target_url": {"type": "string"},
         "event_types": {"type": "array", "items": {"type": "string"}},
@@ -547,6 +568,7 @@ fn schemas(settings: &Settings) -> Value {
             })),
             "is_active": nullable(json!({"type": "boolean"})),
             "description": nullable(json!({"type": "string", "maxLength": limits::DESCRIPTION, "pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"})),
+            "overrides": nullable(overrides),
         })),
         "Webhook": record(webhook_props),
         "WebhookWithState": record(with_state.clone()),

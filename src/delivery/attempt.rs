@@ -160,10 +160,18 @@ impl Engine {
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
                 let elapsed = Duration::from_millis((finished - first).max(0) as u64);
-                match self
-                    .policy
-                    .next_delay_after(attempt_no as u32, elapsed, not_before, is_overload(&a.result))
-                {
+                // A webhook's own retry schedule, if it has one.
+                let own = q
+                    .webhook_id
+                    .as_deref()
+                    .filter(|_| kind == "webhook")
+                    .and_then(|id| self.webhooks.get(id))
+                    .filter(|w| w.overrides.as_ref().is_some_and(|o| o.retry.is_some()));
+                let policy = match &own {
+                    Some(w) => std::borrow::Cow::Owned(self.policy_with(w.overrides.as_ref())),
+                    None => std::borrow::Cow::Borrowed(&self.policy),
+                };
+                match policy.next_delay_after(attempt_no as u32, elapsed, not_before, is_overload(&a.result)) {
                     Some(d) => Next::Retry {
                         at_ms: finished + d.as_millis() as i64,
                     },

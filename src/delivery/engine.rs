@@ -511,7 +511,7 @@ impl Engine {
                         let key = &job.q.target_key;
                         let cap = *allowance
                             .entry(key.clone())
-                            .or_insert_with(|| self.targets.allowance(key, self.per_target_cap, now_i));
+                            .or_insert_with(|| self.targets.allowance(key, self.cap_for(key), now_i));
                         let n = f.per_target.entry(key.clone()).or_insert(0);
                         if *n >= cap {
                             keep.push_back(job);
@@ -542,7 +542,7 @@ impl Engine {
                 let mut skip: Vec<String> = f
                     .per_target
                     .iter()
-                    .filter(|(k, n)| **n >= self.targets.allowance(k, self.per_target_cap, now_i))
+                    .filter(|(k, n)| **n >= self.targets.allowance(k, self.cap_for(k), now_i))
                     .map(|(k, _)| k.clone())
                     .collect();
                 skip.extend(blocked.iter().filter(|k| !f.per_target.contains_key(*k)).cloned());
@@ -579,9 +579,10 @@ impl Engine {
                             {
                                 continue;
                             }
-                            let cap = *allowance
-                                .entry(row.target_key.clone())
-                                .or_insert_with(|| self.targets.allowance(&row.target_key, self.per_target_cap, now_i));
+                            let cap = *allowance.entry(row.target_key.clone()).or_insert_with(|| {
+                                self.targets
+                                    .allowance(&row.target_key, self.cap_for(&row.target_key), now_i)
+                            });
                             let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
                             if *n >= cap {
                                 if *n == 0 {
@@ -654,7 +655,45 @@ impl Engine {
 
     /// A target's breaker state, adaptive limit and failure clock (`GET /webhook/{id}`).
     pub fn target_state(&self, target_key: &str) -> (&'static str, usize, Option<i64>) {
-        self.targets.state(target_key, self.per_target_cap)
+        self.targets.state(target_key, self.cap_for(target_key))
+    }
+
+    /// The in-flight cap of a target: its webhook's override, else
+    /// `delivery.max_in_flight_per_webhook`.
+    pub(super) fn cap_for(&self, target_key: &str) -> usize {
+        target_key
+            .strip_prefix("w:")
+            .and_then(|id| self.webhooks.get(id))
+            .and_then(|w| w.overrides.as_ref().and_then(|o| o.max_in_flight))
+            .unwrap_or(self.per_target_cap)
+    }
+
+    /// The configured caps: (`delivery.max_in_flight`, `delivery.max_in_flight_per_webhook`).
+    pub fn caps(&self) -> (usize, usize) {
+        (self.max_in_flight, self.per_target_cap)
+    }
+
+    /// The retry policy with a webhook's overrides applied (None: the configured one).
+    pub fn policy_with(&self, o: Option<&crate::store::WebhookOverrides>) -> RetryPolicy {
+        let mut p = self.policy.clone();
+        if let Some(r) = o.and_then(|o| o.retry.as_ref()) {
+            if let Some(v) = r.initial_interval_ms {
+                p.initial = Duration::from_millis(v);
+            }
+            if let Some(v) = r.multiplier {
+                p.multiplier = v;
+            }
+            if let Some(v) = r.max_interval_ms {
+                p.max_interval = Duration::from_millis(v);
+            }
+            if let Some(v) = r.max_attempts {
+                p.max_attempts = v;
+            }
+            if let Some(v) = r.max_elapsed_ms {
+                p.max_elapsed = Duration::from_millis(v);
+            }
+        }
+        p
     }
 
     /// Has the target failed recently, or is its breaker open? New memory work for it is

@@ -179,7 +179,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2], "each migration applied once");
+        assert_eq!(versions, vec![1, 2, 3], "each migration applied once");
     }
 
     #[tokio::test]
