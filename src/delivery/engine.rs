@@ -514,6 +514,10 @@ impl Engine {
                             .or_insert_with(|| self.targets.allowance(key, self.cap_for(key), now_i));
                         let n = f.per_target.entry(key.clone()).or_insert(0);
                         if *n >= cap {
+                            if *n == 0 {
+                                // Blocked (allowance 0): leave no empty entry behind.
+                                f.per_target.remove(key);
+                            }
                             keep.push_back(job);
                             continue;
                         }
