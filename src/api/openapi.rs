@@ -193,6 +193,8 @@ struct Op {
     public: bool,
     params: Vec<Value>,
     body: Option<(Value, Value)>,
+    /// The body may be left out (`POST /webhook/{id}/enable`).
+    body_optional: bool,
     responses: Vec<(&'static str, Value)>,
     errors: Vec<&'static str>,
     links: Option<(&'static str, Value)>,
@@ -207,6 +209,7 @@ impl Op {
             public: false,
             params: Vec::new(),
             body: None,
+            body_optional: false,
             responses: Vec::new(),
             errors: COMMON.to_vec(),
             links: None,
@@ -219,6 +222,10 @@ impl Op {
     }
     fn params(mut self, p: Vec<Value>) -> Op {
         self.params.extend(p);
+        self
+    }
+    fn optional_body(mut self) -> Op {
+        self.body_optional = true;
         self
     }
     fn body(mut self, schema: Value, example: Value) -> Op {
@@ -274,7 +281,7 @@ impl Op {
         }
         if let Some((schema, example)) = self.body {
             op["requestBody"] = json!({
-                "required": true,
+                "required": !self.body_optional,
                 "content": {"application/json": {"schema": schema, "example": example}},
             });
         }
@@ -393,19 +400,19 @@ fn schemas(settings: &Settings) -> Value {
         "additionalProperties": false,
         "description": "this webhook's delivery settings replacing the configured ones",
         "properties": {
-            "max_in_flight": {"type": "integer", "minimum": 1, "maximum": settings.delivery.max_in_flight, "description": "cap of requests in progress (replaces delivery.max_in_flight_per_webhook; the adaptive limit stays under it)"},
-            "retry": {
+            "max_in_flight": nullable(json!({"type": "integer", "minimum": 1, "maximum": settings.delivery.max_in_flight, "description": "cap of requests in progress (replaces delivery.max_in_flight_per_webhook; the adaptive limit stays under it); null or absent: the configured one"})),
+            "retry": nullable(json!({
                 "type": "object",
                 "additionalProperties": false,
-                "description": "replaces keys of delivery.retry; together they must make a valid policy",
+                "description": "replaces keys of delivery.retry (null or absent: the configured value); together they must make a valid policy",
                 "properties": {
-                    "initial_interval_ms": {"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64},
-                    "multiplier": {"type": "number", "minimum": 1, "maximum": 100},
-                    "max_interval_ms": {"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64},
-                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
-                    "max_elapsed_ms": {"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64},
+                    "initial_interval_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64})),
+                    "multiplier": nullable(json!({"type": "number", "minimum": 1, "maximum": 100})),
+                    "max_interval_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64})),
+                    "max_attempts": nullable(json!({"type": "integer", "minimum": 1, "maximum": 1000})),
+                    "max_elapsed_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64})),
                 },
-            },
+            })),
         },
     });
     let webhook_props = json!({
@@ -1018,6 +1025,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op::new("enableWebhook", "webhooks", "Enable a webhook; its held events go again, and with `replay` what was dead-lettered while it was disabled")
                 .params(vec![webhook_id()])
                 .body(r("WebhookEnable"), json!({"replay": true}))
+                .optional_body()
                 .respond("200", ok("The enabled webhook and how many dead letters were re-queued.", r("WebhookEnabled")))
                 .errors(&["404"]),
         ),
