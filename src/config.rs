@@ -218,6 +218,42 @@ pub struct DeliverySettings {
     /// Which finished deliveries are kept in the delivery log (`GET /deliveries`).
     pub log: LogMode,
     pub retry: RetrySettings,
+    pub adaptive: AdaptiveSettings,
+    pub breaker: BreakerSettings,
+}
+
+/// `delivery.adaptive`: the in-flight limit of each target follows its receiver (AIMD).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveSettings {
+    pub enabled: bool,
+    /// The limit never goes below this.
+    pub min: usize,
+    /// The limit a target starts with (then doubled per round trip until the first overload).
+    pub initial: usize,
+    /// On an overload signal the limit is multiplied by this.
+    pub decrease_factor: f64,
+    /// A 2xx slower than this many times the target's baseline latency is an overload signal…
+    pub latency_factor: f64,
+    /// …when also slower than this (ms): fast receivers' jitter is no signal.
+    pub latency_floor_ms: u64,
+}
+
+/// `delivery.breaker`: a circuit breaker per target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub enabled: bool,
+    /// Attempts counted over this window (ms)…
+    pub window_ms: u64,
+    /// …at least this many of them…
+    pub min_requests: u32,
+    /// …this share of them failures: open.
+    pub failure_ratio: f64,
+    /// Or this many failures in a row: open. 0: only the ratio.
+    pub consecutive_failures: u32,
+    /// Open this long (ms) before one probe (half-open) decides.
+    pub cool_down_ms: u64,
 }
 
 /// `delivery.log`: which finished deliveries the delivery log keeps. Failures (dead letters,
@@ -243,12 +279,17 @@ pub struct RetrySettings {
     pub max_attempts: u32,
     pub max_elapsed_ms: u64,
     pub retry_after_ceiling_ms: u64,
+    /// 429 and timeouts are never retried sooner than this (ms).
+    pub overload_floor_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     pub secret_rotation_grace_seconds: u64,
+    /// A webhook whose deliveries failed this long (seconds) with no success is disabled.
+    /// 0: never.
+    pub disable_after_seconds: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -470,6 +511,41 @@ impl Settings {
                 "delivery.retry.initial_interval_ms",
                 "must be between 1 and delivery.retry.max_interval_ms",
             );
+        }
+        if r.overload_floor_ms > r.retry_after_ceiling_ms {
+            return bad(
+                "delivery.retry.overload_floor_ms",
+                "must not exceed delivery.retry.retry_after_ceiling_ms",
+            );
+        }
+        let a = &self.delivery.adaptive;
+        if a.min == 0 || a.min > self.delivery.max_in_flight_per_webhook {
+            return bad(
+                "delivery.adaptive.min",
+                "must be between 1 and delivery.max_in_flight_per_webhook",
+            );
+        }
+        if a.initial < a.min {
+            return bad("delivery.adaptive.initial", "must be at least delivery.adaptive.min");
+        }
+        if !(a.decrease_factor > 0.0 && a.decrease_factor < 1.0) {
+            return bad("delivery.adaptive.decrease_factor", "must be in (0, 1)");
+        }
+        if !(a.latency_factor > 1.0 && a.latency_factor.is_finite()) {
+            return bad("delivery.adaptive.latency_factor", "must be a number above 1");
+        }
+        let b = &self.delivery.breaker;
+        if b.window_ms == 0 {
+            return bad("delivery.breaker.window_ms", "must be at least 1");
+        }
+        if b.min_requests == 0 {
+            return bad("delivery.breaker.min_requests", "must be at least 1");
+        }
+        if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+            return bad("delivery.breaker.failure_ratio", "must be in (0, 1]");
+        }
+        if b.cool_down_ms == 0 {
+            return bad("delivery.breaker.cool_down_ms", "must be at least 1");
         }
         match self.store.kind {
             StoreKind::Postgres if self.store.url.is_empty() => {

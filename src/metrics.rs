@@ -90,7 +90,29 @@ pub struct Metrics {
     pub eloqua_callbacks: IntCounterVec,
     pub sync_units_created: IntCounter,
     pub sync_unit_runs: IntCounter,
+    pub breaker_transitions: IntCounterVec,
+    pub breakers_open: IntGauge,
+    pub target_breaker_state: IntGaugeVec,
+    pub target_concurrency_limit: IntGaugeVec,
+    pub adaptive_decreases: IntCounterVec,
+    pub target_pauses: IntCounter,
+    pub held_attempts: IntCounter,
+    pub operational_events: IntCounterVec,
 }
+
+/// `to`: the state a target's circuit breaker moved to.
+pub const BREAKER_STATES: &[&str] = &["open", "half_open", "closed"];
+/// `signal` that shrank a target's adaptive limit.
+pub const ADAPTIVE_SIGNALS: &[&str] = &["http_429", "http_503", "timeout", "connect_error", "latency"];
+/// `event` of an operational event the relay emitted.
+pub const OPERATIONAL_EVENTS: &[&str] = &[
+    "webhook:disabled",
+    "webhook:enabled",
+    "webhook:secret_rotated",
+    "webhook:failing",
+    "webhook:recovered",
+    "delivery:exhausted",
+];
 
 /// `status` of a consumed Kafka message.
 pub const KAFKA_MESSAGE_RESULTS: &[&str] = &["accepted", "poison"];
@@ -199,7 +221,7 @@ impl Metrics {
             ),
             webhooks_disabled: counter(
                 "syncrelay_webhooks_disabled_total",
-                "Webhooks disabled because their receiver answered 410 Gone.",
+                "Webhooks disabled by the relay (410 Gone, or failing for webhooks.disable_after_seconds).",
             ),
             http_requests: counter_vec(
                 "syncrelay_http_requests_total",
@@ -279,6 +301,43 @@ impl Metrics {
                 "syncrelay_sync_unit_runs_total",
                 "Sync job runs created naming a DevRev-style sync unit (sync_unit_id).",
             ),
+            breaker_transitions: counter_vec(
+                "syncrelay_breaker_transitions_total",
+                "Circuit breaker state changes of delivery targets, by the state entered.",
+                &["to"],
+            ),
+            breakers_open: gauge(
+                "syncrelay_breakers_open",
+                "Delivery targets whose circuit breaker is open or half-open now.",
+            ),
+            target_breaker_state: gauge_vec(
+                "syncrelay_target_breaker_state",
+                "Circuit breaker of a delivery target: 0 closed, 1 half-open, 2 open (at most 200 targets exported; `target` is a webhook id or callback:host:port).",
+                &["target"],
+            ),
+            target_concurrency_limit: gauge_vec(
+                "syncrelay_target_concurrency_limit",
+                "Adaptive in-flight limit of a delivery target (at most 200 targets exported; `target` is a webhook id or callback:host:port).",
+                &["target"],
+            ),
+            adaptive_decreases: counter_vec(
+                "syncrelay_adaptive_decreases_total",
+                "Times a target's adaptive in-flight limit was cut, by the signal.",
+                &["signal"],
+            ),
+            target_pauses: counter(
+                "syncrelay_target_pauses_total",
+                "Times a whole target was paused by a Retry-After on 429/503.",
+            ),
+            held_attempts: counter(
+                "syncrelay_breaker_held_total",
+                "Deliveries ready to go but held because their target's breaker was open (not attempts; Kafka deliveries parked for it included).",
+            ),
+            operational_events: counter_vec(
+                "syncrelay_operational_events_total",
+                "Operational events emitted (before fan-out to subscribers), by event.",
+                &["event_type"],
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -322,6 +381,15 @@ impl Metrics {
         }
         for k in REBALANCE_KINDS {
             m.kafka_rebalances.with_label_values(&[k]);
+        }
+        for k in BREAKER_STATES {
+            m.breaker_transitions.with_label_values(&[k]);
+        }
+        for k in ADAPTIVE_SIGNALS {
+            m.adaptive_decreases.with_label_values(&[k]);
+        }
+        for k in OPERATIONAL_EVENTS {
+            m.operational_events.with_label_values(&[k]);
         }
         m
     }

@@ -39,6 +39,8 @@ fn registry_families() -> BTreeMap<String, Family> {
     m.kafka_committed_offset
         .with_label_values(&["sync_job_run.events", "0"])
         .set(0);
+    m.target_breaker_state.with_label_values(&["catalogue-test"]).set(0);
+    m.target_concurrency_limit.with_label_values(&["catalogue-test"]).set(1);
     let mut out = BTreeMap::new();
     for mf in m.registry.gather() {
         let labels = mf
@@ -194,6 +196,9 @@ fn catalogue_types_and_labels_match_the_registry() {
         ("status_class", metrics::STATUS_CLASSES),
         ("status", metrics::KAFKA_MESSAGE_RESULTS),
         ("event", metrics::REBALANCE_KINDS),
+        ("to", metrics::BREAKER_STATES),
+        ("signal", metrics::ADAPTIVE_SIGNALS),
+        ("event_type", metrics::OPERATIONAL_EVENTS),
     ]
     .into_iter()
     .collect();

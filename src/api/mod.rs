@@ -63,6 +63,7 @@ fn routes() -> Vec<(Method, &'static str, Route)> {
             web::to(webhooks::rotate_secret),
         ),
         (Method::POST, "/webhook/{id}/test", web::to(webhooks::test)),
+        (Method::POST, "/webhook/{id}/enable", web::to(webhooks::enable)),
         (Method::POST, "/events", web::to(events::ingest)),
         (Method::GET, "/deliveries", web::to(ops::list_deliveries)),
         (Method::GET, "/deliveries/{id}", web::to(ops::get_delivery)),

@@ -193,6 +193,8 @@ struct Op {
     public: bool,
     params: Vec<Value>,
     body: Option<(Value, Value)>,
+    /// The body may be left out (`POST /webhook/{id}/enable`).
+    body_optional: bool,
     responses: Vec<(&'static str, Value)>,
     errors: Vec<&'static str>,
     links: Option<(&'static str, Value)>,
@@ -207,6 +209,7 @@ impl Op {
             public: false,
             params: Vec::new(),
             body: None,
+            body_optional: false,
             responses: Vec::new(),
             errors: COMMON.to_vec(),
             links: None,
@@ -219,6 +222,10 @@ impl Op {
     }
     fn params(mut self, p: Vec<Value>) -> Op {
         self.params.extend(p);
+        self
+    }
+    fn optional_body(mut self) -> Op {
+        self.body_optional = true;
         self
     }
     fn body(mut self, schema: Value, example: Value) -> Op {
@@ -274,7 +281,7 @@ impl Op {
         }
         if let Some((schema, example)) = self.body {
             op["requestBody"] = json!({
-                "required": true,
+                "required": !self.body_optional,
                 "content": {"application/json": {"schema": schema, "example": example}},
             });
         }
@@ -389,7 +396,28 @@ fn schemas(settings: &Settings) -> Value {
     let mut routed_optional_reason = routed;
     routed_optional_reason["required"] = json!(["id", "status", "deliveries"]);
 
+    let overrides = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "description": "this webhook's delivery settings replacing the configured ones",
+        "properties": {
+            "max_in_flight": nullable(json!({"type": "integer", "minimum": 1, "maximum": settings.delivery.max_in_flight, "description": "cap of requests in progress (replaces delivery.max_in_flight_per_webhook; the adaptive limit stays under it); null or absent: the configured one"})),
+            "retry": nullable(json!({
+                "type": "object",
+                "additionalProperties": false,
+                "description": "replaces keys of delivery.retry (null or absent: the configured value); together they must make a valid policy",
+                "properties": {
+                    "initial_interval_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64})),
+                    "multiplier": nullable(json!({"type": "number", "minimum": 1, "maximum": 100})),
+                    "max_interval_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64})),
+                    "max_attempts": nullable(json!({"type": "integer", "minimum": 1, "maximum": 1000})),
+                    "max_elapsed_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 2_592_000_000u64})),
+                },
+            })),
+        },
+    });
     let webhook_props = json!({
+        "overrides": nullable(overrides.clone()),
         "id": uuid(),
         "target_url": {"type": "string"},
         "event_types": {"type": "array", "items": {"type": "string"}},
@@ -399,6 +427,12 @@ fn schemas(settings: &Settings) -> Value {
         "created_at": time(),
         "updated_at": time(),
     });
+    let mut with_state = webhook_props.clone();
+    with_state["delivery"] = record(json!({
+        "breaker": {"enum": ["closed", "open", "half_open", "held"], "description": "this instance's circuit breaker for the webhook (`held`: the webhook is disabled, its pending events are kept)"},
+        "concurrency_limit": {"type": "integer", "minimum": 1, "description": "requests this instance may have in progress to the webhook now (adaptive)"},
+        "failing_since": nullable(time()),
+    }));
     let mut with_secret = webhook_props.clone();
     with_secret["secret"] = json!({"type": "string", "pattern": "^whsec_"});
 
@@ -542,8 +576,20 @@ fn schemas(settings: &Settings) -> Value {
             })),
             "is_active": nullable(json!({"type": "boolean"})),
             "description": nullable(json!({"type": "string", "maxLength": limits::DESCRIPTION, "pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"})),
+            "overrides": nullable(overrides),
         })),
         "Webhook": record(webhook_props),
+        "WebhookWithState": record(with_state.clone()),
+        "WebhookEnabled": record({
+            let mut p = with_state;
+            p["replayed"] = json!({"type": "integer", "minimum": 0, "description": "dead letters re-queued (with `replay`)"});
+            p
+        }),
+        "WebhookEnable": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {"replay": {"type": "boolean", "default": false, "description": "also re-queue what was dead-lettered because the webhook was disabled (reason `webhook_disabled`), in per-run order"}},
+        },
         "WebhookWithSecret": record(with_secret),
         "WebhookList": list_of(r("Webhook")),
         "WebhookTest": record(json!({
@@ -1005,7 +1051,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "/webhook/{id}",
             Op::new("getWebhook", "webhooks", "Read a webhook (never its secret)")
                 .params(vec![webhook_id()])
-                .respond("200", ok("The webhook.", r("Webhook")))
+                .respond("200", ok("The webhook, with its delivery state.", r("WebhookWithState")))
                 .errors(&["404"]),
         ),
         (
@@ -1040,6 +1086,16 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 .params(vec![webhook_id()])
                 .respond("200", ok("The attempt (a failed attempt is still 200).", r("WebhookTest")))
                 .errors(&["404", "409"]),
+        ),
+        (
+            "post",
+            "/webhook/{id}/enable",
+            Op::new("enableWebhook", "webhooks", "Enable a webhook; its held events go again, and with `replay` what was dead-lettered while it was disabled")
+                .params(vec![webhook_id()])
+                .body(r("WebhookEnable"), json!({"replay": true}))
+                .optional_body()
+                .respond("200", ok("The enabled webhook and how many dead letters were re-queued.", r("WebhookEnabled")))
+                .errors(&["404"]),
         ),
         (
             "post",

@@ -9,7 +9,7 @@ use super::{check_target_url, list_response, read_body, PageQuery, State};
 use crate::domain::{check_text, limits, now_ms, parse_uuid, rfc3339_ms, valid_event_name};
 use crate::error::{parse_json, ApiError};
 use crate::signing::Secret;
-use crate::store::Webhook;
+use crate::store::{Webhook, WebhookOverrides};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +37,64 @@ struct UpdateWebhook {
     event_types: Option<Vec<String>>,
     is_active: Option<bool>,
     description: Option<String>,
+    /// Absent: unchanged; `null`: back to the configured settings; an object: replaces them.
+    #[serde(default, deserialize_with = "present")]
+    overrides: Option<Option<WebhookOverrides>>,
+}
+
+/// A field given (even as `null`) is `Some`, an absent one `None` (with `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Per-webhook overrides must make a valid policy together with the configured settings.
+fn check_overrides(state: &State, o: &WebhookOverrides) -> Result<(), ApiError> {
+    let (max_in_flight, _) = state.engine.caps();
+    if let Some(n) = o.max_in_flight {
+        if n == 0 || n > max_in_flight {
+            return Err(ApiError::field(
+                "overrides.max_in_flight",
+                format!("must be between 1 and delivery.max_in_flight ({max_in_flight})"),
+            ));
+        }
+    }
+    let Some(r) = &o.retry else { return Ok(()) };
+    let p = state.engine.policy_with(Some(o));
+    const DAY_MS: u64 = 86_400_000;
+    if r.max_attempts.is_some() && !(1..=1000).contains(&p.max_attempts) {
+        return Err(ApiError::field(
+            "overrides.retry.max_attempts",
+            "must be between 1 and 1000",
+        ));
+    }
+    if r.multiplier.is_some() && !(p.multiplier >= 1.0 && p.multiplier <= 100.0) {
+        return Err(ApiError::field(
+            "overrides.retry.multiplier",
+            "must be between 1 and 100",
+        ));
+    }
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    if r.max_interval_ms.is_some() && !(1..=30 * DAY_MS).contains(&ms(p.max_interval)) {
+        return Err(ApiError::field(
+            "overrides.retry.max_interval_ms",
+            "must be between 1 and 2592000000 (30 days)",
+        ));
+    }
+    if (r.initial_interval_ms.is_some() || r.max_interval_ms.is_some())
+        && (p.initial.is_zero() || p.initial > p.max_interval)
+    {
+        return Err(ApiError::field(
+            "overrides.retry.initial_interval_ms",
+            "must be between 1 and the webhook's max_interval_ms",
+        ));
+    }
+    if r.max_elapsed_ms.is_some() && !(1..=30 * DAY_MS).contains(&ms(p.max_elapsed)) {
+        return Err(ApiError::field(
+            "overrides.retry.max_elapsed_ms",
+            "must be between 1 and 2592000000 (30 days)",
+        ));
+    }
+    Ok(())
 }
 
 pub fn webhook_json(w: &Webhook) -> Value {
@@ -47,6 +105,7 @@ pub fn webhook_json(w: &Webhook) -> Value {
         "is_active": w.is_active,
         "description": w.description,
         "previous_secret_expires_at": w.previous_secret.as_ref().filter(|(_, e)| *e > now_ms()).map(|(_, e)| rfc3339_ms(*e)),
+        "overrides": w.overrides,
         "created_at": rfc3339_ms(w.created_at),
         "updated_at": rfc3339_ms(w.updated_at),
     })
@@ -119,6 +178,7 @@ pub async fn create(state: State, body: web::Payload) -> Result<HttpResponse, Ap
         created_at: now,
         updated_at: now,
         seq: 0,
+        overrides: None,
     };
     let w = state.engine.store.insert_webhook(&w).await?;
     state.engine.webhooks.put(w.clone());
@@ -136,7 +196,21 @@ pub async fn list(state: State, q: web::Query<PageQuery>) -> Result<HttpResponse
 }
 
 pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(webhook_json(&load(&state, &id).await?)))
+    let w = load(&state, &id).await?;
+    let mut body = webhook_json(&w);
+    body["delivery"] = delivery_state(&state, &w);
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// What this instance's delivery core knows of the webhook's target right now: its circuit
+/// breaker, its adaptive in-flight limit, and since when it has only failed.
+fn delivery_state(state: &State, w: &Webhook) -> Value {
+    let (breaker, limit, failing_since) = state.engine.target_state(&format!("w:{}", w.id));
+    json!({
+        "breaker": breaker,
+        "concurrency_limit": limit,
+        "failing_since": failing_since.map(rfc3339_ms),
+    })
 }
 
 pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
@@ -146,7 +220,14 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
         check_event_types(t)?;
     }
     check_description(req.description.as_deref())?;
+    if let Some(Some(o)) = &req.overrides {
+        check_overrides(&state, o)?;
+    }
     let mut w = load(&state, &id).await?;
+    if let Some(o) = req.overrides {
+        // An empty object is no override at all.
+        w.overrides = o.filter(|o| *o != WebhookOverrides::default());
+    }
     if let Some(u) = &req.target_url {
         w.target_url = check_target_url(&state, "target_url", u).await?.to_string();
     }
@@ -162,6 +243,8 @@ pub async fn update(state: State, id: web::Path<String>, body: web::Payload) -> 
     w.updated_at = now_ms();
     state.engine.store.update_webhook(&w).await?;
     state.engine.webhooks.put(w.clone());
+    // A disabled webhook's pending events are held (kept, not attempted) until it is enabled.
+    state.engine.targets.hold(&format!("w:{}", w.id), !w.is_active);
     if w.is_active {
         // Deliveries parked for a re-enabled webhook may be due now.
         state.engine.notify();
@@ -173,7 +256,33 @@ pub async fn delete(state: State, id: web::Path<String>) -> Result<HttpResponse,
     let w = load(&state, &id).await?;
     state.engine.store.delete_webhook(&w.id).await?;
     state.engine.webhooks.remove(&w.id);
+    state.engine.targets.forget(&format!("w:{}", w.id));
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EnableWebhook {
+    #[serde(default)]
+    replay: bool,
+}
+
+/// Enable a webhook (disabled by a 410, by prolonged failure, or by hand): its held events go
+/// again in order; `{"replay": true}` also re-queues what was dead-lettered because it was
+/// disabled. Answers the webhook and `replayed`.
+pub async fn enable(state: State, id: web::Path<String>, body: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&state, body).await?;
+    let req: EnableWebhook = if body.iter().all(u8::is_ascii_whitespace) {
+        EnableWebhook::default()
+    } else {
+        parse_json(&body)?
+    };
+    let w = load(&state, &id).await?;
+    let (w, replayed) = state.engine.enable_webhook(w, req.replay).await?;
+    let mut body = webhook_json(&w);
+    body["delivery"] = delivery_state(&state, &w);
+    body["replayed"] = json!(replayed);
+    Ok(HttpResponse::Ok().json(body))
 }
 
 pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -184,6 +293,20 @@ pub async fn rotate_secret(state: State, id: web::Path<String>) -> Result<HttpRe
     w.updated_at = now;
     state.engine.store.update_webhook(&w).await?;
     state.engine.webhooks.put(w.clone());
+    // Subscribers (never the secret itself) learn that the signing key changed and until when
+    // the previous one still signs.
+    let payload = json!({
+        "webhook_id": w.id,
+        "rotated_at": rfc3339_ms(now),
+        "previous_secret_expires_at": w.previous_secret.as_ref().map(|(_, e)| rfc3339_ms(*e)),
+    });
+    if let Err(e) = state
+        .engine
+        .broadcast("webhook:secret_rotated", payload, Some(&w.id))
+        .await
+    {
+        tracing::error!(error = %format!("{e:#}"), "could not queue webhook:secret_rotated");
+    }
     let mut body = webhook_json(&w);
     body["secret"] = Value::String(w.secret.expose().to_string());
     Ok(HttpResponse::Ok().json(body))

@@ -3,7 +3,7 @@
 //! Whether to retry and when are `retry`'s; what the outcome does is `outcome`'s.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use url::Url;
 
@@ -11,7 +11,7 @@ use super::client::Attempt;
 use super::dead_letter::{dead_letter, Cause};
 use super::engine::Engine;
 use super::job::{Job, Origin};
-use super::retry::{classify, result_label, Verdict};
+use super::retry::{classify, is_overload, result_label, AttemptResult, Verdict};
 use crate::domain::now_ms;
 use crate::signing::{signature_headers, Secret};
 use crate::store::{AttemptRecord, NewDeadLetter, Next};
@@ -113,9 +113,31 @@ impl Engine {
         }
         let final_body = self.attempt_body(&q.event, q.run_id.as_deref(), &q.body).await;
         let body = final_body.clone().unwrap_or_else(|| q.body.clone());
+        let sent = Instant::now();
         let a = self.send(&url, &secrets, &q.event_id, attempt_no, body.clone()).await;
-        self.request_done(&q.target_key);
+        if let AttemptResult::Status {
+            code: 429 | 503,
+            retry_after: Some(ra),
+        } = &a.result
+        {
+            // The receiver asked for a pause: the whole target waits, not only this event
+            // (before the slot is freed, so nothing else to it starts meanwhile).
+            self.targets.pause(
+                &q.target_key,
+                Instant::now() + (*ra).min(self.policy.retry_after_ceiling),
+            );
+        }
+        let busy = self.request_done(&q.target_key);
         let finished = now_ms();
+        let seen = self.targets.observe(
+            &q.target_key,
+            &a.result,
+            sent,
+            a.duration,
+            busy.saturating_sub(1),
+            finished,
+        );
+        self.target_changed(q, kind, seen, finished).await;
         self.metrics
             .attempts
             .with_label_values(&[result_label(&a.result), kind])
@@ -127,7 +149,6 @@ impl Engine {
         let first = q.first_attempt_at.unwrap_or(now);
         let status = a.status.map(i64::from);
         let verdict = classify(&a.result);
-        self.note_health(&q.target_key, matches!(verdict, Verdict::Delivered));
         // A 400 to `started`: the receiver refuses the run. Stop it; this event is finished.
         let refused = Self::stops_run(kind, &q.event, a.status)
             && match &q.run_id {
@@ -139,25 +160,39 @@ impl Engine {
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
                 let elapsed = Duration::from_millis((finished - first).max(0) as u64);
-                match self.policy.next_delay(attempt_no as u32, elapsed, not_before) {
+                // A webhook's own retry schedule, if it has one.
+                let own = q
+                    .webhook_id
+                    .as_deref()
+                    .filter(|_| kind == "webhook")
+                    .and_then(|id| self.webhooks.get(id))
+                    .filter(|w| w.overrides.as_ref().is_some_and(|o| o.retry.is_some()));
+                let policy = match &own {
+                    Some(w) => std::borrow::Cow::Owned(self.policy_with(w.overrides.as_ref())),
+                    None => std::borrow::Cow::Borrowed(&self.policy),
+                };
+                match policy.next_delay_after(attempt_no as u32, elapsed, not_before, is_overload(&a.result)) {
                     Some(d) => Next::Retry {
                         at_ms: finished + d.as_millis() as i64,
                     },
-                    None => Next::Dead(dead(
-                        job,
-                        "attempts_exhausted",
-                        status,
-                        a.error.clone(),
-                        attempt_no,
-                        &body,
-                    )),
+                    None => {
+                        self.exhausted(q, attempt_no, status).await;
+                        Next::Dead(dead(
+                            job,
+                            "attempts_exhausted",
+                            status,
+                            a.error.clone(),
+                            attempt_no,
+                            &body,
+                        ))
+                    }
                 }
             }
             Verdict::DeadLetter { reason } => Next::Dead(dead(job, reason, status, a.error.clone(), attempt_no, &body)),
             Verdict::DisableWebhook => {
                 if let Some(id) = &q.webhook_id {
                     if kind == "webhook" {
-                        self.disable_webhook(id).await;
+                        self.disable_webhook(id, "receiver answered 410 Gone").await;
                     }
                 }
                 Next::Dead(dead(

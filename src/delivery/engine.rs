@@ -29,6 +29,7 @@ use super::job::{Ack, Job};
 use super::outcome::Write;
 use super::ready::Ready;
 use super::retry::RetryPolicy;
+use super::targets::Targets;
 use crate::config::{LogMode, Settings};
 use crate::domain::{now_ms, Envelope};
 use crate::metrics::Metrics;
@@ -37,40 +38,6 @@ use crate::runs::commands::CommandSink;
 use crate::runs::Runs;
 use crate::signing::Secret;
 use crate::store::{NewDeadLetter, NewDelivery, QueuedDelivery, Store, Webhook};
-
-/// After this long an unhealthy target gets live attempts again (a probe).
-const UNHEALTHY_PROBE_AFTER: Duration = Duration::from_secs(30);
-
-/// Targets whose last attempt failed, and since when. Keys include the host:port of every
-/// callback URL events name, so entries of targets that failed once and were never tried again
-/// must go (issue 13: the map was never pruned): an entry older than the probe interval means
-/// nothing any more (`target_unhealthy` ignores it), and such entries are swept whenever the map
-/// has doubled since the last sweep — amortised O(1) per failure, and the map holds at most
-/// about twice the targets that failed within the last `UNHEALTHY_PROBE_AFTER`.
-#[derive(Default)]
-struct Unhealthy {
-    since: HashMap<String, Instant>,
-    /// Sweep when the map reaches this size.
-    sweep_at: usize,
-}
-
-impl Unhealthy {
-    /// Smallest size at which the map is swept (sweeping a small map would gain nothing).
-    const MIN_SWEEP: usize = 1024;
-
-    fn note(&mut self, target_key: &str, ok: bool, now: Instant) {
-        if ok {
-            self.since.remove(target_key);
-            return;
-        }
-        self.since.insert(target_key.to_string(), now);
-        if self.since.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
-            self.since
-                .retain(|_, since| now.saturating_duration_since(*since) < UNHEALTHY_PROBE_AFTER);
-            self.sweep_at = self.since.len() * 2;
-        }
-    }
-}
 
 /// Webhooks by id, kept in step with the store by the API (single process) and reloaded at
 /// start and every housekeeping round (other instances sharing the store).
@@ -139,7 +106,10 @@ pub struct Engine {
     /// …and waits in memory for a retry no longer than this.
     pub(super) inline_max_delay: Duration,
     pub(super) in_flight: Mutex<InFlight>,
-    unhealthy: Mutex<Unhealthy>,
+    /// Per target: adaptive limit, circuit breaker, Retry-After pause (see `targets`).
+    pub targets: Targets,
+    /// `webhooks.disable_after_seconds` in ms (0: never).
+    pub(crate) disable_after_ms: i64,
     pub(super) wake: Notify,
     pub(super) writes: mpsc::UnboundedSender<Write>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
@@ -182,15 +152,19 @@ impl InFlight {
         was
     }
 
-    /// An attempt's request finished: its slot under the caps is free.
-    pub fn request_done(&mut self, target_key: &str) {
+    /// An attempt's request finished: its slot under the caps is free. Returns the target's
+    /// requests in progress before it.
+    pub fn request_done(&mut self, target_key: &str) -> usize {
         self.active = self.active.saturating_sub(1);
+        let mut before = 0;
         if let Some(n) = self.per_target.get_mut(target_key) {
+            before = *n;
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.per_target.remove(target_key);
             }
         }
+        before
     }
 }
 
@@ -208,7 +182,7 @@ impl Engine {
         let runs = Arc::new(Runs::new(store.clone(), limits));
         Arc::new(Engine {
             store,
-            metrics,
+            metrics: metrics.clone(),
             webhooks: WebhookCache::default(),
             syncs: crate::syncs::SyncCache::default(),
             runs,
@@ -231,7 +205,8 @@ impl Engine {
             inline_attempts: settings.bus.kafka.inline_attempts.max(1),
             inline_max_delay: Duration::from_millis(settings.bus.kafka.inline_max_delay_ms),
             in_flight: Mutex::new(InFlight::default()),
-            unhealthy: Mutex::new(Unhealthy::default()),
+            targets: Targets::new(d.adaptive.clone(), d.breaker.clone(), metrics.clone()),
+            disable_after_ms: (settings.webhooks.disable_after_seconds.min(i64::MAX as u64 / 1000) * 1000) as i64,
             wake: Notify::new(),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
@@ -323,6 +298,8 @@ impl Engine {
 
     pub async fn load_webhooks(&self) -> anyhow::Result<()> {
         for w in self.store.all_webhooks().await? {
+            // A disabled webhook's pending events are kept, not attempted.
+            self.targets.hold(&format!("w:{}", w.id), !w.is_active);
             self.webhooks.put(w);
         }
         self.load_syncs().await?;
@@ -495,19 +472,49 @@ impl Engine {
 
     async fn dispatch(self: Arc<Self>, stop: CancellationToken) {
         let mut last_scan: Option<Instant> = None;
+        // When a blocked target (open breaker, Retry-After pause) may take requests again:
+        // its rows are only in the store then, so the dispatcher queries.
+        let mut unblock_at: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return;
             }
             let now_i = Instant::now();
+            let (blocked, next_unblock) = self.targets.blocked(now_i);
+            let unblocked = unblock_at.is_some_and(|t| t <= now_i);
+            unblock_at = next_unblock;
+            // Memory jobs of targets whose breaker is open leave memory for the store (their
+            // partition's offset moves on); stored rows of blocked targets leave the in-memory
+            // queue and are found by a query once the target takes requests again.
+            let mut park = Vec::new();
             // 1. Jobs handed over in memory, oldest first, skipping targets at their cap.
             let mut hot_jobs = Vec::new();
             let (free, skip, known, epoch, scan) = {
                 let mut f = self.in_flight.lock().expect("lock");
                 let mut free = self.max_in_flight.saturating_sub(f.active);
+                if !blocked.is_empty() && !f.hot.is_empty() {
+                    let InFlight { hot, claimed, .. } = &mut *f;
+                    for key in &blocked {
+                        // Paused only (Retry-After): its memory jobs wait in memory.
+                        let open = self.targets.is_open(key);
+                        for job in hot.remove_in(key, |j| !j.is_memory() || open) {
+                            if job.is_memory() {
+                                park.push(job);
+                            } else {
+                                claimed.remove(&job.q.seq);
+                                self.metrics.held_attempts.inc();
+                            }
+                        }
+                    }
+                }
                 if free > 0 && !f.hot.is_empty() {
                     let f = &mut *f;
-                    let jobs = f.hot.take(free, &mut f.per_target, self.per_target_cap);
+                    let mut allowance: HashMap<String, usize> = HashMap::new();
+                    let jobs = f.hot.take(free, &mut f.per_target, |key| {
+                        *allowance
+                            .entry(key.to_string())
+                            .or_insert_with(|| self.targets.allowance(key, self.cap_for(key), now_i))
+                    });
                     for job in &jobs {
                         if job.is_memory() {
                             f.memory += 1;
@@ -523,19 +530,25 @@ impl Engine {
                 // 2. The store, when something may be there that is not in memory.
                 let scan = free > 0
                     && (f.overflow
+                        || unblocked
                         || f.scan_at.is_some_and(|t| t <= now_i)
                         || last_scan.is_none_or(|t: Instant| now_i.duration_since(t) >= self.poll_interval));
                 // Releases before now are visible to the query we are about to run.
                 f.released.clear();
                 f.epoch += 1;
-                let skip: Vec<String> = f
+                let mut skip: Vec<String> = f
                     .per_target
                     .iter()
-                    .filter(|(_, n)| **n >= self.per_target_cap)
+                    .filter(|(k, n)| **n >= self.targets.allowance(k, self.cap_for(k), now_i))
                     .map(|(k, _)| k.clone())
                     .collect();
+                skip.extend(blocked.iter().filter(|k| !f.per_target.contains_key(*k)).cloned());
                 (free, skip, f.rows.len() + f.claimed.len(), f.epoch, scan)
             };
+            for job in park {
+                self.metrics.held_attempts.inc();
+                self.park_head(job, None);
+            }
             let mut started = hot_jobs.len();
             for job in hot_jobs {
                 self.start(job);
@@ -551,6 +564,7 @@ impl Engine {
                         exhausted = (rows.len() as i64) < limit;
                         let mut jobs = Vec::new();
                         let mut f = self.in_flight.lock().expect("lock");
+                        let mut allowance: HashMap<String, usize> = HashMap::new();
                         for row in rows {
                             if took >= free {
                                 exhausted = false;
@@ -562,8 +576,15 @@ impl Engine {
                             {
                                 continue;
                             }
+                            let cap = *allowance.entry(row.target_key.clone()).or_insert_with(|| {
+                                self.targets
+                                    .allowance(&row.target_key, self.cap_for(&row.target_key), now_i)
+                            });
                             let n = f.per_target.entry(row.target_key.clone()).or_insert(0);
-                            if *n >= self.per_target_cap {
+                            if *n >= cap {
+                                if *n == 0 {
+                                    f.per_target.remove(&row.target_key);
+                                }
                                 continue;
                             }
                             *n += 1;
@@ -592,9 +613,12 @@ impl Engine {
                 continue;
             }
             // Nothing more to start now: sleep until woken (new work, a finished attempt), the
-            // next retry is due, or the poll interval passes.
+            // next retry is due, a blocked target may go again, or the poll interval passes.
             let mut sleep = self.poll_interval;
             if let Some(at) = self.in_flight.lock().expect("lock").scan_at {
+                sleep = sleep.min(at.saturating_duration_since(Instant::now()));
+            }
+            if let Some(at) = unblock_at {
                 sleep = sleep.min(at.saturating_duration_since(Instant::now()));
             }
             let _ = exhausted;
@@ -612,10 +636,12 @@ impl Engine {
     }
 
     /// An attempt's request finished (or never started): its slot under the caps is free.
-    pub(super) fn request_done(&self, target_key: &str) {
+    /// Returns the target's requests in progress before it.
+    pub(super) fn request_done(&self, target_key: &str) -> usize {
         self.metrics.in_flight.dec();
-        self.in_flight.lock().expect("lock").request_done(target_key);
+        let before = self.in_flight.lock().expect("lock").request_done(target_key);
         self.wake.notify_one();
+        before
     }
 
     /// A memory job's attempt is over (it was retried, parked, finished or dropped).
@@ -624,21 +650,53 @@ impl Engine {
         f.memory = f.memory.saturating_sub(1);
     }
 
-    /// Has the target failed recently? New memory work for an unhealthy target is parked in
-    /// the store instead of holding a partition while it retries.
-    pub fn target_unhealthy(&self, target_key: &str) -> bool {
-        let h = self.unhealthy.lock().expect("lock");
-        h.since
-            .get(target_key)
-            .is_some_and(|since| since.elapsed() < UNHEALTHY_PROBE_AFTER)
+    /// A target's breaker state, adaptive limit and failure clock (`GET /webhook/{id}`).
+    pub fn target_state(&self, target_key: &str) -> (&'static str, usize, Option<i64>) {
+        self.targets.state(target_key, self.cap_for(target_key))
     }
 
-    /// Record an attempt's effect on its target's health.
-    pub fn note_health(&self, target_key: &str, ok: bool) {
-        self.unhealthy
-            .lock()
-            .expect("lock")
-            .note(target_key, ok, Instant::now());
+    /// The in-flight cap of a target: its webhook's override, else
+    /// `delivery.max_in_flight_per_webhook`.
+    pub(super) fn cap_for(&self, target_key: &str) -> usize {
+        target_key
+            .strip_prefix("w:")
+            .and_then(|id| self.webhooks.get(id))
+            .and_then(|w| w.overrides.as_ref().and_then(|o| o.max_in_flight))
+            .unwrap_or(self.per_target_cap)
+    }
+
+    /// The configured caps: (`delivery.max_in_flight`, `delivery.max_in_flight_per_webhook`).
+    pub fn caps(&self) -> (usize, usize) {
+        (self.max_in_flight, self.per_target_cap)
+    }
+
+    /// The retry policy with a webhook's overrides applied (None: the configured one).
+    pub fn policy_with(&self, o: Option<&crate::store::WebhookOverrides>) -> RetryPolicy {
+        let mut p = self.policy.clone();
+        if let Some(r) = o.and_then(|o| o.retry.as_ref()) {
+            if let Some(v) = r.initial_interval_ms {
+                p.initial = Duration::from_millis(v);
+            }
+            if let Some(v) = r.multiplier {
+                p.multiplier = v;
+            }
+            if let Some(v) = r.max_interval_ms {
+                p.max_interval = Duration::from_millis(v);
+            }
+            if let Some(v) = r.max_attempts {
+                p.max_attempts = v;
+            }
+            if let Some(v) = r.max_elapsed_ms {
+                p.max_elapsed = Duration::from_millis(v);
+            }
+        }
+        p
+    }
+
+    /// Has the target failed recently, or is its breaker open? New memory work for it is
+    /// parked in the store instead of holding a partition while it retries or waits.
+    pub fn target_unhealthy(&self, target_key: &str) -> bool {
+        self.targets.unhealthy(target_key)
     }
 
     /// Queue depth and oldest-undelivered gauges, webhook refresh, chain refresh and retention.
@@ -659,6 +717,14 @@ impl Engine {
                     for w in all {
                         // Never overwrite a newer version this instance already has.
                         if self.webhooks.get(&w.id).is_none_or(|c| c.updated_at <= w.updated_at) {
+                            let key = format!("w:{}", w.id);
+                            if !w.is_active {
+                                self.targets.hold(&key, true);
+                            } else if self.targets.is_held(&key) {
+                                // Enabled by another instance.
+                                self.targets.hold(&key, false);
+                                self.notify();
+                            }
                             self.webhooks.put(w);
                         }
                     }
@@ -666,6 +732,7 @@ impl Engine {
                         // Created after the query started: not deleted, just not seen yet.
                         if !ids.contains(&w.id) && w.created_at < started {
                             self.webhooks.remove(&w.id);
+                            self.targets.forget(&format!("w:{}", w.id));
                         }
                     }
                 }
@@ -676,6 +743,8 @@ impl Engine {
             if let Err(e) = self.refresh_syncs().await {
                 tracing::warn!(error = %format!("{e:#}"), "sync refresh failed");
             }
+            self.targets.forget_idle();
+            self.metrics.breakers_open.set(self.targets.open_count() as i64);
             match self.store.queue_stats().await {
                 Ok((depth, oldest)) => {
                     self.metrics.queue_depth.set(depth);
@@ -881,41 +950,6 @@ impl Engine {
         }
         for (_, a) in rows {
             a.done();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 13: the map of unhealthy targets (keyed by host:port, so by every callback host
-    /// events name) was never pruned. Entries past the probe interval are swept as it grows.
-    #[test]
-    fn unhealthy_targets_are_swept_once_past_the_probe_interval() {
-        let mut h = Unhealthy::default();
-        let t0 = Instant::now();
-        for i in 0..5_000 {
-            h.note(&format!("c:old{i}:443"), false, t0);
-        }
-        // All still count (within the probe interval): nothing is lost.
-        assert_eq!(h.since.len(), 5_000);
-        let t1 = t0 + UNHEALTHY_PROBE_AFTER + Duration::from_secs(1);
-        for i in 0..5_000 {
-            h.note(&format!("c:new{i}:443"), false, t1);
-        }
-        assert_eq!(h.since.len(), 5_000, "only the targets that failed lately are kept");
-        assert!(h.since.keys().all(|k| k.starts_with("c:new")));
-        // A success forgets its target at once.
-        h.note("c:new0:443", true, t1);
-        assert!(!h.since.contains_key("c:new0:443"));
-        // Growth stays bounded however many targets come and go.
-        for round in 2..20u32 {
-            let t = t0 + (UNHEALTHY_PROBE_AFTER + Duration::from_secs(1)) * round;
-            for i in 0..3_000 {
-                h.note(&format!("c:r{round}-{i}:443"), false, t);
-            }
-            assert!(h.since.len() <= 2 * 5_000 + 3_000, "{}", h.since.len());
         }
     }
 }

@@ -12,3 +12,4 @@ pub mod job;
 pub mod outcome;
 mod ready;
 pub mod retry;
+pub mod targets;

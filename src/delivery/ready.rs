@@ -51,15 +51,21 @@ impl Ready {
     }
 
     /// Take up to `free` jobs, counting each against its target in `per_target` and never taking
-    /// one whose target already has `cap` in flight. Visits each target at most once.
-    pub fn take(&mut self, mut free: usize, per_target: &mut HashMap<String, usize>, cap: usize) -> Vec<Job> {
+    /// one whose target already has `cap(target)` in flight (its allowance: the adaptive limit,
+    /// 0 while blocked). Visits each target at most once.
+    pub fn take(
+        &mut self,
+        mut free: usize,
+        per_target: &mut HashMap<String, usize>,
+        mut cap: impl FnMut(&str) -> usize,
+    ) -> Vec<Job> {
         let mut out = Vec::new();
         let mut visits = self.order.len();
         while free > 0 && visits > 0 {
             visits -= 1;
             let Some(key) = self.order.pop_front() else { break };
             let n = per_target.get(&key).copied().unwrap_or(0);
-            let room = cap.saturating_sub(n).min(free);
+            let room = cap(&key).saturating_sub(n).min(free);
             let q = self.by_target.get_mut(&key).expect("ordered target has a queue");
             let k = room.min(q.len());
             out.extend(q.drain(..k));
@@ -75,6 +81,22 @@ impl Ready {
             }
         }
         out
+    }
+
+    /// Remove and return the jobs of one target that `pick` selects, keeping the rest in order
+    /// (a blocked target's stored rows go back to the store's care).
+    pub fn remove_in(&mut self, key: &str, mut pick: impl FnMut(&Job) -> bool) -> Vec<Job> {
+        let Some(q) = self.by_target.get_mut(key) else {
+            return Vec::new();
+        };
+        let (taken, kept): (VecDeque<Job>, VecDeque<Job>) = q.drain(..).partition(|j| pick(j));
+        *q = kept;
+        self.len -= taken.len();
+        if q.is_empty() {
+            self.by_target.remove(key);
+            self.order.retain(|k| k != key);
+        }
+        taken.into()
     }
 
     /// Remove and return every job `pick` selects (a stopped run's), keeping the rest in order.
@@ -131,13 +153,13 @@ mod tests {
         r.push(job(10, "b"));
         r.push(job(11, "b"));
         let mut per = HashMap::from([("a".to_string(), 2)]);
-        let got = r.take(10, &mut per, 2);
+        let got = r.take(10, &mut per, |_| 2);
         assert_eq!(seqs(&got), vec![10, 11]);
         assert_eq!(per["b"], 2);
         assert_eq!(r.len(), 5);
         // a's slots free up: its jobs start oldest first, up to the cap.
         per.insert("a".into(), 0);
-        let got = r.take(10, &mut per, 2);
+        let got = r.take(10, &mut per, |_| 2);
         assert_eq!(seqs(&got), vec![0, 1]);
         assert_eq!(r.len(), 3);
     }
@@ -150,12 +172,12 @@ mod tests {
             r.push(job(100 + s, "b"));
         }
         let mut per = HashMap::new();
-        let first = r.take(3, &mut per, 100);
+        let first = r.take(3, &mut per, |_| 100);
         assert_eq!(first.len(), 3);
         // The next pass starts with the target the last one did not finish.
-        let second = r.take(1, &mut per, 100);
+        let second = r.take(1, &mut per, |_| 100);
         assert_ne!(second[0].q.target_key, first[0].q.target_key);
-        let rest = r.take(100, &mut per, 100);
+        let rest = r.take(100, &mut per, |_| 100);
         assert_eq!(first.len() + second.len() + rest.len(), 8);
         assert!(r.is_empty());
         assert_eq!(per["a"] + per["b"], 8);
@@ -173,12 +195,33 @@ mod tests {
         assert_eq!(gone, vec![0, 3]);
         assert_eq!(r.len(), 4);
         let mut per = HashMap::new();
-        let left = r.take(10, &mut per, 10);
+        let left = r.take(10, &mut per, |_| 10);
         // Within a target the rest keep their order.
         let a: Vec<i64> = left.iter().filter(|j| j.q.target_key == "a").map(|j| j.q.seq).collect();
         let b: Vec<i64> = left.iter().filter(|j| j.q.target_key == "b").map(|j| j.q.seq).collect();
         assert_eq!(a, vec![2, 4]);
         assert_eq!(b, vec![1, 5]);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_blocked_target_gives_up_what_is_picked_and_a_zero_allowance_takes_nothing() {
+        let mut r = Ready::default();
+        for s in 0..4 {
+            r.push(job(s, "a"));
+        }
+        r.push(job(9, "b"));
+        let mut per = HashMap::new();
+        // a is blocked (allowance 0): nothing of it starts, b does.
+        let got = r.take(10, &mut per, |k| if k == "a" { 0 } else { 5 });
+        assert_eq!(seqs(&got), vec![9]);
+        assert!(!per.contains_key("a"));
+        let gone = r.remove_in("a", |j| j.q.seq % 2 == 1);
+        assert_eq!(seqs(&gone), vec![1, 3]);
+        assert_eq!(r.len(), 2);
+        let all = r.remove_in("a", |_| true);
+        assert_eq!(seqs(&all), vec![0, 2]);
+        assert!(r.is_empty());
+        assert!(r.remove_in("a", |_| true).is_empty());
     }
 }

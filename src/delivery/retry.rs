@@ -60,6 +60,12 @@ pub fn classify(result: &AttemptResult) -> Verdict {
     }
 }
 
+/// Did the receiver say it is overloaded (429) or fail to answer in time? Such a delivery is not
+/// retried sooner than the overload floor.
+pub fn is_overload(result: &AttemptResult) -> bool {
+    matches!(result, AttemptResult::Status { code: 429, .. } | AttemptResult::Timeout)
+}
+
 /// Metric label for an attempt result.
 pub fn result_label(r: &AttemptResult) -> &'static str {
     match r {
@@ -95,6 +101,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub max_elapsed: Duration,
     pub retry_after_ceiling: Duration,
+    /// Least delay after a 429 or a timeout.
+    pub overload_floor: Duration,
 }
 
 impl From<&RetrySettings> for RetryPolicy {
@@ -107,6 +115,7 @@ impl From<&RetrySettings> for RetryPolicy {
             max_attempts: s.max_attempts,
             max_elapsed: Duration::from_millis(s.max_elapsed_ms),
             retry_after_ceiling: Duration::from_millis(s.retry_after_ceiling_ms),
+            overload_floor: Duration::from_millis(s.overload_floor_ms),
         }
     }
 }
@@ -120,6 +129,18 @@ impl RetryPolicy {
     /// `ExponentialBackoff` applies the jitter to it. A receiver's Retry-After replaces the
     /// computed delay when longer, up to the configured ceiling.
     pub fn next_delay(&self, attempts_made: u32, elapsed: Duration, retry_after: Option<Duration>) -> Option<Duration> {
+        self.next_delay_after(attempts_made, elapsed, retry_after, false)
+    }
+
+    /// `next_delay`, and after an overload (`is_overload`: 429, timeout) never less than the
+    /// overload floor: retrying an overloaded receiver soon only adds to its load.
+    pub fn next_delay_after(
+        &self,
+        attempts_made: u32,
+        elapsed: Duration,
+        retry_after: Option<Duration>,
+        overload: bool,
+    ) -> Option<Duration> {
         if attempts_made >= self.max_attempts {
             return None;
         }
@@ -138,6 +159,9 @@ impl RetryPolicy {
         let mut delay = eb.next_backoff().unwrap_or(base);
         if let Some(ra) = retry_after {
             delay = delay.max(ra.min(self.retry_after_ceiling));
+        }
+        if overload {
+            delay = delay.max(self.overload_floor);
         }
         if elapsed + delay > self.max_elapsed {
             return None;
@@ -222,7 +246,35 @@ mod tests {
             max_attempts: 6,
             max_elapsed: Duration::from_secs(3600),
             retry_after_ceiling: Duration::from_secs(60),
+            overload_floor: Duration::from_secs(30),
         }
+    }
+
+    #[test]
+    fn overloads_wait_at_least_the_floor() {
+        let p = policy();
+        assert!(is_overload(&AttemptResult::Timeout));
+        assert!(is_overload(&st(429)));
+        assert!(!is_overload(&st(503)) && !is_overload(&st(500)) && !is_overload(&AttemptResult::Connect));
+        assert_eq!(
+            p.next_delay_after(1, Duration::ZERO, None, true),
+            Some(Duration::from_secs(30))
+        );
+        // A longer Retry-After wins; without an overload the schedule is unchanged.
+        assert_eq!(
+            p.next_delay_after(1, Duration::ZERO, Some(Duration::from_secs(45)), true),
+            Some(Duration::from_secs(45))
+        );
+        assert_eq!(
+            p.next_delay_after(1, Duration::ZERO, None, false),
+            Some(Duration::from_secs(1))
+        );
+        // The floor still respects the elapsed-time limit.
+        let short = RetryPolicy {
+            max_elapsed: Duration::from_secs(20),
+            ..policy()
+        };
+        assert_eq!(short.next_delay_after(1, Duration::ZERO, None, true), None);
     }
 
     #[test]

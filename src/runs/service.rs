@@ -214,19 +214,29 @@ impl Engine {
         }
     }
 
-    /// Queue an operational event (e.g. `webhook:disabled`) to every active webhook that
-    /// subscribes to it.
-    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, except: Option<&str>) -> anyhow::Result<()> {
+    /// Queue an operational event (`webhook:disabled`, `webhook:failing`, …) to every active
+    /// webhook that subscribes to it. `about`: the webhook the event is about; it never gets
+    /// an event about its own failure (nor any while its target is failing), so a failing
+    /// receiver is not sent more, and an operational event cannot feed itself.
+    /// `webhook:disabled` goes to every webhook whose event types include it (an empty list
+    /// included, as always); the others only to webhooks naming them (`webhook:failing`,
+    /// `webhook:*`, `*`): a catch-all webhook of run events does not get relay chatter.
+    pub async fn broadcast(&self, event: &str, payload: serde_json::Value, about: Option<&str>) -> anyhow::Result<()> {
         let serde_json::Value::Object(payload) = payload else {
             anyhow::bail!("payload must be an object")
         };
         let id = format!("evt_{}", uuid::Uuid::now_v7().simple());
         let now = now_ms();
+        let explicit = event != "webhook:disabled";
         let envelopes: Vec<Envelope> = self
             .webhooks
             .all()
             .iter()
-            .filter(|w| w.is_active && Some(w.id.as_str()) != except && subscribed(&w.event_types, event))
+            .filter(|w| w.is_active && subscribed(&w.event_types, event) && !(explicit && w.event_types.is_empty()))
+            .filter(|w| match about {
+                Some(a) if a == w.id => !about_its_failure(event) && !self.target_unhealthy(&format!("w:{a}")),
+                _ => true,
+            })
             .map(|w| Envelope {
                 id: id.clone(),
                 event: event.to_string(),
@@ -240,13 +250,18 @@ impl Engine {
                 relay_made: true,
             })
             .collect();
+        if let Some(c) = crate::metrics::OPERATIONAL_EVENTS.iter().find(|e| **e == event) {
+            self.metrics.operational_events.with_label_values(&[c]).inc();
+        }
         if !envelopes.is_empty() {
             self.ingest(&envelopes, "api").await?;
         }
         Ok(())
     }
 
-    pub async fn disable_webhook(&self, id: &str) {
+    /// Disable a webhook (410 Gone, or failing for `webhooks.disable_after_seconds`) and tell
+    /// its subscribers why.
+    pub async fn disable_webhook(&self, id: &str, reason: &str) {
         let Some(w) = self.webhooks.get(id) else {
             return;
         };
@@ -260,12 +275,152 @@ impl Engine {
             tracing::error!(error = %format!("{e:#}"), "could not disable webhook");
             return;
         }
-        tracing::warn!(webhook_id = %id, "receiver answered 410 Gone: webhook disabled");
+        tracing::warn!(webhook_id = %id, reason, "webhook disabled");
         self.webhooks.put(w);
+        // Its pending events stay queued, untouched, until it is enabled again.
+        self.targets.hold(&format!("w:{id}"), true);
         self.metrics.webhooks_disabled.inc();
-        let payload = json!({"webhook_id": id, "reason": "receiver answered 410 Gone", "disabled_at": crate::domain::rfc3339_ms(now_ms())});
+        let payload = json!({"webhook_id": id, "reason": reason, "disabled_at": crate::domain::rfc3339_ms(now_ms())});
         if let Err(e) = self.broadcast("webhook:disabled", payload, Some(id)).await {
             tracing::error!(error = %format!("{e:#}"), "could not queue webhook:disabled");
         }
     }
+
+    /// An attempt changed its target's state: its breaker opened (`webhook:failing`) or closed
+    /// (`webhook:recovered`), or it has failed long enough to be disabled. Callback hosts have
+    /// no subscribers: their changes are logged and counted only.
+    pub(crate) async fn target_changed(
+        &self,
+        q: &crate::store::QueuedDelivery,
+        kind: &str,
+        seen: crate::delivery::targets::Observed,
+        now: i64,
+    ) {
+        let webhook = q.webhook_id.as_deref().filter(|_| kind == "webhook");
+        if seen.opened {
+            tracing::warn!(target = %q.target_key, "circuit breaker opened: deliveries held");
+            if let Some(id) = webhook {
+                let payload = json!({
+                    "webhook_id": id,
+                    "breaker": "open",
+                    "failing_since": seen.failing_since.map(crate::domain::rfc3339_ms),
+                    "opened_at": crate::domain::rfc3339_ms(now),
+                });
+                if let Err(e) = self.broadcast("webhook:failing", payload, Some(id)).await {
+                    tracing::error!(error = %format!("{e:#}"), "could not queue webhook:failing");
+                }
+            }
+        }
+        if seen.closed {
+            tracing::info!(target = %q.target_key, "circuit breaker closed: deliveries resume");
+            if let Some(id) = webhook {
+                let payload =
+                    json!({"webhook_id": id, "breaker": "closed", "recovered_at": crate::domain::rfc3339_ms(now)});
+                if let Err(e) = self.broadcast("webhook:recovered", payload, Some(id)).await {
+                    tracing::error!(error = %format!("{e:#}"), "could not queue webhook:recovered");
+                }
+            }
+        }
+        if let (Some(id), Some(since)) = (webhook, seen.failing_since) {
+            if self.disable_after_ms > 0 && now - since >= self.disable_after_ms {
+                let reason = format!(
+                    "deliveries failed for {} s without a success (webhooks.disable_after_seconds)",
+                    (now - since) / 1000
+                );
+                self.disable_webhook(id, &reason).await;
+            }
+        }
+    }
+
+    /// Enable a webhook again (`POST /webhook/{id}/enable`): its held events go again, in
+    /// order, and with `replay` so do the events dead-lettered because it was disabled
+    /// (reason `webhook_disabled`: those that arrived while it was disabled, and any taken off
+    /// the queue as it was being disabled), each at the end of its run's chain. Returns the
+    /// webhook and how many dead letters were re-queued.
+    pub async fn enable_webhook(
+        &self,
+        mut w: crate::store::Webhook,
+        replay: bool,
+    ) -> anyhow::Result<(crate::store::Webhook, u64)> {
+        let was_active = w.is_active;
+        let now = now_ms();
+        if !was_active {
+            w.is_active = true;
+            w.updated_at = now;
+            self.store.update_webhook(&w).await?;
+            self.webhooks.put(w.clone());
+        }
+        self.targets.hold(&format!("w:{}", w.id), false);
+        let mut replayed = 0;
+        if replay {
+            let filter = crate::store::DeadLetterFilter {
+                webhook_id: Some(w.id.clone()),
+                reason: Some("webhook_disabled".into()),
+                event_id: None,
+                include_replayed: false,
+            };
+            // In pages, oldest first: each page goes behind the one before in its chains.
+            loop {
+                let at = now_ms();
+                let (requeued, raws) = self.replay_dead_letters(None, &filter, 1000, at).await?;
+                // Events refused at intake because the webhook was disabled have no delivery
+                // to re-queue: they are routed again, in their order (as the replay route does).
+                let n = requeued + raws.len() as u64;
+                let envelopes: Vec<Envelope> = raws
+                    .iter()
+                    .filter_map(|raw| serde_json::from_str(raw).ok())
+                    .filter_map(|v| Envelope::parse(v, at, false).ok())
+                    .collect();
+                if !envelopes.is_empty() {
+                    self.ingest(&envelopes, "api").await?;
+                }
+                replayed += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+            self.metrics.dead_letters_replayed.inc_by(replayed);
+        }
+        self.notify();
+        if !was_active {
+            tracing::info!(webhook_id = %w.id, replayed, "webhook enabled");
+            let payload =
+                json!({"webhook_id": w.id, "enabled_at": crate::domain::rfc3339_ms(now), "replayed": replayed});
+            if let Err(e) = self.broadcast("webhook:enabled", payload, Some(&w.id)).await {
+                tracing::error!(error = %format!("{e:#}"), "could not queue webhook:enabled");
+            }
+        }
+        Ok((w, replayed))
+    }
+
+    /// `delivery:exhausted`: a delivery was dead-lettered after its attempts. Not for the
+    /// relay's own operational events (a subscriber failing to take them must not make more).
+    pub(crate) async fn exhausted(&self, q: &crate::store::QueuedDelivery, attempts: i64, last_status: Option<i64>) {
+        if is_operational(&q.event) {
+            return;
+        }
+        let payload = json!({
+            "webhook_id": q.webhook_id,
+            "kind": q.kind,
+            "event_id": q.event_id,
+            "event": q.event,
+            "sync_job_run_id": q.run_id,
+            "attempts": attempts,
+            "last_status": last_status,
+        });
+        let about = q.webhook_id.as_deref().filter(|_| q.kind == "webhook");
+        if let Err(e) = self.broadcast("delivery:exhausted", payload, about).await {
+            tracing::error!(error = %format!("{e:#}"), "could not queue delivery:exhausted");
+        }
+    }
+}
+
+/// Events the relay makes about its own operation.
+pub fn is_operational(event: &str) -> bool {
+    crate::metrics::OPERATIONAL_EVENTS.contains(&event)
+}
+
+/// Events about a webhook's failure: never sent to that webhook.
+fn about_its_failure(event: &str) -> bool {
+    matches!(event, "webhook:failing" | "webhook:disabled" | "delivery:exhausted")
 }

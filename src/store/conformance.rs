@@ -474,14 +474,24 @@ pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
         created_at: now,
         updated_at: now,
         seq: 0,
+        overrides: None,
     };
     let stored = store.insert_webhook(&w).await.unwrap();
+    assert_eq!(stored.overrides, None);
     assert!(stored.seq > 0);
     let rotated = Webhook {
         secret: crate::signing::Secret::generate(),
         previous_secret: Some((secret.clone(), now + 1000)),
         is_active: false,
         description: Some("d".into()),
+        overrides: Some(crate::store::WebhookOverrides {
+            max_in_flight: Some(3),
+            retry: Some(crate::store::RetryOverrides {
+                max_attempts: Some(4),
+                multiplier: Some(1.5),
+                ..Default::default()
+            }),
+        }),
         ..stored.clone()
     };
     store.update_webhook(&rotated).await.unwrap();
@@ -493,6 +503,7 @@ pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
     );
     assert!(!got.is_active);
     assert_eq!(got.description.as_deref(), Some("d"));
+    assert_eq!(got.overrides, rotated.overrides, "overrides read back as written");
     store
         .insert_webhook(&Webhook {
             id: "w2".into(),
@@ -890,6 +901,7 @@ pub(crate) async fn secrets_are_stored_sealed_and_resealed_only_if_unchanged(sto
         description: None,
         secret: secret.clone(),
         previous_secret: Some((crate::signing::Secret::generate(), now + 1000)),
+        overrides: None,
         created_at: now,
         updated_at: now,
         seq: 0,

@@ -24,6 +24,34 @@ pub struct Webhook<S = Secret> {
     pub created_at: i64,
     pub updated_at: i64,
     pub seq: i64,
+    /// Per-webhook delivery settings replacing the configured ones (None: the defaults).
+    pub overrides: Option<WebhookOverrides>,
+}
+
+/// `PATCH /webhook/{id}` `overrides`: this webhook's in-flight cap and retry schedule, each key
+/// replacing the configured one (`delivery.max_in_flight_per_webhook`, `delivery.retry.*`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryOverrides>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_elapsed_ms: Option<u64>,
 }
 
 /// A webhook as the backends store it: secrets as stored text (sealed when a key is configured).

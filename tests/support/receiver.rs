@@ -101,6 +101,9 @@ struct State {
     samples: Mutex<Vec<(http::HeaderMap, Bytes)>>,
     /// Origin of `sched_us`.
     epoch: Instant,
+    /// [`Receiver::with_capacity`]: (capacity, hold) and the requests being held now.
+    capacity: Option<(Arc<AtomicU64>, Duration)>,
+    admitted: AtomicU64,
     /// Answer time minus `sched_us` (µs) of bodies carrying it (2xx, no scripted delay).
     lat: Mutex<Vec<u64>>,
 }
@@ -127,7 +130,18 @@ impl Receiver {
         Self::build(script, false)
     }
 
+    /// A receiver with a hidden capacity: it holds up to `capacity` requests at once (answering
+    /// each 200 after `hold`) and answers 429 at once to any request beyond that (no
+    /// Retry-After). `capacity` may be changed while it runs. Keeps every request.
+    pub fn with_capacity(capacity: Arc<AtomicU64>, hold: Duration) -> Receiver {
+        Self::build_with(Arc::new(|_, _| Reply::status(200)), true, Some((capacity, hold)))
+    }
+
     fn build(script: Script, record: bool) -> Receiver {
+        Self::build_with(script, record, None)
+    }
+
+    fn build_with(script: Script, record: bool, capacity: Option<(Arc<AtomicU64>, Duration)>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State {
@@ -142,6 +156,8 @@ impl Receiver {
             samples: Mutex::default(),
             epoch: Instant::now(),
             lat: Mutex::default(),
+            capacity,
+            admitted: AtomicU64::new(0),
         });
         let s = state.clone();
         let server = HttpServer::new(move || {
@@ -312,7 +328,17 @@ impl State {
                 *n += 1;
                 *n - 1
             };
-            let reply = script(&r, seen);
+            let reply = match &self.capacity {
+                None => script(&r, seen),
+                Some((cap, hold)) => {
+                    if self.admitted.fetch_add(1, Ordering::SeqCst) < cap.load(Ordering::SeqCst) {
+                        Reply::status(200).delayed(*hold)
+                    } else {
+                        self.admitted.fetch_sub(1, Ordering::SeqCst);
+                        Reply::status(429)
+                    }
+                }
+            };
             if self.record {
                 got.push(Received {
                     status: reply.status,
@@ -332,6 +358,9 @@ impl State {
         }
         if !reply.delay.is_zero() {
             tokio::time::sleep(reply.delay).await;
+        }
+        if self.capacity.is_some() && reply.status == 200 {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
         }
         if let Some(e) = self.concurrent.lock().unwrap().get_mut(&r.path) {
             e.0 = e.0.saturating_sub(1);

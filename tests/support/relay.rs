@@ -24,13 +24,16 @@ pub fn base_env(data: &Path) -> Vec<(String, String)> {
     ]
 }
 
-/// Settings for tests: [`base_env`] plus fast retries without jitter, a short poll interval and
-/// two HTTP workers; then `extra` (replacing a key given before).
+/// Settings for tests: [`base_env`] plus fast retries without jitter (overload floor 50 ms), a
+/// 1 s breaker cool-down, a short poll interval and two HTTP workers; then `extra` (replacing a
+/// key given before).
 pub fn test_env(data: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = base_env(data);
     env.extend(
         [
             ("SYNCRELAY__DELIVERY__RETRY__INITIAL_INTERVAL_MS", "50"),
+            ("SYNCRELAY__DELIVERY__RETRY__OVERLOAD_FLOOR_MS", "50"),
+            ("SYNCRELAY__DELIVERY__BREAKER__COOL_DOWN_MS", "1000"),
             ("SYNCRELAY__DELIVERY__RETRY__RANDOMIZATION_FACTOR", "0"),
             ("SYNCRELAY__DELIVERY__POLL_INTERVAL_MS", "100"),
             ("SYNCRELAY__HTTP__WORKERS", "2"),

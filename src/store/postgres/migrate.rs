@@ -35,6 +35,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "retention",
         sql: include_str!("../../../migrations/postgres/0004_retention.sql"),
     },
+    Migration {
+        version: 5,
+        name: "webhook_overrides",
+        sql: include_str!("../../../migrations/postgres/0005_webhook_overrides.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).

@@ -181,7 +181,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4], "each migration applied once");
+        assert_eq!(versions, vec![1, 2, 3, 4, 5], "each migration applied once");
     }
 
     #[tokio::test]

@@ -50,6 +50,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0005_retention.sql"),
         present: None,
     },
+    Migration {
+        version: 6,
+        name: "webhook_overrides",
+        sql: include_str!("../../../migrations/sqlite/0006_webhook_overrides.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\

@@ -28,6 +28,10 @@ fn webhook_from_row(r: &SqliteRow) -> anyhow::Result<StoredWebhook> {
         previous_secret,
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
+        overrides: match r.get::<Option<String>, _>("overrides") {
+            Some(j) => Some(serde_json::from_str(&j).context("stored webhook overrides")?),
+            None => None,
+        },
     })
 }
 
@@ -36,7 +40,7 @@ impl Registry for SqliteStore {
     async fn insert_webhook(&self, w: &StoredWebhook) -> anyhow::Result<StoredWebhook> {
         sqlx::query(
             "INSERT INTO webhooks (id, target_url, event_types, is_active, description, secret, previous_secret, \
-             previous_secret_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+             previous_secret_expires_at, created_at, updated_at, overrides) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
         )
         .bind(&w.id)
         .bind(&w.target_url)
@@ -46,6 +50,7 @@ impl Registry for SqliteStore {
         .bind(&w.secret)
         .bind(w.created_at)
         .bind(w.updated_at)
+        .bind(w.overrides.as_ref().map(serde_json::to_string).transpose()?)
         .execute(&self.pool)
         .await?;
         self.get_webhook(&w.id).await?.context("webhook just inserted")
@@ -54,7 +59,7 @@ impl Registry for SqliteStore {
     async fn update_webhook(&self, w: &StoredWebhook) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE webhooks SET target_url = ?, event_types = ?, is_active = ?, description = ?, secret = ?, \
-             previous_secret = ?, previous_secret_expires_at = ?, updated_at = ? WHERE id = ?",
+             previous_secret = ?, previous_secret_expires_at = ?, updated_at = ?, overrides = ? WHERE id = ?",
         )
         .bind(&w.target_url)
         .bind(serde_json::to_string(&w.event_types)?)
@@ -64,6 +69,7 @@ impl Registry for SqliteStore {
         .bind(w.previous_secret.as_ref().map(|(s, _)| s.as_str()))
         .bind(w.previous_secret.as_ref().map(|(_, e)| *e))
         .bind(w.updated_at)
+        .bind(w.overrides.as_ref().map(serde_json::to_string).transpose()?)
         .bind(&w.id)
         .execute(&self.pool)
         .await?;
