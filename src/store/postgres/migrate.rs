@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "sync_fronts",
         sql: include_str!("../../../migrations/postgres/0002_sync_fronts.sql"),
     },
+    Migration {
+        version: 3,
+        name: "registry_version",
+        sql: include_str!("../../../migrations/postgres/0003_registry_version.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).

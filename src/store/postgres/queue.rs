@@ -7,7 +7,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
-use crate::store::{AttemptRecord, Claim, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
+use crate::store::{
+    AttemptRecord, Claim, Completed, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+};
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
 /// (SQLite's `INSERT OR REPLACE`).
@@ -435,9 +437,47 @@ impl Queue for PgStore {
         .await?)
     }
 
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed> {
         let mut tx = self.pool.begin().await?;
+        // First the rows, each only while this instance holds its lease and it is still ready
+        // (the row lock this takes also waits out another instance's claim of it in flight);
+        // everything else of a completion follows only for the rows this answers.
+        let mut held = HashSet::new();
         for chunk in batch.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
+                 first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
+                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(
+                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body) \
+                 WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
+                 RETURNING deliveries.seq",
+            );
+            let sql = pg(&sql);
+            let mut q = sqlx::query_scalar::<_, i64>(sql.as_str());
+            for c in chunk {
+                let (state, next_at, finished) = match &c.next {
+                    Next::Delivered => ("delivered", now, Some(now)),
+                    Next::Retry { at_ms } => ("ready", *at_ms, None),
+                    Next::Dead(_) => ("dead", now, Some(now)),
+                };
+                q = q
+                    .bind(c.seq)
+                    .bind(state)
+                    .bind(c.attempt_no)
+                    .bind(next_at)
+                    .bind(c.first_attempt_at)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(finished)
+                    .bind(&c.body);
+            }
+            held.extend(q.bind(&self.lease.owner).fetch_all(&mut *tx).await?);
+        }
+        let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
+        for chunk in applied.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
             );
@@ -456,44 +496,13 @@ impl Queue for PgStore {
                     .bind(&c.attempt.excerpt);
             }
             q.execute(&mut *tx).await?;
-
-            let mut sql = String::from(
-                "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
-                 first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
-            );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            sql.push_str(
-                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body) \
-                 WHERE deliveries.seq = v.seq",
-            );
-            let sql = pg(&sql);
-            let mut q = sqlx::query(sql.as_str());
-            for c in chunk {
-                let (state, next_at, finished) = match &c.next {
-                    Next::Delivered => ("delivered", now, Some(now)),
-                    Next::Retry { at_ms } => ("ready", *at_ms, None),
-                    Next::Dead(_) => ("dead", now, Some(now)),
-                };
-                q = q
-                    .bind(c.seq)
-                    .bind(state)
-                    .bind(c.attempt_no)
-                    .bind(next_at)
-                    .bind(c.first_attempt_at)
-                    .bind(c.attempt.status)
-                    .bind(&c.attempt.error)
-                    .bind(finished)
-                    .bind(&c.body);
-            }
-            q.execute(&mut *tx).await?;
         }
-        for c in batch {
+        for c in &applied {
             if let Next::Dead(dl) = &c.next {
                 insert_dead_letter(&mut tx, dl, now).await?;
             }
         }
-        let finished: Vec<&str> = batch
+        let finished: Vec<&str> = applied
             .iter()
             .filter(|c| !matches!(c.next, Next::Retry { .. }))
             .filter_map(|c| c.order_key.as_deref())
@@ -503,25 +512,50 @@ impl Queue for PgStore {
         let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
-        Ok(promoted)
+        Ok(Completed {
+            promoted,
+            lost: batch.iter().map(|c| c.seq).filter(|s| !held.contains(s)).collect(),
+        })
     }
 
-    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+    async fn renew(&self, seqs: &[i64], now: i64) -> anyhow::Result<Vec<i64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement, however many rows: the seqs go as one array parameter.
+        Ok(sqlx::query_scalar(
+            "UPDATE deliveries SET lease_until = $1 WHERE seq = ANY($2) AND lease_owner = $3 AND state = 'ready' \
+             RETURNING seq",
+        )
+        .bind(now + self.lease.ms)
+        .bind(seqs)
+        .bind(&self.lease.owner)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(&pg(
-            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?",
+        let n = sqlx::query(&pg(
+            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ?, lease_owner = NULL, \
+             lease_until = NULL WHERE seq = ? AND state = 'ready' AND lease_owner = ?",
         ))
         .bind(now)
         .bind(dl.reason)
         .bind(q.seq)
+        .bind(&self.lease.owner)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
             promote_next(&mut tx, &[k.as_str()], now, &self.lease).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn drop_queued_for_run(

@@ -38,6 +38,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0003_sync_fronts.sql"),
         present: None,
     },
+    Migration {
+        version: 4,
+        name: "leases",
+        sql: include_str!("../../../migrations/sqlite/0004_leases.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
@@ -123,7 +129,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4]);
         assert!(has_source(&pool).await);
         let v: String = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'k'")
             .fetch_one(&pool)
@@ -153,7 +159,7 @@ mod tests {
             .fetch_one(&pool)
             .await
             .unwrap();
-        assert_eq!(n, 3);
+        assert_eq!(n, 4);
     }
 
     #[tokio::test]

@@ -23,7 +23,10 @@ use crate::config::{StoreSettings, Synchronous};
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    lease: Lease,
 }
+
+use super::Lease;
 
 /// Rows per multi-row statement (up to 19 columns a row stays far below SQLite's limit of
 /// 32766 variables a statement).
@@ -63,7 +66,17 @@ impl SqliteStore {
             .await
             .with_context(|| format!("opening store {}", settings.path.display()))?;
         migrate::run(&pool).await.context("migrating the schema")?;
-        Ok(SqliteStore { pool })
+        // One process serves a SQLite store: the leases in it are those of this process's
+        // earlier life (killed with rows in flight), void now. Released, so a restart attempts
+        // those rows again at once rather than after `store.lease_ms`.
+        sqlx::query("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
+            .execute(&pool)
+            .await
+            .context("releasing leases of an earlier process")?;
+        Ok(SqliteStore {
+            pool,
+            lease: Lease::new(settings),
+        })
     }
 }
 
