@@ -745,6 +745,22 @@ impl Engine {
         }
     }
 
+    /// Make sure webhooks these ids name are in the cache if the store has them: one created
+    /// on another instance less than a check interval ago is not yet, and an event for it (or a
+    /// row another instance queued for it) must not be refused as `unknown_webhook` meanwhile.
+    /// One read per unknown id.
+    pub(crate) async fn know_webhooks<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        let missing: std::collections::BTreeSet<&str> = ids.filter(|id| self.webhooks.get(id).is_none()).collect();
+        for id in missing {
+            let since = self.webhooks.stamp();
+            match self.store.get_webhook(id).await {
+                Ok(Some(w)) => self.webhooks.put_loaded(w, since),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading a webhook failed"),
+            }
+        }
+    }
+
     /// Replace the cached webhooks by the store's.
     async fn reload_webhooks(&self) -> anyhow::Result<()> {
         let since = self.webhooks.stamp();
