@@ -162,7 +162,8 @@ impl PgServer {
                 .arg("-o")
                 .arg(format!(
                     "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                     -c synchronous_commit=off -c full_page_writes=off",
+                     -c synchronous_commit=off -c full_page_writes=off \
+                     -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on",
                     dir.display()
                 ))
                 .args(["-w", "-t", "60", "start"])
