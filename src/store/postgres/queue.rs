@@ -107,6 +107,28 @@ pub(super) async fn busy_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str
     Ok(busy)
 }
 
+/// Serialise writers of these chains until the transaction ends (a transaction-scoped advisory
+/// lock per chain, taken in sorted order). Under READ COMMITTED, without it, a transaction
+/// queueing a row behind a chain's head (it saw the head, so the row waits) and one finishing
+/// that head (its promotion did not yet see the new row) can both commit, leaving the row
+/// waiting behind nothing: the chain stalls. With it, whichever comes second sees the other's
+/// rows. SQLite needs nothing: `BEGIN IMMEDIATE` serialises every writer.
+pub(super) async fn lock_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut sorted: Vec<&str> = keys.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    // unnest yields the array in order, so the locks are taken in sorted order (no deadlock
+    // between two writers of overlapping chains).
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest($1::text[]) AS k")
+        .bind(&sorted)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
 /// predecessor finished). Returns the rows promoted.
 async fn promote_next(
@@ -115,6 +137,7 @@ async fn promote_next(
     now: i64,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
+    lock_chains(tx, keys).await?;
     let mut out = Vec::new();
     for chunk in keys.chunks(IN_CHUNK) {
         let sql = format!(
@@ -153,6 +176,7 @@ pub(super) async fn insert_deliveries(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    lock_chains(tx, &keys).await?;
     let mut busy = busy_chains(tx, &keys).await?;
     busy.extend(held.iter().cloned());
     let states: Vec<&'static str> = deliveries
@@ -351,6 +375,12 @@ impl Queue for PgStore {
             q.execute(&mut *tx).await?;
         }
         insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        // Every chain parked to, at once and in order (each group locks its own again: a no-op).
+        let keys: Vec<&str> = parked
+            .iter()
+            .flat_map(|(rows, _)| rows.iter().filter_map(|d| d.order_key.as_deref()))
+            .collect();
+        lock_chains(&mut tx, &keys).await?;
         for (rows, ahead) in parked {
             let key = rows.first().and_then(|d| d.order_key.clone());
             // Rows held behind the in-memory part of this chain: taken out and written again
@@ -439,6 +469,9 @@ impl Queue for PgStore {
 
     async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed> {
         let mut tx = self.pool.begin().await?;
+        // The chains first (see `lock_chains`), all at once, before any row lock.
+        let keys: Vec<&str> = batch.iter().filter_map(|c| c.order_key.as_deref()).collect();
+        lock_chains(&mut tx, &keys).await?;
         // First the rows, each only while this instance holds its lease and it is still ready
         // (the row lock this takes also waits out another instance's claim of it in flight);
         // everything else of a completion follows only for the rows this answers.
@@ -536,6 +569,8 @@ impl Queue for PgStore {
 
     async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool> {
         let mut tx = self.pool.begin().await?;
+        // The chain before the row, in the order `complete` takes them.
+        lock_chains(&mut tx, &q.order_key.iter().map(String::as_str).collect::<Vec<_>>()).await?;
         let n = sqlx::query(&pg(
             "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ?, lease_owner = NULL, \
              lease_until = NULL WHERE seq = ? AND state = 'ready' AND lease_owner = ?",
