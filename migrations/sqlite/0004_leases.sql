@@ -1,8 +1,8 @@
 -- Claims of queued deliveries are leased in the store, as on PostgreSQL (migrations/postgres/
 -- 0001): the instance that took a ready row, and until when (Unix ms) nothing else may. The
 -- engine renews the leases of the rows it has in flight and completes a row only while it holds
--- its lease. SQLite serves one process, so opening the store releases every lease (those of an
--- earlier life of the process); the columns give both stores one code path and one test suite.
+-- its lease. The owner names its process: opening the store releases the leases of processes
+-- that are gone. The columns give both stores one code path and one test suite.
 ALTER TABLE deliveries ADD COLUMN lease_owner TEXT;
 ALTER TABLE deliveries ADD COLUMN lease_until INTEGER;
 

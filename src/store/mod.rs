@@ -58,8 +58,9 @@ pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);
 /// released by `complete`. A row whose lease expired (its instance died or stalled) is claimable
 /// again by anyone, and the instance that lost it can no longer complete it: `complete` and
 /// `dead_letter_queued` change a row only while this instance holds its lease, so an attempt
-/// is recorded once even when two instances made it. SQLite serves one process: opening it
-/// releases the leases of the process's earlier life.
+/// is recorded once even when two instances made it. SQLite's lease owner names its process:
+/// opening it releases the leases of processes that are gone (a restart after kill -9 goes on
+/// at once).
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Durably queue deliveries (in the order given) and record dead letters, in one
