@@ -676,9 +676,13 @@ impl Engine {
     /// lease was lost are another instance's now: those not yet started are dropped from `hot`;
     /// those under way are marked, and their outcome is discarded (counted once, here).
     pub(super) async fn renew_now(&self) {
+        // Rows in flight and stored rows waiting in `hot`. Not rows claimed by a transaction
+        // still open (in `claimed`, not yet in `hot`): the store cannot show them yet, and their
+        // lease was just taken.
         let seqs: Vec<i64> = {
             let f = self.in_flight.lock().expect("lock");
-            f.rows.iter().chain(f.claimed.iter()).copied().collect()
+            let hot = f.hot.iter().filter(|j| !j.is_memory()).map(|j| j.q.seq);
+            f.rows.iter().copied().chain(hot).collect()
         };
         if seqs.is_empty() {
             return;
