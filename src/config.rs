@@ -79,7 +79,8 @@ pub struct StoreSettings {
     pub url: String,
     pub max_connections: u32,
     pub synchronous: Synchronous,
-    /// PostgreSQL: how long a claim of a queued delivery keeps it from other instances (ms).
+    /// How long a claim of a queued delivery keeps it from other instances (ms); renewed every
+    /// third of it while the attempt runs (both stores).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
     /// Base64 of 32 bytes: webhook and callback secrets are stored encrypted with it (empty:
@@ -551,7 +552,7 @@ impl Settings {
             StoreKind::Postgres if self.store.url.is_empty() => {
                 return bad("store.url", "required when store.kind = \"postgres\"")
             }
-            StoreKind::Postgres if self.store.lease_ms < 1000 => return bad("store.lease_ms", "must be at least 1000"),
+            _ if self.store.lease_ms < 1000 => return bad("store.lease_ms", "must be at least 1000"),
             StoreKind::Sqlite if self.store.path.as_os_str().is_empty() => {
                 return bad("store.path", "must not be empty")
             }

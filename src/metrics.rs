@@ -83,6 +83,7 @@ pub struct Metrics {
     pub kafka_assigned_partitions: IntGauge,
     pub kafka_rebalances: IntCounterVec,
     pub parked: IntCounter,
+    pub leases_lost: IntCounter,
     pub run_events_dropped: IntCounterVec,
     pub runs_finished: IntCounterVec,
     pub sync_alerts: IntCounterVec,
@@ -268,6 +269,10 @@ impl Metrics {
             parked: counter(
                 "syncrelay_deliveries_parked_total",
                 "Deliveries moved from memory to the store's retry queue (failing receiver, or behind a parked event of their run).",
+            ),
+            leases_lost: counter(
+                "syncrelay_leases_lost_total",
+                "Claimed deliveries whose lease this instance lost before recording them (it expired and another instance took the row); their outcome here was discarded.",
             ),
             run_events_dropped: counter_vec(
                 "syncrelay_run_events_dropped_total",

@@ -94,6 +94,9 @@ impl Engine {
         } else {
             None
         };
+        if kind == "webhook" {
+            self.know_webhooks(q.webhook_id.as_deref().into_iter()).await;
+        }
         let (url, secrets) = match self.target(kind, q.webhook_id.as_deref(), q.target_url.as_deref(), now) {
             Ok(t) => t,
             Err(reason) => {

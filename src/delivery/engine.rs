@@ -39,25 +39,60 @@ use crate::runs::Runs;
 use crate::signing::Secret;
 use crate::store::{NewDeadLetter, NewDelivery, QueuedDelivery, Store, Webhook};
 
-/// Webhooks by id, kept in step with the store by the API (single process) and reloaded at
-/// start and every housekeeping round (other instances sharing the store).
+/// How often an instance looks whether the webhooks changed in the store (another instance
+/// sharing it wrote them): one single-row read; a reload only when they did.
+const REGISTRY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Webhooks by id, kept in step with the store by the API (this instance's writes) and by a
+/// check of the store's webhook version every [`REGISTRY_CHECK_EVERY`] (other instances').
 #[derive(Default)]
 pub struct WebhookCache {
-    map: RwLock<HashMap<String, Arc<Webhook>>>,
+    map: RwLock<HashMap<String, (Arc<Webhook>, u64)>>,
+    /// Stamps this instance's own writes (`put`), so a reload that read the store before such
+    /// a write never puts the older row back (compared by stamp, not by `updated_at`: hosts'
+    /// clocks differ).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl WebhookCache {
     pub fn get(&self, id: &str) -> Option<Arc<Webhook>> {
-        self.map.read().expect("lock").get(id).cloned()
+        self.map.read().expect("lock").get(id).map(|(w, _)| w.clone())
     }
+    /// This instance wrote `w` to the store.
     pub fn put(&self, w: Webhook) {
-        self.map.write().expect("lock").insert(w.id.clone(), Arc::new(w));
+        let stamp = self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.map
+            .write()
+            .expect("lock")
+            .insert(w.id.clone(), (Arc::new(w), stamp));
     }
     pub fn remove(&self, id: &str) {
         self.map.write().expect("lock").remove(id);
     }
     pub fn all(&self) -> Vec<Arc<Webhook>> {
-        self.map.read().expect("lock").values().cloned().collect()
+        self.map
+            .read()
+            .expect("lock")
+            .values()
+            .map(|(w, _)| w.clone())
+            .collect()
+    }
+    /// The stamp of the last own write; a reload takes it before reading the store.
+    fn stamp(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Put a row read from the store, unless this instance wrote the webhook after `since`.
+    fn put_loaded(&self, w: Webhook, since: u64) {
+        let mut m = self.map.write().expect("lock");
+        if m.get(&w.id).is_none_or(|(_, stamp)| *stamp <= since) {
+            m.insert(w.id.clone(), (Arc::new(w), 0));
+        }
+    }
+    /// Forget a webhook the store no longer has, unless this instance wrote it after `since`.
+    /// Returns whether it was removed.
+    fn remove_loaded(&self, id: &str, since: u64) -> bool {
+        let mut m = self.map.write().expect("lock");
+        m.get(id).is_some_and(|(_, stamp)| *stamp <= since) && m.remove(id).is_some()
     }
 }
 
@@ -100,6 +135,9 @@ pub struct Engine {
     retention: Duration,
     /// `delivery.dead_letter_retention_hours` (None: kept for ever).
     failure_retention: Option<Duration>,
+    /// How often the leases of the rows in flight are renewed (a third of `store.lease_ms`, so
+    /// two renewals may fail before a lease runs out).
+    lease_every: Duration,
     pub(super) log_mode: LogMode,
     /// A memory job gets this many attempts in memory before it is parked in the store…
     pub(super) inline_attempts: u32,
@@ -142,6 +180,9 @@ pub(super) struct InFlight {
     /// have read such a row in its pre-commit state (still `ready`), so its result is not
     /// trusted for these rows; a query that starts later sees the committed state.
     pub released: HashMap<i64, u64>,
+    /// Rows in flight whose lease a renewal found lost: another instance may hold them now, so
+    /// their outcome here is not recorded.
+    pub lost: HashSet<i64>,
 }
 
 impl InFlight {
@@ -201,6 +242,7 @@ impl Engine {
             retention: Duration::from_secs(d.retention_hours * 3600),
             failure_retention: (d.dead_letter_retention_hours > 0)
                 .then(|| Duration::from_secs(d.dead_letter_retention_hours.saturating_mul(3600))),
+            lease_every: Duration::from_millis((settings.store.lease_ms / 3).clamp(100, 60_000)),
             log_mode: d.log,
             inline_attempts: settings.bus.kafka.inline_attempts.max(1),
             inline_max_delay: Duration::from_millis(settings.bus.kafka.inline_max_delay_ms),
@@ -274,7 +316,7 @@ impl Engine {
     }
 
     /// The commit failed: forget the claims.
-    fn unclaim(&self, taken: &[i64]) {
+    pub(super) fn unclaim(&self, taken: &[i64]) {
         let mut f = self.in_flight.lock().expect("lock");
         for s in taken {
             f.claimed.remove(s);
@@ -297,11 +339,7 @@ impl Engine {
     }
 
     pub async fn load_webhooks(&self) -> anyhow::Result<()> {
-        for w in self.store.all_webhooks().await? {
-            // A disabled webhook's pending events are kept, not attempted.
-            self.targets.hold(&format!("w:{}", w.id), !w.is_active);
-            self.webhooks.put(w);
-        }
+        self.reload_webhooks().await?;
         self.load_syncs().await?;
         // Chains with rows in the store: new memory deliveries of them queue behind.
         self.chains.note_stored(self.store.active_order_keys().await?);
@@ -451,6 +489,8 @@ impl Engine {
         let writer = tokio::spawn(self.clone().write_outcomes(rx));
         let housekeeping = tokio::spawn(self.clone().housekeeping(stop.clone(), self.retention));
         let flusher = tokio::spawn(self.clone().flush_batches(stop.clone()));
+        let renewer = tokio::spawn(self.clone().renew_leases(stop.clone()));
+        let registry = tokio::spawn(self.clone().watch_webhooks(stop.clone()));
         self.clone().dispatch(stop).await;
         let until = Instant::now() + deadline;
         while self.in_flight() > 0 && Instant::now() < until {
@@ -468,6 +508,8 @@ impl Engine {
         writer.abort();
         housekeeping.abort();
         flusher.abort();
+        renewer.abort();
+        registry.abort();
     }
 
     async fn dispatch(self: Arc<Self>, stop: CancellationToken) {
@@ -699,7 +741,145 @@ impl Engine {
         self.targets.unhealthy(target_key)
     }
 
-    /// Queue depth and oldest-undelivered gauges, webhook refresh, chain refresh and retention.
+    /// Keep the leases of this instance's claimed rows alive: every `lease_every`, the writer
+    /// renews them in one statement (in the writer, so a renewal never races a completion of
+    /// the same rows: it sees every outcome committed before it, and none after).
+    async fn renew_leases(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.lease_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Until the writer is gone: attempts still finishing after `stop` keep their rows.
+                _ = stop.cancelled(), if self.in_flight() == 0 => return,
+                _ = tick.tick() => {}
+            }
+            if self.writes.send(super::outcome::Write::Renew).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Renew the leases of the rows claimed here (in flight, or waiting in `hot`). Rows whose
+    /// lease was lost are another instance's now: those not yet started are dropped from `hot`;
+    /// those under way are marked, and their outcome is discarded (counted once, here).
+    pub(super) async fn renew_now(&self) {
+        // Rows in flight and stored rows waiting in `hot`. Not rows claimed by a transaction
+        // still open (in `claimed`, not yet in `hot`): the store cannot show them yet, and their
+        // lease was just taken.
+        let seqs: Vec<i64> = {
+            let f = self.in_flight.lock().expect("lock");
+            let hot = f.hot.stored_seqs();
+            f.rows.iter().copied().chain(hot).collect()
+        };
+        if seqs.is_empty() {
+            return;
+        }
+        let held: HashSet<i64> = match self.store.renew(&seqs, now_ms()).await {
+            Ok(h) => h.into_iter().collect(),
+            Err(e) => {
+                // Not renewed this round; the lease outlives two more tries.
+                tracing::warn!(error = %format!("{e:#}"), "renewing leases failed");
+                return;
+            }
+        };
+        let mut f = self.in_flight.lock().expect("lock");
+        let mut lost = 0u64;
+        for s in seqs.iter().filter(|s| !held.contains(s)) {
+            if f.rows.contains(s) {
+                if f.lost.insert(*s) {
+                    lost += 1;
+                }
+            } else if f.claimed.remove(s) {
+                f.hot.remove_stored(*s);
+                lost += 1;
+            }
+        }
+        drop(f);
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                "leases of claimed deliveries were lost (another instance may hold them now)"
+            );
+            self.metrics.leases_lost.inc_by(lost);
+        }
+    }
+
+    /// Reload the webhooks when another instance changed them: the store's webhook version is
+    /// read every [`REGISTRY_CHECK_EVERY`] (one row), and everything is reloaded when it moved.
+    /// So a webhook created, updated, rotated, disabled or deleted anywhere is used here within
+    /// about a second.
+    async fn watch_webhooks(self: Arc<Self>, stop: CancellationToken) {
+        let mut seen: Option<i64> = None;
+        let mut tick = tokio::time::interval(REGISTRY_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // The version before the load: a change committed while loading moves it again,
+            // and the next round loads once more.
+            let version = match self.store.webhooks_version().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "webhook version check failed");
+                    continue;
+                }
+            };
+            if seen == Some(version) {
+                continue;
+            }
+            match self.reload_webhooks().await {
+                Ok(()) => seen = Some(version),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "webhook refresh failed"),
+            }
+        }
+    }
+
+    /// Make sure webhooks these ids name are in the cache if the store has them: one created
+    /// on another instance less than a check interval ago is not yet, and an event for it (or a
+    /// row another instance queued for it) must not be refused as `unknown_webhook` meanwhile.
+    /// One read per unknown id.
+    pub(crate) async fn know_webhooks<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        let missing: std::collections::BTreeSet<&str> = ids.filter(|id| self.webhooks.get(id).is_none()).collect();
+        for id in missing {
+            let since = self.webhooks.stamp();
+            match self.store.get_webhook(id).await {
+                Ok(Some(w)) => self.webhooks.put_loaded(w, since),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading a webhook failed"),
+            }
+        }
+    }
+
+    /// Replace the cached webhooks by the store's.
+    async fn reload_webhooks(&self) -> anyhow::Result<()> {
+        let since = self.webhooks.stamp();
+        let all = self.store.all_webhooks().await?;
+        let ids: HashSet<String> = all.iter().map(|w| w.id.clone()).collect();
+        for w in all {
+            self.webhooks.put_loaded(w, since);
+        }
+        for w in self.webhooks.all() {
+            if !ids.contains(&w.id) && self.webhooks.remove_loaded(&w.id, since) {
+                self.targets.forget(&format!("w:{}", w.id));
+            }
+        }
+        // The targets follow: a disabled webhook's events are held, one enabled (on any
+        // instance) is released, a deleted one is forgotten.
+        for w in self.webhooks.all() {
+            let key = format!("w:{}", w.id);
+            if !w.is_active {
+                self.targets.hold(&key, true);
+            } else if self.targets.is_held(&key) {
+                self.targets.hold(&key, false);
+                self.notify();
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue depth and oldest-undelivered gauges, chain refresh and retention.
     async fn housekeeping(self: Arc<Self>, stop: CancellationToken, retention: Duration) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let mut last_purge = Instant::now();
@@ -708,35 +888,6 @@ impl Engine {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-            }
-            // Other instances sharing the store may have changed webhooks.
-            let started = now_ms();
-            match self.store.all_webhooks().await {
-                Ok(all) => {
-                    let ids: HashSet<String> = all.iter().map(|w| w.id.clone()).collect();
-                    for w in all {
-                        // Never overwrite a newer version this instance already has.
-                        if self.webhooks.get(&w.id).is_none_or(|c| c.updated_at <= w.updated_at) {
-                            let key = format!("w:{}", w.id);
-                            if !w.is_active {
-                                self.targets.hold(&key, true);
-                            } else if self.targets.is_held(&key) {
-                                // Enabled by another instance.
-                                self.targets.hold(&key, false);
-                                self.notify();
-                            }
-                            self.webhooks.put(w);
-                        }
-                    }
-                    for w in self.webhooks.all() {
-                        // Created after the query started: not deleted, just not seen yet.
-                        if !ids.contains(&w.id) && w.created_at < started {
-                            self.webhooks.remove(&w.id);
-                            self.targets.forget(&format!("w:{}", w.id));
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "webhook refresh failed"),
             }
             // Other instances may have changed syncs; paused rows of syncs no longer paused
             // (unpaused or deleted while a row was being written paused) are released.

@@ -32,6 +32,9 @@ pub(super) struct RunOutcome {
     delivered: bool,
 }
 
+/// A dead letter to publish once committed: (dead letter, bus source, original message).
+type Publish = (NewDeadLetter, Option<String>, Option<Arc<Vec<u8>>>);
+
 /// What the writer commits.
 pub(super) enum Write {
     /// A stored row's attempt (`source`: for the dead-letter topic).
@@ -61,6 +64,8 @@ pub(super) enum Write {
     },
     /// Answered once everything sent before it is committed.
     Barrier(oneshot::Sender<()>),
+    /// Renew the leases of the rows claimed here (see `Engine::renew_now`).
+    Renew,
 }
 
 impl Engine {
@@ -130,18 +135,20 @@ impl Engine {
     async fn finish_stored(self: &Arc<Self>, q: crate::store::QueuedDelivery, d: Decided) {
         let now = now_ms();
         let Some(record) = d.record else {
-            // Not attempted (its webhook is gone or disabled): dead-lettered as it is.
+            // Not attempted (its webhook is gone or disabled): dead-lettered as it is, and
+            // counted on its run only once that is committed (by the lease's holder).
             let Next::Dead(dl) = d.next else { return };
-            if q.kind == "webhook" {
-                if let (Some(run), true) = (&q.run_id, q.event == "sync_job_run:record") {
-                    let items = [(run.as_str(), q.event.as_str(), d.resource.as_deref(), false)];
-                    if let Err(e) = self.runs.on_outcomes(&items).await {
-                        tracing::error!(error = %format!("{e:#}"), "counting a run outcome failed");
+            match self.store.dead_letter_queued(&q, &dl, now).await {
+                Ok(true) => {
+                    self.publish_dead(dl, q.source.clone(), None);
+                    if let (Some(run), true) = (&q.run_id, q.kind == "webhook" && q.event == "sync_job_run:record") {
+                        let items = [(run.as_str(), q.event.as_str(), d.resource.as_deref(), false)];
+                        if let Err(e) = self.runs.on_outcomes(&items).await {
+                            tracing::error!(error = %format!("{e:#}"), "counting a run outcome failed");
+                        }
                     }
                 }
-            }
-            match self.store.dead_letter_queued(&q, &dl, now).await {
-                Ok(()) => self.publish_dead(dl, q.source.clone(), None),
+                Ok(false) => self.metrics.leases_lost.inc(),
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "could not dead-letter delivery"),
             }
             self.release(q.seq);
@@ -392,13 +399,11 @@ impl Engine {
             let mut acks: Vec<Arc<dyn Ack>> = Vec::new();
             let mut outcomes = Vec::new();
             let mut barriers = Vec::new();
+            let mut renew = false;
             let mut parked_n = 0u64;
             for w in batch.drain(..) {
                 match w {
                     Write::Complete(c, source) => {
-                        if let Next::Dead(dl) = &c.next {
-                            publish.push((dl.clone(), source.clone(), None));
-                        }
                         completes.push(c);
                         sources.push(source);
                     }
@@ -436,10 +441,37 @@ impl Engine {
                         acks.extend(ack);
                     }
                     Write::Barrier(tx) => barriers.push(tx),
+                    Write::Renew => renew = true,
                 }
             }
-            // Count outcomes on their runs before the commit promotes the next event of the
-            // chain, so a run's `completed` (attempted after that) sees final counts.
+            // Outcomes of rows whose lease a renewal found lost are not recorded: the row may be
+            // another instance's now (it records it). They were counted when found.
+            let mut discarded = Vec::new();
+            {
+                let mut f = self.in_flight.lock().expect("lock");
+                if !f.lost.is_empty() {
+                    let (keep, gone): (Vec<_>, Vec<_>) = completes
+                        .drain(..)
+                        .zip(sources.drain(..))
+                        .partition(|(c, _)| !f.lost.contains(&c.seq));
+                    for (c, _) in gone {
+                        f.lost.remove(&c.seq);
+                        discarded.push(c.seq);
+                    }
+                    (completes, sources) = keep.into_iter().unzip();
+                }
+            }
+            // Stored rows first: only the completions this instance still held the lease of are
+            // written (and counted on their runs, and their dead letters published).
+            let (completes, promoted) = if completes.is_empty() {
+                (Vec::new(), None)
+            } else {
+                self.commit_completions(completes, &sources, &mut publish).await
+            };
+            // Count outcomes on their runs before the chains' next events are started, so a
+            // run's `completed` (attempted after that) sees final counts. Counted after the
+            // commit that made them final: a completion another instance made instead (a lost
+            // lease) is never counted twice.
             let mut counts: Vec<(&str, &str, Option<&str>, bool)> = completes
                 .iter()
                 .filter(|c| c.kind == "webhook")
@@ -462,8 +494,8 @@ impl Engine {
                     tracing::error!(error = %format!("{e:#}"), "counting run outcomes failed");
                 }
             }
-            if !completes.is_empty() {
-                self.commit_completions(&completes).await;
+            if let Some((rows, taken)) = promoted {
+                self.push_hot(rows, &taken);
             }
             if !logged.is_empty() || !parked.is_empty() || !dead.is_empty() {
                 // A failed commit is retried: a record is never dropped.
@@ -487,16 +519,23 @@ impl Engine {
             }
             let now = now_ms();
             let now_i = Instant::now();
-            let mut f = self.in_flight.lock().expect("lock");
-            for c in &completes {
-                if let Next::Retry { at_ms } = &c.next {
-                    let at = now_i + Duration::from_millis((at_ms - now).max(0) as u64);
-                    f.scan_at = Some(f.scan_at.map_or(at, |t| t.min(at)));
+            {
+                let mut f = self.in_flight.lock().expect("lock");
+                for c in &completes {
+                    if let Next::Retry { at_ms } = &c.next {
+                        let at = now_i + Duration::from_millis((at_ms - now).max(0) as u64);
+                        f.scan_at = Some(f.scan_at.map_or(at, |t| t.min(at)));
+                    }
+                    f.release(c.seq);
                 }
-                f.release(c.seq);
+                for s in discarded {
+                    f.release(s);
+                }
             }
-            drop(f);
             self.wake.notify_one();
+            if renew {
+                self.renew_now().await;
+            }
             for b in barriers {
                 let _ = b.send(());
             }
@@ -504,34 +543,77 @@ impl Engine {
     }
 
     /// Commit stored rows' outcomes, promoting the next row of every chain whose head finished.
-    async fn commit_completions(&self, completes: &[Completion]) {
+    /// Returns the completions written (those whose lease this instance still held; the others
+    /// are released and counted as lost leases) and the rows promoted, claimed but not yet
+    /// handed to the dispatcher. Dead letters of the written ones are added to `publish`.
+    async fn commit_completions(
+        &self,
+        completes: Vec<Completion>,
+        sources: &[Option<String>],
+        publish: &mut Vec<Publish>,
+    ) -> (Vec<Completion>, Option<(Vec<crate::store::QueuedDelivery>, Vec<i64>)>) {
         let mut backoff = Duration::from_millis(50);
-        // The rows promoted behind finished ones are handed to the dispatcher before the
-        // commit, so their requests overlap it (a chain's next event does not wait for the
-        // disk). Should the commit fail, they stay claimed and the retry keeps them; after a
-        // crash both are attempted again, in order.
+        // Which rows were promoted is known before the commit. When no run counts wait to be
+        // made, they are handed to the dispatcher right away, so their requests overlap the
+        // commit (a chain's next event does not wait for the disk); otherwise after counting.
+        // Should the commit fail, they stay claimed and the retry keeps them; after a crash both
+        // are attempted again, in order.
+        let counted = completes
+            .iter()
+            .any(|c| c.kind == "webhook" && c.run_id.is_some() && c.event == "sync_job_run:record");
         loop {
+            let mut held_back = None;
             let res = self
                 .store
-                .complete(completes, now_ms(), |rows| {
+                .complete(&completes, now_ms(), |rows| {
                     let taken = self.claim(rows);
-                    self.push_hot(rows.to_vec(), &taken);
+                    if counted {
+                        held_back = Some((rows.to_vec(), taken));
+                    } else {
+                        self.push_hot(rows.to_vec(), &taken);
+                    }
                 })
                 .await;
             match res {
-                Ok(promoted) => {
+                Ok(done) => {
+                    let lost: HashSet<i64> = done.lost.iter().copied().collect();
+                    if !lost.is_empty() {
+                        tracing::warn!(
+                            lost = lost.len(),
+                            "outcomes of deliveries whose lease was lost were not recorded"
+                        );
+                        self.metrics.leases_lost.inc_by(lost.len() as u64);
+                        let mut f = self.in_flight.lock().expect("lock");
+                        for s in &lost {
+                            f.release(*s);
+                        }
+                    }
                     // A finished head that promoted nothing was its chain's last stored row.
-                    let promoted: HashSet<&str> = promoted.iter().filter_map(|r| r.order_key.as_deref()).collect();
+                    let promoted: HashSet<&str> = done.promoted.iter().filter_map(|r| r.order_key.as_deref()).collect();
                     let drained: Vec<&str> = completes
                         .iter()
+                        .filter(|c| !lost.contains(&c.seq))
                         .filter(|c| !matches!(c.next, Next::Retry { .. }))
                         .filter_map(|c| c.order_key.as_deref())
                         .filter(|k| !promoted.contains(k))
                         .collect();
                     self.chains.drained(&drained);
-                    return;
+                    let mut kept = Vec::with_capacity(completes.len());
+                    for (c, source) in completes.into_iter().zip(sources) {
+                        if lost.contains(&c.seq) {
+                            continue;
+                        }
+                        if let Next::Dead(dl) = &c.next {
+                            publish.push((dl.clone(), source.clone(), None));
+                        }
+                        kept.push(c);
+                    }
+                    return (kept, held_back);
                 }
                 Err(e) => {
+                    if let Some((_, taken)) = held_back {
+                        self.unclaim(&taken);
+                    }
                     tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -83,6 +83,28 @@ impl Ready {
         out
     }
 
+    /// The stored rows waiting here (their leases are renewed with those in flight).
+    pub fn stored_seqs(&self) -> impl Iterator<Item = i64> + '_ {
+        self.by_target
+            .values()
+            .flatten()
+            .filter(|j| !j.is_memory())
+            .map(|j| j.q.seq)
+    }
+
+    /// Drop the stored row `seq` (its lease was lost: another instance has it now).
+    pub fn remove_stored(&mut self, seq: i64) {
+        let Some(key) = self
+            .by_target
+            .iter()
+            .find(|(_, q)| q.iter().any(|j| !j.is_memory() && j.q.seq == seq))
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        self.remove_in(&key, |j| !j.is_memory() && j.q.seq == seq);
+    }
+
     /// Remove and return the jobs of one target that `pick` selects, keeping the rest in order
     /// (a blocked target's stored rows go back to the store's care).
     pub fn remove_in(&mut self, key: &str, mut pick: impl FnMut(&Job) -> bool) -> Vec<Job> {

@@ -80,6 +80,9 @@ impl Engine {
     /// with one run-lifecycle transaction for all of them. Nothing is queued.
     pub async fn plan_many(&self, events: &[&Envelope], now: i64) -> anyhow::Result<Vec<Plan>> {
         let decisions = self.runs.on_ingest_many(events).await?;
+        let named = events.iter().filter_map(|e| e.webhook_id.as_deref());
+        let of_runs = decisions.iter().flatten().filter_map(|d| d.webhook_id.as_deref());
+        self.know_webhooks(named.chain(of_runs)).await;
         Ok(events
             .iter()
             .zip(decisions)

@@ -61,6 +61,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_leases_are_renewed_and_checked() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::leases_are_renewed_and_checked(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_registry_jobs_and_commands_round_trip() {
             let (store, _guard) = $open().await;
             crate::store::conformance::registry_jobs_and_commands_round_trip(&store).await;
@@ -185,16 +191,25 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     // A retry keeps the chain's head; finishing it promotes the next row.
     let a1 = ready[0].clone();
     let retry = completion(&a1, Next::Retry { at_ms: now + 60_000 }, now);
-    let promoted = store.complete(&[retry], now, |_| {}).await.unwrap();
-    assert!(promoted.is_empty());
+    let done = store.complete(&[retry], now, |_| {}).await.unwrap();
+    assert!(done.promoted.is_empty() && done.lost.is_empty());
     assert_eq!(store.next_due_after(now).await.unwrap(), Some(now + 60_000));
+    // The retry released the claim: the row is claimed again when due, then finished.
     let mut delivered = completion(&a1, Next::Delivered, now);
     delivered.attempt_no = 2;
+    let lost = store.complete(&[delivered.clone()], now, |_| {}).await.unwrap();
+    assert_eq!(
+        lost.lost,
+        [a1.seq],
+        "not claimed since the retry: not this handle's to finish"
+    );
+    assert!(ids(&store.due(now + 60_000, 10, &[]).await.unwrap()).contains(&"a1"));
     let mut claimed = Vec::new();
     let promoted = store
         .complete(&[delivered], now, |r| claimed = r.to_vec())
         .await
-        .unwrap();
+        .unwrap()
+        .promoted;
     assert_eq!(ids(&promoted), ["a2"]);
     assert_eq!(ids(&claimed), ["a2"]);
 
@@ -425,7 +440,8 @@ pub(crate) async fn dropping_and_purging(store: &Store) {
     let promoted = store
         .complete(&[completion(a1, Next::Delivered, now)], now, |_| {})
         .await
-        .unwrap();
+        .unwrap()
+        .promoted;
     assert!(promoted.is_empty(), "dropped rows are never promoted");
     assert!(!store.has_active("t|ra").await.unwrap());
 
@@ -476,9 +492,12 @@ pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
         seq: 0,
         overrides: None,
     };
+    let v0 = store.webhooks_version().await.unwrap();
     let stored = store.insert_webhook(&w).await.unwrap();
     assert_eq!(stored.overrides, None);
     assert!(stored.seq > 0);
+    let v1 = store.webhooks_version().await.unwrap();
+    assert!(v1 > v0, "an insert moves the webhook version");
     let rotated = Webhook {
         secret: crate::signing::Secret::generate(),
         previous_secret: Some((secret.clone(), now + 1000)),
@@ -495,6 +514,8 @@ pub(crate) async fn registry_jobs_and_commands_round_trip(store: &Store) {
         ..stored.clone()
     };
     store.update_webhook(&rotated).await.unwrap();
+    let v2 = store.webhooks_version().await.unwrap();
+    assert!(v2 > v1, "an update (a rotation) moves the webhook version");
     let got = store.get_webhook("w1").await.unwrap().unwrap();
     assert_eq!(got.secret.expose(), rotated.secret.expose());
     assert_eq!(
@@ -587,6 +608,7 @@ pub(crate) async fn purge_keeps_what_the_log_mode_keeps(store: &Store) {
         .complete(&[completion(&p2, Next::Retry { at_ms: now }, now)], now, |_| {})
         .await
         .unwrap();
+    assert!(ids(&store.due(now, 10, &[]).await.unwrap()).contains(&"p2"));
     let mut p2 = p2;
     p2.attempts = 1;
     store
@@ -609,6 +631,71 @@ pub(crate) async fn purge_keeps_what_the_log_mode_keeps(store: &Store) {
     assert_eq!(store.purge_delivered(now + 1, now + 1).await.unwrap(), 1);
     assert!(store.get_delivery("p2").await.unwrap().is_none());
     assert!(store.list_attempts("p2").await.unwrap().is_empty());
+}
+
+/// Claims are leases: renewed while held, released by a completion; a row's completion (or
+/// dead-lettering) is written only while this handle holds its lease.
+pub(crate) async fn leases_are_renewed_and_checked(store: &Store) {
+    let now = 2_000_000;
+    let rows = [
+        delivery("l1", Some("lk"), None, now),
+        delivery("l2", Some("lk"), None, now),
+        delivery("m1", Some("mk"), None, now),
+        delivery("m2", Some("mk"), None, now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ids(&ready), ["l1", "m1"]);
+    let (l1, m1) = (ready[0].clone(), ready[1].clone());
+    // Both heads are this handle's; waiting rows are nobody's.
+    let mut held = store.renew(&[l1.seq, m1.seq, l1.seq + 1], now + 10).await.unwrap();
+    held.sort();
+    assert_eq!(held, [l1.seq, m1.seq]);
+    assert!(store.renew(&[], now).await.unwrap().is_empty());
+
+    // A retry releases the lease: renewing it finds it lost, completing it again changes
+    // nothing (no attempt, no promotion), until it is claimed again.
+    store
+        .complete(&[completion(&l1, Next::Retry { at_ms: now + 100 }, now)], now, |_| {})
+        .await
+        .unwrap();
+    assert!(store.renew(&[l1.seq], now + 20).await.unwrap().is_empty());
+    let stale = store
+        .complete(&[completion(&l1, Next::Delivered, now + 30)], now + 30, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((stale.lost.as_slice(), stale.promoted.len()), ([l1.seq].as_slice(), 0));
+    assert_eq!(
+        store.list_attempts("l1").await.unwrap().len(),
+        1,
+        "the stale attempt is not recorded"
+    );
+    // Claimed again when due (with m1, still this handle's: its own claims are answered again).
+    assert_eq!(ids(&store.due(now + 100, 10, &[]).await.unwrap()), ["m1", "l1"]);
+    let mut again = completion(&l1, Next::Delivered, now + 100);
+    again.attempt_no = 2;
+    let done = store.complete(&[again], now + 100, |_| {}).await.unwrap();
+    assert_eq!((ids(&done.promoted), done.lost.len()), (vec!["l2"], 0));
+    assert_eq!(store.list_attempts("l1").await.unwrap().len(), 2);
+    // A finished row can be completed no more.
+    let twice = store
+        .complete(&[completion(&l1, Next::Delivered, now + 110)], now + 110, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(twice.lost, [l1.seq]);
+
+    // Dead-lettering without an attempt is conditional the same way.
+    assert!(store.dead_letter_queued(&m1, &dead_letter(&m1), now).await.unwrap());
+    assert!(!store.dead_letter_queued(&m1, &dead_letter(&m1), now).await.unwrap());
+    let open = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(open.results.iter().filter(|d| d.event_id == "ev-m1").count(), 1);
+    // m2 was promoted behind it, leased to this handle.
+    assert_eq!(ids(&store.due(now, 10, &[]).await.unwrap()), ["m2"]);
 }
 
 /// Eloqua syncs find their run and mark their one callback once; sync units are stored all
@@ -754,7 +841,7 @@ pub(crate) async fn paused_syncs_hold_their_rows_until_released(store: &Store) {
         .complete(&[completion(&ready[0], Next::Delivered, now)], now, |_| {})
         .await
         .unwrap();
-    assert!(promoted.is_empty(), "o2 is held");
+    assert!(promoted.promoted.is_empty(), "o2 is held");
 
     // Unpaused: the chain goes on from its oldest row, one at a time, in order.
     let mut unpaused = s.clone();
@@ -778,7 +865,7 @@ pub(crate) async fn paused_syncs_hold_their_rows_until_released(store: &Store) {
             .complete(&[completion(&head, Next::Delivered, now)], now, |_| {})
             .await
             .unwrap();
-        match next.first() {
+        match next.promoted.first() {
             Some(n) => head = n.clone(),
             None => break,
         }

@@ -54,10 +54,16 @@ pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);
 /// The embedded delivery queue (see the module docs for the chain model).
 ///
 /// Claiming: the rows handed to a [`Claim`] callback or returned by [`Queue::due`] are the
-/// caller's to attempt until it reports them through [`Queue::complete`]. SQLite serves one
-/// process, which keeps that claim in memory; an implementation shared by several processes
-/// records it in the store instead (a lease taken in the same statement, e.g. `FOR UPDATE SKIP
-/// LOCKED`, released by `complete`), behind the same methods.
+/// caller's to attempt until it reports them through [`Queue::complete`]. Both implementations
+/// record that claim in the store as a lease (`lease_owner` = this handle's instance id, new at
+/// every open; `lease_until`), taken in the statement that makes or finds the row ready (`FOR
+/// UPDATE SKIP LOCKED` on PostgreSQL), kept alive by [`Queue::renew`] while the attempt runs,
+/// released by `complete`. A row whose lease expired (its instance died or stalled) is claimable
+/// again by anyone, and the instance that lost it can no longer complete it: `complete` and
+/// `dead_letter_queued` change a row only while this instance holds its lease, so an attempt
+/// is recorded once even when two instances made it. SQLite's lease owner names its process:
+/// opening it releases the leases of processes that are gone (a restart after kill -9 goes on
+/// at once).
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Durably queue deliveries (in the order given) and record dead letters, in one
@@ -108,12 +114,19 @@ pub trait Queue: Send + Sync {
 
     /// Record a batch of finished attempts in one transaction, promoting the next row of every
     /// chain whose head finished; the promoted rows are handed to `claim` just before the commit
-    /// and returned.
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>>;
+    /// and returned. A completion of a row whose lease this instance no longer holds (it
+    /// expired and the row was claimed elsewhere, or it is no longer ready) changes nothing —
+    /// no attempt, no dead letter, no promotion — and is answered in [`Completed::lost`].
+    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed>;
+
+    /// Extend the leases of these rows (in flight or about to be) to `now + lease`, in one
+    /// statement; answers the rows whose lease this instance still held (the others are lost).
+    async fn renew(&self, seqs: &[i64], now: i64) -> anyhow::Result<Vec<i64>>;
 
     /// Dead-letter a queued delivery without an attempt (e.g. its webhook was deleted), and
-    /// promote the next row of its chain.
-    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()>;
+    /// promote the next row of its chain. `false`: this instance no longer held its lease, and
+    /// nothing changed.
+    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool>;
 
     /// Drop a run's queued deliveries except the rows in `keep` (in flight): never attempted
     /// again. Returns (kind, event, body) of each dropped row.
@@ -203,6 +216,9 @@ pub trait Registry: Send + Sync {
     async fn list_webhooks(&self, after: i64, limit: i64) -> anyhow::Result<Page<StoredWebhook>>;
     async fn all_webhooks(&self) -> anyhow::Result<Vec<StoredWebhook>>;
     async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool>;
+    /// A number that changes with every write to the webhooks (a counter the database bumps
+    /// itself): instances sharing the store reload their webhooks when it moved.
+    async fn webhooks_version(&self) -> anyhow::Result<i64>;
 
     /// The value stored under `key`, storing `value` first when there is none (the first of
     /// concurrent callers wins).
@@ -312,6 +328,34 @@ pub trait Backend: Send + Sync {
     async fn ping(&self) -> anyhow::Result<()>;
     /// Close every connection (at shutdown, after the last write).
     async fn close(&self);
+}
+
+/// This handle's claims of queued deliveries: rows it takes (due, made ready by its own
+/// transaction) carry `lease_owner = owner` and `lease_until = now + ms`; no other instance
+/// takes them until that passes, unless renewed. `owner` is new at every open, so a restarted
+/// instance of a shared store waits for the leases of its previous life like any other instance.
+#[derive(Clone)]
+pub(crate) struct Lease {
+    pub(crate) owner: String,
+    pub(crate) ms: i64,
+}
+
+impl Lease {
+    pub(crate) fn new(settings: &StoreSettings) -> Lease {
+        Lease {
+            owner: uuid::Uuid::now_v7().to_string(),
+            ms: settings.lease_ms.min(i64::MAX as u64) as i64,
+        }
+    }
+}
+
+/// What [`Queue::complete`] did.
+#[derive(Debug, Default)]
+pub struct Completed {
+    /// Rows made ready behind finished heads (handed to the claim).
+    pub promoted: Vec<QueuedDelivery>,
+    /// Rows of the batch whose lease was lost: nothing of their completion was written.
+    pub lost: Vec<i64>,
 }
 
 /// The handle the rest of the relay holds: one implementation behind every trait. Cheap to clone.
@@ -584,7 +628,7 @@ impl Store {
         batch: &[Completion],
         now: i64,
         claim: impl FnOnce(&[QueuedDelivery]) + Send,
-    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+    ) -> anyhow::Result<Completed> {
         let mut claim = Some(claim);
         self.queue
             .complete(batch, now, &mut |rows| {
@@ -595,8 +639,13 @@ impl Store {
             .await
     }
 
-    pub async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+    pub async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool> {
         self.queue.dead_letter_queued(q, dl, now).await
+    }
+
+    /// See [`Queue::renew`].
+    pub async fn renew(&self, seqs: &[i64], now: i64) -> anyhow::Result<Vec<i64>> {
+        self.queue.renew(seqs, now).await
     }
 
     pub async fn drop_queued_for_run(
@@ -707,6 +756,10 @@ impl Store {
 
     pub async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {
         self.registry.delete_webhook(id).await
+    }
+
+    pub async fn webhooks_version(&self) -> anyhow::Result<i64> {
+        self.registry.webhooks_version().await
     }
 
     pub async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String> {

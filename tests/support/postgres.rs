@@ -172,7 +172,8 @@ impl PgServer {
                 .arg(dir.join("server.log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 {}",
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 \
+                     -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on {}",
                     dir.display(),
                     if durable {
                         ""

@@ -40,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "webhook_overrides",
         sql: include_str!("../../../migrations/postgres/0005_webhook_overrides.sql"),
     },
+    Migration {
+        version: 6,
+        name: "registry_version",
+        sql: include_str!("../../../migrations/postgres/0006_registry_version.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).

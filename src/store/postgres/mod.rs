@@ -9,7 +9,8 @@
 //! Several instances may share one database: the schema is migrated under an advisory lock, the
 //! run lifecycle loads its runs `FOR UPDATE`, and a chain's promotion happens in the transaction
 //! that finishes its head, and the rows an instance takes are leased to it in the store
-//! (`lease_owner`, `lease_until`; [`Lease`]) — not renewed yet: see `docs/OPERATIONS.md`.
+//! (`lease_owner`, `lease_until`; [`Lease`]), renewed while the attempt runs and checked by
+//! `complete`: see `docs/OPERATIONS.md`.
 
 mod log;
 mod migrate;
@@ -31,15 +32,7 @@ pub struct PgStore {
     lease: Lease,
 }
 
-/// This instance's claims of queued deliveries: rows it takes (due, made ready by its own
-/// transaction) carry `lease_owner = owner` and `lease_until = now + ms`; no other instance takes
-/// them until that passes. `owner` is new at every open, so a restarted instance waits for the
-/// leases of its previous life like any other instance.
-#[derive(Clone)]
-pub(super) struct Lease {
-    owner: String,
-    ms: i64,
-}
+pub(super) use super::Lease;
 
 /// Rows per multi-row statement (at 19 columns a row, far below PostgreSQL's limit of 65535
 /// parameters a statement).
@@ -93,10 +86,7 @@ impl PgStore {
         migrate::run(&pool).await.context("migrating the PostgreSQL schema")?;
         Ok(PgStore {
             pool,
-            lease: Lease {
-                owner: uuid::Uuid::now_v7().to_string(),
-                ms: settings.lease_ms.min(i64::MAX as u64) as i64,
-            },
+            lease: Lease::new(settings),
         })
     }
 }
@@ -181,7 +171,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5], "each migration applied once");
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6], "each migration applied once");
     }
 
     #[tokio::test]
@@ -257,7 +247,7 @@ mod tests {
         // b finishes x1: x2 is promoted leased to b; a retry releases y1's lease.
         let x1 = taken.iter().find(|q| q.id == "x1").unwrap();
         let y1 = taken.iter().find(|q| q.id == "y1").unwrap();
-        let promoted = b
+        let done = b
             .complete(
                 &[
                     conformance::completion(x1, Next::Delivered, later),
@@ -268,7 +258,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(conformance::ids(&promoted), ["x2"]);
+        assert_eq!(conformance::ids(&done.promoted), ["x2"]);
         assert_eq!(conformance::ids(&a.due(later + 10, 10, &[]).await.unwrap()), ["y1"]);
         assert!(b.due(later + 10, 10, &[]).await.unwrap().iter().all(|q| q.id != "y1"));
         assert_eq!(conformance::ids(&b.due(later + 10, 10, &[]).await.unwrap()), ["x2"]);

@@ -7,7 +7,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
-use crate::store::{AttemptRecord, Claim, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
+use crate::store::{
+    AttemptRecord, Claim, Completed, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+};
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
 /// (SQLite's `INSERT OR REPLACE`).
@@ -140,6 +142,28 @@ pub(super) async fn paused_chains(
         .collect())
 }
 
+/// Serialise writers of these chains until the transaction ends (a transaction-scoped advisory
+/// lock per chain, taken in sorted order). Under READ COMMITTED, without it, a transaction
+/// queueing a row behind a chain's head (it saw the head, so the row waits) and one finishing
+/// that head (its promotion did not yet see the new row) can both commit, leaving the row
+/// waiting behind nothing: the chain stalls. With it, whichever comes second sees the other's
+/// rows. SQLite needs nothing: `BEGIN IMMEDIATE` serialises every writer.
+pub(super) async fn lock_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut sorted: Vec<&str> = keys.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    // unnest yields the array in order, so the locks are taken in sorted order (no deadlock
+    // between two writers of overlapping chains).
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest($1::text[]) AS k")
+        .bind(&sorted)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
 /// predecessor finished). Returns the rows promoted.
 async fn promote_next(
@@ -148,6 +172,7 @@ async fn promote_next(
     now: i64,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
+    lock_chains(tx, keys).await?;
     let mut out = Vec::new();
     for chunk in keys.chunks(IN_CHUNK) {
         let sql = format!(
@@ -186,6 +211,7 @@ pub(super) async fn insert_deliveries(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    lock_chains(tx, &keys).await?;
     let mut busy = busy_chains(tx, &keys).await?;
     busy.extend(held.iter().cloned());
     let paused = paused_chains(tx, &keys).await?;
@@ -391,6 +417,12 @@ impl Queue for PgStore {
             q.execute(&mut *tx).await?;
         }
         insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        // Every chain parked to, at once and in order (each group locks its own again: a no-op).
+        let keys: Vec<&str> = parked
+            .iter()
+            .flat_map(|(rows, _)| rows.iter().filter_map(|d| d.order_key.as_deref()))
+            .collect();
+        lock_chains(&mut tx, &keys).await?;
         for (rows, ahead) in parked {
             let key = rows.first().and_then(|d| d.order_key.clone());
             // Rows held behind the in-memory part of this chain: taken out and written again
@@ -477,9 +509,50 @@ impl Queue for PgStore {
         .await?)
     }
 
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed> {
         let mut tx = self.pool.begin().await?;
+        // The chains first (see `lock_chains`), all at once, before any row lock.
+        let keys: Vec<&str> = batch.iter().filter_map(|c| c.order_key.as_deref()).collect();
+        lock_chains(&mut tx, &keys).await?;
+        // First the rows, each only while this instance holds its lease and it is still ready
+        // (the row lock this takes also waits out another instance's claim of it in flight);
+        // everything else of a completion follows only for the rows this answers.
+        let mut held = HashSet::new();
         for chunk in batch.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
+                 first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
+                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(
+                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body) \
+                 WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
+                 RETURNING deliveries.seq",
+            );
+            let sql = pg(&sql);
+            let mut q = sqlx::query_scalar::<_, i64>(sql.as_str());
+            for c in chunk {
+                let (state, next_at, finished) = match &c.next {
+                    Next::Delivered => ("delivered", now, Some(now)),
+                    Next::Retry { at_ms } => ("ready", *at_ms, None),
+                    Next::Dead(_) => ("dead", now, Some(now)),
+                };
+                q = q
+                    .bind(c.seq)
+                    .bind(state)
+                    .bind(c.attempt_no)
+                    .bind(next_at)
+                    .bind(c.first_attempt_at)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(finished)
+                    .bind(&c.body);
+            }
+            held.extend(q.bind(&self.lease.owner).fetch_all(&mut *tx).await?);
+        }
+        let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
+        for chunk in applied.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
             );
@@ -498,44 +571,13 @@ impl Queue for PgStore {
                     .bind(&c.attempt.excerpt);
             }
             q.execute(&mut *tx).await?;
-
-            let mut sql = String::from(
-                "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
-                 first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
-            );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            sql.push_str(
-                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body) \
-                 WHERE deliveries.seq = v.seq",
-            );
-            let sql = pg(&sql);
-            let mut q = sqlx::query(sql.as_str());
-            for c in chunk {
-                let (state, next_at, finished) = match &c.next {
-                    Next::Delivered => ("delivered", now, Some(now)),
-                    Next::Retry { at_ms } => ("ready", *at_ms, None),
-                    Next::Dead(_) => ("dead", now, Some(now)),
-                };
-                q = q
-                    .bind(c.seq)
-                    .bind(state)
-                    .bind(c.attempt_no)
-                    .bind(next_at)
-                    .bind(c.first_attempt_at)
-                    .bind(c.attempt.status)
-                    .bind(&c.attempt.error)
-                    .bind(finished)
-                    .bind(&c.body);
-            }
-            q.execute(&mut *tx).await?;
         }
-        for c in batch {
+        for c in &applied {
             if let Next::Dead(dl) = &c.next {
                 insert_dead_letter(&mut tx, dl, now).await?;
             }
         }
-        let finished: Vec<&str> = batch
+        let finished: Vec<&str> = applied
             .iter()
             .filter(|c| !matches!(c.next, Next::Retry { .. }))
             .filter_map(|c| c.order_key.as_deref())
@@ -545,25 +587,52 @@ impl Queue for PgStore {
         let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
-        Ok(promoted)
+        Ok(Completed {
+            promoted,
+            lost: batch.iter().map(|c| c.seq).filter(|s| !held.contains(s)).collect(),
+        })
     }
 
-    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+    async fn renew(&self, seqs: &[i64], now: i64) -> anyhow::Result<Vec<i64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement, however many rows: the seqs go as one array parameter.
+        Ok(sqlx::query_scalar(
+            "UPDATE deliveries SET lease_until = $1 WHERE seq = ANY($2) AND lease_owner = $3 AND state = 'ready' \
+             RETURNING seq",
+        )
+        .bind(now + self.lease.ms)
+        .bind(seqs)
+        .bind(&self.lease.owner)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(&pg(
-            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?",
+        // The chain before the row, in the order `complete` takes them.
+        lock_chains(&mut tx, &q.order_key.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+        let n = sqlx::query(&pg(
+            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ?, lease_owner = NULL, \
+             lease_until = NULL WHERE seq = ? AND state = 'ready' AND lease_owner = ?",
         ))
         .bind(now)
         .bind(dl.reason)
         .bind(q.seq)
+        .bind(&self.lease.owner)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
             promote_next(&mut tx, &[k.as_str()], now, &self.lease).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn drop_queued_for_run(

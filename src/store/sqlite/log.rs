@@ -225,7 +225,7 @@ impl DeliveryLog for SqliteStore {
             .into_iter()
             .collect();
         let held = hold(&keys);
-        let ready = insert_deliveries(&mut tx, &again, now, &held).await?;
+        let ready = insert_deliveries(&mut tx, &again, now, &held, &self.lease).await?;
         tx.commit().await?;
         Ok((ready, again.len() as u64, held.into_iter().collect(), raws))
     }

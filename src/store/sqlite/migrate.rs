@@ -56,6 +56,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0006_webhook_overrides.sql"),
         present: None,
     },
+    Migration {
+        version: 7,
+        name: "leases",
+        sql: include_str!("../../../migrations/sqlite/0007_leases.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\

@@ -23,7 +23,10 @@ use crate::config::{StoreSettings, Synchronous};
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    lease: Lease,
 }
+
+use super::Lease;
 
 /// Rows per multi-row statement (up to 19 columns a row stays far below SQLite's limit of
 /// 32766 variables a statement).
@@ -74,7 +77,31 @@ impl SqliteStore {
         // SQLite gives the -wal and -shm files the database file's mode; made before this
         // version they may be looser.
         private_files(&settings.path).with_context(|| format!("securing store {}", settings.path.display()))?;
-        Ok(SqliteStore { pool })
+        // Processes on one host may share the file, so the owner names its process. The leases
+        // of processes that are gone (killed with rows in flight) are released now, so a restart
+        // attempts those rows again at once rather than after `store.lease_ms`; so are those of
+        // an earlier handle of this very process (one store per process: an earlier life).
+        let mut lease = Lease::new(settings);
+        let pid = std::process::id();
+        lease.owner = format!("{pid}:{}", lease.owner);
+        let owners: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT lease_owner FROM deliveries WHERE lease_owner IS NOT NULL")
+                .fetch_all(&pool)
+                .await?;
+        for owner in owners {
+            let gone = match owner.split_once(':').and_then(|(p, _)| p.parse::<u32>().ok()) {
+                Some(p) => p == pid || !std::path::Path::new(&format!("/proc/{p}")).exists(),
+                None => true,
+            };
+            if gone {
+                sqlx::query("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?")
+                    .bind(&owner)
+                    .execute(&pool)
+                    .await
+                    .context("releasing leases of a process that is gone")?;
+            }
+        }
+        Ok(SqliteStore { pool, lease })
     }
 }
 

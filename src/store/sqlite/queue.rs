@@ -6,8 +6,10 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{placeholders, SqliteStore, INSERT_CHUNK, IN_CHUNK};
-use crate::store::{AttemptRecord, Claim, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery};
+use super::{placeholders, Lease, SqliteStore, INSERT_CHUNK, IN_CHUNK};
+use crate::store::{
+    AttemptRecord, Claim, Completed, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+};
 
 pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
      order_key, body, attempts, first_attempt_at, created_at, source";
@@ -135,16 +137,18 @@ async fn promote_next(
     tx: &mut Transaction<'_, Sqlite>,
     keys: &[&str],
     now: i64,
+    lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
     let mut out = Vec::new();
     for chunk in keys.chunks(IN_CHUNK) {
         let sql = format!(
-            "UPDATE deliveries SET state = 'ready', next_attempt_at = ? WHERE state = 'waiting' AND seq IN \
+            "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
+             WHERE state = 'waiting' AND seq IN \
              (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused') GROUP BY order_key) \
              RETURNING {QUEUED_COLUMNS}",
             placeholders(chunk.len())
         );
-        let mut q = sqlx::query(&sql).bind(now);
+        let mut q = sqlx::query(&sql).bind(now).bind(&lease.owner).bind(now + lease.ms);
         for k in chunk {
             q = q.bind(*k);
         }
@@ -161,6 +165,7 @@ pub(super) async fn insert_deliveries(
     deliveries: &[NewDelivery],
     now: i64,
     held: &HashSet<String>,
+    lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
     let keys: Vec<&str> = deliveries
         .iter()
@@ -189,9 +194,9 @@ pub(super) async fn insert_deliveries(
         let mut sql = String::from(
             "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
              order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
-             last_status, last_error) VALUES ",
+             last_status, last_error, lease_owner, lease_until) VALUES ",
         );
-        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
         sql.push_str(" RETURNING seq, id");
         let mut q = sqlx::query(&sql);
         for (d, state) in chunk.iter().zip(st) {
@@ -214,7 +219,10 @@ pub(super) async fn insert_deliveries(
                 .bind(d.created_at)
                 .bind(&d.source)
                 .bind(last.and_then(|a| a.status))
-                .bind(last.and_then(|a| a.error.clone()));
+                .bind(last.and_then(|a| a.error.clone()))
+                // A ready row is this instance's (handed to its claim, or parked by it).
+                .bind((*state == "ready").then_some(lease.owner.as_str()))
+                .bind((*state == "ready").then_some(now + lease.ms));
         }
         for r in q.fetch_all(&mut **tx).await? {
             seqs.insert(r.get("id"), r.get("seq"));
@@ -305,7 +313,7 @@ impl Queue for SqliteStore {
         claim: Claim<'_>,
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let ready = insert_deliveries(&mut tx, deliveries, now, held).await?;
+        let ready = insert_deliveries(&mut tx, deliveries, now, held, &self.lease).await?;
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
         }
@@ -317,7 +325,7 @@ impl Queue for SqliteStore {
     async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let promoted = promote_next(&mut tx, &keys, now).await?;
+        let promoted = promote_next(&mut tx, &keys, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
         Ok(promoted)
@@ -374,10 +382,10 @@ impl Queue for SqliteStore {
                 (Some(k), true) => take_waiting(&mut tx, k).await?,
                 _ => Vec::new(),
             };
-            insert_deliveries(&mut tx, rows, now, &HashSet::new()).await?;
+            insert_deliveries(&mut tx, rows, now, &HashSet::new(), &self.lease).await?;
             if !held.is_empty() {
                 let keep: HashSet<String> = key.into_iter().collect();
-                insert_deliveries(&mut tx, &held, now, &keep).await?;
+                insert_deliveries(&mut tx, &held, now, &keep, &self.lease).await?;
             }
             insert_attempt_logs(&mut tx, rows.iter()).await?;
         }
@@ -389,20 +397,40 @@ impl Queue for SqliteStore {
     }
 
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
-        let mut sql = format!("SELECT {QUEUED_COLUMNS} FROM deliveries WHERE state = 'ready' AND next_attempt_at <= ?");
+        // Claimed in one statement, as on PostgreSQL: ready rows that are due and not leased to
+        // another handle (or whose lease expired), leased to this one. SQLite runs one writer at
+        // a time, so no two claims can interleave.
+        let mut sql = String::from(
+            "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE seq IN (SELECT seq FROM deliveries \
+             WHERE state = 'ready' AND next_attempt_at <= ? \
+             AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)",
+        );
         if !skip_targets.is_empty() {
             sql.push_str(&format!(
                 " AND target_key NOT IN ({})",
                 placeholders(skip_targets.len())
             ));
         }
-        sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ?");
-        let mut q = sqlx::query(&sql).bind(now);
+        sql.push_str(&format!(
+            " ORDER BY next_attempt_at, seq LIMIT ?) RETURNING next_attempt_at, {QUEUED_COLUMNS}"
+        ));
+        let mut q = sqlx::query(&sql)
+            .bind(&self.lease.owner)
+            .bind(now + self.lease.ms)
+            .bind(now)
+            .bind(&self.lease.owner)
+            .bind(now);
         for t in skip_targets {
             q = q.bind(t);
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(queued_from_row).collect())
+        // RETURNING keeps no order: oldest due first, as asked.
+        let mut out: Vec<(i64, QueuedDelivery)> = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r)))
+            .collect();
+        out.sort_by_key(|(at, q)| (*at, q.seq));
+        Ok(out.into_iter().map(|(_, q)| q).collect())
     }
 
     async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
@@ -432,34 +460,23 @@ impl Queue for SqliteStore {
         .await?)
     }
 
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // First the rows, each only while this handle holds its lease and it is still ready;
+        // everything else of a completion follows only for the rows this answers.
+        let mut held = HashSet::new();
         for chunk in batch.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
-            );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q
-                    .bind(&c.delivery_id)
-                    .bind(c.attempt_no)
-                    .bind(c.attempt.started_at)
-                    .bind(c.attempt.duration_ms)
-                    .bind(c.attempt.status)
-                    .bind(&c.attempt.error)
-                    .bind(&c.attempt.excerpt);
-            }
-            q.execute(&mut *tx).await?;
-
             let mut sql = String::from(
                 "UPDATE deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
                  first_attempt_at = v.column5, last_status = v.column6, last_error = v.column7, finished_at = v.column8, \
-                 body = COALESCE(v.column9, deliveries.body) FROM (VALUES ",
+                 body = COALESCE(v.column9, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
             );
             sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            sql.push_str(") AS v WHERE deliveries.seq = v.column1");
-            let mut q = sqlx::query(&sql);
+            sql.push_str(
+                ") AS v WHERE deliveries.seq = v.column1 AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
+                 RETURNING seq",
+            );
+            let mut q = sqlx::query_scalar::<_, i64>(&sql);
             for c in chunk {
                 let (state, next_at, finished) = match &c.next {
                     Next::Delivered => ("delivered", now, Some(now)),
@@ -477,40 +494,87 @@ impl Queue for SqliteStore {
                     .bind(finished)
                     .bind(&c.body);
             }
+            held.extend(q.bind(&self.lease.owner).fetch_all(&mut *tx).await?);
+        }
+        let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
+        for chunk in applied.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
+            );
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(&c.delivery_id)
+                    .bind(c.attempt_no)
+                    .bind(c.attempt.started_at)
+                    .bind(c.attempt.duration_ms)
+                    .bind(c.attempt.status)
+                    .bind(&c.attempt.error)
+                    .bind(&c.attempt.excerpt);
+            }
             q.execute(&mut *tx).await?;
         }
-        for c in batch {
+        for c in &applied {
             if let Next::Dead(dl) = &c.next {
                 insert_dead_letter(&mut tx, dl, now).await?;
             }
         }
-        let finished: Vec<&str> = batch
+        let finished: Vec<&str> = applied
             .iter()
             .filter(|c| !matches!(c.next, Next::Retry { .. }))
             .filter_map(|c| c.order_key.as_deref())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let promoted = promote_next(&mut tx, &finished, now).await?;
+        let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
-        Ok(promoted)
+        Ok(Completed {
+            promoted,
+            lost: batch.iter().map(|c| c.seq).filter(|s| !held.contains(s)).collect(),
+        })
     }
 
-    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+    async fn renew(&self, seqs: &[i64], now: i64) -> anyhow::Result<Vec<i64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement, however many rows: the seqs go as one JSON array parameter.
+        let list = serde_json::to_string(seqs)?;
+        Ok(sqlx::query_scalar(
+            "UPDATE deliveries SET lease_until = ? WHERE seq IN (SELECT value FROM json_each(?)) \
+             AND lease_owner = ? AND state = 'ready' RETURNING seq",
+        )
+        .bind(now + self.lease.ms)
+        .bind(list)
+        .bind(&self.lease.owner)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ? WHERE seq = ?")
-            .bind(now)
-            .bind(dl.reason)
-            .bind(q.seq)
-            .execute(&mut *tx)
-            .await?;
+        let n = sqlx::query(
+            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ?, lease_owner = NULL, \
+             lease_until = NULL WHERE seq = ? AND state = 'ready' AND lease_owner = ?",
+        )
+        .bind(now)
+        .bind(dl.reason)
+        .bind(q.seq)
+        .bind(&self.lease.owner)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
         insert_dead_letter(&mut tx, dl, now).await?;
         if let Some(k) = &q.order_key {
-            promote_next(&mut tx, &[k.as_str()], now).await?;
+            promote_next(&mut tx, &[k.as_str()], now, &self.lease).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn drop_queued_for_run(
@@ -569,7 +633,7 @@ impl Queue for SqliteStore {
         let keys: BTreeSet<String> = keys.into_iter().flatten().collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         // The oldest row of each chain goes first: it was held in the chain's order.
-        let promoted = promote_next(&mut tx, &refs, now).await?;
+        let promoted = promote_next(&mut tx, &refs, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
         Ok(promoted)

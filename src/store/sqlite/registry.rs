@@ -102,6 +102,13 @@ impl Registry for SqliteStore {
         rows.iter().map(webhook_from_row).collect()
     }
 
+    async fn webhooks_version(&self) -> anyhow::Result<i64> {
+        let v: Option<String> = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'webhooks_version'")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
     async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {
         let r = sqlx::query("DELETE FROM webhooks WHERE id = ?")
             .bind(id)
