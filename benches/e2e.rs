@@ -62,15 +62,17 @@ fn receiver() -> Receiver {
             Reply::status(200).delayed(SLOW_ANSWER)
         } else if r.path.starts_with("/unavailable") {
             Reply::status(503).header("retry-after", "3600")
+        } else if r.path.starts_with("/down") {
+            Reply::status(500)
         } else {
             Reply::status(200)
         }
     }))
 }
 
-/// Paths whose answers count as deliveries (not `/slow` nor `/unavailable`).
+/// Paths whose answers count as deliveries (not `/slow`, `/unavailable` nor `/down`).
 fn counted(path: &str) -> bool {
-    !path.starts_with("/slow") && !path.starts_with("/unavailable")
+    !path.starts_with("/slow") && !path.starts_with("/unavailable") && !path.starts_with("/down")
 }
 
 /// Deliveries answered at once since the last reset.
@@ -711,12 +713,11 @@ struct IsoPhase {
 async fn iso_phase(
     rx: &Receiver,
     broker: Option<&Broker>,
-    slow: bool,
+    label: &str,
     per_wh: usize,
     rate: Option<f64>,
     lat_secs: f64,
 ) -> IsoPhase {
-    let label = if slow { "slow" } else { "baseline" };
     let (relay, feed) = match broker {
         None => (start_relay(vec![]).await, Feed::Api { batch: 500 }),
         Some(b) => {
@@ -730,10 +731,12 @@ async fn iso_phase(
     };
     let mut wids = Vec::with_capacity(ISO_WEBHOOKS);
     for i in 0..ISO_WEBHOOKS {
-        let path = if i == 0 && slow {
-            "/slow/0".to_string()
-        } else {
-            format!("/iso/{i}")
+        // Webhook 0: healthy (baseline), answering after 5 s (slow), or answering 500 at once
+        // (down: its breaker opens and its events stay queued).
+        let path = match (i, label) {
+            (0, "slow") => "/slow/0".to_string(),
+            (0, "down") => "/down/0".to_string(),
+            _ => format!("/iso/{i}"),
         };
         wids.push(webhook(&relay, &rx.url(&path)).await.0);
     }
@@ -767,7 +770,9 @@ async fn iso_phase(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let eps = (healthy * per_wh) as f64 / secs(done - started);
-    let slow_arrivals = rx.answered_on("/slow");
+    // Webhook 0 is healthy only in the baseline (then it is one of the `/iso/` paths counted).
+    let slow = label != "baseline";
+    let slow_arrivals = rx.answered_on("/slow") + rx.answered_on("/down");
     let complete = iso_paths_with(rx, per_wh as u64) - usize::from(!slow);
     eprintln!(
         "  isolation {} ({label}): accepted {} in {:.2}s, webhooks 1..99 done in {:.2}s, slow webhook got {slow_arrivals}",
@@ -827,16 +832,18 @@ async fn iso_phase(
 struct IsoResult {
     baseline: IsoPhase,
     slow: IsoPhase,
+    down: IsoPhase,
 }
 
 /// Isolation: the same workload with all 100 webhooks healthy, then with webhook 0 answering
 /// after `SLOW_ANSWER`. Latency phases at half the baseline's throughput.
 async fn isolation(rx: &Receiver, kafka: bool, per_wh: usize, lat_secs: f64) -> IsoResult {
     let broker = kafka.then(Broker::start);
-    let baseline = iso_phase(rx, broker.as_ref(), false, per_wh, None, lat_secs).await;
+    let baseline = iso_phase(rx, broker.as_ref(), "baseline", per_wh, None, lat_secs).await;
     let rate = baseline.eps / 2.0;
-    let slow = iso_phase(rx, broker.as_ref(), true, per_wh, Some(rate), lat_secs).await;
-    IsoResult { baseline, slow }
+    let slow = iso_phase(rx, broker.as_ref(), "slow", per_wh, Some(rate), lat_secs).await;
+    let down = iso_phase(rx, broker.as_ref(), "down", per_wh, Some(rate), lat_secs).await;
+    IsoResult { baseline, slow, down }
 }
 
 struct ParkedResult {
@@ -1467,8 +1474,28 @@ fn main() {
                     "rss_mib": {"baseline": r.baseline.rss, "slow": r.slow.rss},
                 }),
             );
+            let down_ratio = r.down.eps / r.baseline.eps;
+            let (_, (_, down_p99, _)) = r.down.latency.unwrap_or_default();
+            rep.row(
+                &format!(
+                    "Isolation {name}: webhooks 1..99 with webhook 0 down (500 at once: its breaker opens)"
+                ),
+                &format!(
+                    "{:.0} events/s vs {:.0} all healthy ({down_ratio:.2} x); down one got {} attempts; {} / 99 complete; p99 {down_p99:.1} ms",
+                    r.down.eps, r.baseline.eps, r.down.slow_arrivals, r.down.complete
+                ),
+                ">= 0.95 x all healthy",
+                yes(down_ratio >= 0.95),
+            );
+            if let Some(o) = iso_json.get_mut(name).and_then(Value::as_object_mut) {
+                o.insert("down_eps".into(), json!(r.down.eps));
+                o.insert("down_ratio".into(), json!(down_ratio));
+                o.insert("down_webhook_attempts".into(), json!(r.down.slow_arrivals));
+                o.insert("down_latency_ms".into(), json!(r.down.latency.map(lat_json)));
+            }
+            rep.target(&format!("isolation_{name}_down_ge_0_95"), down_ratio >= 0.95);
             rep.target(&format!("isolation_{name}_ge_0_95"), ratio >= 0.95);
-            rep.rss(&format!("isolation_{name}"), r.baseline.rss.max(r.slow.rss));
+            rep.rss(&format!("isolation_{name}"), r.baseline.rss.max(r.slow.rss).max(r.down.rss));
             rep.target(&format!("isolation_{name}_p99_le_50ms"), p99 <= 50.0);
         }
         if !iso_json.is_empty() {

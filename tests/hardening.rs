@@ -752,3 +752,40 @@ async fn api_requests_are_rate_limited_per_token() {
     }
     assert_eq!(app.metric("syncrelay_http_rate_limited_total", &[]).await, 1.0);
 }
+
+/// Found by schemathesis: serde takes a JSON array for a struct whose fields all have defaults,
+/// so `POST /webhook/{id}/enable` with `[]` answered 200. Every request body is an object.
+#[tokio::test]
+async fn array_bodies_are_refused_where_an_object_is_expected() {
+    let app = spawn_app(&[]).await;
+    let (_, hook) = app
+        .post("/webhook", json!({"target_url": "http://93.184.216.34/hook"}))
+        .await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    for (method, path) in [
+        (Method::POST, format!("/webhook/{hook_id}/enable")),
+        (Method::PATCH, format!("/webhook/{hook_id}")),
+        (Method::POST, "/dead-letters/replay".to_string()),
+    ] {
+        for body in ["[]", "[true]"] {
+            let resp = app
+                .req(method.clone(), &path)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let b: Value = resp.json().await.unwrap();
+            assert_eq!(status, 400, "{method} {path} {body}: {b}");
+            assert_eq!(b["type"], "bad_request", "{b}");
+        }
+    }
+    // An empty body still enables (the options are optional).
+    let resp = app
+        .req(Method::POST, &format!("/webhook/{hook_id}/enable"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}
