@@ -16,6 +16,9 @@ use crate::metrics::Metrics;
 pub struct RelayContext {
     pub tracker: Arc<Tracker>,
     pub metrics: Metrics,
+    /// Set when partitions are assigned: the consumer loop learns, before it takes any message
+    /// of them, which chains have rows in the (shared) store.
+    pub assigned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A one-partition list, at `offset` when given.
@@ -116,6 +119,7 @@ impl ConsumerContext for RelayContext {
                     tps.push((tp, at));
                 }
                 self.tracker.assign(&tps);
+                self.assigned.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             Rebalance::Error(_) => {}
         }

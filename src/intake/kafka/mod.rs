@@ -103,6 +103,8 @@ pub struct KafkaBus {
     produce_timeout: Duration,
     max_event_bytes: usize,
     metrics: Metrics,
+    /// Partitions were just assigned (set by the rebalance callback, see `run`).
+    assigned: Arc<std::sync::atomic::AtomicBool>,
     /// Itself, for the acknowledgements it hands out.
     me: Weak<KafkaBus>,
 }
@@ -119,6 +121,7 @@ impl KafkaBus {
     pub fn new(settings: &Settings, metrics: Metrics) -> anyhow::Result<Arc<KafkaBus>> {
         let k = &settings.bus.kafka;
         let tracker = Arc::new(Tracker::new(k.max_buffered_per_partition, metrics.clone()));
+        let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut ccfg = client_config(settings);
         ccfg.set("group.id", &k.group_id);
         // Our defaults, unless the operator set them.
@@ -143,6 +146,7 @@ impl KafkaBus {
             .create_with_context(RelayContext {
                 tracker: tracker.clone(),
                 metrics: metrics.clone(),
+                assigned: assigned.clone(),
             })
             .context("creating the Kafka consumer (check bus.kafka.librdkafka)")?;
         let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
@@ -174,6 +178,7 @@ impl KafkaBus {
             produce_timeout: Duration::from_millis(k.produce_timeout_ms),
             max_event_bytes: settings.events.max_event_bytes,
             metrics,
+            assigned,
             me: me.clone(),
         }))
     }
@@ -324,6 +329,29 @@ impl KafkaBus {
                     offset,
                     generation,
                 });
+            }
+            if self.assigned.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                // Partitions were just assigned, perhaps taken over from another instance that
+                // parked some of their chains in the shared store (and acknowledged them): this
+                // instance's chains do not know those rows yet, and a memory delivery of such a
+                // chain must queue behind them, not overtake them. Learn them before taking any
+                // message of the new partitions (the callback ran inside `recv`, before they
+                // were returned).
+                loop {
+                    match engine.store.active_order_keys().await {
+                        Ok(keys) => {
+                            engine.chains.note_stored(keys);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "reading stored chains after an assignment failed; retrying");
+                            if stop.is_cancelled() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
             }
             self.clone().accept(&engine, items).await;
         }
