@@ -275,11 +275,7 @@ fn client_cpu_secs() -> f64 {
         if !(comm.starts_with("tokio-rt-worker") || comm.starts_with("tokio-runtime-w")) {
             continue;
         }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        // After the command name (in parentheses): utime is the 12th field, stime the 13th.
-        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-        total += (ticks(11) + ticks(12)) / 100.0;
+        total += support::relay::stat_cpu_secs(&std::fs::read_to_string(t.path().join("stat")).unwrap_or_default());
     }
     total
 }
@@ -375,27 +371,41 @@ struct EmbeddedResult {
     latency: (f64, (f64, f64, f64)),
 }
 
-async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat_secs: f64) -> EmbeddedResult {
-    let relay = start_relay(vec![]).await;
-    let (wid, secret) = webhook(&relay, &rx.url("/embedded")).await;
-    let events = workload("emb", &wid, runs, per_run, 0);
+/// The embedded bus's throughput phase: `runs` x `per_run` events POSTed to `relay` for webhook
+/// `wid`, clocked from the first POST to the last arrival. Returns (events/s, relay CPU seconds,
+/// peak RSS MiB) of the phase.
+async fn post_throughput(
+    rx: &Receiver,
+    relay: &RelayProcess,
+    wid: &str,
+    name: &str,
+    runs: usize,
+    per_run: usize,
+) -> (f64, f64, f64) {
+    let events = workload(name, wid, runs, per_run, 0);
     let n = events.len() as u64;
     rx.reset();
     relay.reset_peak_rss();
     let cpu0 = relay.cpu_secs();
     let started = Instant::now();
-    post_events(&relay, &events).await;
+    post_events(relay, &events).await;
     let accepted = started.elapsed();
     let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
     let eps = n as f64 / secs(done - started);
     let cpu = relay.cpu_secs() - cpu0;
-    eprintln!("  embedded: relay CPU {cpu:.2}s over {:.2}s wall", secs(done - started));
+    eprintln!("  {name}: relay CPU {cpu:.2}s over {:.2}s wall", secs(done - started));
     eprintln!(
-        "  embedded: accepted {n} in {:.2}s, delivered in {:.2}s",
+        "  {name}: accepted {n} in {:.2}s, delivered in {:.2}s",
         secs(accepted),
         secs(done - started)
     );
-    let rss_throughput = relay.peak_rss_mib();
+    (eps, cpu, relay.peak_rss_mib())
+}
+
+async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat_secs: f64) -> EmbeddedResult {
+    let relay = start_relay(vec![]).await;
+    let (wid, secret) = webhook(&relay, &rx.url("/embedded")).await;
+    let (eps, cpu, rss_throughput) = post_throughput(rx, &relay, &wid, "embedded", runs, per_run).await;
     let verified = rx.verify_samples(&secret);
 
     // One run, strictly sequential.
@@ -458,18 +468,7 @@ async fn postgres(rx: &Receiver, runs: usize, per_run: usize) -> (f64, f64, f64,
     ])
     .await;
     let (wid, secret) = webhook(&relay, &rx.url("/postgres")).await;
-    let events = workload("pg", &wid, runs, per_run, 0);
-    let n = events.len() as u64;
-    rx.reset();
-    relay.reset_peak_rss();
-    let cpu0 = relay.cpu_secs();
-    let started = Instant::now();
-    post_events(&relay, &events).await;
-    let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
-    let eps = n as f64 / secs(done - started);
-    let cpu = relay.cpu_secs() - cpu0;
-    eprintln!("  postgres: relay CPU {cpu:.2}s over {:.2}s wall", secs(done - started));
-    let rss = relay.peak_rss_mib();
+    let (eps, cpu, rss) = post_throughput(rx, &relay, &wid, "postgres", runs, per_run).await;
     let verified = rx.verify_samples(&secret);
     drop(relay);
     drop(pg);

@@ -258,10 +258,8 @@ pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&str) -> bool) -> Resu
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Every request body is an object. serde would take `[]` (or `[true]`) for a struct whose
     // fields have defaults (schemathesis: `POST /webhook/{id}/enable` with `[]` answered 200).
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => {}
-        Some(b'[') => return Err(ApiError::bad("body must be a JSON object, not an array")),
-        _ => {}
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::bad("body must be a JSON object, not an array"));
     }
     check_duplicate_keys(bytes, &|_| false)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);

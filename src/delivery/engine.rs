@@ -551,11 +551,9 @@ impl Engine {
                 }
                 if free > 0 && !f.hot.is_empty() {
                     let f = &mut *f;
-                    let mut allowance: HashMap<String, usize> = HashMap::new();
+                    // `take` asks once per target, so no cache of allowances is needed here.
                     let jobs = f.hot.take(free, &mut f.per_target, |key| {
-                        *allowance
-                            .entry(key.to_string())
-                            .or_insert_with(|| self.targets.allowance(key, self.cap_for(key), now_i))
+                        self.targets.allowance(key, self.cap_for(key), now_i)
                     });
                     for job in &jobs {
                         if job.is_memory() {

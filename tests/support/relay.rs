@@ -310,13 +310,17 @@ impl RelayProcess {
 
     /// CPU seconds (user + system) the process has used so far.
     pub fn cpu_secs(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-        let rest = s.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
+        stat_cpu_secs(&std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default())
     }
+}
+
+/// User + system CPU seconds in the text of a `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat`
+/// file (0 for an empty or unreadable one).
+pub fn stat_cpu_secs(stat: &str) -> f64 {
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 impl Drop for RelayProcess {
