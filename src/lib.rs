@@ -78,6 +78,7 @@ impl Application {
             kafka: kafka.clone(),
             token_digests: settings.auth.tokens.iter().map(|t| api::token_digest(t)).collect(),
             rate_limiter: api::RateLimiter::new(&settings.http.rate_limit, settings.auth.tokens.len()),
+            query_params: api::QueryParams::from_document(&api::openapi_document(&settings)),
         });
         let mut server = HttpServer::new(move || {
             App::new()

@@ -789,3 +789,34 @@ async fn array_bodies_are_refused_where_an_object_is_expected() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
 }
+
+#[tokio::test]
+async fn unknown_query_parameters_are_refused_naming_them() {
+    let app = spawn_app(&[]).await;
+    // A misspelt filter would otherwise be ignored and answer with every delivery.
+    for (path, field) in [
+        ("/deliveries?stauts=dead", "stauts"),
+        ("/deliveries?cursor=&=null", ""),
+        ("/dead-letters?status=dead", "status"),
+        ("/webhook?limit=2&page=3", "page"),
+        ("/health/live?verbose=1", "verbose"),
+    ] {
+        let (s, b) = app.get(path).await;
+        assert_eq!(s, 400, "{path}: {b}");
+        assert_eq!(b["type"], "bad_request", "{path}: {b}");
+        assert_eq!(b["detail"]["field"], field, "{path}: {b}");
+    }
+    let (s, b) = app.post("/events?dry_run=1", json!({"events": []})).await;
+    assert_eq!((s, b["detail"]["field"].as_str()), (400, Some("dry_run")), "{b}");
+    // The documented ones are taken, filters and paging together.
+    for path in [
+        "/deliveries?status=dead&limit=5",
+        "/dead-letters?reason=max_attempts&limit=1",
+        "/webhook?limit=2",
+        "/syncs?per_page=2&page=1",
+        "/health/live",
+    ] {
+        let (s, b) = app.get(path).await;
+        assert_eq!(s, 200, "{path}: {b}");
+    }
+}

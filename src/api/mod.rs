@@ -37,6 +37,8 @@ pub struct AppState {
     pub token_digests: Vec<[u8; 32]>,
     /// `http.rate_limit`, when on.
     pub rate_limiter: Option<RateLimiter>,
+    /// The query parameters each operation takes (from the OpenAPI document).
+    pub query_params: QueryParams,
 }
 
 pub type State = web::Data<AppState>;
@@ -119,7 +121,11 @@ pub fn documented_operations(doc: &serde_json::Value) -> Vec<(String, String)> {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let mut scope = web::scope("").wrap(from_fn(authenticate)).wrap(from_fn(observe));
+    // Wrapped last runs first: observe, then authenticate, then the query parameter check.
+    let mut scope = web::scope("")
+        .wrap(from_fn(known_query_parameters))
+        .wrap(from_fn(authenticate))
+        .wrap(from_fn(observe));
     for (method, path, route) in routes() {
         scope = scope.route(path, route.method(method));
     }
@@ -261,6 +267,68 @@ async fn authenticate(
         if let Some(e) = refused {
             let (http_req, _) = req.into_parts();
             return Ok(ServiceResponse::new(http_req, e.error_response()));
+        }
+    }
+    next.call(req).await.map(|r| r.map_into_boxed_body())
+}
+
+/// The query parameters each operation takes, read from the OpenAPI document so that what is
+/// documented and what is accepted cannot drift: `(method, path template, names)`.
+pub struct QueryParams(Vec<(Method, actix_web::dev::ResourceDef, Vec<String>)>);
+
+impl QueryParams {
+    pub fn from_document(doc: &serde_json::Value) -> QueryParams {
+        let mut out = Vec::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                let Ok(method) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+                    continue;
+                };
+                let names = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "query")
+                    .filter_map(|p| p["name"].as_str().map(str::to_string))
+                    .collect();
+                out.push((method, actix_web::dev::ResourceDef::new(path.as_str()), names));
+            }
+        }
+        QueryParams(out)
+    }
+
+    /// The parameters of the operation at `method path`, or None when no operation is there.
+    fn of(&self, method: &Method, path: &str) -> Option<&[String]> {
+        self.0
+            .iter()
+            .find(|(m, def, _)| m == method && def.is_match(path))
+            .map(|(_, _, names)| names.as_slice())
+    }
+}
+
+/// A query parameter an operation does not take is refused (400 naming it), as an unknown body
+/// field is: a misspelt filter (`?stauts=dead`) silently ignored would answer with everything.
+async fn known_query_parameters(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    // Most requests (every POST /events) carry no query: nothing to look up.
+    if !req.query_string().is_empty() {
+        let state = req.app_data::<State>().expect("state is configured");
+        if let Some(known) = state.query_params.of(req.method(), req.path()) {
+            let unknown = url::form_urlencoded::parse(req.query_string().as_bytes())
+                .map(|(name, _)| name)
+                .find(|name| !known.iter().any(|k| k == name));
+            if let Some(name) = unknown {
+                let takes = if known.is_empty() {
+                    "this operation takes no query parameters".to_string()
+                } else {
+                    format!("this operation takes {}", known.join(", "))
+                };
+                let e = ApiError::field(name.to_string(), format!("unknown query parameter; {takes}"));
+                let (http_req, _) = req.into_parts();
+                return Ok(ServiceResponse::new(http_req, e.error_response()));
+            }
         }
     }
     next.call(req).await.map(|r| r.map_into_boxed_body())

@@ -533,7 +533,12 @@ impl Engine {
             let mut hot_jobs = Vec::new();
             let (free, skip, known, epoch, scan) = {
                 let mut f = self.in_flight.lock().expect("lock");
-                let mut free = self.max_in_flight.saturating_sub(f.active);
+                // The global cap counts attempts whose outcome is not recorded yet, not only
+                // requests in progress: an answered row stays in `rows` until the writer has
+                // committed its outcome. So a crash re-attempts at most `max_in_flight` rows
+                // (the duplicates a kill -9 can cause), however far the writer lags behind.
+                let unrecorded = f.active.max(f.rows.len() + f.memory);
+                let mut free = self.max_in_flight.saturating_sub(unrecorded);
                 if !blocked.is_empty() && !f.hot.is_empty() {
                     let InFlight { hot, claimed, .. } = &mut *f;
                     for key in &blocked {
