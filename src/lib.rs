@@ -6,7 +6,6 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod error;
-pub mod group_commit;
 pub mod intake;
 pub mod metrics;
 pub mod ordering;

@@ -253,7 +253,7 @@ fn dead(
     )
 }
 
-fn is_terminal(event: &str) -> bool {
+pub(super) fn is_terminal(event: &str) -> bool {
     matches!(event, "sync_job_run:completed" | "sync_job_run:failed")
 }
 

@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::attempt::is_terminal;
 use super::attempt::Decided;
 use super::engine::Engine;
 use super::job::{Ack, Job, Origin};
 use crate::config::LogMode;
 use crate::domain::now_ms;
 use crate::ordering::AfterHead;
-use crate::store::{Completion, Logged, NewDeadLetter, NewDelivery, Next};
+use crate::runs::lifecycle::{count_into, counted_outcome, counted_runs};
+use crate::store::{Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, RunsLocked};
 
 /// A run's record answered or dead-lettered (counted on its run).
 pub(super) struct RunOutcome {
@@ -468,43 +470,36 @@ impl Engine {
             } else {
                 self.commit_completions(completes, &sources, &mut publish).await
             };
-            // Count outcomes on their runs before the chains' next events are started, so a
-            // run's `completed` (attempted after that) sees final counts. Counted after the
-            // commit that made them final: a completion another instance made instead (a lost
-            // lease) is never counted twice.
-            let mut counts: Vec<(&str, &str, Option<&str>, bool)> = completes
+            // Memory jobs' outcomes are counted on their runs in the transaction that logs them
+            // (stored rows' in the one that completes them, in `commit_completions`).
+            let memory_counts: Vec<(&str, &str, bool)> = outcomes
                 .iter()
-                .filter(|c| c.kind == "webhook")
-                .filter_map(|c| {
-                    let delivered = match &c.next {
-                        Next::Delivered => true,
-                        Next::Dead(_) => false,
-                        Next::Retry { .. } => return None,
-                    };
-                    Some((c.run_id.as_deref()?, c.event.as_str(), c.resource.as_deref(), delivered))
-                })
+                .filter_map(|o| counted_outcome(Some(&o.run_id), &o.event, o.resource.as_deref(), o.delivered))
                 .collect();
-            counts.extend(
-                outcomes
-                    .iter()
-                    .map(|o| (o.run_id.as_str(), o.event.as_str(), o.resource.as_deref(), o.delivered)),
-            );
-            if !counts.is_empty() {
-                if let Err(e) = self.runs.on_outcomes(&counts).await {
-                    tracing::error!(error = %format!("{e:#}"), "counting run outcomes failed");
-                }
-            }
-            if let Some((rows, taken)) = promoted {
-                self.push_hot(rows, &taken);
-            }
-            if !logged.is_empty() || !parked.is_empty() || !dead.is_empty() {
+            if !logged.is_empty() || !parked.is_empty() || !dead.is_empty() || !memory_counts.is_empty() {
                 // A failed commit is retried: a record is never dropped.
                 let mut backoff = Duration::from_millis(50);
-                while let Err(e) = self.store.record(&logged, &parked, &dead, now_ms()).await {
-                    tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                loop {
+                    let mut count =
+                        |_: &HashSet<i64>, runs: &mut RunsLocked| count_into(runs, memory_counts.iter().copied());
+                    let counting = (!memory_counts.is_empty()).then(|| Counting {
+                        run_ids: counted_runs(memory_counts.iter().map(|(run, _, _)| *run)),
+                        count: &mut count,
+                    });
+                    match self.store.record(&logged, &parked, &dead, now_ms(), counting).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "recording outcomes failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
                 }
+            }
+            // Rows held back until every count of this batch is committed (see
+            // `commit_completions`).
+            if let Some((rows, taken)) = promoted {
+                self.push_hot(rows, &taken);
             }
             if parked_n > 0 {
                 self.metrics.parked.inc_by(parked_n);
@@ -553,26 +548,59 @@ impl Engine {
         publish: &mut Vec<Publish>,
     ) -> (Vec<Completion>, Option<(Vec<crate::store::QueuedDelivery>, Vec<i64>)>) {
         let mut backoff = Duration::from_millis(50);
-        // Which rows were promoted is known before the commit. When no run counts wait to be
-        // made, they are handed to the dispatcher right away, so their requests overlap the
-        // commit (a chain's next event does not wait for the disk); otherwise after counting.
-        // Should the commit fail, they stay claimed and the retry keeps them; after a crash both
-        // are attempted again, in order.
-        let counted = completes
+        // Outcomes are counted on their runs in the transaction that completes them (a crash
+        // keeps both or neither), only for the completions it applied (a lost lease's outcome
+        // is the new holder's to count).
+        let counts: Vec<(i64, &str, &str, bool)> = completes
             .iter()
-            .any(|c| c.kind == "webhook" && c.run_id.is_some() && c.event == "sync_job_run:record");
+            .filter(|c| c.kind == "webhook")
+            .filter_map(|c| {
+                let delivered = match &c.next {
+                    Next::Delivered => true,
+                    Next::Dead(_) => false,
+                    Next::Retry { .. } => return None,
+                };
+                let (run, resource, delivered) =
+                    counted_outcome(c.run_id.as_deref(), &c.event, c.resource.as_deref(), delivered)?;
+                Some((c.seq, run, resource, delivered))
+            })
+            .collect();
         loop {
+            // Which rows were promoted is known before the commit: they are handed to the
+            // dispatcher right away, so their requests overlap the commit (a chain's next event
+            // does not wait for the disk). A run's last event is held back until the commit (and
+            // the writer's other transaction) are done: its body carries the run's final counts.
+            // Should the commit fail, they stay claimed and the retry keeps them; after a crash
+            // both are attempted again, in order.
             let mut held_back = None;
+            let mut count = |applied: &HashSet<i64>, runs: &mut RunsLocked| {
+                count_into(
+                    runs,
+                    counts
+                        .iter()
+                        .filter(|(seq, ..)| applied.contains(seq))
+                        .map(|(_, run, resource, delivered)| (*run, *resource, *delivered)),
+                )
+            };
+            let counting = (!counts.is_empty()).then(|| Counting {
+                run_ids: counted_runs(counts.iter().map(|(_, run, ..)| *run)),
+                count: &mut count,
+            });
             let res = self
                 .store
-                .complete(&completes, now_ms(), |rows| {
-                    let taken = self.claim(rows);
-                    if counted {
-                        held_back = Some((rows.to_vec(), taken));
-                    } else {
-                        self.push_hot(rows.to_vec(), &taken);
-                    }
-                })
+                .complete_counting(
+                    &completes,
+                    now_ms(),
+                    |rows| {
+                        let taken = self.claim(rows);
+                        if rows.iter().any(|r| is_terminal(&r.event)) {
+                            held_back = Some((rows.to_vec(), taken));
+                        } else {
+                            self.push_hot(rows.to_vec(), &taken);
+                        }
+                    },
+                    counting,
+                )
                 .await;
             match res {
                 Ok(done) => {

@@ -21,7 +21,6 @@ use url::Url;
 
 use super::model::{ErrorHandling, Run, Stats, Status};
 use crate::domain::{now_ms, Envelope};
-use crate::group_commit::GroupCommit;
 use crate::store::{RunBatch as Batch, Store};
 
 /// When batch-mode record errors are flushed as one `sync_job_run:record_error`.
@@ -77,14 +76,44 @@ pub struct Decision {
 pub struct Runs {
     store: Store,
     limits: BatchLimits,
-    /// Outcomes counted by concurrent deliveries, committed together.
-    outcomes: GroupCommit<Outcome>,
 }
 
-struct Outcome {
-    run_id: String,
-    resource: String,
+/// Which outcomes count on a run: a `sync_job_run:record` delivered to its run's webhook, as
+/// (run id, resource, delivered). Every other event changes no counter.
+pub fn counted_outcome<'a>(
+    run_id: Option<&'a str>,
+    event: &str,
+    resource: Option<&'a str>,
     delivered: bool,
+) -> Option<(&'a str, &'a str, bool)> {
+    (event == "sync_job_run:record").then_some(())?;
+    Some((run_id?, resource.unwrap_or("unknown"), delivered))
+}
+
+/// The runs outcomes count on, each once (sorted, so locks are taken in one order).
+pub fn counted_runs<'a>(run_ids: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    run_ids.into_iter().collect::<BTreeSet<_>>().into_iter().collect()
+}
+
+/// Count outcomes (run id, resource, delivered) on the runs loaded in `runs`: records
+/// delivered or dead-lettered per resource. Called inside the store transaction that loaded
+/// them, which is the one that records the outcomes themselves when they come from the outcome
+/// writer (so a crash keeps both or neither).
+pub fn count_into<'a>(runs: &mut crate::store::RunsLocked, items: impl IntoIterator<Item = (&'a str, &'a str, bool)>) {
+    let now = now_ms();
+    for (run_id, resource, delivered) in items {
+        let Some(r) = runs.get_mut(run_id) else {
+            continue;
+        };
+        let s = r.run.resource_stats.entry(resource.to_string()).or_default();
+        if delivered {
+            s.records_delivered += 1;
+        } else {
+            s.records_dead_lettered += 1;
+        }
+        r.run.updated_at = now;
+        r.changed = true;
+    }
 }
 
 /// Ids of events the relay makes for a run start with this (one id per made event, the same
@@ -132,11 +161,7 @@ fn obj(v: Value) -> Map<String, Value> {
 
 impl Runs {
     pub fn new(store: Store, limits: BatchLimits) -> Runs {
-        Runs {
-            store,
-            limits,
-            outcomes: GroupCommit::default(),
-        }
+        Runs { store, limits }
     }
 
     pub fn limits(&self) -> BatchLimits {
@@ -317,74 +342,24 @@ impl Runs {
         (d, true)
     }
 
-    /// Count the outcome of one run event's delivery to the run's webhook (call it once per
-    /// event, not per target): `delivered` = answered 2xx, else dead-lettered. Only
-    /// `sync_job_run:record` events change counters.
-    pub async fn on_outcome(
-        &self,
-        run_id: &str,
-        event: &str,
-        resource: Option<&str>,
-        delivered: bool,
-    ) -> anyhow::Result<()> {
-        if event != "sync_job_run:record" {
-            return Ok(());
-        }
-        let outcome = Outcome {
-            run_id: run_id.to_string(),
-            resource: resource.unwrap_or("unknown").to_string(),
-            delivered,
-        };
-        // Concurrent deliveries share one transaction; each caller returns once its own
-        // outcome is committed (a run's `completed` attempted after it sees the count).
-        self.outcomes
-            .submit(outcome, |items| async move { self.count_outcomes(&items).await })
-            .await
-    }
-
-    /// [`Runs::on_outcome`] for many deliveries at once, committed together: (run id, event,
-    /// resource, delivered).
+    /// Count the outcomes of run events' deliveries to their run's webhook (once per event, not
+    /// per target), committed together: (run id, event, resource, delivered = answered 2xx, else
+    /// dead-lettered). Only `sync_job_run:record` events change counters (see
+    /// [`counted_outcome`]). The outcome writer counts in its own transaction instead (see
+    /// [`count_into`]); this is for outcomes recorded elsewhere.
     pub async fn on_outcomes(&self, items: &[(&str, &str, Option<&str>, bool)]) -> anyhow::Result<()> {
-        let items: Vec<Outcome> = items
+        let items: Vec<(&str, &str, bool)> = items
             .iter()
-            .filter(|(_, event, _, _)| *event == "sync_job_run:record")
-            .map(|(run_id, _, resource, delivered)| Outcome {
-                run_id: run_id.to_string(),
-                resource: resource.unwrap_or("unknown").to_string(),
-                delivered: *delivered,
+            .filter_map(|(run_id, event, resource, delivered)| {
+                counted_outcome(Some(run_id), event, *resource, *delivered)
             })
             .collect();
         if items.is_empty() {
             return Ok(());
         }
-        self.count_outcomes(&items).await
-    }
-
-    /// Count many outcomes in one transaction that loads and saves each run once.
-    async fn count_outcomes(&self, items: &[Outcome]) -> anyhow::Result<()> {
-        let ids: Vec<&str> = items
-            .iter()
-            .map(|o| o.run_id.as_str())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let ids = counted_runs(items.iter().map(|(run, _, _)| *run));
         self.store
-            .with_runs(&ids, |runs| {
-                let now = now_ms();
-                for o in items {
-                    let Some(r) = runs.get_mut(&o.run_id) else {
-                        continue;
-                    };
-                    let s = r.run.resource_stats.entry(o.resource.clone()).or_default();
-                    if o.delivered {
-                        s.records_delivered += 1;
-                    } else {
-                        s.records_dead_lettered += 1;
-                    }
-                    r.run.updated_at = now;
-                    r.changed = true;
-                }
-            })
+            .with_runs(&ids, |runs| count_into(runs, items.iter().copied()))
             .await
     }
 
@@ -796,12 +771,12 @@ mod tests {
         assert_eq!(r.illegal_transitions, 2);
         assert_eq!(r.status, Status::Running);
         // Outcomes count per resource.
-        runs.on_outcome(&run, "sync_job_run:record", Some("x"), true)
-            .await
-            .unwrap();
-        runs.on_outcome(&run, "sync_job_run:record", Some("x"), false)
-            .await
-            .unwrap();
+        runs.on_outcomes(&[
+            (run.as_str(), "sync_job_run:record", Some("x"), true),
+            (run.as_str(), "sync_job_run:record", Some("x"), false),
+        ])
+        .await
+        .unwrap();
         let c = runs.terminal_payload(&run).await.unwrap();
         assert_eq!(c["records_delivered"], 1);
         assert_eq!(c["records_dead_lettered"], 1);

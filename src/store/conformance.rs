@@ -31,6 +31,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_outcomes_and_their_run_counts_commit_together() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::outcomes_and_their_run_counts_commit_together(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_dropping_and_purging() {
             let (store, _guard) = $open().await;
             crate::store::conformance::dropping_and_purging(&store).await;
@@ -322,6 +328,7 @@ pub(crate) async fn memory_deliveries_are_held_logged_and_parked(store: &Store) 
             &[(vec![parked], true)],
             &[],
             now,
+            None,
         )
         .await
         .unwrap();
@@ -410,6 +417,79 @@ pub(crate) async fn with_runs_saves_only_what_changed(store: &Store) {
         (batch.errors, batch.bytes, batch.since),
         (vec![json!({"e": 1})], 8, Some(now - 10))
     );
+}
+
+/// Run counts handed to `complete` and `record` are made in their transaction: `complete` tells
+/// them which completions it applied (not one whose lease was lost), and the changed runs are
+/// saved with the outcomes.
+pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store) {
+    let now = crate::domain::now_ms();
+    store.insert_run(&run("r1", now)).await.unwrap();
+    let rows = [
+        delivery("x1", Some("k1"), Some("r1"), now),
+        delivery("x2", Some("k2"), Some("r1"), now),
+    ];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    let (x1, x2) = (ready[0].clone(), ready[1].clone());
+    // x2's claim ends with a retry: a later completion of it is not this handle's.
+    store
+        .complete(
+            &[completion(&x2, Next::Retry { at_ms: now + 60_000 }, now)],
+            now,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let mut x2_done = completion(&x2, Next::Delivered, now);
+    x2_done.attempt_no = 2;
+    let mut seen = HashSet::new();
+    let mut count = |applied: &HashSet<i64>, runs: &mut RunsLocked| {
+        seen = applied.clone();
+        let r = runs.get_mut("r1").expect("r1 loaded");
+        r.run.resource_stats.entry("t".into()).or_default().records_delivered += applied.len() as i64;
+        r.changed = true;
+    };
+    let done = store
+        .complete_counting(
+            &[completion(&x1, Next::Delivered, now), x2_done],
+            now,
+            |_| {},
+            Some(Counting {
+                run_ids: vec!["r1"],
+                count: &mut count,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.lost, [x2.seq]);
+    assert_eq!(seen, HashSet::from([x1.seq]), "only the applied completion is counted");
+    let stats = |r: Run| r.resource_stats.get("t").map(|s| s.records_delivered);
+    assert_eq!(stats(store.get_run("r1").await.unwrap().unwrap()), Some(1));
+
+    // `record` (memory deliveries) counts in its transaction too, even with nothing to log.
+    let mut count = |applied: &HashSet<i64>, runs: &mut RunsLocked| {
+        assert!(applied.is_empty());
+        let r = runs.get_mut("r1").expect("r1 loaded");
+        r.run.resource_stats.entry("t".into()).or_default().records_delivered += 2;
+        r.changed = true;
+    };
+    store
+        .record(
+            &[],
+            &[],
+            &[],
+            now,
+            Some(Counting {
+                run_ids: vec!["r1", "nobody"],
+                count: &mut count,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stats(store.get_run("r1").await.unwrap().unwrap()), Some(3));
 }
 
 /// A run's queued rows can be dropped (except those in flight); delivered rows are purged after

@@ -47,6 +47,15 @@ pub type Claim<'a> = &'a mut (dyn FnMut(&[QueuedDelivery]) + Send);
 /// Called once with the runs loaded for update inside a `RunStore::with_runs` transaction.
 pub type Decide<'a> = &'a mut (dyn FnMut(&mut RunsLocked) + Send);
 
+/// Run counts made in the transaction that records outcomes, so that a crash keeps both or
+/// neither: the runs to lock and load (their decisions stay serialised with
+/// [`RunStore::with_runs`]), and what to do with them, given the seqs of the completions the
+/// transaction applied (a completion whose lease was lost is another instance's to count).
+pub struct Counting<'a> {
+    pub run_ids: Vec<&'a str>,
+    pub count: &'a mut (dyn FnMut(&HashSet<i64>, &mut RunsLocked) + Send),
+}
+
 /// Called once inside a replay transaction with the chains of the re-queued rows; answers
 /// those whose head is kept in memory (their rows must wait behind it).
 pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);
@@ -91,12 +100,14 @@ pub trait Queue: Send + Sync {
     /// - `parked`: ones that move to the retry queue, each group in its chain's order; a group
     ///   marked `true` (ahead) goes before the rows of its chain that were held behind it;
     /// - `dead`: dead letters (their `delivery_id` names a row of `logged`).
+    /// - `counting`: run counts of these outcomes, made in the same transaction.
     async fn record(
         &self,
         logged: &[Logged],
         parked: &[(Vec<NewDelivery>, bool)],
         dead: &[NewDeadLetter],
         now: i64,
+        counting: Option<Counting<'_>>,
     ) -> anyhow::Result<()>;
 
     /// Ready deliveries due by `now`, oldest due first, skipping the targets in `skip_targets`
@@ -117,7 +128,14 @@ pub trait Queue: Send + Sync {
     /// and returned. A completion of a row whose lease this instance no longer holds (it
     /// expired and the row was claimed elsewhere, or it is no longer ready) changes nothing —
     /// no attempt, no dead letter, no promotion — and is answered in [`Completed::lost`].
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed>;
+    /// `counting`: run counts of the outcomes, made in the same transaction.
+    async fn complete(
+        &self,
+        batch: &[Completion],
+        now: i64,
+        claim: Claim<'_>,
+        counting: Option<Counting<'_>>,
+    ) -> anyhow::Result<Completed>;
 
     /// Extend the leases of these rows (in flight or about to be) to `now + lease`, in one
     /// statement; answers the rows whose lease this instance still held (the others are lost).
@@ -600,8 +618,9 @@ impl Store {
         parked: &[(Vec<NewDelivery>, bool)],
         dead: &[NewDeadLetter],
         now: i64,
+        counting: Option<Counting<'_>>,
     ) -> anyhow::Result<()> {
-        self.queue.record(logged, parked, dead, now).await
+        self.queue.record(logged, parked, dead, now, counting).await
     }
 
     pub async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
@@ -629,13 +648,29 @@ impl Store {
         now: i64,
         claim: impl FnOnce(&[QueuedDelivery]) + Send,
     ) -> anyhow::Result<Completed> {
+        self.complete_counting(batch, now, claim, None).await
+    }
+
+    /// See [`Queue::complete`], with run counts made in the same transaction.
+    pub async fn complete_counting(
+        &self,
+        batch: &[Completion],
+        now: i64,
+        claim: impl FnOnce(&[QueuedDelivery]) + Send,
+        counting: Option<Counting<'_>>,
+    ) -> anyhow::Result<Completed> {
         let mut claim = Some(claim);
         self.queue
-            .complete(batch, now, &mut |rows| {
-                if let Some(c) = claim.take() {
-                    c(rows)
-                }
-            })
+            .complete(
+                batch,
+                now,
+                &mut |rows| {
+                    if let Some(c) = claim.take() {
+                        c(rows)
+                    }
+                },
+                counting,
+            )
             .await
     }
 

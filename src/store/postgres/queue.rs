@@ -6,9 +6,11 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
+use super::runs::decide_runs;
 use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
 use crate::store::{
-    AttemptRecord, Claim, Completed, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+    AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue,
+    QueuedDelivery,
 };
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
@@ -379,6 +381,7 @@ impl Queue for PgStore {
         parked: &[(Vec<NewDelivery>, bool)],
         dead: &[NewDeadLetter],
         now: i64,
+        counting: Option<Counting<'_>>,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         for chunk in logged.chunks(INSERT_CHUNK) {
@@ -440,6 +443,10 @@ impl Queue for PgStore {
         }
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        // Run rows are locked after the chains (lock order: chains, then runs by id).
+        if let Some(c) = counting {
+            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&HashSet::new(), locked)).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -509,7 +516,13 @@ impl Queue for PgStore {
         .await?)
     }
 
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed> {
+    async fn complete(
+        &self,
+        batch: &[Completion],
+        now: i64,
+        claim: Claim<'_>,
+        counting: Option<Counting<'_>>,
+    ) -> anyhow::Result<Completed> {
         let mut tx = self.pool.begin().await?;
         // The chains first (see `lock_chains`), all at once, before any row lock.
         let keys: Vec<&str> = batch.iter().filter_map(|c| c.order_key.as_deref()).collect();
@@ -585,6 +598,10 @@ impl Queue for PgStore {
             .into_iter()
             .collect();
         let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
+        // Run rows are locked after the chains (lock order: chains, then runs by id).
+        if let Some(c) = counting {
+            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&held, locked)).await?;
+        }
         claim(&promoted);
         tx.commit().await?;
         Ok(Completed {

@@ -116,6 +116,42 @@ fn batch_from_row(r: &PgRow) -> RunBatch {
 }
 
 /// Write back what the lifecycle changes on a run (its identity and settings never change).
+/// Inside `tx`: load these runs `FOR UPDATE` (in id order, so two transactions lock them in one
+/// order), let `decide` change them, save the ones it marked changed. Answers whether it wrote
+/// anything. Shared by [`RunStore::with_runs`] and the outcome writer's transactions.
+pub(super) async fn decide_runs(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[&str],
+    decide: impl FnOnce(&mut RunsLocked),
+) -> anyhow::Result<bool> {
+    let mut loaded = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT * FROM sync_job_runs WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            placeholders(chunk.len())
+        );
+        let sql = pg(sql.as_str());
+        let mut q = sqlx::query(sql.as_str());
+        for id in chunk {
+            q = q.bind(id);
+        }
+        loaded.extend(
+            q.fetch_all(&mut **tx)
+                .await?
+                .iter()
+                .map(|r| (run_from_row(r), batch_from_row(r))),
+        );
+    }
+    let mut locked = RunsLocked::new(loaded);
+    decide(&mut locked);
+    let mut wrote = false;
+    for r in locked.changed() {
+        save_run(tx, &r.run, &r.batch).await?;
+        wrote = true;
+    }
+    Ok(wrote)
+}
+
 async fn save_run(tx: &mut Transaction<'_, Postgres>, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
     sqlx::query(&pg(
         "UPDATE sync_job_runs SET status = ?, resource_stats = ?, illegal_transitions = ?, stop_reason = ?, \
@@ -352,33 +388,9 @@ impl RunStore for PgStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        let mut loaded = Vec::with_capacity(known.len());
-        for chunk in known.chunks(IN_CHUNK) {
-            let sql = format!(
-                "SELECT * FROM sync_job_runs WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                placeholders(chunk.len())
-            );
-            let sql = pg(sql.as_str());
-            let mut q = sqlx::query(sql.as_str());
-            for id in chunk {
-                q = q.bind(id);
-            }
-            loaded.extend(
-                q.fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|r| (run_from_row(r), batch_from_row(r))),
-            );
-        }
-        let mut locked = RunsLocked::new(loaded);
-        decide(&mut locked);
-        let mut wrote = false;
-        for r in locked.changed() {
-            save_run(&mut tx, &r.run, &r.batch).await?;
-            wrote = true;
-        }
         // Nothing changed: the transaction rolls back when dropped.
-        if wrote {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        if decide_runs(&mut tx, &known, |locked| decide(locked)).await? {
             tx.commit().await?;
         }
         Ok(())

@@ -6,9 +6,11 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::runs::decide_runs;
 use super::{placeholders, Lease, SqliteStore, INSERT_CHUNK, IN_CHUNK};
 use crate::store::{
-    AttemptRecord, Claim, Completed, Completion, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+    AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue,
+    QueuedDelivery,
 };
 
 pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
@@ -337,6 +339,7 @@ impl Queue for SqliteStore {
         parked: &[(Vec<NewDelivery>, bool)],
         dead: &[NewDeadLetter],
         now: i64,
+        counting: Option<Counting<'_>>,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in logged.chunks(INSERT_CHUNK) {
@@ -391,6 +394,9 @@ impl Queue for SqliteStore {
         }
         for dl in dead {
             insert_dead_letter(&mut tx, dl, now).await?;
+        }
+        if let Some(c) = counting {
+            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&HashSet::new(), locked)).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -460,7 +466,13 @@ impl Queue for SqliteStore {
         .await?)
     }
 
-    async fn complete(&self, batch: &[Completion], now: i64, claim: Claim<'_>) -> anyhow::Result<Completed> {
+    async fn complete(
+        &self,
+        batch: &[Completion],
+        now: i64,
+        claim: Claim<'_>,
+        counting: Option<Counting<'_>>,
+    ) -> anyhow::Result<Completed> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // First the rows, each only while this handle holds its lease and it is still ready;
         // everything else of a completion follows only for the rows this answers.
@@ -528,6 +540,9 @@ impl Queue for SqliteStore {
             .into_iter()
             .collect();
         let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
+        if let Some(c) = counting {
+            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&held, locked)).await?;
+        }
         claim(&promoted);
         tx.commit().await?;
         Ok(Completed {

@@ -116,6 +116,41 @@ fn batch_from_row(r: &SqliteRow) -> RunBatch {
 }
 
 /// Write back what the lifecycle changes on a run (its identity and settings never change).
+/// Inside `tx` (which holds the write lock): load these runs, let `decide` change them, save
+/// the ones it marked changed. Answers whether it wrote anything. Shared by
+/// [`RunStore::with_runs`] and the outcome writer's transactions (run counts).
+pub(super) async fn decide_runs(
+    tx: &mut Transaction<'_, Sqlite>,
+    ids: &[&str],
+    decide: impl FnOnce(&mut RunsLocked),
+) -> anyhow::Result<bool> {
+    let mut loaded = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT * FROM sync_job_runs WHERE id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        loaded.extend(
+            q.fetch_all(&mut **tx)
+                .await?
+                .iter()
+                .map(|r| (run_from_row(r), batch_from_row(r))),
+        );
+    }
+    let mut locked = RunsLocked::new(loaded);
+    decide(&mut locked);
+    let mut wrote = false;
+    for r in locked.changed() {
+        save_run(tx, &r.run, &r.batch).await?;
+        wrote = true;
+    }
+    Ok(wrote)
+}
+
 async fn save_run(tx: &mut Transaction<'_, Sqlite>, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE sync_job_runs SET status = ?, resource_stats = ?, illegal_transitions = ?, stop_reason = ?, \
@@ -350,32 +385,9 @@ impl RunStore for SqliteStore {
             return Ok(());
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut loaded = Vec::with_capacity(known.len());
-        for chunk in known.chunks(IN_CHUNK) {
-            let sql = format!(
-                "SELECT * FROM sync_job_runs WHERE id IN ({})",
-                placeholders(chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            loaded.extend(
-                q.fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|r| (run_from_row(r), batch_from_row(r))),
-            );
-        }
-        let mut locked = RunsLocked::new(loaded);
-        decide(&mut locked);
-        let mut wrote = false;
-        for r in locked.changed() {
-            save_run(&mut tx, &r.run, &r.batch).await?;
-            wrote = true;
-        }
         // Nothing changed: the transaction rolls back when dropped.
-        if wrote {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        if decide_runs(&mut tx, &known, |locked| decide(locked)).await? {
             tx.commit().await?;
         }
         Ok(())
