@@ -28,6 +28,9 @@ use crate::store::{Completion, Counting, Logged, NewDeadLetter, NewDelivery, Nex
 
 /// A run's record answered or dead-lettered (counted on its run).
 pub(super) struct RunOutcome {
+    /// The delivery's id: a message read again after a crash makes the same one, and is not
+    /// counted again when that delivery was already recorded.
+    delivery_id: String,
     run_id: String,
     event: String,
     resource: Option<String>,
@@ -198,6 +201,7 @@ impl Engine {
         }
         let outcome = |delivered: bool| match (&q.run_id, q.kind == "webhook") {
             (Some(run), true) if q.event == "sync_job_run:record" => Some(RunOutcome {
+                delivery_id: q.id.clone(),
                 run_id: run.clone(),
                 event: q.event.clone(),
                 resource: d.resource.clone(),
@@ -222,18 +226,24 @@ impl Engine {
                     delivery: job.to_row(None),
                     state: "delivered",
                 });
-                if logged.is_some() || outcome.is_some() {
-                    let _ = self.writes.send(Write::Finished {
-                        logged,
-                        dead: None,
-                        source: None,
-                        original: None,
-                        outcome,
-                        ack: None,
-                    });
+                // Answered: the offset moves on once the log row and the run count are
+                // committed (a crash before leaves the message to be read again, and the
+                // delivery's id, the same then, keeps it from being counted twice).
+                let recorded = (logged.is_some() || outcome.is_some())
+                    && self
+                        .writes
+                        .send(Write::Finished {
+                            logged,
+                            dead: None,
+                            source: None,
+                            original: None,
+                            outcome,
+                            ack: Some(ack.clone()),
+                        })
+                        .is_ok();
+                if !recorded {
+                    ack.done();
                 }
-                // Answered: the offset may move on now; the log row follows in a batch.
-                ack.done();
                 self.after_head(key.as_deref());
             }
             Next::Dead(dl) => {
@@ -472,18 +482,23 @@ impl Engine {
             };
             // Memory jobs' outcomes are counted on their runs in the transaction that logs them
             // (stored rows' in the one that completes them, in `commit_completions`).
-            let memory_counts: Vec<(&str, &str, bool)> = outcomes
+            let memory_counts: Vec<(&str, &str, &str, bool)> = outcomes
                 .iter()
-                .filter_map(|o| counted_outcome(Some(&o.run_id), &o.event, o.resource.as_deref(), o.delivered))
+                .filter_map(|o| {
+                    let (run, resource, delivered) =
+                        counted_outcome(Some(&o.run_id), &o.event, o.resource.as_deref(), o.delivered)?;
+                    Some((o.delivery_id.as_str(), run, resource, delivered))
+                })
                 .collect();
             if !logged.is_empty() || !parked.is_empty() || !dead.is_empty() || !memory_counts.is_empty() {
                 // A failed commit is retried: a record is never dropped.
                 let mut backoff = Duration::from_millis(50);
                 loop {
-                    let mut count =
-                        |_: &HashSet<i64>, runs: &mut RunsLocked| count_into(runs, memory_counts.iter().copied());
+                    let mut count = |recorded: &HashSet<String>, runs: &mut RunsLocked| {
+                        count_into(runs, not_in(&memory_counts, recorded))
+                    };
                     let counting = (!memory_counts.is_empty()).then(|| Counting {
-                        run_ids: counted_runs(memory_counts.iter().map(|(run, _, _)| *run)),
+                        run_ids: counted_runs(memory_counts.iter().map(|(_, run, ..)| *run)),
                         count: &mut count,
                     });
                     match self.store.record(&logged, &parked, &dead, now_ms(), counting).await {
@@ -551,7 +566,7 @@ impl Engine {
         // Outcomes are counted on their runs in the transaction that completes them (a crash
         // keeps both or neither), only for the completions it applied (a lost lease's outcome
         // is the new holder's to count).
-        let counts: Vec<(i64, &str, &str, bool)> = completes
+        let counts: Vec<(&str, &str, &str, bool)> = completes
             .iter()
             .filter(|c| c.kind == "webhook")
             .filter_map(|c| {
@@ -562,7 +577,7 @@ impl Engine {
                 };
                 let (run, resource, delivered) =
                     counted_outcome(c.run_id.as_deref(), &c.event, c.resource.as_deref(), delivered)?;
-                Some((c.seq, run, resource, delivered))
+                Some((c.delivery_id.as_str(), run, resource, delivered))
             })
             .collect();
         loop {
@@ -573,15 +588,7 @@ impl Engine {
             // Should the commit fail, they stay claimed and the retry keeps them; after a crash
             // both are attempted again, in order.
             let mut held_back = None;
-            let mut count = |applied: &HashSet<i64>, runs: &mut RunsLocked| {
-                count_into(
-                    runs,
-                    counts
-                        .iter()
-                        .filter(|(seq, ..)| applied.contains(seq))
-                        .map(|(_, run, resource, delivered)| (*run, *resource, *delivered)),
-                )
-            };
+            let mut count = |lost: &HashSet<String>, runs: &mut RunsLocked| count_into(runs, not_in(&counts, lost));
             let counting = (!counts.is_empty()).then(|| Counting {
                 run_ids: counted_runs(counts.iter().map(|(_, run, ..)| *run)),
                 count: &mut count,
@@ -649,4 +656,16 @@ impl Engine {
             }
         }
     }
+}
+
+/// Outcomes (delivery id, run, resource, delivered) whose delivery is not in `skip`, as
+/// `count_into` takes them.
+fn not_in<'a>(
+    outcomes: &'a [(&'a str, &'a str, &'a str, bool)],
+    skip: &'a HashSet<String>,
+) -> impl Iterator<Item = (&'a str, &'a str, bool)> + 'a {
+    outcomes
+        .iter()
+        .filter(|(id, ..)| !skip.contains(*id))
+        .map(|(_, run, resource, delivered)| (*run, *resource, *delivered))
 }

@@ -419,8 +419,9 @@ pub(crate) async fn with_runs_saves_only_what_changed(store: &Store) {
     );
 }
 
-/// Run counts handed to `complete` and `record` are made in their transaction: `complete` tells
-/// them which completions it applied (not one whose lease was lost), and the changed runs are
+/// Run counts handed to `complete` and `record` are made in their transaction: they are told
+/// which deliveries the transaction did not apply (a completion whose lease was lost; a memory
+/// delivery recorded before, its message read again after a crash), and the changed runs are
 /// saved with the outcomes.
 pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store) {
     let now = crate::domain::now_ms();
@@ -445,16 +446,18 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
         .unwrap();
     let mut x2_done = completion(&x2, Next::Delivered, now);
     x2_done.attempt_no = 2;
-    let mut seen = HashSet::new();
-    let mut count = |applied: &HashSet<i64>, runs: &mut RunsLocked| {
-        seen = applied.clone();
+    let batch = [completion(&x1, Next::Delivered, now), x2_done];
+    let mut skipped = HashSet::new();
+    let mut count = |lost: &HashSet<String>, runs: &mut RunsLocked| {
+        skipped = lost.clone();
         let r = runs.get_mut("r1").expect("r1 loaded");
-        r.run.resource_stats.entry("t".into()).or_default().records_delivered += applied.len() as i64;
+        let applied = batch.iter().filter(|c| !lost.contains(&c.delivery_id)).count();
+        r.run.resource_stats.entry("t".into()).or_default().records_delivered += applied as i64;
         r.changed = true;
     };
     let done = store
         .complete_counting(
-            &[completion(&x1, Next::Delivered, now), x2_done],
+            &batch,
             now,
             |_| {},
             Some(Counting {
@@ -465,31 +468,95 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
         .await
         .unwrap();
     assert_eq!(done.lost, [x2.seq]);
-    assert_eq!(seen, HashSet::from([x1.seq]), "only the applied completion is counted");
+    assert_eq!(
+        skipped,
+        HashSet::from(["x2".to_string()]),
+        "the lost completion is not counted"
+    );
     let stats = |r: Run| r.resource_stats.get("t").map(|s| s.records_delivered);
     assert_eq!(stats(store.get_run("r1").await.unwrap().unwrap()), Some(1));
 
-    // `record` (memory deliveries) counts in its transaction too, even with nothing to log.
-    let mut count = |applied: &HashSet<i64>, runs: &mut RunsLocked| {
-        assert!(applied.is_empty());
-        let r = runs.get_mut("r1").expect("r1 loaded");
-        r.run.resource_stats.entry("t".into()).or_default().records_delivered += 2;
-        r.changed = true;
-    };
-    store
-        .record(
-            &[],
-            &[],
-            &[],
-            now,
-            Some(Counting {
-                run_ids: vec!["r1", "nobody"],
-                count: &mut count,
-            }),
-        )
+    // `record` (memory deliveries) counts in its transaction; a delivery it already has (the
+    // same message read again) is left as it is and reported, its dead letter not made again.
+    let mut m1 = delivery("m1", Some("km"), Some("r1"), now);
+    m1.source = Some("events/0/7".into());
+    m1.log = vec![AttemptRecord {
+        started_at: now,
+        duration_ms: 1,
+        status: Some(500),
+        error: None,
+        excerpt: None,
+    }];
+    m1.attempts = 1;
+    let logged = [Logged {
+        delivery: m1.clone(),
+        state: "dead",
+    }];
+    let mut dl = dead_letter(&ready[0]);
+    dl.delivery_id = Some("m1".into());
+    let mut parked = delivery("p9", Some("kp"), Some("r1"), now);
+    parked.source = Some("events/0/8".into());
+    for round in 0..2 {
+        let mut seen = None;
+        let mut count = |recorded: &HashSet<String>, runs: &mut RunsLocked| {
+            seen = Some(recorded.clone());
+            let r = runs.get_mut("r1").expect("r1 loaded");
+            if !recorded.contains("m1") {
+                r.run
+                    .resource_stats
+                    .entry("t".into())
+                    .or_default()
+                    .records_dead_lettered += 1;
+                r.changed = true;
+            }
+        };
+        store
+            .record(
+                &logged,
+                &[(vec![parked.clone()], false)],
+                std::slice::from_ref(&dl),
+                now,
+                Some(Counting {
+                    run_ids: vec!["r1", "nobody"],
+                    count: &mut count,
+                }),
+            )
+            .await
+            .unwrap();
+        let expect: HashSet<String> = if round == 0 {
+            HashSet::new()
+        } else {
+            HashSet::from(["m1".to_string()])
+        };
+        assert_eq!(seen, Some(expect), "round {round}");
+    }
+    let r1 = store.get_run("r1").await.unwrap().unwrap();
+    assert_eq!(r1.resource_stats["t"].records_dead_lettered, 1, "counted once");
+    assert_eq!(store.list_attempts("m1").await.unwrap().len(), 1);
+    let open = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
         .await
         .unwrap();
-    assert_eq!(stats(store.get_run("r1").await.unwrap().unwrap()), Some(3));
+    assert_eq!(
+        open.results
+            .iter()
+            .filter(|d| d.delivery_id.as_deref() == Some("m1"))
+            .count(),
+        1,
+        "one dead letter"
+    );
+    assert_eq!(
+        store
+            .active_order_keys()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|k| *k == "kp")
+            .count(),
+        1
+    );
+    let page = store.list_deliveries(&DeliveryFilter::default(), 0, 100).await.unwrap();
+    assert_eq!(page.results.iter().filter(|d| d.id == "p9").count(), 1, "parked once");
 }
 
 /// A run's queued rows can be dropped (except those in flight); delivered rows are purged after

@@ -49,11 +49,12 @@ pub type Decide<'a> = &'a mut (dyn FnMut(&mut RunsLocked) + Send);
 
 /// Run counts made in the transaction that records outcomes, so that a crash keeps both or
 /// neither: the runs to lock and load (their decisions stay serialised with
-/// [`RunStore::with_runs`]), and what to do with them, given the seqs of the completions the
-/// transaction applied (a completion whose lease was lost is another instance's to count).
+/// [`RunStore::with_runs`]), and what to do with them, given the delivery ids whose outcome the
+/// transaction did not apply: a completion whose lease was lost (another instance's to count),
+/// a memory delivery already recorded (its message was read again after a crash).
 pub struct Counting<'a> {
     pub run_ids: Vec<&'a str>,
-    pub count: &'a mut (dyn FnMut(&HashSet<i64>, &mut RunsLocked) + Send),
+    pub count: &'a mut (dyn FnMut(&HashSet<String>, &mut RunsLocked) + Send),
 }
 
 /// Called once inside a replay transaction with the chains of the re-queued rows; answers
@@ -100,6 +101,9 @@ pub trait Queue: Send + Sync {
     /// - `parked`: ones that move to the retry queue, each group in its chain's order; a group
     ///   marked `true` (ahead) goes before the rows of its chain that were held behind it;
     /// - `dead`: dead letters (their `delivery_id` names a row of `logged`).
+    ///
+    /// A delivery whose id is already in the store was recorded before (a Kafka message read
+    /// again after a crash makes the same ids): it is left as it is, with its dead letter.
     /// - `counting`: run counts of these outcomes, made in the same transaction.
     async fn record(
         &self,

@@ -456,6 +456,7 @@ impl KafkaBus {
                 engine.dead_letter(dead, Some(source.clone()), Some(m.raw.clone()), Some(ack.clone()));
             }
             for mut d in deliveries {
+                d.id = message_delivery_id(&source, &d);
                 d.source = Some(source.clone());
                 if engine.held_by_pause(&d) {
                     held.push((d, ack.clone() as Arc<dyn Ack>));
@@ -573,4 +574,26 @@ fn decode(raw: &[u8], max_bytes: usize, now: i64) -> Result<Envelope, (&'static 
     Envelope::parse(v, now, false)
         .map(|e| e.with_raw_payload(text))
         .map_err(|e| ("malformed", e.to_string()))
+}
+
+/// The id of a delivery made from a Kafka message: the same each time the message is read (it
+/// is read again after a crash that came before its offset was committed), so the store knows a
+/// delivery it already recorded and a run does not count it twice. A name-based UUID (version 8:
+/// SHA-256 of the message's place, the event and the target).
+fn message_delivery_id(source: &str, d: &crate::store::NewDelivery) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [
+        source,
+        d.event_id.as_str(),
+        d.kind,
+        d.webhook_id.as_deref().unwrap_or(""),
+        d.target_url.as_deref().unwrap_or(""),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.finalize()[..16]);
+    uuid::Builder::from_custom_bytes(b).into_uuid().to_string()
 }

@@ -197,10 +197,37 @@ async fn promote_next(
     Ok(out)
 }
 
+/// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
+/// message whose id the store already has: the message was read again after a crash and the
+/// delivery was queued (or finished) the first time.
+pub(super) async fn insert_deliveries(
+    tx: &mut Transaction<'_, Postgres>,
+    deliveries: &[NewDelivery],
+    now: i64,
+    held: &HashSet<String>,
+    lease: &Lease,
+) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let sourced: Vec<&str> = deliveries
+        .iter()
+        .filter(|d| d.source.is_some())
+        .map(|d| d.id.as_str())
+        .collect();
+    let recorded = recorded_ids(tx, &sourced).await?;
+    if recorded.is_empty() {
+        return insert_new_deliveries(tx, deliveries, now, held, lease).await;
+    }
+    let new: Vec<NewDelivery> = deliveries
+        .iter()
+        .filter(|d| !recorded.contains(&d.id))
+        .cloned()
+        .collect();
+    insert_new_deliveries(tx, &new, now, held, lease).await
+}
+
 /// Insert deliveries in the order given. The first row of a chain that has nothing queued is
 /// ready; every later one waits; a row whose chain is in `held` waits even when it is the first
 /// (its chain's head is kept in memory). Returns the rows that are ready now.
-pub(super) async fn insert_deliveries(
+async fn insert_new_deliveries(
     tx: &mut Transaction<'_, Postgres>,
     deliveries: &[NewDelivery],
     now: i64,
@@ -332,6 +359,20 @@ async fn insert_attempt_logs<'a>(
     Ok(())
 }
 
+/// Which of these delivery ids the store already has (one statement: the ids go as one array
+/// parameter).
+async fn recorded_ids(tx: &mut Transaction<'_, Postgres>, ids: &[&str]) -> anyhow::Result<HashSet<String>> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    Ok(sqlx::query_scalar("SELECT id FROM deliveries WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect())
+}
+
 /// Take the waiting rows of a chain out of the queue (to be written again behind rows that
 /// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
 async fn take_waiting(tx: &mut Transaction<'_, Postgres>, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
@@ -384,6 +425,12 @@ impl Queue for PgStore {
         counting: Option<Counting<'_>>,
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
+        // Deliveries recorded before (their Kafka message was read again after a crash: the
+        // same message makes the same delivery ids) stay as they are, counted once.
+        // (Parked ones are skipped by `insert_deliveries`.)
+        let ids: Vec<&str> = logged.iter().map(|l| l.delivery.id.as_str()).collect();
+        let recorded = recorded_ids(&mut tx, &ids).await?;
+        let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
         for chunk in logged.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
@@ -442,11 +489,14 @@ impl Queue for PgStore {
             insert_attempt_logs(&mut tx, rows.iter()).await?;
         }
         for dl in dead {
+            if dl.delivery_id.as_ref().is_some_and(|id| recorded.contains(id)) {
+                continue;
+            }
             insert_dead_letter(&mut tx, dl, now).await?;
         }
         // Run rows are locked after the chains (lock order: chains, then runs by id).
         if let Some(c) = counting {
-            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&HashSet::new(), locked)).await?;
+            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&recorded, locked)).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -600,7 +650,15 @@ impl Queue for PgStore {
         let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
         // Run rows are locked after the chains (lock order: chains, then runs by id).
         if let Some(c) = counting {
-            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&held, locked)).await?;
+            decide_runs(&mut tx, &c.run_ids, |locked| {
+                let lost: HashSet<String> = batch
+                    .iter()
+                    .filter(|c| !held.contains(&c.seq))
+                    .map(|c| c.delivery_id.clone())
+                    .collect();
+                (c.count)(&lost, locked)
+            })
+            .await?;
         }
         claim(&promoted);
         tx.commit().await?;
