@@ -309,7 +309,7 @@ async fn killed_three_times(batching: bool) {
     .await;
     let (wid, _) = relay.webhook(&rx.url("/c"), &[]).await;
     // 200 runs the relay knows, so each run's counts are checked at the end.
-    let runs = known_runs(&relay, &wid, 200).await;
+    let runs = relay.runs(&wid, 200).await;
     let mut msgs = Vec::new();
     for i in 0..100 {
         for (n, run) in runs.iter().enumerate() {
@@ -400,30 +400,6 @@ async fn killed_three_times(batching: bool) {
         "records_delivered per run: {counts:?}"
     );
     drop(relay);
-}
-
-/// `n` runs of one sync job, made through the API, delivering to `webhook`.
-async fn known_runs(relay: &RelayProcess, webhook: &str, n: usize) -> Vec<String> {
-    let (s, job) = relay
-        .post(
-            "/sync-job",
-            json!({"integration_name": "jira", "resources": [{"resource": "ticketing/tickets", "method": "list"}]}),
-        )
-        .await;
-    assert_eq!(s, 201, "{job}");
-    let mut runs = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (s, run) = relay
-            .post(
-                "/sync-job-run",
-                json!({"sync_job_id": job["id"], "integrated_account_id": "94801e49-a652-42f9-af14-dd203d7897da",
-                       "webhook_id": webhook, "error_handling": "ignore"}),
-            )
-            .await;
-        assert_eq!(s, 201, "{run}");
-        runs.push(run["id"].as_str().unwrap().to_string());
-    }
-    runs
 }
 
 /// How `two_instances` ends instance A after both delivered.

@@ -207,25 +207,7 @@ async fn run_counts_are_exact_across_a_kill() {
     let extra = [("SYNCRELAY__DELIVERY__MAX_IN_FLIGHT", "8")];
     let mut relay = RelayProcess::start(data.path(), port, &extra).await;
     let (wid, _) = relay.webhook(&rx.url("/run"), &[]).await;
-    let (s, job) = relay
-        .post(
-            "/sync-job",
-            json!({"integration_name": "jira", "resources": [{"resource": "ticketing/tickets", "method": "list"}]}),
-        )
-        .await;
-    assert_eq!(s, 201, "{job}");
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        let (s, run) = relay
-            .post(
-                "/sync-job-run",
-                json!({"sync_job_id": job["id"], "integrated_account_id": "94801e49-a652-42f9-af14-dd203d7897da",
-                       "webhook_id": wid, "error_handling": "ignore"}),
-            )
-            .await;
-        assert_eq!(s, 201, "{run}");
-        runs.push(run["id"].as_str().unwrap().to_string());
-    }
+    let runs = relay.runs(&wid, RUNS).await;
     let ev = |run: &str, id: String, kind: &str| {
         json!({"id": id, "event": format!("sync_job_run:{kind}"), "sync_job_run_id": run,
                "payload": {"resource": "ticketing/tickets"}})

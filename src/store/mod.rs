@@ -57,6 +57,33 @@ pub struct Counting<'a> {
     pub count: &'a mut (dyn FnMut(&HashSet<String>, &mut RunsLocked) + Send),
 }
 
+/// Ids of the deliveries made from a bus message: only those can be in the store already (a
+/// message read again after a crash makes the same ids).
+pub(crate) fn sourced_ids(deliveries: &[NewDelivery]) -> Vec<&str> {
+    deliveries
+        .iter()
+        .filter(|d| d.source.is_some())
+        .map(|d| d.id.as_str())
+        .collect()
+}
+
+/// `deliveries` without those whose id is in `recorded` (borrowed when there are none).
+pub(crate) fn without_recorded<'a>(
+    deliveries: &'a [NewDelivery],
+    recorded: &HashSet<String>,
+) -> std::borrow::Cow<'a, [NewDelivery]> {
+    if recorded.is_empty() {
+        return std::borrow::Cow::Borrowed(deliveries);
+    }
+    std::borrow::Cow::Owned(
+        deliveries
+            .iter()
+            .filter(|d| !recorded.contains(&d.id))
+            .cloned()
+            .collect(),
+    )
+}
+
 /// Called once inside a replay transaction with the chains of the re-queued rows; answers
 /// those whose head is kept in memory (their rows must wait behind it).
 pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);

@@ -175,6 +175,31 @@ pub trait Api {
         (b["id"].as_str().unwrap().into(), b["secret"].as_str().unwrap().into())
     }
 
+    /// `n` runs of one new sync job (resource `ticketing/tickets`), made through the API and
+    /// delivering to `webhook`; returns their ids.
+    async fn runs(&self, webhook: &str, n: usize) -> Vec<String> {
+        let (s, job) = self
+            .post(
+                "/sync-job",
+                json!({"integration_name": "jira", "resources": [{"resource": "ticketing/tickets", "method": "list"}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{job}");
+        let mut runs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (s, run) = self
+                .post(
+                    "/sync-job-run",
+                    json!({"sync_job_id": job["id"], "integrated_account_id": "94801e49-a652-42f9-af14-dd203d7897da",
+                           "webhook_id": webhook, "error_handling": "ignore"}),
+                )
+                .await;
+            assert_eq!(s, 201, "{run}");
+            runs.push(run["id"].as_str().unwrap().to_string());
+        }
+        runs
+    }
+
     /// `POST /events`, 500 per request, each answered 202.
     async fn send_events(&self, events: Vec<Value>) -> Value {
         for chunk in events.chunks(500) {

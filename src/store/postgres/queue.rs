@@ -9,8 +9,8 @@ use sqlx::{Postgres, Row, Transaction};
 use super::runs::decide_runs;
 use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
 use crate::store::{
-    AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue,
-    QueuedDelivery,
+    sourced_ids, without_recorded, AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter,
+    NewDelivery, Next, Queue, QueuedDelivery,
 };
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
@@ -207,21 +207,8 @@ pub(super) async fn insert_deliveries(
     held: &HashSet<String>,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
-    let sourced: Vec<&str> = deliveries
-        .iter()
-        .filter(|d| d.source.is_some())
-        .map(|d| d.id.as_str())
-        .collect();
-    let recorded = recorded_ids(tx, &sourced).await?;
-    if recorded.is_empty() {
-        return insert_new_deliveries(tx, deliveries, now, held, lease).await;
-    }
-    let new: Vec<NewDelivery> = deliveries
-        .iter()
-        .filter(|d| !recorded.contains(&d.id))
-        .cloned()
-        .collect();
-    insert_new_deliveries(tx, &new, now, held, lease).await
+    let recorded = recorded_ids(tx, &sourced_ids(deliveries)).await?;
+    insert_new_deliveries(tx, &without_recorded(deliveries, &recorded), now, held, lease).await
 }
 
 /// Insert deliveries in the order given. The first row of a chain that has nothing queued is
