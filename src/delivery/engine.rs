@@ -448,7 +448,7 @@ impl Engine {
     /// Memory path (Kafka): hand deliveries that live in memory to their chains. A delivery
     /// whose chain has rows in the store, or whose target failed recently, is parked in the
     /// store instead; each is acknowledged once it is finished or stored.
-    pub fn submit(&self, jobs: Vec<Job>) {
+    pub fn submit(self: &Arc<Self>, jobs: Vec<Job>) {
         let mut start = Vec::new();
         let mut park = Vec::new();
         let mut park_heads = Vec::new();

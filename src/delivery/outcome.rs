@@ -310,7 +310,17 @@ impl Engine {
 
     /// A memory head leaves memory for the store's retry queue, with the rest of its chain's
     /// memory jobs behind it (see `ordering`).
-    pub(super) fn park_head(&self, job: Job, next_at: Option<i64>) {
+    pub(super) fn park_head(self: &Arc<Self>, job: Job, next_at: Option<i64>) {
+        if let Origin::Memory { ack, .. } = &job.origin {
+            if !ack.current() {
+                // Its partition was taken from us: the new owner reads it again (its offset
+                // was never finished here). Parking it now would put a row in the shared store
+                // after the new owner learnt which chains have stored rows, and its own
+                // delivery of the chain's later events would overtake it.
+                self.after_head(job.q.order_key.as_deref());
+                return;
+            }
+        }
         let (rest, ahead) = match &job.q.order_key {
             Some(k) => self.chains.park_head(k),
             None => (Vec::new(), false),
