@@ -14,8 +14,9 @@
 //! - Buffered (unfinished) messages per partition are bounded: at the bound the partition is
 //!   paused (the consumer keeps polling, so it never leaves its group) and resumed, rewound,
 //!   at half.
-//! - On revoke, jobs of the revoked partitions are dropped before their next attempt (the new
-//!   owner redelivers them from the committed offset, same `webhook-id`).
+//! - On revoke, jobs of the revoked partitions are dropped before their next attempt and never
+//!   parked (the new owner redelivers them from the committed offset, same `webhook-id`; a row
+//!   parked after it learnt the stored chains could be overtaken by its deliveries).
 
 mod context;
 mod offsets;
