@@ -32,8 +32,7 @@ pub(super) struct RunOutcome {
     /// counted again when that delivery was already recorded.
     delivery_id: String,
     run_id: String,
-    event: String,
-    resource: Option<String>,
+    resource: String,
     delivered: bool,
 }
 
@@ -146,9 +145,9 @@ impl Engine {
             match self.store.dead_letter_queued(&q, &dl, now).await {
                 Ok(true) => {
                     self.publish_dead(dl, q.source.clone(), None);
-                    if let (Some(run), true) = (&q.run_id, q.kind == "webhook" && q.event == "sync_job_run:record") {
-                        let items = [(run.as_str(), q.event.as_str(), d.resource.as_deref(), false)];
-                        if let Err(e) = self.runs.on_outcomes(&items).await {
+                    let counted = counted_outcome(&q.kind, q.run_id.as_deref(), &q.event, d.resource.as_deref(), false);
+                    if let Some(item) = counted {
+                        if let Err(e) = self.runs.on_outcomes(&[item]).await {
                             tracing::error!(error = %format!("{e:#}"), "counting a run outcome failed");
                         }
                     }
@@ -199,15 +198,15 @@ impl Engine {
         if let Some(b) = d.body {
             q.body = b;
         }
-        let outcome = |delivered: bool| match (&q.run_id, q.kind == "webhook") {
-            (Some(run), true) if q.event == "sync_job_run:record" => Some(RunOutcome {
+        let outcome = |delivered: bool| {
+            let (run, resource, delivered) =
+                counted_outcome(&q.kind, q.run_id.as_deref(), &q.event, d.resource.as_deref(), delivered)?;
+            Some(RunOutcome {
                 delivery_id: q.id.clone(),
-                run_id: run.clone(),
-                event: q.event.clone(),
-                resource: d.resource.clone(),
+                run_id: run.to_string(),
+                resource: resource.to_string(),
                 delivered,
-            }),
-            _ => None,
+            })
         };
         let key = q.order_key.clone();
         match d.next {
@@ -494,10 +493,13 @@ impl Engine {
             // (stored rows' in the one that completes them, in `commit_completions`).
             let memory_counts: Vec<(&str, &str, &str, bool)> = outcomes
                 .iter()
-                .filter_map(|o| {
-                    let (run, resource, delivered) =
-                        counted_outcome(Some(&o.run_id), &o.event, o.resource.as_deref(), o.delivered)?;
-                    Some((o.delivery_id.as_str(), run, resource, delivered))
+                .map(|o| {
+                    (
+                        o.delivery_id.as_str(),
+                        o.run_id.as_str(),
+                        o.resource.as_str(),
+                        o.delivered,
+                    )
                 })
                 .collect();
             if !logged.is_empty() || !parked.is_empty() || !dead.is_empty() || !memory_counts.is_empty() {
@@ -578,7 +580,6 @@ impl Engine {
         // is the new holder's to count).
         let counts: Vec<(&str, &str, &str, bool)> = completes
             .iter()
-            .filter(|c| c.kind == "webhook")
             .filter_map(|c| {
                 let delivered = match &c.next {
                     Next::Delivered => true,
@@ -586,7 +587,7 @@ impl Engine {
                     Next::Retry { .. } => return None,
                 };
                 let (run, resource, delivered) =
-                    counted_outcome(c.run_id.as_deref(), &c.event, c.resource.as_deref(), delivered)?;
+                    counted_outcome(c.kind, c.run_id.as_deref(), &c.event, c.resource.as_deref(), delivered)?;
                 Some((c.delivery_id.as_str(), run, resource, delivered))
             })
             .collect();

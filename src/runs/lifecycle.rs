@@ -78,15 +78,17 @@ pub struct Runs {
     limits: BatchLimits,
 }
 
-/// Which outcomes count on a run: a `sync_job_run:record` delivered to its run's webhook, as
-/// (run id, resource, delivered). Every other event changes no counter.
+/// Which outcomes count on a run: a `sync_job_run:record` delivered (kind `webhook`) to its
+/// run's webhook, as (run id, resource, delivered). Every other delivery changes no counter.
+/// The one rule for every path that finishes a delivery.
 pub fn counted_outcome<'a>(
+    kind: &str,
     run_id: Option<&'a str>,
     event: &str,
     resource: Option<&'a str>,
     delivered: bool,
 ) -> Option<(&'a str, &'a str, bool)> {
-    (event == "sync_job_run:record").then_some(())?;
+    (kind == "webhook" && event == "sync_job_run:record").then_some(())?;
     Some((run_id?, resource.unwrap_or("unknown"), delivered))
 }
 
@@ -342,18 +344,11 @@ impl Runs {
         (d, true)
     }
 
-    /// Count the outcomes of run events' deliveries to their run's webhook (once per event, not
-    /// per target), committed together: (run id, event, resource, delivered = answered 2xx, else
-    /// dead-lettered). Only `sync_job_run:record` events change counters (see
-    /// [`counted_outcome`]). The outcome writer counts in its own transaction instead (see
-    /// [`count_into`]); this is for outcomes recorded elsewhere.
-    pub async fn on_outcomes(&self, items: &[(&str, &str, Option<&str>, bool)]) -> anyhow::Result<()> {
-        let items: Vec<(&str, &str, bool)> = items
-            .iter()
-            .filter_map(|(run_id, event, resource, delivered)| {
-                counted_outcome(Some(run_id), event, *resource, *delivered)
-            })
-            .collect();
+    /// Count outcomes (run id, resource, delivered = answered 2xx, else dead-lettered; see
+    /// [`counted_outcome`]) in one transaction of their own. The outcome writer counts in the
+    /// transaction that records the outcomes instead (see [`count_into`]); this is for
+    /// outcomes recorded elsewhere.
+    pub async fn on_outcomes(&self, items: &[(&str, &str, bool)]) -> anyhow::Result<()> {
         if items.is_empty() {
             return Ok(());
         }
@@ -771,12 +766,9 @@ mod tests {
         assert_eq!(r.illegal_transitions, 2);
         assert_eq!(r.status, Status::Running);
         // Outcomes count per resource.
-        runs.on_outcomes(&[
-            (run.as_str(), "sync_job_run:record", Some("x"), true),
-            (run.as_str(), "sync_job_run:record", Some("x"), false),
-        ])
-        .await
-        .unwrap();
+        runs.on_outcomes(&[(run.as_str(), "x", true), (run.as_str(), "x", false)])
+            .await
+            .unwrap();
         let c = runs.terminal_payload(&run).await.unwrap();
         assert_eq!(c["records_delivered"], 1);
         assert_eq!(c["records_dead_lettered"], 1);

@@ -497,6 +497,15 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
     let mut parked = delivery("p9", Some("kp"), Some("r1"), now);
     parked.source = Some("events/0/8".into());
     for round in 0..2 {
+        // Each reading of the message attempted the parked delivery once, with its own answer.
+        parked.log = vec![AttemptRecord {
+            started_at: now,
+            duration_ms: 1,
+            status: Some(if round == 0 { 503 } else { 500 }),
+            error: None,
+            excerpt: None,
+        }];
+        parked.attempts = 1;
         let mut seen = None;
         let mut count = |recorded: &HashSet<String>, runs: &mut RunsLocked| {
             seen = Some(recorded.clone());
@@ -523,10 +532,11 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
             )
             .await
             .unwrap();
+        // The second time both deliveries are in the store already (logged and parked).
         let expect: HashSet<String> = if round == 0 {
             HashSet::new()
         } else {
-            HashSet::from(["m1".to_string()])
+            HashSet::from(["m1".to_string(), "p9".to_string()])
         };
         assert_eq!(seen, Some(expect), "round {round}");
     }
@@ -557,6 +567,12 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
     );
     let page = store.list_deliveries(&DeliveryFilter::default(), 0, 100).await.unwrap();
     assert_eq!(page.results.iter().filter(|d| d.id == "p9").count(), 1, "parked once");
+    let p9 = store.list_attempts("p9").await.unwrap();
+    assert_eq!(
+        p9.iter().map(|a| a.status).collect::<Vec<_>>(),
+        [Some(503)],
+        "the first reading's attempt, not replaced by the second's"
+    );
 }
 
 /// A run's queued rows can be dropped (except those in flight); delivered rows are purged after

@@ -127,11 +127,12 @@ pub trait Queue: Send + Sync {
     ///   the delivery log and for replay of exactly that (event, target) pair;
     /// - `parked`: ones that move to the retry queue, each group in its chain's order; a group
     ///   marked `true` (ahead) goes before the rows of its chain that were held behind it;
-    /// - `dead`: dead letters (their `delivery_id` names a row of `logged`).
+    /// - `dead`: dead letters (their `delivery_id` names a row of `logged`);
+    /// - `counting`: run counts of these outcomes, made in the same transaction.
     ///
     /// A delivery whose id is already in the store was recorded before (a Kafka message read
-    /// again after a crash makes the same ids): it is left as it is, with its dead letter.
-    /// - `counting`: run counts of these outcomes, made in the same transaction.
+    /// again after a crash makes the same ids): it is left as it is, with its attempts and dead
+    /// letter, and reported to `counting` as not applied.
     async fn record(
         &self,
         logged: &[Logged],

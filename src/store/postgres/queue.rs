@@ -413,9 +413,13 @@ impl Queue for PgStore {
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         // Deliveries recorded before (their Kafka message was read again after a crash: the
-        // same message makes the same delivery ids) stay as they are, counted once.
-        // (Parked ones are skipped by `insert_deliveries`.)
-        let ids: Vec<&str> = logged.iter().map(|l| l.delivery.id.as_str()).collect();
+        // same message makes the same delivery ids) stay as they are, with their attempts and
+        // dead letters, counted once.
+        let ids: Vec<&str> = logged
+            .iter()
+            .map(|l| l.delivery.id.as_str())
+            .chain(parked.iter().flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str())))
+            .collect();
         let recorded = recorded_ids(&mut tx, &ids).await?;
         let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
         for chunk in logged.chunks(INSERT_CHUNK) {
@@ -461,6 +465,10 @@ impl Queue for PgStore {
             .collect();
         lock_chains(&mut tx, &keys).await?;
         for (rows, ahead) in parked {
+            let rows = without_recorded(rows, &recorded);
+            if rows.is_empty() {
+                continue;
+            }
             let key = rows.first().and_then(|d| d.order_key.clone());
             // Rows held behind the in-memory part of this chain: taken out and written again
             // after the parked ones, so the chain keeps the order its events came in.
@@ -468,10 +476,11 @@ impl Queue for PgStore {
                 (Some(k), true) => take_waiting(&mut tx, k).await?,
                 _ => Vec::new(),
             };
-            insert_deliveries(&mut tx, rows, now, &HashSet::new(), &self.lease).await?;
+            // Checked against the store above; the held rows were just taken out of it.
+            insert_new_deliveries(&mut tx, &rows, now, &HashSet::new(), &self.lease).await?;
             if !held.is_empty() {
                 let keep: HashSet<String> = key.into_iter().collect();
-                insert_deliveries(&mut tx, &held, now, &keep, &self.lease).await?;
+                insert_new_deliveries(&mut tx, &held, now, &keep, &self.lease).await?;
             }
             insert_attempt_logs(&mut tx, rows.iter()).await?;
         }
