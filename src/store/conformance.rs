@@ -37,6 +37,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_a_first_try_success_keeps_its_attempt_on_its_row() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::a_first_try_success_keeps_its_attempt_on_its_row(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_dropping_and_purging() {
             let (store, _guard) = $open().await;
             crate::store::conformance::dropping_and_purging(&store).await;
@@ -165,6 +171,67 @@ fn dead_letter(q: &QueuedDelivery) -> NewDeadLetter {
 
 pub(crate) fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
     rows.iter().map(|q| q.id.as_str()).collect()
+}
+
+/// A delivery answered 2xx at its first attempt, stored (embedded) or logged (Kafka), lists that
+/// attempt as it was, though it is kept on the delivery's row rather than in the attempt log; one
+/// that took two attempts lists both.
+pub(crate) async fn a_first_try_success_keeps_its_attempt_on_its_row(store: &Store) {
+    let now = crate::domain::now_ms();
+    let rows = [delivery("f1", None, None, now), delivery("f2", None, None, now)];
+    let ready = store
+        .enqueue_claiming(&rows, &[], now, &HashSet::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ids(&ready), ["f1", "f2"]);
+    let first = completion(&ready[0], Next::Delivered, now);
+    let retry = completion(&ready[1], Next::Retry { at_ms: now }, now);
+    store.complete(&[first, retry], now, |_| {}).await.unwrap();
+    let again = store.due(now, 10, &[]).await.unwrap();
+    assert_eq!(ids(&again), ["f2"]);
+    let mut second = completion(&again[0], Next::Delivered, now + 1);
+    second.attempt.duration_ms = 9;
+    store.complete(&[second], now, |_| {}).await.unwrap();
+
+    let expect = |n: i64, started_at: i64, duration_ms: i64, status: i64| AttemptRow {
+        n,
+        started_at,
+        duration_ms,
+        status: Some(status),
+        error: None,
+        response_excerpt: Some("ok".into()),
+    };
+    assert_eq!(store.list_attempts("f1").await.unwrap(), [expect(1, now, 5, 200)]);
+    assert_eq!(
+        store.list_attempts("f2").await.unwrap(),
+        [expect(1, now, 5, 500), expect(2, now + 1, 9, 200)]
+    );
+
+    // Logged by the Kafka path after its only attempt.
+    let mut logged = delivery("f3", None, None, now);
+    logged.first_attempt_at = Some(now);
+    logged.log = vec![AttemptRecord {
+        started_at: now,
+        duration_ms: 4,
+        status: Some(204),
+        error: None,
+        excerpt: Some("ok".into()),
+    }];
+    store
+        .record(
+            &[Logged {
+                delivery: logged,
+                state: "delivered",
+            }],
+            &[],
+            &[],
+            now,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.list_attempts("f3").await.unwrap(), [expect(1, now, 4, 204)]);
+    assert!(store.list_attempts("nobody").await.unwrap().is_empty());
 }
 
 /// A chain is delivered one row at a time, in order; claims see exactly the rows that became

@@ -57,6 +57,51 @@ pub struct Counting<'a> {
     pub count: &'a mut (dyn FnMut(&HashSet<String>, &mut RunsLocked) + Send),
 }
 
+/// Whether a completion is a first-try success. Its attempt stays on its delivery's row
+/// (`first_attempt_at`, `last_status`, `last_error`, `last_duration_ms`, `last_excerpt`) rather
+/// than in the attempt log: one row written per delivered event, not two (issue 14). Both stores
+/// write and read it by this rule and [`row_attempt`].
+pub(crate) fn first_try_success(attempt_no: i64, next: &Next) -> bool {
+    attempt_no == 1 && matches!(next, Next::Delivered)
+}
+
+/// The logged (Kafka) deliveries whose attempts go to the attempt log: all but those that
+/// succeeded at their first attempt (see [`first_try_success`]).
+pub(crate) fn with_logged_attempts<'a>(logged: &'a [&'a Logged]) -> impl Iterator<Item = &'a NewDelivery> {
+    logged
+        .iter()
+        .filter(|l| !(l.state == "delivered" && l.delivery.log.len() == 1))
+        .map(|l| &l.delivery)
+}
+
+/// The attempt a delivery keeps on its row (see [`first_try_success`]): when the attempt log has
+/// none for it and it was delivered at its first attempt. `row`: (state, attempts,
+/// first_attempt_at, last_status, last_error, last_duration_ms, last_excerpt).
+pub(crate) fn row_attempt(
+    row: (
+        String,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    ),
+) -> Option<AttemptRow> {
+    let (state, attempts, started_at, status, error, duration_ms, excerpt) = row;
+    if state != "delivered" || attempts != 1 {
+        return None;
+    }
+    Some(AttemptRow {
+        n: 1,
+        started_at: started_at?,
+        duration_ms: duration_ms?,
+        status,
+        error,
+        response_excerpt: excerpt,
+    })
+}
+
 /// Ids of the deliveries made from a bus message: only those can be in the store already (a
 /// message read again after a crash makes the same ids).
 pub(crate) fn sourced_ids(deliveries: &[NewDelivery]) -> Vec<&str> {

@@ -211,7 +211,7 @@ pub struct DeliveryRow {
 }
 
 /// One attempt of a delivery.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRow {
     /// 1 for the first attempt.
     pub n: i64,

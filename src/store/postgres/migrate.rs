@@ -45,6 +45,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "registry_version",
         sql: include_str!("../../../migrations/postgres/0006_registry_version.sql"),
     },
+    Migration {
+        version: 7,
+        name: "first_attempt",
+        sql: include_str!("../../../migrations/postgres/0007_first_attempt.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).

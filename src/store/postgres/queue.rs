@@ -9,8 +9,8 @@ use sqlx::{Postgres, Row, Transaction};
 use super::runs::decide_runs;
 use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
 use crate::store::{
-    sourced_ids, without_recorded, AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter,
-    NewDelivery, Next, Queue, QueuedDelivery,
+    first_try_success, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
+    Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
 };
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
@@ -426,9 +426,11 @@ impl Queue for PgStore {
             let mut sql = String::from(
                 "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
                  order_key, body, state, attempts, next_attempt_at, first_attempt_at, last_status, last_error, \
-                 created_at, finished_at, source) VALUES ",
+                 last_duration_ms, last_excerpt, created_at, finished_at, source) VALUES ",
             );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(
+                &vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "),
+            );
             let sql = pg(sql.as_str());
             let mut q = sqlx::query(sql.as_str());
             for l in chunk {
@@ -451,13 +453,16 @@ impl Queue for PgStore {
                     .bind(d.first_attempt_at)
                     .bind(last.and_then(|a| a.status))
                     .bind(last.and_then(|a| a.error.clone()))
+                    .bind(last.map(|a| a.duration_ms))
+                    .bind(last.and_then(|a| a.excerpt.clone()))
                     .bind(d.created_at)
                     .bind(now)
                     .bind(&d.source);
             }
             q.execute(&mut *tx).await?;
         }
-        insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        // A first-try success keeps its attempt on its row (written above).
+        insert_attempt_logs(&mut tx, with_logged_attempts(&logged)).await?;
         // Every chain parked to, at once and in order (each group locks its own again: a no-op).
         let keys: Vec<&str> = parked
             .iter()
@@ -581,11 +586,12 @@ impl Queue for PgStore {
             let mut sql = String::from(
                 "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
                  first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-                 body = COALESCE(v.body, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
+                 body = COALESCE(v.body, deliveries.body), last_duration_ms = v.duration, last_excerpt = v.excerpt, \
+                 lease_owner = NULL, lease_until = NULL FROM (VALUES ",
             );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
             sql.push_str(
-                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body) \
+                ") AS v (seq, state, attempts, next_at, first_at, status, error, finished, body, duration, excerpt) \
                  WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
                  RETURNING deliveries.seq",
             );
@@ -606,12 +612,20 @@ impl Queue for PgStore {
                     .bind(c.attempt.status)
                     .bind(&c.attempt.error)
                     .bind(finished)
-                    .bind(&c.body);
+                    .bind(&c.body)
+                    .bind(c.attempt.duration_ms)
+                    .bind(&c.attempt.excerpt);
             }
             held.extend(q.bind(&self.lease.owner).fetch_all(&mut *tx).await?);
         }
         let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
-        for chunk in applied.chunks(INSERT_CHUNK) {
+        // A first-try success keeps its attempt on its row (written above).
+        let logged_attempts: Vec<&Completion> = applied
+            .iter()
+            .copied()
+            .filter(|c| !first_try_success(c.attempt_no, &c.next))
+            .collect();
+        for chunk in logged_attempts.chunks(INSERT_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
             );

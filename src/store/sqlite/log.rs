@@ -9,8 +9,8 @@ use sqlx::Row;
 use super::queue::{insert_deliveries, queued_from_row, requeue, QUEUED_COLUMNS};
 use super::{placeholders, SqliteStore, IN_CHUNK};
 use crate::store::{
-    AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Hold, NewDelivery, Page,
-    QueuedDelivery,
+    row_attempt, AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Hold,
+    NewDelivery, Page, QueuedDelivery,
 };
 
 fn delivery_from_row(r: &SqliteRow) -> DeliveryRow {
@@ -116,6 +116,17 @@ impl DeliveryLog for SqliteStore {
             .bind(delivery_id)
             .fetch_all(&self.pool)
             .await?;
+        if rows.is_empty() {
+            // A first-try success keeps its attempt on its row.
+            let row = sqlx::query_as(
+                "SELECT state, attempts, first_attempt_at, last_status, last_error, last_duration_ms, last_excerpt \
+                 FROM deliveries WHERE id = ?",
+            )
+            .bind(delivery_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            return Ok(row.and_then(row_attempt).into_iter().collect());
+        }
         Ok(rows
             .iter()
             .map(|a| AttemptRow {

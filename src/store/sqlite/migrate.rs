@@ -62,6 +62,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0007_leases.sql"),
         present: None,
     },
+    Migration {
+        version: 8,
+        name: "first_attempt",
+        sql: include_str!("../../../migrations/sqlite/0008_first_attempt.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\

@@ -7,10 +7,10 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::runs::decide_runs;
-use super::{placeholders, Lease, SqliteStore, INSERT_CHUNK, IN_CHUNK};
+use super::{json_list, placeholders, Lease, SqliteStore, IN_CHUNK};
 use crate::store::{
-    sourced_ids, without_recorded, AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter,
-    NewDelivery, Next, Queue, QueuedDelivery,
+    first_try_success, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
+    Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
 };
 
 pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
@@ -87,19 +87,18 @@ pub(super) async fn insert_dead_letter(
 /// The chains among `keys` that still have queued deliveries (a new row of a busy chain waits
 /// behind them; a row with no chain never waits).
 pub(super) async fn busy_chains(tx: &mut Transaction<'_, Sqlite>, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
-    let mut busy = HashSet::new();
-    for chunk in keys.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused')",
-            placeholders(chunk.len())
-        );
-        let mut q = sqlx::query_scalar::<_, String>(&sql);
-        for k in chunk {
-            q = q.bind(*k);
-        }
-        busy.extend(q.fetch_all(&mut **tx).await?);
+    if keys.is_empty() {
+        return Ok(HashSet::new());
     }
-    Ok(busy)
+    Ok(sqlx::query_scalar::<_, String>(
+        "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN (SELECT value FROM json_each(?)) \
+         AND state IN ('ready', 'waiting', 'paused')",
+    )
+    .bind(json_list(keys)?)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect())
 }
 
 /// The chains among `keys` that are a paused Census-style sync's (`s:<sync id>:<run>`): their new
@@ -114,18 +113,14 @@ pub(super) async fn paused_chains(tx: &mut Transaction<'_, Sqlite>, keys: &[&str
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut paused = HashSet::new();
-    for chunk in ids.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT id FROM census_syncs WHERE paused = 1 AND id IN ({})",
-            placeholders(chunk.len())
-        );
-        let mut q = sqlx::query_scalar::<_, i64>(sql.as_str());
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        paused.extend(q.fetch_all(&mut **tx).await?);
-    }
+    let paused: HashSet<i64> = sqlx::query_scalar::<_, i64>(
+        "SELECT id FROM census_syncs WHERE paused = 1 AND id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(json_list(&ids)?)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
     Ok(keys
         .iter()
         .filter(|k| crate::syncs::sync_of_order_key(k).is_some_and(|i| paused.contains(&i)))
@@ -141,22 +136,26 @@ async fn promote_next(
     now: i64,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
-    let mut out = Vec::new();
-    for chunk in keys.chunks(IN_CHUNK) {
-        let sql = format!(
-            "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
-             WHERE state = 'waiting' AND seq IN \
-             (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused') GROUP BY order_key) \
-             RETURNING {QUEUED_COLUMNS}",
-            placeholders(chunk.len())
-        );
-        let mut q = sqlx::query(&sql).bind(now).bind(&lease.owner).bind(now + lease.ms);
-        for k in chunk {
-            q = q.bind(*k);
-        }
-        out.extend(q.fetch_all(&mut **tx).await?.iter().map(queued_from_row));
+    if keys.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let sql = format!(
+        "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
+         WHERE state = 'waiting' AND seq IN \
+         (SELECT MIN(seq) FROM deliveries WHERE order_key IN (SELECT value FROM json_each(?)) \
+          AND state IN ('ready', 'waiting', 'paused') GROUP BY order_key) \
+         RETURNING {QUEUED_COLUMNS}"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(now)
+        .bind(&lease.owner)
+        .bind(now + lease.ms)
+        .bind(json_list(keys)?)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(queued_from_row)
+        .collect())
 }
 
 /// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
@@ -205,45 +204,17 @@ async fn insert_new_deliveries(
             _ => "ready",
         })
         .collect();
-    let mut seqs: HashMap<String, i64> = HashMap::new();
-    for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
-        let mut sql = String::from(
-            "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-             order_key, body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
-             last_status, last_error, lease_owner, lease_until) VALUES ",
-        );
-        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-        sql.push_str(" RETURNING seq, id");
-        let mut q = sqlx::query(&sql);
-        for (d, state) in chunk.iter().zip(st) {
-            let last = d.log.last();
-            q = q
-                .bind(&d.id)
-                .bind(&d.event_id)
-                .bind(&d.event)
-                .bind(&d.run_id)
-                .bind(d.kind)
-                .bind(&d.webhook_id)
-                .bind(&d.target_url)
-                .bind(&d.target_key)
-                .bind(&d.order_key)
-                .bind(&d.body)
-                .bind(*state)
-                .bind(d.attempts)
-                .bind(d.next_attempt_at.unwrap_or(now))
-                .bind(d.first_attempt_at)
-                .bind(d.created_at)
-                .bind(&d.source)
-                .bind(last.and_then(|a| a.status))
-                .bind(last.and_then(|a| a.error.clone()))
-                // A ready row is this instance's (handed to its claim, or parked by it).
-                .bind((*state == "ready").then_some(lease.owner.as_str()))
-                .bind((*state == "ready").then_some(now + lease.ms));
-        }
-        for r in q.fetch_all(&mut **tx).await? {
-            seqs.insert(r.get("id"), r.get("seq"));
-        }
-    }
+    let rows: Vec<DeliveryRow> = deliveries
+        .iter()
+        .zip(&states)
+        .map(|(d, state)| {
+            // A ready row is this instance's (handed to its claim, or parked by it).
+            let ready = *state == "ready";
+            DeliveryRow::new(d, state, d.attempts, d.next_attempt_at.unwrap_or(now), None)
+                .leased(ready.then_some((lease.owner.as_str(), now + lease.ms)))
+        })
+        .collect();
+    let seqs = insert_rows(tx, &rows).await?;
     Ok(deliveries
         .iter()
         .zip(&states)
@@ -270,6 +241,132 @@ async fn insert_new_deliveries(
         .collect())
 }
 
+/// A `deliveries` row as [`insert_rows`] writes it.
+struct DeliveryRow<'a> {
+    id: &'a str,
+    event_id: &'a str,
+    event: &'a str,
+    run_id: Option<&'a str>,
+    kind: &'a str,
+    webhook_id: Option<&'a str>,
+    target_url: Option<&'a str>,
+    target_key: &'a str,
+    order_key: Option<&'a str>,
+    body: &'a str,
+    state: &'a str,
+    attempts: i64,
+    next_attempt_at: i64,
+    first_attempt_at: Option<i64>,
+    created_at: i64,
+    source: Option<&'a str>,
+    /// The last attempt's (a delivery attempted in memory before it was written).
+    last_status: Option<i64>,
+    last_error: Option<&'a str>,
+    last_duration_ms: Option<i64>,
+    last_excerpt: Option<&'a str>,
+    lease_owner: Option<&'a str>,
+    lease_until: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl<'a> DeliveryRow<'a> {
+    fn new(d: &'a NewDelivery, state: &'a str, attempts: i64, next_attempt_at: i64, finished_at: Option<i64>) -> Self {
+        let last = d.log.last();
+        DeliveryRow {
+            id: &d.id,
+            event_id: &d.event_id,
+            event: &d.event,
+            run_id: d.run_id.as_deref(),
+            kind: d.kind,
+            webhook_id: d.webhook_id.as_deref(),
+            target_url: d.target_url.as_deref(),
+            target_key: &d.target_key,
+            order_key: d.order_key.as_deref(),
+            body: &d.body,
+            state,
+            attempts,
+            next_attempt_at,
+            first_attempt_at: d.first_attempt_at,
+            created_at: d.created_at,
+            source: d.source.as_deref(),
+            last_status: last.and_then(|a| a.status),
+            last_error: last.and_then(|a| a.error.as_deref()),
+            last_duration_ms: last.map(|a| a.duration_ms),
+            last_excerpt: last.and_then(|a| a.excerpt.as_deref()),
+            lease_owner: None,
+            lease_until: None,
+            finished_at,
+        }
+    }
+
+    fn leased(mut self, lease: Option<(&'a str, i64)>) -> Self {
+        self.lease_owner = lease.map(|l| l.0);
+        self.lease_until = lease.map(|l| l.1);
+        self
+    }
+}
+
+/// Rows an insert statement takes.
+const INSERT_ROWS: usize = 256;
+
+/// Write rows in the order given (so a chain's `seq`s follow its order); returns each row's
+/// `seq` by its id. Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of
+/// NULLs (left out by the `WHERE`) to a power of two: the statement's text is then one of nine,
+/// so each connection prepares them once and keeps them (see [`json_list`]; event bodies are
+/// bound as they are rather than inside a JSON list, which SQLite would parse once per column).
+async fn insert_rows(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[DeliveryRow<'_>],
+) -> anyhow::Result<HashMap<String, i64>> {
+    let mut seqs = HashMap::with_capacity(rows.len());
+    for piece in rows.chunks(INSERT_ROWS) {
+        let n = piece.len().next_power_of_two();
+        let sql = format!(
+            "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
+             body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, last_error, \
+             last_duration_ms, last_excerpt, lease_owner, lease_until, finished_at) \
+             SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL RETURNING seq, id",
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for r in piece {
+            q = q
+                .bind(r.id)
+                .bind(r.event_id)
+                .bind(r.event)
+                .bind(r.run_id)
+                .bind(r.kind)
+                .bind(r.webhook_id)
+                .bind(r.target_url)
+                .bind(r.target_key)
+                .bind(r.order_key)
+                .bind(r.body)
+                .bind(r.state)
+                .bind(r.attempts)
+                .bind(r.next_attempt_at)
+                .bind(r.first_attempt_at)
+                .bind(r.created_at)
+                .bind(r.source)
+                .bind(r.last_status)
+                .bind(r.last_error)
+                .bind(r.last_duration_ms)
+                .bind(r.last_excerpt)
+                .bind(r.lease_owner)
+                .bind(r.lease_until)
+                .bind(r.finished_at);
+        }
+        for _ in piece.len()..n {
+            for _ in 0..23 {
+                q = q.bind(None::<&str>);
+            }
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            seqs.insert(r.get("id"), r.get("seq"));
+        }
+    }
+    Ok(seqs)
+}
+
 /// The attempt log of deliveries that were attempted in memory before their row was written.
 async fn insert_attempt_logs<'a>(
     tx: &mut Transaction<'_, Sqlite>,
@@ -283,24 +380,28 @@ async fn insert_attempt_logs<'a>(
                 .map(move |(i, a)| (d.id.as_str(), i as i64 + 1, a))
         })
         .collect();
-    for chunk in items.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(
-            "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
-        );
-        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-        let mut q = sqlx::query(&sql);
-        for (id, n, a) in chunk {
-            q = q
-                .bind(*id)
-                .bind(*n)
-                .bind(a.started_at)
-                .bind(a.duration_ms)
-                .bind(a.status)
-                .bind(&a.error)
-                .bind(&a.excerpt);
-        }
-        q.execute(&mut **tx).await?;
+    insert_attempts(tx, &items).await
+}
+
+/// Attempts (delivery id, attempt number, what happened), in one statement.
+async fn insert_attempts(
+    tx: &mut Transaction<'_, Sqlite>,
+    items: &[(&str, i64, &AttemptRecord)],
+) -> anyhow::Result<()> {
+    if items.is_empty() {
+        return Ok(());
     }
+    let rows: Vec<_> = items
+        .iter()
+        .map(|(id, n, a)| (id, n, a.started_at, a.duration_ms, a.status, &a.error, &a.excerpt))
+        .collect();
+    sqlx::query(
+        "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)",
+    )
+    .bind(json_list(&rows)?)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -312,7 +413,7 @@ async fn recorded_ids(tx: &mut Transaction<'_, Sqlite>, ids: &[&str]) -> anyhow:
     }
     Ok(
         sqlx::query_scalar("SELECT id FROM deliveries WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(serde_json::to_string(ids)?)
+            .bind(json_list(ids)?)
             .fetch_all(&mut **tx)
             .await?
             .into_iter()
@@ -382,41 +483,13 @@ impl Queue for SqliteStore {
             .collect();
         let recorded = recorded_ids(&mut tx, &ids).await?;
         let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
-        for chunk in logged.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                 order_key, body, state, attempts, next_attempt_at, first_attempt_at, last_status, last_error, \
-                 created_at, finished_at, source) VALUES ",
-            );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            let mut q = sqlx::query(&sql);
-            for l in chunk {
-                let d = &l.delivery;
-                let last = d.log.last();
-                q = q
-                    .bind(&d.id)
-                    .bind(&d.event_id)
-                    .bind(&d.event)
-                    .bind(&d.run_id)
-                    .bind(d.kind)
-                    .bind(&d.webhook_id)
-                    .bind(&d.target_url)
-                    .bind(&d.target_key)
-                    .bind(&d.order_key)
-                    .bind(&d.body)
-                    .bind(l.state)
-                    .bind(d.log.len() as i64)
-                    .bind(now)
-                    .bind(d.first_attempt_at)
-                    .bind(last.and_then(|a| a.status))
-                    .bind(last.and_then(|a| a.error.clone()))
-                    .bind(d.created_at)
-                    .bind(now)
-                    .bind(&d.source);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        insert_attempt_logs(&mut tx, logged.iter().map(|l| &l.delivery)).await?;
+        let rows: Vec<DeliveryRow> = logged
+            .iter()
+            .map(|l| DeliveryRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
+            .collect();
+        insert_rows(&mut tx, &rows).await?;
+        // A first-try success keeps its attempt on its row (written above).
+        insert_attempt_logs(&mut tx, with_logged_attempts(&logged)).await?;
         for (rows, ahead) in parked {
             let rows = without_recorded(rows, &recorded);
             if rows.is_empty() {
@@ -524,57 +597,54 @@ impl Queue for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // First the rows, each only while this handle holds its lease and it is still ready;
         // everything else of a completion follows only for the rows this answers.
-        let mut held = HashSet::new();
-        for chunk in batch.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "UPDATE deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
-                 first_attempt_at = v.column5, last_status = v.column6, last_error = v.column7, finished_at = v.column8, \
-                 body = COALESCE(v.column9, deliveries.body), lease_owner = NULL, lease_until = NULL FROM (VALUES ",
-            );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            sql.push_str(
-                ") AS v WHERE deliveries.seq = v.column1 AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
-                 RETURNING seq",
-            );
-            let mut q = sqlx::query_scalar::<_, i64>(&sql);
-            for c in chunk {
+        let rows: Vec<_> = batch
+            .iter()
+            .map(|c| {
                 let (state, next_at, finished) = match &c.next {
                     Next::Delivered => ("delivered", now, Some(now)),
                     Next::Retry { at_ms } => ("ready", *at_ms, None),
                     Next::Dead(_) => ("dead", now, Some(now)),
                 };
-                q = q
-                    .bind(c.seq)
-                    .bind(state)
-                    .bind(c.attempt_no)
-                    .bind(next_at)
-                    .bind(c.first_attempt_at)
-                    .bind(c.attempt.status)
-                    .bind(&c.attempt.error)
-                    .bind(finished)
-                    .bind(&c.body);
-            }
-            held.extend(q.bind(&self.lease.owner).fetch_all(&mut *tx).await?);
-        }
+                (
+                    c.seq,
+                    state,
+                    c.attempt_no,
+                    next_at,
+                    c.first_attempt_at,
+                    c.attempt.status,
+                    &c.attempt.error,
+                    finished,
+                    &c.body,
+                    c.attempt.duration_ms,
+                    &c.attempt.excerpt,
+                )
+            })
+            .collect();
+        let held: HashSet<i64> = sqlx::query_scalar::<_, i64>(
+            "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
+             first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
+             body = COALESCE(v.body, deliveries.body), last_duration_ms = v.duration, last_excerpt = v.excerpt, \
+             lease_owner = NULL, lease_until = NULL \
+             FROM (SELECT value->>0 AS seq, value->>1 AS state, value->>2 AS attempts, value->>3 AS next_at, \
+                   value->>4 AS first_at, value->>5 AS status, value->>6 AS error, value->>7 AS finished, \
+                   value->>8 AS body, value->>9 AS duration, value->>10 AS excerpt FROM json_each(?)) AS v \
+             WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
+             RETURNING seq",
+        )
+        .bind(json_list(&rows)?)
+        .bind(&self.lease.owner)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
         let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
-        for chunk in applied.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) VALUES ",
-            );
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            let mut q = sqlx::query(&sql);
-            for c in chunk {
-                q = q
-                    .bind(&c.delivery_id)
-                    .bind(c.attempt_no)
-                    .bind(c.attempt.started_at)
-                    .bind(c.attempt.duration_ms)
-                    .bind(c.attempt.status)
-                    .bind(&c.attempt.error)
-                    .bind(&c.attempt.excerpt);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        // A first-try success keeps its attempt on its row (written above).
+        let attempts: Vec<(&str, i64, &AttemptRecord)> = applied
+            .iter()
+            .filter(|c| !first_try_success(c.attempt_no, &c.next))
+            .map(|c| (c.delivery_id.as_str(), c.attempt_no, &c.attempt))
+            .collect();
+        insert_attempts(&mut tx, &attempts).await?;
         for c in &applied {
             if let Next::Dead(dl) = &c.next {
                 insert_dead_letter(&mut tx, dl, now).await?;

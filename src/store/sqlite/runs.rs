@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{placeholders, SqliteStore, IN_CHUNK};
+use super::{json_list, SqliteStore};
 use crate::runs::model::{ErrorHandling, ResourceSpec, Run, Stats, Status, SyncJob};
 use crate::store::{
     CensusSyncRow, CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked, SyncUnit,
@@ -124,23 +124,17 @@ pub(super) async fn decide_runs(
     ids: &[&str],
     decide: impl FnOnce(&mut RunsLocked),
 ) -> anyhow::Result<bool> {
-    let mut loaded = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT * FROM sync_job_runs WHERE id IN ({})",
-            placeholders(chunk.len())
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(id);
-        }
-        loaded.extend(
-            q.fetch_all(&mut **tx)
-                .await?
-                .iter()
-                .map(|r| (run_from_row(r), batch_from_row(r))),
-        );
-    }
+    let loaded = if ids.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query("SELECT * FROM sync_job_runs WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_list(ids)?)
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|r| (run_from_row(r), batch_from_row(r)))
+            .collect()
+    };
     let mut locked = RunsLocked::new(loaded);
     decide(&mut locked);
     let mut wrote = false;
@@ -178,19 +172,15 @@ async fn save_run(tx: &mut Transaction<'_, Sqlite>, run: &Run, b: &RunBatch) -> 
 impl SqliteStore {
     /// Which of these runs exist (one read, no write lock).
     async fn known_runs(&self, ids: &[&str]) -> anyhow::Result<Vec<String>> {
-        let mut known = Vec::new();
-        for chunk in ids.chunks(IN_CHUNK) {
-            let sql = format!(
-                "SELECT id FROM sync_job_runs WHERE id IN ({})",
-                placeholders(chunk.len())
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            known.extend(q.fetch_all(&self.pool).await?);
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(known)
+        Ok(
+            sqlx::query_scalar("SELECT id FROM sync_job_runs WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(json_list(ids)?)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 }
 
