@@ -260,7 +260,9 @@ both_buses!(
             ev("e2", &run, "record_error", "ticketing/comments"),
             ev("c1", &run, "completed", ""),
         ];
-        if let Some(resp) = send(&h, &events).await {
+        let resp = send(&h, &events).await;
+        let embedded = resp.is_some();
+        if let Some(resp) = resp {
             let statuses: Vec<&str> = resp["events"]
                 .as_array()
                 .unwrap()
@@ -283,7 +285,15 @@ both_buses!(
         assert_eq!(failed["error"]["n"], "e1", "{failed}");
         assert_eq!(failed["status"], "failed", "{failed}");
         assert_eq!(failed["records_delivered"], 1, "{failed}");
-        assert_eq!(failed["records_dropped"], 2, "{failed}");
+        // `failed` carries the counts when it is sent. One POST is ingested at once, so the
+        // records after the error are dropped by then; on Kafka they are read when they come,
+        // maybe after `failed` went out (one record a batch here), so it may count fewer of
+        // them. The run's own counts below are exact on both buses.
+        if embedded {
+            assert_eq!(failed["records_dropped"], 2, "{failed}");
+        } else {
+            assert!(failed["records_dropped"].as_i64().unwrap() <= 2, "{failed}");
+        }
         assert_eq!(failed["record_errors"], json!({"ticketing/tickets": 1}), "{failed}");
 
         let r = wait_status(app, &run, "failed").await;
