@@ -114,7 +114,15 @@ async fn metric(relay: &RelayProcess, name: &str) -> f64 {
 /// only when that wait expires, not when new records arrive (Kafka answers at once), which
 /// puts up to that much on every delivery's latency.
 fn kafka_env(broker: &Broker, group: &str, topic: &str) -> Vec<(String, String)> {
-    broker.relay_env_with(group, topic, json!({"fetch.wait.max.ms": fetch_wait_ms()}))
+    let mut lib = json!({"fetch.wait.max.ms": fetch_wait_ms()});
+    // `E2E_LIBRDKAFKA`: more librdkafka settings for the relay, as a JSON object.
+    if let Ok(extra) = std::env::var("E2E_LIBRDKAFKA") {
+        let extra: Value = serde_json::from_str(&extra).expect("E2E_LIBRDKAFKA is a JSON object");
+        for (k, v) in extra.as_object().expect("E2E_LIBRDKAFKA is a JSON object") {
+            lib[k] = v.clone();
+        }
+    }
+    broker.relay_env_with(group, topic, lib)
 }
 
 /// The bench's producer: batches (`linger.ms` 5).
@@ -264,6 +272,68 @@ fn secs(d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
+/// Busy CPU seconds of the whole machine so far (all cores; `/proc/stat`, idle and iowait left out).
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (total - idle) / 100.0
+}
+
+/// Where the machine's CPU went over each measured phase, in cores: (phase, [machine, relay,
+/// this process (receiver and load generator), the rest (broker or PostgreSQL)]). A figure
+/// bounded by the machine shows it here: the cores are all in use, and by whom.
+static CPU_USE: std::sync::Mutex<Vec<(String, [f64; 4])>> = std::sync::Mutex::new(Vec::new());
+
+/// Starts measuring a phase's CPU use (see [`CPU_USE`]).
+struct CpuMeter {
+    at: Instant,
+    machine: f64,
+    relay: f64,
+    me: f64,
+}
+
+impl CpuMeter {
+    /// `relay`: None for a phase without one (L_client).
+    fn start(relay: Option<&RelayProcess>) -> CpuMeter {
+        CpuMeter {
+            at: Instant::now(),
+            machine: machine_busy_secs(),
+            relay: relay.map_or(0.0, |r| r.cpu_secs()),
+            me: self_cpu_secs(),
+        }
+    }
+
+    /// Ends the phase `label` and records it.
+    fn record(self, relay: Option<&RelayProcess>, label: &str) {
+        let wall = secs(self.at.elapsed()).max(1e-9);
+        let machine = (machine_busy_secs() - self.machine) / wall;
+        let r = (relay.map_or(0.0, |r| r.cpu_secs()) - self.relay) / wall;
+        let me = (self_cpu_secs() - self.me) / wall;
+        let other = (machine - r - me).max(0.0);
+        eprintln!(
+            "  {label}: CPU in use {machine:.2} cores: relay {r:.2}, receiver and load {me:.2}, other {other:.2}"
+        );
+        CPU_USE
+            .lock()
+            .unwrap()
+            .push((label.to_string(), [machine, r, me, other]));
+    }
+}
+
+/// CPU seconds of this whole process so far.
+fn self_cpu_secs() -> f64 {
+    support::relay::stat_cpu_secs(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
 /// L_client: a bare reqwest client, signing like the relay, `CONCURRENCY` requests in flight,
 /// each POSTing the same event of about `payload` bytes.
 /// CPU seconds used so far by this process's tokio worker threads: where the bare client of
@@ -292,6 +362,7 @@ async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize
     rx.reset();
     let next = Arc::new(AtomicU64::new(0));
     let cpu0 = client_cpu_secs();
+    let meter = CpuMeter::start(None);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
@@ -331,6 +402,7 @@ async fn l_client(rx: &Receiver, n: usize, payload: usize) -> (f64, usize, usize
     }
     let el = started.elapsed();
     let cpu = client_cpu_secs() - cpu0;
+    meter.record(None, &format!("L_client ({payload} B)"));
     let (ok, sampled) = rx.verify_samples(secret);
     (n as f64 / secs(el), ok, sampled, cpu / n as f64)
 }
@@ -387,10 +459,12 @@ async fn post_throughput(
     rx.reset();
     relay.reset_peak_rss();
     let cpu0 = relay.cpu_secs();
+    let meter = CpuMeter::start(Some(relay));
     let started = Instant::now();
     post_events(relay, &events).await;
     let accepted = started.elapsed();
     let done = wait_delivered(rx, n, Duration::from_secs(600)).await;
+    meter.record(Some(relay), &format!("{name} throughput"));
     let eps = n as f64 / secs(done - started);
     let cpu = relay.cpu_secs() - cpu0;
     eprintln!("  {name}: relay CPU {cpu:.2}s over {:.2}s wall", secs(done - started));
@@ -424,6 +498,7 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
     let n_lat = (rate * lat_secs) as usize;
     rx.reset();
     let base = rx.now_us();
+    let meter = CpuMeter::start(Some(&relay));
     let start = Instant::now();
     let mut k = 0;
     while k < n_lat {
@@ -440,6 +515,7 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     wait_delivered(rx, n_lat as u64, Duration::from_secs(600)).await;
+    meter.record(Some(&relay), "embedded latency (half load)");
     let latency = (rate, rx.percentiles());
     drop(relay);
     EmbeddedResult {
@@ -550,10 +626,12 @@ async fn kafka(
     rx.reset();
     relay.reset_peak_rss();
     let cpu0 = relay.cpu_secs();
+    let meter = CpuMeter::start(Some(&relay));
     let started = Instant::now();
     produce_all(&producer, topic, &events).await;
     let produced = started.elapsed();
     let delivered = wait_delivered(rx, n, Duration::from_secs(600)).await;
+    meter.record(Some(&relay), &format!("kafka throughput ({payload} B)"));
     let committed = loop {
         let (com, end) = committed_and_end(&broker, group, topic);
         if com >= end {
@@ -582,7 +660,12 @@ async fn kafka(
     // Latency at half the measured throughput, paced, each record stamped with its schedule.
     let eps_delivered = n as f64 / secs(delivered - started);
     let latency = match lat_secs {
-        Some(lat_secs) => Some(kafka_latency(rx, &producer, topic, &wid, eps_delivered / 2.0, lat_secs).await),
+        Some(lat_secs) => {
+            let meter = CpuMeter::start(Some(&relay));
+            let l = kafka_latency(rx, &producer, topic, &wid, eps_delivered / 2.0, lat_secs).await;
+            meter.record(Some(&relay), "kafka latency (half load)");
+            Some(l)
+        }
         None => None,
     };
     drop(relay);
@@ -1544,6 +1627,22 @@ fn main() {
         rep.target("signatures_all_verified", verified.0 == verified.1);
         let rss_ok = rep.rss.values().all(|v| v.as_f64().is_some_and(|m| m <= 200.0));
         rep.target("rss_le_200_mib", rss_ok);
+        let mut cpu_use = serde_json::Map::new();
+        for (label, [machine, relay, me, other]) in CPU_USE.lock().unwrap().iter() {
+            rep.row(
+                &format!("CPU in use during {label}, cores of {nproc}"),
+                &format!(
+                    "{machine:.2}: relay {relay:.2}, receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}"
+                ),
+                "",
+                None,
+            );
+            cpu_use.insert(
+                label.clone(),
+                json!({"machine": machine, "relay": relay, "receiver_and_load": me, "other": other}),
+            );
+        }
+        rep.set("cpu_cores", Value::Object(cpu_use));
 
         println!();
         println!(

@@ -256,7 +256,9 @@ impl RelayProcess {
         let listen = format!("127.0.0.1:{port}");
         set(&mut env, "SYNCRELAY__HTTP__LISTEN", &listen);
         let log = data.join(format!("relay-{}.log", unique_suffix()));
-        let child = Command::new(env!("CARGO_BIN_EXE_syncrelay"))
+        // `E2E_RELAY_BIN`: another build of the relay (the benchmark's before/after comparisons).
+        let bin = std::env::var_os("E2E_RELAY_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_syncrelay").into());
+        let child = Command::new(bin)
             .envs(env)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
