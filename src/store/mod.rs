@@ -74,20 +74,21 @@ pub(crate) fn with_logged_attempts<'a>(logged: &'a [&'a Logged]) -> impl Iterato
         .map(|l| &l.delivery)
 }
 
+/// A delivery row's columns that hold its only attempt (see [`row_attempt`]): state, attempts,
+/// first_attempt_at, last_status, last_error, last_duration_ms, last_excerpt.
+pub(crate) type RowAttemptColumns = (
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
 /// The attempt a delivery keeps on its row (see [`first_try_success`]): when the attempt log has
-/// none for it and it was delivered at its first attempt. `row`: (state, attempts,
-/// first_attempt_at, last_status, last_error, last_duration_ms, last_excerpt).
-pub(crate) fn row_attempt(
-    row: (
-        String,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        Option<String>,
-        Option<i64>,
-        Option<String>,
-    ),
-) -> Option<AttemptRow> {
+/// none for it and it was delivered at its first attempt.
+pub(crate) fn row_attempt(row: RowAttemptColumns) -> Option<AttemptRow> {
     let (state, attempts, started_at, status, error, duration_ms, excerpt) = row;
     if state != "delivered" || attempts != 1 {
         return None;
