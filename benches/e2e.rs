@@ -982,7 +982,9 @@ async fn parked(rx: &Receiver, kafka: bool, n: usize) -> ParkedResult {
     let until = started + Duration::from_secs(900);
     loop {
         let held = match &broker {
-            None => rx.answered_on("/unavailable") >= PARKED_RUNS as u64,
+            // Every event is queued in the store once accepted; the receiver's Retry-After
+            // pauses its target, so not every run's head is attempted (an hour's pause).
+            None => metric(&relay, "syncrelay_queue_depth").await >= n as f64,
             Some(b) => {
                 let (com, end) = committed_and_end(b, group, topic);
                 com >= end
