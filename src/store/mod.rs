@@ -57,12 +57,13 @@ pub struct Counting<'a> {
     pub count: &'a mut (dyn FnMut(&HashSet<String>, &mut RunsLocked) + Send),
 }
 
-/// Whether a completion is a first-try success. Its attempt stays on its delivery's row
-/// (`first_attempt_at`, `last_status`, `last_error`, `last_duration_ms`, `last_excerpt`) rather
-/// than in the attempt log: one row written per delivered event, not two (issue 14). Both stores
-/// write and read it by this rule and [`row_attempt`].
-pub(crate) fn first_try_success(attempt_no: i64, next: &Next) -> bool {
-    attempt_no == 1 && matches!(next, Next::Delivered)
+/// Whether a delivery that made `attempts` attempts, and was `delivered`, is a first-try
+/// success. Its attempt stays on its delivery's row (`first_attempt_at`, `last_status`,
+/// `last_error`, `last_duration_ms`, `last_excerpt`) rather than in the attempt log: one row
+/// written per delivered event, not two (issue 14). The one rule every writer (stored
+/// completions, logged Kafka deliveries) and reader ([`row_attempt`]) of both stores follows.
+pub(crate) fn first_try_success(attempts: i64, delivered: bool) -> bool {
+    attempts == 1 && delivered
 }
 
 /// The logged (Kafka) deliveries whose attempts go to the attempt log: all but those that
@@ -70,7 +71,7 @@ pub(crate) fn first_try_success(attempt_no: i64, next: &Next) -> bool {
 pub(crate) fn with_logged_attempts<'a>(logged: &'a [&'a Logged]) -> impl Iterator<Item = &'a NewDelivery> {
     logged
         .iter()
-        .filter(|l| !(l.state == "delivered" && l.delivery.log.len() == 1))
+        .filter(|l| !first_try_success(l.delivery.log.len() as i64, l.state == "delivered"))
         .map(|l| &l.delivery)
 }
 
@@ -90,7 +91,7 @@ pub(crate) type RowAttemptColumns = (
 /// none for it and it was delivered at its first attempt.
 pub(crate) fn row_attempt(row: RowAttemptColumns) -> Option<AttemptRow> {
     let (state, attempts, started_at, status, error, duration_ms, excerpt) = row;
-    if state != "delivered" || attempts != 1 {
+    if !first_try_success(attempts, state == "delivered") {
         return None;
     }
     Some(AttemptRow {

@@ -623,7 +623,7 @@ impl Queue for PgStore {
         let logged_attempts: Vec<&Completion> = applied
             .iter()
             .copied()
-            .filter(|c| !first_try_success(c.attempt_no, &c.next))
+            .filter(|c| !first_try_success(c.attempt_no, matches!(c.next, Next::Delivered)))
             .collect();
         for chunk in logged_attempts.chunks(INSERT_CHUNK) {
             let mut sql = String::from(

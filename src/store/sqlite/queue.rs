@@ -204,13 +204,13 @@ async fn insert_new_deliveries(
             _ => "ready",
         })
         .collect();
-    let rows: Vec<DeliveryRow> = deliveries
+    let rows: Vec<InsertRow> = deliveries
         .iter()
         .zip(&states)
         .map(|(d, state)| {
             // A ready row is this instance's (handed to its claim, or parked by it).
             let ready = *state == "ready";
-            DeliveryRow::new(d, state, d.attempts, d.next_attempt_at.unwrap_or(now), None)
+            InsertRow::new(d, state, d.attempts, d.next_attempt_at.unwrap_or(now), None)
                 .leased(ready.then_some((lease.owner.as_str(), now + lease.ms)))
         })
         .collect();
@@ -242,7 +242,7 @@ async fn insert_new_deliveries(
 }
 
 /// A `deliveries` row as [`insert_rows`] writes it.
-struct DeliveryRow<'a> {
+struct InsertRow<'a> {
     id: &'a str,
     event_id: &'a str,
     event: &'a str,
@@ -269,10 +269,10 @@ struct DeliveryRow<'a> {
     finished_at: Option<i64>,
 }
 
-impl<'a> DeliveryRow<'a> {
+impl<'a> InsertRow<'a> {
     fn new(d: &'a NewDelivery, state: &'a str, attempts: i64, next_attempt_at: i64, finished_at: Option<i64>) -> Self {
         let last = d.log.last();
-        DeliveryRow {
+        InsertRow {
             id: &d.id,
             event_id: &d.event_id,
             event: &d.event,
@@ -314,10 +314,7 @@ const INSERT_ROWS: usize = 256;
 /// NULLs (left out by the `WHERE`) to a power of two: the statement's text is then one of nine,
 /// so each connection prepares them once and keeps them (see [`json_list`]; event bodies are
 /// bound as they are rather than inside a JSON list, which SQLite would parse once per column).
-async fn insert_rows(
-    tx: &mut Transaction<'_, Sqlite>,
-    rows: &[DeliveryRow<'_>],
-) -> anyhow::Result<HashMap<String, i64>> {
+async fn insert_rows(tx: &mut Transaction<'_, Sqlite>, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap<String, i64>> {
     let mut seqs = HashMap::with_capacity(rows.len());
     for piece in rows.chunks(INSERT_ROWS) {
         let n = piece.len().next_power_of_two();
@@ -483,9 +480,9 @@ impl Queue for SqliteStore {
             .collect();
         let recorded = recorded_ids(&mut tx, &ids).await?;
         let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
-        let rows: Vec<DeliveryRow> = logged
+        let rows: Vec<InsertRow> = logged
             .iter()
-            .map(|l| DeliveryRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
+            .map(|l| InsertRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
             .collect();
         insert_rows(&mut tx, &rows).await?;
         // A first-try success keeps its attempt on its row (written above).
@@ -641,7 +638,7 @@ impl Queue for SqliteStore {
         // A first-try success keeps its attempt on its row (written above).
         let attempts: Vec<(&str, i64, &AttemptRecord)> = applied
             .iter()
-            .filter(|c| !first_try_success(c.attempt_no, &c.next))
+            .filter(|c| !first_try_success(c.attempt_no, matches!(c.next, Next::Delivered)))
             .map(|c| (c.delivery_id.as_str(), c.attempt_no, &c.attempt))
             .collect();
         insert_attempts(&mut tx, &attempts).await?;
