@@ -302,6 +302,60 @@ both_buses!(
     }
 );
 
+both_buses!(a_long_retry_after_moves_a_targets_work_to_the_store, |bus| async move {
+    // A receiver that asks for an hour's pause. Everything accepted must end up in the store
+    // (queued, nothing lost), and on Kafka every offset must be committed: deliveries must
+    // not sit in memory for the hour, holding their partitions (and the consumer's buffers)
+    // still. 40 runs of 5: more run heads than the webhook's cap, so some are waiting to
+    // go when the pause begins.
+    let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(503).header("retry-after", "3600"))).await;
+    let mut h = Harness::start(bus, &[]).await;
+    let (wid, _) = h.api().webhook(&rx.url("/paused"), &[]).await;
+    let mut events = Vec::new();
+    for i in 0..5 {
+        for r in 0..40 {
+            events.push(event(
+                &format!("p{r}-{i}"),
+                &wid,
+                Some(&run_id(700 + r)),
+                json!({"i": i}),
+            ));
+        }
+    }
+    h.send(&events).await;
+    let until = Instant::now() + WAIT;
+    loop {
+        let depth = h.metric("syncrelay_queue_depth", &[]).await;
+        let committed = match &h.kafka {
+            None => true,
+            Some(k) => {
+                let (broker, group, topic) = (k.broker, k.group.clone(), k.topics.events.clone());
+                tokio::task::spawn_blocking(move || broker.committed_and_end(&group, &topic))
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|(_, com, end)| com >= end)
+            }
+        };
+        if depth == 200.0 && committed {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "{bus:?}: queue depth {depth}, offsets committed {committed} after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The pause held: no more than the first round of requests went out (32 is the cap).
+    let answered = rx.answered_on("/paused");
+    assert!(
+        (1..=32).contains(&answered),
+        "{bus:?}: {answered} requests during the pause"
+    );
+    assert!(h.metric("syncrelay_target_pauses_total", &[]).await >= 1.0);
+    h.stop().await;
+});
+
 /// The first 2xx-answered `payload.i` of each run's records at `path`, in arrival order.
 fn per_run_order(got: &[Received], path: &str) -> HashMap<String, Vec<i64>> {
     let mut order: HashMap<String, Vec<i64>> = HashMap::new();

@@ -525,8 +525,9 @@ impl Engine {
             let (blocked, next_unblock) = self.targets.blocked(now_i);
             let unblocked = unblock_at.is_some_and(|t| t <= now_i);
             unblock_at = next_unblock;
-            // Memory jobs of targets whose breaker is open leave memory for the store (their
-            // partition's offset moves on); stored rows of blocked targets leave the in-memory
+            // Memory jobs of targets whose breaker is open, or that are paused for longer than
+            // a memory job may wait, leave memory for the store (their partition's offset moves
+            // on); stored rows of blocked targets leave the in-memory
             // queue and are found by a query once the target takes requests again.
             let mut park = Vec::new();
             // 1. Jobs handed over in memory, oldest first, skipping targets at their cap.
@@ -542,9 +543,11 @@ impl Engine {
                 if !blocked.is_empty() && !f.hot.is_empty() {
                     let InFlight { hot, claimed, .. } = &mut *f;
                     for key in &blocked {
-                        // Paused only (Retry-After): its memory jobs wait in memory.
-                        let open = self.targets.is_open(key);
-                        for job in hot.remove_in(key, |j| !j.is_memory() || open) {
+                        // Paused briefly (a Retry-After within `inline_max_delay`): its memory
+                        // jobs wait in memory. Open, held or paused for longer: they go to the
+                        // store, so their partitions' offsets move on.
+                        let shed = self.targets.sheds_memory(key, now_i, self.inline_max_delay);
+                        for job in hot.remove_in(key, |j| !j.is_memory() || shed) {
                             if job.is_memory() {
                                 park.push(job);
                             } else {
@@ -738,10 +741,11 @@ impl Engine {
         p
     }
 
-    /// Has the target failed recently, or is its breaker open? New memory work for it is
-    /// parked in the store instead of holding a partition while it retries or waits.
+    /// Has the target failed recently, is its breaker open, or is it paused for longer than a
+    /// memory job may wait? New memory work for it is parked in the store instead of holding a
+    /// partition while it retries or waits.
     pub fn target_unhealthy(&self, target_key: &str) -> bool {
-        self.targets.unhealthy(target_key)
+        self.targets.unhealthy(target_key, self.inline_max_delay)
     }
 
     /// Keep the leases of this instance's claimed rows alive: every `lease_every`, the writer

@@ -88,6 +88,12 @@ struct Target {
     held: bool,
 }
 
+impl Target {
+    fn sheds_memory(&self, now: Instant, longest_wait: Duration) -> bool {
+        self.held || self.breaker != Breaker::Closed || self.paused_until.is_some_and(|p| p > now + longest_wait)
+    }
+}
+
 /// The attempts counted for a breaker's failure ratio: the last `window_ms`, at most 10,000 of
 /// them (a ratio over the last 10,000 is as good), with their failures counted as they come and
 /// go, so an answer costs the same whatever the window holds (it was a scan of the window per
@@ -268,18 +274,21 @@ impl Targets {
         (keys, next)
     }
 
-    /// Is the breaker of this target open (or half-open), or is it held (disabled)? Its Kafka
-    /// deliveries are parked in the store.
-    pub fn is_open(&self, key: &str) -> bool {
+    /// Must this target's memory (Kafka) deliveries leave memory for the store? Its breaker is
+    /// open (or half-open), it is held (disabled), or a Retry-After pauses it for longer than a
+    /// memory job may wait (`longest_wait`): holding them would hold their partitions' offsets
+    /// and buffers for as long as the receiver asked, up to an hour.
+    pub fn sheds_memory(&self, key: &str, now: Instant, longest_wait: Duration) -> bool {
         let map = self.map.lock().expect("lock");
-        map.get(key).is_some_and(|t| t.held || t.breaker != Breaker::Closed)
+        map.get(key).is_some_and(|t| t.sheds_memory(now, longest_wait))
     }
 
-    /// Did this target fail recently, is its breaker not closed, or is it held?
-    pub fn unhealthy(&self, key: &str) -> bool {
+    /// Did this target fail recently, or must its memory deliveries leave memory (above)?
+    pub fn unhealthy(&self, key: &str, longest_wait: Duration) -> bool {
+        let now = Instant::now();
         let map = self.map.lock().expect("lock");
         map.get(key).is_some_and(|t| {
-            t.held || t.breaker != Breaker::Closed || t.last_failure.is_some_and(|f| f.elapsed() < RECENT_FAILURE)
+            t.sheds_memory(now, longest_wait) || t.last_failure.is_some_and(|f| now.duration_since(f) < RECENT_FAILURE)
         })
     }
 
@@ -707,12 +716,28 @@ mod tests {
         t.observe("w:f", &st(500), Instant::now(), MS, 0, 5);
         t.hold("w:f", true);
         assert_eq!(t.allowance("w:f", 32, Instant::now()), 0);
-        assert!(t.is_open("w:f") && t.unhealthy("w:f"));
+        assert!(t.sheds_memory("w:f", Instant::now(), MS) && t.unhealthy("w:f", MS));
         assert_eq!(t.blocked(Instant::now()).0, vec!["w:f".to_string()]);
         assert_eq!(t.state("w:f", 32).0, "held");
         t.hold("w:f", false);
         assert_eq!(t.state("w:f", 32), ("closed", 4, None));
-        assert!(!t.unhealthy("w:f"));
+        assert!(!t.unhealthy("w:f", MS));
+    }
+
+    #[test]
+    fn a_pause_longer_than_a_memory_job_may_wait_sheds_memory_work() {
+        // A Retry-After of an hour must not hold Kafka deliveries (and their offsets) in
+        // memory for an hour; a short one may.
+        let t = targets(1000, 0);
+        let wait = Duration::from_secs(2);
+        t.pause("w:short", Instant::now() + Duration::from_secs(1));
+        t.pause("w:long", Instant::now() + Duration::from_secs(3600));
+        assert!(!t.sheds_memory("w:short", Instant::now(), wait));
+        assert!(t.sheds_memory("w:long", Instant::now(), wait));
+        assert!(t.unhealthy("w:long", wait));
+        // Once the pause is nearly over, its work may wait in memory again.
+        assert!(!t.sheds_memory("w:long", Instant::now() + Duration::from_secs(3599), wait));
+        assert!(!t.sheds_memory("w:unknown", Instant::now(), wait));
     }
 
     #[test]
