@@ -272,8 +272,10 @@ fn secs(d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
-/// Busy CPU seconds of the whole machine so far (all cores; `/proc/stat`, idle and iowait left out).
-fn machine_busy_secs() -> f64 {
+/// CPU seconds of the whole machine so far (all cores; `/proc/stat`): (busy, stolen). Busy
+/// leaves out idle, iowait and steal; steal is time the hypervisor gave this VM's vCPUs to
+/// others (a run with much of it measured a smaller machine than it names).
+fn machine_cpu_secs() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let ticks: Vec<f64> = stat
         .lines()
@@ -283,20 +285,22 @@ fn machine_busy_secs() -> f64 {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0);
     let total: f64 = ticks.iter().take(8).sum();
-    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
-    (total - idle) / 100.0
+    let (idle, steal) = (at(3) + at(4), at(7));
+    ((total - idle - steal) / 100.0, steal / 100.0)
 }
 
 /// Where the machine's CPU went over each measured phase, in cores: (phase, [machine, relay,
 /// this process (receiver and load generator), the rest (broker or PostgreSQL)]). A figure
 /// bounded by the machine shows it here: the cores are all in use, and by whom.
-static CPU_USE: std::sync::Mutex<Vec<(String, [f64; 4])>> = std::sync::Mutex::new(Vec::new());
+static CPU_USE: std::sync::Mutex<Vec<(String, [f64; 5])>> = std::sync::Mutex::new(Vec::new());
 
 /// Starts measuring a phase's CPU use (see [`CPU_USE`]).
 struct CpuMeter {
     at: Instant,
     machine: f64,
+    steal: f64,
     relay: f64,
     me: f64,
 }
@@ -304,9 +308,11 @@ struct CpuMeter {
 impl CpuMeter {
     /// `relay`: None for a phase without one (L_client).
     fn start(relay: Option<&RelayProcess>) -> CpuMeter {
+        let (machine, steal) = machine_cpu_secs();
         CpuMeter {
             at: Instant::now(),
-            machine: machine_busy_secs(),
+            machine,
+            steal,
             relay: relay.map_or(0.0, |r| r.cpu_secs()),
             me: self_cpu_secs(),
         }
@@ -315,17 +321,19 @@ impl CpuMeter {
     /// Ends the phase `label` and records it.
     fn record(self, relay: Option<&RelayProcess>, label: &str) {
         let wall = secs(self.at.elapsed()).max(1e-9);
-        let machine = (machine_busy_secs() - self.machine) / wall;
+        let (busy, stolen) = machine_cpu_secs();
+        let machine = (busy - self.machine) / wall;
+        let steal = (stolen - self.steal) / wall;
         let r = (relay.map_or(0.0, |r| r.cpu_secs()) - self.relay) / wall;
         let me = (self_cpu_secs() - self.me) / wall;
         let other = (machine - r - me).max(0.0);
         eprintln!(
-            "  {label}: CPU in use {machine:.2} cores: relay {r:.2}, receiver and load {me:.2}, other {other:.2}"
+            "  {label}: CPU in use {machine:.2} cores: relay {r:.2}, receiver and load {me:.2}, other {other:.2}; stolen by the hypervisor {steal:.2}"
         );
         CPU_USE
             .lock()
             .unwrap()
-            .push((label.to_string(), [machine, r, me, other]));
+            .push((label.to_string(), [machine, r, me, other, steal]));
     }
 }
 
@@ -1630,18 +1638,18 @@ fn main() {
         let rss_ok = rep.rss.values().all(|v| v.as_f64().is_some_and(|m| m <= 200.0));
         rep.target("rss_le_200_mib", rss_ok);
         let mut cpu_use = serde_json::Map::new();
-        for (label, [machine, relay, me, other]) in CPU_USE.lock().unwrap().iter() {
+        for (label, [machine, relay, me, other, steal]) in CPU_USE.lock().unwrap().iter() {
             rep.row(
                 &format!("CPU in use during {label}, cores of {nproc}"),
                 &format!(
-                    "{machine:.2}: relay {relay:.2}, receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}"
+                    "{machine:.2}: relay {relay:.2}, receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}; stolen by the hypervisor {steal:.2}"
                 ),
                 "",
                 None,
             );
             cpu_use.insert(
                 label.clone(),
-                json!({"machine": machine, "relay": relay, "receiver_and_load": me, "other": other}),
+                json!({"machine": machine, "relay": relay, "receiver_and_load": me, "other": other, "steal": steal}),
             );
         }
         rep.set("cpu_cores", Value::Object(cpu_use));

@@ -155,6 +155,7 @@ pub struct KafkaSettings {
     pub commands_topic: String,
     pub dlq_topic: String,
     pub max_buffered_per_partition: usize,
+    pub max_buffered_bytes_per_partition: usize,
     pub inline_attempts: u32,
     pub inline_max_delay_ms: u64,
     pub produce_timeout_ms: u64,
@@ -574,6 +575,9 @@ impl Settings {
             }
             if k.max_buffered_per_partition == 0 {
                 return bad("bus.kafka.max_buffered_per_partition", "must be at least 1");
+            }
+            if k.max_buffered_bytes_per_partition == 0 {
+                return bad("bus.kafka.max_buffered_bytes_per_partition", "must be at least 1");
             }
             if k.inline_attempts == 0 {
                 return bad("bus.kafka.inline_attempts", "must be at least 1");

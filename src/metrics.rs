@@ -255,7 +255,7 @@ impl Metrics {
             ),
             kafka_paused_partitions: gauge(
                 "syncrelay_kafka_paused_partitions",
-                "Partitions paused because their buffered events reached bus.kafka.max_buffered_per_partition.",
+                "Partitions paused because their buffered events reached bus.kafka.max_buffered_per_partition (or max_buffered_bytes_per_partition).",
             ),
             kafka_assigned_partitions: gauge(
                 "syncrelay_kafka_assigned_partitions",

@@ -117,6 +117,61 @@ async fn ten_thousand_events_over_a_hundred_runs_arrive_in_order_with_valid_sign
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_pause_a_partition_at_its_byte_bound_and_all_arrive_in_order() {
+    // 16 KiB events against a 64 KiB bound per partition (the event bound, 2,000, is never
+    // reached): partitions must pause on bytes, and every event still arrive once, in order.
+    let _serial = SERIAL.lock().await;
+    let broker = Broker::start();
+    broker.create_topic("evb", 2);
+    // Slow answers, so events pile up behind the requests in progress.
+    let rx = Receiver::with_script(Arc::new(|_, _| Reply::status(200).delayed(Duration::from_millis(20)))).await;
+    let mut app = spawn_app_with(
+        &[("SYNCRELAY__BUS__KAFKA__MAX_BUFFERED_BYTES_PER_PARTITION", "65536")],
+        broker.relay_env("gb", "evb"),
+    )
+    .await;
+    let (wid, _) = app.webhook(&rx.url("/b"), &[]).await;
+    let pad = "x".repeat(16 * 1024);
+    let mut msgs = Vec::new();
+    for i in 0..20 {
+        for run in 0..20 {
+            let run = run_id(900 + run);
+            let v = json!({"id": format!("b{run}-{i}"), "event": "sync_job_run:record", "sync_job_run_id": run,
+                           "webhook_id": wid, "payload": {"run": run, "i": i, "pad": pad}});
+            msgs.push((Some(run.clone()), v.to_string().into_bytes()));
+        }
+    }
+    let ends = broker.produce("evb", &msgs).await;
+    let mut paused_seen = 0.0f64;
+    let until = Instant::now() + Duration::from_secs(120);
+    while rx.received().len() < 400 && Instant::now() < until {
+        let text = app.metrics_text().await;
+        let paused = text
+            .lines()
+            .find_map(|l| l.strip_prefix("syncrelay_kafka_paused_partitions "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        paused_seen = paused_seen.max(paused);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = rx.received();
+    assert_eq!(got.len(), 400, "every event once");
+    for (run, seq) in &delivered_per_run(&got) {
+        assert_eq!(seq, &(0..20).collect::<Vec<_>>(), "run {run} out of order");
+    }
+    assert!(paused_seen >= 1.0, "no partition paused on its byte bound");
+    let offs = wait_committed_at_end(&broker, "gb", "evb", 400).await;
+    for (p, committed, _) in &offs {
+        assert_eq!(
+            Some(committed),
+            ends.get(p),
+            "partition {p}: committed offset != log end"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_go_to_the_dead_letter_topic_and_good_events_flow() {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start();

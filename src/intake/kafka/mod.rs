@@ -121,7 +121,11 @@ fn client_config(settings: &Settings) -> ClientConfig {
 impl KafkaBus {
     pub fn new(settings: &Settings, metrics: Metrics) -> anyhow::Result<Arc<KafkaBus>> {
         let k = &settings.bus.kafka;
-        let tracker = Arc::new(Tracker::new(k.max_buffered_per_partition, metrics.clone()));
+        let tracker = Arc::new(Tracker::new(
+            k.max_buffered_per_partition,
+            k.max_buffered_bytes_per_partition,
+            metrics.clone(),
+        ));
         let assigned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut ccfg = client_config(settings);
         ccfg.set("group.id", &k.group_id);
@@ -310,12 +314,13 @@ impl KafkaBus {
                 let tp: Tp = (msg.topic().to_string(), msg.partition());
                 let offset = msg.offset();
                 let generation = self.tracker.generation(&tp);
-                match self.tracker.begin(&tp, offset) {
+                let bytes = msg.payload().map_or(0, <[u8]>::len);
+                match self.tracker.begin(&tp, offset, bytes) {
                     Read::Skip => continue,
                     Read::Take => {}
                     Read::TakeAndPause => {
                         // Backpressure: stop fetching this partition until half its buffer
-                        // is finished; messages of it already on their way are skipped and
+                        // (in events and in bytes) is finished; messages of it already on their way are skipped and
                         // fetched again from where it stopped (see `finish`). The loop keeps
                         // polling, so the consumer stays in its group however long it lasts.
                         tracing::debug!(partition = tp.1, offset, "partition buffer full; pausing it");

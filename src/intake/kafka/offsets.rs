@@ -1,7 +1,7 @@
 //! Which offsets of each partition are read but unfinished, and so which offset may be
 //! committed: never past an event that is not yet delivered, dead-lettered or stored.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use super::{Tp, RESUME_REWIND};
@@ -19,7 +19,10 @@ pub enum Read {
 /// Per-partition bookkeeping: which offsets are read but unfinished.
 #[derive(Default)]
 struct PartitionState {
-    pending: BTreeSet<i64>,
+    /// Offset → its message's payload bytes.
+    pending: BTreeMap<i64, usize>,
+    /// The payload bytes of `pending`.
+    bytes: usize,
     /// One past the highest offset read.
     next: i64,
     /// The offset last stored for commit.
@@ -33,15 +36,20 @@ struct PartitionState {
 /// Shared between the consumer loop, the chain workers and the rebalance callbacks.
 pub struct Tracker {
     parts: Mutex<HashMap<Tp, PartitionState>>,
+    /// A partition pauses at this many unfinished events…
     max_buffered: usize,
+    /// …or at this many bytes of them, whichever comes first: 2,000 events of 16 KiB are
+    /// 32 MiB a partition, which a count alone lets through.
+    max_bytes: usize,
     metrics: Metrics,
 }
 
 impl Tracker {
-    pub fn new(max_buffered: usize, metrics: Metrics) -> Tracker {
+    pub fn new(max_buffered: usize, max_bytes: usize, metrics: Metrics) -> Tracker {
         Tracker {
             parts: Mutex::new(HashMap::new()),
             max_buffered,
+            max_bytes,
             metrics,
         }
     }
@@ -65,10 +73,11 @@ impl Tracker {
             .is_some_and(|p| p.assigned && p.generation == generation)
     }
 
-    /// A message was read: take it (and pause its partition when its buffer is now full), or
-    /// skip it (read while its partition is paused, or already read: it is fetched again
-    /// from `next` when the partition resumes).
-    pub fn begin(&self, tp: &Tp, offset: i64) -> Read {
+    /// A message of `bytes` was read: take it (and pause its partition when its buffer is now
+    /// full, in events or in bytes), or skip it (read while its partition is paused, or already
+    /// read: it is fetched again from `next` when the partition resumes). A message larger than
+    /// the byte bound is still taken, alone.
+    pub fn begin(&self, tp: &Tp, offset: i64, bytes: usize) -> Read {
         let mut parts = self.parts.lock().expect("lock");
         let p = parts.entry(tp.clone()).or_default();
         if p.paused || (p.next > 0 && offset < p.next) {
@@ -81,9 +90,12 @@ impl Tracker {
             // Compacted topics and transaction markers leave gaps; anything else is worth a look.
             tracing::warn!(topic = %tp.0, partition = tp.1, expected = p.next, got = offset, "offset gap");
         }
-        p.pending.insert(offset);
+        if let Some(old) = p.pending.insert(offset, bytes) {
+            p.bytes -= old;
+        }
+        p.bytes += bytes;
         p.next = p.next.max(offset + 1);
-        if p.pending.len() >= self.max_buffered {
+        if p.pending.len() >= self.max_buffered || p.bytes >= self.max_bytes {
             p.paused = true;
             self.metrics.kafka_paused_partitions.inc();
             return Read::TakeAndPause;
@@ -101,8 +113,10 @@ impl Tracker {
         if p.generation != generation {
             return (None, None);
         }
-        p.pending.remove(&offset);
-        let watermark = p.pending.first().copied().unwrap_or(p.next);
+        if let Some(bytes) = p.pending.remove(&offset) {
+            p.bytes -= bytes;
+        }
+        let watermark = p.pending.first_key_value().map(|(o, _)| *o).unwrap_or(p.next);
         let store = (watermark > p.stored).then(|| {
             if watermark / 250 != p.stored / 250 {
                 tracing::debug!(topic = %tp.0, partition = tp.1, watermark, "offset stored");
@@ -110,7 +124,7 @@ impl Tracker {
             p.stored = watermark;
             watermark
         });
-        let resume = p.paused && p.pending.len() <= self.max_buffered / 2;
+        let resume = p.paused && p.pending.len() <= self.max_buffered / 2 && p.bytes <= self.max_bytes / 2;
         if resume {
             p.paused = false;
             self.metrics.kafka_paused_partitions.dec();
@@ -169,6 +183,7 @@ impl Tracker {
                 p.assigned = false;
                 p.paused = false;
                 p.pending.clear();
+                p.bytes = 0;
             }
         }
     }
@@ -180,7 +195,7 @@ mod tests {
     use crate::intake::kafka::decode;
 
     fn tracker(max: usize) -> Tracker {
-        Tracker::new(max, Metrics::new())
+        Tracker::new(max, usize::MAX, Metrics::new())
     }
 
     #[test]
@@ -190,7 +205,7 @@ mod tests {
         t.assign(&[(tp.clone(), None)]);
         let g = t.generation(&tp);
         for o in 10..15 {
-            t.begin(&tp, o);
+            t.begin(&tp, o, 1);
         }
         // 11 and 12 finish first: nothing can be stored while 10 is unfinished.
         assert_eq!(t.finish(&tp, 11, g).0, None);
@@ -207,24 +222,45 @@ mod tests {
         let tp: Tp = ("t".into(), 1);
         t.assign(&[(tp.clone(), None)]);
         let g = t.generation(&tp);
-        assert_eq!(t.begin(&tp, 0), Read::Take);
-        assert_eq!(t.begin(&tp, 1), Read::Take);
-        assert_eq!(t.begin(&tp, 2), Read::Take);
-        assert_eq!(t.begin(&tp, 3), Read::TakeAndPause, "pauses at 4 buffered");
+        assert_eq!(t.begin(&tp, 0, 1), Read::Take);
+        assert_eq!(t.begin(&tp, 1, 1), Read::Take);
+        assert_eq!(t.begin(&tp, 2, 1), Read::Take);
+        assert_eq!(t.begin(&tp, 3, 1), Read::TakeAndPause, "pauses at 4 buffered");
         // Already fetched before the pause took effect: skipped, read again after resuming.
-        assert_eq!(t.begin(&tp, 4), Read::Skip);
-        assert_eq!(t.begin(&tp, 5), Read::Skip);
+        assert_eq!(t.begin(&tp, 4, 1), Read::Skip);
+        assert_eq!(t.begin(&tp, 5, 1), Read::Skip);
         assert_eq!(t.finish(&tp, 0, g).1, None);
         assert_eq!(
             t.finish(&tp, 1, g).1,
             Some(0),
             "resumes at 2 buffered, rewound by up to RESUME_REWIND (a fetch may start inside a batch)"
         );
-        assert_eq!(t.begin(&tp, 2), Read::Skip, "taken before the pause");
-        assert_eq!(t.begin(&tp, 3), Read::Skip);
-        assert_eq!(t.begin(&tp, 4), Read::Take);
+        assert_eq!(t.begin(&tp, 2, 1), Read::Skip, "taken before the pause");
+        assert_eq!(t.begin(&tp, 3, 1), Read::Skip);
+        assert_eq!(t.begin(&tp, 4, 1), Read::Take);
         // A stale copy of an offset already read is never taken twice.
-        assert_eq!(t.begin(&tp, 2), Read::Skip);
+        assert_eq!(t.begin(&tp, 2, 1), Read::Skip);
+    }
+
+    #[test]
+    fn a_partition_also_pauses_at_its_byte_bound_and_resumes_below_half_of_it() {
+        // 100 events or 64 KiB: 16 KiB events fill the bytes first.
+        let t = Tracker::new(100, 64 * 1024, Metrics::new());
+        let tp: Tp = ("t".into(), 3);
+        t.assign(&[(tp.clone(), None)]);
+        let g = t.generation(&tp);
+        for o in 0..3 {
+            assert_eq!(t.begin(&tp, o, 16 * 1024), Read::Take);
+        }
+        assert_eq!(t.begin(&tp, 3, 16 * 1024), Read::TakeAndPause, "pauses at 64 KiB");
+        assert_eq!(t.begin(&tp, 4, 16 * 1024), Read::Skip);
+        assert_eq!(t.finish(&tp, 0, g).1, None, "48 KiB left: above half");
+        assert!(t.finish(&tp, 1, g).1.is_some(), "32 KiB left: resumes");
+        // A message larger than the whole bound is taken alone, not refused for ever.
+        assert_eq!(t.finish(&tp, 2, g).1, None);
+        assert_eq!(t.finish(&tp, 3, g).1, None);
+        assert_eq!(t.begin(&tp, 4, 1024 * 1024), Read::TakeAndPause);
+        assert!(t.finish(&tp, 4, g).1.is_some());
     }
 
     #[test]
@@ -233,7 +269,7 @@ mod tests {
         let tp: Tp = ("t".into(), 2);
         t.assign(&[(tp.clone(), None)]);
         let g = t.generation(&tp);
-        t.begin(&tp, 5);
+        t.begin(&tp, 5, 1);
         t.revoke(std::slice::from_ref(&tp));
         assert!(!t.is_current(&tp, g));
         assert_eq!(t.finish(&tp, 5, g), (None, None));
@@ -249,10 +285,10 @@ mod tests {
         // batch with the next batch), so offsets before 50 come again and are skipped.
         t.assign(&[(tp.clone(), Some(50))]);
         let g = t.generation(&tp);
-        assert_eq!(t.begin(&tp, 45), Read::Skip);
-        assert_eq!(t.begin(&tp, 49), Read::Skip);
-        assert_eq!(t.begin(&tp, 50), Read::Take);
-        assert_eq!(t.begin(&tp, 51), Read::Take);
+        assert_eq!(t.begin(&tp, 45, 1), Read::Skip);
+        assert_eq!(t.begin(&tp, 49, 1), Read::Skip);
+        assert_eq!(t.begin(&tp, 50, 1), Read::Take);
+        assert_eq!(t.begin(&tp, 51, 1), Read::Take);
         assert_eq!(t.finish(&tp, 51, g).0, None, "50 is unfinished");
         assert_eq!(t.finish(&tp, 50, g).0, Some(52));
     }
