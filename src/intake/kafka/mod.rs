@@ -50,6 +50,9 @@ type Tp = (String, i32);
 /// Offsets re-read before the first one not taken when a partition is assigned or resumes
 /// (see `context` and `Tracker::finish`); at least a producer's record batch.
 const RESUME_REWIND: i64 = 1000;
+/// …but no more offsets than hold this many bytes of messages taken (a record batch is at most
+/// about 1 MiB: Kafka's default `message.max.bytes`).
+const RESUME_REWIND_BYTES: usize = 1024 * 1024;
 
 /// Messages read at once before the run lifecycle is consulted for all of them.
 const READ_BATCH: usize = 256;

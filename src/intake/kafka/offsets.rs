@@ -1,10 +1,10 @@
 //! Which offsets of each partition are read but unfinished, and so which offset may be
 //! committed: never past an event that is not yet delivered, dead-lettered or stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
-use super::{Tp, RESUME_REWIND};
+use super::{Tp, RESUME_REWIND, RESUME_REWIND_BYTES};
 use crate::metrics::Metrics;
 
 /// What to do with a message just read.
@@ -23,6 +23,10 @@ struct PartitionState {
     pending: BTreeMap<i64, usize>,
     /// The payload bytes of `pending`.
     bytes: usize,
+    /// The last messages taken, (offset, bytes), oldest first: at most `RESUME_REWIND` of them
+    /// and no more than needed to cover `RESUME_REWIND_BYTES`. Where a resume reads from.
+    recent: VecDeque<(i64, usize)>,
+    recent_bytes: usize,
     /// One past the highest offset read.
     next: i64,
     /// The offset last stored for commit.
@@ -95,6 +99,16 @@ impl Tracker {
         }
         p.bytes += bytes;
         p.next = p.next.max(offset + 1);
+        p.recent.push_back((offset, bytes));
+        p.recent_bytes += bytes;
+        while let Some(&(_, first)) = p.recent.front() {
+            if p.recent.len() as i64 > RESUME_REWIND || p.recent_bytes - first >= RESUME_REWIND_BYTES {
+                p.recent.pop_front();
+                p.recent_bytes -= first;
+            } else {
+                break;
+            }
+        }
         if p.pending.len() >= self.max_buffered || p.bytes >= self.max_bytes {
             p.paused = true;
             self.metrics.kafka_paused_partitions.inc();
@@ -132,12 +146,17 @@ impl Tracker {
         // Resume a little before the first offset not taken; what was taken already is
         // skipped as it comes again. Kafka answers a fetch inside a record batch with that
         // batch, but some brokers (tansu 0.6) answer with the next one, which would skip the
-        // rest of the batch.
-        (
-            store,
-            // Not limited to the stored offset: that may lie inside a record batch too.
-            resume.then_some(p.next.saturating_sub(RESUME_REWIND).max(0)),
-        )
+        // rest of the batch. So the rewind must span a record batch: up to `RESUME_REWIND`
+        // offsets, but no more than `RESUME_REWIND_BYTES` of messages (a batch is at most about
+        // that big): 1,000 offsets of 16 KiB events re-read 16 MiB on every resume, which the
+        // byte bound made frequent.
+        let from = p
+            .recent
+            .front()
+            .map_or(p.next.saturating_sub(RESUME_REWIND), |(o, _)| *o)
+            .max(0);
+        // Not limited to the stored offset: that may lie inside a record batch too.
+        (store, resume.then_some(from))
     }
 
     /// The offset stored for commit of every assigned partition that has read something.
@@ -162,6 +181,8 @@ impl Tracker {
                 self.metrics.kafka_paused_partitions.dec();
             }
             let generation = p.generation + 1;
+            // (A fresh state: `recent` is empty, so a resume before anything is taken rewinds
+            // by `RESUME_REWIND` offsets.)
             *p = PartitionState {
                 generation,
                 assigned: true,
@@ -184,6 +205,8 @@ impl Tracker {
                 p.paused = false;
                 p.pending.clear();
                 p.bytes = 0;
+                p.recent.clear();
+                p.recent_bytes = 0;
             }
         }
     }
@@ -261,6 +284,36 @@ mod tests {
         assert_eq!(t.finish(&tp, 3, g).1, None);
         assert_eq!(t.begin(&tp, 4, 1024 * 1024), Read::TakeAndPause);
         assert!(t.finish(&tp, 4, g).1.is_some());
+    }
+
+    #[test]
+    fn a_resume_rewinds_over_a_record_batch_not_a_thousand_large_messages() {
+        let t = Tracker::new(100, 1 << 30, Metrics::new());
+        let tp: Tp = ("t".into(), 4);
+        t.assign(&[(tp.clone(), Some(10_000))]);
+        let g = t.generation(&tp);
+        // 16 KiB messages: the rewind covers RESUME_REWIND_BYTES of them (64), not 1,000.
+        for o in 10_000..10_100 {
+            t.begin(&tp, o, 16 * 1024);
+        }
+        let mut resumed = None;
+        for o in 10_000..10_050 {
+            resumed = resumed.or(t.finish(&tp, o, g).1);
+        }
+        let per_batch = (RESUME_REWIND_BYTES / (16 * 1024)) as i64;
+        assert_eq!(resumed, Some(10_100 - per_batch));
+        // 100-byte messages: capped at RESUME_REWIND offsets.
+        let t = Tracker::new(1_200, 1 << 30, Metrics::new());
+        t.assign(&[(tp.clone(), Some(0))]);
+        let g = t.generation(&tp);
+        for o in 0..1_200 {
+            t.begin(&tp, o, 100);
+        }
+        let mut resumed = None;
+        for o in 0..600 {
+            resumed = resumed.or(t.finish(&tp, o, g).1);
+        }
+        assert_eq!(resumed, Some(1_200 - RESUME_REWIND));
     }
 
     #[test]
