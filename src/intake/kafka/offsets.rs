@@ -150,11 +150,14 @@ impl Tracker {
         // offsets, but no more than `RESUME_REWIND_BYTES` of messages (a batch is at most about
         // that big): 1,000 offsets of 16 KiB events re-read 16 MiB on every resume, which the
         // byte bound made frequent.
-        let from = p
-            .recent
-            .front()
-            .map_or(p.next.saturating_sub(RESUME_REWIND), |(o, _)| *o)
-            .max(0);
+        // Only when the messages taken since `from` hold that much: if they hold less (a
+        // partition just assigned, resuming after its first few hundred), the batch of the
+        // first one may begin before it, and only the offset rewind is sure to reach it.
+        let from = match p.recent.front() {
+            Some((o, _)) if p.recent_bytes >= RESUME_REWIND_BYTES => *o,
+            _ => p.next.saturating_sub(RESUME_REWIND),
+        }
+        .max(0);
         // Not limited to the stored offset: that may lie inside a record batch too.
         (store, resume.then_some(from))
     }
@@ -314,6 +317,19 @@ mod tests {
             resumed = resumed.or(t.finish(&tp, o, g).1);
         }
         assert_eq!(resumed, Some(1_200 - RESUME_REWIND));
+        // Just assigned at 5,000, paused after 200 small ones: the messages taken hold less
+        // than a batch, whose start may lie before 5,000, so the offset rewind applies.
+        let t = Tracker::new(200, 1 << 30, Metrics::new());
+        t.assign(&[(tp.clone(), Some(5_000))]);
+        let g = t.generation(&tp);
+        for o in 5_000..5_200 {
+            t.begin(&tp, o, 100);
+        }
+        let mut resumed = None;
+        for o in 5_000..5_100 {
+            resumed = resumed.or(t.finish(&tp, o, g).1);
+        }
+        assert_eq!(resumed, Some(5_200 - RESUME_REWIND));
     }
 
     #[test]
