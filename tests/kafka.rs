@@ -145,13 +145,7 @@ async fn large_events_pause_a_partition_at_its_byte_bound_and_all_arrive_in_orde
     let mut paused_seen = 0.0f64;
     let until = Instant::now() + Duration::from_secs(120);
     while rx.received().len() < 400 && Instant::now() < until {
-        let text = app.metrics_text().await;
-        let paused = text
-            .lines()
-            .find_map(|l| l.strip_prefix("syncrelay_kafka_paused_partitions "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        paused_seen = paused_seen.max(paused);
+        paused_seen = paused_seen.max(app.metric("syncrelay_kafka_paused_partitions", &[]).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let got = rx.received();

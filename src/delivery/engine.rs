@@ -527,8 +527,8 @@ impl Engine {
             unblock_at = next_unblock;
             // Memory jobs of targets whose breaker is open, or that are paused for longer than
             // a memory job may wait, leave memory for the store (their partition's offset moves
-            // on); stored rows of blocked targets leave the in-memory
-            // queue and are found by a query once the target takes requests again.
+            // on); stored rows of blocked targets leave the in-memory queue and are found by a
+            // query once the target takes requests again.
             let mut park = Vec::new();
             // 1. Jobs handed over in memory, oldest first, skipping targets at their cap.
             let mut hot_jobs = Vec::new();

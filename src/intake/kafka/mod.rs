@@ -323,8 +323,8 @@ impl KafkaBus {
                     Read::Take => {}
                     Read::TakeAndPause => {
                         // Backpressure: stop fetching this partition until half its buffer
-                        // (in events and in bytes) is finished; messages of it already on their way are skipped and
-                        // fetched again from where it stopped (see `finish`). The loop keeps
+                        // (in events and in bytes) is finished; messages of it already on their
+                        // way are skipped and fetched again from where it stopped (see `finish`). The loop keeps
                         // polling, so the consumer stays in its group however long it lasts.
                         tracing::debug!(partition = tp.1, offset, "partition buffer full; pausing it");
                         if let Err(e) = self.consumer.pause(&tpl_of(&tp, None)) {

@@ -94,9 +94,8 @@ impl Tracker {
             // Compacted topics and transaction markers leave gaps; anything else is worth a look.
             tracing::warn!(topic = %tp.0, partition = tp.1, expected = p.next, got = offset, "offset gap");
         }
-        if let Some(old) = p.pending.insert(offset, bytes) {
-            p.bytes -= old;
-        }
+        // Never already pending: an offset below `next` was skipped above.
+        p.pending.insert(offset, bytes);
         p.bytes += bytes;
         p.next = p.next.max(offset + 1);
         p.recent.push_back((offset, bytes));
@@ -146,13 +145,12 @@ impl Tracker {
         // Resume a little before the first offset not taken; what was taken already is
         // skipped as it comes again. Kafka answers a fetch inside a record batch with that
         // batch, but some brokers (tansu 0.6) answer with the next one, which would skip the
-        // rest of the batch. So the rewind must span a record batch: up to `RESUME_REWIND`
-        // offsets, but no more than `RESUME_REWIND_BYTES` of messages (a batch is at most about
-        // that big): 1,000 offsets of 16 KiB events re-read 16 MiB on every resume, which the
-        // byte bound made frequent.
-        // Only when the messages taken since `from` hold that much: if they hold less (a
-        // partition just assigned, resuming after its first few hundred), the batch of the
-        // first one may begin before it, and only the offset rewind is sure to reach it.
+        // rest of the batch. So the rewind must span a record batch: `RESUME_REWIND` offsets,
+        // or fewer when the messages taken over them hold `RESUME_REWIND_BYTES` (a batch is at
+        // most about that big; 1,000 offsets of 16 KiB events re-read 16 MiB on every resume,
+        // which the byte bound made frequent). Only then: when they hold less (a partition
+        // just assigned, resuming after its first few hundred), the batch of the first one may
+        // begin before it, and only the offset rewind is sure to reach it.
         let from = match p.recent.front() {
             Some((o, _)) if p.recent_bytes >= RESUME_REWIND_BYTES => *o,
             _ => p.next.saturating_sub(RESUME_REWIND),
