@@ -47,8 +47,24 @@ fn no_transparent_huge_pages() {
     }
 }
 
+/// Large C allocations always get mappings of their own, returned on free. librdkafka (its fetch
+/// responses, up to megabytes each) and SQLite allocate with glibc's malloc, not mimalloc; by
+/// default glibc raises its mmap threshold to the largest block freed so far, so after the first
+/// fetch responses the later ones come from its per-thread arenas, which keep the freed space.
+/// Fixing the threshold at glibc's initial 128 KiB took the Kafka isolation scenario's peak RSS
+/// from 196 / 177 to 177 / 166 MiB, with no CPU cost the benchmark could see (docs/BENCHMARKS.md,
+/// issue 14). Set before any thread starts.
+fn c_heap_returns_large_blocks() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes two integers and changes one malloc setting of this process.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
     no_transparent_huge_pages();
+    c_heap_returns_large_blocks();
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
