@@ -588,6 +588,25 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A buffered Kafka delivery keeps its body for as long as it waits: the body's allocation
+    /// is sized for it, not rounded up to the next power of two by doubling.
+    #[test]
+    fn a_body_keeps_no_more_memory_than_it_needs() {
+        for pad in [0, 900, 1500, 16_000] {
+            let run = "0190b3a4-0000-7000-8000-000000000001";
+            let webhook = "0190b3a4-0000-7000-8000-000000000002";
+            let text = json!({"id": "e1", "event": "sync_job_run:record", "sync_job_run_id": run,
+                              "webhook_id": webhook, "payload": {"pad": "x".repeat(pad), "n": 1}})
+            .to_string();
+            let e = Envelope::parse_text(&text, 0, false).unwrap();
+            for s in [e.body(Some(webhook)), e.to_json_text()] {
+                assert!(s.capacity() <= s.len() + 200, "{} bytes in {}", s.len(), s.capacity());
+                let v: Value = serde_json::from_str(&s).unwrap();
+                assert_eq!(v["payload"]["pad"].as_str().unwrap().len(), pad);
+            }
+        }
+    }
+
     #[test]
     fn non_global_addresses_are_recognised() {
         for a in [

@@ -53,12 +53,14 @@ fn no_transparent_huge_pages() {
 /// fetch responses the later ones come from its per-thread arenas, which keep the freed space.
 /// Fixing the threshold at glibc's initial 128 KiB took the Kafka isolation scenario's peak RSS
 /// from 196 / 177 to 177 / 166 MiB, with no CPU cost the benchmark could see (docs/BENCHMARKS.md,
-/// issue 14). Set before any thread starts.
+/// issue 14). Set before any thread starts; an operator's own `MALLOC_MMAP_THRESHOLD_` wins.
 fn c_heap_returns_large_blocks() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt takes two integers and changes one malloc setting of this process.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt takes two integers and changes one malloc setting of this process.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
     }
 }
 
