@@ -467,7 +467,13 @@ async fn kafka_and_postgres_two_instances_one_group() {
     }
     assert_eq!(firsts.len(), 50);
     for (run, order) in &firsts {
-        assert_eq!(order, &(0..100).collect::<Vec<_>>(), "run {run}");
+        if order != &(0..100).collect::<Vec<_>>() {
+            panic!(
+                "run {run} out of order: {order:?}\nA: {}\nB: {}",
+                what_happened(&a).await,
+                what_happened(&b).await
+            );
+        }
     }
     // The delivery log and the dead letters, the same from both.
     let dead_a = eventually(WAIT, "5 dead letters", || {
@@ -488,6 +494,26 @@ async fn kafka_and_postgres_two_instances_one_group() {
     assert_eq!(log_a, log_b, "the same log from either instance");
     a.sigterm();
     b.sigterm();
+}
+
+/// What an instance saw that bears on order: rebalances, parked deliveries, retries, lost
+/// leases, and its log's warnings and partition movements (for a failing test's message).
+async fn what_happened(p: &RelayProcess) -> String {
+    let mut out = String::new();
+    for (name, labels) in [
+        ("syncrelay_kafka_rebalances_total", vec![("event", "assign")]),
+        ("syncrelay_kafka_rebalances_total", vec![("event", "revoke")]),
+        ("syncrelay_deliveries_parked_total", vec![]),
+        ("syncrelay_delivery_retries_total", vec![("kind", "webhook")]),
+    ] {
+        out += &format!("{name}{labels:?} = {}; ", p.metric(name, &labels).await);
+    }
+    let logs = p.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| ["revoked", "assigned", "WARN", "ERROR"].iter().any(|k| l.contains(k)))
+        .collect();
+    out + "\n" + &lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// Every row of a paged list (`event_id:status` of deliveries, `event_id:reason` of dead letters).

@@ -402,13 +402,13 @@ impl Engine {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let held = self.chains.hold(&keys);
+        let writing = self.chains.hold(&keys);
         let mut taken = Vec::new();
         let res = self
             .store
-            .enqueue_claiming(rows, dead, now, &held, |r| taken = self.claim(r))
+            .enqueue_claiming(rows, dead, now, &writing.held, |r| taken = self.claim(r))
             .await;
-        let promote = self.chains.written(&held);
+        let promote = self.chains.written(&writing);
         let ready = match res {
             Ok(r) => r,
             Err(e) => {
@@ -1013,15 +1013,15 @@ impl Engine {
         limit: i64,
         now: i64,
     ) -> anyhow::Result<(u64, Vec<String>)> {
-        let mut held = HashSet::new();
+        let mut writing = crate::ordering::Holding::default();
         let res = self
             .store
             .replay_dead_letters(ids, filter, limit, now, |keys| {
-                held = self.chains.hold(keys);
-                held.clone()
+                writing = self.chains.hold(keys);
+                writing.held.clone()
             })
             .await;
-        let promote = self.chains.written(&held);
+        let promote = self.chains.written(&writing);
         let (_, requeued, _, raws) = res?;
         if !promote.is_empty() {
             self.promote(&promote).await;

@@ -330,8 +330,18 @@ impl Engine {
             rows.push(j.to_row(None));
             acks.extend(j.ack());
         }
+        self.send_park(rows, ahead, acks);
+    }
+
+    /// Hand parked rows of one chain to the writer, which tells the chain once they are
+    /// committed (`Chains::parked`): until then the chain is not forgotten as drained.
+    fn send_park(&self, rows: Vec<NewDelivery>, ahead: bool, acks: Vec<Arc<dyn Ack>>) {
+        let key = rows.first().and_then(|r| r.order_key.clone());
         if self.writes.send(Write::Park { rows, ahead, acks }).is_err() {
             tracing::warn!("shutting down: parked deliveries are left to be read again");
+            if let Some(k) = key {
+                self.chains.parked(&k);
+            }
         }
     }
 
@@ -339,17 +349,7 @@ impl Engine {
     pub(super) fn park(&self, job: Job, next_at: Option<i64>) {
         let rows = vec![job.to_row(next_at)];
         let acks: Vec<Arc<dyn Ack>> = job.ack().into_iter().collect();
-        if self
-            .writes
-            .send(Write::Park {
-                rows,
-                ahead: false,
-                acks,
-            })
-            .is_err()
-        {
-            tracing::warn!("shutting down: parked deliveries are left to be read again");
-        }
+        self.send_park(rows, false, acks);
     }
 
     /// A memory job of a partition no longer ours: dropped, unacknowledged; its chain goes on
@@ -527,6 +527,13 @@ impl Engine {
             // `commit_completions`).
             if let Some((rows, taken)) = promoted {
                 self.push_hot(rows, &taken);
+            }
+            // The parked rows are in the store now: their chains may be forgotten once the store
+            // reports them finished (not before: see `ordering`).
+            for (rows, _) in &parked {
+                if let Some(k) = rows.first().and_then(|r| r.order_key.as_deref()) {
+                    self.chains.parked(k);
+                }
             }
             if parked_n > 0 {
                 self.metrics.parked.inc_by(parked_n);

@@ -16,6 +16,13 @@
 //! 3. When a memory head must leave memory (parked after its in-memory attempts), the whole
 //!    memory part of its chain goes to the store with it, in order, ahead of any held rows.
 //!
+//! A chain is known to have stored rows from the moment a write of its rows is announced
+//! (`submit` answering `Park`, `park_head`, `hold`) until the store reports its last row
+//! finished (`drained`, `refresh_stored`) *and* no announced write is still uncommitted. The
+//! writer commits a batch's completions before its parked rows, and a park may be announced
+//! while the chain's last stored row is being finished: forgetting the chain then would let its
+//! next memory delivery overtake the rows about to be written.
+//!
 //! The lock is a plain mutex held for map operations only, never across an await.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,6 +38,14 @@ pub enum Placement<J> {
     Queued,
     /// Its chain has rows in the store: store it behind them.
     Park(J),
+}
+
+/// A write of rows announced by [`Chains::hold`]: every chain written to, and those whose rows
+/// are held (rule 2). Handed back to [`Chains::written`] once the write is over.
+#[derive(Debug, Default)]
+pub struct Holding {
+    keys: Vec<String>,
+    pub held: HashSet<String>,
 }
 
 /// What follows when a memory head finished (answered 2xx or dead-lettered).
@@ -56,6 +71,10 @@ struct Chain<J> {
     /// Writes of held rows that have not committed yet: until they have, draining the memory
     /// part cannot promote them (they are not there to promote).
     holding: usize,
+    /// Writes of this chain's rows (parked, held or not) announced and not committed yet:
+    /// while any is pending the store does not show every row of the chain, so `stored` is
+    /// kept whatever the store says.
+    writing: usize,
 }
 
 impl<J> Default for Chain<J> {
@@ -66,13 +85,25 @@ impl<J> Default for Chain<J> {
             stored: None,
             held: false,
             holding: 0,
+            writing: 0,
         }
     }
 }
 
 impl<J> Chain<J> {
     fn idle(&self) -> bool {
-        !self.head && self.queue.is_empty() && self.stored.is_none() && !self.held && self.holding == 0
+        !self.head
+            && self.queue.is_empty()
+            && self.stored.is_none()
+            && !self.held
+            && self.holding == 0
+            && self.writing == 0
+    }
+
+    /// The store's word that the chain has no rows can be taken: no write of its rows is
+    /// pending, none is held.
+    fn may_forget_stored(&self) -> bool {
+        !self.held && self.holding == 0 && self.writing == 0
     }
 
     /// Rule 2's end: nothing in memory any more, held rows all written: they may go.
@@ -103,11 +134,13 @@ impl<J> Chains<J> {
         self.inner.lock().expect("chains lock")
     }
 
-    /// A memory delivery of chain `key` arrived (rule 1).
+    /// A memory delivery of chain `key` arrived (rule 1). A `Park` answer announces a write:
+    /// `parked(key)` follows once it is committed (or abandoned).
     pub fn submit(&self, key: &str, job: J) -> Placement<J> {
         let mut chains = self.lock();
         let c = chains.entry(key.to_string()).or_default();
         if c.stored.is_some() {
+            c.writing += 1;
             return Placement::Park(job);
         }
         if c.head {
@@ -118,36 +151,58 @@ impl<J> Chains<J> {
         Placement::Dispatch(job)
     }
 
-    /// Rows of these chains are about to be written to the store (rule 2). Returns the chains
-    /// whose rows must be held. Every call is followed by `written` with the same keys, whether
-    /// the write committed or not.
-    pub fn hold(&self, keys: &[String]) -> HashSet<String> {
+    /// Rows of these chains are about to be written to the store (rule 2). Returns the write,
+    /// with the chains whose rows must be held. Every call is followed by `written` with what
+    /// it returned, whether the write committed or not.
+    pub fn hold(&self, keys: &[String]) -> Holding {
         let now = Instant::now();
         let mut chains = self.lock();
         let mut held = HashSet::new();
         for k in keys {
             let c = chains.entry(k.clone()).or_default();
             c.stored = Some(now);
+            c.writing += 1;
             if c.head || !c.queue.is_empty() {
                 c.held = true;
                 c.holding += 1;
                 held.insert(k.clone());
             }
         }
-        held
+        Holding {
+            keys: keys.to_vec(),
+            held,
+        }
     }
 
     /// The write announced by `hold` finished. Returns the chains to promote.
-    pub fn written(&self, held: &HashSet<String>) -> Vec<String> {
+    pub fn written(&self, w: &Holding) -> Vec<String> {
         let mut chains = self.lock();
         let mut promote = Vec::new();
-        for k in held {
+        for k in &w.keys {
             if let Some(c) = chains.get_mut(k) {
-                c.holding = c.holding.saturating_sub(1);
-                promote.extend(c.release_held(k));
+                c.writing = c.writing.saturating_sub(1);
+                if w.held.contains(k) {
+                    c.holding = c.holding.saturating_sub(1);
+                    promote.extend(c.release_held(k));
+                }
+                if c.idle() {
+                    chains.remove(k);
+                }
             }
         }
         promote
+    }
+
+    /// A write of parked rows of `key` (announced by `submit` answering `Park`, or by
+    /// `park_head`) was committed, or abandoned.
+    pub fn parked(&self, key: &str) {
+        let mut chains = self.lock();
+        if let Some(c) = chains.get_mut(key) {
+            c.writing = c.writing.saturating_sub(1);
+            if c.idle() {
+                chains.remove(key);
+            }
+        }
     }
 
     /// The memory head of `key` finished (answered 2xx or dead-lettered).
@@ -172,13 +227,15 @@ impl<J> Chains<J> {
 
     /// The memory head of `key` leaves memory for the store (rule 3). Returns the deliveries
     /// queued behind it (to be stored right after it, in order) and whether rows of the chain
-    /// are held in the store (the parked ones go ahead of them).
+    /// are held in the store (the parked ones go ahead of them). Announces a write: `parked(key)`
+    /// follows.
     pub fn park_head(&self, key: &str) -> (Vec<J>, bool) {
         let mut chains = self.lock();
         let c = chains.entry(key.to_string()).or_default();
         let rest: Vec<J> = c.queue.drain(..).collect();
         c.head = false;
         c.stored = Some(Instant::now());
+        c.writing += 1;
         let ahead = std::mem::take(&mut c.held);
         (rest, ahead)
     }
@@ -197,7 +254,7 @@ impl<J> Chains<J> {
         let mut chains = self.lock();
         for k in keys {
             if let Some(c) = chains.get_mut(*k) {
-                if !c.held && c.holding == 0 {
+                if c.may_forget_stored() {
                     c.stored = None;
                 }
                 if c.idle() {
@@ -212,7 +269,7 @@ impl<J> Chains<J> {
     pub fn refresh_stored(&self, active: &HashSet<String>, since: Instant) {
         let mut chains = self.lock();
         chains.retain(|k, c| {
-            if c.stored.is_some_and(|t| t < since) && !active.contains(k) && !c.held && c.holding == 0 {
+            if c.stored.is_some_and(|t| t < since) && !active.contains(k) && c.may_forget_stored() {
                 c.stored = None;
             }
             !c.idle()
@@ -270,9 +327,10 @@ mod tests {
     fn a_memory_delivery_behind_stored_rows_is_parked_until_the_store_drains() {
         let c = Chains::default();
         let held = c.hold(&["k".to_string()]);
-        assert!(held.is_empty(), "nothing in memory: the store orders it alone");
+        assert!(held.held.is_empty(), "nothing in memory: the store orders it alone");
         assert!(c.written(&held).is_empty());
         assert!(matches!(c.submit("k", 1), Placement::Park(1)));
+        c.parked("k");
         c.drained(&["k"]);
         assert_eq!(dispatched(c.submit("k", 2)), 2);
     }
@@ -283,7 +341,7 @@ mod tests {
         dispatched(c.submit("k", 1));
         assert!(matches!(c.submit("k", 2), Placement::Queued));
         let held = c.hold(&["k".to_string()]);
-        assert!(held.contains("k"));
+        assert!(held.held.contains("k"));
         assert!(c.written(&held).is_empty(), "memory part still running");
         assert!(
             matches!(c.submit("k", 3), Placement::Park(3)),
@@ -317,6 +375,46 @@ mod tests {
         assert_eq!(rest, vec![2, 3]);
         assert!(ahead);
         assert!(matches!(c.submit("k", 4), Placement::Park(4)));
+    }
+
+    #[test]
+    fn a_chain_is_not_forgotten_while_a_write_of_its_rows_is_pending() {
+        let c = Chains::default();
+        // 62 failed and was parked; its write committed.
+        dispatched(c.submit("k", 62));
+        assert_eq!(c.park_head("k"), (vec![], false));
+        c.parked("k");
+        // 63 arrives and is parked behind it; before its write commits, the store finishes 62
+        // (the writer commits a batch's completions before its parked rows).
+        assert!(matches!(c.submit("k", 63), Placement::Park(63)));
+        c.drained(&["k"]);
+        assert!(
+            matches!(c.submit("k", 64), Placement::Park(64)),
+            "64 must not overtake 63, which is about to be written"
+        );
+        // Nor does the periodic refresh forget it, whatever the store listed.
+        c.refresh_stored(&HashSet::new(), Instant::now());
+        assert!(matches!(c.submit("k", 65), Placement::Park(65)));
+        // Written, then finished: the chain is memory's again.
+        for _ in 0..3 {
+            c.parked("k");
+        }
+        c.drained(&["k"]);
+        assert_eq!(dispatched(c.submit("k", 66)), 66);
+    }
+
+    #[test]
+    fn rows_the_relay_writes_keep_their_chain_stored_until_committed() {
+        let c: Chains<u32> = Chains::default();
+        let w = c.hold(&["k".to_string()]);
+        assert!(w.held.is_empty(), "no memory part: nothing held");
+        // A row of the chain finishes meanwhile and promotes nothing.
+        c.drained(&["k"]);
+        assert!(matches!(c.submit("k", 1), Placement::Park(1)), "the new row goes first");
+        assert!(c.written(&w).is_empty());
+        c.parked("k");
+        c.drained(&["k"]);
+        assert_eq!(dispatched(c.submit("k", 2)), 2);
     }
 
     #[test]
