@@ -91,22 +91,20 @@ pub(super) async fn insert_dead_letter(
 }
 
 /// The chains among `keys` that still have queued deliveries (a new row of a busy chain waits
-/// behind them; a row with no chain never waits).
+/// behind them; a row with no chain never waits). One index probe per key that stops at the
+/// first live entry (see `promote_next` for why not one scan over all of them).
 pub(super) async fn busy_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
-    let mut busy = HashSet::new();
-    for chunk in keys.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT DISTINCT order_key FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused')",
-            placeholders(chunk.len())
-        );
-        let sql = pg(sql.as_str());
-        let mut q = sqlx::query_scalar::<_, String>(sql.as_str());
-        for k in chunk {
-            q = q.bind(*k);
-        }
-        busy.extend(q.fetch_all(&mut **tx).await?);
+    if keys.is_empty() {
+        return Ok(HashSet::new());
     }
-    Ok(busy)
+    let busy: Vec<String> = sqlx::query_scalar(
+        "SELECT k FROM unnest($1::text[]) AS k WHERE (SELECT 1 FROM deliveries x WHERE x.order_key = k \
+         AND x.state IN ('ready', 'waiting', 'paused') LIMIT 1) IS NOT NULL",
+    )
+    .bind(keys)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(busy.into_iter().collect())
 }
 
 /// The chains among `keys` that are a paused Census-style sync's (`s:<sync id>:<run>`): their new
@@ -167,34 +165,38 @@ pub(super) async fn lock_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str
 }
 
 /// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
-/// predecessor finished). Returns the rows promoted.
+/// predecessor finished). Returns the rows promoted. The caller holds the chains' locks
+/// (`lock_chains`; `complete` took them before its first statement).
+///
+/// Each chain's oldest row is found by an index scan that stops at the first live entry
+/// (`ORDER BY seq LIMIT 1` per key), not by `MIN(seq) … GROUP BY` over all the keys: that was
+/// planned as a bitmap heap scan, which visits the dead versions of every row the chain has
+/// finished (each completion leaves one in the index) on every promotion and, unlike a plain
+/// index scan, never marks them dead in the index, so a chain's promotions cost more the longer
+/// it ran (the most expensive statement per row on PostgreSQL: 0.16 ms).
 async fn promote_next(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[&str],
     now: i64,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
-    lock_chains(tx, keys).await?;
-    let mut out = Vec::new();
-    for chunk in keys.chunks(IN_CHUNK) {
-        let sql = format!(
-            "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
-             WHERE state = 'waiting' AND seq IN \
-             (SELECT MIN(seq) FROM deliveries WHERE order_key IN ({}) AND state IN ('ready', 'waiting', 'paused') GROUP BY order_key) \
-             RETURNING {QUEUED_COLUMNS}",
-            placeholders(chunk.len())
-        );
-        let sql = pg(sql.as_str());
-        let mut q = sqlx::query(sql.as_str())
-            .bind(now)
-            .bind(&lease.owner)
-            .bind(now + lease.ms);
-        for k in chunk {
-            q = q.bind(*k);
-        }
-        out.extend(q.fetch_all(&mut **tx).await?.iter().map(queued_from_row));
+    if keys.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let sql = format!(
+        "UPDATE deliveries SET state = 'ready', next_attempt_at = $1, lease_owner = $2, lease_until = $3 \
+         WHERE state = 'waiting' AND seq IN (SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = k \
+         AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1) FROM unnest($4::text[]) AS k) \
+         RETURNING {QUEUED_COLUMNS}"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(now)
+        .bind(&lease.owner)
+        .bind(now + lease.ms)
+        .bind(keys)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.iter().map(queued_from_row).collect())
 }
 
 /// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
@@ -397,6 +399,7 @@ impl Queue for PgStore {
     async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
         let mut tx = self.pool.begin().await?;
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        lock_chains(&mut tx, &keys).await?;
         let promoted = promote_next(&mut tx, &keys, now, &self.lease).await?;
         claim(&promoted);
         tx.commit().await?;
@@ -775,6 +778,7 @@ impl Queue for PgStore {
         .await?;
         let keys: BTreeSet<String> = keys.into_iter().flatten().collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        lock_chains(&mut tx, &refs).await?;
         // The oldest row of each chain goes first: it was held in the chain's order.
         let promoted = promote_next(&mut tx, &refs, now, &self.lease).await?;
         claim(&promoted);
