@@ -505,6 +505,7 @@ async fn what_happened(p: &RelayProcess) -> String {
         ("syncrelay_kafka_rebalances_total", vec![("event", "revoke")]),
         ("syncrelay_deliveries_parked_total", vec![]),
         ("syncrelay_delivery_retries_total", vec![("kind", "webhook")]),
+        ("syncrelay_leases_lost_total", vec![]),
     ] {
         out += &format!("{name}{labels:?} = {}; ", p.metric(name, &labels).await);
     }

@@ -73,7 +73,8 @@ struct Chain<J> {
     holding: usize,
     /// Writes of this chain's rows (parked, held or not) announced and not committed yet:
     /// while any is pending the store does not show every row of the chain, so `stored` is
-    /// kept whatever the store says.
+    /// kept whatever the store says. (Every announcement sets `stored`, and it is cleared only
+    /// at 0: `writing > 0` implies `stored`, so a chain with a write pending is never idle.)
     writing: usize,
 }
 
@@ -92,12 +93,7 @@ impl<J> Default for Chain<J> {
 
 impl<J> Chain<J> {
     fn idle(&self) -> bool {
-        !self.head
-            && self.queue.is_empty()
-            && self.stored.is_none()
-            && !self.held
-            && self.holding == 0
-            && self.writing == 0
+        !self.head && self.queue.is_empty() && self.stored.is_none() && !self.held && self.holding == 0
     }
 
     /// The store's word that the chain has no rows can be taken: no write of its rows is
@@ -185,9 +181,6 @@ impl<J> Chains<J> {
                     c.holding = c.holding.saturating_sub(1);
                     promote.extend(c.release_held(k));
                 }
-                if c.idle() {
-                    chains.remove(k);
-                }
             }
         }
         promote
@@ -196,12 +189,8 @@ impl<J> Chains<J> {
     /// A write of parked rows of `key` (announced by `submit` answering `Park`, or by
     /// `park_head`) was committed, or abandoned.
     pub fn parked(&self, key: &str) {
-        let mut chains = self.lock();
-        if let Some(c) = chains.get_mut(key) {
+        if let Some(c) = self.lock().get_mut(key) {
             c.writing = c.writing.saturating_sub(1);
-            if c.idle() {
-                chains.remove(key);
-            }
         }
     }
 
