@@ -171,7 +171,7 @@ impl DeliveryLog for SqliteStore {
         now: i64,
         hold: Hold<'_>,
     ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin().await?;
         let mut rows = Vec::new();
         // Ids in chunks: a statement has a bounded number of variables.
         let id_chunks: Vec<Option<&[String]>> = match ids {

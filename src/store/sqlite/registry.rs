@@ -38,7 +38,7 @@ fn webhook_from_row(r: &SqliteRow) -> anyhow::Result<StoredWebhook> {
 #[async_trait]
 impl Registry for SqliteStore {
     async fn insert_webhook(&self, w: &StoredWebhook) -> anyhow::Result<StoredWebhook> {
-        sqlx::query(
+        self.execute(sqlx::query(
             "INSERT INTO webhooks (id, target_url, event_types, is_active, description, secret, previous_secret, \
              previous_secret_expires_at, created_at, updated_at, overrides) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
         )
@@ -51,27 +51,28 @@ impl Registry for SqliteStore {
         .bind(w.created_at)
         .bind(w.updated_at)
         .bind(w.overrides.as_ref().map(serde_json::to_string).transpose()?)
-        .execute(&self.pool)
+        )
         .await?;
         self.get_webhook(&w.id).await?.context("webhook just inserted")
     }
 
     async fn update_webhook(&self, w: &StoredWebhook) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE webhooks SET target_url = ?, event_types = ?, is_active = ?, description = ?, secret = ?, \
+        self.execute(
+            sqlx::query(
+                "UPDATE webhooks SET target_url = ?, event_types = ?, is_active = ?, description = ?, secret = ?, \
              previous_secret = ?, previous_secret_expires_at = ?, updated_at = ?, overrides = ? WHERE id = ?",
+            )
+            .bind(&w.target_url)
+            .bind(serde_json::to_string(&w.event_types)?)
+            .bind(w.is_active as i64)
+            .bind(&w.description)
+            .bind(&w.secret)
+            .bind(w.previous_secret.as_ref().map(|(s, _)| s.as_str()))
+            .bind(w.previous_secret.as_ref().map(|(_, e)| *e))
+            .bind(w.updated_at)
+            .bind(w.overrides.as_ref().map(serde_json::to_string).transpose()?)
+            .bind(&w.id),
         )
-        .bind(&w.target_url)
-        .bind(serde_json::to_string(&w.event_types)?)
-        .bind(w.is_active as i64)
-        .bind(&w.description)
-        .bind(&w.secret)
-        .bind(w.previous_secret.as_ref().map(|(s, _)| s.as_str()))
-        .bind(w.previous_secret.as_ref().map(|(_, e)| *e))
-        .bind(w.updated_at)
-        .bind(w.overrides.as_ref().map(serde_json::to_string).transpose()?)
-        .bind(&w.id)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -110,19 +111,19 @@ impl Registry for SqliteStore {
     }
 
     async fn delete_webhook(&self, id: &str) -> anyhow::Result<bool> {
-        let r = sqlx::query("DELETE FROM webhooks WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
+        let r = self
+            .execute(sqlx::query("DELETE FROM webhooks WHERE id = ?").bind(id))
             .await?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn kv_get_or_insert(&self, key: &str, value: &str) -> anyhow::Result<String> {
-        sqlx::query("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        self.execute(
+            sqlx::query("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)")
+                .bind(key)
+                .bind(value),
+        )
+        .await?;
         Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = ?")
             .bind(key)
             .fetch_one(&self.pool)
@@ -135,7 +136,7 @@ impl Registry for SqliteStore {
         from: (&str, Option<&str>),
         to: (&str, Option<&str>),
     ) -> anyhow::Result<bool> {
-        let r = sqlx::query(
+        let r = self.execute(sqlx::query(
             "UPDATE webhooks SET secret = ?, previous_secret = ? WHERE id = ? AND secret = ? AND previous_secret IS ?",
         )
         .bind(to.0)
@@ -143,17 +144,19 @@ impl Registry for SqliteStore {
         .bind(id)
         .bind(from.0)
         .bind(from.1)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(r.rows_affected() > 0)
     }
 
     async fn kv_replace(&self, key: &str, from: &str, to: &str) -> anyhow::Result<bool> {
-        let r = sqlx::query("UPDATE kv SET value = ? WHERE key = ? AND value = ?")
-            .bind(to)
-            .bind(key)
-            .bind(from)
-            .execute(&self.pool)
+        let r = self
+            .execute(
+                sqlx::query("UPDATE kv SET value = ? WHERE key = ? AND value = ?")
+                    .bind(to)
+                    .bind(key)
+                    .bind(from),
+            )
             .await?;
         Ok(r.rows_affected() > 0)
     }

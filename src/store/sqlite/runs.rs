@@ -4,7 +4,9 @@
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
+
+use super::group::WriteTx;
 
 use super::{json_list, SqliteStore};
 use crate::runs::model::{ErrorHandling, ResourceSpec, Run, Stats, Status, SyncJob};
@@ -120,7 +122,7 @@ fn batch_from_row(r: &SqliteRow) -> RunBatch {
 /// the ones it marked changed. Answers whether it wrote anything. Shared by
 /// [`RunStore::with_runs`] and the outcome writer's transactions (run counts).
 pub(super) async fn decide_runs(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut WriteTx,
     ids: &[&str],
     decide: impl FnOnce(&mut RunsLocked),
 ) -> anyhow::Result<bool> {
@@ -145,7 +147,7 @@ pub(super) async fn decide_runs(
     Ok(wrote)
 }
 
-async fn save_run(tx: &mut Transaction<'_, Sqlite>, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
+async fn save_run(tx: &mut WriteTx, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE sync_job_runs SET status = ?, resource_stats = ?, illegal_transitions = ?, stop_reason = ?, \
          batch_errors = ?, batch_count = ?, batch_bytes = ?, batch_since = ?, batch_seq = ?, updated_at = ?, \
@@ -189,7 +191,7 @@ impl RunStore for SqliteStore {
     // ---- jobs -----------------------------------------------------------------------------------
 
     async fn insert_job(&self, j: &SyncJob) -> anyhow::Result<SyncJob> {
-        let seq = sqlx::query(
+        let seq = self.execute(sqlx::query(
             "INSERT INTO sync_jobs (id, integration_name, args_schema, resources, environment_id, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
@@ -200,14 +202,14 @@ impl RunStore for SqliteStore {
         .bind(&j.environment_id)
         .bind(j.created_at)
         .bind(j.updated_at)
-        .execute(&self.pool)
+        )
         .await?
         .last_insert_rowid();
         Ok(SyncJob { seq, ..j.clone() })
     }
 
     async fn update_job(&self, j: &SyncJob) -> anyhow::Result<()> {
-        sqlx::query(
+        self.execute(sqlx::query(
             "UPDATE sync_jobs SET integration_name = ?, args_schema = ?, resources = ?, environment_id = ?, updated_at = ? \
              WHERE id = ?",
         )
@@ -217,7 +219,7 @@ impl RunStore for SqliteStore {
         .bind(&j.environment_id)
         .bind(j.updated_at)
         .bind(&j.id)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(())
     }
@@ -258,7 +260,7 @@ impl RunStore for SqliteStore {
     }
 
     async fn delete_job(&self, id: &str) -> anyhow::Result<Result<bool, i64>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin().await?;
         let active: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM sync_job_runs WHERE sync_job_id = ? AND status IN ('created', 'running', 'rate_limited')",
         )
@@ -280,7 +282,7 @@ impl RunStore for SqliteStore {
     // ---- runs -----------------------------------------------------------------------------------
 
     async fn insert_run(&self, r: &Run) -> anyhow::Result<Run> {
-        let seq = sqlx::query(
+        let seq = self.execute(sqlx::query(
             "INSERT INTO sync_job_runs (id, sync_job_id, integrated_account_id, webhook_id, daemon_group_key, daemon_id, \
              callback_url, args, resources, sync_job, error_handling, ignore_previous_run, status, resource_stats, \
              created_at, updated_at, sync_unit_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -302,7 +304,7 @@ impl RunStore for SqliteStore {
         .bind(r.created_at)
         .bind(r.updated_at)
         .bind(&r.sync_unit_id)
-        .execute(&self.pool)
+        )
         .await?
         .last_insert_rowid();
         Ok(Run { seq, ..r.clone() })
@@ -356,9 +358,8 @@ impl RunStore for SqliteStore {
     }
 
     async fn delete_run(&self, id: &str) -> anyhow::Result<bool> {
-        Ok(sqlx::query("DELETE FROM sync_job_runs WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
+        Ok(self
+            .execute(sqlx::query("DELETE FROM sync_job_runs WHERE id = ?").bind(id))
             .await?
             .rows_affected()
             > 0)
@@ -374,7 +375,7 @@ impl RunStore for SqliteStore {
             decide(&mut RunsLocked::default());
             return Ok(());
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin().await?;
         // Nothing changed: the transaction rolls back when dropped.
         let known: Vec<&str> = known.iter().map(String::as_str).collect();
         if decide_runs(&mut tx, &known, |locked| decide(locked)).await? {
@@ -403,7 +404,7 @@ impl RunStore for SqliteStore {
         created_by: &str,
         now: i64,
     ) -> anyhow::Result<EloquaSync> {
-        let n = sqlx::query(
+        let n = self.execute(sqlx::query(
             "INSERT INTO eloqua_syncs (synced_instance_uri, callback_url, status, created_by, created_at, run_id) \
              VALUES (?, ?, 'pending', ?, ?, ?)",
         )
@@ -412,7 +413,7 @@ impl RunStore for SqliteStore {
         .bind(created_by)
         .bind(now)
         .bind(run_id)
-        .execute(&self.pool)
+        )
         .await?
         .last_insert_rowid();
         Ok(EloquaSync {
@@ -465,13 +466,13 @@ impl RunStore for SqliteStore {
             .bind(t),
             None => sqlx::query("UPDATE eloqua_syncs SET callback_queued_at = NULL WHERE seq = ?"),
         };
-        Ok(q.bind(n).execute(&self.pool).await?.rows_affected() > 0)
+        Ok(self.execute(q.bind(n)).await?.rows_affected() > 0)
     }
 
     // ---- sync units -----------------------------------------------------------------------------
 
     async fn insert_sync_units(&self, units: &[SyncUnit]) -> anyhow::Result<Vec<SyncUnit>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let mut out = Vec::with_capacity(units.len());
         for u in units {
             let seq = sqlx::query(
@@ -520,14 +521,17 @@ impl RunStore for SqliteStore {
     }
 
     async fn update_sync_unit(&self, u: &SyncUnit) -> anyhow::Result<()> {
-        sqlx::query("UPDATE sync_units SET name = ?, is_archived = ?, object_version = ?, updated_at = ? WHERE id = ?")
+        self.execute(
+            sqlx::query(
+                "UPDATE sync_units SET name = ?, is_archived = ?, object_version = ?, updated_at = ? WHERE id = ?",
+            )
             .bind(&u.name)
             .bind(u.is_archived as i64)
             .bind(u.object_version)
             .bind(u.updated_at)
-            .bind(&u.id)
-            .execute(&self.pool)
-            .await?;
+            .bind(&u.id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -550,6 +554,7 @@ impl RunStore for SqliteStore {
     // ---- Census-style syncs ---------------------------------------------------------------------
 
     async fn insert_census_sync(&self, s: &CensusSyncRow) -> anyhow::Result<CensusSyncRow> {
+        let mut tx = self.writer.begin().await?;
         let id: i64 = sqlx::query_scalar("INSERT INTO census_syncs (sync_job_id, webhook_id, paused, config, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id")
         .bind(&s.sync_job_id)
         .bind(&s.webhook_id)
@@ -557,8 +562,9 @@ impl RunStore for SqliteStore {
         .bind(&s.config)
         .bind(s.created_at)
         .bind(s.updated_at)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(CensusSyncRow { id, ..s.clone() })
     }
 
@@ -591,21 +597,21 @@ impl RunStore for SqliteStore {
     }
 
     async fn update_census_sync(&self, s: &CensusSyncRow) -> anyhow::Result<bool> {
-        Ok(sqlx::query("UPDATE census_syncs SET sync_job_id = ?, webhook_id = ?, paused = ?, config = ?, updated_at = ? WHERE id = ?")
+        Ok(self.execute(sqlx::query("UPDATE census_syncs SET sync_job_id = ?, webhook_id = ?, paused = ?, config = ?, updated_at = ? WHERE id = ?")
             .bind(&s.sync_job_id)
             .bind(&s.webhook_id)
             .bind(i64::from(s.paused))
             .bind(&s.config)
             .bind(s.updated_at)
             .bind(s.id)
-            .execute(&self.pool)
+            )
             .await?
             .rows_affected()
             > 0)
     }
 
     async fn delete_census_sync(&self, id: i64) -> anyhow::Result<bool> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query("DELETE FROM census_alert_state WHERE sync_id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -626,7 +632,7 @@ impl RunStore for SqliteStore {
         run_id: &str,
         firing: bool,
     ) -> anyhow::Result<Option<bool>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query("INSERT INTO census_alert_state (sync_id, alert) VALUES (?, ?) ON CONFLICT DO NOTHING")
             .bind(sync_id)
             .bind(alert)
@@ -654,12 +660,13 @@ impl RunStore for SqliteStore {
     }
 
     async fn insert_command(&self, key: &str, command: &str, now: i64) -> anyhow::Result<()> {
-        sqlx::query("INSERT INTO commands (key, command, created_at) VALUES (?, ?, ?)")
-            .bind(key)
-            .bind(command)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        self.execute(
+            sqlx::query("INSERT INTO commands (key, command, created_at) VALUES (?, ?, ?)")
+                .bind(key)
+                .bind(command)
+                .bind(now),
+        )
+        .await?;
         Ok(())
     }
 
