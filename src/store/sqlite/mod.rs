@@ -73,16 +73,14 @@ impl SqliteStore {
             // body) is zeroed where that costs no extra I/O, instead of lingering in the file.
             .pragma("secure_delete", "fast")
             .foreign_keys(false);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(settings.max_connections.max(2))
-            // A connection to a local file cannot go stale; sqlx's default ping before every
-            // acquire was a round trip to the connection's worker thread per statement batch
-            // (~4 % of relay CPU in the embedded benchmark's profile).
-            .test_before_acquire(false)
+        // Schema and start-up repairs on a connection of their own, before the write connection
+        // exists.
+        let setup = SqlitePoolOptions::new()
+            .max_connections(1)
             .connect_with(opts.clone())
             .await
             .with_context(|| format!("opening store {}", settings.path.display()))?;
-        migrate::run(&pool).await.context("migrating the schema")?;
+        migrate::run(&setup).await.context("migrating the schema")?;
         // SQLite gives the -wal and -shm files the database file's mode; made before this
         // version they may be looser.
         private_files(&settings.path).with_context(|| format!("securing store {}", settings.path.display()))?;
@@ -95,7 +93,7 @@ impl SqliteStore {
         lease.owner = format!("{pid}:{}", lease.owner);
         let owners: Vec<String> =
             sqlx::query_scalar("SELECT DISTINCT lease_owner FROM deliveries WHERE lease_owner IS NOT NULL")
-                .fetch_all(&pool)
+                .fetch_all(&setup)
                 .await?;
         for owner in owners {
             let gone = match owner.split_once(':').and_then(|(p, _)| p.parse::<u32>().ok()) {
@@ -105,14 +103,27 @@ impl SqliteStore {
             if gone {
                 sqlx::query("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?")
                     .bind(&owner)
-                    .execute(&pool)
+                    .execute(&setup)
                     .await
                     .context("releasing leases of a process that is gone")?;
             }
         }
+        setup.close().await;
         let writer = group::Writer::open(&opts)
             .await
             .context("opening the store's write connection")?;
+        // The pool only reads: its connections are opened read-only, so a write that does not
+        // go through `writer` fails at once (in the tests) instead of waiting for SQLite's lock
+        // behind the write connection's open transaction.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            // A connection to a local file cannot go stale; sqlx's default ping before every
+            // acquire was a round trip to the connection's worker thread per statement batch
+            // (~4 % of relay CPU in the embedded benchmark's profile).
+            .test_before_acquire(false)
+            .connect_with(opts.clone().read_only(true))
+            .await
+            .with_context(|| format!("opening store {}", settings.path.display()))?;
         Ok(SqliteStore { pool, writer, lease })
     }
 }
@@ -186,8 +197,8 @@ mod tests {
     use crate::config::{StoreKind, StoreSettings, Synchronous};
     use crate::store::{conformance, Store};
 
-    async fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&StoreSettings {
+    fn settings(dir: &tempfile::TempDir) -> StoreSettings {
+        StoreSettings {
             kind: StoreKind::Sqlite,
             path: dir.path().join("nested/store.db"),
             url: String::new(),
@@ -196,9 +207,29 @@ mod tests {
             lease_ms: 60_000,
             encryption_key: String::new(),
             previous_encryption_keys: Vec::new(),
-        })
-        .await
-        .unwrap()
+        }
+    }
+
+    async fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(&settings(dir)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn writes_go_through_the_write_connection_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::SqliteStore::open(&settings(&dir)).await.unwrap();
+        let through_pool = sqlx::query("INSERT INTO kv (key, value) VALUES ('k', 'v')")
+            .execute(&s.pool)
+            .await;
+        assert!(through_pool.is_err(), "the read pool refuses writes");
+        s.execute(sqlx::query("INSERT INTO kv (key, value) VALUES ('k', 'v')"))
+            .await
+            .unwrap();
+        let v: String = sqlx::query_scalar("SELECT value FROM kv WHERE key = 'k'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(v, "v", "the pool reads what the writer committed");
     }
 
     async fn fresh() -> (Store, tempfile::TempDir) {

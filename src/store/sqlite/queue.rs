@@ -424,6 +424,58 @@ async fn take_waiting(tx: &mut WriteTx, key: &str) -> anyhow::Result<Vec<NewDeli
     Ok(out.into_iter().map(requeue).collect())
 }
 
+/// Rows a completion statement takes.
+const COMPLETE_ROWS: usize = 128;
+
+/// Write each completion's outcome on its row, only while this handle holds the row's lease and
+/// it is still ready; returns the seqs written. The values are bound one per placeholder, the
+/// `VALUES` list padded to a power of two (as in [`insert_rows`]): through one `json_each` list,
+/// SQLite parsed each row's JSON once per column (eleven times).
+async fn complete_rows(tx: &mut WriteTx, batch: &[Completion], now: i64, owner: &str) -> anyhow::Result<HashSet<i64>> {
+    let mut held = HashSet::with_capacity(batch.len());
+    for piece in batch.chunks(COMPLETE_ROWS) {
+        let n = piece.len().next_power_of_two();
+        let sql = format!(
+            "WITH v(seq, state, attempts, next_at, first_at, status, error, finished, body, duration, excerpt) AS \
+             (VALUES {}) \
+             UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
+             first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
+             body = COALESCE(v.body, deliveries.body), last_duration_ms = v.duration, last_excerpt = v.excerpt, \
+             lease_owner = NULL, lease_until = NULL \
+             FROM v WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
+             RETURNING deliveries.seq",
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(&sql);
+        for c in piece {
+            let (state, next_at, finished) = match &c.next {
+                Next::Delivered => ("delivered", now, Some(now)),
+                Next::Retry { at_ms } => ("ready", *at_ms, None),
+                Next::Dead(_) => ("dead", now, Some(now)),
+            };
+            q = q
+                .bind(c.seq)
+                .bind(state)
+                .bind(c.attempt_no)
+                .bind(next_at)
+                .bind(c.first_attempt_at)
+                .bind(c.attempt.status)
+                .bind(c.attempt.error.as_deref())
+                .bind(finished)
+                .bind(c.body.as_deref())
+                .bind(c.attempt.duration_ms)
+                .bind(c.attempt.excerpt.as_deref());
+        }
+        for _ in piece.len()..n {
+            for _ in 0..11 {
+                q = q.bind(None::<i64>);
+            }
+        }
+        held.extend(q.bind(owner).fetch_all(&mut **tx).await?);
+    }
+    Ok(held)
+}
+
 #[async_trait]
 impl Queue for SqliteStore {
     async fn enqueue_claiming(
@@ -515,7 +567,7 @@ impl Queue for SqliteStore {
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
         // Claimed in one statement, as on PostgreSQL: ready rows that are due and not leased to
         // another handle (or whose lease expired), leased to this one. SQLite runs one writer at
-        // a time, so no two claims can interleave.
+        // a time (and this process one write connection), so no two claims can interleave.
         let mut sql = String::from(
             "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE seq IN (SELECT seq FROM deliveries \
              WHERE state = 'ready' AND next_attempt_at <= ? \
@@ -539,7 +591,9 @@ impl Queue for SqliteStore {
         for t in skip_targets {
             q = q.bind(t);
         }
-        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        let mut tx = self.writer.begin().await?;
+        let rows = q.bind(limit).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
         // RETURNING keeps no order: oldest due first, as asked.
         let mut out: Vec<(i64, QueuedDelivery)> = rows
             .iter()
@@ -586,46 +640,7 @@ impl Queue for SqliteStore {
         let mut tx = self.writer.begin().await?;
         // First the rows, each only while this handle holds its lease and it is still ready;
         // everything else of a completion follows only for the rows this answers.
-        let rows: Vec<_> = batch
-            .iter()
-            .map(|c| {
-                let (state, next_at, finished) = match &c.next {
-                    Next::Delivered => ("delivered", now, Some(now)),
-                    Next::Retry { at_ms } => ("ready", *at_ms, None),
-                    Next::Dead(_) => ("dead", now, Some(now)),
-                };
-                (
-                    c.seq,
-                    state,
-                    c.attempt_no,
-                    next_at,
-                    c.first_attempt_at,
-                    c.attempt.status,
-                    &c.attempt.error,
-                    finished,
-                    &c.body,
-                    c.attempt.duration_ms,
-                    &c.attempt.excerpt,
-                )
-            })
-            .collect();
-        let held: HashSet<i64> = sqlx::query_scalar::<_, i64>(
-            "UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
-             first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-             body = COALESCE(v.body, deliveries.body), last_duration_ms = v.duration, last_excerpt = v.excerpt, \
-             lease_owner = NULL, lease_until = NULL \
-             FROM (SELECT value->>0 AS seq, value->>1 AS state, value->>2 AS attempts, value->>3 AS next_at, \
-                   value->>4 AS first_at, value->>5 AS status, value->>6 AS error, value->>7 AS finished, \
-                   value->>8 AS body, value->>9 AS duration, value->>10 AS excerpt FROM json_each(?)) AS v \
-             WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
-             RETURNING seq",
-        )
-        .bind(json_list(&rows)?)
-        .bind(&self.lease.owner)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        let held = complete_rows(&mut tx, batch, now, &self.lease.owner).await?;
         let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
         // A first-try success keeps its attempt on its row (written above).
         let attempts: Vec<(&str, i64, &AttemptRecord)> = applied
