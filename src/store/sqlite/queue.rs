@@ -565,34 +565,47 @@ impl Queue for SqliteStore {
     }
 
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
-        // Claimed in one statement, as on PostgreSQL: ready rows that are due and not leased to
-        // another handle (or whose lease expired), leased to this one. SQLite runs one writer at
-        // a time (and this process one write connection), so no two claims can interleave.
-        let mut sql = String::from(
-            "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE seq IN (SELECT seq FROM deliveries \
-             WHERE state = 'ready' AND next_attempt_at <= ? \
-             AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)",
-        );
+        // Ready rows that are due and not leased to another handle (or whose lease expired),
+        // leased to this one. Found first on a read connection: the dispatcher asks every
+        // `delivery.poll_interval_ms` and mostly finds nothing, and a claim through the write
+        // connection waits for its queue and a commit, during which the dispatcher starts
+        // nothing. Only rows found are claimed, with the same conditions checked again (a row
+        // may have been finished or claimed since).
+        let due =
+            "state = 'ready' AND next_attempt_at <= ? AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)";
+        let mut sql = format!("SELECT seq FROM deliveries WHERE {due}");
         if !skip_targets.is_empty() {
             sql.push_str(&format!(
                 " AND target_key NOT IN ({})",
                 placeholders(skip_targets.len())
             ));
         }
-        sql.push_str(&format!(
-            " ORDER BY next_attempt_at, seq LIMIT ?) RETURNING next_attempt_at, {QUEUED_COLUMNS}"
-        ));
-        let mut q = sqlx::query(&sql)
-            .bind(&self.lease.owner)
-            .bind(now + self.lease.ms)
+        sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ?");
+        let mut q = sqlx::query_scalar::<_, i64>(&sql)
             .bind(now)
             .bind(&self.lease.owner)
             .bind(now);
         for t in skip_targets {
             q = q.bind(t);
         }
+        let found = q.bind(limit).fetch_all(&self.pool).await?;
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.writer.begin().await?;
-        let rows = q.bind(limit).fetch_all(&mut *tx).await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
+             WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
+             RETURNING next_attempt_at, {QUEUED_COLUMNS}"
+        ))
+        .bind(&self.lease.owner)
+        .bind(now + self.lease.ms)
+        .bind(json_list(&found)?)
+        .bind(now)
+        .bind(&self.lease.owner)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
         // RETURNING keeps no order: oldest due first, as asked.
         let mut out: Vec<(i64, QueuedDelivery)> = rows
