@@ -187,8 +187,11 @@ impl super::Backend for SqliteStore {
     }
 
     async fn close(&self) {
-        self.writer.close().await;
+        // The write connection closes last: the last connection to a WAL database checkpoints
+        // it and removes the WAL file, and a read-only one cannot. Left behind, the WAL would
+        // keep old page versions (a secret before it was sealed, a purged body).
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 

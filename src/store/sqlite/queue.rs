@@ -566,14 +566,20 @@ impl Queue for SqliteStore {
 
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
         // Ready rows that are due and not leased to another handle (or whose lease expired),
-        // leased to this one. Found first on a read connection: the dispatcher asks every
-        // `delivery.poll_interval_ms` and mostly finds nothing, and a claim through the write
-        // connection waits for its queue and a commit, during which the dispatcher starts
-        // nothing. Only rows found are claimed, with the same conditions checked again (a row
-        // may have been finished or claimed since).
+        // leased to this one. Read first on a read connection: the dispatcher asks every
+        // `delivery.poll_interval_ms`, and what it finds is mostly nothing or rows this handle
+        // holds already (chain heads it claimed, which it skips as known). Those are taken as
+        // they are while their lease has more than half its term left (renewals come every
+        // third of it). Only the others are claimed, through the write connection, with the
+        // conditions checked again there (a row may have been finished or claimed since):
+        // a claim there waits for the writer's queue and a commit, and meanwhile the dispatcher
+        // starts nothing.
         let due =
             "state = 'ready' AND next_attempt_at <= ? AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)";
-        let mut sql = format!("SELECT seq FROM deliveries WHERE {due}");
+        let mut sql = format!(
+            "SELECT next_attempt_at, COALESCE(lease_owner = ? AND lease_until > ?, 0) AS held, {QUEUED_COLUMNS} \
+             FROM deliveries WHERE {due}"
+        );
         if !skip_targets.is_empty() {
             sql.push_str(&format!(
                 " AND target_key NOT IN ({})",
@@ -581,7 +587,9 @@ impl Queue for SqliteStore {
             ));
         }
         sql.push_str(" ORDER BY next_attempt_at, seq LIMIT ?");
-        let mut q = sqlx::query_scalar::<_, i64>(&sql)
+        let mut q = sqlx::query(&sql)
+            .bind(&self.lease.owner)
+            .bind(now + self.lease.ms / 2)
             .bind(now)
             .bind(&self.lease.owner)
             .bind(now);
@@ -589,29 +597,37 @@ impl Queue for SqliteStore {
             q = q.bind(t);
         }
         let found = q.bind(limit).fetch_all(&self.pool).await?;
-        if found.is_empty() {
-            return Ok(Vec::new());
+        let mut out: Vec<(i64, QueuedDelivery)> = Vec::with_capacity(found.len());
+        let mut claim = Vec::new();
+        for r in &found {
+            if r.get::<i64, _>("held") != 0 {
+                out.push((r.get("next_attempt_at"), queued_from_row(r)));
+            } else {
+                claim.push(r.get::<i64, _>("seq"));
+            }
         }
-        let mut tx = self.writer.begin().await?;
-        let rows = sqlx::query(&format!(
-            "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
-             WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
-             RETURNING next_attempt_at, {QUEUED_COLUMNS}"
-        ))
-        .bind(&self.lease.owner)
-        .bind(now + self.lease.ms)
-        .bind(json_list(&found)?)
-        .bind(now)
-        .bind(&self.lease.owner)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        if !claim.is_empty() {
+            let mut tx = self.writer.begin().await?;
+            let rows = sqlx::query(&format!(
+                "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
+                 WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
+                 RETURNING next_attempt_at, {QUEUED_COLUMNS}"
+            ))
+            .bind(&self.lease.owner)
+            .bind(now + self.lease.ms)
+            .bind(json_list(&claim)?)
+            .bind(now)
+            .bind(&self.lease.owner)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            out.extend(
+                rows.iter()
+                    .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r))),
+            );
+        }
         // RETURNING keeps no order: oldest due first, as asked.
-        let mut out: Vec<(i64, QueuedDelivery)> = rows
-            .iter()
-            .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r)))
-            .collect();
         out.sort_by_key(|(at, q)| (*at, q.seq));
         Ok(out.into_iter().map(|(_, q)| q).collect())
     }
