@@ -185,6 +185,18 @@ pub struct Completion {
     pub resource: Option<String>,
 }
 
+impl Completion {
+    /// What the completion makes of its row at `now`, the same on every store: (state, next
+    /// attempt at, finished at).
+    pub(crate) fn row_state(&self, now: i64) -> (&'static str, i64, Option<i64>) {
+        match &self.next {
+            Next::Delivered => ("delivered", now, Some(now)),
+            Next::Retry { at_ms } => ("ready", *at_ms, None),
+            Next::Dead(_) => ("dead", now, Some(now)),
+        }
+    }
+}
+
 // ---- delivery log -------------------------------------------------------------------------------
 
 /// A delivery as the log shows it.

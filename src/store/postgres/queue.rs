@@ -601,11 +601,7 @@ impl Queue for PgStore {
             let sql = pg(&sql);
             let mut q = sqlx::query_scalar::<_, i64>(sql.as_str());
             for c in chunk {
-                let (state, next_at, finished) = match &c.next {
-                    Next::Delivered => ("delivered", now, Some(now)),
-                    Next::Retry { at_ms } => ("ready", *at_ms, None),
-                    Next::Dead(_) => ("dead", now, Some(now)),
-                };
+                let (state, next_at, finished) = c.row_state(now);
                 q = q
                     .bind(c.seq)
                     .bind(state)

@@ -448,11 +448,7 @@ async fn complete_rows(tx: &mut WriteTx, batch: &[Completion], now: i64, owner: 
         );
         let mut q = sqlx::query_scalar::<_, i64>(&sql);
         for c in piece {
-            let (state, next_at, finished) = match &c.next {
-                Next::Delivered => ("delivered", now, Some(now)),
-                Next::Retry { at_ms } => ("ready", *at_ms, None),
-                Next::Dead(_) => ("dead", now, Some(now)),
-            };
+            let (state, next_at, finished) = c.row_state(now);
             q = q
                 .bind(c.seq)
                 .bind(state)
