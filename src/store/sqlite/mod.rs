@@ -1,9 +1,11 @@
 //! The SQLite store (WAL): every trait of `crate::store`, one file per concern. The only place
 //! that knows SQL, `SqlitePool` or `SqliteRow`.
 //!
-//! Every write transaction starts with `BEGIN IMMEDIATE`: it takes the write lock up front, so
-//! two writers never both read and then fail to upgrade (SQLite's `SQLITE_BUSY` on upgrade is
-//! not retried by the busy timeout).
+//! Every write goes through one connection of its own with group commit (`group`); the pool's
+//! connections only read (opened read-only). Its transactions start with `BEGIN IMMEDIATE`: the
+//! write lock is taken up front, so it never reads and then fails to upgrade against another
+//! process on the same file (SQLite's `SQLITE_BUSY` on upgrade is not retried by the busy
+//! timeout).
 
 mod group;
 mod log;
@@ -126,9 +128,7 @@ impl SqliteStore {
             .with_context(|| format!("opening store {}", settings.path.display()))?;
         Ok(SqliteStore { pool, writer, lease })
     }
-}
 
-impl SqliteStore {
     /// One statement that writes, as a caller of its own on the write connection (see `group`).
     async fn execute<'q>(
         &self,

@@ -623,7 +623,7 @@ impl Queue for SqliteStore {
                     .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r))),
             );
         }
-        // RETURNING keeps no order: oldest due first, as asked.
+        // Rows held and rows claimed (RETURNING keeps no order): oldest due first, as asked.
         out.sort_by_key(|(at, q)| (*at, q.seq));
         Ok(out.into_iter().map(|(_, q)| q).collect())
     }
