@@ -173,6 +173,13 @@ pub(crate) fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
     rows.iter().map(|q| q.id.as_str()).collect()
 }
 
+/// Each row's body is the one [`delivery`] made for its id.
+fn assert_own_bodies(rows: &[QueuedDelivery]) {
+    for q in rows {
+        assert_eq!(q.body, json!({"id": q.id}).to_string(), "the body of {}", q.id);
+    }
+}
+
 /// A delivery answered 2xx at its first attempt, stored (embedded) or logged (Kafka), lists that
 /// attempt as it was, though it is kept on the delivery's row rather than in the attempt log; one
 /// that took two attempts lists both.
@@ -251,7 +258,12 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     // The chain's head and the row with no chain; a2 waits behind a1.
     assert_eq!(ids(&ready), ["a1", "b1"]);
     assert_eq!(ids(&claimed), ["a1", "b1"]);
-    assert_eq!(ids(&store.due(now, 10, &[]).await.unwrap()), ["a1", "b1"]);
+    let due = store.due(now, 10, &[]).await.unwrap();
+    assert_eq!(ids(&due), ["a1", "b1"]);
+    // Bodies are kept apart from their rows (written once): every way a row is handed out
+    // brings its own.
+    assert_own_bodies(&ready);
+    assert_own_bodies(&due);
     assert!(store
         .due(now, 10, &["webhook:wh".to_string()])
         .await
@@ -285,6 +297,7 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
         .promoted;
     assert_eq!(ids(&promoted), ["a2"]);
     assert_eq!(ids(&claimed), ["a2"]);
+    assert_own_bodies(&promoted);
 
     // The last row of the chain dies: the chain is idle, the log shows it all.
     let a2 = promoted[0].clone();
@@ -302,6 +315,8 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     assert_eq!((page.results[0].id.as_str(), page.results[0].attempts), ("a2", 1));
     let a1_log = store.get_delivery("a1").await.unwrap().unwrap();
     assert_eq!((a1_log.state.as_str(), a1_log.finished_at), ("delivered", Some(now)));
+    assert_eq!(a1_log.body, json!({"id": "a1"}).to_string());
+    assert_eq!(page.results[0].body, json!({"id": "a2"}).to_string());
     let attempts = store.list_attempts("a1").await.unwrap();
     assert_eq!(attempts.iter().map(|a| a.n).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(attempts[1].status, Some(200));
@@ -339,6 +354,11 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     assert_eq!(asked, ["k"]);
     assert_eq!(replayed.len(), 1);
     assert_eq!((replayed[0].event_id.as_str(), replayed[0].attempts), ("ev-a2", 0));
+    assert_eq!(
+        replayed[0].body,
+        json!({"id": "a2"}).to_string(),
+        "the dead delivery's body"
+    );
     assert!(store.has_active("k").await.unwrap());
     let open = store
         .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
@@ -350,7 +370,16 @@ pub(crate) async fn chains_are_delivered_in_order(store: &Store) {
     let b1 = ready[1].clone();
     let dropped = store.drop_queued_for_run("run", &[b1.seq], now).await.unwrap();
     assert_eq!(dropped.len(), 1, "the replayed row; b1 is in flight");
+    assert_eq!(dropped[0].2, json!({"id": "a2"}).to_string());
     assert_eq!(store.queue_stats().await.unwrap().0, 1);
+
+    // A completion that sent another body than the queued one (a run's `completed` with its
+    // final counts) leaves that body in the log.
+    let mut sent = completion(&b1, Next::Delivered, now);
+    sent.body = Some(json!({"id": "b1", "final": true}).to_string());
+    store.complete(&[sent], now, |_| {}).await.unwrap();
+    let b1_log = store.get_delivery("b1").await.unwrap().unwrap();
+    assert_eq!(b1_log.body, json!({"id": "b1", "final": true}).to_string());
 }
 
 /// The memory path (Kafka): rows held behind a head kept in memory wait until promoted; what

@@ -50,6 +50,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "first_attempt",
         sql: include_str!("../../../migrations/postgres/0007_first_attempt.sql"),
     },
+    Migration {
+        version: 8,
+        name: "delivery_bodies",
+        sql: include_str!("../../../migrations/postgres/0008_delivery_bodies.sql"),
+    },
 ];
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).
@@ -100,4 +105,58 @@ async fn migrate(conn: &mut sqlx::PgConnection, latest: i64) -> anyhow::Result<(
         tracing::info!(version = m.version, name = m.name, "store schema migrated");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_move_to_their_own_table_and_go_with_their_deliveries() {
+        let url = super::super::test_server::database();
+        let pool = PgPool::connect(&url).await.unwrap();
+        // A store at version 7, bodies inline, with one queued and one delivered row.
+        sqlx::raw_sql(VERSION_TABLE).execute(&pool).await.unwrap();
+        for m in MIGRATIONS.iter().filter(|m| m.version <= 7) {
+            sqlx::raw_sql(m.sql).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, 0)")
+                .bind(m.version)
+                .bind(m.name)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        for (id, state, body) in [("d1", "ready", r#"{"n":1}"#), ("d2", "delivered", r#"{"n":2}"#)] {
+            sqlx::query(
+                "INSERT INTO deliveries (id, event_id, event, kind, target_key, body, state, next_attempt_at, created_at) \
+                 VALUES ($1, 'e', 'record', 'webhook', 't', $2, $3, 0, 0)",
+            )
+            .bind(id)
+            .bind(body)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        run(&pool).await.unwrap();
+        let bodies: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, body FROM deliveries JOIN delivery_bodies USING (seq) ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            bodies,
+            vec![("d1".into(), r#"{"n":1}"#.into()), ("d2".into(), r#"{"n":2}"#.into())]
+        );
+        // Deleting a delivery (retention, a chain rewritten) deletes its body.
+        sqlx::query("DELETE FROM deliveries WHERE id = 'd2'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let left: Vec<String> = sqlx::query_scalar("SELECT body FROM delivery_bodies")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, vec![r#"{"n":1}"#.to_string()]);
+    }
 }

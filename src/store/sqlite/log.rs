@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
-use super::queue::{insert_deliveries, queued_from_row, requeue, QUEUED_COLUMNS};
+use super::queue::{insert_deliveries, queued_from_row, requeue, BODY, QUEUED_COLUMNS};
 use super::{placeholders, SqliteStore, IN_CHUNK};
 use crate::store::{
     row_attempt, AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Hold,
@@ -80,7 +80,7 @@ impl DeliveryLog for SqliteStore {
         after: i64,
         limit: i64,
     ) -> anyhow::Result<Page<DeliveryRow>> {
-        let mut sql = String::from("SELECT * FROM deliveries WHERE seq > ?");
+        let mut sql = format!("SELECT deliveries.*, {BODY} FROM deliveries WHERE seq > ?");
         let binds = equal_to(
             &mut sql,
             &[
@@ -103,12 +103,14 @@ impl DeliveryLog for SqliteStore {
     }
 
     async fn get_delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryRow>> {
-        Ok(sqlx::query("SELECT * FROM deliveries WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(delivery_from_row))
+        Ok(
+            sqlx::query(&format!("SELECT deliveries.*, {BODY} FROM deliveries WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .as_ref()
+                .map(delivery_from_row),
+        )
     }
 
     async fn list_attempts(&self, delivery_id: &str) -> anyhow::Result<Vec<AttemptRow>> {
@@ -204,7 +206,7 @@ impl DeliveryLog for SqliteStore {
             let dl_id: String = r.get("id");
             let delivery_id: Option<String> = r.get("delivery_id");
             let found = match delivery_id {
-                Some(did) => sqlx::query(&format!("SELECT {QUEUED_COLUMNS} FROM deliveries WHERE id = ?"))
+                Some(did) => sqlx::query(&format!("SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE id = ?"))
                     .bind(&did)
                     .fetch_optional(&mut *tx)
                     .await?

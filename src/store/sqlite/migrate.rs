@@ -68,6 +68,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0008_first_attempt.sql"),
         present: None,
     },
+    Migration {
+        version: 9,
+        name: "delivery_bodies",
+        sql: include_str!("../../../migrations/sqlite/0009_delivery_bodies.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
@@ -160,6 +166,55 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(v, "v");
+    }
+
+    #[tokio::test]
+    async fn bodies_move_to_their_own_table_and_go_with_their_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        // A store at version 8, bodies inline, with one queued and one delivered row.
+        sqlx::raw_sql(VERSION_TABLE).execute(&pool).await.unwrap();
+        for (i, m) in MIGRATIONS.iter().take(8).enumerate() {
+            sqlx::raw_sql(m.sql).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, 0)")
+                .bind(i as i64 + 1)
+                .bind(m.name)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        for (id, state, body) in [("d1", "ready", r#"{"n":1}"#), ("d2", "delivered", r#"{"n":2}"#)] {
+            sqlx::query(
+                "INSERT INTO deliveries (id, event_id, event, kind, target_key, body, state, next_attempt_at, created_at) \
+                 VALUES (?, 'e', 'record', 'webhook', 't', ?, ?, 0, 0)",
+            )
+            .bind(id)
+            .bind(body)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        run(&pool).await.unwrap();
+        let bodies: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, body FROM deliveries JOIN delivery_bodies USING (seq) ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            bodies,
+            vec![("d1".into(), r#"{"n":1}"#.into()), ("d2".into(), r#"{"n":2}"#.into())]
+        );
+        // Deleting a delivery (retention, a chain rewritten) deletes its body.
+        sqlx::query("DELETE FROM deliveries WHERE id = 'd2'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let left: Vec<String> = sqlx::query_scalar("SELECT body FROM delivery_bodies")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, vec![r#"{"n":1}"#.to_string()]);
     }
 
     async fn has_source(pool: &SqlitePool) -> bool {

@@ -15,10 +15,23 @@ use crate::store::{
     Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
 };
 
+/// A queued delivery's columns in `deliveries`. Its body is in `delivery_bodies` (written once,
+/// see migrations/sqlite/0009): a `SELECT` reads it with [`BODY`], an
+/// `UPDATE … RETURNING` (which cannot join) fetches it after with [`with_bodies`].
 pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-     order_key, body, attempts, first_attempt_at, created_at, source";
+     order_key, attempts, first_attempt_at, created_at, source";
 
+/// A `deliveries` row's body, as a column of a `SELECT … FROM deliveries`: one lookup by
+/// primary key for each row the query returns, never a plan that reads the bodies table (which
+/// a join leaves to the planner's estimates).
+pub(super) const BODY: &str = "(SELECT b.body FROM delivery_bodies b WHERE b.seq = deliveries.seq) AS body";
+
+/// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body`.
 pub(super) fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
+    queued_with_body(r, r.get("body"))
+}
+
+fn queued_with_body(r: &SqliteRow, body: String) -> QueuedDelivery {
     QueuedDelivery {
         seq: r.get("seq"),
         id: r.get("id"),
@@ -30,7 +43,7 @@ pub(super) fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
         target_url: r.get("target_url"),
         target_key: r.get("target_key"),
         order_key: r.get("order_key"),
-        body: r.get("body"),
+        body,
         attempts: r.get("attempts"),
         first_attempt_at: r.get("first_attempt_at"),
         created_at: r.get("created_at"),
@@ -126,6 +139,31 @@ pub(super) async fn paused_chains(tx: &mut WriteTx, keys: &[&str]) -> anyhow::Re
         .collect())
 }
 
+/// Queued deliveries from rows of [`QUEUED_COLUMNS`] that an `UPDATE … RETURNING` gave (it
+/// cannot join), with their bodies read in one more statement.
+async fn with_bodies(tx: &mut WriteTx, rows: &[SqliteRow]) -> anyhow::Result<Vec<QueuedDelivery>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs: Vec<i64> = rows.iter().map(|r| r.get("seq")).collect();
+    let mut bodies: HashMap<i64, String> =
+        sqlx::query_as("SELECT seq, body FROM delivery_bodies WHERE seq IN (SELECT value FROM json_each(?))")
+            .bind(json_list(&seqs)?)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    rows.iter()
+        .map(|r| {
+            let seq: i64 = r.get("seq");
+            let body = bodies
+                .remove(&seq)
+                .ok_or_else(|| anyhow::anyhow!("delivery {seq} has no body in the store"))?;
+            Ok(queued_with_body(r, body))
+        })
+        .collect()
+}
+
 /// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
 /// predecessor finished). Returns the rows promoted.
 ///
@@ -144,16 +182,14 @@ async fn promote_next(tx: &mut WriteTx, keys: &[&str], now: i64, lease: &Lease) 
           AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1) FROM json_each(?) AS k) \
          RETURNING {QUEUED_COLUMNS}"
     );
-    Ok(sqlx::query(&sql)
+    let rows = sqlx::query(&sql)
         .bind(now)
         .bind(&lease.owner)
         .bind(now + lease.ms)
         .bind(json_list(keys)?)
         .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(queued_from_row)
-        .collect())
+        .await?;
+    with_bodies(tx, &rows).await
 }
 
 /// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
@@ -318,10 +354,10 @@ async fn insert_rows(tx: &mut WriteTx, rows: &[InsertRow<'_>]) -> anyhow::Result
         let n = piece.len().next_power_of_two();
         let sql = format!(
             "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
-             body, state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, last_error, \
+             state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, last_error, \
              last_duration_ms, last_excerpt, lease_owner, lease_until, finished_at) \
              SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL RETURNING seq, id",
-            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
         );
         let mut q = sqlx::query(&sql);
         for r in piece {
@@ -335,7 +371,6 @@ async fn insert_rows(tx: &mut WriteTx, rows: &[InsertRow<'_>]) -> anyhow::Result
                 .bind(r.target_url)
                 .bind(r.target_key)
                 .bind(r.order_key)
-                .bind(r.body)
                 .bind(r.state)
                 .bind(r.attempts)
                 .bind(r.next_attempt_at)
@@ -351,13 +386,31 @@ async fn insert_rows(tx: &mut WriteTx, rows: &[InsertRow<'_>]) -> anyhow::Result
                 .bind(r.finished_at);
         }
         for _ in piece.len()..n {
-            for _ in 0..23 {
+            for _ in 0..22 {
                 q = q.bind(None::<&str>);
             }
         }
+        let mut piece_seqs = HashMap::with_capacity(piece.len());
         for r in q.fetch_all(&mut **tx).await? {
-            seqs.insert(r.get("id"), r.get("seq"));
+            piece_seqs.insert(r.get::<String, _>("id"), r.get::<i64, _>("seq"));
         }
+        // The bodies, once: the same padding, by the seqs just given.
+        let sql = format!(
+            "INSERT INTO delivery_bodies (seq, body) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
+            vec!["(?, ?)"; n].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for r in piece {
+            let seq = piece_seqs
+                .get(r.id)
+                .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", r.id))?;
+            q = q.bind(*seq).bind(r.body);
+        }
+        for _ in piece.len()..n {
+            q = q.bind(None::<i64>).bind(None::<&str>);
+        }
+        q.execute(&mut **tx).await?;
+        seqs.extend(piece_seqs);
     }
     Ok(seqs)
 }
@@ -413,12 +466,18 @@ async fn recorded_ids(tx: &mut WriteTx, ids: &[&str]) -> anyhow::Result<HashSet<
 /// Take the waiting rows of a chain out of the queue (to be written again behind rows that
 /// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
 async fn take_waiting(tx: &mut WriteTx, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
+    // Read with their bodies first: the delete takes the bodies with the rows.
     let rows = sqlx::query(&format!(
-        "DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting' RETURNING {QUEUED_COLUMNS}"
+        "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries \
+         WHERE order_key = ? AND state = 'waiting'"
     ))
     .bind(key)
     .fetch_all(&mut **tx)
     .await?;
+    sqlx::query("DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting'")
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
     let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect();
     out.sort_by_key(|q| q.seq);
     Ok(out.into_iter().map(requeue).collect())
@@ -436,15 +495,14 @@ async fn complete_rows(tx: &mut WriteTx, batch: &[Completion], now: i64, owner: 
     for piece in batch.chunks(COMPLETE_ROWS) {
         let n = piece.len().next_power_of_two();
         let sql = format!(
-            "WITH v(seq, state, attempts, next_at, first_at, status, error, finished, body, duration, excerpt) AS \
+            "WITH v(seq, state, attempts, next_at, first_at, status, error, finished, duration, excerpt) AS \
              (VALUES {}) \
              UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
              first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-             body = COALESCE(v.body, deliveries.body), last_duration_ms = v.duration, last_excerpt = v.excerpt, \
-             lease_owner = NULL, lease_until = NULL \
+             last_duration_ms = v.duration, last_excerpt = v.excerpt, lease_owner = NULL, lease_until = NULL \
              FROM v WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
              RETURNING deliveries.seq",
-            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
         );
         let mut q = sqlx::query_scalar::<_, i64>(&sql);
         for c in piece {
@@ -458,16 +516,25 @@ async fn complete_rows(tx: &mut WriteTx, batch: &[Completion], now: i64, owner: 
                 .bind(c.attempt.status)
                 .bind(c.attempt.error.as_deref())
                 .bind(finished)
-                .bind(c.body.as_deref())
                 .bind(c.attempt.duration_ms)
                 .bind(c.attempt.excerpt.as_deref());
         }
         for _ in piece.len()..n {
-            for _ in 0..11 {
+            for _ in 0..10 {
                 q = q.bind(None::<i64>);
             }
         }
         held.extend(q.bind(owner).fetch_all(&mut **tx).await?);
+    }
+    // The few completions that sent another body than the queued one (see `Completion::body`).
+    for c in batch.iter().filter(|c| held.contains(&c.seq)) {
+        if let Some(body) = &c.body {
+            sqlx::query("UPDATE delivery_bodies SET body = ? WHERE seq = ?")
+                .bind(body)
+                .bind(c.seq)
+                .execute(&mut **tx)
+                .await?;
+        }
     }
     Ok(held)
 }
@@ -573,7 +640,7 @@ impl Queue for SqliteStore {
         let due =
             "state = 'ready' AND next_attempt_at <= ? AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)";
         let mut sql = format!(
-            "SELECT next_attempt_at, COALESCE(lease_owner = ? AND lease_until > ?, 0) AS held, {QUEUED_COLUMNS} \
+            "SELECT next_attempt_at, COALESCE(lease_owner = ? AND lease_until > ?, 0) AS held, {QUEUED_COLUMNS}, {BODY} \
              FROM deliveries WHERE {due}"
         );
         if !skip_targets.is_empty() {
@@ -617,11 +684,9 @@ impl Queue for SqliteStore {
             .bind(now)
             .fetch_all(&mut *tx)
             .await?;
+            let claimed = with_bodies(&mut tx, &rows).await?;
             tx.commit().await?;
-            out.extend(
-                rows.iter()
-                    .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r))),
-            );
+            out.extend(rows.iter().map(|r| r.get::<i64, _>("next_attempt_at")).zip(claimed));
         }
         // Rows held and rows claimed (RETURNING keeps no order): oldest due first, as asked.
         out.sort_by_key(|(at, q)| (*at, q.seq));
@@ -757,9 +822,10 @@ impl Queue for SqliteStore {
         now: i64,
     ) -> anyhow::Result<Vec<(String, String, String)>> {
         let mut tx = self.writer.begin().await?;
-        let rows = sqlx::query(
-            "SELECT seq, kind, event, body FROM deliveries WHERE run_id = ? AND state IN ('ready', 'waiting', 'paused') ORDER BY seq",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT seq, kind, event, {BODY} FROM deliveries \
+             WHERE run_id = ? AND state IN ('ready', 'waiting', 'paused') ORDER BY seq"
+        ))
         .bind(run_id)
         .fetch_all(&mut *tx)
         .await?;
