@@ -1279,8 +1279,15 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let only = only_args();
     let scale = if quick { 4 } else { 1 };
-    let runs = 200;
-    let per_run = 100 / scale;
+    // E2E_RUNS: how many runs the 20,000 events are spread over (default 200). On the embedded
+    // bus a run's next event goes once its predecessor's outcome is committed, so the run count
+    // bounds how much is in flight (see BENCHMARKS, "Where the embedded relay's time goes now").
+    let runs: usize = std::env::var("E2E_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=20_000).contains(n))
+        .unwrap_or(200);
+    let per_run = (20_000 / runs / scale).max(1);
     let total = runs * per_run;
     let single = 2000 / scale;
     let lat_secs = 10.0 / scale as f64;
