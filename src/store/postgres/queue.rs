@@ -21,7 +21,7 @@ const ATTEMPT_UPSERT: &str = " ON CONFLICT (delivery_id, n) DO UPDATE SET starte
 
 /// A queued delivery's columns in `deliveries`. Its body is in `delivery_bodies` (written once,
 /// see migrations/postgres/0008): a `SELECT` reads it with [`BODY`], an
-/// `UPDATE … RETURNING` is a `WITH` whose outer `SELECT` joins it.
+/// `UPDATE … RETURNING` is a `WITH` whose outer `SELECT` looks it up the same way.
 pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
      order_key, attempts, first_attempt_at, created_at, source";
 
