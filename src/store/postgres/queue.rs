@@ -173,14 +173,26 @@ pub(super) async fn lock_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str
     Ok(())
 }
 
-/// Write the bodies of deliveries just inserted, by their seqs, in one statement.
-async fn insert_bodies(tx: &mut Transaction<'_, Postgres>, bodies: &[(i64, &str)]) -> anyhow::Result<()> {
-    if bodies.is_empty() {
+/// Write the bodies of deliveries just inserted, by the seqs their insert returned (`seqs`, by
+/// delivery id), in one statement.
+async fn insert_bodies<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    deliveries: impl Iterator<Item = &'a NewDelivery>,
+    seqs: &HashMap<String, i64>,
+) -> anyhow::Result<()> {
+    let (mut rows, mut texts): (Vec<i64>, Vec<&str>) = (Vec::new(), Vec::new());
+    for d in deliveries {
+        let seq = seqs
+            .get(&d.id)
+            .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", d.id))?;
+        rows.push(*seq);
+        texts.push(&d.body);
+    }
+    if rows.is_empty() {
         return Ok(());
     }
-    let (seqs, texts): (Vec<i64>, Vec<&str>) = bodies.iter().copied().unzip();
     sqlx::query("INSERT INTO delivery_bodies (seq, body) SELECT * FROM unnest($1::bigint[], $2::text[])")
-        .bind(&seqs)
+        .bind(&rows)
         .bind(&texts)
         .execute(&mut **tx)
         .await?;
@@ -309,18 +321,7 @@ async fn insert_new_deliveries(
             seqs.insert(r.get("id"), r.get("seq"));
         }
     }
-    let bodies = deliveries
-        .iter()
-        .map(|d| {
-            Ok((
-                *seqs
-                    .get(&d.id)
-                    .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", d.id))?,
-                d.body.as_str(),
-            ))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    insert_bodies(tx, &bodies).await?;
+    insert_bodies(tx, deliveries.iter(), &seqs).await?;
     Ok(deliveries
         .iter()
         .zip(&states)
@@ -507,17 +508,7 @@ impl Queue for PgStore {
                 .iter()
                 .map(|r| (r.get("id"), r.get("seq")))
                 .collect();
-            let bodies = chunk
-                .iter()
-                .map(|l| {
-                    let d = &l.delivery;
-                    let seq = seqs
-                        .get(&d.id)
-                        .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", d.id))?;
-                    Ok((*seq, d.body.as_str()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            insert_bodies(&mut tx, &bodies).await?;
+            insert_bodies(&mut tx, chunk.iter().map(|l| &l.delivery), &seqs).await?;
         }
         // A first-try success keeps its attempt on its row (written above).
         insert_attempt_logs(&mut tx, with_logged_attempts(&logged)).await?;
