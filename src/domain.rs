@@ -79,6 +79,14 @@ pub fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// The first millisecond at or after `d` from now. Due times are whole milliseconds and are
+/// compared with `now_ms()`, which rounds down; rounding this one down too would let a retry go
+/// up to a millisecond before its backoff has passed.
+pub fn ms_after(d: std::time::Duration) -> i64 {
+    let at = OffsetDateTime::now_utc().unix_timestamp_nanos() + d.as_nanos() as i128;
+    at.div_euclid(1_000_000) as i64 + i64::from(at.rem_euclid(1_000_000) != 0)
+}
+
 /// `2026-11-25T10:00:00.000Z`: RFC 3339, UTC, milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
@@ -587,6 +595,19 @@ fn is_global_v6(a: Ipv6Addr) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A due time is never before its backoff has passed, however the clock's sub-millisecond
+    /// part falls (`now_ms` rounds down; a due time rounded down would let a retry go early).
+    #[test]
+    fn a_due_time_is_never_early() {
+        for d in [0, 1, 100, 900, 30_000] {
+            for _ in 0..1_000 {
+                let before = OffsetDateTime::now_utc().unix_timestamp_nanos();
+                let at = ms_after(std::time::Duration::from_millis(d));
+                assert!(at as i128 * 1_000_000 >= before + d as i128 * 1_000_000, "{d} ms");
+            }
+        }
+    }
 
     /// A buffered Kafka delivery keeps its body for as long as it waits: the body's allocation
     /// is sized for it, not rounded up to the next power of two by doubling.

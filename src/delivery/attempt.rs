@@ -176,7 +176,8 @@ impl Engine {
                 };
                 match policy.next_delay_after(attempt_no as u32, elapsed, not_before, is_overload(&a.result)) {
                     Some(d) => Next::Retry {
-                        at_ms: finished + d.as_millis() as i64,
+                        // From now, not from `finished` (rounded down): never early.
+                        at_ms: crate::domain::ms_after(d),
                     },
                     None => {
                         self.exhausted(q, attempt_no, status).await;
