@@ -568,6 +568,9 @@ struct KafkaResult {
     rss: f64,
     verified: (usize, usize),
     latency: Option<(f64, (f64, f64, f64))>,
+    /// The same paced stream read by a bare consumer (see `broker_latency`): from the relay's
+    /// topic, and from a fresh one.
+    broker_latency: Option<[(f64, f64, f64); 2]>,
 }
 
 /// Latency through Kafka at `rate` events/s for `lat_secs`: each record stamped with its
@@ -582,14 +585,21 @@ async fn kafka_latency(
 ) -> (f64, (f64, f64, f64)) {
     let n_lat = (rate * lat_secs) as usize;
     rx.reset();
-    let base = rx.now_us();
+    paced_produce(producer, topic, rx.now_us(), rate, n_lat, wid).await;
+    wait_delivered(rx, n_lat as u64, Duration::from_secs(600)).await;
+    (rate, rx.percentiles())
+}
+
+/// Produce `n` latency events to `topic` at `rate` a second, each as it falls due and stamped
+/// with its schedule (`sched_us`, from `base_us` on the receiver's clock), keyed by run.
+async fn paced_produce(producer: &FutureProducer, topic: &str, base_us: u64, rate: f64, n: usize, wid: &str) {
     let start = Instant::now();
-    let mut acks = Vec::with_capacity(n_lat);
+    let mut acks = Vec::with_capacity(n);
     let mut k = 0;
-    while k < n_lat {
+    while k < n {
         let now = secs(start.elapsed());
-        while k < n_lat && k as f64 / rate <= now {
-            let sched = base + (k as f64 / rate * 1e6) as u64;
+        while k < n && k as f64 / rate <= now {
+            let sched = base_us + (k as f64 / rate * 1e6) as u64;
             let e = sched_event(&format!("lat-{k}"), wid, k, sched, 3_000_000);
             let key = e["sync_job_run_id"].as_str().unwrap().to_string();
             let v = e.to_string();
@@ -606,8 +616,101 @@ async fn kafka_latency(
     for a in futures_util::future::join_all(acks).await {
         a.expect("delivery future").map_err(|(e, _)| e).expect("produce");
     }
-    wait_delivered(rx, n_lat as u64, Duration::from_secs(600)).await;
-    (rate, rx.percentiles())
+}
+
+/// The broker's share of the Kafka latency: the same paced stream (same producer, rate, events
+/// and topic, once the relay is gone) read by a bare consumer with the relay's
+/// `fetch.wait.max.ms`, each message's latency taken when the consumer has it — the relay's
+/// latency can be no lower. The consumer is assigned and has read a first message before the
+/// timed stream starts, so connecting is not counted. (p50, p99, p99.9) in ms.
+async fn broker_latency(
+    broker: &Broker,
+    producer: &FutureProducer,
+    rx: &Receiver,
+    topic: &'static str,
+    rate: f64,
+    lat_secs: f64,
+) -> (f64, f64, f64) {
+    let n = (rate * lat_secs) as usize;
+    // The receiver's clock, which `sched_us` counts from.
+    let epoch = Instant::now() - Duration::from_micros(rx.now_us());
+    let bootstrap = broker.bootstrap();
+    let wait = fetch_wait_ms().to_string();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "bench-bare-latency")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", &wait)
+            .create()
+            .unwrap();
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            // From each partition's end: only the stream below is read, from a topic as large
+            // as the one the relay read.
+            tpl.add_partition_offset(topic, p.id(), Offset::End).unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        let mut ready = Some(ready_tx);
+        let mut lat = Vec::with_capacity(n);
+        let started = Instant::now();
+        while lat.len() < n {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "bare latency consumer stalled"
+            );
+            let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let at = epoch.elapsed().as_micros() as u64;
+            let body = rdkafka::message::Message::payload(&m).unwrap_or_default();
+            match serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["payload"]["sched_us"].as_u64())
+            {
+                Some(sched) => lat.push(at.saturating_sub(sched)),
+                // The warm-up message: positioned, start the stream.
+                None => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+            }
+        }
+        lat
+    });
+    // Warm-up messages until the consumer has one (those before it had its positions are
+    // not read).
+    let warm = json!({"warm": true}).to_string();
+    let mut ready_rx = ready_rx;
+    let started = Instant::now();
+    loop {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(topic).payload(&warm),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce a warm-up message");
+        if tokio::time::timeout(Duration::from_millis(250), &mut ready_rx)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the bare latency consumer read no warm-up message"
+        );
+    }
+    paced_produce(producer, topic, rx.now_us(), rate, n, "bare").await;
+    let mut v = reader.await.unwrap();
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
+    (at(0.50), at(0.99), at(0.999))
 }
 
 /// Kafka throughput with events of about `payload` bytes to `topic`, then (when `lat_secs` is
@@ -622,8 +725,21 @@ async fn kafka(
 ) -> KafkaResult {
     let broker = Broker::start();
     broker.create_topic(topic, 8);
+    // The latency phase reads a topic of its own, which the relay also subscribes to: tansu's
+    // in-memory storage lists every record batch a partition ever had on each fetch, so on the
+    // throughput topic its fetches would be slower by that phase's history (seen: a bare
+    // consumer's p99 189.5 ms there against 55.3 ms on a fresh topic, same stream). A Kafka
+    // broker finds an offset through its index, whatever the history.
+    let lat_topic: &'static str = Box::leak(format!("{topic}-latency").into_boxed_str());
+    broker.create_topic(lat_topic, 8);
     let group = "bench-relay";
-    let relay = start_relay(kafka_env(&broker, group, topic)).await;
+    let mut env = kafka_env(&broker, group, topic);
+    for (k, v) in &mut env {
+        if k == "SYNCRELAY__BUS__KAFKA__TOPICS" {
+            *v = json!([topic, lat_topic]).to_string();
+        }
+    }
+    let relay = start_relay(env).await;
     let (wid, secret) = webhook(&relay, &rx.url("/kafka")).await;
     let producer = producer(&broker);
 
@@ -670,13 +786,33 @@ async fn kafka(
     let latency = match lat_secs {
         Some(lat_secs) => {
             let meter = CpuMeter::start(Some(&relay));
-            let l = kafka_latency(rx, &producer, topic, &wid, eps_delivered / 2.0, lat_secs).await;
+            let l = kafka_latency(rx, &producer, lat_topic, &wid, eps_delivered / 2.0, lat_secs).await;
             meter.record(Some(&relay), "kafka latency (half load)");
             Some(l)
         }
         None => None,
     };
     drop(relay);
+    // The broker's share of that latency, once the relay is gone (so it measures the broker,
+    // the producer and this process, not their contention with the relay).
+    let broker_latency = match lat_secs {
+        Some(lat_secs) => {
+            let rate = eps_delivered / 2.0;
+            let meter = CpuMeter::start(None);
+            let same = broker_latency(&broker, &producer, rx, lat_topic, rate, lat_secs).await;
+            meter.record(
+                None,
+                "kafka bare consumer latency (half load), the relay's latency topic",
+            );
+            let fresh: &'static str = Box::leak(format!("{topic}-fresh").into_boxed_str());
+            broker.create_topic(fresh, 8);
+            let meter = CpuMeter::start(None);
+            let new = broker_latency(&broker, &producer, rx, fresh, rate, lat_secs).await;
+            meter.record(None, "kafka bare consumer latency (half load), a fresh topic");
+            Some([same, new])
+        }
+        None => None,
+    };
 
     // L_broker: a bare consumer reads the same topic (same messages) in steady state: with the
     // relay's fetch.wait.max.ms (tansu answers a fetch only when that wait expires, so a
@@ -736,6 +872,7 @@ async fn kafka(
         rss,
         verified,
         latency,
+        broker_latency,
     }
 }
 
@@ -1442,6 +1579,18 @@ fn main() {
                 "p99 <= 50 ms",
                 yes(p99 <= 50.0),
             );
+            let [same, fresh] = kfk.broker_latency.unwrap();
+            for (what, key, (b50, b99, b999)) in
+                [("the relay's latency topic after it", "kafka_bare", same), ("a fresh topic", "kafka_bare_fresh", fresh)]
+            {
+                rep.row(
+                    &format!("  the same stream read by a bare consumer, {what}: p50 / p99 / p99.9"),
+                    &format!("{b50:.1} / {b99:.1} / {b999:.1} ms"),
+                    "",
+                    None,
+                );
+                rep.latency.insert(key.into(), lat_json((lat.0, (b50, b99, b999))));
+            }
             rep.row(
                 "Relay peak RSS: kafka throughput",
                 &format!("{:.1} MiB", kfk.rss),
