@@ -292,9 +292,65 @@ fn machine_cpu_secs() -> (f64, f64) {
 }
 
 /// Where the machine's CPU went over each measured phase, in cores: (phase, [machine, relay,
-/// this process (receiver and load generator), the rest (broker or PostgreSQL)]). A figure
-/// bounded by the machine shows it here: the cores are all in use, and by whom.
-static CPU_USE: std::sync::Mutex<Vec<(String, [f64; 5])>> = std::sync::Mutex::new(Vec::new());
+/// this process (receiver and load generator), the rest (broker or PostgreSQL), stolen], and
+/// the relay's by its threads, [`RelayThreads`]). A figure bounded by the machine shows it
+/// here: the cores are all in use, and by whom.
+static CPU_USE: std::sync::Mutex<Vec<(String, [f64; 5], RelayThreads)>> = std::sync::Mutex::new(Vec::new());
+
+/// The relay's CPU by the threads that spent it: its async runtime's workers (delivery:
+/// routing Kafka messages, the dispatcher, signing, the HTTP client, the outcome writer's
+/// logic), the API's (actix) workers (the embedded bus's `POST /events`), SQLite's connection
+/// threads (sqlx runs each connection's statements on a thread of its own), librdkafka's, the
+/// rest.
+#[derive(Clone, Copy, Default)]
+struct RelayThreads {
+    runtime: f64,
+    api: f64,
+    sqlite: f64,
+    kafka: f64,
+    rest: f64,
+}
+
+impl RelayThreads {
+    /// CPU seconds so far of the relay's threads (`/proc/<pid>/task`), by kind.
+    fn of(relay: Option<&RelayProcess>) -> RelayThreads {
+        let mut t = RelayThreads::default();
+        let Some(relay) = relay else { return t };
+        for task in std::fs::read_dir(format!("/proc/{}/task", relay.pid()))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let cpu =
+                support::relay::stat_cpu_secs(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default());
+            let slot = if comm.starts_with("tokio-rt-worker") || comm.starts_with("tokio-runtime-w") {
+                &mut t.runtime
+            } else if comm.starts_with("actix") {
+                &mut t.api
+            } else if comm.starts_with("sqlx-sqlite") {
+                &mut t.sqlite
+            } else if comm.starts_with("rdk:") {
+                &mut t.kafka
+            } else {
+                &mut t.rest
+            };
+            *slot += cpu;
+        }
+        t
+    }
+
+    /// Cores over `wall` seconds since `before`.
+    fn cores_since(self, before: RelayThreads, wall: f64) -> RelayThreads {
+        RelayThreads {
+            runtime: (self.runtime - before.runtime) / wall,
+            api: (self.api - before.api) / wall,
+            sqlite: (self.sqlite - before.sqlite) / wall,
+            kafka: (self.kafka - before.kafka) / wall,
+            rest: (self.rest - before.rest) / wall,
+        }
+    }
+}
 
 /// Starts measuring a phase's CPU use (see [`CPU_USE`]).
 struct CpuMeter {
@@ -302,6 +358,7 @@ struct CpuMeter {
     machine: f64,
     steal: f64,
     relay: f64,
+    threads: RelayThreads,
     me: f64,
 }
 
@@ -314,6 +371,7 @@ impl CpuMeter {
             machine,
             steal,
             relay: relay.map_or(0.0, |r| r.cpu_secs()),
+            threads: RelayThreads::of(relay),
             me: self_cpu_secs(),
         }
     }
@@ -327,13 +385,15 @@ impl CpuMeter {
         let r = (relay.map_or(0.0, |r| r.cpu_secs()) - self.relay) / wall;
         let me = (self_cpu_secs() - self.me) / wall;
         let other = (machine - r - me).max(0.0);
+        let t = RelayThreads::of(relay).cores_since(self.threads, wall);
         eprintln!(
-            "  {label}: CPU in use {machine:.2} cores: relay {r:.2}, receiver and load {me:.2}, other {other:.2}; stolen by the hypervisor {steal:.2}"
+            "  {label}: CPU in use {machine:.2} cores: relay {r:.2} (runtime {:.2}, API {:.2}, SQLite {:.2}, librdkafka {:.2}, rest {:.2}), receiver and load {me:.2}, other {other:.2}; stolen by the hypervisor {steal:.2}",
+            t.runtime, t.api, t.sqlite, t.kafka, t.rest
         );
         CPU_USE
             .lock()
             .unwrap()
-            .push((label.to_string(), [machine, r, me, other, steal]));
+            .push((label.to_string(), [machine, r, me, other, steal], t));
     }
 }
 
@@ -1794,18 +1854,20 @@ fn main() {
         let rss_ok = rep.rss.values().all(|v| v.as_f64().is_some_and(|m| m <= 200.0));
         rep.target("rss_le_200_mib", rss_ok);
         let mut cpu_use = serde_json::Map::new();
-        for (label, [machine, relay, me, other, steal]) in CPU_USE.lock().unwrap().iter() {
+        for (label, [machine, relay, me, other, steal], t) in CPU_USE.lock().unwrap().iter() {
             rep.row(
                 &format!("CPU in use during {label}, cores of {nproc}"),
                 &format!(
-                    "{machine:.2}: relay {relay:.2}, receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}; stolen by the hypervisor {steal:.2}"
+                    "{machine:.2}: relay {relay:.2} (delivery runtime {:.2}, API workers {:.2}, SQLite threads {:.2}, librdkafka {:.2}, rest {:.2}), receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}; stolen by the hypervisor {steal:.2}",
+                    t.runtime, t.api, t.sqlite, t.kafka, t.rest
                 ),
                 "",
                 None,
             );
             cpu_use.insert(
                 label.clone(),
-                json!({"machine": machine, "relay": relay, "receiver_and_load": me, "other": other, "steal": steal}),
+                json!({"machine": machine, "relay": relay, "receiver_and_load": me, "other": other, "steal": steal,
+                       "relay_threads": {"runtime": t.runtime, "api": t.api, "sqlite": t.sqlite, "librdkafka": t.kafka, "rest": t.rest}}),
             );
         }
         rep.set("cpu_cores", Value::Object(cpu_use));
