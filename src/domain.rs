@@ -405,30 +405,51 @@ pub fn raw_payload(event_text: &str) -> Option<Arc<RawValue>> {
     if !raw.get().starts_with('{') {
         return None;
     }
-    let compact = RawValue::from_string(compact_json(raw.get())).ok()?;
+    // Most producers write compact JSON: then the bytes are kept as they are, without
+    // copying them through the compactor and parsing them again to check them.
+    let compact = match compact_json(raw.get()) {
+        std::borrow::Cow::Borrowed(_) => raw.to_owned(),
+        std::borrow::Cow::Owned(text) => RawValue::from_string(text).ok()?,
+    };
     Some(Arc::from(compact))
 }
 
-/// Valid JSON text without the whitespace outside strings (the bytes of every token kept).
-pub fn compact_json(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+/// Valid JSON text without the whitespace outside strings (the bytes of every token kept);
+/// borrowed when there is none. Works on bytes: whitespace, quotes and backslashes are ASCII,
+/// and no byte of a multi-byte UTF-8 character is, so removing them keeps the text UTF-8.
+pub fn compact_json(s: &str) -> std::borrow::Cow<'_, str> {
+    let b = s.as_bytes();
+    // Allocated at the first whitespace to remove; `kept` is where the bytes not yet copied start.
+    let mut out: Option<Vec<u8>> = None;
+    let mut kept = 0;
     let (mut in_str, mut escaped) = (false, false);
-    for c in s.chars() {
+    for (i, &c) in b.iter().enumerate() {
         if in_str {
-            out.push(c);
             if escaped {
                 escaped = false;
-            } else if c == '\\' {
+            } else if c == b'\\' {
                 escaped = true;
-            } else if c == '"' {
+            } else if c == b'"' {
                 in_str = false;
             }
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            in_str = c == '"';
-            out.push(c);
+        } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            let o = out.get_or_insert_with(|| Vec::with_capacity(b.len()));
+            o.extend_from_slice(&b[kept..i]);
+            kept = i + 1;
+        } else if c == b'"' {
+            in_str = true;
         }
     }
-    out
+    match out {
+        None => std::borrow::Cow::Borrowed(s),
+        Some(mut o) => {
+            o.extend_from_slice(&b[kept..]);
+            // Always UTF-8 (only ASCII bytes were removed); never a panic on the way in.
+            std::borrow::Cow::Owned(
+                String::from_utf8(o).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            )
+        }
+    }
 }
 
 /// The members of a JSON object's text in order, values as their bytes (repeated keys kept).
@@ -818,6 +839,14 @@ mod tests {
             compact_json("{ \"a\" : [1, 2.50 ,1E2],\n\t\"s\": \" q \\\" \\\\ \" }"),
             r#"{"a":[1,2.50,1E2],"s":" q \" \\ "}"#
         );
+        // Multi-byte characters, in and out of strings' escapes, come through whole.
+        assert_eq!(
+            compact_json("{ \"é\" : \"ü \\\"€\" ,\"\u{1F600}\":[ 1 ] }"),
+            "{\"é\":\"ü \\\"€\",\"\u{1F600}\":[1]}"
+        );
+        // Already compact: the same bytes, not a copy.
+        let compact = r#"{"a":[1,2.50],"s":" q \" \\ "}"#;
+        assert!(matches!(compact_json(compact), std::borrow::Cow::Borrowed(b) if b == compact));
         let text = r#"{"id":"e","event":"a:b","webhook_id":"3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11",
             "payload": {"n": 123456789012345678901234567890, "d": 1, "d": -0}}"#;
         let e = Envelope::parse_text(text, 0, false).unwrap();
