@@ -678,6 +678,24 @@ async fn paced_produce(producer: &FutureProducer, topic: &str, base_us: u64, rat
     }
 }
 
+/// A bare rdkafka consumer with the relay's `fetch.wait.max.ms` (tansu answers a fetch only when
+/// that wait expires), and every partition of `topic` from `from`, to assign.
+fn bare_consumer(bootstrap: &str, group: &str, topic: &str, from: Offset) -> (BaseConsumer, TopicPartitionList) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", fetch_wait_ms().to_string())
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), from).unwrap();
+    }
+    (c, tpl)
+}
+
 /// The broker's share of the Kafka latency: the same paced stream (same producer, rate, events
 /// and topic, once the relay is gone) read by a bare consumer with the relay's
 /// `fetch.wait.max.ms`, each message's latency taken when the consumer has it — the relay's
@@ -695,23 +713,11 @@ async fn broker_latency(
     // The receiver's clock, which `sched_us` counts from.
     let epoch = Instant::now() - Duration::from_micros(rx.now_us());
     let bootstrap = broker.bootstrap();
-    let wait = fetch_wait_ms().to_string();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let reader = tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", "bench-bare-latency")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", &wait)
-            .create()
-            .unwrap();
-        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in md.topics()[0].partitions() {
-            // From each partition's end: only the stream below is read, from a topic as large
-            // as the one the relay read.
-            tpl.add_partition_offset(topic, p.id(), Offset::End).unwrap();
-        }
+        // From each partition's end: only the stream below is read, from a topic as large as
+        // the one the relay read.
+        let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-latency", topic, Offset::End);
         c.assign(&tpl).unwrap();
         let mut ready = Some(ready_tx);
         let mut lat = Vec::with_capacity(n);
@@ -767,10 +773,7 @@ async fn broker_latency(
         );
     }
     paced_produce(producer, topic, rx.now_us(), rate, n, "bare").await;
-    let mut v = reader.await.unwrap();
-    v.sort_unstable();
-    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
-    (at(0.50), at(0.99), at(0.999))
+    support::receiver::percentiles_ms(reader.await.unwrap())
 }
 
 /// Kafka throughput with events of about `payload` bytes to `topic`, then (when `lat_secs` is
@@ -881,20 +884,8 @@ async fn kafka(
     // connection and assignment time are not counted as consumption.
     let bootstrap = broker.bootstrap();
     let total = n + 1;
-    let wait = fetch_wait_ms().to_string();
     let l_broker = tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", "bench-bare-reader")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", &wait)
-            .create()
-            .unwrap();
-        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in md.topics()[0].partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
-        }
+        let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-reader", topic, Offset::Beginning);
         let read_all = |what: &str| {
             c.assign(&tpl).unwrap();
             let started = Instant::now();

@@ -285,13 +285,8 @@ impl Receiver {
 
     /// (p50, p99, p99.9) in milliseconds of the latencies of bodies carrying `sched_us`.
     pub fn percentiles(&self) -> (f64, f64, f64) {
-        let mut v = self.state.lat.lock().unwrap().clone();
-        if v.is_empty() {
-            return (f64::NAN, f64::NAN, f64::NAN);
-        }
-        v.sort_unstable();
-        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
-        (at(0.50), at(0.99), at(0.999))
+        let v = self.state.lat.lock().unwrap().clone();
+        percentiles_ms(v)
     }
 
     /// Verify every sampled request's Standard Webhooks signature with `secret`:
@@ -302,6 +297,16 @@ impl Receiver {
         let ok = samples.iter().filter(|(h, b)| wh.verify(b, h).is_ok()).count();
         (ok, samples.len())
     }
+}
+
+/// (p50, p99, p99.9) in milliseconds of latencies in microseconds (NaN when there are none).
+pub fn percentiles_ms(mut v: Vec<u64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
+    (at(0.50), at(0.99), at(0.999))
 }
 
 impl State {
