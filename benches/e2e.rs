@@ -352,6 +352,56 @@ impl RelayThreads {
     }
 }
 
+/// A CPU load of about `cores` cores for as long as it lives: two threads, each spinning until
+/// its own CPU time (`CLOCK_THREAD_CPUTIME_ID`) reaches its share of the wall time so far, then
+/// sleeping a millisecond — so it takes the CPU it is given, not wall time, even when the
+/// machine is busy. It stands for the relay's CPU use where the relay is not running.
+struct CpuLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuLoad {
+    fn start(cores: f64) -> CpuLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let share = (cores / 2.0).clamp(0.0, 1.0);
+        let threads = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let thread_cpu = || {
+                        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                        // SAFETY: a valid clock id and a pointer to a timespec we own.
+                        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+                        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+                    };
+                    let (wall0, cpu0) = (Instant::now(), thread_cpu());
+                    while !stop.load(Ordering::Relaxed) {
+                        if thread_cpu() - cpu0 < secs(wall0.elapsed()) * share {
+                            let spin = Instant::now();
+                            while spin.elapsed() < Duration::from_micros(200) {
+                                std::hint::spin_loop();
+                            }
+                        } else {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        CpuLoad { stop, threads }
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Starts measuring a phase's CPU use (see [`CPU_USE`]).
 struct CpuMeter {
     at: Instant,
@@ -659,9 +709,13 @@ struct KafkaResult {
     verified: (usize, usize),
     latency: Option<(f64, (f64, f64, f64))>,
     /// The same paced stream read by a bare consumer (see `broker_latency`): from the relay's
-    /// topic, and from a fresh one.
-    broker_latency: Option<[(f64, f64, f64); 2]>,
+    /// topic, from a fresh one, from a fresh one with the throughput topic assigned too, and
+    /// from a fresh one beside a CPU load of the relay's cores in its latency phase (that load).
+    broker_latency: Option<([Percentiles; 4], f64)>,
 }
+
+/// p50, p99, p99.9 in ms.
+type Percentiles = (f64, f64, f64);
 
 /// Latency through Kafka at `rate` events/s for `lat_secs`: each record stamped with its
 /// scheduled send time and produced as it falls due.
@@ -709,8 +763,8 @@ async fn paced_produce(producer: &FutureProducer, topic: &str, base_us: u64, rat
 }
 
 /// A bare rdkafka consumer with the relay's `fetch.wait.max.ms` (tansu answers a fetch only when
-/// that wait expires), and every partition of `topic` from `from`, to assign.
-fn bare_consumer(bootstrap: &str, group: &str, topic: &str, from: Offset) -> (BaseConsumer, TopicPartitionList) {
+/// that wait expires), and every partition of `topics` from `from`, to assign.
+fn bare_consumer(bootstrap: &str, group: &str, topics: &[&str], from: Offset) -> (BaseConsumer, TopicPartitionList) {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
@@ -718,10 +772,12 @@ fn bare_consumer(bootstrap: &str, group: &str, topic: &str, from: Offset) -> (Ba
         .set("fetch.wait.max.ms", fetch_wait_ms().to_string())
         .create()
         .unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), from).unwrap();
+    for topic in topics {
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), from).unwrap();
+        }
     }
     (c, tpl)
 }
@@ -730,12 +786,15 @@ fn bare_consumer(bootstrap: &str, group: &str, topic: &str, from: Offset) -> (Ba
 /// and topic, once the relay is gone) read by a bare consumer with the relay's
 /// `fetch.wait.max.ms`, each message's latency taken when the consumer has it — the relay's
 /// latency can be no lower. The consumer is assigned and has read a first message before the
-/// timed stream starts, so connecting is not counted. (p50, p99, p99.9) in ms.
+/// timed stream starts, so connecting is not counted. `also`: topics the consumer is assigned
+/// too, from their end (nothing is produced to them): the relay reads the throughput topic
+/// beside its latency topic. (p50, p99, p99.9) in ms.
 async fn broker_latency(
     broker: &Broker,
     producer: &FutureProducer,
     rx: &Receiver,
     topic: &'static str,
+    also: &'static [&'static str],
     rate: f64,
     lat_secs: f64,
 ) -> (f64, f64, f64) {
@@ -747,7 +806,8 @@ async fn broker_latency(
     let reader = tokio::task::spawn_blocking(move || {
         // From each partition's end: only the stream below is read, from a topic as large as
         // the one the relay read.
-        let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-latency", topic, Offset::End);
+        let topics: Vec<&str> = std::iter::once(topic).chain(also.iter().copied()).collect();
+        let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-latency", &topics, Offset::End);
         c.assign(&tpl).unwrap();
         let mut ready = Some(ready_tx);
         let mut lat = Vec::with_capacity(n);
@@ -879,9 +939,11 @@ async fn kafka(
     let latency = match lat_secs {
         Some(lat_secs) => {
             let meter = CpuMeter::start(Some(&relay));
+            let (cpu0, t0) = (relay.cpu_secs(), Instant::now());
             let l = kafka_latency(rx, &producer, lat_topic, &wid, eps_delivered / 2.0, lat_secs).await;
+            let relay_cores = (relay.cpu_secs() - cpu0) / secs(t0.elapsed());
             meter.record(Some(&relay), "kafka latency (half load)");
-            Some(l)
+            Some((l, relay_cores))
         }
         None => None,
     };
@@ -892,7 +954,7 @@ async fn kafka(
         Some(lat_secs) => {
             let rate = eps_delivered / 2.0;
             let meter = CpuMeter::start(None);
-            let same = broker_latency(&broker, &producer, rx, lat_topic, rate, lat_secs).await;
+            let same = broker_latency(&broker, &producer, rx, lat_topic, &[], rate, lat_secs).await;
             meter.record(
                 None,
                 "kafka bare consumer latency (half load), the relay's latency topic",
@@ -900,9 +962,33 @@ async fn kafka(
             let fresh: &'static str = Box::leak(format!("{topic}-fresh").into_boxed_str());
             broker.create_topic(fresh, 8);
             let meter = CpuMeter::start(None);
-            let new = broker_latency(&broker, &producer, rx, fresh, rate, lat_secs).await;
+            let new = broker_latency(&broker, &producer, rx, fresh, &[], rate, lat_secs).await;
             meter.record(None, "kafka bare consumer latency (half load), a fresh topic");
-            Some([same, new])
+            // The partitions the relay read: a fresh latency topic and the throughput topic,
+            // idle but with its history (tansu's fetch cost grows with a partition's history).
+            let fresh2: &'static str = Box::leak(format!("{topic}-fresh2").into_boxed_str());
+            broker.create_topic(fresh2, 8);
+            let also: &'static [&'static str] = Box::leak(vec![topic].into_boxed_slice());
+            let meter = CpuMeter::start(None);
+            let both = broker_latency(&broker, &producer, rx, fresh2, also, rate, lat_secs).await;
+            meter.record(
+                None,
+                "kafka bare consumer latency (half load), a fresh topic and the throughput topic",
+            );
+            // The machine as busy as the relay made it: a load of the relay's cores in its
+            // latency phase beside the bare consumer (the broker shares the machine's two cores).
+            let fresh3: &'static str = Box::leak(format!("{topic}-fresh3").into_boxed_str());
+            broker.create_topic(fresh3, 8);
+            let relay_cores = latency.map_or(0.0, |(_, c)| c);
+            let load = CpuLoad::start(relay_cores);
+            let meter = CpuMeter::start(None);
+            let loaded = broker_latency(&broker, &producer, rx, fresh3, &[], rate, lat_secs).await;
+            meter.record(
+                None,
+                &format!("kafka bare consumer latency (half load), a fresh topic, a load of {relay_cores:.2} cores"),
+            );
+            drop(load);
+            Some(([same, new, both, loaded], relay_cores))
         }
         None => None,
     };
@@ -915,7 +1001,7 @@ async fn kafka(
     let bootstrap = broker.bootstrap();
     let total = n + 1;
     let l_broker = tokio::task::spawn_blocking(move || {
-        let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-reader", topic, Offset::Beginning);
+        let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-reader", &[topic], Offset::Beginning);
         let read_all = |what: &str| {
             c.assign(&tpl).unwrap();
             let started = Instant::now();
@@ -952,7 +1038,7 @@ async fn kafka(
         l_broker,
         rss,
         verified,
-        latency,
+        latency: latency.map(|(l, _)| l),
         broker_latency,
     }
 }
@@ -1682,10 +1768,21 @@ fn main() {
                 "p99 <= 50 ms",
                 yes(p99 <= 50.0),
             );
-            let [same, fresh] = kfk.broker_latency.unwrap();
-            for (what, key, (b50, b99, b999)) in
-                [("the relay's latency topic after it", "kafka_bare", same), ("a fresh topic", "kafka_bare_fresh", fresh)]
-            {
+            let ([same, fresh, both, loaded], load) = kfk.broker_latency.unwrap();
+            for (what, key, (b50, b99, b999)) in [
+                ("the relay's latency topic after it", "kafka_bare", same),
+                ("a fresh topic", "kafka_bare_fresh", fresh),
+                (
+                    "a fresh topic, the throughput topic assigned too (the relay's partitions)",
+                    "kafka_bare_fresh_and_throughput",
+                    both,
+                ),
+                (
+                    &format!("a fresh topic, beside a CPU load of the relay's {load:.2} cores"),
+                    "kafka_bare_fresh_relay_load",
+                    loaded,
+                ),
+            ] {
                 rep.row(
                     &format!("  the same stream read by a bare consumer, {what}: p50 / p99 / p99.9"),
                     &format!("{b50:.1} / {b99:.1} / {b999:.1} ms"),
