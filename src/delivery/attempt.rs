@@ -41,11 +41,11 @@ impl Engine {
             return Ok((url, vec![self.callback_secret.clone()]));
         }
         let id = webhook_id.ok_or("unknown_webhook")?;
-        let w = self.webhooks.get(id).ok_or("unknown_webhook")?;
+        let (w, url) = self.webhooks.get_with_url(id).ok_or("unknown_webhook")?;
         if !w.is_active {
             return Err("webhook_disabled");
         }
-        let url = Url::parse(&w.target_url).map_err(|_| "malformed")?;
+        let url = url.ok_or("malformed")?;
         let mut secrets = vec![w.secret.clone()];
         if let Some((prev, until)) = &w.previous_secret {
             if *until > now {
@@ -115,9 +115,10 @@ impl Engine {
             self.barrier().await;
         }
         let final_body = self.attempt_body(&q.event, q.run_id.as_deref(), &q.body).await;
-        let body = final_body.clone().unwrap_or_else(|| q.body.clone());
+        // The body sent: the one copy the request takes; dead letters borrow it.
+        let body: &str = final_body.as_deref().unwrap_or(&q.body);
         let sent = Instant::now();
-        let a = self.send(&url, &secrets, &q.event_id, attempt_no, body.clone()).await;
+        let a = self.send(&url, &secrets, &q.event_id, attempt_no, body.to_owned()).await;
         if let AttemptResult::Status {
             code: 429 | 503,
             retry_after: Some(ra),
@@ -159,7 +160,7 @@ impl Engine {
                 None => false,
             };
         let next = match verdict {
-            _ if refused => Next::Dead(dead(job, "run_stopped", status, a.error.clone(), attempt_no, &body)),
+            _ if refused => Next::Dead(dead(job, "run_stopped", status, a.error.clone(), attempt_no, body)),
             Verdict::Delivered => Next::Delivered,
             Verdict::Retry { not_before } => {
                 let elapsed = Duration::from_millis((finished - first).max(0) as u64);
@@ -187,12 +188,12 @@ impl Engine {
                             status,
                             a.error.clone(),
                             attempt_no,
-                            &body,
+                            body,
                         ))
                     }
                 }
             }
-            Verdict::DeadLetter { reason } => Next::Dead(dead(job, reason, status, a.error.clone(), attempt_no, &body)),
+            Verdict::DeadLetter { reason } => Next::Dead(dead(job, reason, status, a.error.clone(), attempt_no, body)),
             Verdict::DisableWebhook => {
                 if let Some(id) = &q.webhook_id {
                     if kind == "webhook" {
@@ -205,7 +206,7 @@ impl Engine {
                     status,
                     a.error.clone(),
                     attempt_no,
-                    &body,
+                    body,
                 ))
             }
         };

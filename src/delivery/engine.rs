@@ -47,16 +47,42 @@ const REGISTRY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// check of the store's webhook version every [`REGISTRY_CHECK_EVERY`] (other instances').
 #[derive(Default)]
 pub struct WebhookCache {
-    map: RwLock<HashMap<String, (Arc<Webhook>, u64)>>,
+    map: RwLock<HashMap<String, Cached>>,
     /// Stamps this instance's own writes (`put`), so a reload that read the store before such
     /// a write never puts the older row back (compared by stamp, not by `updated_at`: hosts'
     /// clocks differ).
     writes: std::sync::atomic::AtomicU64,
 }
 
+/// A cached webhook, its target URL parsed once (not on every attempt), and the stamp of the
+/// write that put it (0: loaded from the store).
+struct Cached {
+    w: Arc<Webhook>,
+    url: Option<url::Url>,
+    stamp: u64,
+}
+
+impl Cached {
+    fn new(w: Webhook, stamp: u64) -> Cached {
+        Cached {
+            url: url::Url::parse(&w.target_url).ok(),
+            w: Arc::new(w),
+            stamp,
+        }
+    }
+}
+
 impl WebhookCache {
     pub fn get(&self, id: &str) -> Option<Arc<Webhook>> {
-        self.map.read().expect("lock").get(id).map(|(w, _)| w.clone())
+        self.map.read().expect("lock").get(id).map(|c| c.w.clone())
+    }
+    /// A webhook and its parsed target URL (None: the stored URL does not parse).
+    pub fn get_with_url(&self, id: &str) -> Option<(Arc<Webhook>, Option<url::Url>)> {
+        self.map
+            .read()
+            .expect("lock")
+            .get(id)
+            .map(|c| (c.w.clone(), c.url.clone()))
     }
     /// This instance wrote `w` to the store.
     pub fn put(&self, w: Webhook) {
@@ -64,7 +90,7 @@ impl WebhookCache {
         self.map
             .write()
             .expect("lock")
-            .insert(w.id.clone(), (Arc::new(w), stamp));
+            .insert(w.id.clone(), Cached::new(w, stamp));
     }
     pub fn remove(&self, id: &str) {
         self.map.write().expect("lock").remove(id);
@@ -74,7 +100,7 @@ impl WebhookCache {
             .read()
             .expect("lock")
             .values()
-            .map(|(w, _)| w.clone())
+            .map(|c| c.w.clone())
             .collect()
     }
     /// The stamp of the last own write; a reload takes it before reading the store.
@@ -84,15 +110,15 @@ impl WebhookCache {
     /// Put a row read from the store, unless this instance wrote the webhook after `since`.
     fn put_loaded(&self, w: Webhook, since: u64) {
         let mut m = self.map.write().expect("lock");
-        if m.get(&w.id).is_none_or(|(_, stamp)| *stamp <= since) {
-            m.insert(w.id.clone(), (Arc::new(w), 0));
+        if m.get(&w.id).is_none_or(|c| c.stamp <= since) {
+            m.insert(w.id.clone(), Cached::new(w, 0));
         }
     }
     /// Forget a webhook the store no longer has, unless this instance wrote it after `since`.
     /// Returns whether it was removed.
     fn remove_loaded(&self, id: &str, since: u64) -> bool {
         let mut m = self.map.write().expect("lock");
-        m.get(id).is_some_and(|(_, stamp)| *stamp <= since) && m.remove(id).is_some()
+        m.get(id).is_some_and(|c| c.stamp <= since) && m.remove(id).is_some()
     }
 }
 
