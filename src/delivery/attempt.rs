@@ -118,7 +118,9 @@ impl Engine {
         // The body sent: the one copy the request takes; dead letters borrow it.
         let body: &str = final_body.as_deref().unwrap_or(&q.body);
         let sent = Instant::now();
-        let a = self.send(&url, &secrets, &q.event_id, attempt_no, body.to_owned()).await;
+        let a = self
+            .send(&url, &secrets, &q.event_id, attempt_no, body.to_owned())
+            .await;
         if let AttemptResult::Status {
             code: 429 | 503,
             retry_after: Some(ra),
@@ -200,14 +202,7 @@ impl Engine {
                         self.disable_webhook(id, "receiver answered 410 Gone").await;
                     }
                 }
-                Next::Dead(dead(
-                    job,
-                    "webhook_disabled",
-                    status,
-                    a.error.clone(),
-                    attempt_no,
-                    body,
-                ))
+                Next::Dead(dead(job, "webhook_disabled", status, a.error.clone(), attempt_no, body))
             }
         };
         tracing::debug!(

@@ -96,12 +96,7 @@ impl WebhookCache {
         self.map.write().expect("lock").remove(id);
     }
     pub fn all(&self) -> Vec<Arc<Webhook>> {
-        self.map
-            .read()
-            .expect("lock")
-            .values()
-            .map(|c| c.w.clone())
-            .collect()
+        self.map.read().expect("lock").values().map(|c| c.w.clone()).collect()
     }
     /// The stamp of the last own write; a reload takes it before reading the store.
     fn stamp(&self) -> u64 {
@@ -1135,5 +1130,58 @@ impl Engine {
         for (_, a) in rows {
             a.done();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn webhook(url: &str) -> Webhook {
+        Webhook {
+            id: "w1".into(),
+            target_url: url.into(),
+            event_types: vec![],
+            is_active: true,
+            description: None,
+            secret: Secret::generate(),
+            previous_secret: None,
+            created_at: 0,
+            updated_at: 0,
+            seq: 1,
+            overrides: None,
+        }
+    }
+
+    /// Attempts take the URL the cache parsed when the webhook was put: a changed target is
+    /// used from the put on, a reload read before this instance's own write does not bring the
+    /// old URL back, and a URL that does not parse is reported as such (not as an unknown
+    /// webhook).
+    #[test]
+    fn the_cached_url_follows_the_webhook() {
+        let cache = WebhookCache::default();
+        assert!(cache.get_with_url("w1").is_none());
+        cache.put(webhook("https://a.example/hook"));
+        let since = cache.stamp();
+        cache.put(webhook("https://b.example/new?x=1"));
+        let (w, url) = cache.get_with_url("w1").unwrap();
+        assert_eq!(w.target_url, "https://b.example/new?x=1");
+        assert_eq!(url.unwrap().as_str(), "https://b.example/new?x=1");
+        // A reload that read the store before the second put.
+        cache.put_loaded(webhook("https://a.example/hook"), since);
+        assert_eq!(
+            cache.get_with_url("w1").unwrap().1.unwrap().host_str(),
+            Some("b.example")
+        );
+        // A reload after it: the store's row (another instance changed it) is taken.
+        cache.put_loaded(webhook("https://c.example/"), cache.stamp());
+        assert_eq!(
+            cache.get_with_url("w1").unwrap().1.unwrap().host_str(),
+            Some("c.example")
+        );
+        cache.put(webhook("not a url"));
+        let (w, url) = cache.get_with_url("w1").unwrap();
+        assert_eq!(w.target_url, "not a url");
+        assert!(url.is_none());
     }
 }
