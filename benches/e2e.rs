@@ -426,8 +426,8 @@ impl CpuMeter {
         }
     }
 
-    /// Ends the phase `label` and records it.
-    fn record(self, relay: Option<&RelayProcess>, label: &str) {
+    /// Ends the phase `label` and records it. Returns the relay's cores over the phase.
+    fn record(self, relay: Option<&RelayProcess>, label: &str) -> f64 {
         let wall = secs(self.at.elapsed()).max(1e-9);
         let (busy, stolen) = machine_cpu_secs();
         let machine = (busy - self.machine) / wall;
@@ -444,6 +444,7 @@ impl CpuMeter {
             .lock()
             .unwrap()
             .push((label.to_string(), [machine, r, me, other, steal], t));
+        r
     }
 }
 
@@ -547,10 +548,11 @@ async fn l_client(rx: &Receiver, n: usize, payload: usize, pace: Option<f64>) ->
     }
     let el = started.elapsed();
     let cpu = client_cpu_secs() - cpu0;
-    match pace {
-        None => meter.record(None, &format!("L_client ({payload} B)")),
-        Some(rate) => meter.record(None, &format!("bare client paced at {rate:.0}/s ({payload} B)")),
-    }
+    let label = match pace {
+        None => format!("L_client ({payload} B)"),
+        Some(rate) => format!("bare client paced at {rate:.0}/s ({payload} B)"),
+    };
+    meter.record(None, &label);
     let (ok, sampled) = rx.verify_samples(secret);
     (n as f64 / secs(el), ok, sampled, cpu / n as f64)
 }
@@ -786,18 +788,22 @@ fn bare_consumer(bootstrap: &str, group: &str, topics: &[&str], from: Offset) ->
 /// and topic, once the relay is gone) read by a bare consumer with the relay's
 /// `fetch.wait.max.ms`, each message's latency taken when the consumer has it — the relay's
 /// latency can be no lower. The consumer is assigned and has read a first message before the
-/// timed stream starts, so connecting is not counted. `also`: topics the consumer is assigned
-/// too, from their end (nothing is produced to them): the relay reads the throughput topic
-/// beside its latency topic. (p50, p99, p99.9) in ms.
+/// timed stream starts, so connecting is not counted. The stream goes to `topics[0]`; the
+/// consumer is assigned the others too, from their end (nothing is produced to them: the relay
+/// reads the throughput topic beside its latency topic). The phase's CPU use is recorded as
+/// `label`.
 async fn broker_latency(
     broker: &Broker,
     producer: &FutureProducer,
     rx: &Receiver,
-    topic: &'static str,
-    also: &'static [&'static str],
+    topics: &[&'static str],
     rate: f64,
     lat_secs: f64,
-) -> (f64, f64, f64) {
+    label: &str,
+) -> Percentiles {
+    let meter = CpuMeter::start(None);
+    let topic = topics[0];
+    let topics = topics.to_vec();
     let n = (rate * lat_secs) as usize;
     // The receiver's clock, which `sched_us` counts from.
     let epoch = Instant::now() - Duration::from_micros(rx.now_us());
@@ -806,7 +812,6 @@ async fn broker_latency(
     let reader = tokio::task::spawn_blocking(move || {
         // From each partition's end: only the stream below is read, from a topic as large as
         // the one the relay read.
-        let topics: Vec<&str> = std::iter::once(topic).chain(also.iter().copied()).collect();
         let (c, tpl) = bare_consumer(&bootstrap, "bench-bare-latency", &topics, Offset::End);
         c.assign(&tpl).unwrap();
         let mut ready = Some(ready_tx);
@@ -863,7 +868,16 @@ async fn broker_latency(
         );
     }
     paced_produce(producer, topic, rx.now_us(), rate, n, "bare").await;
-    support::receiver::percentiles_ms(reader.await.unwrap())
+    let lat = support::receiver::percentiles_ms(reader.await.unwrap());
+    meter.record(None, &format!("kafka bare consumer latency (half load), {label}"));
+    lat
+}
+
+/// A new topic `name` of 8 partitions on `broker` (named for the rest of the run).
+fn new_topic(broker: &Broker, name: String) -> &'static str {
+    let topic: &'static str = Box::leak(name.into_boxed_str());
+    broker.create_topic(topic, 8);
+    topic
 }
 
 /// Kafka throughput with events of about `payload` bytes to `topic`, then (when `lat_secs` is
@@ -883,8 +897,7 @@ async fn kafka(
     // throughput topic its fetches would be slower by that phase's history (seen: a bare
     // consumer's p99 189.5 ms there against 55.3 ms on a fresh topic, same stream). A Kafka
     // broker finds an offset through its index, whatever the history.
-    let lat_topic: &'static str = Box::leak(format!("{topic}-latency").into_boxed_str());
-    broker.create_topic(lat_topic, 8);
+    let lat_topic = new_topic(&broker, format!("{topic}-latency"));
     let group = "bench-relay";
     let mut env = kafka_env(&broker, group, topic);
     for (k, v) in &mut env {
@@ -939,10 +952,8 @@ async fn kafka(
     let latency = match lat_secs {
         Some(lat_secs) => {
             let meter = CpuMeter::start(Some(&relay));
-            let (cpu0, t0) = (relay.cpu_secs(), Instant::now());
             let l = kafka_latency(rx, &producer, lat_topic, &wid, eps_delivered / 2.0, lat_secs).await;
-            let relay_cores = (relay.cpu_secs() - cpu0) / secs(t0.elapsed());
-            meter.record(Some(&relay), "kafka latency (half load)");
+            let relay_cores = meter.record(Some(&relay), "kafka latency (half load)");
             Some((l, relay_cores))
         }
         None => None,
@@ -953,40 +964,22 @@ async fn kafka(
     let broker_latency = match lat_secs {
         Some(lat_secs) => {
             let rate = eps_delivered / 2.0;
-            let meter = CpuMeter::start(None);
-            let same = broker_latency(&broker, &producer, rx, lat_topic, &[], rate, lat_secs).await;
-            meter.record(
-                None,
-                "kafka bare consumer latency (half load), the relay's latency topic",
-            );
-            let fresh: &'static str = Box::leak(format!("{topic}-fresh").into_boxed_str());
-            broker.create_topic(fresh, 8);
-            let meter = CpuMeter::start(None);
-            let new = broker_latency(&broker, &producer, rx, fresh, &[], rate, lat_secs).await;
-            meter.record(None, "kafka bare consumer latency (half load), a fresh topic");
+            let (b, p, r) = (&broker, &producer, rx);
+            let same = broker_latency(b, p, r, &[lat_topic], rate, lat_secs, "the relay's latency topic").await;
+            let fresh = new_topic(b, format!("{topic}-fresh"));
+            let new = broker_latency(b, p, r, &[fresh], rate, lat_secs, "a fresh topic").await;
             // The partitions the relay read: a fresh latency topic and the throughput topic,
             // idle but with its history (tansu's fetch cost grows with a partition's history).
-            let fresh2: &'static str = Box::leak(format!("{topic}-fresh2").into_boxed_str());
-            broker.create_topic(fresh2, 8);
-            let also: &'static [&'static str] = Box::leak(vec![topic].into_boxed_slice());
-            let meter = CpuMeter::start(None);
-            let both = broker_latency(&broker, &producer, rx, fresh2, also, rate, lat_secs).await;
-            meter.record(
-                None,
-                "kafka bare consumer latency (half load), a fresh topic and the throughput topic",
-            );
+            let fresh = new_topic(b, format!("{topic}-fresh2"));
+            let label = "a fresh topic and the throughput topic";
+            let both = broker_latency(b, p, r, &[fresh, topic], rate, lat_secs, label).await;
             // The machine as busy as the relay made it: a load of the relay's cores in its
             // latency phase beside the bare consumer (the broker shares the machine's two cores).
-            let fresh3: &'static str = Box::leak(format!("{topic}-fresh3").into_boxed_str());
-            broker.create_topic(fresh3, 8);
+            let fresh = new_topic(b, format!("{topic}-fresh3"));
             let relay_cores = latency.map_or(0.0, |(_, c)| c);
             let load = CpuLoad::start(relay_cores);
-            let meter = CpuMeter::start(None);
-            let loaded = broker_latency(&broker, &producer, rx, fresh3, &[], rate, lat_secs).await;
-            meter.record(
-                None,
-                &format!("kafka bare consumer latency (half load), a fresh topic, a load of {relay_cores:.2} cores"),
-            );
+            let label = format!("a fresh topic, a load of {relay_cores:.2} cores");
+            let loaded = broker_latency(b, p, r, &[fresh], rate, lat_secs, &label).await;
             drop(load);
             Some(([same, new, both, loaded], relay_cores))
         }
