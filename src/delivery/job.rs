@@ -77,27 +77,30 @@ impl Job {
         crate::store::kind_str(&self.q.kind)
     }
 
-    /// The row to write for this job (parked or logged), with its attempts so far.
-    pub fn to_row(&self, next_attempt_at: Option<i64>) -> NewDelivery {
-        let q = &self.q;
+    /// The row to write for this job (parked or logged), with its attempts so far. Takes the
+    /// job: its fields (the body among them) move into the row instead of being copied, once
+    /// per finished Kafka delivery.
+    pub fn into_row(self, next_attempt_at: Option<i64>) -> NewDelivery {
+        let kind = self.kind();
+        let q = self.q;
         NewDelivery {
-            id: q.id.clone(),
-            event_id: q.event_id.clone(),
-            event: q.event.clone(),
-            run_id: q.run_id.clone(),
-            kind: self.kind(),
-            webhook_id: q.webhook_id.clone(),
-            target_url: q.target_url.clone(),
-            target_key: q.target_key.clone(),
-            order_key: q.order_key.clone(),
-            body: q.body.clone(),
+            id: q.id,
+            event_id: q.event_id,
+            event: q.event,
+            run_id: q.run_id,
+            kind,
+            webhook_id: q.webhook_id,
+            target_url: q.target_url,
+            target_key: q.target_key,
+            order_key: q.order_key,
+            body: q.body,
             created_at: q.created_at,
             attempts: q.attempts,
             first_attempt_at: q.first_attempt_at,
             next_attempt_at,
-            source: q.source.clone(),
-            log: match &self.origin {
-                Origin::Memory { log, .. } => log.clone(),
+            source: q.source,
+            log: match self.origin {
+                Origin::Memory { log, .. } => log,
                 Origin::Stored => Vec::new(),
             },
         }

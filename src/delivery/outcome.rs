@@ -190,17 +190,23 @@ impl Engine {
         d: Decided,
     ) {
         self.memory_done();
-        if let Some(r) = &d.record {
+        let Decided {
+            record,
+            next,
+            body,
+            resource,
+        } = d;
+        if let Some(r) = record {
             q.first_attempt_at.get_or_insert(r.started_at);
             q.attempts += 1;
-            log.push(r.clone());
+            log.push(r);
         }
-        if let Some(b) = d.body {
+        if let Some(b) = body {
             q.body = b;
         }
         let outcome = |delivered: bool| {
             let (run, resource, delivered) =
-                counted_outcome(&q.kind, q.run_id.as_deref(), &q.event, d.resource.as_deref(), delivered)?;
+                counted_outcome(&q.kind, q.run_id.as_deref(), &q.event, resource.as_deref(), delivered)?;
             Some(RunOutcome {
                 delivery_id: q.id.clone(),
                 run_id: run.to_string(),
@@ -209,7 +215,7 @@ impl Engine {
             })
         };
         let key = q.order_key.clone();
-        match d.next {
+        match next {
             Next::Delivered => {
                 let keep = match self.log_mode {
                     LogMode::All => true,
@@ -222,7 +228,7 @@ impl Engine {
                     origin: Origin::Memory { ack: ack.clone(), log },
                 };
                 let logged = keep.then(|| Logged {
-                    delivery: job.to_row(None),
+                    delivery: job.into_row(None),
                     state: "delivered",
                 });
                 // Answered: the offset moves on once the log row and the run count are
@@ -253,7 +259,7 @@ impl Engine {
                     origin: Origin::Memory { ack: ack.clone(), log },
                 };
                 let logged = Logged {
-                    delivery: job.to_row(None),
+                    delivery: job.into_row(None),
                     state: "dead",
                 };
                 if self
@@ -324,11 +330,11 @@ impl Engine {
             Some(k) => self.chains.park_head(k),
             None => (Vec::new(), false),
         };
-        let mut rows = vec![job.to_row(next_at)];
         let mut acks: Vec<Arc<dyn Ack>> = job.ack().into_iter().collect();
+        let mut rows = vec![job.into_row(next_at)];
         for j in rest {
-            rows.push(j.to_row(None));
             acks.extend(j.ack());
+            rows.push(j.into_row(None));
         }
         self.send_park(rows, ahead, acks);
     }
@@ -347,8 +353,8 @@ impl Engine {
 
     /// A memory job whose chain lives in the store: it goes behind the chain's rows.
     pub(super) fn park(&self, job: Job, next_at: Option<i64>) {
-        let rows = vec![job.to_row(next_at)];
         let acks: Vec<Arc<dyn Ack>> = job.ack().into_iter().collect();
+        let rows = vec![job.into_row(next_at)];
         self.send_park(rows, false, acks);
     }
 
