@@ -302,6 +302,10 @@ static CPU_USE: std::sync::Mutex<Vec<(String, [f64; 5], RelayThreads)>> = std::s
 /// logic), the API's (actix) workers (the embedded bus's `POST /events`), SQLite's connection
 /// threads (sqlx runs each connection's statements on a thread of its own), librdkafka's, the
 /// rest.
+///
+/// Also the context switches of the runtime's and SQLite's threads (voluntary and not): every
+/// statement sqlx runs is a hand-off to its connection's thread and back, so a store bounded by
+/// those round trips shows many switches while its thread is far from a whole core.
 #[derive(Clone, Copy, Default)]
 struct RelayThreads {
     runtime: f64,
@@ -309,6 +313,17 @@ struct RelayThreads {
     sqlite: f64,
     kafka: f64,
     rest: f64,
+    runtime_switches: f64,
+    sqlite_switches: f64,
+}
+
+/// Context switches of a thread so far (`/proc/<pid>/task/<tid>/status`).
+fn switches(status: &str) -> f64 {
+    status
+        .lines()
+        .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
 }
 
 impl RelayThreads {
@@ -324,11 +339,14 @@ impl RelayThreads {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
             let cpu =
                 support::relay::stat_cpu_secs(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default());
+            let status = || std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
             let slot = if comm.starts_with("tokio-rt-worker") || comm.starts_with("tokio-runtime-w") {
+                t.runtime_switches += switches(&status());
                 &mut t.runtime
             } else if comm.starts_with("actix") {
                 &mut t.api
             } else if comm.starts_with("sqlx-sqlite") {
+                t.sqlite_switches += switches(&status());
                 &mut t.sqlite
             } else if comm.starts_with("rdk:") {
                 &mut t.kafka
@@ -340,7 +358,7 @@ impl RelayThreads {
         t
     }
 
-    /// Cores over `wall` seconds since `before`.
+    /// Cores (and switches a second) over `wall` seconds since `before`.
     fn cores_since(self, before: RelayThreads, wall: f64) -> RelayThreads {
         RelayThreads {
             runtime: (self.runtime - before.runtime) / wall,
@@ -348,6 +366,8 @@ impl RelayThreads {
             sqlite: (self.sqlite - before.sqlite) / wall,
             kafka: (self.kafka - before.kafka) / wall,
             rest: (self.rest - before.rest) / wall,
+            runtime_switches: (self.runtime_switches - before.runtime_switches) / wall,
+            sqlite_switches: (self.sqlite_switches - before.sqlite_switches) / wall,
         }
     }
 }
@@ -437,8 +457,8 @@ impl CpuMeter {
         let other = (machine - r - me).max(0.0);
         let t = RelayThreads::of(relay).cores_since(self.threads, wall);
         eprintln!(
-            "  {label}: CPU in use {machine:.2} cores: relay {r:.2} (runtime {:.2}, API {:.2}, SQLite {:.2}, librdkafka {:.2}, rest {:.2}), receiver and load {me:.2}, other {other:.2}; stolen by the hypervisor {steal:.2}",
-            t.runtime, t.api, t.sqlite, t.kafka, t.rest
+            "  {label}: CPU in use {machine:.2} cores: relay {r:.2} (runtime {:.2}, API {:.2}, SQLite {:.2}, librdkafka {:.2}, rest {:.2}), receiver and load {me:.2}, other {other:.2}; stolen by the hypervisor {steal:.2}; switches/s runtime {:.0}, SQLite {:.0}",
+            t.runtime, t.api, t.sqlite, t.kafka, t.rest, t.runtime_switches, t.sqlite_switches
         );
         CPU_USE
             .lock()
@@ -1991,8 +2011,8 @@ fn main() {
             rep.row(
                 &format!("CPU in use during {label}, cores of {nproc}"),
                 &format!(
-                    "{machine:.2}: relay {relay:.2} (delivery runtime {:.2}, API workers {:.2}, SQLite threads {:.2}, librdkafka {:.2}, rest {:.2}), receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}; stolen by the hypervisor {steal:.2}",
-                    t.runtime, t.api, t.sqlite, t.kafka, t.rest
+                    "{machine:.2}: relay {relay:.2} (delivery runtime {:.2}, API workers {:.2}, SQLite threads {:.2}, librdkafka {:.2}, rest {:.2}), receiver and load generator {me:.2}, broker / PostgreSQL / other {other:.2}; stolen by the hypervisor {steal:.2}; context switches a second: runtime {:.0}, SQLite threads {:.0}",
+                    t.runtime, t.api, t.sqlite, t.kafka, t.rest, t.runtime_switches, t.sqlite_switches
                 ),
                 "",
                 None,
@@ -2000,7 +2020,8 @@ fn main() {
             cpu_use.insert(
                 label.clone(),
                 json!({"machine": machine, "relay": relay, "receiver_and_load": me, "other": other, "steal": steal,
-                       "relay_threads": {"runtime": t.runtime, "api": t.api, "sqlite": t.sqlite, "librdkafka": t.kafka, "rest": t.rest}}),
+                       "relay_threads": {"runtime": t.runtime, "api": t.api, "sqlite": t.sqlite, "librdkafka": t.kafka, "rest": t.rest},
+                       "switches_per_s": {"runtime": t.runtime_switches, "sqlite": t.sqlite_switches}}),
             );
         }
         rep.set("cpu_cores", Value::Object(cpu_use));
