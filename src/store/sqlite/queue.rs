@@ -16,22 +16,20 @@ use crate::store::{
 };
 
 /// A queued delivery's columns in `deliveries`. Its body is in `delivery_bodies` (written once,
-/// see migrations/sqlite/0009): a `SELECT` reads it with [`BODY`], an
-/// `UPDATE … RETURNING` (which cannot join) fetches it after with [`with_bodies`].
+/// see migrations/sqlite/0009): a `SELECT` and an `UPDATE … RETURNING` read it with [`BODY`].
 pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
      order_key, attempts, first_attempt_at, created_at, source";
 
-/// A `deliveries` row's body, as a column of a `SELECT … FROM deliveries`: one lookup by
-/// primary key for each row the query returns, never a plan that reads the bodies table (which
-/// a join leaves to the planner's estimates).
+/// A `deliveries` row's body, as a column of a `SELECT … FROM deliveries` or of the `RETURNING`
+/// of an `UPDATE deliveries`: one lookup by primary key for each row returned, never a plan
+/// that reads the bodies table (which a join leaves to the planner's estimates). In `RETURNING`
+/// it saves the statement that read the bodies after (a `RETURNING` cannot join, but may hold a
+/// subquery): on the one write connection every statement is a round trip to its thread, and
+/// those round trips, not CPU or fsync, bound the embedded bus (docs/BENCHMARKS.md).
 pub(super) const BODY: &str = "(SELECT b.body FROM delivery_bodies b WHERE b.seq = deliveries.seq) AS body";
 
 /// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body`.
 pub(super) fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
-    queued_with_body(r, r.get("body"))
-}
-
-fn queued_with_body(r: &SqliteRow, body: String) -> QueuedDelivery {
     QueuedDelivery {
         seq: r.get("seq"),
         id: r.get("id"),
@@ -43,7 +41,7 @@ fn queued_with_body(r: &SqliteRow, body: String) -> QueuedDelivery {
         target_url: r.get("target_url"),
         target_key: r.get("target_key"),
         order_key: r.get("order_key"),
-        body,
+        body: r.get("body"),
         attempts: r.get("attempts"),
         first_attempt_at: r.get("first_attempt_at"),
         created_at: r.get("created_at"),
@@ -139,31 +137,6 @@ pub(super) async fn paused_chains(tx: &mut WriteTx, keys: &[&str]) -> anyhow::Re
         .collect())
 }
 
-/// Queued deliveries from rows of [`QUEUED_COLUMNS`] that an `UPDATE … RETURNING` gave (it
-/// cannot join), with their bodies read in one more statement.
-async fn with_bodies(tx: &mut WriteTx, rows: &[SqliteRow]) -> anyhow::Result<Vec<QueuedDelivery>> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let seqs: Vec<i64> = rows.iter().map(|r| r.get("seq")).collect();
-    let mut bodies: HashMap<i64, String> =
-        sqlx::query_as("SELECT seq, body FROM delivery_bodies WHERE seq IN (SELECT value FROM json_each(?))")
-            .bind(json_list(&seqs)?)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect();
-    rows.iter()
-        .map(|r| {
-            let seq: i64 = r.get("seq");
-            let body = bodies
-                .remove(&seq)
-                .ok_or_else(|| anyhow::anyhow!("delivery {seq} has no body in the store"))?;
-            Ok(queued_with_body(r, body))
-        })
-        .collect()
-}
-
 /// Make the oldest queued row of each chain in `keys` ready (when it is still waiting: its
 /// predecessor finished). Returns the rows promoted.
 ///
@@ -180,7 +153,7 @@ async fn promote_next(tx: &mut WriteTx, keys: &[&str], now: i64, lease: &Lease) 
          WHERE state = 'waiting' AND seq IN \
          (SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = k.value \
           AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1) FROM json_each(?) AS k) \
-         RETURNING {QUEUED_COLUMNS}"
+         RETURNING {QUEUED_COLUMNS}, {BODY}"
     );
     let rows = sqlx::query(&sql)
         .bind(now)
@@ -189,7 +162,7 @@ async fn promote_next(tx: &mut WriteTx, keys: &[&str], now: i64, lease: &Lease) 
         .bind(json_list(keys)?)
         .fetch_all(&mut **tx)
         .await?;
-    with_bodies(tx, &rows).await
+    Ok(rows.iter().map(queued_from_row).collect())
 }
 
 /// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
@@ -674,7 +647,7 @@ impl Queue for SqliteStore {
             let rows = sqlx::query(&format!(
                 "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
                  WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
-                 RETURNING next_attempt_at, {QUEUED_COLUMNS}"
+                 RETURNING next_attempt_at, {QUEUED_COLUMNS}, {BODY}"
             ))
             .bind(&self.lease.owner)
             .bind(now + self.lease.ms)
@@ -684,9 +657,11 @@ impl Queue for SqliteStore {
             .bind(now)
             .fetch_all(&mut *tx)
             .await?;
-            let claimed = with_bodies(&mut tx, &rows).await?;
             tx.commit().await?;
-            out.extend(rows.iter().map(|r| r.get::<i64, _>("next_attempt_at")).zip(claimed));
+            out.extend(
+                rows.iter()
+                    .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r))),
+            );
         }
         // Rows held and rows claimed (RETURNING keeps no order): oldest due first, as asked.
         out.sort_by_key(|(at, q)| (*at, q.seq));
