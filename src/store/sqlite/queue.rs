@@ -24,8 +24,7 @@ pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind,
 /// of an `UPDATE deliveries`: one lookup by primary key for each row returned, never a plan
 /// that reads the bodies table (which a join leaves to the planner's estimates). In `RETURNING`
 /// it saves the statement that read the bodies after (a `RETURNING` cannot join, but may hold a
-/// subquery): on the one write connection every statement is a round trip to its thread, and
-/// those round trips, not CPU or fsync, bound the embedded bus (docs/BENCHMARKS.md).
+/// subquery): on the one write connection every statement is a round trip to its thread.
 pub(super) const BODY: &str = "(SELECT b.body FROM delivery_bodies b WHERE b.seq = deliveries.seq) AS body";
 
 /// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body`.
