@@ -210,7 +210,8 @@ impl DeliveryLog for SqliteStore {
                     .bind(&did)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .map(|d| queued_from_row(&d)),
+                    .map(|d| queued_from_row(&d))
+                    .transpose()?,
                 None => None,
             };
             match found {

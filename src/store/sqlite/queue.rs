@@ -27,10 +27,14 @@ pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind,
 /// subquery): on the one write connection every statement is a round trip to its thread.
 pub(super) const BODY: &str = "(SELECT b.body FROM delivery_bodies b WHERE b.seq = deliveries.seq) AS body";
 
-/// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body`.
-pub(super) fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
-    QueuedDelivery {
-        seq: r.get("seq"),
+/// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body` ([`BODY`]); an error, not a
+/// panic, when the row has no body.
+pub(super) fn queued_from_row(r: &SqliteRow) -> anyhow::Result<QueuedDelivery> {
+    let seq: i64 = r.get("seq");
+    let body: Option<String> = r.try_get("body")?;
+    let body = body.ok_or_else(|| anyhow::anyhow!("delivery {seq} has no body in the store"))?;
+    Ok(QueuedDelivery {
+        seq,
         id: r.get("id"),
         event_id: r.get("event_id"),
         event: r.get("event"),
@@ -40,12 +44,12 @@ pub(super) fn queued_from_row(r: &SqliteRow) -> QueuedDelivery {
         target_url: r.get("target_url"),
         target_key: r.get("target_key"),
         order_key: r.get("order_key"),
-        body: r.get("body"),
+        body,
         attempts: r.get("attempts"),
         first_attempt_at: r.get("first_attempt_at"),
         created_at: r.get("created_at"),
         source: r.get("source"),
-    }
+    })
 }
 
 /// A queued row as a new delivery again (to be written anew), keeping its identity.
@@ -161,7 +165,7 @@ async fn promote_next(tx: &mut WriteTx, keys: &[&str], now: i64, lease: &Lease) 
         .bind(json_list(keys)?)
         .fetch_all(&mut **tx)
         .await?;
-    Ok(rows.iter().map(queued_from_row).collect())
+    rows.iter().map(queued_from_row).collect()
 }
 
 /// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
@@ -450,7 +454,7 @@ async fn take_waiting(tx: &mut WriteTx, key: &str) -> anyhow::Result<Vec<NewDeli
         .bind(key)
         .execute(&mut **tx)
         .await?;
-    let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect();
+    let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect::<anyhow::Result<_>>()?;
     out.sort_by_key(|q| q.seq);
     Ok(out.into_iter().map(requeue).collect())
 }
@@ -636,7 +640,7 @@ impl Queue for SqliteStore {
         let mut claim = Vec::new();
         for r in &found {
             if r.get::<i64, _>("held") != 0 {
-                out.push((r.get("next_attempt_at"), queued_from_row(r)));
+                out.push((r.get("next_attempt_at"), queued_from_row(r)?));
             } else {
                 claim.push(r.get::<i64, _>("seq"));
             }
@@ -657,10 +661,9 @@ impl Queue for SqliteStore {
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
-            out.extend(
-                rows.iter()
-                    .map(|r| (r.get::<i64, _>("next_attempt_at"), queued_from_row(r))),
-            );
+            for r in &rows {
+                out.push((r.get("next_attempt_at"), queued_from_row(r)?));
+            }
         }
         // Rows held and rows claimed (RETURNING keeps no order): oldest due first, as asked.
         out.sort_by_key(|(at, q)| (*at, q.seq));
