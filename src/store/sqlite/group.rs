@@ -1,5 +1,5 @@
-//! Group commit: every write of this process goes through one connection, and the writes that
-//! come while a commit is on its way to the disk share the next one.
+//! Group commit: every write of this process goes through one lock, and the writes that come
+//! while a commit is on its way to the disk share the next one.
 //!
 //! SQLite has one writer at a time. With a transaction per caller on connections of a pool, the
 //! intake's inserts and the delivery writer's completions took turns through SQLite's busy
@@ -7,19 +7,32 @@
 //! idle cores, and every small transaction paid its own commit (a WAL write of every page it
 //! touched, and an fsync with `store.synchronous = full`).
 //!
-//! Here a caller takes the one write connection (a FIFO lock, so nobody waits by sleeping),
-//! runs its statements inside a savepoint of the transaction that is open on it (opening one
-//! when none is), and gives the connection back. A committer task commits the open transaction
-//! as soon as it gets the connection; callers that queued for the connection while it waited
-//! or committed join the next transaction. A caller's `commit` returns only when the
-//! transaction holding its writes is committed (durable as `store.synchronous` says), so what
-//! the code above the store sees is unchanged: a write is committed when its call returns, or
-//! failed.
+//! Here a caller takes the write lock (a FIFO lock, so nobody waits by sleeping) and runs its
+//! statements ([`Writer::write`]) inside a savepoint of the transaction that is open on the
+//! group connection (opening one when none is), then gives the lock back. A committer task
+//! commits the open transaction as soon as it gets the lock; callers that queued for the lock
+//! while it waited or committed join the next transaction. A caller's `write` returns only when
+//! the transaction holding its writes is committed (durable as `store.synchronous` says), so
+//! what the code above the store sees is unchanged: a write is committed when its call returns,
+//! or failed.
 //!
-//! Failure stays per caller where SQLite allows it: a caller whose statements fail (or who is
-//! dropped before `commit`, e.g. a cancelled request) is rolled back to its savepoint, leaving
-//! the others' writes in place. A failed `COMMIT`, or SQLite rolling the whole transaction back
-//! on its own (I/O error, disk full), fails every caller of that transaction.
+//! The group connection is driven synchronously (rusqlite), on the caller's thread, while the
+//! caller holds the lock: a caller's statements go straight to SQLite. Through an async driver
+//! each statement was a round trip to the connection's worker thread and back to a task of the
+//! runtime: two thread wake-ups per statement, half of the runtime's context switches in the
+//! Kafka benchmark, and most of a lone caller's turn (docs/BENCHMARKS.md, seventh session).
+//! A turn is short (one batched statement per step), so the runtime thread it blocks is blocked
+//! for about as long as it waited for the worker thread before.
+//!
+//! Writes off the hot paths (webhooks, jobs, runs created through the API, purges, lease
+//! renewals) are sqlx code; they run through [`Writer::begin`] on a second connection, each in a
+//! transaction of its own, under the same lock: the group transaction is committed first, so
+//! the two connections never hold SQLite's write lock at once.
+//!
+//! Failure stays per caller where SQLite allows it: a caller whose statements fail is rolled
+//! back to its savepoint, leaving the others' writes in place. A failed `COMMIT`, or SQLite
+//! rolling the whole transaction back on its own (I/O error, disk full), fails every caller of
+//! that transaction.
 //!
 //! Reads do not come here: they use the pool's other connections and see committed data (WAL).
 
@@ -36,7 +49,8 @@ use tokio::sync::{watch, Mutex, Notify, OwnedMutexGuard};
 /// transaction ends, so a handful is plenty).
 const FAILURES_KEPT: usize = 64;
 
-/// The one write connection of a SQLite store.
+/// The write side of a SQLite store: the group connection and the connection of the sqlx
+/// writes, behind one lock.
 pub(super) struct Writer {
     shared: Arc<Shared>,
     /// Wakes the committer; outside `Shared` so the committer can wait without keeping the
@@ -50,13 +64,16 @@ struct Shared {
 }
 
 struct Conn {
-    /// None once the store is closed.
+    /// The group connection. None (with `c`) once the store is closed.
+    g: Option<rusqlite::Connection>,
+    /// The connection of the sqlx writes ([`Writer::begin`]).
     c: Option<SqliteConnection>,
-    /// A transaction is open on `c`.
+    /// A group transaction is open on `g`.
     open: bool,
-    /// The number of the open transaction (or of the next one).
+    /// The number of the open group transaction (or of the next one).
     generation: u64,
-    /// A caller left without releasing or rolling back its savepoint.
+    /// A transaction of `c` was left open by a caller that neither committed nor failed
+    /// (dropped midway: a cancelled request).
     dangling: bool,
 }
 
@@ -69,12 +86,14 @@ struct Ended {
 }
 
 impl Writer {
-    /// Open the write connection (with the pool's options: WAL, `synchronous`, busy timeout) and
-    /// start its committer.
-    pub(super) async fn open(opts: &SqliteConnectOptions) -> anyhow::Result<Writer> {
+    /// Take the group connection `g` and open the sqlx writes' connection (with the pool's
+    /// options: WAL, `synchronous`, busy timeout); start the committer.
+    pub(super) async fn open(opts: &SqliteConnectOptions, g: rusqlite::Connection) -> anyhow::Result<Writer> {
         let c = opts.connect().await?;
+        g.set_prepared_statement_cache_capacity(STATEMENTS_KEPT);
         let shared = Arc::new(Shared {
             conn: Arc::new(Mutex::new(Conn {
+                g: Some(g),
                 c: Some(c),
                 open: false,
                 generation: 0,
@@ -87,75 +106,33 @@ impl Writer {
         Ok(Writer { shared, wake })
     }
 
-    /// Take the write connection for one caller's statements (in a savepoint of the open
-    /// transaction). Waits behind the callers before it, never by sleeping.
-    pub(super) async fn begin(&self) -> anyhow::Result<WriteTx> {
+    /// Run `f`'s statements on the group connection, in a savepoint of the open transaction,
+    /// and wait until that transaction is committed. Waits for the lock behind the callers
+    /// before it, never by sleeping. An error (of `f`, or of the commit) means none of `f`'s
+    /// writes are kept.
+    pub(super) async fn write<R>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
         let mut g = self.shared.conn.clone().lock_owned().await;
-        settle(&mut g, &self.shared).await;
-        if g.c.is_none() {
-            return Err(anyhow!("the store is closed"));
-        }
-        if !g.open {
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(g.c.as_mut().expect("checked above"))
-                .await?;
-            g.open = true;
-        }
-        let c = g.c.as_mut().expect("checked above");
-        if let Err(e) = sqlx::query("SAVEPOINT caller").execute(&mut *c).await {
-            // The transaction may be gone with it: end it (failing nobody else's writes but
-            // those SQLite already dropped) rather than leave it open.
-            fail_open(&mut g, &self.shared, &e.to_string()).await;
-            return Err(e.into());
-        }
-        Ok(WriteTx {
-            guard: Some(g),
-            shared: self.shared.clone(),
-            wake: self.wake.clone(),
-        })
-    }
-
-    /// Commit what is open and close the connection; later writes fail.
-    pub(super) async fn close(&self) {
-        let mut g = self.shared.conn.lock().await;
-        settle(&mut g, &self.shared).await;
-        commit_open(&mut g, &self.shared).await;
-        if let Some(c) = g.c.take() {
-            let _ = sqlx::Connection::close(c).await;
-        }
-        self.wake.notify_one();
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        // Lets the committer see the writer is gone and end.
-        self.wake.notify_one();
-    }
-}
-
-/// One caller's turn on the write connection: its statements run on `&mut *tx`; `commit` makes
-/// them part of the transaction and waits for that transaction's commit. Dropped without
-/// `commit`, its statements are rolled back (by whoever takes the connection next).
-pub(super) struct WriteTx {
-    guard: Option<OwnedMutexGuard<Conn>>,
-    shared: Arc<Shared>,
-    wake: Arc<Notify>,
-}
-
-impl WriteTx {
-    /// Keep this caller's writes and wait until they are committed. An error means they are
-    /// not (rolled back, or the transaction holding them failed).
-    pub(super) async fn commit(mut self) -> anyhow::Result<()> {
-        let mut g = self.guard.take().expect("a turn is committed once");
-        let released = sqlx::query("RELEASE caller")
-            .execute(g.c.as_mut().expect("open while held"))
-            .await;
-        if let Err(e) = released {
-            // Only when SQLite dropped the transaction on its own: nothing of it is left.
-            fail_open(&mut g, &self.shared, &e.to_string()).await;
-            return Err(e.into());
-        }
+        settle(&mut g).await;
+        let out = match turn(&mut g, f) {
+            Ok((out, false)) => {
+                // Nothing written (a decision that changed nothing): nothing to wait for. The
+                // committer still ends the transaction, which may have been opened for it.
+                drop(g);
+                self.wake.notify_one();
+                return Ok(out);
+            }
+            Ok((out, true)) => out,
+            Err(Turn::Failed(e)) => return Err(e),
+            Err(Turn::Broken(e)) => {
+                // The transaction may be gone with it: end it (failing nobody else's writes but
+                // those SQLite already dropped) rather than leave it open.
+                fail_open(&mut g, &self.shared, &e.to_string());
+                return Err(e);
+            }
+        };
         let mine = g.generation;
         drop(g);
         self.wake.notify_one();
@@ -166,8 +143,113 @@ impl WriteTx {
             .map_err(|_| anyhow!("the store was closed before the write was committed"))?;
         match ended.failed.iter().find(|(n, _)| *n == mine) {
             Some((_, why)) => Err(anyhow!("committing the store's transaction failed: {why}")),
-            None => Ok(()),
+            None => Ok(out),
         }
+    }
+
+    /// Take the lock for a transaction of sqlx statements of its own (on the second
+    /// connection; the group transaction is committed first). `commit` ends it.
+    pub(super) async fn begin(&self) -> anyhow::Result<WriteTx> {
+        let mut g = self.shared.conn.clone().lock_owned().await;
+        settle(&mut g).await;
+        commit_open(&mut g, &self.shared);
+        let Some(c) = g.c.as_mut() else {
+            return Err(anyhow!("the store is closed"));
+        };
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *c).await?;
+        Ok(WriteTx {
+            guard: Some(g),
+            wake: self.wake.clone(),
+        })
+    }
+
+    /// Commit what is open and close both connections; later writes fail.
+    pub(super) async fn close(&self) {
+        let mut g = self.shared.conn.lock().await;
+        settle(&mut g).await;
+        commit_open(&mut g, &self.shared);
+        // The group connection last: the last connection to a WAL database checkpoints it and
+        // removes the WAL file.
+        if let Some(c) = g.c.take() {
+            let _ = sqlx::Connection::close(c).await;
+        }
+        if let Some(conn) = g.g.take() {
+            let _ = conn.close();
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// How a caller's turn on the group connection went wrong.
+enum Turn {
+    /// Its writes are undone; the group transaction is intact.
+    Failed(anyhow::Error),
+    /// The group transaction may be gone with them.
+    Broken(anyhow::Error),
+}
+
+/// One caller's statements in a savepoint of the open group transaction (opened when none is).
+/// Synchronous from the savepoint's start to its end: a caller cancelled while it waits for
+/// the lock or for the commit leaves no half-written savepoint behind.
+/// Answers whether the caller wrote anything.
+fn turn<R>(g: &mut Conn, f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<R>) -> Result<(R, bool), Turn> {
+    let conn =
+        g.g.as_ref()
+            .ok_or_else(|| Turn::Failed(anyhow!("the store is closed")))?;
+    if !g.open {
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| Turn::Failed(e.into()))?;
+        g.open = true;
+    }
+    conn.execute_batch("SAVEPOINT caller")
+        .map_err(|e| Turn::Broken(e.into()))?;
+    let before = conn.total_changes();
+    match f(conn) {
+        Ok(out) => {
+            let wrote = conn.total_changes() != before;
+            conn.execute_batch("RELEASE caller")
+                .map_err(|e| Turn::Broken(e.into()))?;
+            Ok((out, wrote))
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO caller; RELEASE caller")
+                .map_err(|e| Turn::Broken(e.into()))?;
+            Err(Turn::Failed(e))
+        }
+    }
+}
+
+/// Prepared statements the group connection keeps: each batched statement has up to nine
+/// texts (its `VALUES` list padded to a power of two), and there are a few dozen statements.
+const STATEMENTS_KEPT: usize = 256;
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Lets the committer see the writer is gone and end.
+        self.wake.notify_one();
+    }
+}
+
+/// A transaction of sqlx statements on the second connection: its statements run on
+/// `&mut *tx`; `commit` commits it. Dropped without `commit`, it is rolled back (by whoever
+/// takes the lock next).
+pub(super) struct WriteTx {
+    guard: Option<OwnedMutexGuard<Conn>>,
+    wake: Arc<Notify>,
+}
+
+impl WriteTx {
+    /// Commit this transaction (durable as `store.synchronous` says). An error means its
+    /// writes are not kept.
+    pub(super) async fn commit(mut self) -> anyhow::Result<()> {
+        let mut g = self.guard.take().expect("a transaction is committed once");
+        let c = g.c.as_mut().expect("open while held");
+        if let Err(e) = sqlx::query("COMMIT").execute(&mut *c).await {
+            // Fails harmlessly when SQLite already rolled it back.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *c).await;
+            return Err(e.into());
+        }
+        Ok(())
     }
 }
 
@@ -187,49 +269,45 @@ impl DerefMut for WriteTx {
 impl Drop for WriteTx {
     fn drop(&mut self) {
         if let Some(mut g) = self.guard.take() {
-            // Not committed (an error, or the caller was cancelled mid-way): its savepoint is
-            // rolled back before anything else runs on the connection, and the committer is
-            // woken so the transaction does not stay open holding SQLite's write lock.
+            // Not committed (an error, or the caller was cancelled mid-way): rolled back before
+            // anything else runs, and the committer is woken so the transaction does not stay
+            // open holding SQLite's write lock.
             g.dangling = true;
             self.wake.notify_one();
         }
     }
 }
 
-/// Roll back what a caller left behind (see [`WriteTx`]'s `Drop`).
-async fn settle(g: &mut Conn, shared: &Shared) {
+/// Roll back what a sqlx caller left behind (see [`WriteTx`]'s `Drop`).
+async fn settle(g: &mut Conn) {
     if !g.dangling {
         return;
     }
     g.dangling = false;
     let Some(c) = g.c.as_mut() else { return };
-    let undone = match sqlx::query("ROLLBACK TO caller").execute(&mut *c).await {
-        Ok(_) => sqlx::query("RELEASE caller").execute(&mut *c).await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = undone {
-        fail_open(g, shared, &e.to_string()).await;
+    if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *c).await {
+        tracing::error!(error = %e, "rolling back an abandoned store transaction failed");
     }
 }
 
-/// Commit the open transaction, if any, and tell its callers.
-async fn commit_open(g: &mut Conn, shared: &Shared) {
+/// Commit the open group transaction, if any, and tell its callers.
+fn commit_open(g: &mut Conn, shared: &Shared) {
     if !g.open {
         return;
     }
-    let Some(c) = g.c.as_mut() else { return };
-    match sqlx::query("COMMIT").execute(&mut *c).await {
-        Ok(_) => end(g, shared, None),
-        Err(e) => fail_open(g, shared, &e.to_string()).await,
+    let Some(conn) = g.g.as_ref() else { return };
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => end(g, shared, None),
+        Err(e) => fail_open(g, shared, &e.to_string()),
     }
 }
 
-/// Roll the open transaction back (if SQLite has not already) and fail its callers.
-async fn fail_open(g: &mut Conn, shared: &Shared, why: &str) {
+/// Roll the open group transaction back (if SQLite has not already) and fail its callers.
+fn fail_open(g: &mut Conn, shared: &Shared, why: &str) {
     tracing::error!(error = %why, "a store transaction failed; its writes are rolled back");
-    if let Some(c) = g.c.as_mut() {
+    if let Some(conn) = g.g.as_ref() {
         // Fails harmlessly when SQLite already rolled it back.
-        let _ = sqlx::query("ROLLBACK").execute(&mut *c).await;
+        let _ = conn.execute_batch("ROLLBACK");
     }
     end(g, shared, Some(why));
 }
@@ -237,7 +315,6 @@ async fn fail_open(g: &mut Conn, shared: &Shared, why: &str) {
 fn end(g: &mut Conn, shared: &Shared, failed: Option<&str>) {
     let n = g.generation;
     g.open = false;
-    g.dangling = false;
     g.generation += 1;
     shared.ended.send_modify(|e| {
         e.below = n + 1;
@@ -250,7 +327,7 @@ fn end(g: &mut Conn, shared: &Shared, failed: Option<&str>) {
     });
 }
 
-/// Commits whatever transaction is open each time it is woken. It queues for the connection
+/// Commits whatever group transaction is open each time it is woken. It queues for the lock
 /// like any caller: the callers already queued add their writes first, so one commit (one
 /// fsync) carries all of them.
 async fn committer(shared: Weak<Shared>, wake: Arc<Notify>) {
@@ -258,8 +335,8 @@ async fn committer(shared: Weak<Shared>, wake: Arc<Notify>) {
         wake.notified().await;
         let Some(shared) = shared.upgrade() else { return };
         let mut g = shared.conn.lock().await;
-        settle(&mut g, &shared).await;
-        commit_open(&mut g, &shared).await;
+        settle(&mut g).await;
+        commit_open(&mut g, &shared);
     }
 }
 
@@ -287,7 +364,9 @@ mod tests {
             .await
             .unwrap();
         c.close().await.unwrap();
-        (Writer::open(&opts).await.unwrap(), opts, dir)
+        let g = rusqlite::Connection::open(dir.path().join("w.db")).unwrap();
+        g.busy_timeout(Duration::from_secs(2)).unwrap();
+        (Writer::open(&opts, g).await.unwrap(), opts, dir)
     }
 
     /// What another connection (a reader of the pool, another process) sees.
@@ -301,7 +380,17 @@ mod tests {
         v
     }
 
+    /// A write on the group connection.
     async fn insert(w: &Writer, v: &str) -> anyhow::Result<()> {
+        w.write(|c| {
+            c.execute("INSERT INTO t (v) VALUES (?)", [v])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A sqlx write in a transaction of its own.
+    async fn insert_alone(w: &Writer, v: &str) -> anyhow::Result<()> {
         let mut tx = w.begin().await?;
         sqlx::query("INSERT INTO t (v) VALUES (?)")
             .bind(v)
@@ -336,20 +425,18 @@ mod tests {
         let (w, opts, _dir) = fresh().await;
         let w = Arc::new(w);
         insert(&w, "before").await.unwrap();
-        // Holds the connection so the next two share a transaction.
+        // Holds the lock so the next two share a transaction.
         let first = w.begin().await.unwrap();
         let failing = {
             let w = w.clone();
             tokio::spawn(async move {
-                let mut tx = w.begin().await?;
-                sqlx::query("INSERT INTO t (v) VALUES ('partial')")
-                    .execute(&mut *tx)
-                    .await?;
-                // A unique violation: the caller gives up with an error.
-                sqlx::query("INSERT INTO t (v) VALUES ('before')")
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await
+                w.write(|c| {
+                    c.execute("INSERT INTO t (v) VALUES ('partial')", [])?;
+                    // A unique violation: the caller gives up with an error.
+                    c.execute("INSERT INTO t (v) VALUES ('before')", [])?;
+                    Ok(())
+                })
+                .await
             })
         };
         let fine = {
@@ -361,6 +448,48 @@ mod tests {
         assert!(failing.await.unwrap().is_err());
         fine.await.unwrap().unwrap();
         assert_eq!(committed(&opts).await, vec!["after", "before"]);
+        let transactions = w.shared.ended.borrow().below;
+        assert_eq!(
+            transactions, 2,
+            "the failing and the fine caller shared one transaction"
+        );
+    }
+
+    #[tokio::test]
+    async fn sqlx_writes_take_turns_with_group_writes_in_the_order_they_came() {
+        let (w, opts, _dir) = fresh().await;
+        let w = Arc::new(w);
+        // Holds the lock: the three below queue in this order.
+        let first = w.begin().await.unwrap();
+        let mut callers = Vec::new();
+        for (i, v) in ["a", "b", "c"].into_iter().enumerate() {
+            let w = w.clone();
+            callers.push(tokio::spawn(async move {
+                if i == 1 {
+                    insert_alone(&w, v).await
+                } else {
+                    insert(&w, v).await
+                }
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.commit().await.unwrap();
+        for c in callers {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(committed(&opts).await, vec!["a", "b", "c"]);
+        // "a"'s group transaction was committed before "b"'s own began; "c" had one of its own.
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
+            .fetch_all(&mut opts.connect().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 3);
+        let order: Vec<String> = sqlx::query_scalar("SELECT v FROM t ORDER BY id")
+            .fetch_all(&mut opts.connect().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(order, vec!["a", "b", "c"], "written in the order the callers came");
+        assert_eq!(w.shared.ended.borrow().below, 2, "two group transactions: a's and c's");
     }
 
     #[tokio::test]
@@ -383,7 +512,8 @@ mod tests {
             .unwrap();
         other.close().await.unwrap();
         insert(&w, "next").await.unwrap();
-        assert_eq!(committed(&opts).await, vec!["next", "other"]);
+        insert_alone(&w, "then").await.unwrap();
+        assert_eq!(committed(&opts).await, vec!["next", "other", "then"]);
     }
 
     #[tokio::test]
@@ -392,6 +522,7 @@ mod tests {
         insert(&w, "kept").await.unwrap();
         w.close().await;
         assert!(insert(&w, "late").await.is_err());
+        assert!(insert_alone(&w, "later").await.is_err());
         assert_eq!(committed(&opts).await, vec!["kept"]);
     }
 }

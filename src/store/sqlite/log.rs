@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
 use super::queue::{insert_deliveries, queued_from_row, requeue, BODY, QUEUED_COLUMNS};
-use super::{placeholders, SqliteStore, IN_CHUNK};
+use super::{placeholders, Binder, SqliteStore, IN_CHUNK};
 use crate::store::{
     row_attempt, AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Hold,
     NewDelivery, Page, QueuedDelivery,
@@ -173,74 +173,82 @@ impl DeliveryLog for SqliteStore {
         now: i64,
         hold: Hold<'_>,
     ) -> anyhow::Result<(Vec<QueuedDelivery>, u64, Vec<String>, Vec<String>)> {
-        let mut tx = self.writer.begin().await?;
-        let mut rows = Vec::new();
-        // Ids in chunks: a statement has a bounded number of variables.
-        let id_chunks: Vec<Option<&[String]>> = match ids {
-            Some(ids) => ids.chunks(IN_CHUNK).map(Some).collect(),
-            None => vec![None],
-        };
-        for chunk in id_chunks {
-            let room = max - rows.len() as i64;
-            if room <= 0 {
-                break;
-            }
-            let mut sql = String::from("SELECT * FROM dead_letters WHERE replayed_at IS NULL");
-            let mut binds: Vec<String> = Vec::new();
-            if let Some(ids) = chunk {
-                sql.push_str(&format!(" AND id IN ({})", placeholders(ids.len())));
-                binds.extend(ids.iter().cloned());
-            }
-            binds.extend(equal_to(&mut sql, &dead_letter_filters(filter)));
-            sql.push_str(" ORDER BY seq LIMIT ?");
-            let mut q = sqlx::query(&sql);
-            for b in &binds {
-                q = q.bind(b);
-            }
-            rows.extend(q.bind(room).fetch_all(&mut *tx).await?);
-        }
-        rows.sort_by_key(|r| r.get::<i64, _>("seq"));
-        let mut again = Vec::new();
-        let mut raws = Vec::new();
-        for r in &rows {
-            let dl_id: String = r.get("id");
-            let delivery_id: Option<String> = r.get("delivery_id");
-            let found = match delivery_id {
-                Some(did) => sqlx::query(&format!("SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE id = ?"))
-                    .bind(&did)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|d| queued_from_row(&d))
-                    .transpose()?,
-                None => None,
-            };
-            match found {
-                // A new delivery of the same (event, target) pair: same body, so the same
-                // `webhook-id`; attempted from scratch.
-                Some(q) => again.push(NewDelivery {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    created_at: now,
-                    attempts: 0,
-                    first_attempt_at: None,
-                    ..requeue(q)
-                }),
-                None => raws.push(r.get::<String, _>("raw")),
-            }
-            sqlx::query("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(&dl_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let keys: Vec<String> = again
-            .iter()
-            .filter_map(|d| d.order_key.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let held = hold(&keys);
-        let ready = insert_deliveries(&mut tx, &again, now, &held, &self.lease).await?;
-        tx.commit().await?;
-        Ok((ready, again.len() as u64, held.into_iter().collect(), raws))
+        self.writer
+            .write(|c| {
+                // (dead letter id, delivery id, raw), oldest first.
+                let mut rows: Vec<(i64, String, Option<String>, String)> = Vec::new();
+                // Ids in chunks: a statement has a bounded number of variables.
+                let id_chunks: Vec<Option<&[String]>> = match ids {
+                    Some(ids) => ids.chunks(IN_CHUNK).map(Some).collect(),
+                    None => vec![None],
+                };
+                for chunk in id_chunks {
+                    let room = max - rows.len() as i64;
+                    if room <= 0 {
+                        break;
+                    }
+                    let mut sql =
+                        String::from("SELECT seq, id, delivery_id, raw FROM dead_letters WHERE replayed_at IS NULL");
+                    let mut binds: Vec<String> = Vec::new();
+                    if let Some(ids) = chunk {
+                        sql.push_str(&format!(" AND id IN ({})", placeholders(ids.len())));
+                        binds.extend(ids.iter().cloned());
+                    }
+                    binds.extend(equal_to(&mut sql, &dead_letter_filters(filter)));
+                    sql.push_str(" ORDER BY seq LIMIT ?");
+                    let mut st = c.prepare(&sql)?;
+                    let mut b = Binder::new(&mut st);
+                    for v in &binds {
+                        b.bind(v.as_str())?;
+                    }
+                    b.bind(room)?;
+                    let mut found = st.raw_query();
+                    while let Some(r) = found.next()? {
+                        rows.push((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
+                    }
+                }
+                rows.sort_by_key(|r| r.0);
+                let mut again = Vec::new();
+                let mut raws = Vec::new();
+                for (_, dl_id, delivery_id, raw) in rows {
+                    let found = match delivery_id {
+                        Some(did) => {
+                            let mut st = c.prepare_cached(&format!(
+                                "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE id = ?"
+                            ))?;
+                            let mut q = st.query([did])?;
+                            match q.next()? {
+                                Some(d) => Some(queued_from_row(d)?),
+                                None => None,
+                            }
+                        }
+                        None => None,
+                    };
+                    match found {
+                        // A new delivery of the same (event, target) pair: same body, so the same
+                        // `webhook-id`; attempted from scratch.
+                        Some(q) => again.push(NewDelivery {
+                            id: uuid::Uuid::now_v7().to_string(),
+                            created_at: now,
+                            attempts: 0,
+                            first_attempt_at: None,
+                            ..requeue(q)
+                        }),
+                        None => raws.push(raw),
+                    }
+                    c.prepare_cached("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")?
+                        .execute(rusqlite::params![now, dl_id])?;
+                }
+                let keys: Vec<String> = again
+                    .iter()
+                    .filter_map(|d| d.order_key.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let held = hold(&keys);
+                let ready = insert_deliveries(c, &again, now, &held, &self.lease)?;
+                Ok((ready, again.len() as u64, held.into_iter().collect(), raws))
+            })
+            .await
     }
 }

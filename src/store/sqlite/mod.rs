@@ -46,6 +46,58 @@ fn json_list<T: serde::Serialize + ?Sized>(values: &T) -> anyhow::Result<String>
     Ok(serde_json::to_string(values)?)
 }
 
+/// A row of either connection, read by column name: one mapping from a row to a value serves
+/// the pool's reads (sqlx) and the group connection's statements (rusqlite).
+pub(super) trait Cols {
+    fn col<T>(&self, name: &str) -> anyhow::Result<T>
+    where
+        T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>;
+}
+
+impl Cols for sqlx::sqlite::SqliteRow {
+    fn col<T>(&self, name: &str) -> anyhow::Result<T>
+    where
+        T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        Ok(sqlx::Row::try_get(self, name)?)
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn col<T>(&self, name: &str) -> anyhow::Result<T>
+    where
+        T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        Ok(self.get(name)?)
+    }
+}
+
+/// Binds values to a statement's parameters, in order.
+pub(super) struct Binder<'a, 'c> {
+    st: &'a mut rusqlite::Statement<'c>,
+    i: usize,
+}
+
+impl<'a, 'c> Binder<'a, 'c> {
+    pub(super) fn new(st: &'a mut rusqlite::Statement<'c>) -> Self {
+        Binder { st, i: 1 }
+    }
+
+    pub(super) fn bind<T: rusqlite::ToSql>(&mut self, v: T) -> rusqlite::Result<()> {
+        self.st.raw_bind_parameter(self.i, v)?;
+        self.i += 1;
+        Ok(())
+    }
+
+    /// `n` NULLs: the padding of a `VALUES` list (see `queue::insert_rows`).
+    pub(super) fn nulls(&mut self, n: usize) -> rusqlite::Result<()> {
+        for _ in 0..n {
+            self.bind(rusqlite::types::Null)?;
+        }
+        Ok(())
+    }
+}
+
 /// `?, ?, ?` for an `IN (...)` list of `n` values.
 fn placeholders(n: usize) -> String {
     vec!["?"; n].join(",")
@@ -111,7 +163,7 @@ impl SqliteStore {
             }
         }
         setup.close().await;
-        let writer = group::Writer::open(&opts)
+        let writer = group::Writer::open(&opts, open_group_connection(settings)?)
             .await
             .context("opening the store's write connection")?;
         // The pool only reads: its connections are opened read-only, so a write that does not
@@ -139,6 +191,32 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(r)
     }
+}
+
+/// The group connection of the write side (see `group`), with the options every connection
+/// of the store has (`SqliteStore::open`: WAL, `synchronous`, busy timeout, in-memory
+/// statement journals, `secure_delete = fast`, no foreign keys).
+fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let c = rusqlite::Connection::open_with_flags(
+        &settings.path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening store {}", settings.path.display()))?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    c.pragma_update(None, "journal_mode", "wal")?;
+    c.pragma_update(
+        None,
+        "synchronous",
+        match settings.synchronous {
+            Synchronous::Full => "full",
+            Synchronous::Normal => "normal",
+        },
+    )?;
+    c.pragma_update(None, "temp_store", "memory")?;
+    c.pragma_update(None, "secure_delete", "fast")?;
+    c.pragma_update(None, "foreign_keys", "off")?;
+    Ok(c)
 }
 
 /// The data folder, made owner-only (0700) where it is created (a folder that already exists is

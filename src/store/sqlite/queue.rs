@@ -3,13 +3,11 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
-use sqlx::sqlite::SqliteRow;
+use rusqlite::Connection;
 use sqlx::Row;
 
-use super::group::WriteTx;
-
 use super::runs::decide_runs;
-use super::{json_list, placeholders, Lease, SqliteStore, IN_CHUNK};
+use super::{json_list, placeholders, Binder, Cols, Lease, SqliteStore, IN_CHUNK};
 use crate::store::{
     first_try_success, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
     Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
@@ -29,27 +27,36 @@ pub(super) const BODY: &str = "(SELECT b.body FROM delivery_bodies b WHERE b.seq
 
 /// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body` ([`BODY`]); an error, not a
 /// panic, when the row has no body.
-pub(super) fn queued_from_row(r: &SqliteRow) -> anyhow::Result<QueuedDelivery> {
-    let seq: i64 = r.get("seq");
-    let body: Option<String> = r.try_get("body")?;
+pub(super) fn queued_from_row(r: &impl Cols) -> anyhow::Result<QueuedDelivery> {
+    let seq: i64 = r.col("seq")?;
+    let body: Option<String> = r.col("body")?;
     let body = body.ok_or_else(|| anyhow::anyhow!("delivery {seq} has no body in the store"))?;
     Ok(QueuedDelivery {
         seq,
-        id: r.get("id"),
-        event_id: r.get("event_id"),
-        event: r.get("event"),
-        run_id: r.get("run_id"),
-        kind: r.get("kind"),
-        webhook_id: r.get("webhook_id"),
-        target_url: r.get("target_url"),
-        target_key: r.get("target_key"),
-        order_key: r.get("order_key"),
+        id: r.col("id")?,
+        event_id: r.col("event_id")?,
+        event: r.col("event")?,
+        run_id: r.col("run_id")?,
+        kind: r.col("kind")?,
+        webhook_id: r.col("webhook_id")?,
+        target_url: r.col("target_url")?,
+        target_key: r.col("target_key")?,
+        order_key: r.col("order_key")?,
         body,
-        attempts: r.get("attempts"),
-        first_attempt_at: r.get("first_attempt_at"),
-        created_at: r.get("created_at"),
-        source: r.get("source"),
+        attempts: r.col("attempts")?,
+        first_attempt_at: r.col("first_attempt_at")?,
+        created_at: r.col("created_at")?,
+        source: r.col("source")?,
     })
+}
+
+/// The queued deliveries a statement returns (rows of [`QUEUED_COLUMNS`] and [`BODY`]).
+fn queued_rows(mut rows: rusqlite::Rows<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(queued_from_row(r)?);
+    }
+    Ok(out)
 }
 
 /// A queued row as a new delivery again (to be written anew), keeping its identity.
@@ -74,48 +81,45 @@ pub(super) fn requeue(q: QueuedDelivery) -> NewDelivery {
     }
 }
 
-pub(super) async fn insert_dead_letter(tx: &mut WriteTx, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
-    sqlx::query(
+pub(super) fn insert_dead_letter(c: &Connection, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
+    c.prepare_cached(
         "INSERT INTO dead_letters (id, delivery_id, event_id, event, webhook_id, kind, reason, attempts, last_status, \
          last_error, raw, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(uuid::Uuid::now_v7().to_string())
-    .bind(&dl.delivery_id)
-    .bind(&dl.event_id)
-    .bind(&dl.event)
-    .bind(&dl.webhook_id)
-    .bind(dl.kind)
-    .bind(dl.reason)
-    .bind(dl.attempts)
-    .bind(dl.last_status)
-    .bind(&dl.last_error)
-    .bind(&dl.raw)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute(rusqlite::params![
+        uuid::Uuid::now_v7().to_string(),
+        dl.delivery_id,
+        dl.event_id,
+        dl.event,
+        dl.webhook_id,
+        dl.kind,
+        dl.reason,
+        dl.attempts,
+        dl.last_status,
+        dl.last_error,
+        dl.raw,
+        now
+    ])?;
     Ok(())
 }
 
 /// The chains among `keys` that still have queued deliveries (a new row of a busy chain waits
 /// behind them; a row with no chain never waits).
-pub(super) async fn busy_chains(tx: &mut WriteTx, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
+pub(super) fn busy_chains(c: &Connection, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
     if keys.is_empty() {
         return Ok(HashSet::new());
     }
-    Ok(sqlx::query_scalar::<_, String>(
+    let mut st = c.prepare_cached(
         "SELECT k.value FROM json_each(?) AS k WHERE EXISTS (SELECT 1 FROM deliveries x \
          WHERE x.order_key = k.value AND x.state IN ('ready', 'waiting', 'paused'))",
-    )
-    .bind(json_list(keys)?)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect())
+    )?;
+    let keys = st.query_map([json_list(keys)?], |r| r.get::<_, String>(0))?;
+    Ok(keys.collect::<rusqlite::Result<_>>()?)
 }
 
 /// The chains among `keys` that are a paused Census-style sync's (`s:<sync id>:<run>`): their new
 /// rows are written `paused` (CONTRACT §3, Census syncs: paused).
-pub(super) async fn paused_chains(tx: &mut WriteTx, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
+pub(super) fn paused_chains(c: &Connection, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
     let ids: Vec<i64> = keys
         .iter()
         .filter_map(|k| crate::syncs::sync_of_order_key(k))
@@ -125,14 +129,11 @@ pub(super) async fn paused_chains(tx: &mut WriteTx, keys: &[&str]) -> anyhow::Re
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let paused: HashSet<i64> = sqlx::query_scalar::<_, i64>(
-        "SELECT id FROM census_syncs WHERE paused = 1 AND id IN (SELECT value FROM json_each(?))",
-    )
-    .bind(json_list(&ids)?)
-    .fetch_all(&mut **tx)
-    .await?
-    .into_iter()
-    .collect();
+    let mut st =
+        c.prepare_cached("SELECT id FROM census_syncs WHERE paused = 1 AND id IN (SELECT value FROM json_each(?))")?;
+    let paused: HashSet<i64> = st
+        .query_map([json_list(&ids)?], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(keys
         .iter()
         .filter(|k| crate::syncs::sync_of_order_key(k).is_some_and(|i| paused.contains(&i)))
@@ -147,46 +148,40 @@ pub(super) async fn paused_chains(tx: &mut WriteTx, keys: &[&str]) -> anyhow::Re
 /// (`ORDER BY seq LIMIT 1` per key). `MIN(seq) … GROUP BY order_key` read every queued entry of
 /// every chain instead: 76 µs a promoted row in the embedded benchmark, with 100 events queued
 /// a run.
-async fn promote_next(tx: &mut WriteTx, keys: &[&str], now: i64, lease: &Lease) -> anyhow::Result<Vec<QueuedDelivery>> {
+fn promote_next(c: &Connection, keys: &[&str], now: i64, lease: &Lease) -> anyhow::Result<Vec<QueuedDelivery>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!(
+    let mut st = c.prepare_cached(&format!(
         "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
          WHERE state = 'waiting' AND seq IN \
          (SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = k.value \
           AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1) FROM json_each(?) AS k) \
          RETURNING {QUEUED_COLUMNS}, {BODY}"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(now)
-        .bind(&lease.owner)
-        .bind(now + lease.ms)
-        .bind(json_list(keys)?)
-        .fetch_all(&mut **tx)
-        .await?;
-    rows.iter().map(queued_from_row).collect()
+    ))?;
+    let promoted = queued_rows(st.query(rusqlite::params![now, lease.owner, now + lease.ms, json_list(keys)?])?)?;
+    Ok(promoted)
 }
 
 /// Insert deliveries (see [`insert_new_deliveries`]), leaving out those made from a Kafka
 /// message whose id the store already has: the message was read again after a crash and the
 /// delivery was queued (or finished) the first time.
-pub(super) async fn insert_deliveries(
-    tx: &mut WriteTx,
+pub(super) fn insert_deliveries(
+    c: &Connection,
     deliveries: &[NewDelivery],
     now: i64,
     held: &HashSet<String>,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
-    let recorded = recorded_ids(tx, &sourced_ids(deliveries)).await?;
-    insert_new_deliveries(tx, &without_recorded(deliveries, &recorded), now, held, lease).await
+    let recorded = recorded_ids(c, &sourced_ids(deliveries))?;
+    insert_new_deliveries(c, &without_recorded(deliveries, &recorded), now, held, lease)
 }
 
 /// Insert deliveries in the order given. The first row of a chain that has nothing queued is
 /// ready; every later one waits; a row whose chain is in `held` waits even when it is the first
 /// (its chain's head is kept in memory). Returns the rows that are ready now.
-async fn insert_new_deliveries(
-    tx: &mut WriteTx,
+fn insert_new_deliveries(
+    c: &Connection,
     deliveries: &[NewDelivery],
     now: i64,
     held: &HashSet<String>,
@@ -198,9 +193,9 @@ async fn insert_new_deliveries(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut busy = busy_chains(tx, &keys).await?;
+    let mut busy = busy_chains(c, &keys)?;
     busy.extend(held.iter().cloned());
-    let paused = paused_chains(tx, &keys).await?;
+    let paused = paused_chains(c, &keys)?;
     let states: Vec<&'static str> = deliveries
         .iter()
         .map(|d| match d.order_key.as_deref() {
@@ -224,7 +219,7 @@ async fn insert_new_deliveries(
                 .leased(ready.then_some((lease.owner.as_str(), now + lease.ms)))
         })
         .collect();
-    let seqs = insert_rows(tx, &rows).await?;
+    let seqs = insert_rows(c, &rows)?;
     Ok(deliveries
         .iter()
         .zip(&states)
@@ -324,75 +319,70 @@ const INSERT_ROWS: usize = 256;
 /// NULLs (left out by the `WHERE`) to a power of two: the statement's text is then one of nine,
 /// so each connection prepares them once and keeps them (see [`json_list`]; event bodies are
 /// bound as they are rather than inside a JSON list, which SQLite would parse once per column).
-async fn insert_rows(tx: &mut WriteTx, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap<String, i64>> {
+fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap<String, i64>> {
     let mut seqs = HashMap::with_capacity(rows.len());
     for piece in rows.chunks(INSERT_ROWS) {
         let n = piece.len().next_power_of_two();
-        let sql = format!(
+        let mut st = c.prepare_cached(&format!(
             "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
              state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, last_error, \
              last_duration_ms, last_excerpt, lease_owner, lease_until, finished_at) \
              SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL RETURNING seq, id",
             vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
-        );
-        let mut q = sqlx::query(&sql);
+        ))?;
+        let mut b = Binder::new(&mut st);
         for r in piece {
-            q = q
-                .bind(r.id)
-                .bind(r.event_id)
-                .bind(r.event)
-                .bind(r.run_id)
-                .bind(r.kind)
-                .bind(r.webhook_id)
-                .bind(r.target_url)
-                .bind(r.target_key)
-                .bind(r.order_key)
-                .bind(r.state)
-                .bind(r.attempts)
-                .bind(r.next_attempt_at)
-                .bind(r.first_attempt_at)
-                .bind(r.created_at)
-                .bind(r.source)
-                .bind(r.last_status)
-                .bind(r.last_error)
-                .bind(r.last_duration_ms)
-                .bind(r.last_excerpt)
-                .bind(r.lease_owner)
-                .bind(r.lease_until)
-                .bind(r.finished_at);
+            b.bind(r.id)?;
+            b.bind(r.event_id)?;
+            b.bind(r.event)?;
+            b.bind(r.run_id)?;
+            b.bind(r.kind)?;
+            b.bind(r.webhook_id)?;
+            b.bind(r.target_url)?;
+            b.bind(r.target_key)?;
+            b.bind(r.order_key)?;
+            b.bind(r.state)?;
+            b.bind(r.attempts)?;
+            b.bind(r.next_attempt_at)?;
+            b.bind(r.first_attempt_at)?;
+            b.bind(r.created_at)?;
+            b.bind(r.source)?;
+            b.bind(r.last_status)?;
+            b.bind(r.last_error)?;
+            b.bind(r.last_duration_ms)?;
+            b.bind(r.last_excerpt)?;
+            b.bind(r.lease_owner)?;
+            b.bind(r.lease_until)?;
+            b.bind(r.finished_at)?;
         }
-        for _ in piece.len()..n {
-            for _ in 0..22 {
-                q = q.bind(None::<&str>);
-            }
-        }
+        b.nulls((n - piece.len()) * 22)?;
         let mut piece_seqs = HashMap::with_capacity(piece.len());
-        for r in q.fetch_all(&mut **tx).await? {
-            piece_seqs.insert(r.get::<String, _>("id"), r.get::<i64, _>("seq"));
+        let mut written = st.raw_query();
+        while let Some(r) = written.next()? {
+            piece_seqs.insert(r.get::<_, String>(1)?, r.get::<_, i64>(0)?);
         }
         // The bodies, once: the same padding, by the seqs just given.
-        let sql = format!(
+        let mut st = c.prepare_cached(&format!(
             "INSERT INTO delivery_bodies (seq, body) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
             vec!["(?, ?)"; n].join(", ")
-        );
-        let mut q = sqlx::query(&sql);
+        ))?;
+        let mut b = Binder::new(&mut st);
         for r in piece {
             let seq = piece_seqs
                 .get(r.id)
                 .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", r.id))?;
-            q = q.bind(*seq).bind(r.body);
+            b.bind(*seq)?;
+            b.bind(r.body)?;
         }
-        for _ in piece.len()..n {
-            q = q.bind(None::<i64>).bind(None::<&str>);
-        }
-        q.execute(&mut **tx).await?;
+        b.nulls((n - piece.len()) * 2)?;
+        st.raw_execute()?;
         seqs.extend(piece_seqs);
     }
     Ok(seqs)
 }
 
 /// The attempt log of deliveries that were attempted in memory before their row was written.
-async fn insert_attempt_logs<'a>(tx: &mut WriteTx, rows: impl Iterator<Item = &'a NewDelivery>) -> anyhow::Result<()> {
+fn insert_attempt_logs<'a>(c: &Connection, rows: impl Iterator<Item = &'a NewDelivery>) -> anyhow::Result<()> {
     let items: Vec<(&str, i64, &AttemptRecord)> = rows
         .flat_map(|d| {
             d.log
@@ -401,11 +391,11 @@ async fn insert_attempt_logs<'a>(tx: &mut WriteTx, rows: impl Iterator<Item = &'
                 .map(move |(i, a)| (d.id.as_str(), i as i64 + 1, a))
         })
         .collect();
-    insert_attempts(tx, &items).await
+    insert_attempts(c, &items)
 }
 
 /// Attempts (delivery id, attempt number, what happened), in one statement.
-async fn insert_attempts(tx: &mut WriteTx, items: &[(&str, i64, &AttemptRecord)]) -> anyhow::Result<()> {
+fn insert_attempts(c: &Connection, items: &[(&str, i64, &AttemptRecord)]) -> anyhow::Result<()> {
     if items.is_empty() {
         return Ok(());
     }
@@ -413,48 +403,37 @@ async fn insert_attempts(tx: &mut WriteTx, items: &[(&str, i64, &AttemptRecord)]
         .iter()
         .map(|(id, n, a)| (id, n, a.started_at, a.duration_ms, a.status, &a.error, &a.excerpt))
         .collect();
-    sqlx::query(
+    c.prepare_cached(
         "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at, duration_ms, status, error, response_excerpt) \
          SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?)",
-    )
-    .bind(json_list(&rows)?)
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute([json_list(&rows)?])?;
     Ok(())
 }
 
 /// Which of these delivery ids the store already has (one statement: the ids go as one JSON
 /// array parameter).
-async fn recorded_ids(tx: &mut WriteTx, ids: &[&str]) -> anyhow::Result<HashSet<String>> {
+fn recorded_ids(c: &Connection, ids: &[&str]) -> anyhow::Result<HashSet<String>> {
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    Ok(
-        sqlx::query_scalar("SELECT id FROM deliveries WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(json_list(ids)?)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect(),
-    )
+    let mut st = c.prepare_cached("SELECT id FROM deliveries WHERE id IN (SELECT value FROM json_each(?))")?;
+    let ids = st.query_map([json_list(ids)?], |r| r.get::<_, String>(0))?;
+    Ok(ids.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Take the waiting rows of a chain out of the queue (to be written again behind rows that
 /// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
-async fn take_waiting(tx: &mut WriteTx, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
+fn take_waiting(c: &Connection, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
     // Read with their bodies first: the delete takes the bodies with the rows.
-    let rows = sqlx::query(&format!(
-        "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries \
-         WHERE order_key = ? AND state = 'waiting'"
-    ))
-    .bind(key)
-    .fetch_all(&mut **tx)
-    .await?;
-    sqlx::query("DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting'")
-        .bind(key)
-        .execute(&mut **tx)
-        .await?;
-    let mut out: Vec<QueuedDelivery> = rows.iter().map(queued_from_row).collect::<anyhow::Result<_>>()?;
+    let mut out = queued_rows(
+        c.prepare_cached(&format!(
+            "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE order_key = ? AND state = 'waiting'"
+        ))?
+        .query([key])?,
+    )?;
+    c.prepare_cached("DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting'")?
+        .execute([key])?;
     out.sort_by_key(|q| q.seq);
     Ok(out.into_iter().map(requeue).collect())
 }
@@ -466,11 +445,11 @@ const COMPLETE_ROWS: usize = 128;
 /// it is still ready; returns the seqs written. The values are bound one per placeholder, the
 /// `VALUES` list padded to a power of two (as in [`insert_rows`]): through one `json_each` list,
 /// SQLite parsed each row's JSON once per column (eleven times).
-async fn complete_rows(tx: &mut WriteTx, batch: &[Completion], now: i64, owner: &str) -> anyhow::Result<HashSet<i64>> {
+fn complete_rows(c: &Connection, batch: &[Completion], now: i64, owner: &str) -> anyhow::Result<HashSet<i64>> {
     let mut held = HashSet::with_capacity(batch.len());
     for piece in batch.chunks(COMPLETE_ROWS) {
         let n = piece.len().next_power_of_two();
-        let sql = format!(
+        let mut st = c.prepare_cached(&format!(
             "WITH v(seq, state, attempts, next_at, first_at, status, error, finished, duration, excerpt) AS \
              (VALUES {}) \
              UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
@@ -479,37 +458,33 @@ async fn complete_rows(tx: &mut WriteTx, batch: &[Completion], now: i64, owner: 
              FROM v WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
              RETURNING deliveries.seq",
             vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
-        );
-        let mut q = sqlx::query_scalar::<_, i64>(&sql);
-        for c in piece {
-            let (state, next_at, finished) = c.row_state(now);
-            q = q
-                .bind(c.seq)
-                .bind(state)
-                .bind(c.attempt_no)
-                .bind(next_at)
-                .bind(c.first_attempt_at)
-                .bind(c.attempt.status)
-                .bind(c.attempt.error.as_deref())
-                .bind(finished)
-                .bind(c.attempt.duration_ms)
-                .bind(c.attempt.excerpt.as_deref());
+        ))?;
+        let mut b = Binder::new(&mut st);
+        for x in piece {
+            let (state, next_at, finished) = x.row_state(now);
+            b.bind(x.seq)?;
+            b.bind(state)?;
+            b.bind(x.attempt_no)?;
+            b.bind(next_at)?;
+            b.bind(x.first_attempt_at)?;
+            b.bind(x.attempt.status)?;
+            b.bind(x.attempt.error.as_deref())?;
+            b.bind(finished)?;
+            b.bind(x.attempt.duration_ms)?;
+            b.bind(x.attempt.excerpt.as_deref())?;
         }
-        for _ in piece.len()..n {
-            for _ in 0..10 {
-                q = q.bind(None::<i64>);
-            }
+        b.nulls((n - piece.len()) * 10)?;
+        b.bind(owner)?;
+        let mut written = st.raw_query();
+        while let Some(r) = written.next()? {
+            held.insert(r.get::<_, i64>(0)?);
         }
-        held.extend(q.bind(owner).fetch_all(&mut **tx).await?);
     }
     // The few completions that sent another body than the queued one (see `Completion::body`).
-    for c in batch.iter().filter(|c| held.contains(&c.seq)) {
-        if let Some(body) = &c.body {
-            sqlx::query("UPDATE delivery_bodies SET body = ? WHERE seq = ?")
-                .bind(body)
-                .bind(c.seq)
-                .execute(&mut **tx)
-                .await?;
+    for x in batch.iter().filter(|x| held.contains(&x.seq)) {
+        if let Some(body) = &x.body {
+            c.prepare_cached("UPDATE delivery_bodies SET body = ? WHERE seq = ?")?
+                .execute(rusqlite::params![body, x.seq])?;
         }
     }
     Ok(held)
@@ -525,23 +500,27 @@ impl Queue for SqliteStore {
         held: &HashSet<String>,
         claim: Claim<'_>,
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
-        let mut tx = self.writer.begin().await?;
-        let ready = insert_deliveries(&mut tx, deliveries, now, held, &self.lease).await?;
-        for dl in dead {
-            insert_dead_letter(&mut tx, dl, now).await?;
-        }
-        claim(&ready);
-        tx.commit().await?;
-        Ok(ready)
+        self.writer
+            .write(|c| {
+                let ready = insert_deliveries(c, deliveries, now, held, &self.lease)?;
+                for dl in dead {
+                    insert_dead_letter(c, dl, now)?;
+                }
+                claim(&ready);
+                Ok(ready)
+            })
+            .await
     }
 
     async fn promote(&self, keys: &[String], now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
-        let mut tx = self.writer.begin().await?;
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let promoted = promote_next(&mut tx, &keys, now, &self.lease).await?;
-        claim(&promoted);
-        tx.commit().await?;
-        Ok(promoted)
+        self.writer
+            .write(|c| {
+                let promoted = promote_next(c, &keys, now, &self.lease)?;
+                claim(&promoted);
+                Ok(promoted)
+            })
+            .await
     }
 
     async fn record(
@@ -552,55 +531,57 @@ impl Queue for SqliteStore {
         now: i64,
         counting: Option<Counting<'_>>,
     ) -> anyhow::Result<()> {
-        let mut tx = self.writer.begin().await?;
-        // Deliveries recorded before (their Kafka message was read again after a crash: the
-        // same message makes the same delivery ids) stay as they are, with their attempts and
-        // dead letters, counted once.
-        let ids: Vec<&str> = logged
-            .iter()
-            .map(|l| l.delivery.id.as_str())
-            .chain(parked.iter().flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str())))
-            .collect();
-        let recorded = recorded_ids(&mut tx, &ids).await?;
-        let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
-        let rows: Vec<InsertRow> = logged
-            .iter()
-            .map(|l| InsertRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
-            .collect();
-        insert_rows(&mut tx, &rows).await?;
-        // A first-try success keeps its attempt on its row (written above).
-        insert_attempt_logs(&mut tx, with_logged_attempts(&logged)).await?;
-        for (rows, ahead) in parked {
-            let rows = without_recorded(rows, &recorded);
-            if rows.is_empty() {
-                continue;
-            }
-            let key = rows.first().and_then(|d| d.order_key.clone());
-            // Rows held behind the in-memory part of this chain: taken out and written again
-            // after the parked ones, so the chain keeps the order its events came in.
-            let held = match (&key, ahead) {
-                (Some(k), true) => take_waiting(&mut tx, k).await?,
-                _ => Vec::new(),
-            };
-            // Checked against the store above; the held rows were just taken out of it.
-            insert_new_deliveries(&mut tx, &rows, now, &HashSet::new(), &self.lease).await?;
-            if !held.is_empty() {
-                let keep: HashSet<String> = key.into_iter().collect();
-                insert_new_deliveries(&mut tx, &held, now, &keep, &self.lease).await?;
-            }
-            insert_attempt_logs(&mut tx, rows.iter()).await?;
-        }
-        for dl in dead {
-            if dl.delivery_id.as_ref().is_some_and(|id| recorded.contains(id)) {
-                continue;
-            }
-            insert_dead_letter(&mut tx, dl, now).await?;
-        }
-        if let Some(c) = counting {
-            decide_runs(&mut tx, &c.run_ids, |locked| (c.count)(&recorded, locked)).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.writer
+            .write(|c| {
+                // Deliveries recorded before (their Kafka message was read again after a crash:
+                // the same message makes the same delivery ids) stay as they are, with their
+                // attempts and dead letters, counted once.
+                let ids: Vec<&str> = logged
+                    .iter()
+                    .map(|l| l.delivery.id.as_str())
+                    .chain(parked.iter().flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str())))
+                    .collect();
+                let recorded = recorded_ids(c, &ids)?;
+                let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
+                let rows: Vec<InsertRow> = logged
+                    .iter()
+                    .map(|l| InsertRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
+                    .collect();
+                insert_rows(c, &rows)?;
+                // A first-try success keeps its attempt on its row (written above).
+                insert_attempt_logs(c, with_logged_attempts(&logged))?;
+                for (rows, ahead) in parked {
+                    let rows = without_recorded(rows, &recorded);
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let key = rows.first().and_then(|d| d.order_key.clone());
+                    // Rows held behind the in-memory part of this chain: taken out and written
+                    // again after the parked ones, so the chain keeps the order its events came in.
+                    let held = match (&key, ahead) {
+                        (Some(k), true) => take_waiting(c, k)?,
+                        _ => Vec::new(),
+                    };
+                    // Checked against the store above; the held rows were just taken out of it.
+                    insert_new_deliveries(c, &rows, now, &HashSet::new(), &self.lease)?;
+                    if !held.is_empty() {
+                        let keep: HashSet<String> = key.into_iter().collect();
+                        insert_new_deliveries(c, &held, now, &keep, &self.lease)?;
+                    }
+                    insert_attempt_logs(c, rows.iter())?;
+                }
+                for dl in dead {
+                    if dl.delivery_id.as_ref().is_some_and(|id| recorded.contains(id)) {
+                        continue;
+                    }
+                    insert_dead_letter(c, dl, now)?;
+                }
+                if let Some(cn) = counting {
+                    decide_runs(c, &cn.run_ids, |locked| (cn.count)(&recorded, locked))?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn due(&self, now: i64, limit: i64, skip_targets: &[String]) -> anyhow::Result<Vec<QueuedDelivery>> {
@@ -646,24 +627,30 @@ impl Queue for SqliteStore {
             }
         }
         if !claim.is_empty() {
-            let mut tx = self.writer.begin().await?;
-            let rows = sqlx::query(&format!(
-                "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
-                 WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
-                 RETURNING next_attempt_at, {QUEUED_COLUMNS}, {BODY}"
-            ))
-            .bind(&self.lease.owner)
-            .bind(now + self.lease.ms)
-            .bind(json_list(&claim)?)
-            .bind(now)
-            .bind(&self.lease.owner)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            for r in &rows {
-                out.push((r.get("next_attempt_at"), queued_from_row(r)?));
-            }
+            let claimed = self
+                .writer
+                .write(|c| {
+                    let mut st = c.prepare_cached(&format!(
+                        "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
+                         WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
+                         RETURNING next_attempt_at, {QUEUED_COLUMNS}, {BODY}"
+                    ))?;
+                    let mut rows = st.query(rusqlite::params![
+                        self.lease.owner,
+                        now + self.lease.ms,
+                        json_list(&claim)?,
+                        now,
+                        self.lease.owner,
+                        now
+                    ])?;
+                    let mut claimed = Vec::new();
+                    while let Some(r) = rows.next()? {
+                        claimed.push((r.col("next_attempt_at")?, queued_from_row(r)?));
+                    }
+                    Ok(claimed)
+                })
+                .await?;
+            out.extend(claimed);
         }
         // Rows held and rows claimed (RETURNING keeps no order): oldest due first, as asked.
         out.sort_by_key(|(at, q)| (*at, q.seq));
@@ -704,47 +691,50 @@ impl Queue for SqliteStore {
         claim: Claim<'_>,
         counting: Option<Counting<'_>>,
     ) -> anyhow::Result<Completed> {
-        let mut tx = self.writer.begin().await?;
-        // First the rows, each only while this handle holds its lease and it is still ready;
-        // everything else of a completion follows only for the rows this answers.
-        let held = complete_rows(&mut tx, batch, now, &self.lease.owner).await?;
-        let applied: Vec<&Completion> = batch.iter().filter(|c| held.contains(&c.seq)).collect();
-        // A first-try success keeps its attempt on its row (written above).
-        let attempts: Vec<(&str, i64, &AttemptRecord)> = applied
-            .iter()
-            .filter(|c| !first_try_success(c.attempt_no, matches!(c.next, Next::Delivered)))
-            .map(|c| (c.delivery_id.as_str(), c.attempt_no, &c.attempt))
-            .collect();
-        insert_attempts(&mut tx, &attempts).await?;
-        for c in &applied {
-            if let Next::Dead(dl) = &c.next {
-                insert_dead_letter(&mut tx, dl, now).await?;
-            }
-        }
-        let finished: Vec<&str> = applied
-            .iter()
-            .filter(|c| !matches!(c.next, Next::Retry { .. }))
-            .filter_map(|c| c.order_key.as_deref())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let promoted = promote_next(&mut tx, &finished, now, &self.lease).await?;
-        if let Some(c) = counting {
-            decide_runs(&mut tx, &c.run_ids, |locked| {
-                let lost: HashSet<String> = batch
+        let (held, promoted) = self
+            .writer
+            .write(|c| {
+                // First the rows, each only while this handle holds its lease and it is still
+                // ready; everything else of a completion follows only for the rows this answers.
+                let held = complete_rows(c, batch, now, &self.lease.owner)?;
+                let applied: Vec<&Completion> = batch.iter().filter(|x| held.contains(&x.seq)).collect();
+                // A first-try success keeps its attempt on its row (written above).
+                let attempts: Vec<(&str, i64, &AttemptRecord)> = applied
                     .iter()
-                    .filter(|c| !held.contains(&c.seq))
-                    .map(|c| c.delivery_id.clone())
+                    .filter(|x| !first_try_success(x.attempt_no, matches!(x.next, Next::Delivered)))
+                    .map(|x| (x.delivery_id.as_str(), x.attempt_no, &x.attempt))
                     .collect();
-                (c.count)(&lost, locked)
+                insert_attempts(c, &attempts)?;
+                for x in &applied {
+                    if let Next::Dead(dl) = &x.next {
+                        insert_dead_letter(c, dl, now)?;
+                    }
+                }
+                let finished: Vec<&str> = applied
+                    .iter()
+                    .filter(|x| !matches!(x.next, Next::Retry { .. }))
+                    .filter_map(|x| x.order_key.as_deref())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let promoted = promote_next(c, &finished, now, &self.lease)?;
+                if let Some(cn) = counting {
+                    decide_runs(c, &cn.run_ids, |locked| {
+                        let lost: HashSet<String> = batch
+                            .iter()
+                            .filter(|x| !held.contains(&x.seq))
+                            .map(|x| x.delivery_id.clone())
+                            .collect();
+                        (cn.count)(&lost, locked)
+                    })?;
+                }
+                claim(&promoted);
+                Ok((held, promoted))
             })
             .await?;
-        }
-        claim(&promoted);
-        tx.commit().await?;
         Ok(Completed {
             promoted,
-            lost: batch.iter().map(|c| c.seq).filter(|s| !held.contains(s)).collect(),
+            lost: batch.iter().map(|x| x.seq).filter(|s| !held.contains(s)).collect(),
         })
     }
 
@@ -754,42 +744,39 @@ impl Queue for SqliteStore {
         }
         // One statement, however many rows: the seqs go as one JSON array parameter.
         let list = serde_json::to_string(seqs)?;
-        let mut tx = self.writer.begin().await?;
-        let renewed = sqlx::query_scalar(
-            "UPDATE deliveries SET lease_until = ? WHERE seq IN (SELECT value FROM json_each(?)) \
-             AND lease_owner = ? AND state = 'ready' RETURNING seq",
-        )
-        .bind(now + self.lease.ms)
-        .bind(list)
-        .bind(&self.lease.owner)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(renewed)
+        self.writer
+            .write(|c| {
+                let mut st = c.prepare_cached(
+                    "UPDATE deliveries SET lease_until = ? WHERE seq IN (SELECT value FROM json_each(?)) \
+                     AND lease_owner = ? AND state = 'ready' RETURNING seq",
+                )?;
+                let renewed = st.query_map(rusqlite::params![now + self.lease.ms, list, self.lease.owner], |r| {
+                    r.get::<_, i64>(0)
+                })?;
+                Ok(renewed.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
     }
 
     async fn dead_letter_queued(&self, q: &QueuedDelivery, dl: &NewDeadLetter, now: i64) -> anyhow::Result<bool> {
-        let mut tx = self.writer.begin().await?;
-        let n = sqlx::query(
-            "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ?, lease_owner = NULL, \
-             lease_until = NULL WHERE seq = ? AND state = 'ready' AND lease_owner = ?",
-        )
-        .bind(now)
-        .bind(dl.reason)
-        .bind(q.seq)
-        .bind(&self.lease.owner)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Ok(false);
-        }
-        insert_dead_letter(&mut tx, dl, now).await?;
-        if let Some(k) = &q.order_key {
-            promote_next(&mut tx, &[k.as_str()], now, &self.lease).await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+        self.writer
+            .write(|c| {
+                let n = c
+                    .prepare_cached(
+                        "UPDATE deliveries SET state = 'dead', finished_at = ?, last_error = ?, lease_owner = NULL, \
+                         lease_until = NULL WHERE seq = ? AND state = 'ready' AND lease_owner = ?",
+                    )?
+                    .execute(rusqlite::params![now, dl.reason, q.seq, self.lease.owner])?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                insert_dead_letter(c, dl, now)?;
+                if let Some(k) = &q.order_key {
+                    promote_next(c, &[k.as_str()], now, &self.lease)?;
+                }
+                Ok(true)
+            })
+            .await
     }
 
     async fn drop_queued_for_run(
@@ -839,20 +826,24 @@ impl Queue for SqliteStore {
 
     async fn release_paused(&self, sync_id: i64, now: i64, claim: Claim<'_>) -> anyhow::Result<Vec<QueuedDelivery>> {
         let prefix = crate::syncs::order_key_prefix(sync_id);
-        let mut tx = self.writer.begin().await?;
-        let keys: Vec<Option<String>> = sqlx::query_scalar("UPDATE deliveries SET state = 'waiting' WHERE state = 'paused' AND substr(order_key, 1, length(?)) = ? AND NOT EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1) RETURNING order_key")
-        .bind(&prefix)
-        .bind(&prefix)
-        .bind(sync_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let keys: BTreeSet<String> = keys.into_iter().flatten().collect();
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        // The oldest row of each chain goes first: it was held in the chain's order.
-        let promoted = promote_next(&mut tx, &refs, now, &self.lease).await?;
-        claim(&promoted);
-        tx.commit().await?;
-        Ok(promoted)
+        self.writer
+            .write(|c| {
+                let keys: BTreeSet<String> = c
+                    .prepare_cached(
+                        "UPDATE deliveries SET state = 'waiting' WHERE state = 'paused' \
+                         AND substr(order_key, 1, length(?1)) = ?1 \
+                         AND NOT EXISTS (SELECT 1 FROM census_syncs WHERE id = ?2 AND paused = 1) RETURNING order_key",
+                    )?
+                    .query_map(rusqlite::params![prefix, sync_id], |r| r.get::<_, Option<String>>(0))?
+                    .filter_map(Result::transpose)
+                    .collect::<rusqlite::Result<_>>()?;
+                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                // The oldest row of each chain goes first: it was held in the chain's order.
+                let promoted = promote_next(c, &refs, now, &self.lease)?;
+                claim(&promoted);
+                Ok(promoted)
+            })
+            .await
     }
 
     async fn paused_counts(&self) -> anyhow::Result<Vec<(i64, i64)>> {

@@ -6,18 +6,16 @@ use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
-use super::group::WriteTx;
-
-use super::{json_list, SqliteStore};
+use super::{json_list, Cols, SqliteStore};
 use crate::runs::model::{ErrorHandling, ResourceSpec, Run, Stats, Status, SyncJob};
 use crate::store::{
     CensusSyncRow, CommandRow, Decide, EloquaSync, Page, RunBatch, RunFilter, RunStore, RunsLocked, SyncUnit,
 };
 
-fn json_col(r: &SqliteRow, col: &str) -> Value {
-    r.get::<Option<String>, _>(col)
+fn json_col(r: &impl Cols, col: &str) -> anyhow::Result<Value> {
+    Ok(r.col::<Option<String>>(col)?
         .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null)
+        .unwrap_or(Value::Null))
 }
 
 fn job_from_row(r: &SqliteRow) -> anyhow::Result<SyncJob> {
@@ -25,7 +23,7 @@ fn job_from_row(r: &SqliteRow) -> anyhow::Result<SyncJob> {
     Ok(SyncJob {
         id: r.get("id"),
         integration_name: r.get("integration_name"),
-        args_schema: match json_col(r, "args_schema") {
+        args_schema: match json_col(r, "args_schema")? {
             Value::Null => None,
             v => Some(v),
         },
@@ -37,35 +35,35 @@ fn job_from_row(r: &SqliteRow) -> anyhow::Result<SyncJob> {
     })
 }
 
-fn run_from_row(r: &SqliteRow) -> Run {
+fn run_from_row(r: &impl Cols) -> anyhow::Result<Run> {
     let stats: Stats = r
-        .get::<Option<String>, _>("resource_stats")
+        .col::<Option<String>>("resource_stats")?
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
-    Run {
-        id: r.get("id"),
-        sync_job_id: r.get("sync_job_id"),
-        integrated_account_id: r.get("integrated_account_id"),
-        webhook_id: r.get("webhook_id"),
-        daemon_group_key: r.get("daemon_group_key"),
-        daemon_id: r.get("daemon_id"),
-        callback_url: r.get("callback_url"),
-        args: json_col(r, "args"),
-        resources: json_col(r, "resources"),
-        sync_job: json_col(r, "sync_job"),
-        error_handling: ErrorHandling::parse(&r.get::<String, _>("error_handling")),
-        ignore_previous_run: r.get::<i64, _>("ignore_previous_run") != 0,
-        status: Status::parse(&r.get::<String, _>("status")).unwrap_or(Status::Created),
+    Ok(Run {
+        id: r.col("id")?,
+        sync_job_id: r.col("sync_job_id")?,
+        integrated_account_id: r.col("integrated_account_id")?,
+        webhook_id: r.col("webhook_id")?,
+        daemon_group_key: r.col("daemon_group_key")?,
+        daemon_id: r.col("daemon_id")?,
+        callback_url: r.col("callback_url")?,
+        args: json_col(r, "args")?,
+        resources: json_col(r, "resources")?,
+        sync_job: json_col(r, "sync_job")?,
+        error_handling: ErrorHandling::parse(&r.col::<String>("error_handling")?),
+        ignore_previous_run: r.col::<i64>("ignore_previous_run")? != 0,
+        status: Status::parse(&r.col::<String>("status")?).unwrap_or(Status::Created),
         resource_stats: stats,
-        illegal_transitions: r.get("illegal_transitions"),
-        stop_reason: r.get("stop_reason"),
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
-        started_at: r.get("started_at"),
-        finished_at: r.get("finished_at"),
-        sync_unit_id: r.get("sync_unit_id"),
-        seq: r.get("seq"),
-    }
+        illegal_transitions: r.col("illegal_transitions")?,
+        stop_reason: r.col("stop_reason")?,
+        created_at: r.col("created_at")?,
+        updated_at: r.col("updated_at")?,
+        started_at: r.col("started_at")?,
+        finished_at: r.col("finished_at")?,
+        sync_unit_id: r.col("sync_unit_id")?,
+        seq: r.col("seq")?,
+    })
 }
 
 fn census_from_row(r: &SqliteRow) -> CensusSyncRow {
@@ -108,66 +106,66 @@ fn unit_from_row(r: &SqliteRow) -> SyncUnit {
     }
 }
 
-fn batch_from_row(r: &SqliteRow) -> RunBatch {
-    RunBatch {
-        errors: serde_json::from_str(&r.get::<String, _>("batch_errors")).unwrap_or_default(),
-        bytes: r.get("batch_bytes"),
-        since: r.get("batch_since"),
-        seq: r.get("batch_seq"),
-    }
+fn batch_from_row(r: &impl Cols) -> anyhow::Result<RunBatch> {
+    Ok(RunBatch {
+        errors: serde_json::from_str(&r.col::<String>("batch_errors")?).unwrap_or_default(),
+        bytes: r.col("batch_bytes")?,
+        since: r.col("batch_since")?,
+        seq: r.col("batch_seq")?,
+    })
 }
 
 /// Write back what the lifecycle changes on a run (its identity and settings never change).
-/// Inside `tx` (which holds the write lock): load these runs, let `decide` change them, save
-/// the ones it marked changed. Answers whether it wrote anything. Shared by
-/// [`RunStore::with_runs`] and the outcome writer's transactions (run counts).
-pub(super) async fn decide_runs(
-    tx: &mut WriteTx,
+/// Inside a turn on the write connection (which holds the write lock): load these runs, let
+/// `decide` change them, save the ones it marked changed. Answers whether it wrote anything.
+/// Shared by [`RunStore::with_runs`] and the outcome writer's transactions (run counts).
+pub(super) fn decide_runs(
+    c: &rusqlite::Connection,
     ids: &[&str],
     decide: impl FnOnce(&mut RunsLocked),
 ) -> anyhow::Result<bool> {
     let loaded = if ids.is_empty() {
         Vec::new()
     } else {
-        sqlx::query("SELECT * FROM sync_job_runs WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(json_list(ids)?)
-            .fetch_all(&mut **tx)
-            .await?
-            .iter()
-            .map(|r| (run_from_row(r), batch_from_row(r)))
-            .collect()
+        let mut st = c.prepare_cached("SELECT * FROM sync_job_runs WHERE id IN (SELECT value FROM json_each(?))")?;
+        let mut rows = st.query([json_list(ids)?])?;
+        let mut loaded = Vec::new();
+        while let Some(r) = rows.next()? {
+            loaded.push((run_from_row(r)?, batch_from_row(r)?));
+        }
+        loaded
     };
     let mut locked = RunsLocked::new(loaded);
     decide(&mut locked);
     let mut wrote = false;
     for r in locked.changed() {
-        save_run(tx, &r.run, &r.batch).await?;
+        save_run(c, &r.run, &r.batch)?;
         wrote = true;
     }
     Ok(wrote)
 }
 
-async fn save_run(tx: &mut WriteTx, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
-    sqlx::query(
+fn save_run(c: &rusqlite::Connection, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
+    c.prepare_cached(
         "UPDATE sync_job_runs SET status = ?, resource_stats = ?, illegal_transitions = ?, stop_reason = ?, \
          batch_errors = ?, batch_count = ?, batch_bytes = ?, batch_since = ?, batch_seq = ?, updated_at = ?, \
          started_at = ?, finished_at = ? WHERE id = ?",
-    )
-    .bind(run.status.as_str())
-    .bind(serde_json::to_string(&run.resource_stats)?)
-    .bind(run.illegal_transitions)
-    .bind(&run.stop_reason)
-    .bind(serde_json::to_string(&b.errors)?)
-    .bind(b.errors.len() as i64)
-    .bind(b.bytes)
-    .bind(b.since)
-    .bind(b.seq)
-    .bind(run.updated_at)
-    .bind(run.started_at)
-    .bind(run.finished_at)
-    .bind(&run.id)
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute(rusqlite::params![
+        run.status.as_str(),
+        serde_json::to_string(&run.resource_stats)?,
+        run.illegal_transitions,
+        run.stop_reason,
+        serde_json::to_string(&b.errors)?,
+        b.errors.len() as i64,
+        b.bytes,
+        b.since,
+        b.seq,
+        run.updated_at,
+        run.started_at,
+        run.finished_at,
+        run.id
+    ])?;
     Ok(())
 }
 
@@ -316,7 +314,8 @@ impl RunStore for SqliteStore {
             .fetch_optional(&self.pool)
             .await?
             .as_ref()
-            .map(run_from_row))
+            .map(run_from_row)
+            .transpose()?)
     }
 
     async fn list_runs(&self, f: &RunFilter, after: i64, limit: i64) -> anyhow::Result<Page<Run>> {
@@ -340,7 +339,9 @@ impl RunStore for SqliteStore {
         }
         let rows = q.bind(limit + 1).fetch_all(&self.pool).await?;
         Ok(Page::from_rows(
-            rows.iter().map(|r| (r.get::<i64, _>("seq"), run_from_row(r))).collect(),
+            rows.iter()
+                .map(|r| Ok((r.get::<i64, _>("seq"), run_from_row(r)?)))
+                .collect::<anyhow::Result<_>>()?,
             limit,
         ))
     }
@@ -375,12 +376,10 @@ impl RunStore for SqliteStore {
             decide(&mut RunsLocked::default());
             return Ok(());
         }
-        let mut tx = self.writer.begin().await?;
-        // Nothing changed: the transaction rolls back when dropped.
         let known: Vec<&str> = known.iter().map(String::as_str).collect();
-        if decide_runs(&mut tx, &known, |locked| decide(locked)).await? {
-            tx.commit().await?;
-        }
+        self.writer
+            .write(|c| decide_runs(c, &known, |locked| decide(locked)))
+            .await?;
         Ok(())
     }
 
@@ -545,7 +544,8 @@ impl RunStore for SqliteStore {
                 .bind(unit_id)
                 .fetch_optional(&self.pool)
                 .await?
-                .map(|r| (run_from_row(&r), count)),
+                .map(|r| anyhow::Ok((run_from_row(&r)?, count)))
+                .transpose()?,
         )
     }
 
