@@ -386,6 +386,18 @@ mod tests {
         v
     }
 
+    /// A write by another connection (another process sharing the file): it fails once its
+    /// busy timeout (2 s) passes while this writer holds SQLite's write lock.
+    async fn insert_from_another_process(opts: &SqliteConnectOptions, v: &str) {
+        let mut other = opts.connect().await.unwrap();
+        sqlx::query("INSERT INTO t (v) VALUES (?)")
+            .bind(v)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        other.close().await.unwrap();
+    }
+
     /// A write on the group connection.
     async fn insert(w: &Writer, v: &str) -> anyhow::Result<()> {
         w.write(|c| {
@@ -506,12 +518,7 @@ mod tests {
         }
         // Another process can write (the transaction did not stay open holding the lock; its
         // busy timeout is 2 s).
-        let mut other = opts.connect().await.unwrap();
-        sqlx::query("INSERT INTO t (v) VALUES ('other')")
-            .execute(&mut other)
-            .await
-            .unwrap();
-        other.close().await.unwrap();
+        insert_from_another_process(&opts, "other").await;
         insert(&w, "next").await.unwrap();
         insert_alone(&w, "then").await.unwrap();
         assert_eq!(committed(&opts).await, vec!["next", "other", "then"]);
@@ -529,12 +536,7 @@ mod tests {
             .await;
         assert!(failed.is_err());
         // Another process can write (its busy timeout is 2 s).
-        let mut other = opts.connect().await.unwrap();
-        sqlx::query("INSERT INTO t (v) VALUES ('other')")
-            .execute(&mut other)
-            .await
-            .unwrap();
-        other.close().await.unwrap();
+        insert_from_another_process(&opts, "other").await;
         assert_eq!(committed(&opts).await, vec!["other"]);
     }
 

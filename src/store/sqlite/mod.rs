@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::SqlitePool;
 
 use crate::config::{StoreSettings, Synchronous};
@@ -112,21 +112,14 @@ impl SqliteStore {
             }
         }
         private_files(&settings.path).with_context(|| format!("creating store {}", settings.path.display()))?;
-        let opts = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(&settings.path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match settings.synchronous {
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-            })
-            .busy_timeout(Duration::from_secs(10))
-            // Statement journals of multi-row statements stay in memory.
-            .pragma("temp_store", "memory")
-            // What a row loses on update or delete (a secret re-encrypted at start, a purged
-            // body) is zeroed where that costs no extra I/O, instead of lingering in the file.
-            .pragma("secure_delete", "fast")
-            .foreign_keys(false);
+        let opts = connection_pragmas(settings).into_iter().fold(
+            SqliteConnectOptions::from_str("sqlite://")?
+                .filename(&settings.path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(BUSY_TIMEOUT),
+            |opts, (name, value)| opts.pragma(name, value),
+        );
         // Schema and start-up repairs on a connection of their own, before the write connection
         // exists.
         let setup = SqlitePoolOptions::new()
@@ -193,9 +186,31 @@ impl SqliteStore {
     }
 }
 
-/// The group connection of the write side (see `group`), with the options every connection
-/// of the store has (`SqliteStore::open`: WAL, `synchronous`, busy timeout, in-memory
-/// statement journals, `secure_delete = fast`, no foreign keys).
+/// How long a connection waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pragmas every connection of the store is opened with (besides WAL and the busy
+/// timeout), the pool's (sqlx) and the group connection (rusqlite) alike.
+fn connection_pragmas(settings: &StoreSettings) -> [(&'static str, &'static str); 4] {
+    [
+        (
+            "synchronous",
+            match settings.synchronous {
+                Synchronous::Full => "full",
+                Synchronous::Normal => "normal",
+            },
+        ),
+        // Statement journals of multi-row statements stay in memory.
+        ("temp_store", "memory"),
+        // What a row loses on update or delete (a secret re-encrypted at start, a purged
+        // body) is zeroed where that costs no extra I/O, instead of lingering in the file.
+        ("secure_delete", "fast"),
+        ("foreign_keys", "off"),
+    ]
+}
+
+/// The group connection of the write side (see `group`), opened as every connection of the
+/// store is (`SqliteStore::open`).
 fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
     let c = rusqlite::Connection::open_with_flags(
@@ -203,19 +218,11 @@ fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::C
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .with_context(|| format!("opening store {}", settings.path.display()))?;
-    c.busy_timeout(Duration::from_secs(10))?;
+    c.busy_timeout(BUSY_TIMEOUT)?;
     c.pragma_update(None, "journal_mode", "wal")?;
-    c.pragma_update(
-        None,
-        "synchronous",
-        match settings.synchronous {
-            Synchronous::Full => "full",
-            Synchronous::Normal => "normal",
-        },
-    )?;
-    c.pragma_update(None, "temp_store", "memory")?;
-    c.pragma_update(None, "secure_delete", "fast")?;
-    c.pragma_update(None, "foreign_keys", "off")?;
+    for (name, value) in connection_pragmas(settings) {
+        c.pragma_update(None, name, value)?;
+    }
     Ok(c)
 }
 

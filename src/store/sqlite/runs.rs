@@ -117,13 +117,14 @@ fn batch_from_row(r: &impl Cols) -> anyhow::Result<RunBatch> {
 
 /// Write back what the lifecycle changes on a run (its identity and settings never change).
 /// Inside a turn on the write connection (which holds the write lock): load these runs, let
-/// `decide` change them, save the ones it marked changed. Answers whether it wrote anything.
-/// Shared by [`RunStore::with_runs`] and the outcome writer's transactions (run counts).
+/// `decide` change them, save the ones it marked changed (a turn that saved none does not wait
+/// for a commit: see `group`). Shared by [`RunStore::with_runs`] and the outcome writer's
+/// transactions (run counts).
 pub(super) fn decide_runs(
     c: &rusqlite::Connection,
     ids: &[&str],
     decide: impl FnOnce(&mut RunsLocked),
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<()> {
     let loaded = if ids.is_empty() {
         Vec::new()
     } else {
@@ -137,12 +138,10 @@ pub(super) fn decide_runs(
     };
     let mut locked = RunsLocked::new(loaded);
     decide(&mut locked);
-    let mut wrote = false;
     for r in locked.changed() {
         save_run(c, &r.run, &r.batch)?;
-        wrote = true;
     }
-    Ok(wrote)
+    Ok(())
 }
 
 fn save_run(c: &rusqlite::Connection, run: &Run, b: &RunBatch) -> anyhow::Result<()> {
@@ -379,8 +378,7 @@ impl RunStore for SqliteStore {
         let known: Vec<&str> = known.iter().map(String::as_str).collect();
         self.writer
             .write(|c| decide_runs(c, &known, |locked| decide(locked)))
-            .await?;
-        Ok(())
+            .await
     }
 
     async fn runs_with_due_batches(&self, since_before: i64, limit: i64) -> anyhow::Result<Vec<String>> {
