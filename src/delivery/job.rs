@@ -81,28 +81,14 @@ impl Job {
     /// job: its fields (the body among them) move into the row instead of being copied, once
     /// per finished Kafka delivery.
     pub fn into_row(self, next_attempt_at: Option<i64>) -> NewDelivery {
-        let kind = self.kind();
-        let q = self.q;
+        let log = match self.origin {
+            Origin::Memory { log, .. } => log,
+            Origin::Stored => Vec::new(),
+        };
         NewDelivery {
-            id: q.id,
-            event_id: q.event_id,
-            event: q.event,
-            run_id: q.run_id,
-            kind,
-            webhook_id: q.webhook_id,
-            target_url: q.target_url,
-            target_key: q.target_key,
-            order_key: q.order_key,
-            body: q.body,
-            created_at: q.created_at,
-            attempts: q.attempts,
-            first_attempt_at: q.first_attempt_at,
             next_attempt_at,
-            source: q.source,
-            log: match self.origin {
-                Origin::Memory { log, .. } => log,
-                Origin::Stored => Vec::new(),
-            },
+            log,
+            ..crate::store::requeue(self.q)
         }
     }
 

@@ -131,6 +131,50 @@ pub(crate) fn without_recorded<'a>(
     )
 }
 
+/// A queued row as a new delivery again (to be written anew), keeping its identity.
+pub(crate) fn requeue(q: QueuedDelivery) -> NewDelivery {
+    NewDelivery {
+        id: q.id,
+        event_id: q.event_id,
+        event: q.event,
+        run_id: q.run_id,
+        kind: kind_str(&q.kind),
+        webhook_id: q.webhook_id,
+        target_url: q.target_url,
+        target_key: q.target_key,
+        order_key: q.order_key,
+        body: q.body,
+        created_at: q.created_at,
+        attempts: q.attempts,
+        first_attempt_at: q.first_attempt_at,
+        next_attempt_at: None,
+        source: q.source,
+        log: Vec::new(),
+    }
+}
+
+/// What replaying a dead letter makes of its delivery's row: a new delivery of the same
+/// (event, target) pair with the same body, so the same `webhook-id`; attempted from scratch.
+pub(crate) fn replayed(q: QueuedDelivery, now: i64) -> NewDelivery {
+    NewDelivery {
+        id: uuid::Uuid::now_v7().to_string(),
+        created_at: now,
+        attempts: 0,
+        first_attempt_at: None,
+        ..requeue(q)
+    }
+}
+
+/// The chains of these deliveries, each once, in order (what a replay asks [`Hold`] about).
+pub(crate) fn chains_of(deliveries: &[NewDelivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .filter_map(|d| d.order_key.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Called once inside a replay transaction with the chains of the re-queued rows; answers
 /// those whose head is kept in memory (their rows must wait behind it).
 pub type Hold<'a> = &'a mut (dyn FnMut(&[String]) -> HashSet<String> + Send);

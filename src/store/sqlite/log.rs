@@ -1,16 +1,14 @@
 //! [`DeliveryLog`] on SQLite: reading `deliveries`, `attempts` and `dead_letters`; replay.
 
-use std::collections::BTreeSet;
-
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
-use super::queue::{insert_deliveries, queued_from_row, requeue, BODY, QUEUED_COLUMNS};
+use super::queue::{insert_deliveries, queued_from_row, BODY, QUEUED_COLUMNS};
 use super::{placeholders, Binder, SqliteStore, IN_CHUNK};
 use crate::store::{
-    row_attempt, AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog, DeliveryRow, Hold,
-    NewDelivery, Page, QueuedDelivery,
+    chains_of, replayed, row_attempt, AttemptRow, DeadLetterFilter, DeadLetterRow, DeliveryFilter, DeliveryLog,
+    DeliveryRow, Hold, Page, QueuedDelivery,
 };
 
 fn delivery_from_row(r: &SqliteRow) -> DeliveryRow {
@@ -225,27 +223,13 @@ impl DeliveryLog for SqliteStore {
                         None => None,
                     };
                     match found {
-                        // A new delivery of the same (event, target) pair: same body, so the same
-                        // `webhook-id`; attempted from scratch.
-                        Some(q) => again.push(NewDelivery {
-                            id: uuid::Uuid::now_v7().to_string(),
-                            created_at: now,
-                            attempts: 0,
-                            first_attempt_at: None,
-                            ..requeue(q)
-                        }),
+                        Some(q) => again.push(replayed(q, now)),
                         None => raws.push(raw),
                     }
                     c.prepare_cached("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")?
                         .execute(rusqlite::params![now, dl_id])?;
                 }
-                let keys: Vec<String> = again
-                    .iter()
-                    .filter_map(|d| d.order_key.clone())
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
-                let held = hold(&keys);
+                let held = hold(&chains_of(&again));
                 let ready = insert_deliveries(c, &again, now, &held, &self.lease)?;
                 Ok((ready, again.len() as u64, held.into_iter().collect(), raws))
             })

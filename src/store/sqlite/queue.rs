@@ -9,7 +9,7 @@ use sqlx::Row;
 use super::runs::decide_runs;
 use super::{json_list, placeholders, Binder, Cols, Lease, SqliteStore, IN_CHUNK};
 use crate::store::{
-    first_try_success, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
+    first_try_success, requeue, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
     Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
 };
 
@@ -57,28 +57,6 @@ fn queued_rows(mut rows: rusqlite::Rows<'_>) -> anyhow::Result<Vec<QueuedDeliver
         out.push(queued_from_row(r)?);
     }
     Ok(out)
-}
-
-/// A queued row as a new delivery again (to be written anew), keeping its identity.
-pub(super) fn requeue(q: QueuedDelivery) -> NewDelivery {
-    NewDelivery {
-        id: q.id,
-        event_id: q.event_id,
-        event: q.event,
-        run_id: q.run_id,
-        kind: crate::store::kind_str(&q.kind),
-        webhook_id: q.webhook_id,
-        target_url: q.target_url,
-        target_key: q.target_key,
-        order_key: q.order_key,
-        body: q.body,
-        created_at: q.created_at,
-        attempts: q.attempts,
-        first_attempt_at: q.first_attempt_at,
-        next_attempt_at: None,
-        source: q.source,
-        log: Vec::new(),
-    }
 }
 
 pub(super) fn insert_dead_letter(c: &Connection, dl: &NewDeadLetter, now: i64) -> anyhow::Result<()> {
