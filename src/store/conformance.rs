@@ -97,6 +97,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_overlapping_writes_to_one_chain_keep_its_order() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::overlapping_writes_to_one_chain_keep_its_order(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_replay_by_more_ids_than_a_statement_binds() {
             let (store, _guard) = $open().await;
             crate::store::conformance::replay_by_more_ids_than_a_statement_binds(&store).await;
@@ -1365,4 +1371,95 @@ pub(crate) async fn failures_are_purged_after_their_retention(store: &Store) {
         "queued rows are never purged"
     );
     assert_eq!(store.queue_stats().await.unwrap().0, 1);
+}
+
+/// Writes to one chain in transactions that overlap, while its head finishes, keep the chain's
+/// order: one row of it ready at a time, each write's rows delivered together and in the order
+/// given, none left waiting behind nothing. (PostgreSQL writes a batch's rows before it locks
+/// their chains, so a later write can draw its seqs first and commit first.)
+pub(crate) async fn overlapping_writes_to_one_chain_keep_its_order(store: &Store) {
+    const WRITERS: usize = 8;
+    const PER_WRITE: usize = 5;
+    const PARKERS: usize = 2;
+    let now = crate::domain::now_ms();
+    for round in 0..6 {
+        let key = format!("k{round}");
+        // Even rounds: the chain's head is queued and finishes while the writes run; odd
+        // rounds: the chain is empty and the first write to commit brings its head.
+        let head = [delivery(&format!("h{round}"), Some(&key), Some("run"), now)];
+        let ready = if round % 2 == 0 {
+            store
+                .enqueue_claiming(&head, &[], now, &HashSet::new(), |_| {})
+                .await
+                .unwrap()
+        } else {
+            Vec::new()
+        };
+        let writes: Vec<Vec<NewDelivery>> = (0..WRITERS)
+            .map(|w| {
+                (0..PER_WRITE)
+                    .map(|i| delivery(&format!("r{round}-w{w}-{i}"), Some(&key), Some("run"), now))
+                    .collect()
+            })
+            .collect();
+        let none = HashSet::new();
+        let all = futures_util::future::join_all(
+            writes
+                .iter()
+                .map(|rows| store.enqueue_claiming(rows, &[], now, &none, |_| {})),
+        );
+        // Rows parked on the chain (a memory job's, `record`) are a write of their own too.
+        let parked: Vec<(Vec<NewDelivery>, bool)> = (WRITERS..WRITERS + PARKERS)
+            .map(|w| {
+                let rows = (0..PER_WRITE)
+                    .map(|i| delivery(&format!("r{round}-w{w}-{i}"), Some(&key), Some("run"), now))
+                    .collect();
+                (rows, false)
+            })
+            .collect();
+        let parks = futures_util::future::join_all(
+            parked
+                .iter()
+                .map(|p| store.record(&[], std::slice::from_ref(p), &[], now, None)),
+        );
+        let head_done: Vec<Completion> = ready.iter().map(|q| completion(q, Next::Delivered, now)).collect();
+        let finish = store.complete(&head_done, now, |_| {});
+        let (written, parks, finished) = tokio::join!(all, parks, finish);
+        for p in parks {
+            p.unwrap();
+        }
+        let mut ready_now: Vec<String> = finished.unwrap().promoted.iter().map(|q| q.id.clone()).collect();
+        for w in written {
+            ready_now.extend(w.unwrap().iter().map(|q| q.id.clone()));
+        }
+        assert!(ready_now.len() <= 1, "round {round}: more than one head: {ready_now:?}");
+        // Deliver the chain one row at a time.
+        let mut order: Vec<String> = Vec::new();
+        loop {
+            let due = store.due(now, 100, &[]).await.unwrap();
+            let heads: Vec<&QueuedDelivery> = due.iter().filter(|q| q.order_key.as_deref() == Some(&key)).collect();
+            assert!(heads.len() <= 1, "round {round}: more than one head: {:?}", ids(&due));
+            let Some(q) = heads.first() else { break };
+            order.push(q.id.clone());
+            store
+                .complete(&[completion(q, Next::Delivered, now)], now, |_| {})
+                .await
+                .unwrap();
+        }
+        assert!(
+            !store.has_active(&key).await.unwrap(),
+            "round {round}: rows left behind after {order:?}"
+        );
+        assert_eq!(order.len(), (WRITERS + PARKERS) * PER_WRITE, "round {round}: {order:?}");
+        // Each write's rows one after another, in their order.
+        for chunk in order.chunks(PER_WRITE) {
+            let writer = chunk[0].rsplit_once('-').unwrap().0;
+            let expected: Vec<String> = (0..PER_WRITE).map(|i| format!("{writer}-{i}")).collect();
+            assert_eq!(
+                chunk,
+                expected.as_slice(),
+                "round {round}: writes interleaved: {order:?}"
+            );
+        }
+    }
 }

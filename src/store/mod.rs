@@ -165,6 +165,29 @@ pub(crate) fn replayed(q: QueuedDelivery, now: i64) -> NewDelivery {
     }
 }
 
+/// The state each of these new rows is written in, in the order given: the first row of a
+/// chain that has nothing queued (not in `busy`) is ready, every later one waits; a paused
+/// sync's rows (`paused`) are held whatever their place in the chain, and the rows behind them
+/// wait. A row with no chain is ready. `busy` may hold chains whose head is kept in memory
+/// (their rows all wait).
+pub(crate) fn chain_states(
+    deliveries: &[NewDelivery],
+    mut busy: HashSet<String>,
+    paused: &HashSet<String>,
+) -> Vec<&'static str> {
+    deliveries
+        .iter()
+        .map(|d| match d.order_key.as_deref() {
+            Some(k) if paused.contains(k) => {
+                busy.insert(k.to_string());
+                "paused"
+            }
+            Some(k) if !busy.insert(k.to_string()) => "waiting",
+            _ => "ready",
+        })
+        .collect()
+}
+
 /// The chains of these deliveries, each once, in order (what a replay asks [`Hold`] about).
 pub(crate) fn chains_of(deliveries: &[NewDelivery]) -> Vec<String> {
     deliveries

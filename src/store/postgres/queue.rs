@@ -9,8 +9,8 @@ use sqlx::{Postgres, Row, Transaction};
 use super::runs::decide_runs;
 use super::{pg, placeholders, Lease, PgStore, INSERT_CHUNK, IN_CHUNK};
 use crate::store::{
-    first_try_success, requeue, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
-    Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+    chain_states, first_try_success, requeue, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord,
+    Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
 };
 
 /// `INSERT INTO attempts ... VALUES ...` followed by this replaces an attempt recorded before
@@ -77,21 +77,28 @@ pub(super) async fn insert_dead_letter(
     Ok(())
 }
 
-/// The chains among `keys` that still have queued deliveries (a new row of a busy chain waits
-/// behind them; a row with no chain never waits). One index probe per key that stops at the
-/// first live entry (see `promote_next` for why not one scan over all of them).
-pub(super) async fn busy_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<HashSet<String>> {
+/// The newest queued delivery (its seq) of each chain among `keys` that has one, the rows `own`
+/// left out: a new row of such a chain waits behind it (a row with no chain never waits). One
+/// backward index probe per key: it stops at the chain's newest live entry, where the dead
+/// entries a chain's finished rows leave behind (see `promote_next`) are at its oldest end.
+async fn newest_queued(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[&str],
+    own: &[i64],
+) -> anyhow::Result<HashMap<String, i64>> {
     if keys.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
-    let busy: Vec<String> = sqlx::query_scalar(
-        "SELECT k FROM unnest($1::text[]) AS k WHERE (SELECT 1 FROM deliveries x WHERE x.order_key = k \
-         AND x.state IN ('ready', 'waiting', 'paused') LIMIT 1) IS NOT NULL",
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT k, n FROM (SELECT k, (SELECT x.seq FROM deliveries x WHERE x.order_key = k \
+         AND x.state IN ('ready', 'waiting', 'paused') AND x.seq <> ALL($2) ORDER BY x.seq DESC LIMIT 1) AS n \
+         FROM unnest($1::text[]) AS k) AS t WHERE n IS NOT NULL",
     )
     .bind(keys)
+    .bind(own)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(busy.into_iter().collect())
+    Ok(rows.into_iter().collect())
 }
 
 /// The chains among `keys` that are a paused Census-style sync's (`s:<sync id>:<run>`): their new
@@ -136,6 +143,21 @@ pub(super) async fn paused_chains(
 /// waiting behind nothing: the chain stalls. With it, whichever comes second sees the other's
 /// rows. SQLite needs nothing: `BEGIN IMMEDIATE` serialises every writer.
 pub(super) async fn lock_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<()> {
+    lock_keys(tx, keys, 7).await
+}
+
+/// Serialise the transactions that queue new rows on these chains (`insert_deliveries`: the
+/// intake, replays) from before they draw their rows' seqs until they end, so that such rows'
+/// seqs are in the order their transactions commit, without making a chain's completions wait
+/// for them (those take only `lock_chains`, which the writes take after their rows are written:
+/// see `insert_new_deliveries`). Taken before any other lock of the transaction's, and never
+/// after `lock_chains`: no transaction waits for one while it holds the other's.
+async fn lock_intake(tx: &mut Transaction<'_, Postgres>, keys: &[&str]) -> anyhow::Result<()> {
+    lock_keys(tx, keys, 8).await
+}
+
+/// A transaction-scoped advisory lock per key in this key space, taken in sorted order.
+async fn lock_keys(tx: &mut Transaction<'_, Postgres>, keys: &[&str], space: i64) -> anyhow::Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -144,8 +166,9 @@ pub(super) async fn lock_chains(tx: &mut Transaction<'_, Postgres>, keys: &[&str
     sorted.dedup();
     // unnest yields the array in order, so the locks are taken in sorted order (no deadlock
     // between two writers of overlapping chains).
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) FROM unnest($1::text[]) AS k")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended(k, $2)) FROM unnest($1::text[]) AS k")
         .bind(&sorted)
+        .bind(space)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -223,6 +246,8 @@ pub(super) async fn insert_deliveries(
     held: &HashSet<String>,
     lease: &Lease,
 ) -> anyhow::Result<Vec<QueuedDelivery>> {
+    let keys: Vec<&str> = deliveries.iter().filter_map(|d| d.order_key.as_deref()).collect();
+    lock_intake(tx, &keys).await?;
     let recorded = recorded_ids(tx, &sourced_ids(deliveries)).await?;
     insert_new_deliveries(tx, &without_recorded(deliveries, &recorded), now, held, lease).await
 }
@@ -230,6 +255,22 @@ pub(super) async fn insert_deliveries(
 /// Insert deliveries in the order given. The first row of a chain that has nothing queued is
 /// ready; every later one waits; a row whose chain is in `held` waits even when it is the first
 /// (its chain's head is kept in memory). Returns the rows that are ready now.
+///
+/// The rows are written before their chains are locked, in the states the store's committed
+/// rows suggest then; under the locks (`lock_chains`) the states are decided again. The rows'
+/// write is most of the transaction's time (20 – 60 ms for 500 events): with the locks taken
+/// first, a completion of any of those chains waited that long, and while the embedded
+/// benchmark's events were `POST`ed, completions ran at 2,800 rows a second against 10,100
+/// after (docs/BENCHMARKS.md, eighth session). Under the locks:
+/// - a row whose state a transaction that finished or queued on its chain meanwhile changed
+///   (the head it was to wait behind finished; a new head came first) is corrected;
+/// - a chain's rows must be in seq order the order they were queued in (its next row is its
+///   oldest queued one by seq, and two writes' rows must not interleave). Writes through
+///   `insert_deliveries` hold their chains' intake locks (`lock_intake`) from before they draw
+///   seqs, so they never overtake one another; a write that queues rows under the chains' locks
+///   alone (`record`'s parked rows) may draw its seqs after ours and commit first. When one did
+///   (a queued row of one of our chains, not ours, has a newer seq than our oldest there), our
+///   rows are written again, now under the locks.
 async fn insert_new_deliveries(
     tx: &mut Transaction<'_, Postgres>,
     deliveries: &[NewDelivery],
@@ -243,23 +284,95 @@ async fn insert_new_deliveries(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let decide = |newest: &HashMap<String, i64>, paused: &HashSet<String>| {
+        let busy = newest.keys().chain(held.iter()).cloned().collect();
+        chain_states(deliveries, busy, paused)
+    };
+    let guessed = decide(&newest_queued(tx, &keys, &[]).await?, &paused_chains(tx, &keys).await?);
+    let mut seqs = write_rows(tx, deliveries, &guessed, now, lease).await?;
     lock_chains(tx, &keys).await?;
-    let mut busy = busy_chains(tx, &keys).await?;
-    busy.extend(held.iter().cloned());
-    let paused = paused_chains(tx, &keys).await?;
-    let states: Vec<&'static str> = deliveries
+    let own: Vec<i64> = seqs.values().copied().collect();
+    let newest = newest_queued(tx, &keys, &own).await?;
+    let states = decide(&newest, &paused_chains(tx, &keys).await?);
+    // Our oldest seq in each chain.
+    let mut oldest: HashMap<&str, i64> = HashMap::new();
+    for d in deliveries {
+        if let (Some(k), Some(seq)) = (d.order_key.as_deref(), seqs.get(&d.id)) {
+            let o = oldest.entry(k).or_insert(*seq);
+            *o = (*o).min(*seq);
+        }
+    }
+    let overtaken = newest
         .iter()
-        .map(|d| match d.order_key.as_deref() {
-            // A paused sync's rows are held whatever their place in the chain; the rows
-            // behind them wait (the chain is busy).
-            Some(k) if paused.contains(k) => {
-                busy.insert(k.to_string());
-                "paused"
-            }
-            Some(k) if !busy.insert(k.to_string()) => "waiting",
-            _ => "ready",
+        .any(|(k, n)| oldest.get(k.as_str()).is_some_and(|o| n > o));
+    if overtaken {
+        sqlx::query("DELETE FROM delivery_bodies WHERE seq = ANY($1)")
+            .bind(&own)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("DELETE FROM deliveries WHERE seq = ANY($1)")
+            .bind(&own)
+            .execute(&mut **tx)
+            .await?;
+        seqs = write_rows(tx, deliveries, &states, now, lease).await?;
+    } else {
+        let changed: Vec<(i64, &str)> = deliveries
+            .iter()
+            .zip(guessed.iter().zip(&states))
+            .filter(|(_, (g, s))| g != s)
+            .filter_map(|(d, (_, s))| Some((*seqs.get(&d.id)?, *s)))
+            .collect();
+        if !changed.is_empty() {
+            let (rows, new): (Vec<i64>, Vec<&str>) = changed.into_iter().unzip();
+            sqlx::query(
+                "UPDATE deliveries SET state = v.state, \
+                 lease_owner = CASE WHEN v.state = 'ready' THEN $3 END, \
+                 lease_until = CASE WHEN v.state = 'ready' THEN $4::bigint END \
+                 FROM unnest($1::bigint[], $2::text[]) AS v (seq, state) WHERE deliveries.seq = v.seq",
+            )
+            .bind(&rows)
+            .bind(&new)
+            .bind(&lease.owner)
+            .bind(now + lease.ms)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(deliveries
+        .iter()
+        .zip(&states)
+        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
+        .filter_map(|(d, _)| {
+            Some(QueuedDelivery {
+                seq: *seqs.get(&d.id)?,
+                id: d.id.clone(),
+                event_id: d.event_id.clone(),
+                event: d.event.clone(),
+                run_id: d.run_id.clone(),
+                kind: d.kind.to_string(),
+                webhook_id: d.webhook_id.clone(),
+                target_url: d.target_url.clone(),
+                target_key: d.target_key.clone(),
+                order_key: d.order_key.clone(),
+                body: d.body.clone(),
+                attempts: d.attempts,
+                first_attempt_at: d.first_attempt_at,
+                created_at: d.created_at,
+                source: d.source.clone(),
+            })
         })
-        .collect();
+        .collect())
+}
+
+/// Write these deliveries' rows in the states given, and their bodies. Returns their seqs by
+/// delivery id.
+async fn write_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    deliveries: &[NewDelivery],
+    states: &[&str],
+    now: i64,
+    lease: &Lease,
+) -> anyhow::Result<HashMap<String, i64>> {
     let mut seqs: HashMap<String, i64> = HashMap::new();
     for (chunk, st) in deliveries.chunks(INSERT_CHUNK).zip(states.chunks(INSERT_CHUNK)) {
         let mut sql = String::from(
@@ -300,30 +413,7 @@ async fn insert_new_deliveries(
         }
     }
     insert_bodies(tx, deliveries.iter(), &seqs).await?;
-    Ok(deliveries
-        .iter()
-        .zip(&states)
-        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
-        .filter_map(|(d, _)| {
-            Some(QueuedDelivery {
-                seq: *seqs.get(&d.id)?,
-                id: d.id.clone(),
-                event_id: d.event_id.clone(),
-                event: d.event.clone(),
-                run_id: d.run_id.clone(),
-                kind: d.kind.to_string(),
-                webhook_id: d.webhook_id.clone(),
-                target_url: d.target_url.clone(),
-                target_key: d.target_key.clone(),
-                order_key: d.order_key.clone(),
-                body: d.body.clone(),
-                attempts: d.attempts,
-                first_attempt_at: d.first_attempt_at,
-                created_at: d.created_at,
-                source: d.source.clone(),
-            })
-        })
-        .collect())
+    Ok(seqs)
 }
 
 /// The attempt log of deliveries that were attempted in memory before their row was written.

@@ -9,8 +9,8 @@ use sqlx::Row;
 use super::runs::decide_runs;
 use super::{json_list, placeholders, Binder, Cols, Lease, SqliteStore, IN_CHUNK};
 use crate::store::{
-    first_try_success, requeue, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord, Claim, Completed,
-    Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+    chain_states, first_try_success, requeue, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord,
+    Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
 };
 
 /// A queued delivery's columns in `deliveries`. Its body is in `delivery_bodies` (written once,
@@ -173,20 +173,7 @@ fn insert_new_deliveries(
         .collect();
     let mut busy = busy_chains(c, &keys)?;
     busy.extend(held.iter().cloned());
-    let paused = paused_chains(c, &keys)?;
-    let states: Vec<&'static str> = deliveries
-        .iter()
-        .map(|d| match d.order_key.as_deref() {
-            // A paused sync's rows are held whatever their place in the chain; the rows
-            // behind them wait (the chain is busy).
-            Some(k) if paused.contains(k) => {
-                busy.insert(k.to_string());
-                "paused"
-            }
-            Some(k) if !busy.insert(k.to_string()) => "waiting",
-            _ => "ready",
-        })
-        .collect();
+    let states = chain_states(deliveries, busy, &paused_chains(c, &keys)?);
     let rows: Vec<InsertRow> = deliveries
         .iter()
         .zip(&states)
