@@ -611,6 +611,25 @@ struct EmbeddedResult {
     verified: (usize, usize),
     /// (rate, (p50, p99, p99.9) ms)
     latency: (f64, (f64, f64, f64)),
+    /// The slowest `POST /events` of the latency phase (ms): its answer waits for the intake's
+    /// commit, so a stall of the store's writes shows here, a stall of the delivery side not.
+    slowest_post_ms: f64,
+    /// How long some task of the machine waited on I/O during the latency phase (ms), when the
+    /// kernel reports it (see [`io_stall_us`]).
+    io_stall_ms: Option<f64>,
+}
+
+/// Microseconds some task of the machine spent stalled on I/O since boot (`/proc/pressure/io`,
+/// the "some" line's `total`), when the kernel has pressure stall information. The relay's own
+/// commits wait for their `fsync` and count (~0.8 s of a 10 s latency phase here); a phase with
+/// much more had a slow disk.
+fn io_stall_us() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/pressure/io").ok()?;
+    let line = text.lines().find(|l| l.starts_with("some"))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
 }
 
 /// The embedded bus's throughput phase: `runs` x `per_run` events POSTed to `relay` for webhook
@@ -671,6 +690,8 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
     let meter = CpuMeter::start(Some(&relay));
     let start = Instant::now();
     let mut k = 0;
+    let mut slowest_post = Duration::ZERO;
+    let io_before = io_stall_us();
     while k < n_lat {
         let now = secs(start.elapsed());
         let mut due = Vec::new();
@@ -680,12 +701,17 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
             k += 1;
         }
         if !due.is_empty() {
+            let posted = Instant::now();
             post_events(&relay, &due).await;
+            slowest_post = slowest_post.max(posted.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     wait_delivered(rx, n_lat as u64, Duration::from_secs(600)).await;
     meter.record(Some(&relay), "embedded latency (half load)");
+    let io_stall_ms = io_before
+        .zip(io_stall_us())
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1e3);
     let latency = (rate, rx.percentiles());
     drop(relay);
     EmbeddedResult {
@@ -696,6 +722,8 @@ async fn embedded(rx: &Receiver, runs: usize, per_run: usize, single: usize, lat
         rss_single,
         verified: (verified.0 + v2.0, verified.1 + v2.1),
         latency,
+        slowest_post_ms: slowest_post.as_secs_f64() * 1e3,
+        io_stall_ms,
     }
 }
 
@@ -1613,6 +1641,19 @@ fn main() {
     if runs > 1 && std::env::var_os("E2E_CHILD").is_none() {
         return main_repeated(runs);
     }
+    // The build that precedes a run leaves hundreds of MB of dirty pages; written back about
+    // 30 s later, they made the relay's durable commits wait for the disk in a measured phase
+    // (the embedded p99 at half load went from ~8 ms to 79 – 124 ms, the slowest POST to 70 –
+    // 89 ms: BENCHMARKS, eighth session). Each run starts with them on disk.
+    let flushing = Instant::now();
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    if flushing.elapsed() > Duration::from_millis(500) {
+        eprintln!(
+            "flushed dirty pages to disk before the run: {:.1} s",
+            secs(flushing.elapsed())
+        );
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let only = only_args();
     let scale = if quick { 4 } else { 1 };
@@ -1686,7 +1727,13 @@ fn main() {
             let (rate, (p50, p99, p999)) = emb.latency;
             rep.row(
                 &format!("Embedded latency at {rate:.0} events/s (half e2e), paced {lat_secs:.1}s: p50 / p99 / p99.9"),
-                &format!("{p50:.1} / {p99:.1} / {p999:.1} ms"),
+                &format!(
+                    "{p50:.1} / {p99:.1} / {p999:.1} ms (slowest POST {:.1} ms{})",
+                    emb.slowest_post_ms,
+                    emb.io_stall_ms
+                        .map(|ms| format!("; I/O stall {ms:.0} ms"))
+                        .unwrap_or_default()
+                ),
                 "p99 <= 25 ms",
                 yes(p99 <= 25.0),
             );
@@ -1707,6 +1754,10 @@ fn main() {
             rep.set("embedded_ratio_l_client", json!(ratio));
             rep.set("single_run_eps", json!(emb.single_eps));
             rep.latency.insert("embedded".into(), lat_json(emb.latency));
+            rep.set("embedded_latency_slowest_post_ms", json!(emb.slowest_post_ms));
+            if let Some(ms) = emb.io_stall_ms {
+                rep.set("embedded_latency_io_stall_ms", json!(ms));
+            }
             rep.rss("embedded_throughput", emb.rss_throughput);
             rep.rss("single_run", emb.rss_single);
             rep.target("embedded_ge_0_5_l_client", ratio >= 0.5);
