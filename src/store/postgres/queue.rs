@@ -264,8 +264,8 @@ pub(super) async fn insert_deliveries(
 /// after (docs/BENCHMARKS.md, eighth session). Under the locks:
 /// - a row whose state a transaction that finished or queued on its chain meanwhile changed
 ///   (the head it was to wait behind finished; a new head came first) is corrected;
-/// - a chain's rows must be in seq order the order they were queued in (its next row is its
-///   oldest queued one by seq, and two writes' rows must not interleave). Writes through
+/// - a chain's seqs must follow the order its rows were queued in (its next row is its oldest
+///   queued one by seq, and two writes' rows must not interleave). Writes through
 ///   `insert_deliveries` hold their chains' intake locks (`lock_intake`) from before they draw
 ///   seqs, so they never overtake one another; a write that queues rows under the chains' locks
 ///   alone (`record`'s parked rows) may draw its seqs after ours and commit first. When one did
@@ -306,10 +306,7 @@ async fn insert_new_deliveries(
         .iter()
         .any(|(k, n)| oldest.get(k.as_str()).is_some_and(|o| n > o));
     if overtaken {
-        sqlx::query("DELETE FROM delivery_bodies WHERE seq = ANY($1)")
-            .bind(&own)
-            .execute(&mut **tx)
-            .await?;
+        // Their bodies go with them (the `deliveries_bodies_gone` trigger).
         sqlx::query("DELETE FROM deliveries WHERE seq = ANY($1)")
             .bind(&own)
             .execute(&mut **tx)
