@@ -262,6 +262,17 @@ both_buses!(
             .await;
         rx.wait_for(WAIT, "r1 refused", |g| g.iter().any(|r| r.header("webhook-id") == "r1"))
             .await;
+        // The receiver has r1 before the relay has its 429: r2 is sent once the relay paused the
+        // target (sent in between, it may rightly go before the answer that pauses it: it did
+        // once, 3.8 ms after r1).
+        let paused = Instant::now();
+        while h.metric("syncrelay_target_pauses_total", &[]).await < 1.0 {
+            assert!(
+                paused.elapsed() < WAIT,
+                "the 429 with Retry-After never paused the target"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         h.send(&[event("r2", &busy, None, json!({}))]).await;
         let got = rx
             .wait_for(WAIT, "t1, r1, r2 delivered", |g| {
