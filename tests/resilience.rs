@@ -612,6 +612,13 @@ both_buses!(
                 json!({"overrides": {"retry": {"often": true}}}),
                 "overrides.retry.often",
             ),
+            // An object, not an array (a derived struct would take one field by field).
+            (json!({"overrides": []}), "overrides"),
+            (json!({"overrides": {"retry": []}}), "overrides.retry"),
+            (
+                json!({"overrides": {"retry": {"max_attempts": "x"}}}),
+                "overrides.retry.max_attempts",
+            ),
         ] {
             let (s, b) = app
                 .call(reqwest::Method::PATCH, &format!("/webhook/{slow}"), Some(body.clone()))

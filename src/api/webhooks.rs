@@ -38,13 +38,16 @@ struct UpdateWebhook {
     is_active: Option<bool>,
     description: Option<String>,
     /// Absent: unchanged; `null`: back to the configured settings; an object: replaces them.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     overrides: Option<Option<WebhookOverrides>>,
 }
 
-/// A field given (even as `null`) is `Some`, an absent one `None` (with `#[serde(default)]`).
-fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
+/// A field given (even as `null`) is `Some`, an absent one `None` (with `#[serde(default)]`);
+/// given, it is `null` or an object (see [`crate::error::object_or_null`]).
+fn present_object<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    crate::error::object_or_null(d).map(Some)
 }
 
 /// Per-webhook overrides must make a valid policy together with the configured settings.
