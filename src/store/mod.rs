@@ -28,7 +28,7 @@ mod rows;
 pub mod secrets;
 pub mod sqlite;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -184,6 +184,40 @@ pub(crate) fn chain_states(
             }
             Some(k) if !busy.insert(k.to_string()) => "waiting",
             _ => "ready",
+        })
+        .collect()
+}
+
+/// The rows just written in `states` (by [`chain_states`]) that are ready and due now, as the
+/// queue hands them out, by the seqs their insert returned (by delivery id).
+pub(crate) fn ready_now(
+    deliveries: &[NewDelivery],
+    states: &[&str],
+    seqs: &HashMap<String, i64>,
+    now: i64,
+) -> Vec<QueuedDelivery> {
+    deliveries
+        .iter()
+        .zip(states)
+        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
+        .filter_map(|(d, _)| {
+            Some(QueuedDelivery {
+                seq: *seqs.get(&d.id)?,
+                id: d.id.clone(),
+                event_id: d.event_id.clone(),
+                event: d.event.clone(),
+                run_id: d.run_id.clone(),
+                kind: d.kind.to_string(),
+                webhook_id: d.webhook_id.clone(),
+                target_url: d.target_url.clone(),
+                target_key: d.target_key.clone(),
+                order_key: d.order_key.clone(),
+                body: d.body.clone(),
+                attempts: d.attempts,
+                first_attempt_at: d.first_attempt_at,
+                created_at: d.created_at,
+                source: d.source.clone(),
+            })
         })
         .collect()
 }

@@ -9,8 +9,9 @@ use sqlx::Row;
 use super::runs::decide_runs;
 use super::{json_list, placeholders, Binder, Cols, Lease, SqliteStore, IN_CHUNK};
 use crate::store::{
-    chain_states, first_try_success, requeue, sourced_ids, with_logged_attempts, without_recorded, AttemptRecord,
-    Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue, QueuedDelivery,
+    chain_states, first_try_success, ready_now, requeue, sourced_ids, with_logged_attempts, without_recorded,
+    AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue,
+    QueuedDelivery,
 };
 
 /// A queued delivery's columns in `deliveries`. Its body is in `delivery_bodies` (written once,
@@ -185,30 +186,7 @@ fn insert_new_deliveries(
         })
         .collect();
     let seqs = insert_rows(c, &rows)?;
-    Ok(deliveries
-        .iter()
-        .zip(&states)
-        .filter(|(d, st)| **st == "ready" && d.next_attempt_at.unwrap_or(now) <= now)
-        .filter_map(|(d, _)| {
-            Some(QueuedDelivery {
-                seq: *seqs.get(&d.id)?,
-                id: d.id.clone(),
-                event_id: d.event_id.clone(),
-                event: d.event.clone(),
-                run_id: d.run_id.clone(),
-                kind: d.kind.to_string(),
-                webhook_id: d.webhook_id.clone(),
-                target_url: d.target_url.clone(),
-                target_key: d.target_key.clone(),
-                order_key: d.order_key.clone(),
-                body: d.body.clone(),
-                attempts: d.attempts,
-                first_attempt_at: d.first_attempt_at,
-                created_at: d.created_at,
-                source: d.source.clone(),
-            })
-        })
-        .collect())
+    Ok(ready_now(deliveries, &states, &seqs, now))
 }
 
 /// A `deliveries` row as [`insert_rows`] writes it.
