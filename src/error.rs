@@ -2,6 +2,8 @@
 //! type-specific fields. Anything unexpected is logged with a reference id and answered as an
 //! opaque `internal_error` carrying that id.
 
+mod strict;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::{json, Value};
@@ -270,19 +272,21 @@ where
         serde_json::Value::Null => return Ok(None),
         serde_json::Value::Object(_) => {
             // The path inside the object goes into the message (the field named is this one).
-            return serde_path_to_error::deserialize(v).map(Some).map_err(|e| {
-                let path = e.path().to_string();
-                let message = e.into_inner().to_string();
-                if path == "." {
-                    return D::Error::custom(message);
-                }
-                // "at `a.b`: …", which `parse_json` appends to the field's own path; an inner
-                // one of these (a struct field in this struct) is merged into it.
-                match split_inner_path(&message) {
-                    Some((inner, rest)) => D::Error::custom(format!("at `{path}.{inner}`: {rest}")),
-                    None => D::Error::custom(format!("at `{path}`: {message}")),
-                }
-            });
+            return serde_path_to_error::deserialize(strict::Strict(&v))
+                .map(Some)
+                .map_err(|e| {
+                    let path = e.path().to_string();
+                    let message = e.into_inner().to_string();
+                    if path == "." {
+                        return D::Error::custom(message);
+                    }
+                    // "at `a.b`: …", which `parse_json` appends to the field's own path; an inner
+                    // one of these (a struct field in this struct) is merged into it.
+                    match split_inner_path(&message) {
+                        Some((inner, rest)) => D::Error::custom(format!("at `{path}.{inner}`: {rest}")),
+                        None => D::Error::custom(format!("at `{path}`: {message}")),
+                    }
+                });
         }
         serde_json::Value::Array(_) => Unexpected::Seq,
         serde_json::Value::Bool(b) => Unexpected::Bool(*b),
@@ -307,19 +311,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
         return Err(ApiError::bad("body must be a JSON object, not an array"));
     }
     check_duplicate_keys(bytes, &|_| false)?;
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    // Not JSON at all: no field to name; serde_json's message says where (line, column).
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("body is not valid JSON: {e}")))?;
+    // Read through `Strict`: a struct, at any depth, is only ever an object (see strict.rs).
+    serde_path_to_error::deserialize(strict::Strict(&value)).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.inner();
-        let message = inner.to_string();
-        // Strip serde_json's " at line X column Y": the path says where.
-        let message = match message.find(" at line ") {
-            Some(i) => message[..i].to_string(),
-            None => message,
-        };
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::bad(format!("body is not valid JSON: {message}"));
-        }
+        let message = e.inner().to_string();
         // A path inside a field read by `object_or_null` comes in the message.
         let (path, message) = match split_inner_path(&message) {
             Some((inner, rest)) if path == "." => (inner.to_string(), rest.to_string()),

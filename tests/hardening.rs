@@ -790,6 +790,80 @@ async fn array_bodies_are_refused_where_an_object_is_expected() {
     assert_eq!(resp.status().as_u16(), 200);
 }
 
+/// The same hole one level down: a derived struct inside a body took an array, field by field
+/// (`"resources": [["api/r0", "list"]]` made a resource, `"destination_attributes": ["c", "o"]`
+/// a destination). A struct is an object at any depth; the error names the field.
+#[tokio::test]
+async fn arrays_are_refused_where_a_nested_object_is_expected() {
+    let app = spawn_app(&[]).await;
+    let (_, hook) = app
+        .post("/webhook", json!({"target_url": "http://93.184.216.34/hook"}))
+        .await;
+    let hook_id = hook["id"].as_str().unwrap().to_string();
+    let (s, b) = app
+        .post(
+            "/sync-job",
+            json!({"integration_name": "crm", "resources": [["crm/contacts", "list"]]}),
+        )
+        .await;
+    assert_field(s, &b, 400, "bad_request", "resources[0]");
+    let (s, job) = app
+        .post(
+            "/sync-job",
+            json!({"integration_name": "crm", "resources": [{"resource": "crm/contacts", "method": "list"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{job}");
+    let source = json!({"object": {"type": "sync_job", "id": job["id"]}});
+    let sync = |patch: Value| {
+        let mut body = json!({
+            "source_attributes": source.clone(),
+            "destination_attributes": {"connection_id": hook_id.clone(), "object": "contact"},
+            "operation": "insert",
+            "mappings": [{"from": {"type": "column", "data": "n"}, "to": "n"}],
+        });
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (patch, field) in [
+        (
+            json!({"destination_attributes": [hook_id.clone(), "contact"]}),
+            "destination_attributes",
+        ),
+        (
+            json!({"source_attributes": [["sync_job", job["id"].clone()]]}),
+            "source_attributes",
+        ),
+        (
+            json!({"mappings": [[{"type": "column", "data": "n"}, "n"]]}),
+            "mappings[0]",
+        ),
+        (
+            json!({"mappings": [{"from": ["column", "n"], "to": "n"}]}),
+            "mappings[0].from",
+        ),
+        (json!({"alert_attributes": [["Failure"]]}), "alert_attributes[0]"),
+    ] {
+        let (s, b) = app.post("/syncs", sync(patch.clone())).await;
+        assert_field(s, &b, 400, "bad_request", field);
+    }
+    // The same bodies with objects are taken.
+    let (s, b) = app
+        .post("/syncs", sync(json!({"alert_attributes": [{"type": "Failure"}]})))
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = app
+        .call(
+            Method::PATCH,
+            &format!("/webhook/{hook_id}"),
+            Some(json!({"overrides": {"retry": [3]}})),
+        )
+        .await;
+    assert_field(s, &b, 400, "bad_request", "overrides.retry");
+}
+
 #[tokio::test]
 async fn unknown_query_parameters_are_refused_naming_them() {
     let app = spawn_app(&[]).await;
