@@ -1,0 +1,148 @@
+//! The floor under the SQLite store's cost per event: the same durable work the embedded bus asks
+//! of SQLite (a ~1 KiB event inserted in batches of 500, finished in batches of 110, each batch a
+//! transaction with `synchronous = full` in WAL mode; 20,000 events over 200 interleaved chains),
+//! done by a bare single-threaded rusqlite loop with no relay around it. Its CPU per event is what
+//! no change to the relay's code could get below with this storage design; the relay's own store
+//! cost (the `store` share of its profile, docs/BENCHMARKS.md) is measured against it.
+//!
+//! Three schemas, each printed as CPU ms per event (utime + stime, fsync's kernel time
+//! included), events/s and bytes written to disk per event (`/proc/self/io`):
+//!
+//! - `minimal`: one row a delivery, body inline, no index but the primary key; inserted, then
+//!   finished (the least a durable queue with a delivery log does);
+//! - `indexed`: the lookups the relay needs (unique delivery id, event id, queued rows by chain,
+//!   ready rows, delivered rows by finish time) and the body in a table of its own;
+//! - `chained`: `indexed` with the relay's life cycle: a chain's rows behind its head are written
+//!   `waiting` and promoted to `ready` when the row before them finishes (three writes a row);
+//! - `wide`: `chained` with rows as wide as the relay's `deliveries` rows (~450 bytes: ids of the
+//!   run, webhook and lease, target URL, order key, source …, here one filler column), so each
+//!   page holds as few rows as the relay's and each batch of state changes dirties as many pages.
+//!
+//! `cargo bench --bench store_floor` (a second or two).
+
+use std::time::Instant;
+
+use rusqlite::{params, Connection};
+
+const EVENTS: usize = 20_000;
+const CHAINS: usize = 200;
+const INSERT_BATCH: usize = 500;
+const FINISH_BATCH: usize = 110;
+
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(r.ru_utime) + t(r.ru_stime)
+}
+
+fn written_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn run(schema: &str, dir: &std::path::Path) {
+    let c = Connection::open(dir.join(format!("{schema}.db"))).expect("open");
+    c.pragma_update(None, "journal_mode", "wal").expect("wal");
+    c.pragma_update(None, "synchronous", "full").expect("synchronous");
+    let ddl = match schema {
+        "minimal" => {
+            "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT, event_id TEXT, chain TEXT, state TEXT, \
+             finished_at INTEGER, body TEXT)"
+        }
+        _ => {
+            "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
+             finished_at INTEGER, meta TEXT);
+             CREATE INDEX q_event ON q(event_id);
+             CREATE INDEX q_chain ON q(chain, seq) WHERE state IN ('ready', 'waiting');
+             CREATE INDEX q_due ON q(seq) WHERE state = 'ready';
+             CREATE INDEX q_finished ON q(finished_at) WHERE state = 'delivered';
+             CREATE TABLE b (seq INTEGER PRIMARY KEY, body TEXT)"
+        }
+    };
+    c.execute_batch(ddl).expect("schema");
+    let body = "x".repeat(1024);
+    let meta = (schema == "wide").then(|| "m".repeat(400));
+    let (cpu0, bytes0, wall) = (cpu_secs(), written_bytes(), Instant::now());
+    let (mut inserted, mut finished) = (0usize, 0usize);
+    while finished < EVENTS {
+        if inserted < EVENTS {
+            let end = (inserted + INSERT_BATCH).min(EVENTS);
+            let tx = c.unchecked_transaction().expect("begin");
+            // The body inline (`minimal`), or in `b` by the row's seq.
+            let mut row = c
+                .prepare_cached(if schema == "minimal" {
+                    "INSERT INTO q (seq, id, event_id, chain, state, body) VALUES (?, ?, ?, ?, ?, ?)"
+                } else {
+                    "INSERT INTO q (seq, id, event_id, chain, state, meta) VALUES (?, ?, ?, ?, ?, ?)"
+                })
+                .expect("prepare");
+            let mut apart = (schema != "minimal").then(|| {
+                c.prepare_cached("INSERT INTO b (seq, body) VALUES (?, ?)")
+                    .expect("prepare")
+            });
+            for i in inserted..end {
+                let seq = i as i64 + 1;
+                // Event i belongs to chain i % CHAINS, so every batch spans every chain (as the e2e bench).
+                let (id, event_id, chain) = (
+                    format!("0193a7f2-{i:08}"),
+                    format!("ev-{}-{}", i % CHAINS, i / CHAINS),
+                    format!("chain-{}", i % CHAINS),
+                );
+                let chained = schema == "chained" || schema == "wide";
+                let state = if chained && i >= CHAINS { "waiting" } else { "ready" };
+                match apart.as_mut() {
+                    None => row.execute(params![seq, id, event_id, chain, state, body]),
+                    Some(apart) => row
+                        .execute(params![seq, id, event_id, chain, state, meta])
+                        .and_then(|_| apart.execute(params![seq, body])),
+                }
+                .expect("insert");
+            }
+            drop((row, apart));
+            tx.commit().expect("commit");
+            inserted = end;
+        }
+        let end = (finished + FINISH_BATCH).min(inserted);
+        let tx = c.unchecked_transaction().expect("begin");
+        let mut finish = c
+            .prepare_cached("UPDATE q SET state = 'delivered', finished_at = ? WHERE seq = ?")
+            .expect("prepare");
+        let mut promote = c
+            .prepare_cached("UPDATE q SET state = 'ready' WHERE seq = ?")
+            .expect("prepare");
+        for i in finished..end {
+            finish.execute(params![1_i64, i as i64 + 1]).expect("finish");
+            if (schema == "chained" || schema == "wide") && i + CHAINS < EVENTS {
+                promote.execute(params![(i + CHAINS) as i64 + 1]).expect("promote");
+            }
+        }
+        drop((finish, promote));
+        tx.commit().expect("commit");
+        finished = end;
+    }
+    let (cpu, bytes, wall) = (cpu_secs() - cpu0, written_bytes() - bytes0, wall.elapsed());
+    println!(
+        "| {schema} | {:.4} ms | {:.0} | {:.1} KB |",
+        cpu * 1e3 / EVENTS as f64,
+        EVENTS as f64 / wall.as_secs_f64(),
+        bytes as f64 / EVENTS as f64 / 1e3
+    );
+}
+
+fn main() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary folder");
+    println!("SQLite store floor: {EVENTS} events of ~1 KiB, {CHAINS} chains, inserted {INSERT_BATCH} and finished {FINISH_BATCH} a transaction, synchronous = full\n");
+    println!("| schema | CPU an event | events/s | written to disk an event |");
+    println!("|---|---:|---:|---:|");
+    for schema in ["minimal", "indexed", "chained", "wide"] {
+        run(schema, dir.path());
+    }
+}
