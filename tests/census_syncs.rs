@@ -14,14 +14,7 @@ const ACCOUNT: &str = "0e7d1c9a-2b3c-4d5e-8f90-a1b2c3d4e5f6";
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn job<A: Api>(app: &A) -> String {
-    let (s, job) = app
-        .post(
-            "/sync-job",
-            json!({"integration_name": "crm", "resources": [{"resource": "crm/contacts", "method": "list"}]}),
-        )
-        .await;
-    assert_eq!(s, 201, "{job}");
-    job["id"].as_str().unwrap().to_string()
+    app.sync_job("crm", "crm/contacts").await
 }
 
 async fn run<A: Api>(app: &A, job: &str, webhook: &str) -> String {

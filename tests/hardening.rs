@@ -807,14 +807,8 @@ async fn arrays_are_refused_where_a_nested_object_is_expected() {
         )
         .await;
     assert_field(s, &b, 400, "bad_request", "resources[0]");
-    let (s, job) = app
-        .post(
-            "/sync-job",
-            json!({"integration_name": "crm", "resources": [{"resource": "crm/contacts", "method": "list"}]}),
-        )
-        .await;
-    assert_eq!(s, 201, "{job}");
-    let source = json!({"object": {"type": "sync_job", "id": job["id"]}});
+    let job = app.sync_job("crm", "crm/contacts").await;
+    let source = json!({"object": {"type": "sync_job", "id": job}});
     let sync = |patch: Value| {
         let mut body = json!({
             "source_attributes": source.clone(),
@@ -833,7 +827,7 @@ async fn arrays_are_refused_where_a_nested_object_is_expected() {
             "destination_attributes",
         ),
         (
-            json!({"source_attributes": [["sync_job", job["id"].clone()]]}),
+            json!({"source_attributes": [["sync_job", job.clone()]]}),
             "source_attributes",
         ),
         (

@@ -175,22 +175,28 @@ pub trait Api {
         (b["id"].as_str().unwrap().into(), b["secret"].as_str().unwrap().into())
     }
 
-    /// `n` runs of one new sync job (resource `ticketing/tickets`), made through the API and
-    /// delivering to `webhook`; returns their ids.
-    async fn runs(&self, webhook: &str, n: usize) -> Vec<String> {
+    /// A new sync job of `integration` listing `resource`, made through the API; returns its id.
+    async fn sync_job(&self, integration: &str, resource: &str) -> String {
         let (s, job) = self
             .post(
                 "/sync-job",
-                json!({"integration_name": "jira", "resources": [{"resource": "ticketing/tickets", "method": "list"}]}),
+                json!({"integration_name": integration, "resources": [{"resource": resource, "method": "list"}]}),
             )
             .await;
         assert_eq!(s, 201, "{job}");
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    /// `n` runs of one new sync job (resource `ticketing/tickets`), made through the API and
+    /// delivering to `webhook`; returns their ids.
+    async fn runs(&self, webhook: &str, n: usize) -> Vec<String> {
+        let job = self.sync_job("jira", "ticketing/tickets").await;
         let mut runs = Vec::with_capacity(n);
         for _ in 0..n {
             let (s, run) = self
                 .post(
                     "/sync-job-run",
-                    json!({"sync_job_id": job["id"], "integrated_account_id": "94801e49-a652-42f9-af14-dd203d7897da",
+                    json!({"sync_job_id": job, "integrated_account_id": "94801e49-a652-42f9-af14-dd203d7897da",
                            "webhook_id": webhook, "error_handling": "ignore"}),
                 )
                 .await;
