@@ -285,4 +285,103 @@ mod tests {
         let e = read::<Outer>(r#"{"name":"x","mode":[]}"#).unwrap_err();
         assert!(e.starts_with("mode: invalid type: sequence"), "{e}");
     }
+
+    /// JSON values of the shapes the test types meet: scalars, and arrays and objects (keys from
+    /// the test types' field names, so some fit and some do not) nested a few levels.
+    fn json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            prop_oneof![Just("x"), Just("y"), Just("fail_fast"), Just("ignore"), Just("other")]
+                .prop_map(|s| Value::String(s.into())),
+        ];
+        let key = prop_oneof![
+            Just("name"),
+            Just("inner"),
+            Just("list"),
+            Just("mode"),
+            Just("n"),
+            Just("any"),
+            Just("a"),
+            Just("b"),
+            Just("fail_fast"),
+        ];
+        leaf.prop_recursive(4, 40, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key.clone(), inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    /// Objects shaped like `Outer` (a `name`, some of the other fields), with `Inner`-shaped or
+    /// arbitrary values, so that many are taken and many are not.
+    fn outer_like() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let inner = prop_oneof![
+            (any::<u16>(), any::<bool>()).prop_map(|(b, with_b)| if with_b {
+                serde_json::json!({"a": "y", "b": b})
+            } else {
+                serde_json::json!({"a": "y"})
+            }),
+            json(),
+        ];
+        let field = prop_oneof![
+            inner.clone().prop_map(|v| ("inner", v)),
+            proptest::collection::vec(inner, 0..3).prop_map(|v| ("list", Value::Array(v))),
+            json().prop_map(|v| ("mode", v)),
+            prop_oneof![Just(Value::from("fail_fast")), Just(Value::from("ignore"))].prop_map(|v| ("mode", v)),
+            json().prop_map(|v| ("n", v)),
+            json().prop_map(|v| ("any", v)),
+        ];
+        proptest::collection::vec(field, 0..4).prop_map(|fields| {
+            let mut o = serde_json::Map::new();
+            o.insert("name".into(), Value::from("x"));
+            for (k, v) in fields {
+                o.insert(k.into(), v);
+            }
+            Value::Object(o)
+        })
+    }
+
+    /// Does `v` have an array (or any non-object) where `T` expects a struct? Answered by
+    /// serde_json itself: the error of `Strict` says "invalid type" with a struct expected.
+    fn refused_only_for_a_struct(e: &str) -> bool {
+        e.contains("invalid type") && (e.contains("expected struct") || e.contains("a string or an object"))
+    }
+
+    #[test]
+    fn reads_as_serde_json_does_except_structs_from_non_objects() {
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config {
+            cases: 2000,
+            ..Config::default()
+        });
+        runner
+            .run(&proptest::prop_oneof![json(), outer_like()], |v| {
+                // A `Value` reads back as itself.
+                let back: Value = serde_path_to_error::deserialize(Strict(&v))
+                    .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("Value refused: {e}")))?;
+                proptest::prop_assert_eq!(&back, &v);
+                // A struct: whatever `Strict` takes, serde_json takes the same way; whatever it
+                // refuses that serde_json takes had a non-object where a struct goes.
+                let loose = serde_json::from_value::<Outer>(v.clone()).map_err(|e| e.to_string());
+                let strict = serde_path_to_error::deserialize::<_, Outer>(Strict(&v))
+                    .map_err(|e| format!("{}: {}", e.path(), e.inner()));
+                match (&loose, &strict) {
+                    (Ok(a), Ok(b)) => proptest::prop_assert_eq!(a, b),
+                    (Err(_), Ok(b)) => proptest::prop_assert!(false, "taken by Strict only: {v} -> {b:?}"),
+                    (Ok(_), Err(e)) => {
+                        proptest::prop_assert!(refused_only_for_a_struct(e), "{v}: refused with {e}")
+                    }
+                    (Err(_), Err(_)) => {}
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
 }
