@@ -16,7 +16,12 @@
 //!   `waiting` and promoted to `ready` when the row before them finishes (three writes a row);
 //! - `wide`: `chained` with rows as wide as the relay's `deliveries` rows (~450 bytes: ids of the
 //!   run, webhook and lease, target URL, order key, source …, here one filler column), so each
-//!   page holds as few rows as the relay's and each batch of state changes dirties as many pages.
+//!   page holds as few rows as the relay's and each batch of state changes dirties as many pages;
+//! - `split`: `wide` with the queue's mutable state in a narrow table of its own (seq, chain,
+//!   ready), indexed by chain and readiness and deleted when the delivery finishes: the wide row
+//!   is written when the event comes and once more when it finishes, a promotion touches only
+//!   the narrow row (the change docs/BENCHMARKS.md, ninth session, points to; not the relay's
+//!   schema).
 //!
 //! `cargo bench --bench store_floor` (a second or two).
 
@@ -27,7 +32,17 @@ use rusqlite::{params, Connection};
 const EVENTS: usize = 20_000;
 const CHAINS: usize = 200;
 const INSERT_BATCH: usize = 500;
+/// Rows finished a transaction; `STORE_FLOOR_FINISH_BATCH` sets another (the relay's outcome
+/// writer commits ~20 at a time in the e2e bench's throughput phase, ~110 on a faster machine).
 const FINISH_BATCH: usize = 110;
+
+fn finish_batch() -> usize {
+    std::env::var("STORE_FLOOR_FINISH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=EVENTS).contains(n))
+        .unwrap_or(FINISH_BATCH)
+}
 
 fn cpu_secs() -> f64 {
     // SAFETY: getrusage fills the struct it is given.
@@ -57,6 +72,16 @@ fn run(schema: &str, dir: &std::path::Path) {
             "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT, event_id TEXT, chain TEXT, state TEXT, \
              finished_at INTEGER, body TEXT)"
         }
+        "split" => {
+            "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
+             finished_at INTEGER, meta TEXT);
+             CREATE INDEX q_event ON q(event_id);
+             CREATE INDEX q_finished ON q(finished_at) WHERE state = 'delivered';
+             CREATE TABLE b (seq INTEGER PRIMARY KEY, body TEXT);
+             CREATE TABLE n (seq INTEGER PRIMARY KEY, chain TEXT, ready INTEGER);
+             CREATE INDEX n_chain ON n(chain, seq);
+             CREATE INDEX n_due ON n(seq) WHERE ready = 1"
+        }
         _ => {
             "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
              finished_at INTEGER, meta TEXT);
@@ -69,7 +94,9 @@ fn run(schema: &str, dir: &std::path::Path) {
     };
     c.execute_batch(ddl).expect("schema");
     let body = "x".repeat(1024);
-    let meta = (schema == "wide").then(|| "m".repeat(400));
+    let split = schema == "split";
+    let chained = matches!(schema, "chained" | "wide" | "split");
+    let meta = matches!(schema, "wide" | "split").then(|| "m".repeat(400));
     let (cpu0, bytes0, wall) = (cpu_secs(), written_bytes(), Instant::now());
     let (mut inserted, mut finished) = (0usize, 0usize);
     while finished < EVENTS {
@@ -88,6 +115,10 @@ fn run(schema: &str, dir: &std::path::Path) {
                 c.prepare_cached("INSERT INTO b (seq, body) VALUES (?, ?)")
                     .expect("prepare")
             });
+            let mut narrow = split.then(|| {
+                c.prepare_cached("INSERT INTO n (seq, chain, ready) VALUES (?, ?, ?)")
+                    .expect("prepare")
+            });
             for i in inserted..end {
                 let seq = i as i64 + 1;
                 // Event i belongs to chain i % CHAINS, so every batch spans every chain (as the e2e bench).
@@ -96,8 +127,12 @@ fn run(schema: &str, dir: &std::path::Path) {
                     format!("ev-{}-{}", i % CHAINS, i / CHAINS),
                     format!("chain-{}", i % CHAINS),
                 );
-                let chained = schema == "chained" || schema == "wide";
-                let state = if chained && i >= CHAINS { "waiting" } else { "ready" };
+                let head = !chained || i < CHAINS;
+                let state = match (split, head) {
+                    (true, _) => "queued",
+                    (false, true) => "ready",
+                    (false, false) => "waiting",
+                };
                 match apart.as_mut() {
                     None => row.execute(params![seq, id, event_id, chain, state, body]),
                     Some(apart) => row
@@ -105,26 +140,37 @@ fn run(schema: &str, dir: &std::path::Path) {
                         .and_then(|_| apart.execute(params![seq, body])),
                 }
                 .expect("insert");
+                if let Some(narrow) = narrow.as_mut() {
+                    narrow.execute(params![seq, chain, head]).expect("insert narrow");
+                }
             }
-            drop((row, apart));
+            drop((row, apart, narrow));
             tx.commit().expect("commit");
             inserted = end;
         }
-        let end = (finished + FINISH_BATCH).min(inserted);
+        let end = (finished + finish_batch()).min(inserted);
         let tx = c.unchecked_transaction().expect("begin");
         let mut finish = c
             .prepare_cached("UPDATE q SET state = 'delivered', finished_at = ? WHERE seq = ?")
             .expect("prepare");
         let mut promote = c
-            .prepare_cached("UPDATE q SET state = 'ready' WHERE seq = ?")
+            .prepare_cached(if split {
+                "UPDATE n SET ready = 1 WHERE seq = ?"
+            } else {
+                "UPDATE q SET state = 'ready' WHERE seq = ?"
+            })
             .expect("prepare");
+        let mut dequeue = split.then(|| c.prepare_cached("DELETE FROM n WHERE seq = ?").expect("prepare"));
         for i in finished..end {
             finish.execute(params![1_i64, i as i64 + 1]).expect("finish");
-            if (schema == "chained" || schema == "wide") && i + CHAINS < EVENTS {
+            if let Some(dequeue) = dequeue.as_mut() {
+                dequeue.execute(params![i as i64 + 1]).expect("dequeue");
+            }
+            if chained && i + CHAINS < EVENTS {
                 promote.execute(params![(i + CHAINS) as i64 + 1]).expect("promote");
             }
         }
-        drop((finish, promote));
+        drop((finish, promote, dequeue));
         tx.commit().expect("commit");
         finished = end;
     }
@@ -139,10 +185,10 @@ fn run(schema: &str, dir: &std::path::Path) {
 
 fn main() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary folder");
-    println!("SQLite store floor: {EVENTS} events of ~1 KiB, {CHAINS} chains, inserted {INSERT_BATCH} and finished {FINISH_BATCH} a transaction, synchronous = full\n");
+    println!("SQLite store floor: {EVENTS} events of ~1 KiB, {CHAINS} chains, inserted {INSERT_BATCH} and finished {} a transaction, synchronous = full\n", finish_batch());
     println!("| schema | CPU an event | events/s | written to disk an event |");
     println!("|---|---:|---:|---:|");
-    for schema in ["minimal", "indexed", "chained", "wide"] {
+    for schema in ["minimal", "indexed", "chained", "wide", "split"] {
         run(schema, dir.path());
     }
 }
