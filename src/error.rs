@@ -256,53 +256,6 @@ pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&str) -> bool) -> Resu
     }
 }
 
-/// A field holding a struct, as JSON `null` (None) or an object (Some): anything else is refused.
-/// A derived struct would also take an array, field by field (`"overrides": []` was accepted as
-/// "no overrides"; schemathesis, ST201), the same hole [`parse_json`] closes for a whole body.
-/// Use with `#[serde(default, deserialize_with = "crate::error::object_or_null")]`.
-pub fn object_or_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    use serde::de::{Error, Unexpected};
-    use serde::Deserialize;
-    let v = serde_json::Value::deserialize(d)?;
-    let unexpected = match &v {
-        serde_json::Value::Null => return Ok(None),
-        serde_json::Value::Object(_) => {
-            // The path inside the object goes into the message (the field named is this one).
-            return serde_path_to_error::deserialize(strict::Strict(&v))
-                .map(Some)
-                .map_err(|e| {
-                    let path = e.path().to_string();
-                    let message = e.into_inner().to_string();
-                    if path == "." {
-                        return D::Error::custom(message);
-                    }
-                    // "at `a.b`: …", which `parse_json` appends to the field's own path; an inner
-                    // one of these (a struct field in this struct) is merged into it.
-                    match split_inner_path(&message) {
-                        Some((inner, rest)) => D::Error::custom(format!("at `{path}.{inner}`: {rest}")),
-                        None => D::Error::custom(format!("at `{path}`: {message}")),
-                    }
-                });
-        }
-        serde_json::Value::Array(_) => Unexpected::Seq,
-        serde_json::Value::Bool(b) => Unexpected::Bool(*b),
-        serde_json::Value::Number(_) => Unexpected::Other("a number"),
-        serde_json::Value::String(s) => Unexpected::Str(s),
-    };
-    Err(D::Error::invalid_type(unexpected, &"an object or null"))
-}
-
-/// "at `a.b`: message" (an [`object_or_null`] error) as (`a.b`, message).
-fn split_inner_path(message: &str) -> Option<(&str, &str)> {
-    let rest = message.strip_prefix("at `")?;
-    let (path, rest) = rest.split_once("`: ")?;
-    Some((path, rest))
-}
-
 /// Parse a JSON body into `T`, naming the offending field on failure (a repeated key too).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Every request body is an object. serde would take `[]` (or `[true]`) for a struct whose
@@ -318,12 +271,6 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
     serde_path_to_error::deserialize(strict::Strict(&value)).map_err(|e| {
         let path = e.path().to_string();
         let message = e.inner().to_string();
-        // A path inside a field read by `object_or_null` comes in the message.
-        let (path, message) = match split_inner_path(&message) {
-            Some((inner, rest)) if path == "." => (inner.to_string(), rest.to_string()),
-            Some((inner, rest)) => (format!("{path}.{inner}"), rest.to_string()),
-            None => (path, message),
-        };
         let field = if let Some(rest) = message.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default();
             if path == "." {

@@ -38,16 +38,14 @@ struct UpdateWebhook {
     is_active: Option<bool>,
     description: Option<String>,
     /// Absent: unchanged; `null`: back to the configured settings; an object: replaces them.
-    #[serde(default, deserialize_with = "present_object")]
+    #[serde(default, deserialize_with = "present")]
     overrides: Option<Option<WebhookOverrides>>,
 }
 
-/// A field given (even as `null`) is `Some`, an absent one `None` (with `#[serde(default)]`);
-/// given, it is `null` or an object (see [`crate::error::object_or_null`]).
-fn present_object<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    crate::error::object_or_null(d).map(Some)
+/// A field given (even as `null`) is `Some`, an absent one `None` (with `#[serde(default)]`).
+/// Given, it is `null` or an object: `parse_json` refuses anything else for a struct.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Per-webhook overrides must make a valid policy together with the configured settings.

@@ -35,11 +35,7 @@ pub struct Webhook<S = Secret> {
 pub struct WebhookOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<usize>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "crate::error::object_or_null"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryOverrides>,
 }
 
