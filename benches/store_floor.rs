@@ -23,7 +23,14 @@
 //!   the narrow row (the change docs/BENCHMARKS.md, ninth session, points to; not the relay's
 //!   schema).
 //!
-//! `cargo bench --bench store_floor` (a second or two).
+//! - `relay`: the same work through the relay's own store (`Store` on SQLite, its `Queue`
+//!   interface, as the embedded bus calls it), so the gap between the floor and the relay's
+//!   store is measured here directly, away from the HTTP, delivery and scheduling around it.
+//!
+//! `cargo bench --bench store_floor` (a second or two); `STORE_FLOOR_ONLY=wide,relay` runs some
+//! rows only. CPU time on a shared machine moves by tens of percent between runs; under
+//! `valgrind --tool=callgrind` the instruction counts of a row repeat exactly, which is how
+//! builds of the store are compared (docs/BENCHMARKS.md, tenth session).
 
 use std::time::Instant;
 
@@ -183,12 +190,130 @@ fn run(schema: &str, dir: &std::path::Path) {
     );
 }
 
+/// The relay's own store (`syncrelay::store::Store` on SQLite, as `cargo run` opens it) doing the
+/// same work through its `Queue` interface, as the embedded bus asks it: each batch of 500
+/// events queued and its chains' heads claimed (`enqueue_claiming`), the ready rows finished as
+/// first-try successes `finish_batch()` at a time (`complete`, which promotes each finished
+/// chain's next row). Rows as the router makes them (ids, run, webhook, chain of run and
+/// webhook). Everything the relay's store code adds to the floor's statements shows here.
+fn relay(dir: &std::path::Path) {
+    use syncrelay::config::{StoreKind, StoreSettings, Synchronous};
+    use syncrelay::store::{AttemptRecord, Completion, NewDelivery, Next, QueuedDelivery, Store};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let store = Store::open(&StoreSettings {
+            kind: StoreKind::Sqlite,
+            path: dir.join("relay.db"),
+            url: String::new(),
+            max_connections: 8,
+            synchronous: Synchronous::Full,
+            lease_ms: 60_000,
+            encryption_key: String::new(),
+            previous_encryption_keys: Vec::new(),
+        })
+        .await
+        .expect("open the relay's store");
+        let q = store.queue();
+        let webhook = uuid::Uuid::now_v7().to_string();
+        let runs: Vec<String> = (0..CHAINS).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+        let body = format!("{{\"payload\":\"{}\"}}", "x".repeat(1010));
+        let now = 1_700_000_000_000_i64;
+        let (cpu0, bytes0, wall) = (cpu_secs(), written_bytes(), Instant::now());
+        let mut ready: std::collections::VecDeque<QueuedDelivery> = Default::default();
+        let (mut inserted, mut finished) = (0usize, 0usize);
+        while finished < EVENTS {
+            if inserted < EVENTS {
+                let end = (inserted + INSERT_BATCH).min(EVENTS);
+                let batch: Vec<NewDelivery> = (inserted..end)
+                    .map(|i| {
+                        let run = &runs[i % CHAINS];
+                        NewDelivery {
+                            id: uuid::Uuid::now_v7().to_string(),
+                            event_id: uuid::Uuid::now_v7().to_string(),
+                            event: "sync_job_run:record".into(),
+                            run_id: Some(run.clone()),
+                            kind: "webhook",
+                            webhook_id: Some(webhook.clone()),
+                            target_url: None,
+                            target_key: format!("w:{webhook}"),
+                            order_key: Some(format!("w:{webhook}:{run}")),
+                            body: body.clone(),
+                            created_at: now,
+                            attempts: 0,
+                            first_attempt_at: None,
+                            next_attempt_at: None,
+                            source: None,
+                            log: Vec::new(),
+                        }
+                    })
+                    .collect();
+                let claimed = q
+                    .enqueue_claiming(&batch, &[], now, &Default::default(), &mut |_| {})
+                    .await
+                    .expect("enqueue");
+                ready.extend(claimed);
+                inserted = end;
+            }
+            let n = finish_batch().min(ready.len());
+            let batch: Vec<Completion> = ready
+                .drain(..n)
+                .map(|r| Completion {
+                    seq: r.seq,
+                    delivery_id: r.id,
+                    order_key: r.order_key,
+                    attempt_no: 1,
+                    first_attempt_at: now,
+                    attempt: AttemptRecord {
+                        started_at: now,
+                        duration_ms: 1,
+                        status: Some(200),
+                        error: None,
+                        excerpt: Some("ok".into()),
+                    },
+                    next: Next::Delivered,
+                    kind: "webhook",
+                    target_key: r.target_key,
+                    created_at: r.created_at,
+                    body: None,
+                    run_id: r.run_id,
+                    event: r.event,
+                    resource: None,
+                })
+                .collect();
+            let done = q.complete(&batch, now, &mut |_| {}, None).await.expect("complete");
+            assert!(done.lost.is_empty(), "no lease is lost here");
+            ready.extend(done.promoted);
+            finished += batch.len();
+        }
+        let (cpu, bytes, wall) = (cpu_secs() - cpu0, written_bytes() - bytes0, wall.elapsed());
+        println!(
+            "| relay (its `Store`, through `Queue`) | {:.4} ms | {:.0} | {:.1} KB |",
+            cpu * 1e3 / EVENTS as f64,
+            EVENTS as f64 / wall.as_secs_f64(),
+            bytes as f64 / EVENTS as f64 / 1e3
+        );
+        store.close().await;
+    });
+}
+
 fn main() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary folder");
     println!("SQLite store floor: {EVENTS} events of ~1 KiB, {CHAINS} chains, inserted {INSERT_BATCH} and finished {} a transaction, synchronous = full\n", finish_batch());
     println!("| schema | CPU an event | events/s | written to disk an event |");
     println!("|---|---:|---:|---:|");
+    // `STORE_FLOOR_ONLY=wide,relay`: some rows only (under `valgrind`, say).
+    let only = std::env::var("STORE_FLOOR_ONLY").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w.trim() == name));
     for schema in ["minimal", "indexed", "chained", "wide", "split"] {
-        run(schema, dir.path());
+        if wanted(schema) {
+            run(schema, dir.path());
+        }
+    }
+    if wanted("relay") {
+        relay(dir.path());
     }
 }
