@@ -9,7 +9,7 @@
 //!
 //! Here a caller takes the write lock (a FIFO lock, so nobody waits by sleeping) and runs its
 //! statements ([`Writer::write`]) inside a savepoint of the transaction that is open on the
-//! group connection (opening one when none is), then gives the lock back. A committer task
+//! group connection (or in a transaction opened for it when none is), then gives the lock back. A committer task
 //! commits the open transaction as soon as it gets the lock; callers that queued for the lock
 //! while it waited or committed join the next transaction. A caller's `write` returns only when
 //! the transaction holding its writes is committed (durable as `store.synchronous` says), so
@@ -30,7 +30,10 @@
 //! the two connections never hold SQLite's write lock at once.
 //!
 //! Failure stays per caller where SQLite allows it: a caller whose statements fail is rolled
-//! back to its savepoint, leaving the others' writes in place. A failed `COMMIT`, or SQLite
+//! back to its savepoint (or its transaction, when it opened it), leaving the others' writes in
+//! place. That is also what makes a caller's statements atomic, so the batched ones are written
+//! `OR FAIL` (`store::sqlite::queue`): a statement that changes many rows and may abort would
+//! otherwise open a statement journal, which copies every page it changes first (see [`turn`]). A failed `COMMIT`, or SQLite
 //! rolling the whole transaction back on its own (I/O error, disk full), fails every caller of
 //! that transaction.
 //!
@@ -106,8 +109,8 @@ impl Writer {
         Ok(Writer { shared, wake })
     }
 
-    /// Run `f`'s statements on the group connection, in a savepoint of the open transaction,
-    /// and wait until that transaction is committed. Waits for the lock behind the callers
+    /// Run `f`'s statements on the group connection, in a savepoint of the open transaction
+    /// (or a transaction of its own), and wait until that transaction is committed. Waits for the lock behind the callers
     /// before it, never by sleeping. An error (of `f`, or of the commit) means none of `f`'s
     /// writes are kept.
     pub(super) async fn write<R>(
@@ -194,28 +197,52 @@ enum Turn {
     Broken(anyhow::Error),
 }
 
-/// One caller's statements in a savepoint of the open group transaction (opened when none is).
-/// Synchronous from the savepoint's start to its end: a caller cancelled while it waits for
-/// the lock or for the commit leaves no half-written savepoint behind.
+/// One caller's statements in a savepoint of the open group transaction, or, when no
+/// transaction is open, in a transaction opened for it (then without a savepoint: a failure rolls
+/// the whole transaction back, and it holds nothing else). Synchronous from the savepoint's (or
+/// transaction's) start to its end: a caller cancelled while it waits for the lock or for the
+/// commit leaves nothing half-written behind.
+///
+/// Why not always a savepoint: SQLite copies every page a savepoint's statements change, as it
+/// was, into the statement journal first (so `ROLLBACK TO` can restore it), whether or not an
+/// earlier caller changed it. Most transactions here hold one caller (a commit starts as soon as
+/// the lock is free), and for it those copies were 6 % of the store's work in
+/// `cargo bench --bench store_floor` under callgrind: two pages an event, for nothing.
+///
 /// Answers whether the caller wrote anything.
 fn turn<R>(g: &mut Conn, f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<R>) -> Result<(R, bool), Turn> {
     let conn =
         g.g.as_ref()
             .ok_or_else(|| Turn::Failed(anyhow!("the store is closed")))?;
-    if !g.open {
+    let alone = !g.open;
+    if alone {
         conn.execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| Turn::Failed(e.into()))?;
         g.open = true;
+    } else {
+        conn.execute_batch("SAVEPOINT caller")
+            .map_err(|e| Turn::Broken(e.into()))?;
     }
-    conn.execute_batch("SAVEPOINT caller")
-        .map_err(|e| Turn::Broken(e.into()))?;
     let before = conn.total_changes();
     match f(conn) {
         Ok(out) => {
             let wrote = conn.total_changes() != before;
-            conn.execute_batch("RELEASE caller")
-                .map_err(|e| Turn::Broken(e.into()))?;
+            if !alone {
+                conn.execute_batch("RELEASE caller")
+                    .map_err(|e| Turn::Broken(e.into()))?;
+            }
             Ok((out, wrote))
+        }
+        Err(e) if alone => {
+            // The transaction is this caller's alone: rolled back whole (SQLite may have done
+            // so already, after an I/O error, say: the ROLLBACK then fails harmlessly). Nobody
+            // waits for its number, which the next transaction takes.
+            let _ = conn.execute_batch("ROLLBACK");
+            if !conn.is_autocommit() {
+                return Err(Turn::Broken(e));
+            }
+            g.open = false;
+            Err(Turn::Failed(e))
         }
         Err(e) => {
             conn.execute_batch("ROLLBACK TO caller; RELEASE caller")
@@ -470,6 +497,33 @@ mod tests {
         assert_eq!(
             transactions, 2,
             "the failing and the fine caller shared one transaction"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_alone_in_its_transaction_is_rolled_back_whole() {
+        let (w, opts, _dir) = fresh().await;
+        insert(&w, "before").await.unwrap();
+        // Nothing holds the lock: the caller opens the transaction and runs without a savepoint.
+        // Its `OR FAIL` statement keeps the row it wrote before the failing one; the caller's
+        // failure must still take back everything it wrote.
+        let failed = w
+            .write(|c| {
+                c.execute("INSERT INTO t (v) VALUES ('partial')", [])?;
+                c.execute(
+                    "INSERT OR FAIL INTO t (v) SELECT column1 FROM (VALUES ('half'), ('before'))",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await;
+        assert!(failed.is_err(), "a unique violation fails the caller");
+        insert(&w, "after").await.unwrap();
+        assert_eq!(committed(&opts).await, vec!["after", "before"]);
+        assert_eq!(
+            w.shared.ended.borrow().below,
+            2,
+            "the failed transaction was rolled back, not committed: the next one took its number"
         );
     }
 

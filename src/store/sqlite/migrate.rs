@@ -74,6 +74,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0009_delivery_bodies.sql"),
         present: None,
     },
+    Migration {
+        version: 10,
+        name: "queued_predicate",
+        sql: include_str!("../../../migrations/sqlite/0010_queued_predicate.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\

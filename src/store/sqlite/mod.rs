@@ -46,10 +46,15 @@ fn json_list<T: serde::Serialize + ?Sized>(values: &T) -> anyhow::Result<String>
     Ok(serde_json::to_string(values)?)
 }
 
-/// A row of either connection, read by column name: one mapping from a row to a value serves
-/// the pool's reads (sqlx) and the group connection's statements (rusqlite).
+/// A row of either connection, read by column name or position: one mapping from a row to a
+/// value serves the pool's reads (sqlx) and the group connection's statements (rusqlite).
 pub(super) trait Cols {
     fn col<T>(&self, name: &str) -> anyhow::Result<T>
+    where
+        T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>;
+
+    /// The column at `i` (from 0): for rows read often, where a search by name costs.
+    fn at<T>(&self, i: usize) -> anyhow::Result<T>
     where
         T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>;
 }
@@ -61,6 +66,13 @@ impl Cols for sqlx::sqlite::SqliteRow {
     {
         Ok(sqlx::Row::try_get(self, name)?)
     }
+
+    fn at<T>(&self, i: usize) -> anyhow::Result<T>
+    where
+        T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        Ok(sqlx::Row::try_get(self, i)?)
+    }
 }
 
 impl Cols for rusqlite::Row<'_> {
@@ -70,7 +82,23 @@ impl Cols for rusqlite::Row<'_> {
     {
         Ok(self.get(name)?)
     }
+
+    fn at<T>(&self, i: usize) -> anyhow::Result<T>
+    where
+        T: rusqlite::types::FromSql + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        Ok(self.get(i)?)
+    }
 }
+
+/// A `deliveries` row still queued (ready, waiting for its chain, or held by a paused sync): the
+/// chain index's predicate (migrations/sqlite/0010). Written as equalities, not an `IN` list:
+/// SQLite evaluates a partial index's predicate for every row written, and builds a list of
+/// three or more constants into an ephemeral B-tree each time. A query reaches the index only
+/// with this term written this way (SQLite matches a partial index by the form of its terms; a
+/// lone `state = 'waiting'` or `state = 'paused'` implies it too). Unqualified: in a subquery it
+/// names the innermost `deliveries`.
+pub(super) const QUEUED: &str = "(state = 'ready' OR state = 'waiting' OR state = 'paused')";
 
 /// Binds values to a statement's parameters, in order.
 pub(super) struct Binder<'a, 'c> {

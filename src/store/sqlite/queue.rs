@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use sqlx::Row;
 
 use super::runs::decide_runs;
-use super::{json_list, placeholders, Binder, Cols, Lease, SqliteStore, IN_CHUNK};
+use super::{json_list, placeholders, Binder, Cols, Lease, SqliteStore, IN_CHUNK, QUEUED};
 use crate::store::{
     chain_states, first_try_success, ready_now, requeue, sourced_ids, with_logged_attempts, without_recorded,
     AttemptRecord, Claim, Completed, Completion, Counting, Logged, NewDeadLetter, NewDelivery, Next, Queue,
@@ -26,28 +26,31 @@ pub(super) const QUEUED_COLUMNS: &str = "seq, id, event_id, event, run_id, kind,
 /// subquery): on the one write connection every statement is a round trip to its thread.
 pub(super) const BODY: &str = "(SELECT b.body FROM delivery_bodies b WHERE b.seq = deliveries.seq) AS body";
 
-/// A queued delivery from a row of [`QUEUED_COLUMNS`] and `body` ([`BODY`]); an error, not a
-/// panic, when the row has no body.
+/// A queued delivery from a row that starts with [`QUEUED_COLUMNS`] and `body` ([`BODY`]), in
+/// that order (any other column a statement reads comes after them); an error, not a panic, when
+/// the row has no body. Read by position: by name, each of the 15 columns was a search of the
+/// statement's column names (rusqlite compares them one by one), 12 % of the store's work in
+/// `cargo bench --bench store_floor` under callgrind.
 pub(super) fn queued_from_row(r: &impl Cols) -> anyhow::Result<QueuedDelivery> {
-    let seq: i64 = r.col("seq")?;
-    let body: Option<String> = r.col("body")?;
+    let seq: i64 = r.at(0)?;
+    let body: Option<String> = r.at(14)?;
     let body = body.ok_or_else(|| anyhow::anyhow!("delivery {seq} has no body in the store"))?;
     Ok(QueuedDelivery {
         seq,
-        id: r.col("id")?,
-        event_id: r.col("event_id")?,
-        event: r.col("event")?,
-        run_id: r.col("run_id")?,
-        kind: r.col("kind")?,
-        webhook_id: r.col("webhook_id")?,
-        target_url: r.col("target_url")?,
-        target_key: r.col("target_key")?,
-        order_key: r.col("order_key")?,
+        id: r.at(1)?,
+        event_id: r.at(2)?,
+        event: r.at(3)?,
+        run_id: r.at(4)?,
+        kind: r.at(5)?,
+        webhook_id: r.at(6)?,
+        target_url: r.at(7)?,
+        target_key: r.at(8)?,
+        order_key: r.at(9)?,
+        attempts: r.at(10)?,
+        first_attempt_at: r.at(11)?,
+        created_at: r.at(12)?,
+        source: r.at(13)?,
         body,
-        attempts: r.col("attempts")?,
-        first_attempt_at: r.col("first_attempt_at")?,
-        created_at: r.col("created_at")?,
-        source: r.col("source")?,
     })
 }
 
@@ -88,10 +91,10 @@ pub(super) fn busy_chains(c: &Connection, keys: &[&str]) -> anyhow::Result<HashS
     if keys.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut st = c.prepare_cached(
+    let mut st = c.prepare_cached(&format!(
         "SELECT k.value FROM json_each(?) AS k WHERE EXISTS (SELECT 1 FROM deliveries x \
-         WHERE x.order_key = k.value AND x.state IN ('ready', 'waiting', 'paused'))",
-    )?;
+         WHERE x.order_key = k.value AND {QUEUED})"
+    ))?;
     let keys = st.query_map([json_list(keys)?], |r| r.get::<_, String>(0))?;
     Ok(keys.collect::<rusqlite::Result<_>>()?)
 }
@@ -131,14 +134,26 @@ fn promote_next(c: &Connection, keys: &[&str], now: i64, lease: &Lease) -> anyho
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let mut st = c.prepare_cached(&format!(
-        "UPDATE deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
-         WHERE state = 'waiting' AND seq IN \
-         (SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = k.value \
-          AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1) FROM json_each(?) AS k) \
-         RETURNING {QUEUED_COLUMNS}, {BODY}"
-    ))?;
-    let promoted = queued_rows(st.query(rusqlite::params![now, lease.owner, now + lease.ms, json_list(keys)?])?)?;
+    // Read, then written by seq: an `UPDATE … RETURNING` ran its returned columns (and the body's
+    // lookup) as a trigger program a row, its rows stored and read back through an ephemeral
+    // table, and could not update in one pass.
+    let promoted = queued_rows(
+        c.prepare_cached(&format!(
+            "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE state = 'waiting' AND seq IN \
+             (SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = k.value \
+              AND {QUEUED} ORDER BY x.seq LIMIT 1) FROM json_each(?) AS k)"
+        ))?
+        .query([json_list(keys)?])?,
+    )?;
+    if promoted.is_empty() {
+        return Ok(promoted);
+    }
+    let seqs: Vec<i64> = promoted.iter().map(|q| q.seq).collect();
+    c.prepare_cached(
+        "UPDATE OR FAIL deliveries SET state = 'ready', next_attempt_at = ?, lease_owner = ?, lease_until = ? \
+         WHERE seq IN (SELECT value FROM json_each(?))",
+    )?
+    .execute(rusqlite::params![now, lease.owner, now + lease.ms, json_list(&seqs)?])?;
     Ok(promoted)
 }
 
@@ -258,7 +273,9 @@ impl<'a> InsertRow<'a> {
 const INSERT_ROWS: usize = 256;
 
 /// Write rows in the order given (so a chain's `seq`s follow its order); returns each row's
-/// `seq` by its id. Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of
+/// `seq` by its id. `OR FAIL`, here and in [`promote_next`]: the caller's savepoint or
+/// transaction makes its writes atomic (`group::turn`), and without it a statement of many rows
+/// that may abort opens a statement journal of its own, a copy of every page it changes. Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of
 /// NULLs (left out by the `WHERE`) to a power of two: the statement's text is then one of nine,
 /// so each connection prepares them once and keeps them (see [`json_list`]; event bodies are
 /// bound as they are rather than inside a JSON list, which SQLite would parse once per column).
@@ -267,10 +284,10 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
     for piece in rows.chunks(INSERT_ROWS) {
         let n = piece.len().next_power_of_two();
         let mut st = c.prepare_cached(&format!(
-            "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
+            "INSERT OR FAIL INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
              state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, last_error, \
              last_duration_ms, last_excerpt, lease_owner, lease_until, finished_at) \
-             SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL RETURNING seq, id",
+             SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
             vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
         ))?;
         let mut b = Binder::new(&mut st);
@@ -299,14 +316,42 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
             b.bind(r.finished_at)?;
         }
         b.nulls((n - piece.len()) * 22)?;
-        let mut piece_seqs = HashMap::with_capacity(piece.len());
-        let mut written = st.raw_query();
-        while let Some(r) = written.next()? {
-            piece_seqs.insert(r.get::<_, String>(1)?, r.get::<_, i64>(0)?);
-        }
+        // The seqs the rows drew, without a `RETURNING` (which runs a trigger program a row and
+        // stores its rows in an ephemeral table): AUTOINCREMENT gives each new row one more than
+        // the largest seq the table ever had, so the rows of one statement take the seqs after
+        // the last one recorded, in their order. Checked: the last row's seq must be exactly as
+        // many past it as rows were written; else they are looked up by id.
+        let last_before: i64 = c
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'deliveries'")?
+            .query_row([], |r| r.get(0))?;
+        let written = st.raw_execute()?;
+        anyhow::ensure!(
+            written == piece.len(),
+            "{written} of {} deliveries were written",
+            piece.len()
+        );
+        let piece_seqs: HashMap<&str, i64> = if c.last_insert_rowid() == last_before + piece.len() as i64 {
+            piece
+                .iter()
+                .zip(last_before + 1..)
+                .map(|(r, seq)| (r.id, seq))
+                .collect()
+        } else {
+            let ids: Vec<&str> = piece.iter().map(|r| r.id).collect();
+            let mut st =
+                c.prepare_cached("SELECT id, seq FROM deliveries WHERE id IN (SELECT value FROM json_each(?))")?;
+            let found = st.query_map([json_list(&ids)?], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            let found: HashMap<String, i64> = found.collect::<rusqlite::Result<_>>()?;
+            piece
+                .iter()
+                .filter_map(|r| found.get(r.id).map(|seq| (r.id, *seq)))
+                .collect()
+        };
         // The bodies, once: the same padding, by the seqs just given.
         let mut st = c.prepare_cached(&format!(
-            "INSERT INTO delivery_bodies (seq, body) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
+            "INSERT OR FAIL INTO delivery_bodies (seq, body) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
             vec!["(?, ?)"; n].join(", ")
         ))?;
         let mut b = Binder::new(&mut st);
@@ -319,7 +364,7 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
         }
         b.nulls((n - piece.len()) * 2)?;
         st.raw_execute()?;
-        seqs.extend(piece_seqs);
+        seqs.extend(piece_seqs.into_iter().map(|(id, seq)| (id.to_string(), seq)));
     }
     Ok(seqs)
 }
@@ -381,46 +426,36 @@ fn take_waiting(c: &Connection, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
     Ok(out.into_iter().map(requeue).collect())
 }
 
-/// Rows a completion statement takes.
-const COMPLETE_ROWS: usize = 128;
-
 /// Write each completion's outcome on its row, only while this handle holds the row's lease and
-/// it is still ready; returns the seqs written. The values are bound one per placeholder, the
-/// `VALUES` list padded to a power of two (as in [`insert_rows`]): through one `json_each` list,
-/// SQLite parsed each row's JSON once per column (eleven times).
+/// it is still ready; returns the seqs written. One statement a row, by its seq: a row at a time
+/// is updated in one pass with nothing around it, where one statement for the batch
+/// (`UPDATE … FROM (VALUES …) … RETURNING`, its list padded to a power of two) stored the list,
+/// the joined rows and the returned seqs in three ephemeral tables and ran a trigger program a
+/// row for its `RETURNING` (callgrind over `cargo bench --bench store_floor`).
 fn complete_rows(c: &Connection, batch: &[Completion], now: i64, owner: &str) -> anyhow::Result<HashSet<i64>> {
     let mut held = HashSet::with_capacity(batch.len());
-    for piece in batch.chunks(COMPLETE_ROWS) {
-        let n = piece.len().next_power_of_two();
-        let mut st = c.prepare_cached(&format!(
-            "WITH v(seq, state, attempts, next_at, first_at, status, error, finished, duration, excerpt) AS \
-             (VALUES {}) \
-             UPDATE deliveries SET state = v.state, attempts = v.attempts, next_attempt_at = v.next_at, \
-             first_attempt_at = v.first_at, last_status = v.status, last_error = v.error, finished_at = v.finished, \
-             last_duration_ms = v.duration, last_excerpt = v.excerpt, lease_owner = NULL, lease_until = NULL \
-             FROM v WHERE deliveries.seq = v.seq AND deliveries.state = 'ready' AND deliveries.lease_owner = ? \
-             RETURNING deliveries.seq",
-            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; n].join(", ")
-        ))?;
-        let mut b = Binder::new(&mut st);
-        for x in piece {
-            let (state, next_at, finished) = x.row_state(now);
-            b.bind(x.seq)?;
-            b.bind(state)?;
-            b.bind(x.attempt_no)?;
-            b.bind(next_at)?;
-            b.bind(x.first_attempt_at)?;
-            b.bind(x.attempt.status)?;
-            b.bind(x.attempt.error.as_deref())?;
-            b.bind(finished)?;
-            b.bind(x.attempt.duration_ms)?;
-            b.bind(x.attempt.excerpt.as_deref())?;
-        }
-        b.nulls((n - piece.len()) * 10)?;
-        b.bind(owner)?;
-        let mut written = st.raw_query();
-        while let Some(r) = written.next()? {
-            held.insert(r.get::<_, i64>(0)?);
+    let mut st = c.prepare_cached(
+        "UPDATE deliveries SET state = ?2, attempts = ?3, next_attempt_at = ?4, first_attempt_at = ?5, \
+         last_status = ?6, last_error = ?7, finished_at = ?8, last_duration_ms = ?9, last_excerpt = ?10, \
+         lease_owner = NULL, lease_until = NULL WHERE seq = ?1 AND state = 'ready' AND lease_owner = ?11",
+    )?;
+    for x in batch {
+        let (state, next_at, finished) = x.row_state(now);
+        let n = st.execute(rusqlite::params![
+            x.seq,
+            state,
+            x.attempt_no,
+            next_at,
+            x.first_attempt_at,
+            x.attempt.status,
+            x.attempt.error.as_deref(),
+            finished,
+            x.attempt.duration_ms,
+            x.attempt.excerpt.as_deref(),
+            owner
+        ])?;
+        if n == 1 {
+            held.insert(x.seq);
         }
     }
     // The few completions that sent another body than the queued one (see `Completion::body`).
@@ -540,7 +575,7 @@ impl Queue for SqliteStore {
         let due =
             "state = 'ready' AND next_attempt_at <= ? AND (lease_owner IS NULL OR lease_owner = ? OR lease_until <= ?)";
         let mut sql = format!(
-            "SELECT next_attempt_at, COALESCE(lease_owner = ? AND lease_until > ?, 0) AS held, {QUEUED_COLUMNS}, {BODY} \
+            "SELECT {QUEUED_COLUMNS}, {BODY}, next_attempt_at, COALESCE(lease_owner = ? AND lease_until > ?, 0) AS held \
              FROM deliveries WHERE {due}"
         );
         if !skip_targets.is_empty() {
@@ -576,7 +611,7 @@ impl Queue for SqliteStore {
                     let mut st = c.prepare_cached(&format!(
                         "UPDATE deliveries SET lease_owner = ?, lease_until = ? \
                          WHERE seq IN (SELECT value FROM json_each(?)) AND {due} \
-                         RETURNING next_attempt_at, {QUEUED_COLUMNS}, {BODY}"
+                         RETURNING {QUEUED_COLUMNS}, {BODY}, next_attempt_at"
                     ))?;
                     let mut rows = st.query(rusqlite::params![
                         self.lease.owner,
@@ -588,7 +623,7 @@ impl Queue for SqliteStore {
                     ])?;
                     let mut claimed = Vec::new();
                     while let Some(r) = rows.next()? {
-                        claimed.push((r.col("next_attempt_at")?, queued_from_row(r)?));
+                        claimed.push((r.at(15)?, queued_from_row(r)?));
                     }
                     Ok(claimed)
                 })
@@ -601,9 +636,9 @@ impl Queue for SqliteStore {
     }
 
     async fn has_active(&self, order_key: &str) -> anyhow::Result<bool> {
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND state IN ('ready', 'waiting', 'paused'))",
-        )
+        Ok(sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT EXISTS(SELECT 1 FROM deliveries WHERE order_key = ? AND {QUEUED})"
+        ))
         .bind(order_key)
         .fetch_one(&self.pool)
         .await?
@@ -611,9 +646,9 @@ impl Queue for SqliteStore {
     }
 
     async fn active_order_keys(&self) -> anyhow::Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT DISTINCT order_key FROM deliveries WHERE state IN ('ready', 'waiting', 'paused') AND order_key IS NOT NULL",
-        )
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT DISTINCT order_key FROM deliveries WHERE {QUEUED} AND order_key IS NOT NULL"
+        ))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -731,7 +766,7 @@ impl Queue for SqliteStore {
         let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(&format!(
             "SELECT seq, kind, event, {BODY} FROM deliveries \
-             WHERE run_id = ? AND state IN ('ready', 'waiting', 'paused') ORDER BY seq"
+             WHERE run_id = ? AND {QUEUED} ORDER BY seq"
         ))
         .bind(run_id)
         .fetch_all(&mut *tx)
@@ -756,9 +791,10 @@ impl Queue for SqliteStore {
     }
 
     async fn pause_queued(&self, sync_id: i64) -> anyhow::Result<u64> {
-        // The `IN` term is the chain index's condition, so the scan is of queued rows only.
+        // `state = 'waiting'` implies the chain index's condition (`QUEUED`), so the scan is of
+        // queued rows only.
         let prefix = crate::syncs::order_key_prefix(sync_id);
-        Ok(self.execute(sqlx::query("UPDATE deliveries SET state = 'paused' WHERE state IN ('ready', 'waiting', 'paused') AND state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)")
+        Ok(self.execute(sqlx::query("UPDATE deliveries SET state = 'paused' WHERE state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)")
         .bind(&prefix)
         .bind(&prefix)
         .bind(sync_id)
@@ -805,9 +841,9 @@ impl Queue for SqliteStore {
     }
 
     async fn queue_stats(&self) -> anyhow::Result<(i64, Option<i64>)> {
-        let r = sqlx::query(
-            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state IN ('ready', 'waiting', 'paused')",
-        )
+        let r = sqlx::query(&format!(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE {QUEUED}"
+        ))
         .fetch_one(&self.pool)
         .await?;
         Ok((r.get("n"), r.get("oldest")))
