@@ -34,6 +34,8 @@ WORKDIR /build
 # Dependency-caching layer: build every dependency against placeholder sources, so that changing
 # only src/ re-runs only the last build step.
 COPY Cargo.toml Cargo.lock ./
+# Build settings (.cargo/config.toml: SQLite's compile-time options) before the dependencies build.
+COPY .cargo ./.cargo
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && echo '' > src/lib.rs \

@@ -70,6 +70,34 @@ fn written_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// What one row of the table measures: CPU, wall time and bytes written from its start.
+struct Meter {
+    cpu: f64,
+    bytes: u64,
+    wall: Instant,
+}
+
+impl Meter {
+    fn start() -> Meter {
+        Meter {
+            cpu: cpu_secs(),
+            bytes: written_bytes(),
+            wall: Instant::now(),
+        }
+    }
+
+    /// The row `name` of the table, per event.
+    fn print(&self, name: &str) {
+        let (cpu, bytes, wall) = (cpu_secs() - self.cpu, written_bytes() - self.bytes, self.wall.elapsed());
+        println!(
+            "| {name} | {:.4} ms | {:.0} | {:.1} KB |",
+            cpu * 1e3 / EVENTS as f64,
+            EVENTS as f64 / wall.as_secs_f64(),
+            bytes as f64 / EVENTS as f64 / 1e3
+        );
+    }
+}
+
 fn run(schema: &str, dir: &std::path::Path) {
     let c = Connection::open(dir.join(format!("{schema}.db"))).expect("open");
     c.pragma_update(None, "journal_mode", "wal").expect("wal");
@@ -104,7 +132,7 @@ fn run(schema: &str, dir: &std::path::Path) {
     let split = schema == "split";
     let chained = matches!(schema, "chained" | "wide" | "split");
     let meta = matches!(schema, "wide" | "split").then(|| "m".repeat(400));
-    let (cpu0, bytes0, wall) = (cpu_secs(), written_bytes(), Instant::now());
+    let meter = Meter::start();
     let (mut inserted, mut finished) = (0usize, 0usize);
     while finished < EVENTS {
         if inserted < EVENTS {
@@ -181,13 +209,7 @@ fn run(schema: &str, dir: &std::path::Path) {
         tx.commit().expect("commit");
         finished = end;
     }
-    let (cpu, bytes, wall) = (cpu_secs() - cpu0, written_bytes() - bytes0, wall.elapsed());
-    println!(
-        "| {schema} | {:.4} ms | {:.0} | {:.1} KB |",
-        cpu * 1e3 / EVENTS as f64,
-        EVENTS as f64 / wall.as_secs_f64(),
-        bytes as f64 / EVENTS as f64 / 1e3
-    );
+    meter.print(schema);
 }
 
 /// The relay's own store (`syncrelay::store::Store` on SQLite, as `cargo run` opens it) doing the
@@ -222,7 +244,7 @@ fn relay(dir: &std::path::Path) {
         let runs: Vec<String> = (0..CHAINS).map(|_| uuid::Uuid::now_v7().to_string()).collect();
         let body = format!("{{\"payload\":\"{}\"}}", "x".repeat(1010));
         let now = 1_700_000_000_000_i64;
-        let (cpu0, bytes0, wall) = (cpu_secs(), written_bytes(), Instant::now());
+        let meter = Meter::start();
         let mut ready: std::collections::VecDeque<QueuedDelivery> = Default::default();
         let (mut inserted, mut finished) = (0usize, 0usize);
         while finished < EVENTS {
@@ -289,13 +311,7 @@ fn relay(dir: &std::path::Path) {
             ready.extend(done.promoted);
             finished += batch.len();
         }
-        let (cpu, bytes, wall) = (cpu_secs() - cpu0, written_bytes() - bytes0, wall.elapsed());
-        println!(
-            "| relay (its `Store`, through `Queue`) | {:.4} ms | {:.0} | {:.1} KB |",
-            cpu * 1e3 / EVENTS as f64,
-            EVENTS as f64 / wall.as_secs_f64(),
-            bytes as f64 / EVENTS as f64 / 1e3
-        );
+        meter.print("relay (its `Store`, through `Queue`)");
         store.close().await;
     });
 }
