@@ -348,6 +348,45 @@ mod tests {
         assert_eq!(v, "v", "the pool reads what the writer committed");
     }
 
+    #[tokio::test]
+    async fn queued_rows_carry_their_seqs_even_when_the_sequence_lags_behind_the_table() {
+        use crate::store::Queue;
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::SqliteStore::open(&settings(&dir)).await.unwrap();
+        let now = 1_000;
+        let rows = |keys: &[&str]| -> Vec<_> {
+            keys.iter()
+                .map(|k| conformance::delivery(&format!("d-{k}"), Some(k), None, now))
+                .collect()
+        };
+        let mut claimed = s
+            .enqueue_claiming(&rows(&["a", "b"]), &[], now, &Default::default(), &mut |_| {})
+            .await
+            .unwrap();
+        // A sequence behind the table (an older `sqlite_sequence` restored, say): the next rows
+        // draw seqs after the table's largest, not after the sequence, and the intake must not
+        // assume the latter.
+        s.execute(sqlx::query(
+            "UPDATE sqlite_sequence SET seq = 0 WHERE name = 'deliveries'",
+        ))
+        .await
+        .unwrap();
+        claimed.extend(
+            s.enqueue_claiming(&rows(&["c", "d"]), &[], now, &Default::default(), &mut |_| {})
+                .await
+                .unwrap(),
+        );
+        assert_eq!(claimed.len(), 4, "each row heads its own chain");
+        for q in &claimed {
+            let seq: i64 = sqlx::query_scalar("SELECT seq FROM deliveries WHERE id = ?")
+                .bind(&q.id)
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+            assert_eq!(q.seq, seq, "{} was handed out with the seq the store gave it", q.id);
+        }
+    }
+
     async fn fresh() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         (open(&dir).await, dir)
