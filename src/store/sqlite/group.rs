@@ -9,12 +9,12 @@
 //!
 //! Here a caller takes the write lock (a FIFO lock, so nobody waits by sleeping) and runs its
 //! statements ([`Writer::write`]) inside a savepoint of the transaction that is open on the
-//! group connection (or in a transaction opened for it when none is), then gives the lock back. A committer task
-//! commits the open transaction as soon as it gets the lock; callers that queued for the lock
-//! while it waited or committed join the next transaction. A caller's `write` returns only when
-//! the transaction holding its writes is committed (durable as `store.synchronous` says), so
-//! what the code above the store sees is unchanged: a write is committed when its call returns,
-//! or failed.
+//! group connection (or in a transaction opened for it when none is), then gives the lock back.
+//! A committer task commits the open transaction as soon as it gets the lock; callers that
+//! queued for the lock while it waited or committed join the next transaction. A caller's
+//! `write` returns only when the transaction holding its writes is committed (durable as
+//! `store.synchronous` says), so what the code above the store sees is unchanged: a write is
+//! committed when its call returns, or failed.
 //!
 //! The group connection is driven synchronously (rusqlite), on the caller's thread, while the
 //! caller holds the lock: a caller's statements go straight to SQLite. Through an async driver
@@ -33,9 +33,9 @@
 //! back to its savepoint (or its transaction, when it opened it), leaving the others' writes in
 //! place. That is also what makes a caller's statements atomic, so the batched ones are written
 //! `OR FAIL` (`store::sqlite::queue`): a statement that changes many rows and may abort would
-//! otherwise open a statement journal, which copies every page it changes first (see [`turn`]). A failed `COMMIT`, or SQLite
-//! rolling the whole transaction back on its own (I/O error, disk full), fails every caller of
-//! that transaction.
+//! otherwise open a statement journal, which copies every page it changes first (see [`turn`]).
+//! A failed `COMMIT`, or SQLite rolling the whole transaction back on its own (I/O error, disk
+//! full), fails every caller of that transaction.
 //!
 //! Reads do not come here: they use the pool's other connections and see committed data (WAL).
 
@@ -110,8 +110,8 @@ impl Writer {
     }
 
     /// Run `f`'s statements on the group connection, in a savepoint of the open transaction
-    /// (or a transaction of its own), and wait until that transaction is committed. Waits for the lock behind the callers
-    /// before it, never by sleeping. An error (of `f`, or of the commit) means none of `f`'s
+    /// (or a transaction of its own), and wait until that transaction is committed. Waits for
+    /// the lock behind the callers before it, never by sleeping. An error (of `f`, or of the commit) means none of `f`'s
     /// writes are kept.
     pub(super) async fn write<R>(
         &self,

@@ -273,12 +273,14 @@ impl<'a> InsertRow<'a> {
 const INSERT_ROWS: usize = 256;
 
 /// Write rows in the order given (so a chain's `seq`s follow its order); returns each row's
-/// `seq` by its id. `OR FAIL`, here and in [`promote_next`]: the caller's savepoint or
-/// transaction makes its writes atomic (`group::turn`), and without it a statement of many rows
-/// that may abort opens a statement journal of its own, a copy of every page it changes. Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of
+/// `seq` by its id. Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of
 /// NULLs (left out by the `WHERE`) to a power of two: the statement's text is then one of nine,
 /// so each connection prepares them once and keeps them (see [`json_list`]; event bodies are
 /// bound as they are rather than inside a JSON list, which SQLite would parse once per column).
+///
+/// `OR FAIL`, here and in [`promote_next`]: the caller's savepoint or transaction makes its
+/// writes atomic (`group::turn`), and without it a statement of many rows that may abort opens a
+/// statement journal of its own, a copy of every page it changes.
 fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap<String, i64>> {
     let mut seqs = HashMap::with_capacity(rows.len());
     for piece in rows.chunks(INSERT_ROWS) {
@@ -330,12 +332,13 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
             "{written} of {} deliveries were written",
             piece.len()
         );
-        let piece_seqs: HashMap<&str, i64> = if c.last_insert_rowid() == last_before + piece.len() as i64 {
-            piece
-                .iter()
-                .zip(last_before + 1..)
-                .map(|(r, seq)| (r.id, seq))
-                .collect()
+        if c.last_insert_rowid() == last_before + piece.len() as i64 {
+            seqs.extend(
+                piece
+                    .iter()
+                    .zip(last_before + 1..)
+                    .map(|(r, seq)| (r.id.to_string(), seq)),
+            );
         } else {
             let ids: Vec<&str> = piece.iter().map(|r| r.id).collect();
             let mut st =
@@ -343,12 +346,11 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
             let found = st.query_map([json_list(&ids)?], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
             })?;
-            let found: HashMap<String, i64> = found.collect::<rusqlite::Result<_>>()?;
-            piece
-                .iter()
-                .filter_map(|r| found.get(r.id).map(|seq| (r.id, *seq)))
-                .collect()
-        };
+            for row in found {
+                let (id, seq) = row?;
+                seqs.insert(id, seq);
+            }
+        }
         // The bodies, once: the same padding, by the seqs just given.
         let mut st = c.prepare_cached(&format!(
             "INSERT OR FAIL INTO delivery_bodies (seq, body) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
@@ -356,7 +358,7 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
         ))?;
         let mut b = Binder::new(&mut st);
         for r in piece {
-            let seq = piece_seqs
+            let seq = seqs
                 .get(r.id)
                 .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", r.id))?;
             b.bind(*seq)?;
@@ -364,7 +366,6 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
         }
         b.nulls((n - piece.len()) * 2)?;
         st.raw_execute()?;
-        seqs.extend(piece_seqs.into_iter().map(|(id, seq)| (id.to_string(), seq)));
     }
     Ok(seqs)
 }
@@ -623,7 +624,7 @@ impl Queue for SqliteStore {
                     ])?;
                     let mut claimed = Vec::new();
                     while let Some(r) = rows.next()? {
-                        claimed.push((r.at(15)?, queued_from_row(r)?));
+                        claimed.push((r.col("next_attempt_at")?, queued_from_row(r)?));
                     }
                     Ok(claimed)
                 })
