@@ -5,7 +5,7 @@
 //! no change to the relay's code could get below with this storage design; the relay's own store
 //! cost (the `store` share of its profile, docs/BENCHMARKS.md) is measured against it.
 //!
-//! Three schemas, each printed as CPU ms per event (utime + stime, fsync's kernel time
+//! Six schemas, each printed as CPU ms per event (utime + stime, fsync's kernel time
 //! included), events/s and bytes written to disk per event (`/proc/self/io`):
 //!
 //! - `minimal`: one row a delivery, body inline, no index but the primary key; inserted, then
@@ -21,7 +21,11 @@
 //!   ready), indexed by chain and readiness and deleted when the delivery finishes: the wide row
 //!   is written when the event comes and once more when it finishes, a promotion touches only
 //!   the narrow row (the change docs/BENCHMARKS.md, ninth session, points to; not the relay's
-//!   schema).
+//!   schema);
+//! - `log`: `split` with the wide row never written again: a delivery's outcome is a row appended
+//!   to a table of outcomes by seq, so the wide rows and the outcomes are only ever appended to
+//!   and only the narrow queue table is updated in place (the floor of that design; not the
+//!   relay's schema).
 //!
 //! - `relay`: the same work through the relay's own store (`Store` on SQLite, its `Queue`
 //!   interface, as the embedded bus calls it), so the gap between the floor and the relay's
@@ -107,6 +111,16 @@ fn run(schema: &str, dir: &std::path::Path) {
             "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT, event_id TEXT, chain TEXT, state TEXT, \
              finished_at INTEGER, body TEXT)"
         }
+        "log" => {
+            "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
+             finished_at INTEGER, meta TEXT);
+             CREATE INDEX q_event ON q(event_id);
+             CREATE TABLE b (seq INTEGER PRIMARY KEY, body TEXT);
+             CREATE TABLE o (seq INTEGER PRIMARY KEY, finished_at INTEGER, status INTEGER, duration INTEGER);
+             CREATE TABLE n (seq INTEGER PRIMARY KEY, chain TEXT, ready INTEGER);
+             CREATE INDEX n_chain ON n(chain, seq);
+             CREATE INDEX n_due ON n(seq) WHERE ready = 1"
+        }
         "split" => {
             "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
              finished_at INTEGER, meta TEXT);
@@ -129,9 +143,10 @@ fn run(schema: &str, dir: &std::path::Path) {
     };
     c.execute_batch(ddl).expect("schema");
     let body = "x".repeat(1024);
-    let split = schema == "split";
-    let chained = matches!(schema, "chained" | "wide" | "split");
-    let meta = matches!(schema, "wide" | "split").then(|| "m".repeat(400));
+    let log = schema == "log";
+    let split = schema == "split" || log;
+    let chained = matches!(schema, "chained" | "wide" | "split" | "log");
+    let meta = matches!(schema, "wide" | "split" | "log").then(|| "m".repeat(400));
     let meter = Meter::start();
     let (mut inserted, mut finished) = (0usize, 0usize);
     while finished < EVENTS {
@@ -186,7 +201,11 @@ fn run(schema: &str, dir: &std::path::Path) {
         let end = (finished + finish_batch()).min(inserted);
         let tx = c.unchecked_transaction().expect("begin");
         let mut finish = c
-            .prepare_cached("UPDATE q SET state = 'delivered', finished_at = ? WHERE seq = ?")
+            .prepare_cached(if log {
+                "INSERT INTO o (finished_at, seq, status, duration) VALUES (?, ?, 200, 1)"
+            } else {
+                "UPDATE q SET state = 'delivered', finished_at = ? WHERE seq = ?"
+            })
             .expect("prepare");
         let mut promote = c
             .prepare_cached(if split {
@@ -324,7 +343,7 @@ fn main() {
     // `STORE_FLOOR_ONLY=wide,relay`: some rows only (under `valgrind`, say).
     let only = std::env::var("STORE_FLOOR_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w.trim() == name));
-    for schema in ["minimal", "indexed", "chained", "wide", "split"] {
+    for schema in ["minimal", "indexed", "chained", "wide", "split", "log"] {
         if wanted(schema) {
             run(schema, dir.path());
         }

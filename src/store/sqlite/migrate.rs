@@ -80,6 +80,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0010_queued_predicate.sql"),
         present: None,
     },
+    Migration {
+        version: 11,
+        name: "queued_unfinished",
+        sql: include_str!("../../../migrations/sqlite/0011_queued_unfinished.sql"),
+        present: None,
+    },
 ];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
@@ -221,6 +227,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, vec![r#"{"n":1}"#.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn the_chain_index_holds_the_rows_queued_by_their_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        // A store at version 10, its chain index by state, with rows whose finish time agrees
+        // with their state and two that a hand edit could have left disagreeing.
+        sqlx::raw_sql(VERSION_TABLE).execute(&pool).await.unwrap();
+        for (i, m) in MIGRATIONS.iter().take(10).enumerate() {
+            sqlx::raw_sql(m.sql).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, 0)")
+                .bind(i as i64 + 1)
+                .bind(m.name)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let rows = [
+            ("waiting", "waiting", None),
+            ("paused", "paused", None),
+            ("delivered-unfinished", "delivered", None),
+            ("ready-finished", "ready", Some(5)),
+            ("dead", "dead", Some(6)),
+        ];
+        for (id, state, finished_at) in rows {
+            sqlx::query(
+                "INSERT INTO deliveries (id, event_id, event, kind, target_key, order_key, state, next_attempt_at, \
+                 created_at, finished_at) VALUES (?, 'e', 'record', 'webhook', 't', 'k', ?, 7, 0, ?)",
+            )
+            .bind(id)
+            .bind(state)
+            .bind(finished_at)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        run(&pool).await.unwrap();
+        // Read through the index itself: it holds the rows queued by their state, as before.
+        let queued: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM deliveries INDEXED BY deliveries_key WHERE order_key = 'k' AND finished_at IS NULL ORDER BY seq",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(queued, ["waiting", "paused", "ready-finished"]);
+        let finished: Vec<(String, Option<i64>)> =
+            sqlx::query_as("SELECT id, finished_at FROM deliveries WHERE finished_at IS NOT NULL ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            finished,
+            [("delivered-unfinished".into(), Some(7)), ("dead".into(), Some(6))]
+        );
     }
 
     async fn has_source(pool: &SqlitePool) -> bool {

@@ -417,12 +417,14 @@ fn take_waiting(c: &Connection, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
     // Read with their bodies first: the delete takes the bodies with the rows.
     let mut out = queued_rows(
         c.prepare_cached(&format!(
-            "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE order_key = ? AND state = 'waiting'"
+            "SELECT {QUEUED_COLUMNS}, {BODY} FROM deliveries WHERE order_key = ? AND {QUEUED} AND state = 'waiting'"
         ))?
         .query([key])?,
     )?;
-    c.prepare_cached("DELETE FROM deliveries WHERE order_key = ? AND state = 'waiting'")?
-        .execute([key])?;
+    c.prepare_cached(&format!(
+        "DELETE FROM deliveries WHERE order_key = ? AND {QUEUED} AND state = 'waiting'"
+    ))?
+    .execute([key])?;
     out.sort_by_key(|q| q.seq);
     Ok(out.into_iter().map(requeue).collect())
 }
@@ -792,10 +794,9 @@ impl Queue for SqliteStore {
     }
 
     async fn pause_queued(&self, sync_id: i64) -> anyhow::Result<u64> {
-        // `state = 'waiting'` implies the chain index's condition (`QUEUED`), so the scan is of
-        // queued rows only.
+        // `QUEUED` lets the scan use the chain index: queued rows only.
         let prefix = crate::syncs::order_key_prefix(sync_id);
-        Ok(self.execute(sqlx::query("UPDATE deliveries SET state = 'paused' WHERE state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)")
+        Ok(self.execute(sqlx::query(&format!("UPDATE deliveries SET state = 'paused' WHERE {QUEUED} AND state = 'waiting' AND substr(order_key, 1, length(?)) = ? AND EXISTS (SELECT 1 FROM census_syncs WHERE id = ? AND paused = 1)"))
         .bind(&prefix)
         .bind(&prefix)
         .bind(sync_id)
