@@ -5,7 +5,7 @@
 //! no change to the relay's code could get below with this storage design; the relay's own store
 //! cost (the `store` share of its profile, docs/BENCHMARKS.md) is measured against it.
 //!
-//! Six schemas, each printed as CPU ms per event (utime + stime, fsync's kernel time
+//! Seven schemas, each printed as CPU ms per event (utime + stime, fsync's kernel time
 //! included), events/s and bytes written to disk per event (`/proc/self/io`):
 //!
 //! - `minimal`: one row a delivery, body inline, no index but the primary key; inserted, then
@@ -25,7 +25,12 @@
 //! - `log`: `split` with the wide row never written again: a delivery's outcome is a row appended
 //!   to a table of outcomes by seq, so the wide rows and the outcomes are only ever appended to
 //!   and only the narrow queue table is updated in place (the floor of that design; not the
-//!   relay's schema).
+//!   relay's schema);
+//! - `cursor`: no per-row queue state at all: rows are appended and indexed by chain once, an
+//!   outcome is appended, and each chain keeps one cursor row (its last finished seq); a
+//!   chain's next row is read as the first after its cursor. A finished batch writes the
+//!   outcomes' last pages and the cursors' few pages instead of a page for each row it touches
+//!   (the floor of that design; not the relay's schema).
 //!
 //! - `relay`: the same work through the relay's own store (`Store` on SQLite, its `Queue`
 //!   interface, as the embedded bus calls it), so the gap between the floor and the relay's
@@ -121,6 +126,15 @@ fn run(schema: &str, dir: &std::path::Path) {
              CREATE INDEX n_chain ON n(chain, seq);
              CREATE INDEX n_due ON n(seq) WHERE ready = 1"
         }
+        "cursor" => {
+            "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
+             finished_at INTEGER, meta TEXT);
+             CREATE INDEX q_event ON q(event_id);
+             CREATE INDEX q_chain ON q(chain, seq);
+             CREATE TABLE b (seq INTEGER PRIMARY KEY, body TEXT);
+             CREATE TABLE o (seq INTEGER PRIMARY KEY, finished_at INTEGER, status INTEGER, duration INTEGER);
+             CREATE TABLE cur (chain TEXT PRIMARY KEY, done INTEGER NOT NULL) WITHOUT ROWID"
+        }
         "split" => {
             "CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, event_id TEXT, chain TEXT, state TEXT, \
              finished_at INTEGER, meta TEXT);
@@ -143,10 +157,20 @@ fn run(schema: &str, dir: &std::path::Path) {
     };
     c.execute_batch(ddl).expect("schema");
     let body = "x".repeat(1024);
-    let log = schema == "log";
-    let split = schema == "split" || log;
-    let chained = matches!(schema, "chained" | "wide" | "split" | "log");
-    let meta = matches!(schema, "wide" | "split" | "log").then(|| "m".repeat(400));
+    let cursor = schema == "cursor";
+    let log = schema == "log" || cursor;
+    let split = schema == "split" || schema == "log";
+    let chained = matches!(schema, "chained" | "wide" | "split" | "log" | "cursor");
+    let meta = matches!(schema, "wide" | "split" | "log" | "cursor").then(|| "m".repeat(400));
+    if cursor {
+        for k in 0..CHAINS {
+            c.execute(
+                "INSERT INTO cur (chain, done) VALUES (?, 0)",
+                params![format!("chain-{k}")],
+            )
+            .expect("cursor");
+        }
+    }
     let meter = Meter::start();
     let (mut inserted, mut finished) = (0usize, 0usize);
     while finished < EVENTS {
@@ -208,23 +232,44 @@ fn run(schema: &str, dir: &std::path::Path) {
             })
             .expect("prepare");
         let mut promote = c
-            .prepare_cached(if split {
+            .prepare_cached(if cursor {
+                // Read, not written: the chain's next row is the first after its cursor.
+                "SELECT seq FROM q WHERE chain = ? AND seq > ? ORDER BY seq LIMIT 1"
+            } else if split {
                 "UPDATE n SET ready = 1 WHERE seq = ?"
             } else {
                 "UPDATE q SET state = 'ready' WHERE seq = ?"
             })
             .expect("prepare");
         let mut dequeue = split.then(|| c.prepare_cached("DELETE FROM n WHERE seq = ?").expect("prepare"));
+        let mut advance = cursor.then(|| {
+            c.prepare_cached("UPDATE cur SET done = ? WHERE chain = ?")
+                .expect("prepare")
+        });
         for i in finished..end {
             finish.execute(params![1_i64, i as i64 + 1]).expect("finish");
             if let Some(dequeue) = dequeue.as_mut() {
                 dequeue.execute(params![i as i64 + 1]).expect("dequeue");
             }
+            if let Some(advance) = advance.as_mut() {
+                let chain = format!("chain-{}", i % CHAINS);
+                advance.execute(params![i as i64 + 1, chain]).expect("advance");
+                let next: Option<i64> = promote
+                    .query_row(params![chain, i as i64 + 1], |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })
+                    .expect("next");
+                assert_eq!(next, (i + CHAINS < EVENTS).then_some((i + CHAINS) as i64 + 1));
+                continue;
+            }
             if chained && i + CHAINS < EVENTS {
                 promote.execute(params![(i + CHAINS) as i64 + 1]).expect("promote");
             }
         }
-        drop((finish, promote, dequeue));
+        drop((finish, promote, dequeue, advance));
         tx.commit().expect("commit");
         finished = end;
     }
@@ -343,7 +388,7 @@ fn main() {
     // `STORE_FLOOR_ONLY=wide,relay`: some rows only (under `valgrind`, say).
     let only = std::env::var("STORE_FLOOR_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|w| w.trim() == name));
-    for schema in ["minimal", "indexed", "chained", "wide", "split", "log"] {
+    for schema in ["minimal", "indexed", "chained", "wide", "split", "log", "cursor"] {
         if wanted(schema) {
             run(schema, dir.path());
         }
