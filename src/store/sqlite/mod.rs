@@ -237,16 +237,6 @@ fn connection_pragmas(settings: &StoreSettings) -> [(&'static str, &'static str)
     ]
 }
 
-/// WAL pages after which a commit copies the WAL back into the database file (SQLite's default:
-/// 1,000). The queue rewrites the same pages commit after commit (a chain's rows, the chain
-/// index's leaves, the tables' last pages), and a checkpoint writes each page once however often
-/// the WAL holds it: at 4,096 pages (16 MiB of WAL at 4 KiB pages) the embedded bus's store wrote
-/// 10.9 KB to disk an event instead of 12.2, with 263 fsyncs instead of 341 and 24,143 reads
-/// instead of 30,218 for 20,000 events (`cargo bench --bench store_floor`, row `relay`, under
-/// `perf stat`). The price: a WAL file of up to ~16 MiB beside the database, replayed on the
-/// next open after a crash.
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 4096;
-
 /// The group connection of the write side (see `group`), opened as every connection of the
 /// store is (`SqliteStore::open`).
 fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::Connection> {
@@ -261,8 +251,6 @@ fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::C
     for (name, value) in connection_pragmas(settings) {
         c.pragma_update(None, name, value)?;
     }
-    // Every write commits here, so this connection's commits run the automatic checkpoints.
-    c.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     Ok(c)
 }
 
