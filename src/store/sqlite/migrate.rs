@@ -180,21 +180,26 @@ mod tests {
         assert_eq!(v, "v");
     }
 
+    /// Bring a new database to schema `version` as the builds of that version left it.
+    async fn at_version(pool: &SqlitePool, version: usize) {
+        sqlx::raw_sql(VERSION_TABLE).execute(pool).await.unwrap();
+        for (i, m) in MIGRATIONS.iter().take(version).enumerate() {
+            sqlx::raw_sql(m.sql).execute(pool).await.unwrap();
+            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, 0)")
+                .bind(i as i64 + 1)
+                .bind(m.name)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn bodies_move_to_their_own_table_and_go_with_their_deliveries() {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool(&dir).await;
         // A store at version 8, bodies inline, with one queued and one delivered row.
-        sqlx::raw_sql(VERSION_TABLE).execute(&pool).await.unwrap();
-        for (i, m) in MIGRATIONS.iter().take(8).enumerate() {
-            sqlx::raw_sql(m.sql).execute(&pool).await.unwrap();
-            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, 0)")
-                .bind(i as i64 + 1)
-                .bind(m.name)
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
+        at_version(&pool, 8).await;
         for (id, state, body) in [("d1", "ready", r#"{"n":1}"#), ("d2", "delivered", r#"{"n":2}"#)] {
             sqlx::query(
                 "INSERT INTO deliveries (id, event_id, event, kind, target_key, body, state, next_attempt_at, created_at) \
@@ -235,16 +240,7 @@ mod tests {
         let pool = pool(&dir).await;
         // A store at version 10, its chain index by state, with rows whose finish time agrees
         // with their state and two that a hand edit could have left disagreeing.
-        sqlx::raw_sql(VERSION_TABLE).execute(&pool).await.unwrap();
-        for (i, m) in MIGRATIONS.iter().take(10).enumerate() {
-            sqlx::raw_sql(m.sql).execute(&pool).await.unwrap();
-            sqlx::query("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, 0)")
-                .bind(i as i64 + 1)
-                .bind(m.name)
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
+        at_version(&pool, 10).await;
         let rows = [
             ("waiting", "waiting", None),
             ("paused", "paused", None),
