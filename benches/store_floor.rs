@@ -43,7 +43,7 @@
 
 use std::time::Instant;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 const EVENTS: usize = 20_000;
 const CHAINS: usize = 200;
@@ -256,11 +256,7 @@ fn run(schema: &str, dir: &std::path::Path) {
                 advance.execute(params![i as i64 + 1, chain]).expect("advance");
                 let next: Option<i64> = promote
                     .query_row(params![chain, i as i64 + 1], |r| r.get(0))
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })
+                    .optional()
                     .expect("next");
                 assert_eq!(next, (i + CHAINS < EVENTS).then_some((i + CHAINS) as i64 + 1));
                 continue;

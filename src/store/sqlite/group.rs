@@ -111,8 +111,8 @@ impl Writer {
 
     /// Run `f`'s statements on the group connection, in a savepoint of the open transaction
     /// (or a transaction of its own), and wait until that transaction is committed. Waits for
-    /// the lock behind the callers before it, never by sleeping. An error (of `f`, or of the commit) means none of `f`'s
-    /// writes are kept.
+    /// the lock behind the callers before it, never by sleeping. An error (of `f`, or of the
+    /// commit) means none of `f`'s writes are kept.
     pub(super) async fn write<R>(
         &self,
         f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<R>,
