@@ -13,6 +13,8 @@ mod migrate;
 mod queue;
 mod registry;
 mod runs;
+#[allow(unsafe_code)]
+mod wal_writes;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -241,10 +243,16 @@ fn connection_pragmas(settings: &StoreSettings) -> [(&'static str, &'static str)
 /// store is (`SqliteStore::open`).
 fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
-    let c = rusqlite::Connection::open_with_flags(
-        &settings.path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // Its WAL writes are made one per commit (`wal_writes`), which is safe only when every
+    // commit syncs the WAL before SQLite tells other connections of its frames: `full`.
+    let c = match settings.synchronous {
+        Synchronous::Full => {
+            wal_writes::register()?;
+            rusqlite::Connection::open_with_flags_and_vfs(&settings.path, flags, wal_writes::NAME)
+        }
+        Synchronous::Normal => rusqlite::Connection::open_with_flags(&settings.path, flags),
+    }
     .with_context(|| format!("opening store {}", settings.path.display()))?;
     c.busy_timeout(BUSY_TIMEOUT)?;
     c.pragma_update(None, "journal_mode", "wal")?;

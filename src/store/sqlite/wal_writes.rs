@@ -1,0 +1,586 @@
+//! The group connection's writes to the WAL: a few system calls a commit instead of two a page.
+//!
+//! SQLite writes each WAL frame with two `pwrite`s: its 24-byte header, then its page (the
+//! unix VFS's `walWriteOneFrame`). A frame is 4,120 bytes, so the two writes cross three file
+//! pages of the kernel's between them, and each write pays the file system's per-write work
+//! (`ext4_da_write_begin`/`_end`, the inode lock, the syscall) again. The relay's commits are
+//! many frames each (about three an event: docs/BENCHMARKS.md), and `pwrite64` was 9.6 % of the
+//! relay's CPU in the embedded benchmark's throughput phase, more than all of SQLite's B-tree
+//! work. Written as one buffer, the same frames cost about a tenth (a bare loop on this
+//! machine: 1.8 µs a frame as SQLite writes them, 0.18 µs as one write of 40 frames).
+//!
+//! This is a VFS of its own, `syncrelay-wal`, that is the process's default unix VFS for every
+//! file but the WAL: the database file, its shared memory and locks are the unix VFS's own
+//! objects (opened in place, with its methods), so they stay coherent with every other
+//! connection of the process and of other processes. For the WAL it keeps the writes that
+//! follow one another in a buffer and writes them with one `pwrite` when anything else is asked
+//! of the file: a sync, a read, its size, a truncation, a write elsewhere, closing it, or when
+//! the buffer is full ([`MAX_BUFFERED`]).
+//!
+//! Why that is safe, in SQLite's own order of a commit (`walFrames`, SQLite 3.46):
+//! 1. the frames are written (buffered here);
+//! 2. with `synchronous = full`, the WAL is synced (`xSync`): the buffer is written first, then
+//!    synced, and a failure of either fails the commit as before;
+//! 3. only then is the new end of the log published in the shared-memory index, where other
+//!    connections (the pool's readers, other processes, checkpoints) learn of the frames.
+//!
+//! So no other connection can be told of a frame that is not in the file, and a process killed
+//! after step 2 loses nothing the commit promised. This holds only when every commit syncs the
+//! WAL: with `synchronous = normal` SQLite publishes frames without a sync, so the store uses
+//! this VFS only with `full` (`store::sqlite::open_group_connection`). Frames written and not
+//! committed (a transaction rolled back, or spilled before its commit) are beyond the published
+//! end of the log, where SQLite ignores them, whether they reached the file or not; a write at
+//! another offset first writes what is buffered, so the file always ends up with the writes in
+//! the order SQLite made them.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr;
+use std::sync::OnceLock;
+
+use rusqlite::ffi;
+
+/// The VFS's name, for `sqlite3_open_v2`.
+pub(super) const NAME: &str = "syncrelay-wal";
+const NAME_C: &CStr = c"syncrelay-wal";
+
+/// Bytes buffered at most before they are written: the most the unix VFS writes in one call
+/// (its `seekAndWriteFd` keeps the low 17 bits of a length: 128 KiB - 1). That is 31 frames of
+/// 4 KiB pages; a larger commit is written in pieces of that size.
+const MAX_BUFFERED: usize = 0x1ffff;
+
+/// Register the VFS with SQLite (once a process; not as the default). Fails when SQLite has no
+/// default VFS to build on.
+pub(super) fn register() -> anyhow::Result<()> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| unsafe {
+            // SAFETY: sqlite3_vfs_find and sqlite3_vfs_register are thread-safe (SQLite is built
+            // threadsafe); the VFS is leaked, so it outlives every connection that uses it.
+            if ffi::sqlite3_initialize() != ffi::SQLITE_OK {
+                return Err("SQLite did not initialise".into());
+            }
+            let inner = ffi::sqlite3_vfs_find(ptr::null());
+            if inner.is_null() {
+                return Err("SQLite has no default VFS".into());
+            }
+            let vfs = Box::leak(Box::new(ffi::sqlite3_vfs {
+                iVersion: (*inner).iVersion.min(3),
+                szOsFile: (*inner).szOsFile.max(std::mem::size_of::<WalFile>() as c_int),
+                mxPathname: (*inner).mxPathname,
+                pNext: ptr::null_mut(),
+                zName: NAME_C.as_ptr(),
+                pAppData: inner.cast(),
+                xOpen: Some(x_open),
+                xDelete: Some(x_delete),
+                xAccess: Some(x_access),
+                xFullPathname: Some(x_full_pathname),
+                xDlOpen: Some(x_dl_open),
+                xDlError: Some(x_dl_error),
+                xDlSym: Some(x_dl_sym),
+                xDlClose: Some(x_dl_close),
+                xRandomness: Some(x_randomness),
+                xSleep: Some(x_sleep),
+                xCurrentTime: Some(x_current_time),
+                xGetLastError: Some(x_get_last_error),
+                xCurrentTimeInt64: Some(x_current_time_int64),
+                xSetSystemCall: Some(x_set_system_call),
+                xGetSystemCall: Some(x_get_system_call),
+                xNextSystemCall: Some(x_next_system_call),
+            }));
+            match ffi::sqlite3_vfs_register(vfs, 0) {
+                ffi::SQLITE_OK => Ok(()),
+                rc => Err(format!("registering the {NAME} VFS failed ({rc})")),
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The VFS this one is built on (the unix VFS), from this one's `pAppData`.
+unsafe fn inner(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
+    (*vfs).pAppData.cast()
+}
+
+/// An open WAL: SQLite's file object (first, as SQLite requires), the unix VFS's file it writes
+/// through (allocated apart: its own layout), and the writes not yet made.
+#[repr(C)]
+struct WalFile {
+    base: ffi::sqlite3_file,
+    inner: *mut ffi::sqlite3_file,
+    /// Bytes to write at `at`, in one piece.
+    pending: Vec<u8>,
+    at: i64,
+}
+
+impl WalFile {
+    /// Write what is buffered (one `pwrite`). The buffer is emptied whatever the outcome: after
+    /// a failure SQLite rolls the transaction back, and those frames are not part of the log.
+    unsafe fn flush(&mut self) -> c_int {
+        if self.pending.is_empty() {
+            return ffi::SQLITE_OK;
+        }
+        let rc = match (*(*self.inner).pMethods).xWrite {
+            Some(w) => w(
+                self.inner,
+                self.pending.as_ptr().cast(),
+                self.pending.len() as c_int,
+                self.at,
+            ),
+            None => ffi::SQLITE_IOERR_WRITE,
+        };
+        self.pending.clear();
+        rc
+    }
+}
+
+static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+    iVersion: 3,
+    xClose: Some(wal_close),
+    xRead: Some(wal_read),
+    xWrite: Some(wal_write),
+    xTruncate: Some(wal_truncate),
+    xSync: Some(wal_sync),
+    xFileSize: Some(wal_file_size),
+    xLock: Some(wal_lock),
+    xUnlock: Some(wal_unlock),
+    xCheckReservedLock: Some(wal_check_reserved_lock),
+    xFileControl: Some(wal_file_control),
+    xSectorSize: Some(wal_sector_size),
+    xDeviceCharacteristics: Some(wal_device_characteristics),
+    xShmMap: Some(wal_shm_map),
+    xShmLock: Some(wal_shm_lock),
+    xShmBarrier: Some(wal_shm_barrier),
+    xShmUnmap: Some(wal_shm_unmap),
+    xFetch: Some(wal_fetch),
+    xUnfetch: Some(wal_unfetch),
+};
+
+unsafe extern "C" fn x_open(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let inner_vfs = inner(vfs);
+    let Some(open) = (*inner_vfs).xOpen else {
+        return ffi::SQLITE_CANTOPEN;
+    };
+    if flags & ffi::SQLITE_OPEN_WAL == 0 {
+        // Every other file is the unix VFS's own, in place: SQLite calls its methods directly.
+        return open(inner_vfs, name, file, flags, out_flags);
+    }
+    let inner_file = ffi::sqlite3_malloc((*inner_vfs).szOsFile).cast::<ffi::sqlite3_file>();
+    if inner_file.is_null() {
+        (*file).pMethods = ptr::null();
+        return ffi::SQLITE_NOMEM;
+    }
+    ptr::write_bytes(inner_file.cast::<u8>(), 0, (*inner_vfs).szOsFile as usize);
+    let rc = open(inner_vfs, name, inner_file, flags, out_flags);
+    if rc != ffi::SQLITE_OK {
+        // SQLite closes a file whose open failed only when it has methods (the unix VFS leaves
+        // none then); either way its memory is ours.
+        if !(*inner_file).pMethods.is_null() {
+            if let Some(close) = (*(*inner_file).pMethods).xClose {
+                close(inner_file);
+            }
+        }
+        ffi::sqlite3_free(inner_file.cast());
+        (*file).pMethods = ptr::null();
+        return rc;
+    }
+    ptr::write(
+        file.cast::<WalFile>(),
+        WalFile {
+            base: ffi::sqlite3_file { pMethods: &WAL_METHODS },
+            inner: inner_file,
+            pending: Vec::new(),
+            at: 0,
+        },
+    );
+    ffi::SQLITE_OK
+}
+
+unsafe fn wal<'a>(f: *mut ffi::sqlite3_file) -> &'a mut WalFile {
+    &mut *f.cast::<WalFile>()
+}
+
+/// The unix file's methods.
+unsafe fn m(w: &WalFile) -> &ffi::sqlite3_io_methods {
+    &*(*w.inner).pMethods
+}
+
+unsafe extern "C" fn wal_close(f: *mut ffi::sqlite3_file) -> c_int {
+    let w = wal(f);
+    let flushed = w.flush();
+    let rc = match m(w).xClose {
+        Some(close) => close(w.inner),
+        None => ffi::SQLITE_OK,
+    };
+    ffi::sqlite3_free(w.inner.cast());
+    ptr::drop_in_place(f.cast::<WalFile>());
+    (*f).pMethods = ptr::null();
+    if flushed != ffi::SQLITE_OK {
+        flushed
+    } else {
+        rc
+    }
+}
+
+unsafe extern "C" fn wal_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_int, off: i64) -> c_int {
+    let w = wal(f);
+    let rc = w.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    m(w).xRead.map_or(ffi::SQLITE_IOERR_READ, |r| r(w.inner, buf, amt, off))
+}
+
+unsafe extern "C" fn wal_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
+    let w = wal(f);
+    let amt_u = amt.max(0) as usize;
+    let follows = !w.pending.is_empty() && off == w.at + w.pending.len() as i64;
+    if !follows || w.pending.len() + amt_u > MAX_BUFFERED {
+        // Elsewhere in the file (the WAL's header, a frame overwritten, the log started over),
+        // or the buffer is full: what is buffered goes first, so writes keep their order.
+        let rc = w.flush();
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        if amt_u > MAX_BUFFERED {
+            return m(w)
+                .xWrite
+                .map_or(ffi::SQLITE_IOERR_WRITE, |wr| wr(w.inner, buf, amt, off));
+        }
+        w.at = off;
+    }
+    w.pending
+        .extend_from_slice(std::slice::from_raw_parts(buf.cast::<u8>(), amt_u));
+    ffi::SQLITE_OK
+}
+
+unsafe extern "C" fn wal_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    let w = wal(f);
+    let rc = w.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    m(w).xTruncate.map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(w.inner, size))
+}
+
+unsafe extern "C" fn wal_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    let w = wal(f);
+    let rc = w.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    m(w).xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(w.inner, flags))
+}
+
+unsafe extern "C" fn wal_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
+    let w = wal(f);
+    let rc = w.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    m(w).xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(w.inner, size))
+}
+
+unsafe extern "C" fn wal_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    let w = wal(f);
+    m(w).xLock.map_or(ffi::SQLITE_OK, |l| l(w.inner, level))
+}
+
+unsafe extern "C" fn wal_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    let w = wal(f);
+    m(w).xUnlock.map_or(ffi::SQLITE_OK, |l| l(w.inner, level))
+}
+
+unsafe extern "C" fn wal_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
+    let w = wal(f);
+    m(w).xCheckReservedLock.map_or(ffi::SQLITE_OK, |l| l(w.inner, out))
+}
+
+unsafe extern "C" fn wal_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+    let w = wal(f);
+    // A file control may read or size the file: it sees every write made so far.
+    let rc = w.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    m(w).xFileControl.map_or(ffi::SQLITE_NOTFOUND, |c| c(w.inner, op, arg))
+}
+
+unsafe extern "C" fn wal_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
+    let w = wal(f);
+    m(w).xSectorSize.map_or(4096, |s| s(w.inner))
+}
+
+unsafe extern "C" fn wal_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
+    let w = wal(f);
+    m(w).xDeviceCharacteristics.map_or(0, |d| d(w.inner))
+}
+
+unsafe extern "C" fn wal_shm_map(
+    f: *mut ffi::sqlite3_file,
+    region: c_int,
+    size: c_int,
+    extend: c_int,
+    out: *mut *mut c_void,
+) -> c_int {
+    let w = wal(f);
+    m(w).xShmMap
+        .map_or(ffi::SQLITE_IOERR_SHMMAP, |s| s(w.inner, region, size, extend, out))
+}
+
+unsafe extern "C" fn wal_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
+    let w = wal(f);
+    m(w).xShmLock
+        .map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(w.inner, offset, n, flags))
+}
+
+unsafe extern "C" fn wal_shm_barrier(f: *mut ffi::sqlite3_file) {
+    let w = wal(f);
+    if let Some(b) = m(w).xShmBarrier {
+        b(w.inner)
+    }
+}
+
+unsafe extern "C" fn wal_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
+    let w = wal(f);
+    m(w).xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(w.inner, delete))
+}
+
+unsafe extern "C" fn wal_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
+    let w = wal(f);
+    let rc = w.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    match m(w).xFetch {
+        Some(x) => x(w.inner, off, amt, out),
+        None => {
+            *out = ptr::null_mut();
+            ffi::SQLITE_OK
+        }
+    }
+}
+
+unsafe extern "C" fn wal_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
+    let w = wal(f);
+    m(w).xUnfetch.map_or(ffi::SQLITE_OK, |x| x(w.inner, off, p))
+}
+
+// The rest of the VFS is the unix VFS's, called with its own object (its functions read their
+// VFS's `pAppData`).
+
+unsafe extern "C" fn x_delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {
+    let i = inner(vfs);
+    (*i).xDelete.map_or(ffi::SQLITE_IOERR_DELETE, |x| x(i, name, sync_dir))
+}
+
+unsafe extern "C" fn x_access(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, flags: c_int, out: *mut c_int) -> c_int {
+    let i = inner(vfs);
+    (*i).xAccess
+        .map_or(ffi::SQLITE_IOERR_ACCESS, |x| x(i, name, flags, out))
+}
+
+unsafe extern "C" fn x_full_pathname(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    n: c_int,
+    out: *mut c_char,
+) -> c_int {
+    let i = inner(vfs);
+    (*i).xFullPathname.map_or(ffi::SQLITE_CANTOPEN, |x| x(i, name, n, out))
+}
+
+unsafe extern "C" fn x_dl_open(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *mut c_void {
+    let i = inner(vfs);
+    (*i).xDlOpen.map_or(ptr::null_mut(), |x| x(i, name))
+}
+
+unsafe extern "C" fn x_dl_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) {
+    let i = inner(vfs);
+    if let Some(x) = (*i).xDlError {
+        x(i, n, out)
+    }
+}
+
+unsafe extern "C" fn x_dl_sym(
+    vfs: *mut ffi::sqlite3_vfs,
+    handle: *mut c_void,
+    sym: *const c_char,
+) -> Option<unsafe extern "C" fn(*mut ffi::sqlite3_vfs, *mut c_void, *const c_char)> {
+    let i = inner(vfs);
+    (*i).xDlSym.and_then(|x| x(i, handle, sym))
+}
+
+unsafe extern "C" fn x_dl_close(vfs: *mut ffi::sqlite3_vfs, handle: *mut c_void) {
+    let i = inner(vfs);
+    if let Some(x) = (*i).xDlClose {
+        x(i, handle)
+    }
+}
+
+unsafe extern "C" fn x_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+    let i = inner(vfs);
+    (*i).xRandomness.map_or(0, |x| x(i, n, out))
+}
+
+unsafe extern "C" fn x_sleep(vfs: *mut ffi::sqlite3_vfs, micros: c_int) -> c_int {
+    let i = inner(vfs);
+    (*i).xSleep.map_or(0, |x| x(i, micros))
+}
+
+unsafe extern "C" fn x_current_time(vfs: *mut ffi::sqlite3_vfs, out: *mut f64) -> c_int {
+    let i = inner(vfs);
+    (*i).xCurrentTime.map_or(ffi::SQLITE_ERROR, |x| x(i, out))
+}
+
+unsafe extern "C" fn x_get_last_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+    let i = inner(vfs);
+    (*i).xGetLastError.map_or(0, |x| x(i, n, out))
+}
+
+unsafe extern "C" fn x_current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut i64) -> c_int {
+    let i = inner(vfs);
+    (*i).xCurrentTimeInt64.map_or(ffi::SQLITE_ERROR, |x| x(i, out))
+}
+
+unsafe extern "C" fn x_set_system_call(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    call: ffi::sqlite3_syscall_ptr,
+) -> c_int {
+    let i = inner(vfs);
+    (*i).xSetSystemCall.map_or(ffi::SQLITE_NOTFOUND, |x| x(i, name, call))
+}
+
+unsafe extern "C" fn x_get_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> ffi::sqlite3_syscall_ptr {
+    let i = inner(vfs);
+    (*i).xGetSystemCall.and_then(|x| x(i, name))
+}
+
+unsafe extern "C" fn x_next_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *const c_char {
+    let i = inner(vfs);
+    (*i).xNextSystemCall.map_or(ptr::null(), |x| x(i, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{Connection, OpenFlags};
+
+    use super::*;
+
+    /// A connection through this VFS, as the store opens its group connection.
+    fn writer(path: &std::path::Path) -> Connection {
+        register().unwrap();
+        let c = Connection::open_with_flags_and_vfs(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            NAME,
+        )
+        .unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+        c.pragma_update(None, "synchronous", "full").unwrap();
+        c
+    }
+
+    /// Another connection on the unix VFS (the pool's readers, another process).
+    fn reader(path: &std::path::Path) -> Connection {
+        let c = Connection::open(path).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        c
+    }
+
+    fn sums(c: &Connection) -> (i64, i64) {
+        c.query_row("SELECT COUNT(*), COALESCE(SUM(n), 0) FROM t", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+    }
+
+    /// Every committed transaction is whole and at once visible to a connection that does not
+    /// go through the buffer, while the writer commits transactions of every size: smaller than
+    /// a frame, many frames, and larger than the buffer (written in pieces).
+    #[test]
+    fn other_connections_see_every_commit_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let w = writer(&path);
+        w.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, pad TEXT NOT NULL)")
+            .unwrap();
+        let r = reader(&path);
+        let pad = "p".repeat(900);
+        let (mut rows, mut total) = (0i64, 0i64);
+        for (i, size) in [1, 3, 40, 200, 1, 700, 5, 2000, 2]
+            .into_iter()
+            .cycle()
+            .take(60)
+            .enumerate()
+        {
+            let tx = w.unchecked_transaction().unwrap();
+            for k in 0..size {
+                tx.execute("INSERT INTO t (n, pad) VALUES (?, ?)", rusqlite::params![k, pad])
+                    .unwrap();
+                total += k;
+            }
+            tx.commit().unwrap();
+            rows += size;
+            // Each commit is in the file for everyone as soon as it returns.
+            assert_eq!(sums(&r), (rows, total), "after commit {i}");
+        }
+        assert_eq!(
+            r.query_row("PRAGMA integrity_check", [], |x| x.get::<_, String>(0))
+                .unwrap(),
+            "ok"
+        );
+    }
+
+    /// A rolled-back transaction's frames (some of them spilled to the WAL before the rollback)
+    /// never count, the log still takes new commits after them and after starting over from a
+    /// checkpoint, and the database reopened without this VFS has exactly what was committed.
+    #[test]
+    fn rollbacks_and_checkpoints_leave_exactly_the_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        {
+            let w = writer(&path);
+            // A small page cache makes a large transaction spill frames before its commit.
+            w.pragma_update(None, "cache_size", 10).unwrap();
+            w.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, pad TEXT NOT NULL)")
+                .unwrap();
+            let pad = "q".repeat(1500);
+            let write = |n: i64, rows: i64, commit: bool| {
+                let tx = w.unchecked_transaction().unwrap();
+                for _ in 0..rows {
+                    tx.execute("INSERT INTO t (n, pad) VALUES (?, ?)", rusqlite::params![n, pad])
+                        .unwrap();
+                }
+                if commit {
+                    tx.commit().unwrap()
+                } else {
+                    tx.rollback().unwrap()
+                }
+            };
+            write(1, 300, true);
+            write(1000, 500, false);
+            write(2, 10, true);
+            w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+            write(3, 50, true);
+            write(1000, 400, false);
+            w.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
+            write(4, 5, true);
+            assert_eq!(sums(&reader(&path)), (365, 300 + 20 + 150 + 20));
+        }
+        // Reopened on the unix VFS alone: the WAL as this VFS left it is a valid log.
+        let r = reader(&path);
+        assert_eq!(sums(&r), (365, 300 + 20 + 150 + 20));
+        assert_eq!(
+            r.query_row("PRAGMA integrity_check", [], |x| x.get::<_, String>(0))
+                .unwrap(),
+            "ok"
+        );
+    }
+}
