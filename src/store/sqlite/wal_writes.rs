@@ -9,13 +9,13 @@
 //! work. Written as one buffer, the same frames cost about a tenth (a bare loop on this
 //! machine: 1.8 µs a frame as SQLite writes them, 0.18 µs as one write of 40 frames).
 //!
-//! This is a VFS of its own, `syncrelay-wal`, that is the process's default unix VFS for every
-//! file but the WAL: the database file, its shared memory and locks are the unix VFS's own
-//! objects (opened in place, with its methods), so they stay coherent with every other
-//! connection of the process and of other processes. For the WAL it keeps the writes that
-//! follow one another in a buffer and writes them with one `pwrite` when anything else is asked
-//! of the file: a sync, a read, its size, a truncation, a write elsewhere, closing it, or when
-//! the buffer is full ([`MAX_BUFFERED`]).
+//! This is a VFS of its own, `syncrelay-wal`, built on the process's default unix VFS: every
+//! file is the unix VFS's own object (its shared memory and locks the same every other
+//! connection of the process and of other processes uses), the database file and the WAL
+//! behind a thin wrapper and the others in place. For the WAL it keeps the writes that follow
+//! one another in a buffer and writes them with one `pwrite` when anything else is asked of the
+//! file (a sync, a read, its size, a truncation, a file control, a write elsewhere, closing
+//! it), when the buffer is full ([`MAX_BUFFERED`]), and before the log's write lock is released.
 //!
 //! Why that is safe, in SQLite's own order of a commit (`walFrames`, SQLite 3.46):
 //! 1. the frames are written (buffered here);
@@ -27,15 +27,21 @@
 //! So no other connection can be told of a frame that is not in the file, and a process killed
 //! after step 2 loses nothing the commit promised. This holds only when every commit syncs the
 //! WAL: with `synchronous = normal` SQLite publishes frames without a sync, so the store uses
-//! this VFS only with `full` (`store::sqlite::open_group_connection`). Frames written and not
-//! committed (a transaction rolled back, or spilled before its commit) are beyond the published
-//! end of the log, where SQLite ignores them, whether they reached the file or not; a write at
-//! another offset first writes what is buffered, so the file always ends up with the writes in
-//! the order SQLite made them.
+//! this VFS only with `full` (`store::sqlite::open_group_connection`).
+//!
+//! Frames written and not committed — a transaction that spilled pages to the log before it was
+//! rolled back — are beyond the published end of the log, where SQLite ignores them; the next
+//! writer writes its own frames there. So they must reach the file before any other connection
+//! may write: what is buffered is written before the connection lets go of the log's write lock
+//! (`WAL_WRITE_LOCK`, taken and released through the database file's `xShmLock`, which is why
+//! the database file is wrapped too). Written later, they would overwrite another connection's
+//! committed frames (`a_rolled_back_spill_never_overwrites_another_connections_commit`). Within
+//! the connection, a write at another offset first writes what is buffered, so the file always
+//! receives the writes in the order SQLite made them.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rusqlite::ffi;
 
@@ -65,7 +71,9 @@ pub(super) fn register() -> anyhow::Result<()> {
             }
             let vfs = Box::leak(Box::new(ffi::sqlite3_vfs {
                 iVersion: (*inner).iVersion.min(3),
-                szOsFile: (*inner).szOsFile.max(std::mem::size_of::<WalFile>() as c_int),
+                szOsFile: (*inner)
+                    .szOsFile
+                    .max(std::mem::size_of::<WalFile>().max(std::mem::size_of::<DbFile>()) as c_int),
                 mxPathname: (*inner).mxPathname,
                 pNext: ptr::null_mut(),
                 zName: NAME_C.as_ptr(),
@@ -101,37 +109,159 @@ unsafe fn inner(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
     (*vfs).pAppData.cast()
 }
 
-/// An open WAL: SQLite's file object (first, as SQLite requires), the unix VFS's file it writes
-/// through (allocated apart: its own layout), and the writes not yet made.
-#[repr(C)]
-struct WalFile {
-    base: ffi::sqlite3_file,
-    inner: *mut ffi::sqlite3_file,
+/// A WAL's writes not made yet, and the unix VFS's file they go to.
+struct Pending {
+    /// The unix VFS's file (allocated apart: its own layout).
+    file: *mut ffi::sqlite3_file,
     /// Bytes to write at `at`, in one piece.
-    pending: Vec<u8>,
+    bytes: Vec<u8>,
     at: i64,
 }
 
-impl WalFile {
+// SAFETY: `file` is only used while the `Mutex` around this is held, and SQLite's unix files
+// may be used from any thread (one call at a time, which the `Mutex` ensures).
+unsafe impl Send for Pending {}
+
+impl Pending {
     /// Write what is buffered (one `pwrite`). The buffer is emptied whatever the outcome: after
     /// a failure SQLite rolls the transaction back, and those frames are not part of the log.
     unsafe fn flush(&mut self) -> c_int {
-        if self.pending.is_empty() {
+        if self.bytes.is_empty() {
             return ffi::SQLITE_OK;
         }
-        let rc = match (*(*self.inner).pMethods).xWrite {
+        let rc = match (*(*self.file).pMethods).xWrite {
             Some(w) => w(
-                self.inner,
-                self.pending.as_ptr().cast(),
-                self.pending.len() as c_int,
+                self.file,
+                self.bytes.as_ptr().cast(),
+                self.bytes.len() as c_int,
                 self.at,
             ),
             None => ffi::SQLITE_IOERR_WRITE,
         };
-        self.pending.clear();
+        self.bytes.clear();
         rc
     }
 }
+
+/// The open WALs of this process's connections through this VFS, by file name: the database
+/// file's wrapper writes its WAL's buffer before the log's write lock is released.
+static OPEN_WALS: Mutex<Vec<OpenWal>> = Mutex::new(Vec::new());
+
+/// A WAL's file name and its buffer.
+type OpenWal = (Vec<u8>, Arc<Mutex<Pending>>);
+
+/// Write the buffers of the WALs named `name` (at most one has anything: only the connection
+/// holding the log's write lock writes frames).
+fn flush_wals(name: &[u8]) {
+    let open = OPEN_WALS.lock().unwrap_or_else(|p| p.into_inner());
+    for (n, pending) in open.iter() {
+        if n == name {
+            // SAFETY: the pending file is open while it is listed (removed before it closes).
+            // A failure here is of frames no commit holds (see the module's doc).
+            unsafe { lock(pending).flush() };
+        }
+    }
+}
+
+fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An open WAL: SQLite's file object (first, as SQLite requires) and its buffer.
+#[repr(C)]
+struct WalFile {
+    base: ffi::sqlite3_file,
+    pending: Arc<Mutex<Pending>>,
+    name: Vec<u8>,
+}
+
+/// An open database file: SQLite's file object, the unix VFS's file, its WAL's name.
+#[repr(C)]
+struct DbFile {
+    base: ffi::sqlite3_file,
+    inner: *mut ffi::sqlite3_file,
+    wal_name: Vec<u8>,
+}
+
+unsafe extern "C" fn x_open(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let inner_vfs = inner(vfs);
+    let Some(open) = (*inner_vfs).xOpen else {
+        return ffi::SQLITE_CANTOPEN;
+    };
+    let wal = flags & ffi::SQLITE_OPEN_WAL != 0;
+    if !wal && flags & ffi::SQLITE_OPEN_MAIN_DB == 0 || name.is_null() {
+        // Journals, temporary files: the unix VFS's own, in place (SQLite calls its methods).
+        return open(inner_vfs, name, file, flags, out_flags);
+    }
+    let size = (*inner_vfs).szOsFile;
+    let inner_file = ffi::sqlite3_malloc(size).cast::<ffi::sqlite3_file>();
+    if inner_file.is_null() {
+        (*file).pMethods = ptr::null();
+        return ffi::SQLITE_NOMEM;
+    }
+    ptr::write_bytes(inner_file.cast::<u8>(), 0, size as usize);
+    let rc = open(inner_vfs, name, inner_file, flags, out_flags);
+    if rc != ffi::SQLITE_OK {
+        // SQLite closes a file whose open failed only when it has methods (the unix VFS leaves
+        // none then); either way its memory is ours.
+        close_inner(inner_file);
+        (*file).pMethods = ptr::null();
+        return rc;
+    }
+    let name = CStr::from_ptr(name).to_bytes().to_vec();
+    if wal {
+        let pending = Arc::new(Mutex::new(Pending {
+            file: inner_file,
+            bytes: Vec::new(),
+            at: 0,
+        }));
+        OPEN_WALS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.clone(), pending.clone()));
+        ptr::write(
+            file.cast::<WalFile>(),
+            WalFile {
+                base: ffi::sqlite3_file { pMethods: &WAL_METHODS },
+                pending,
+                name,
+            },
+        );
+    } else {
+        // The pager names the WAL after the database file it opened: "<database>-wal".
+        let mut wal_name = name;
+        wal_name.extend_from_slice(b"-wal");
+        ptr::write(
+            file.cast::<DbFile>(),
+            DbFile {
+                base: ffi::sqlite3_file { pMethods: &DB_METHODS },
+                inner: inner_file,
+                wal_name,
+            },
+        );
+    }
+    ffi::SQLITE_OK
+}
+
+/// Close a unix file opened apart (if it was opened) and free its memory.
+unsafe fn close_inner(f: *mut ffi::sqlite3_file) -> c_int {
+    let mut rc = ffi::SQLITE_OK;
+    if !(*f).pMethods.is_null() {
+        if let Some(close) = (*(*f).pMethods).xClose {
+            rc = close(f);
+        }
+    }
+    ffi::sqlite3_free(f.cast());
+    rc
+}
+
+// ---- the WAL: writes gathered, everything else first writes them, then goes to the unix file.
 
 static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     iVersion: 3,
@@ -155,70 +285,44 @@ static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xUnfetch: Some(wal_unfetch),
 };
 
-unsafe extern "C" fn x_open(
-    vfs: *mut ffi::sqlite3_vfs,
-    name: ffi::sqlite3_filename,
-    file: *mut ffi::sqlite3_file,
-    flags: c_int,
-    out_flags: *mut c_int,
-) -> c_int {
-    let inner_vfs = inner(vfs);
-    let Some(open) = (*inner_vfs).xOpen else {
-        return ffi::SQLITE_CANTOPEN;
-    };
-    if flags & ffi::SQLITE_OPEN_WAL == 0 {
-        // Every other file is the unix VFS's own, in place: SQLite calls its methods directly.
-        return open(inner_vfs, name, file, flags, out_flags);
-    }
-    let inner_file = ffi::sqlite3_malloc((*inner_vfs).szOsFile).cast::<ffi::sqlite3_file>();
-    if inner_file.is_null() {
-        (*file).pMethods = ptr::null();
-        return ffi::SQLITE_NOMEM;
-    }
-    ptr::write_bytes(inner_file.cast::<u8>(), 0, (*inner_vfs).szOsFile as usize);
-    let rc = open(inner_vfs, name, inner_file, flags, out_flags);
-    if rc != ffi::SQLITE_OK {
-        // SQLite closes a file whose open failed only when it has methods (the unix VFS leaves
-        // none then); either way its memory is ours.
-        if !(*inner_file).pMethods.is_null() {
-            if let Some(close) = (*(*inner_file).pMethods).xClose {
-                close(inner_file);
-            }
-        }
-        ffi::sqlite3_free(inner_file.cast());
-        (*file).pMethods = ptr::null();
-        return rc;
-    }
-    ptr::write(
-        file.cast::<WalFile>(),
-        WalFile {
-            base: ffi::sqlite3_file { pMethods: &WAL_METHODS },
-            inner: inner_file,
-            pending: Vec::new(),
-            at: 0,
-        },
-    );
-    ffi::SQLITE_OK
-}
-
-unsafe fn wal<'a>(f: *mut ffi::sqlite3_file) -> &'a mut WalFile {
-    &mut *f.cast::<WalFile>()
+unsafe fn wal<'a>(f: *mut ffi::sqlite3_file) -> &'a WalFile {
+    &*f.cast::<WalFile>()
 }
 
 /// The unix file's methods.
-unsafe fn m(w: &WalFile) -> &ffi::sqlite3_io_methods {
-    &*(*w.inner).pMethods
+unsafe fn methods<'a>(f: *mut ffi::sqlite3_file) -> &'a ffi::sqlite3_io_methods {
+    &*(*f).pMethods
+}
+
+/// Run `op` on the unix file once everything buffered is written (an error writing it is
+/// returned instead).
+unsafe fn flushed(f: *mut ffi::sqlite3_file, op: impl FnOnce(*mut ffi::sqlite3_file) -> c_int) -> c_int {
+    let mut p = lock(&wal(f).pending);
+    let rc = p.flush();
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    op(p.file)
+}
+
+/// Run `op` on the unix file as it is (nothing that reads or changes the file's bytes).
+unsafe fn direct<R>(f: *mut ffi::sqlite3_file, op: impl FnOnce(*mut ffi::sqlite3_file) -> R) -> R {
+    let file = lock(&wal(f).pending).file;
+    op(file)
 }
 
 unsafe extern "C" fn wal_close(f: *mut ffi::sqlite3_file) -> c_int {
-    let w = wal(f);
-    let flushed = w.flush();
-    let rc = match m(w).xClose {
-        Some(close) => close(w.inner),
-        None => ffi::SQLITE_OK,
+    let w = f.cast::<WalFile>();
+    {
+        let mut open = OPEN_WALS.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|(_, p)| !Arc::ptr_eq(p, &(*w).pending));
+    }
+    let (flushed, file) = {
+        let mut p = lock(&(*w).pending);
+        (p.flush(), p.file)
     };
-    ffi::sqlite3_free(w.inner.cast());
-    ptr::drop_in_place(f.cast::<WalFile>());
+    let rc = close_inner(file);
+    ptr::drop_in_place(w);
     (*f).pMethods = ptr::null();
     if flushed != ffi::SQLITE_OK {
         flushed
@@ -228,97 +332,78 @@ unsafe extern "C" fn wal_close(f: *mut ffi::sqlite3_file) -> c_int {
 }
 
 unsafe extern "C" fn wal_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_int, off: i64) -> c_int {
-    let w = wal(f);
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    m(w).xRead.map_or(ffi::SQLITE_IOERR_READ, |r| r(w.inner, buf, amt, off))
+    flushed(f, |i| {
+        methods(i).xRead.map_or(ffi::SQLITE_IOERR_READ, |r| r(i, buf, amt, off))
+    })
 }
 
 unsafe extern "C" fn wal_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
-    let w = wal(f);
+    let mut p = lock(&wal(f).pending);
     let amt_u = amt.max(0) as usize;
-    let follows = !w.pending.is_empty() && off == w.at + w.pending.len() as i64;
-    if !follows || w.pending.len() + amt_u > MAX_BUFFERED {
+    let follows = !p.bytes.is_empty() && off == p.at + p.bytes.len() as i64;
+    if !follows || p.bytes.len() + amt_u > MAX_BUFFERED {
         // Elsewhere in the file (the WAL's header, a frame overwritten, the log started over),
         // or the buffer is full: what is buffered goes first, so writes keep their order.
-        let rc = w.flush();
+        let rc = p.flush();
         if rc != ffi::SQLITE_OK {
             return rc;
         }
         if amt_u > MAX_BUFFERED {
-            return m(w)
+            let i = p.file;
+            return methods(i)
                 .xWrite
-                .map_or(ffi::SQLITE_IOERR_WRITE, |wr| wr(w.inner, buf, amt, off));
+                .map_or(ffi::SQLITE_IOERR_WRITE, |w| w(i, buf, amt, off));
         }
-        w.at = off;
+        p.at = off;
     }
-    w.pending
+    p.bytes
         .extend_from_slice(std::slice::from_raw_parts(buf.cast::<u8>(), amt_u));
     ffi::SQLITE_OK
 }
 
 unsafe extern "C" fn wal_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    let w = wal(f);
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    m(w).xTruncate.map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(w.inner, size))
+    flushed(f, |i| {
+        methods(i).xTruncate.map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(i, size))
+    })
 }
 
 unsafe extern "C" fn wal_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    let w = wal(f);
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    m(w).xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(w.inner, flags))
+    flushed(f, |i| methods(i).xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(i, flags)))
 }
 
 unsafe extern "C" fn wal_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    let w = wal(f);
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    m(w).xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(w.inner, size))
+    flushed(f, |i| {
+        methods(i).xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(i, size))
+    })
 }
 
 unsafe extern "C" fn wal_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    let w = wal(f);
-    m(w).xLock.map_or(ffi::SQLITE_OK, |l| l(w.inner, level))
+    direct(f, |i| methods(i).xLock.map_or(ffi::SQLITE_OK, |l| l(i, level)))
 }
 
 unsafe extern "C" fn wal_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    let w = wal(f);
-    m(w).xUnlock.map_or(ffi::SQLITE_OK, |l| l(w.inner, level))
+    direct(f, |i| methods(i).xUnlock.map_or(ffi::SQLITE_OK, |l| l(i, level)))
 }
 
 unsafe extern "C" fn wal_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
-    let w = wal(f);
-    m(w).xCheckReservedLock.map_or(ffi::SQLITE_OK, |l| l(w.inner, out))
+    direct(f, |i| {
+        methods(i).xCheckReservedLock.map_or(ffi::SQLITE_OK, |l| l(i, out))
+    })
 }
 
 unsafe extern "C" fn wal_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    let w = wal(f);
     // A file control may read or size the file: it sees every write made so far.
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    m(w).xFileControl.map_or(ffi::SQLITE_NOTFOUND, |c| c(w.inner, op, arg))
+    flushed(f, |i| {
+        methods(i).xFileControl.map_or(ffi::SQLITE_NOTFOUND, |c| c(i, op, arg))
+    })
 }
 
 unsafe extern "C" fn wal_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
-    let w = wal(f);
-    m(w).xSectorSize.map_or(4096, |s| s(w.inner))
+    direct(f, |i| methods(i).xSectorSize.map_or(4096, |s| s(i)))
 }
 
 unsafe extern "C" fn wal_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
-    let w = wal(f);
-    m(w).xDeviceCharacteristics.map_or(0, |d| d(w.inner))
+    direct(f, |i| methods(i).xDeviceCharacteristics.map_or(0, |d| d(i)))
 }
 
 unsafe extern "C" fn wal_shm_map(
@@ -328,37 +413,185 @@ unsafe extern "C" fn wal_shm_map(
     extend: c_int,
     out: *mut *mut c_void,
 ) -> c_int {
-    let w = wal(f);
-    m(w).xShmMap
-        .map_or(ffi::SQLITE_IOERR_SHMMAP, |s| s(w.inner, region, size, extend, out))
+    direct(f, |i| {
+        methods(i)
+            .xShmMap
+            .map_or(ffi::SQLITE_IOERR_SHMMAP, |s| s(i, region, size, extend, out))
+    })
 }
 
 unsafe extern "C" fn wal_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
-    let w = wal(f);
-    m(w).xShmLock
-        .map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(w.inner, offset, n, flags))
+    direct(f, |i| {
+        methods(i)
+            .xShmLock
+            .map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(i, offset, n, flags))
+    })
 }
 
 unsafe extern "C" fn wal_shm_barrier(f: *mut ffi::sqlite3_file) {
-    let w = wal(f);
-    if let Some(b) = m(w).xShmBarrier {
-        b(w.inner)
-    }
+    direct(f, |i| {
+        if let Some(b) = methods(i).xShmBarrier {
+            b(i)
+        }
+    })
 }
 
 unsafe extern "C" fn wal_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
-    let w = wal(f);
-    m(w).xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(w.inner, delete))
+    direct(f, |i| methods(i).xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(i, delete)))
 }
 
 unsafe extern "C" fn wal_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
-    let w = wal(f);
-    let rc = w.flush();
-    if rc != ffi::SQLITE_OK {
-        return rc;
+    flushed(f, |i| match methods(i).xFetch {
+        Some(x) => x(i, off, amt, out),
+        None => {
+            *out = ptr::null_mut();
+            ffi::SQLITE_OK
+        }
+    })
+}
+
+unsafe extern "C" fn wal_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
+    direct(f, |i| methods(i).xUnfetch.map_or(ffi::SQLITE_OK, |x| x(i, off, p)))
+}
+
+// ---- the database file: the unix file's, but its WAL's buffer is written before the log's
+// write lock is let go.
+
+/// `WAL_WRITE_LOCK` (SQLite's wal.c): the first lock of the shared memory's, held by the one
+/// connection writing the log.
+const WAL_WRITE_LOCK: c_int = 0;
+
+static DB_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+    iVersion: 3,
+    xClose: Some(db_close),
+    xRead: Some(db_read),
+    xWrite: Some(db_write),
+    xTruncate: Some(db_truncate),
+    xSync: Some(db_sync),
+    xFileSize: Some(db_file_size),
+    xLock: Some(db_lock),
+    xUnlock: Some(db_unlock),
+    xCheckReservedLock: Some(db_check_reserved_lock),
+    xFileControl: Some(db_file_control),
+    xSectorSize: Some(db_sector_size),
+    xDeviceCharacteristics: Some(db_device_characteristics),
+    xShmMap: Some(db_shm_map),
+    xShmLock: Some(db_shm_lock),
+    xShmBarrier: Some(db_shm_barrier),
+    xShmUnmap: Some(db_shm_unmap),
+    xFetch: Some(db_fetch),
+    xUnfetch: Some(db_unfetch),
+};
+
+unsafe fn db<'a>(f: *mut ffi::sqlite3_file) -> &'a DbFile {
+    &*f.cast::<DbFile>()
+}
+
+unsafe fn db_inner(f: *mut ffi::sqlite3_file) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
+    let i = db(f).inner;
+    (i, methods(i))
+}
+
+unsafe extern "C" fn db_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
+    if flags & ffi::SQLITE_SHM_UNLOCK != 0 && offset <= WAL_WRITE_LOCK && WAL_WRITE_LOCK < offset + n {
+        // Letting go of the log: every frame this connection wrote is in the file first (see
+        // the module's doc), so the next writer's frames can never be overwritten by them.
+        flush_wals(&db(f).wal_name);
     }
-    match m(w).xFetch {
-        Some(x) => x(w.inner, off, amt, out),
+    let (i, m) = db_inner(f);
+    m.xShmLock.map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(i, offset, n, flags))
+}
+
+unsafe extern "C" fn db_close(f: *mut ffi::sqlite3_file) -> c_int {
+    let rc = close_inner(db(f).inner);
+    ptr::drop_in_place(f.cast::<DbFile>());
+    (*f).pMethods = ptr::null();
+    rc
+}
+
+unsafe extern "C" fn db_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_int, off: i64) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xRead.map_or(ffi::SQLITE_IOERR_READ, |r| r(i, buf, amt, off))
+}
+
+unsafe extern "C" fn db_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xWrite.map_or(ffi::SQLITE_IOERR_WRITE, |w| w(i, buf, amt, off))
+}
+
+unsafe extern "C" fn db_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xTruncate.map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(i, size))
+}
+
+unsafe extern "C" fn db_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(i, flags))
+}
+
+unsafe extern "C" fn db_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(i, size))
+}
+
+unsafe extern "C" fn db_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xLock.map_or(ffi::SQLITE_OK, |l| l(i, level))
+}
+
+unsafe extern "C" fn db_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xUnlock.map_or(ffi::SQLITE_OK, |l| l(i, level))
+}
+
+unsafe extern "C" fn db_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xCheckReservedLock.map_or(ffi::SQLITE_OK, |l| l(i, out))
+}
+
+unsafe extern "C" fn db_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xFileControl.map_or(ffi::SQLITE_NOTFOUND, |c| c(i, op, arg))
+}
+
+unsafe extern "C" fn db_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xSectorSize.map_or(4096, |s| s(i))
+}
+
+unsafe extern "C" fn db_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xDeviceCharacteristics.map_or(0, |d| d(i))
+}
+
+unsafe extern "C" fn db_shm_map(
+    f: *mut ffi::sqlite3_file,
+    region: c_int,
+    size: c_int,
+    extend: c_int,
+    out: *mut *mut c_void,
+) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xShmMap
+        .map_or(ffi::SQLITE_IOERR_SHMMAP, |s| s(i, region, size, extend, out))
+}
+
+unsafe extern "C" fn db_shm_barrier(f: *mut ffi::sqlite3_file) {
+    let (i, m) = db_inner(f);
+    if let Some(b) = m.xShmBarrier {
+        b(i)
+    }
+}
+
+unsafe extern "C" fn db_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(i, delete))
+}
+
+unsafe extern "C" fn db_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
+    let (i, m) = db_inner(f);
+    match m.xFetch {
+        Some(x) => x(i, off, amt, out),
         None => {
             *out = ptr::null_mut();
             ffi::SQLITE_OK
@@ -366,9 +599,9 @@ unsafe extern "C" fn wal_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, 
     }
 }
 
-unsafe extern "C" fn wal_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
-    let w = wal(f);
-    m(w).xUnfetch.map_or(ffi::SQLITE_OK, |x| x(w.inner, off, p))
+unsafe extern "C" fn db_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
+    let (i, m) = db_inner(f);
+    m.xUnfetch.map_or(ffi::SQLITE_OK, |x| x(i, off, p))
 }
 
 // The rest of the VFS is the unix VFS's, called with its own object (its functions read their
@@ -536,6 +769,56 @@ mod tests {
                 .unwrap(),
             "ok"
         );
+    }
+
+    /// A transaction that spilled frames to the WAL (buffered here) and was rolled back leaves
+    /// nothing behind once its connection lets go of the log: another connection's commit at the
+    /// same place in the log (the sqlx writes' connection, another process) is never overwritten
+    /// by those frames afterwards, whatever the first connection does next.
+    #[test]
+    fn a_rolled_back_spill_never_overwrites_another_connections_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let w = writer(&path);
+        w.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, pad TEXT NOT NULL)")
+            .unwrap();
+        // A page cache this small spills a page at a time once a transaction dirties more.
+        w.pragma_update(None, "cache_size", 10).unwrap();
+        let other = reader(&path);
+        for round in 0..5i64 {
+            // An empty log: whatever the rollback reads again comes from the database file.
+            w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+            let tx = w.unchecked_transaction().unwrap();
+            for _ in 0..40 {
+                tx.execute("INSERT INTO t (n, pad) VALUES (0, ?)", [&"s".repeat(2000)])
+                    .unwrap();
+            }
+            tx.rollback().unwrap();
+            // Another connection commits where the spilled frames were.
+            other
+                .execute(
+                    "INSERT INTO t (n, pad) VALUES (?, ?)",
+                    rusqlite::params![round + 1, "c".repeat(3000)],
+                )
+                .unwrap();
+            // The first connection reads (the log, through its buffer) and writes again.
+            assert_eq!(
+                w.query_row("SELECT COUNT(*) FROM t", [], |r| r.get::<_, i64>(0))
+                    .unwrap(),
+                round + 1
+            );
+            w.execute("INSERT INTO t (n, pad) VALUES (0, 'w')", []).unwrap();
+            w.execute("DELETE FROM t WHERE pad = 'w'", []).unwrap();
+        }
+        let r = reader(&path);
+        assert_eq!(sums(&r), (5, 15));
+        assert_eq!(
+            r.query_row("PRAGMA integrity_check", [], |x| x.get::<_, String>(0))
+                .unwrap(),
+            "ok"
+        );
+        drop((w, other, r));
+        assert_eq!(sums(&reader(&path)), (5, 15));
     }
 
     /// A rolled-back transaction's frames (some of them spilled to the WAL before the rollback)
