@@ -261,6 +261,22 @@ unsafe fn close_inner(f: *mut ffi::sqlite3_file) -> c_int {
     rc
 }
 
+/// An `sqlite3_io_methods` function that hands its call to the unix file through `$via`
+/// (`flushed`: once the WAL's buffer is written; `direct`, `db_op`: as it is), or answers
+/// `$none` when the unix file has no such method. With two names, the WAL's (through `$via`)
+/// and the database file's (through `db_op`).
+macro_rules! forward {
+    ($wal:ident via $via:ident, $db:ident: $method:ident($($arg:ident: $ty:ty),*) -> $ret:ty, else $none:expr) => {
+        forward!($wal via $via: $method($($arg: $ty),*) -> $ret, else $none);
+        forward!($db via db_op: $method($($arg: $ty),*) -> $ret, else $none);
+    };
+    ($name:ident via $via:ident: $method:ident($($arg:ident: $ty:ty),*) -> $ret:ty, else $none:expr) => {
+        unsafe extern "C" fn $name(f: *mut ffi::sqlite3_file, $($arg: $ty),*) -> $ret {
+            $via(f, |i| methods(i).$method.map_or($none, |m| m(i, $($arg),*)))
+        }
+    };
+}
+
 // ---- the WAL: writes gathered, everything else first writes them, then goes to the unix file.
 
 static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
@@ -331,12 +347,6 @@ unsafe extern "C" fn wal_close(f: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
-unsafe extern "C" fn wal_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_int, off: i64) -> c_int {
-    flushed(f, |i| {
-        methods(i).xRead.map_or(ffi::SQLITE_IOERR_READ, |r| r(i, buf, amt, off))
-    })
-}
-
 unsafe extern "C" fn wal_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
     let mut p = lock(&wal(f).pending);
     let amt_u = amt.max(0) as usize;
@@ -361,97 +371,39 @@ unsafe extern "C" fn wal_write(f: *mut ffi::sqlite3_file, buf: *const c_void, am
     ffi::SQLITE_OK
 }
 
-unsafe extern "C" fn wal_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    flushed(f, |i| {
-        methods(i).xTruncate.map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(i, size))
-    })
-}
-
-unsafe extern "C" fn wal_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    flushed(f, |i| methods(i).xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(i, flags)))
-}
-
-unsafe extern "C" fn wal_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    flushed(f, |i| {
-        methods(i).xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(i, size))
-    })
-}
-
-unsafe extern "C" fn wal_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    direct(f, |i| methods(i).xLock.map_or(ffi::SQLITE_OK, |l| l(i, level)))
-}
-
-unsafe extern "C" fn wal_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    direct(f, |i| methods(i).xUnlock.map_or(ffi::SQLITE_OK, |l| l(i, level)))
-}
-
-unsafe extern "C" fn wal_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
-    direct(f, |i| {
-        methods(i).xCheckReservedLock.map_or(ffi::SQLITE_OK, |l| l(i, out))
-    })
-}
-
-unsafe extern "C" fn wal_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    // A file control may read or size the file: it sees every write made so far.
-    flushed(f, |i| {
-        methods(i).xFileControl.map_or(ffi::SQLITE_NOTFOUND, |c| c(i, op, arg))
-    })
-}
-
-unsafe extern "C" fn wal_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
-    direct(f, |i| methods(i).xSectorSize.map_or(4096, |s| s(i)))
-}
-
-unsafe extern "C" fn wal_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
-    direct(f, |i| methods(i).xDeviceCharacteristics.map_or(0, |d| d(i)))
-}
-
-unsafe extern "C" fn wal_shm_map(
-    f: *mut ffi::sqlite3_file,
-    region: c_int,
-    size: c_int,
-    extend: c_int,
-    out: *mut *mut c_void,
-) -> c_int {
-    direct(f, |i| {
-        methods(i)
-            .xShmMap
-            .map_or(ffi::SQLITE_IOERR_SHMMAP, |s| s(i, region, size, extend, out))
-    })
-}
-
-unsafe extern "C" fn wal_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
-    direct(f, |i| {
-        methods(i)
-            .xShmLock
-            .map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(i, offset, n, flags))
-    })
-}
-
-unsafe extern "C" fn wal_shm_barrier(f: *mut ffi::sqlite3_file) {
-    direct(f, |i| {
-        if let Some(b) = methods(i).xShmBarrier {
-            b(i)
-        }
-    })
-}
-
-unsafe extern "C" fn wal_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
-    direct(f, |i| methods(i).xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(i, delete)))
-}
+// The WAL's reads, sizes, syncs, truncations and file controls see every write made so far;
+// the rest (locks, shared memory, the device's properties) do not touch the file's bytes. The
+// database file's go to the unix file as they are, but for `xShmLock` (below).
+forward!(wal_read via flushed, db_read: xRead(buf: *mut c_void, amt: c_int, off: i64) -> c_int, else ffi::SQLITE_IOERR_READ);
+forward!(wal_truncate via flushed, db_truncate: xTruncate(size: i64) -> c_int, else ffi::SQLITE_IOERR_TRUNCATE);
+forward!(wal_sync via flushed, db_sync: xSync(flags: c_int) -> c_int, else ffi::SQLITE_IOERR_FSYNC);
+forward!(wal_file_size via flushed, db_file_size: xFileSize(size: *mut i64) -> c_int, else ffi::SQLITE_IOERR_FSTAT);
+forward!(wal_file_control via flushed, db_file_control: xFileControl(op: c_int, arg: *mut c_void) -> c_int, else ffi::SQLITE_NOTFOUND);
+forward!(wal_lock via direct, db_lock: xLock(level: c_int) -> c_int, else ffi::SQLITE_OK);
+forward!(wal_unlock via direct, db_unlock: xUnlock(level: c_int) -> c_int, else ffi::SQLITE_OK);
+forward!(wal_check_reserved_lock via direct, db_check_reserved_lock: xCheckReservedLock(out: *mut c_int) -> c_int, else ffi::SQLITE_OK);
+forward!(wal_sector_size via direct, db_sector_size: xSectorSize() -> c_int, else 4096);
+forward!(wal_device_characteristics via direct, db_device_characteristics: xDeviceCharacteristics() -> c_int, else 0);
+forward!(wal_shm_map via direct, db_shm_map: xShmMap(region: c_int, size: c_int, extend: c_int, out: *mut *mut c_void) -> c_int, else ffi::SQLITE_IOERR_SHMMAP);
+forward!(wal_shm_lock via direct: xShmLock(offset: c_int, n: c_int, flags: c_int) -> c_int, else ffi::SQLITE_IOERR_SHMLOCK);
+forward!(wal_shm_barrier via direct, db_shm_barrier: xShmBarrier() -> (), else ());
+forward!(wal_shm_unmap via direct, db_shm_unmap: xShmUnmap(delete: c_int) -> c_int, else ffi::SQLITE_OK);
+forward!(wal_unfetch via direct, db_unfetch: xUnfetch(off: i64, p: *mut c_void) -> c_int, else ffi::SQLITE_OK);
+forward!(db_write via db_op: xWrite(buf: *const c_void, amt: c_int, off: i64) -> c_int, else ffi::SQLITE_IOERR_WRITE);
 
 unsafe extern "C" fn wal_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
-    flushed(f, |i| match methods(i).xFetch {
+    flushed(f, |i| fetch(i, off, amt, out))
+}
+
+/// The unix file's memory map of a range, or none (SQLite then reads) when it has no `xFetch`.
+unsafe fn fetch(i: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
+    match methods(i).xFetch {
         Some(x) => x(i, off, amt, out),
         None => {
             *out = ptr::null_mut();
             ffi::SQLITE_OK
         }
-    })
-}
-
-unsafe extern "C" fn wal_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
-    direct(f, |i| methods(i).xUnfetch.map_or(ffi::SQLITE_OK, |x| x(i, off, p)))
+    }
 }
 
 // ---- the database file: the unix file's, but its WAL's buffer is written before the log's
@@ -487,9 +439,9 @@ unsafe fn db<'a>(f: *mut ffi::sqlite3_file) -> &'a DbFile {
     &*f.cast::<DbFile>()
 }
 
-unsafe fn db_inner(f: *mut ffi::sqlite3_file) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
-    let i = db(f).inner;
-    (i, methods(i))
+/// Run `op` on the unix file.
+unsafe fn db_op<R>(f: *mut ffi::sqlite3_file, op: impl FnOnce(*mut ffi::sqlite3_file) -> R) -> R {
+    op(db(f).inner)
 }
 
 unsafe extern "C" fn db_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
@@ -498,8 +450,11 @@ unsafe extern "C" fn db_shm_lock(f: *mut ffi::sqlite3_file, offset: c_int, n: c_
         // the module's doc), so the next writer's frames can never be overwritten by them.
         flush_wals(&db(f).wal_name);
     }
-    let (i, m) = db_inner(f);
-    m.xShmLock.map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(i, offset, n, flags))
+    db_op(f, |i| {
+        methods(i)
+            .xShmLock
+            .map_or(ffi::SQLITE_IOERR_SHMLOCK, |s| s(i, offset, n, flags))
+    })
 }
 
 unsafe extern "C" fn db_close(f: *mut ffi::sqlite3_file) -> c_int {
@@ -509,99 +464,8 @@ unsafe extern "C" fn db_close(f: *mut ffi::sqlite3_file) -> c_int {
     rc
 }
 
-unsafe extern "C" fn db_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, amt: c_int, off: i64) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xRead.map_or(ffi::SQLITE_IOERR_READ, |r| r(i, buf, amt, off))
-}
-
-unsafe extern "C" fn db_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xWrite.map_or(ffi::SQLITE_IOERR_WRITE, |w| w(i, buf, amt, off))
-}
-
-unsafe extern "C" fn db_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xTruncate.map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(i, size))
-}
-
-unsafe extern "C" fn db_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(i, flags))
-}
-
-unsafe extern "C" fn db_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xFileSize.map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(i, size))
-}
-
-unsafe extern "C" fn db_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xLock.map_or(ffi::SQLITE_OK, |l| l(i, level))
-}
-
-unsafe extern "C" fn db_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xUnlock.map_or(ffi::SQLITE_OK, |l| l(i, level))
-}
-
-unsafe extern "C" fn db_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xCheckReservedLock.map_or(ffi::SQLITE_OK, |l| l(i, out))
-}
-
-unsafe extern "C" fn db_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xFileControl.map_or(ffi::SQLITE_NOTFOUND, |c| c(i, op, arg))
-}
-
-unsafe extern "C" fn db_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xSectorSize.map_or(4096, |s| s(i))
-}
-
-unsafe extern "C" fn db_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xDeviceCharacteristics.map_or(0, |d| d(i))
-}
-
-unsafe extern "C" fn db_shm_map(
-    f: *mut ffi::sqlite3_file,
-    region: c_int,
-    size: c_int,
-    extend: c_int,
-    out: *mut *mut c_void,
-) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xShmMap
-        .map_or(ffi::SQLITE_IOERR_SHMMAP, |s| s(i, region, size, extend, out))
-}
-
-unsafe extern "C" fn db_shm_barrier(f: *mut ffi::sqlite3_file) {
-    let (i, m) = db_inner(f);
-    if let Some(b) = m.xShmBarrier {
-        b(i)
-    }
-}
-
-unsafe extern "C" fn db_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xShmUnmap.map_or(ffi::SQLITE_OK, |s| s(i, delete))
-}
-
 unsafe extern "C" fn db_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
-    let (i, m) = db_inner(f);
-    match m.xFetch {
-        Some(x) => x(i, off, amt, out),
-        None => {
-            *out = ptr::null_mut();
-            ffi::SQLITE_OK
-        }
-    }
-}
-
-unsafe extern "C" fn db_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
-    let (i, m) = db_inner(f);
-    m.xUnfetch.map_or(ffi::SQLITE_OK, |x| x(i, off, p))
+    db_op(f, |i| fetch(i, off, amt, out))
 }
 
 // The rest of the VFS is the unix VFS's, called with its own object (its functions read their
