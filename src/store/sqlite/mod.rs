@@ -244,7 +244,7 @@ fn connection_pragmas(settings: &StoreSettings) -> [(&'static str, &'static str)
 fn open_group_connection(settings: &StoreSettings) -> anyhow::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    // Its WAL writes are made one per commit (`wal_writes`), which is safe only when every
+    // Its WAL writes are gathered and made a few a commit (`wal_writes`), safe only when every
     // commit syncs the WAL before SQLite tells other connections of its frames: `full`.
     let c = match settings.synchronous {
         Synchronous::Full => {

@@ -172,7 +172,6 @@ fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
 struct WalFile {
     base: ffi::sqlite3_file,
     pending: Arc<Mutex<Pending>>,
-    name: Vec<u8>,
 }
 
 /// An open database file: SQLite's file object, the unix VFS's file, its WAL's name.
@@ -224,13 +223,12 @@ unsafe extern "C" fn x_open(
         OPEN_WALS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((name.clone(), pending.clone()));
+            .push((name, pending.clone()));
         ptr::write(
             file.cast::<WalFile>(),
             WalFile {
                 base: ffi::sqlite3_file { pMethods: &WAL_METHODS },
                 pending,
-                name,
             },
         );
     } else {
