@@ -963,6 +963,8 @@ async fn kafka(
     let n = events.len() as u64;
     rx.reset();
     relay.reset_peak_rss();
+    // `scripts/profile-phase.sh <relay> kafka …` starts recording here (after the warm-up).
+    eprintln!("  kafka ({payload} B): throughput phase");
     let cpu0 = relay.cpu_secs();
     let meter = CpuMeter::start(Some(&relay));
     let started = Instant::now();

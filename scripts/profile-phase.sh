@@ -7,8 +7,9 @@
 #
 #   scripts/profile-phase.sh <relay binary> <scenario> <out.data> [frequency]
 #
-# <scenario> is `embedded` or `postgres`: the bench's `--only` names whose throughput phase is
-# announced with "<scenario>: N runs …" and ends with "  <scenario>: relay CPU …" on stderr.
+# <scenario> is `embedded`, `postgres` or `kafka`: the bench's `--only` names whose throughput
+# phase is announced on stderr ("<scenario>: N runs …"; Kafka's after its warm-up, "  kafka (1024
+# B): throughput phase") and ends with "  <scenario>: relay CPU …".
 # The bench is the newest `target/release/deps/e2e-*` (build it with `cargo bench --bench e2e
 # --no-run`). Read the profile with `perf report -i <out.data> --children`.
 set -euo pipefail
@@ -21,6 +22,10 @@ bench=$(ls -t target/release/deps/e2e-* | grep -v '\.d$' | head -1)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkfifo "$tmp/ctl" "$tmp/ack"
+case $scen in
+  kafka) start='^  kafka \(1024 B\): throughput phase' ;;
+  *) start="^$scen: .* runs" ;;
+esac
 E2E_RELAY_BIN=$bin "$bench" --bench --only "$scen" --runs 1 >"$tmp/out" 2>"$tmp/err" &
 bench_pid=$!
 pid=""
@@ -35,7 +40,7 @@ perf_pid=$!
 exec 7>"$tmp/ctl" 8<"$tmp/ack"
 state=off
 while kill -0 "$bench_pid" 2>/dev/null; do
-  if [ $state = off ] && grep -q "^$scen: .* runs" "$tmp/err"; then
+  if [ $state = off ] && grep -qE "$start" "$tmp/err"; then
     echo enable >&7; read -r -t 2 _ <&8 || true; state=on
   elif [ $state = on ] && grep -q "^  $scen: relay CPU" "$tmp/err"; then
     echo disable >&7; read -r -t 2 _ <&8 || true; state=done
