@@ -129,15 +129,12 @@ impl Pending {
         if self.bytes.is_empty() {
             return ffi::SQLITE_OK;
         }
-        let rc = match (*(*self.file).pMethods).xWrite {
-            Some(w) => w(
-                self.file,
-                self.bytes.as_ptr().cast(),
-                self.bytes.len() as c_int,
-                self.at,
-            ),
-            None => ffi::SQLITE_IOERR_WRITE,
-        };
+        let rc = write_at(
+            self.file,
+            self.bytes.as_ptr().cast(),
+            self.bytes.len() as c_int,
+            self.at,
+        );
         self.bytes.clear();
         rc
     }
@@ -357,10 +354,7 @@ unsafe extern "C" fn wal_write(f: *mut ffi::sqlite3_file, buf: *const c_void, am
             return rc;
         }
         if amt_u > MAX_BUFFERED {
-            let i = p.file;
-            return methods(i)
-                .xWrite
-                .map_or(ffi::SQLITE_IOERR_WRITE, |w| w(i, buf, amt, off));
+            return write_at(p.file, buf, amt, off);
         }
         p.at = off;
     }
@@ -387,7 +381,6 @@ forward!(wal_shm_lock via direct: xShmLock(offset: c_int, n: c_int, flags: c_int
 forward!(wal_shm_barrier via direct, db_shm_barrier: xShmBarrier() -> (), else ());
 forward!(wal_shm_unmap via direct, db_shm_unmap: xShmUnmap(delete: c_int) -> c_int, else ffi::SQLITE_OK);
 forward!(wal_unfetch via direct, db_unfetch: xUnfetch(off: i64, p: *mut c_void) -> c_int, else ffi::SQLITE_OK);
-forward!(db_write via db_op: xWrite(buf: *const c_void, amt: c_int, off: i64) -> c_int, else ffi::SQLITE_IOERR_WRITE);
 
 unsafe extern "C" fn wal_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
     flushed(f, |i| fetch(i, off, amt, out))
@@ -460,6 +453,17 @@ unsafe extern "C" fn db_close(f: *mut ffi::sqlite3_file) -> c_int {
     ptr::drop_in_place(f.cast::<DbFile>());
     (*f).pMethods = ptr::null();
     rc
+}
+
+unsafe extern "C" fn db_write(f: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
+    db_op(f, |i| write_at(i, buf, amt, off))
+}
+
+/// A write to the unix file, as it is.
+unsafe fn write_at(i: *mut ffi::sqlite3_file, buf: *const c_void, amt: c_int, off: i64) -> c_int {
+    methods(i)
+        .xWrite
+        .map_or(ffi::SQLITE_IOERR_WRITE, |w| w(i, buf, amt, off))
 }
 
 unsafe extern "C" fn db_fetch(f: *mut ffi::sqlite3_file, off: i64, amt: c_int, out: *mut *mut c_void) -> c_int {
