@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reqwest::header::HeaderName;
 use url::Url;
 
 use super::client::Attempt;
@@ -61,11 +62,11 @@ impl Engine {
         let refs: Vec<&Secret> = secrets.iter().collect();
         let (sig, truto) = signature_headers(&refs, event_id, ts, body.as_bytes());
         let headers = [
-            ("webhook-id", event_id.to_string()),
-            ("webhook-timestamp", ts.to_string()),
-            ("webhook-signature", sig),
-            ("x-truto-signature", truto),
-            ("webhook-attempt", attempt_no.to_string()),
+            (HeaderName::from_static("webhook-id"), event_id.to_string()),
+            (HeaderName::from_static("webhook-timestamp"), ts.to_string()),
+            (HeaderName::from_static("webhook-signature"), sig),
+            (HeaderName::from_static("x-truto-signature"), truto),
+            (HeaderName::from_static("webhook-attempt"), attempt_no.to_string()),
         ];
         self.client.post(url, &headers, body).await
     }
