@@ -53,7 +53,7 @@ pub struct EventsRequest {
 
 /// Parse and validate a `POST /events` body as the route does before anything is queued: one
 /// event or a batch, repeated keys outside payloads, the batch size, each event's size and
-/// shape (`Envelope::parse`). Errors name the field. No I/O (callback hosts are checked later).
+/// shape (`Envelope::parse_text`). Errors name the field. No I/O (callback hosts are checked later).
 pub fn parse_events(
     body: &[u8],
     max_batch: usize,
@@ -78,17 +78,8 @@ pub fn parse_events(
                 field: Some("event".into()),
             }));
         }
-        let mut v: Value = serde_json::from_str(raw.get()).map_err(|e| within(ApiError::bad(e.to_string())))?;
-        if !batch {
-            if let Value::Object(o) = &mut v {
-                o.remove("validate_only");
-            }
-        }
-        events.push(
-            Envelope::parse(v, now, https_only)
-                .map_err(within)?
-                .with_raw_payload(raw.get()),
-        );
+        // A single event's `validate_only` is a member `parse_text` does not read.
+        events.push(Envelope::parse_text(raw.get(), now, https_only).map_err(within)?);
     }
     Ok(EventsRequest {
         events,
