@@ -177,3 +177,64 @@ pub async fn ingest(state: State, body: web::Payload) -> Result<HttpResponse, Ap
     let routed = state.engine.ingest(&events, "api").await?;
     Ok(HttpResponse::Accepted().json(json!({ "accepted": routed.len(), "events": routed })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN: &str = "3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11";
+
+    fn event(id: &str) -> String {
+        format!(r#"{{"id":"{id}","event":"x:y","webhook_id":"{RUN}","payload":{{"a":1}}}}"#)
+    }
+
+    fn refusal(body: &str) -> (Option<String>, String) {
+        match parse_events(body.as_bytes(), 10, 1024, false, 0) {
+            Err(ApiError::BadRequest { field, message }) => (field, message),
+            Err(other) => panic!("{body}: {other:?}"),
+            Ok(_) => panic!("{body}: accepted"),
+        }
+    }
+
+    /// The top level is read from the body without copying it; what it accepts and how it
+    /// refuses are what a map of its members gave.
+    #[test]
+    fn the_body_is_split_as_a_map_of_its_members_split_it() {
+        let one = event("e1");
+        let r = parse_events(format!(" {one}\n").as_bytes(), 10, one.len(), false, 0).unwrap();
+        assert!(!r.batch && !r.validate_only && r.events.len() == 1);
+        let body = format!(
+            r#"{{"ev\u0065nts":[{}, {}],"validate_only":true,"other":[1e400]}}"#,
+            one,
+            event("e2")
+        );
+        let r = parse_events(body.as_bytes(), 10, one.len(), false, 0).unwrap();
+        assert!(r.batch && r.validate_only);
+        assert_eq!(r.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+        let single = one.replacen('{', r#"{"validate_only":null,"#, 1);
+        assert!(
+            !parse_events(single.as_bytes(), 10, 1024, false, 0)
+                .unwrap()
+                .validate_only
+        );
+
+        assert_eq!(refusal(r#"{"events":null}"#).0.as_deref(), Some("events"));
+        assert_eq!(refusal(r#"{"events":{}}"#).0.as_deref(), Some("events"));
+        assert_eq!(refusal(r#"{"events":[]}"#).0.as_deref(), Some("events"));
+        assert_eq!(refusal(r#"{"events":[1]}"#).0.as_deref(), Some("events[0]"));
+        let bad = one.replacen('{', r#"{"validate_only":"yes","#, 1);
+        assert_eq!(refusal(&bad).0.as_deref(), Some("validate_only"));
+        let (field, message) = refusal("[1]");
+        assert_eq!(field, None);
+        assert!(
+            message.starts_with("body is not a JSON object: invalid type: sequence, expected a map"),
+            "{message}"
+        );
+        let big = format!(r#"{{"events":[{one},{}]}}"#, event(&"x".repeat(100)));
+        match parse_events(big.as_bytes(), 10, one.len(), false, 0) {
+            Err(ApiError::TooLarge { field, .. }) => assert_eq!(field.as_deref(), Some("events[1]")),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+}
