@@ -2,7 +2,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -144,6 +145,82 @@ pub fn subscribed(event_types: &[String], event: &str) -> bool {
             .any(|t| t == "*" || t == event || (t.ends_with(":*") && event.split(':').next() == t.split(':').next()))
 }
 
+/// An event's payload: the bytes it came with and, only when something asks, their parsed form.
+///
+/// `POST /events` parsing was 6.8 % of the relay's CPU in the throughput profile: each payload
+/// was parsed into a `Map` (an allocation per object and string), scanned again for its bytes,
+/// and deep-cloned for each routed run event, while the relay reads a payload only for run
+/// bookkeeping (`resource`), Census-style mappings, batches of record errors and `to_json`. So
+/// the bytes are kept as given (compacted) and parsed on first use; clones share both.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    /// The payload's JSON text as it was given (compacted: whitespace outside strings removed),
+    /// when the event came from outside (the API, a Kafka message, a replayed dead letter). The
+    /// delivery body and the stored event carry these bytes, so big or negative-zero numbers,
+    /// exponents, key order and repeated keys reach the receiver as sent (CONTRACT §1). `None`
+    /// for a payload the relay made or transformed ([`Payload::made`]): the map is written then.
+    raw: Option<Arc<RawValue>>,
+    /// The parsed form, set at construction for made payloads and on first use for given ones.
+    parsed: OnceLock<Arc<Map<String, Value>>>,
+}
+
+impl Payload {
+    /// A payload the relay builds or transforms itself: the map is what is delivered.
+    pub fn made(map: Map<String, Value>) -> Payload {
+        Payload {
+            raw: None,
+            parsed: OnceLock::from(Arc::new(map)),
+        }
+    }
+
+    /// A payload's given bytes: a JSON object's text that [`check_json`] accepted (only
+    /// `Envelope::parse_text` makes these), so its lazy parse cannot fail.
+    fn given(raw: Arc<RawValue>) -> Payload {
+        Payload {
+            raw: Some(raw),
+            parsed: OnceLock::new(),
+        }
+    }
+
+    /// The bytes the payload came with, compacted; `None` for a made payload.
+    pub fn raw(&self) -> Option<&RawValue> {
+        self.raw.as_deref()
+    }
+
+    /// The parsed payload, parsed on first use.
+    pub fn map(&self) -> &Map<String, Value> {
+        self.parsed.get_or_init(|| {
+            let text = self.raw.as_deref().map_or("{}", RawValue::get);
+            // Never fails: the bytes were checked at intake for everything a `Value` parse
+            // refuses (`Envelope::parse_text`: syntax, an object, numbers' range, surrogate
+            // escapes, nesting). Should that ever not hold, an empty map beats a panic.
+            Arc::new(serde_json::from_str(text).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a payload checked at intake did not parse; read as empty");
+                Map::new()
+            }))
+        })
+    }
+
+    /// `resource` of the payload when it is a string (what a run counts records by), as
+    /// `map().get("resource").and_then(Value::as_str)` says. Every record of a known run asks
+    /// this, so it reads just that member from the bytes, skipping the rest without building
+    /// a map; when that targeted read fails (`resource` repeated, where the last one wins, or
+    /// not a string) the parsed form answers.
+    pub fn resource(&self) -> Option<Cow<'_, str>> {
+        #[derive(serde::Deserialize)]
+        struct Only<'a> {
+            #[serde(borrow)]
+            resource: Option<Cow<'a, str>>,
+        }
+        if let (Some(raw), None) = (&self.raw, self.parsed.get()) {
+            if let Ok(only) = serde_json::from_str::<Only>(raw.get()) {
+                return only.resource;
+            }
+        }
+        self.map().get("resource").and_then(Value::as_str).map(Cow::Borrowed)
+    }
+}
+
 /// One valid event (CONTRACT §1).
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -154,48 +231,171 @@ pub struct Envelope {
     pub callback_url: Option<Url>,
     pub environment_id: Option<String>,
     pub created_at_ms: i64,
-    pub payload: Map<String, Value>,
-    /// The payload's JSON text as it was given (compacted: whitespace outside strings removed),
-    /// when the event came from outside (the API, a Kafka message, a replayed dead letter). The
-    /// delivery body and the stored event carry these bytes, so big or negative-zero numbers,
-    /// exponents, key order and repeated keys reach the receiver as sent (CONTRACT §1); `payload`
-    /// is the parsed form the relay reads (lifecycle fields). Code that changes `payload` for
-    /// delivery must set this to `None` (then `payload` is written instead).
-    pub payload_raw: Option<Arc<RawValue>>,
+    /// Code that changes the payload for delivery makes a new one ([`Payload::made`]), so the
+    /// given bytes are not sent with it.
+    pub payload: Payload,
     /// Made by the relay itself (a batch of record errors, a synthesized `failed`, a run the
     /// API stopped or deleted, operational events): its run's lifecycle already decided on it.
-    /// Only code sets this — `parse` (every way in: the API, Kafka, replay) always leaves it
-    /// false — so a client cannot claim it, whatever id it picks (an id starting with the
+    /// Only code sets this — `parse_text` (every way in: the API, Kafka, replay) always leaves
+    /// it false — so a client cannot claim it, whatever id it picks (an id starting with the
     /// relay's own `sr_<run>_` prefix gets the rules like any other).
     pub relay_made: bool,
 }
 
-impl Envelope {
-    /// Validate a JSON value as an event. Errors name the field.
-    pub fn parse(v: Value, now: i64, https_only: bool) -> Result<Envelope, ApiError> {
-        let Value::Object(mut o) = v else {
-            return Err(ApiError::bad("an event must be a JSON object"));
-        };
-        let string = |o: &mut Map<String, Value>, f: &str, required: bool| -> Result<Option<String>, ApiError> {
-            match o.remove(f) {
-                None | Some(Value::Null) if required => Err(ApiError::field(f, "is required")),
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s)),
-                Some(_) => Err(ApiError::field(f, "must be a string")),
+/// An object key, borrowed from the JSON text unless it holds escapes.
+pub(crate) struct JsonKey<'a>(pub Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for JsonKey<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl<'de> serde::de::Visitor<'de> for Key {
+            type Value = JsonKey<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
             }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<JsonKey<'de>, E> {
+                Ok(JsonKey(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<JsonKey<'de>, E> {
+                Ok(JsonKey(Cow::Owned(s.to_string())))
+            }
+        }
+        d.deserialize_str(Key)
+    }
+}
+
+/// The members of an event object the relay reads, as their JSON text borrowed from the event's
+/// text (the last of a repeated key, as a parsed map would keep). Every member's text, read or
+/// not, has passed [`check_json`], except the last `payload`'s: [`compact_checked`] checks that
+/// one as it compacts it.
+#[derive(Default)]
+struct EventMembers<'a> {
+    id: Option<&'a RawValue>,
+    event: Option<&'a RawValue>,
+    sync_job_run_id: Option<&'a RawValue>,
+    webhook_id: Option<&'a RawValue>,
+    callback_url: Option<&'a RawValue>,
+    environment_id: Option<&'a RawValue>,
+    created_at: Option<&'a RawValue>,
+    payload: Option<&'a RawValue>,
+}
+
+impl<'a> EventMembers<'a> {
+    /// Read an event's JSON text. Refuses what `serde_json::from_str::<Value>` refuses, with its
+    /// message (syntax) or naming the member ([`JsonProblem`]), and a JSON value that is not an
+    /// object.
+    fn read(text: &'a str) -> Result<EventMembers<'a>, ApiError> {
+        use serde::de::{Deserializer as _, MapAccess, Visitor};
+        if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+            // Not an object: a syntax error is named as before, else the shape is.
+            return Err(match serde_json::from_str::<Value>(text) {
+                Err(e) => ApiError::bad(e.to_string()),
+                Ok(_) => ApiError::bad("an event must be a JSON object"),
+            });
+        }
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = Result<EventMembers<'de>, ApiError>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut out = EventMembers::default();
+                // The first member whose text a `Value` parse would refuse; the rest of the
+                // object is still read (a syntax error after it is reported instead).
+                let mut problem: Option<ApiError> = None;
+                while let Some(JsonKey(key)) = m.next_key()? {
+                    let value: &'de RawValue = m.next_value()?;
+                    let (slot, name) = match key.as_ref() {
+                        "id" => (&mut out.id, "id"),
+                        "event" => (&mut out.event, "event"),
+                        "sync_job_run_id" => (&mut out.sync_job_run_id, "sync_job_run_id"),
+                        "webhook_id" => (&mut out.webhook_id, "webhook_id"),
+                        "callback_url" => (&mut out.callback_url, "callback_url"),
+                        "environment_id" => (&mut out.environment_id, "environment_id"),
+                        "created_at" => (&mut out.created_at, "created_at"),
+                        "payload" => {
+                            // The payload is checked once it is known to be the last one
+                            // (its check compacts it); one it replaces is checked now.
+                            if let Some(earlier) = out.payload.replace(value) {
+                                if problem.is_none() {
+                                    problem = check_json(earlier.get(), 1).err().map(|p| p.at("payload"));
+                                }
+                            }
+                            continue;
+                        }
+                        _ => {
+                            if problem.is_none() {
+                                problem = check_json(value.get(), 1).err().map(|p| p.within_event());
+                            }
+                            continue;
+                        }
+                    };
+                    *slot = Some(value);
+                    if problem.is_none() {
+                        problem = check_json(value.get(), 1).err().map(|p| p.at(name));
+                    }
+                }
+                Ok(match problem {
+                    Some(p) => Err(p),
+                    None => Ok(out),
+                })
+            }
+        }
+        let mut de = serde_json::Deserializer::from_str(text);
+        let read = de.deserialize_map(Members).and_then(|m| de.end().map(|()| m));
+        read.map_err(|e| ApiError::bad(e.to_string()))?
+    }
+}
+
+/// The text of a string member; `None` when absent or `null`.
+fn string_member(raw: Option<&RawValue>, field: &str, required: bool) -> Result<Option<String>, ApiError> {
+    match raw.map(RawValue::get) {
+        None | Some("null") if required => Err(ApiError::field(field, "is required")),
+        None | Some("null") => Ok(None),
+        // Checked already (`EventMembers::read`): the string parses.
+        Some(t) if t.starts_with('"') => serde_json::from_str(t)
+            .map(Some)
+            .map_err(|e| ApiError::field(field, e.to_string())),
+        Some(_) => Err(ApiError::field(field, "must be a string")),
+    }
+}
+
+impl Envelope {
+    /// Validate a JSON value as an event: [`Envelope::parse_text`] of its text.
+    pub fn parse(v: Value, now: i64, https_only: bool) -> Result<Envelope, ApiError> {
+        Envelope::parse_text(&v.to_string(), now, https_only)
+    }
+
+    /// Validate an event's JSON text (every way in: the API, Kafka messages, replayed dead
+    /// letters). Errors name the field. The text is read once, into the envelope's fields and
+    /// the payload's bytes (compacted); the payload is parsed only when something reads it
+    /// ([`Payload`]). Accepts exactly the texts a `serde_json::Value` parse accepts and whose
+    /// fields are valid.
+    pub fn parse_text(text: &str, now: i64, https_only: bool) -> Result<Envelope, ApiError> {
+        let m = EventMembers::read(text)?;
+        // What a `Value` parse of the payload refuses is refused first, as it was when the
+        // whole event was parsed before its fields were looked at.
+        let payload = match m.payload {
+            Some(p) if p.get().starts_with('{') => Some(compact_checked(p.get(), 1).map_err(|e| e.at("payload"))?),
+            Some(p) => {
+                check_json(p.get(), 1).map_err(|e| e.at("payload"))?;
+                None
+            }
+            None => None,
         };
-        let id = string(&mut o, "id", true)?.unwrap_or_default();
+        let id = string_member(m.id, "id", true)?.unwrap_or_default();
         if !valid_event_id(&id) {
             return Err(ApiError::field("id", "must be 1-128 characters of [A-Za-z0-9_-]"));
         }
-        let event = string(&mut o, "event", true)?.unwrap_or_default();
+        let event = string_member(m.event, "event", true)?.unwrap_or_default();
         if !valid_event_name(&event, false) {
             return Err(ApiError::field(
                 "event",
                 "must look like <entity>:<action>, e.g. sync_job_run:record",
             ));
         }
-        let sync_job_run_id = match string(&mut o, "sync_job_run_id", false)? {
+        let sync_job_run_id = match string_member(m.sync_job_run_id, "sync_job_run_id", false)? {
             Some(s) => Some(parse_uuid("sync_job_run_id", &s)?),
             None if event.starts_with("sync_job_run:") => {
                 return Err(ApiError::field(
@@ -205,7 +405,7 @@ impl Envelope {
             }
             None => None,
         };
-        let webhook_id = string(&mut o, "webhook_id", false)?
+        let webhook_id = string_member(m.webhook_id, "webhook_id", false)?
             .map(|s| parse_uuid("webhook_id", &s))
             .transpose()?;
         if webhook_id.is_none() && sync_job_run_id.is_none() {
@@ -214,14 +414,14 @@ impl Envelope {
                 "is required when the event has no sync_job_run_id",
             ));
         }
-        let callback_url = string(&mut o, "callback_url", false)?
+        let callback_url = string_member(m.callback_url, "callback_url", false)?
             .map(|s| parse_target_url("callback_url", &s, https_only))
             .transpose()?;
-        let environment_id = string(&mut o, "environment_id", false)?;
+        let environment_id = string_member(m.environment_id, "environment_id", false)?;
         if let Some(e) = &environment_id {
             check_text("environment_id", e, limits::NAME, false)?;
         }
-        let created_at_ms = match string(&mut o, "created_at", false)? {
+        let created_at_ms = match string_member(m.created_at, "created_at", false)? {
             Some(s) => {
                 let ms =
                     parse_rfc3339_ms(&s).ok_or_else(|| ApiError::field("created_at", "must be an RFC 3339 time"))?;
@@ -237,10 +437,10 @@ impl Envelope {
             }
             None => now,
         };
-        let payload = match o.remove("payload") {
-            Some(Value::Object(p)) => p,
-            None | Some(Value::Null) => return Err(ApiError::field("payload", "is required")),
-            Some(_) => return Err(ApiError::field("payload", "must be a JSON object")),
+        let payload = match (m.payload, payload) {
+            (Some(given), Some(compact)) => Payload::given(raw_of(given, compact)),
+            (Some(p), None) if p.get() != "null" => return Err(ApiError::field("payload", "must be a JSON object")),
+            _ => return Err(ApiError::field("payload", "is required")),
         };
         Ok(Envelope {
             id,
@@ -251,29 +451,15 @@ impl Envelope {
             environment_id,
             created_at_ms,
             payload,
-            payload_raw: None,
             relay_made: false,
         })
-    }
-
-    /// [`Envelope::parse`] of an event's JSON text: the same checks, and the payload's bytes as
-    /// given are kept (`payload_raw`) for the delivery body.
-    pub fn parse_text(text: &str, now: i64, https_only: bool) -> Result<Envelope, ApiError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| ApiError::bad(e.to_string()))?;
-        Ok(Envelope::parse(v, now, https_only)?.with_raw_payload(text))
-    }
-
-    /// Keep the payload's bytes from `text`, the JSON text this event was parsed from.
-    pub fn with_raw_payload(mut self, text: &str) -> Envelope {
-        self.payload_raw = raw_payload(text);
-        self
     }
 
     /// About how long this event's JSON text is: exact for the payload when its bytes are kept,
     /// the members' values and their names and punctuation (an estimate: escapes add to it).
     fn text_len_hint(&self) -> usize {
         const FRAMING: usize = 160;
-        let payload = self.payload_raw.as_ref().map_or(64, |r| r.get().len());
+        let payload = self.payload.raw().map_or(64, |r| r.get().len());
         payload
             + self.id.len()
             + self.event.len()
@@ -284,9 +470,9 @@ impl Envelope {
 
     /// The payload as written into bodies: its bytes as given, else the parsed form.
     fn payload_out(&self) -> PayloadOut<'_> {
-        match &self.payload_raw {
+        match self.payload.raw() {
             Some(raw) => PayloadOut::Raw(raw),
-            None => PayloadOut::Parsed(&self.payload),
+            None => PayloadOut::Parsed(self.payload.map()),
         }
     }
 
@@ -336,7 +522,7 @@ impl Envelope {
             o.insert("environment_id".into(), e.clone().into());
         }
         o.insert("created_at".into(), rfc3339_ms(self.created_at_ms).into());
-        o.insert("payload".into(), Value::Object(self.payload.clone()));
+        o.insert("payload".into(), Value::Object(self.payload.map().clone()));
         Value::Object(o)
     }
 
@@ -393,62 +579,173 @@ enum PayloadOut<'a> {
     Parsed(&'a Map<String, Value>),
 }
 
-/// The `payload` member of an event's JSON text, compacted, if it is an object. `None` when the
-/// text has no single `payload` member (the parsed form is used then).
-pub fn raw_payload(event_text: &str) -> Option<Arc<RawValue>> {
-    #[derive(serde::Deserialize)]
-    struct Only<'a> {
-        #[serde(borrow)]
-        payload: Option<&'a RawValue>,
+/// The payload's bytes to keep: the given text when it was compact already (most producers
+/// write compact JSON: no copy through the compactor, no second parse to check it).
+fn raw_of(given: &RawValue, compact: Cow<'_, str>) -> Arc<RawValue> {
+    match compact {
+        Cow::Borrowed(_) => Arc::from(given.to_owned()),
+        // Valid JSON without its whitespace is valid JSON; were it not, the bytes as given do.
+        Cow::Owned(text) => Arc::from(RawValue::from_string(text).unwrap_or_else(|_| given.to_owned())),
     }
-    let raw = serde_json::from_str::<Only>(event_text).ok()?.payload?;
-    if !raw.get().starts_with('{') {
-        return None;
-    }
-    // Most producers write compact JSON: then the bytes are kept as they are, without
-    // copying them through the compactor and parsing them again to check them.
-    let compact = match compact_json(raw.get()) {
-        std::borrow::Cow::Borrowed(_) => raw.to_owned(),
-        std::borrow::Cow::Owned(text) => RawValue::from_string(text).ok()?,
-    };
-    Some(Arc::from(compact))
 }
 
-/// Valid JSON text without the whitespace outside strings (the bytes of every token kept);
-/// borrowed when there is none. Works on bytes: whitespace, quotes and backslashes are ASCII,
-/// and no byte of a multi-byte UTF-8 character is, so removing them keeps the text UTF-8.
-pub fn compact_json(s: &str) -> std::borrow::Cow<'_, str> {
+/// What a `serde_json::Value` parse refuses in syntactically valid JSON text, which skipping a
+/// value as raw text (`RawValue`, `IgnoredAny`) lets through: events are read that way, so
+/// [`check_json`] looks for these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonProblem {
+    /// A number that is infinite as an `f64` (`1e400`, an integer of 400 digits).
+    OutOfRange,
+    /// A `\u` escape of a UTF-16 surrogate that is not a leading one followed by a trailing one.
+    LoneSurrogate,
+    /// Arrays and objects nested deeper than serde_json's recursion limit.
+    TooDeep,
+}
+
+impl JsonProblem {
+    fn message(self) -> &'static str {
+        match self {
+            JsonProblem::OutOfRange => "holds a number out of range",
+            JsonProblem::LoneSurrogate => "holds a lone surrogate escape",
+            JsonProblem::TooDeep => "nests arrays and objects too deeply",
+        }
+    }
+
+    /// The error naming the member that holds it.
+    fn at(self, field: &str) -> ApiError {
+        ApiError::field(field, self.message())
+    }
+
+    /// The error for a member the relay does not read (its name is the client's).
+    fn within_event(self) -> ApiError {
+        ApiError::bad(format!("the event {}", self.message()))
+    }
+}
+
+/// serde_json's recursion limit: a `Value` parse refuses the 128th array or object open at once.
+const MAX_JSON_DEPTH: usize = 128;
+
+/// [`compact_checked`] without the compacting: `text` (valid JSON) parses as a `Value` nested
+/// within `depth` arrays and objects.
+pub fn check_json(text: &str, depth: usize) -> Result<(), JsonProblem> {
+    walk_json(text, depth, false).map(drop)
+}
+
+/// Valid JSON text without the whitespace outside strings (the bytes of every token kept),
+/// borrowed when there is none, if a `serde_json::Value` parse of it, nested within `depth`
+/// arrays and objects, accepts it. Syntax is checked before (the text was read as a
+/// `RawValue`); this walk, which compacting needs anyway, adds what a `Value` parse checks and
+/// skipping does not (`JsonProblem`), so the payload is walked once more, not parsed.
+pub fn compact_checked(text: &str, depth: usize) -> Result<Cow<'_, str>, JsonProblem> {
+    walk_json(text, depth, true)
+}
+
+/// The walk of [`compact_checked`]. Works on bytes: whitespace, quotes, backslashes, brackets
+/// and number characters are ASCII, and no byte of a multi-byte UTF-8 character is, so removing
+/// whitespace keeps the text UTF-8.
+fn walk_json(s: &str, mut depth: usize, compact: bool) -> Result<Cow<'_, str>, JsonProblem> {
     let b = s.as_bytes();
     // Allocated at the first whitespace to remove; `kept` is where the bytes not yet copied start.
     let mut out: Option<Vec<u8>> = None;
     let mut kept = 0;
-    let (mut in_str, mut escaped) = (false, false);
-    for (i, &c) in b.iter().enumerate() {
-        if in_str {
-            if escaped {
-                escaped = false;
-            } else if c == b'\\' {
-                escaped = true;
-            } else if c == b'"' {
-                in_str = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => i = string_end(b, i + 1)?,
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                if compact {
+                    let o = out.get_or_insert_with(|| Vec::with_capacity(b.len()));
+                    o.extend_from_slice(&b[kept..i]);
+                    kept = i + 1;
+                }
+                i += 1;
             }
-        } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
-            let o = out.get_or_insert_with(|| Vec::with_capacity(b.len()));
-            o.extend_from_slice(&b[kept..i]);
-            kept = i + 1;
-        } else if c == b'"' {
-            in_str = true;
+            b'[' | b'{' => {
+                depth += 1;
+                if depth >= MAX_JSON_DEPTH {
+                    return Err(JsonProblem::TooDeep);
+                }
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                let mut exponent = false;
+                i += 1;
+                while let Some(&c) = b.get(i) {
+                    match c {
+                        b'0'..=b'9' | b'.' | b'+' | b'-' => {}
+                        b'e' | b'E' => exponent = true,
+                        _ => break,
+                    }
+                    i += 1;
+                }
+                number_in_range(&s[start..i], exponent)?;
+            }
+            _ => i += 1,
         }
     }
     match out {
-        None => std::borrow::Cow::Borrowed(s),
+        None => Ok(Cow::Borrowed(s)),
         Some(mut o) => {
             o.extend_from_slice(&b[kept..]);
             // Always UTF-8 (only ASCII bytes were removed); never a panic on the way in.
-            std::borrow::Cow::Owned(
-                String::from_utf8(o).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-            )
+            Ok(Cow::Owned(String::from_utf8(o).unwrap_or_else(|e| {
+                String::from_utf8_lossy(e.as_bytes()).into_owned()
+            })))
         }
+    }
+}
+
+/// Where the string whose contents start at `i` ends (past its closing quote), refusing a
+/// surrogate escape serde_json refuses when it parses a string (`parse_unicode_escape`, read.rs,
+/// with `validate`): a trailing surrogate (`DC00`-`DFFF`) on its own, and a leading one
+/// (`D800`-`DBFF`) not followed at once by `\u` and a trailing one.
+fn string_end(b: &[u8], mut i: usize) -> Result<usize, JsonProblem> {
+    let hex = |at: usize| {
+        let digits = std::str::from_utf8(b.get(at..at + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'"' => return Ok(i + 1),
+            b'\\' if b.get(i + 1) == Some(&b'u') => match hex(i + 2) {
+                Some(0xDC00..=0xDFFF) => return Err(JsonProblem::LoneSurrogate),
+                Some(0xD800..=0xDBFF) => {
+                    let paired = b.get(i + 6) == Some(&b'\\')
+                        && b.get(i + 7) == Some(&b'u')
+                        && matches!(hex(i + 8), Some(0xDC00..=0xDFFF));
+                    if !paired {
+                        return Err(JsonProblem::LoneSurrogate);
+                    }
+                    i += 12;
+                }
+                _ => i += 6,
+            },
+            // Any other escape is two bytes (`\"` must not end the string).
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Ok(i)
+}
+
+/// Is this number token finite as serde_json parses it into a `Value` ("number out of range"
+/// otherwise)? Without the `float_roundtrip` feature serde_json scales the first 19 or 20
+/// significant digits by a power of ten (`f64_from_parts`, de.rs), so just where it overflows
+/// near `f64::MAX` is its own: a token that could overflow is handed to serde_json itself. Only
+/// an exponent or a long integer part can overflow: without an exponent, a token of 300 bytes
+/// is below 1.9e300, so the common numbers are judged by the walk alone.
+fn number_in_range(token: &str, exponent: bool) -> Result<(), JsonProblem> {
+    if !exponent && token.len() <= 300 {
+        return Ok(());
+    }
+    match serde_json::from_str::<Value>(token) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(JsonProblem::OutOfRange),
     }
 }
 
@@ -835,6 +1132,7 @@ mod tests {
 
     #[test]
     fn payload_bytes_are_kept_compacted() {
+        let compact_json = |s| compact_checked(s, 0).unwrap();
         assert_eq!(
             compact_json("{ \"a\" : [1, 2.50 ,1E2],\n\t\"s\": \" q \\\" \\\\ \" }"),
             r#"{"a":[1,2.50,1E2],"s":" q \" \\ "}"#
@@ -846,12 +1144,12 @@ mod tests {
         );
         // Already compact: the same bytes, not a copy.
         let compact = r#"{"a":[1,2.50],"s":" q \" \\ "}"#;
-        assert!(matches!(compact_json(compact), std::borrow::Cow::Borrowed(b) if b == compact));
+        assert!(matches!(compact_json(compact), Cow::Borrowed(b) if b == compact));
         let text = r#"{"id":"e","event":"a:b","webhook_id":"3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11",
             "payload": {"n": 123456789012345678901234567890, "d": 1, "d": -0}}"#;
         let e = Envelope::parse_text(text, 0, false).unwrap();
         let want = r#"{"n":123456789012345678901234567890,"d":1,"d":-0}"#;
-        assert_eq!(e.payload_raw.as_deref().map(RawValue::get), Some(want));
+        assert_eq!(e.payload.raw().map(RawValue::get), Some(want));
         assert!(e.body(None).contains(&format!(r#""payload":{want},"#)));
         // The stored form keeps the bytes too, and parses back to the same.
         let again = Envelope::parse_text(&e.to_json_text(), 0, false).unwrap();
@@ -859,7 +1157,317 @@ mod tests {
         let members = object_members(want).unwrap();
         assert_eq!(members.len(), 3);
         assert_eq!(write_members(&members), want);
-        assert!(raw_payload(r#"{"payload":[1]}"#).is_none());
+    }
+
+    /// The payload walk as it was before payloads were parsed lazily (`compact_json` and
+    /// `raw_payload`, verbatim): the bytes kept now must be the same.
+    mod before {
+        use super::*;
+
+        pub fn raw_payload(event_text: &str) -> Option<Arc<RawValue>> {
+            #[derive(serde::Deserialize)]
+            struct Only<'a> {
+                #[serde(borrow)]
+                payload: Option<&'a RawValue>,
+            }
+            let raw = serde_json::from_str::<Only>(event_text).ok()?.payload?;
+            if !raw.get().starts_with('{') {
+                return None;
+            }
+            let compact = match compact_json(raw.get()) {
+                Cow::Borrowed(_) => raw.to_owned(),
+                Cow::Owned(text) => RawValue::from_string(text).ok()?,
+            };
+            Some(Arc::from(compact))
+        }
+
+        fn compact_json(s: &str) -> Cow<'_, str> {
+            let b = s.as_bytes();
+            let mut out: Option<Vec<u8>> = None;
+            let mut kept = 0;
+            let (mut in_str, mut escaped) = (false, false);
+            for (i, &c) in b.iter().enumerate() {
+                if in_str {
+                    if escaped {
+                        escaped = false;
+                    } else if c == b'\\' {
+                        escaped = true;
+                    } else if c == b'"' {
+                        in_str = false;
+                    }
+                } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+                    let o = out.get_or_insert_with(|| Vec::with_capacity(b.len()));
+                    o.extend_from_slice(&b[kept..i]);
+                    kept = i + 1;
+                } else if c == b'"' {
+                    in_str = true;
+                }
+            }
+            match out {
+                None => Cow::Borrowed(s),
+                Some(mut o) => {
+                    o.extend_from_slice(&b[kept..]);
+                    Cow::Owned(String::from_utf8(o).unwrap())
+                }
+            }
+        }
+    }
+
+    const RUN: &str = "3f1c8a8e-3c1a-4a53-9d7a-3a0f0c5f9b11";
+
+    /// Payloads a `Value` parse refuses although they are valid JSON syntax, those it takes
+    /// that look alike, and the usual tricky ones. Each is a payload object's text.
+    fn tricky_payloads() -> Vec<String> {
+        let mut values: Vec<String> = [
+            // Numbers: out of f64's range, or only just in it.
+            "1e400",
+            "-1e400",
+            "1E400",
+            "1e+400",
+            "1e309",
+            "1e308",
+            "0e400",
+            "0.0e99999999999",
+            "-0e400",
+            "1e99999999999",
+            "1e-99999999999",
+            "-1e-99999999999",
+            "1e-400",
+            "-0",
+            "-0.0",
+            "1E2",
+            "2.50",
+            "1.7976931348623157e308",
+            "1.7976931348623158e308",
+            "1.7976931348623159e308",
+            "-1.7976931348623157e308",
+            "1.8e308",
+            "17976931348623157e292",
+            "17976931348623159e292",
+            "0.00000000000000000000000000001e330",
+            "123456789012345678901234567890.5e280",
+            "123456789012345678901234567890.5e279",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            // Strings: surrogate escapes, paired or not, and other escapes.
+            r#""\ud800""#,
+            r#""\udc00""#,
+            r#""\udfff""#,
+            r#""\ud800x""#,
+            r#""\ud800\u0041""#,
+            r#""\ud800\ud800""#,
+            r#""\ud800\udbff""#,
+            r#""\ud800\\""#,
+            r#""\ud800\n""#,
+            r#""a\ud800""#,
+            r#""\udc00\ud800""#,
+            r#""\ud83d\ude00""#,
+            r#""\uD83D\uDE00""#,
+            r#""\udbff\udfff""#,
+            r#""\ud800\udc00\udc00""#,
+            r#""\\ud800""#,
+            r#""\\\ud800""#,
+            r#""x\"\ud800""#,
+            r#""\u0000\u001f\uffff\ud7ff\ue000""#,
+            r#""\"\\\/\b\f\n\r\t""#,
+            r#""ü € 😀""#,
+            // Structures, repeated keys, whitespace everywhere.
+            r#"{"a":{"b":[1,{"c":[]}]},"a":2}"#,
+            r#"{"k":1,"k":{"k":[1e400]}}"#,
+            r#"[1, 1e400]"#,
+            r#"[1e400 ]"#,
+            r#"{"\ud800":1}"#,
+            r#"{"\ud83d\ude00":1}"#,
+            "[ 1 ,\t2 ,\n{ \"a\" :\r\n-0 } ]",
+            "true",
+            "null",
+            "[]",
+            "{}",
+        ]
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+        // Integers around where an f64 overflows (309 digits) and where the walk hands them to
+        // serde_json (over 300 bytes).
+        for (digit, n) in [
+            ('9', 300),
+            ('9', 301),
+            ('1', 308),
+            ('9', 308),
+            ('1', 309),
+            ('9', 309),
+            ('9', 310),
+            ('1', 400),
+        ] {
+            values.push(digit.to_string().repeat(n));
+            values.push(format!("-{}", digit.to_string().repeat(n)));
+            values.push(format!("{}.5", digit.to_string().repeat(n)));
+            values.push(format!("{}e-20", digit.to_string().repeat(n)));
+        }
+        values.push(format!("1{}", "0".repeat(308)));
+        values.push(format!("0.{}1", "0".repeat(400)));
+        values.push(format!("1.{}", "9".repeat(400)));
+        // Nesting around serde_json's recursion limit (the event and the payload count).
+        for n in 123..=128 {
+            values.push(format!("{}{}", "[".repeat(n), "]".repeat(n)));
+            values.push(format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n)));
+        }
+        let mut payloads: Vec<String> = values
+            .iter()
+            .flat_map(|v| {
+                [
+                    format!(r#"{{"v":{v}}}"#),
+                    format!("{{ \"v\" :\n\t{v} , \"w\" : [ {v} ] }}"),
+                ]
+            })
+            .collect();
+        payloads.extend(
+            [
+                r#"{"a":1,"a":2}"#,
+                r#"{"resource":"r","n":1e400}"#,
+                "{\n}",
+                " {\"a\" : \"b c\" } ",
+            ]
+            .map(String::from),
+        );
+        payloads
+    }
+
+    /// `parse_text` reads an event without a DOM; it must accept exactly the events a `Value`
+    /// parse accepts (with valid fields), give the payload a `Value` parse gives, and keep the
+    /// payload's bytes as `raw_payload` kept them.
+    #[test]
+    fn payloads_are_accepted_as_a_value_parse_accepts_them() {
+        let (mut accepted, mut refused) = (0, 0);
+        for p in tricky_payloads() {
+            let text = format!(r#"{{"id":"e","event":"x:y","webhook_id":"{RUN}","payload":{p}}}"#);
+            match (
+                serde_json::from_str::<Value>(&text),
+                Envelope::parse_text(&text, 0, false),
+            ) {
+                (Ok(v), Ok(e)) => {
+                    accepted += 1;
+                    assert_eq!(&Value::Object(e.payload.map().clone()), &v["payload"], "{p}");
+                    let want = before::raw_payload(&text).unwrap();
+                    assert_eq!(e.payload.raw().map(RawValue::get), Some(want.get()), "{p}");
+                    assert_eq!(
+                        e.payload.resource().as_deref(),
+                        v["payload"]["resource"].as_str(),
+                        "{p}"
+                    );
+                }
+                (Err(_), Err(e)) => {
+                    refused += 1;
+                    assert_eq!(field(e), "payload", "{p}");
+                }
+                (want, got) => panic!("{p}: a Value parse says {want:?}, parse_text {got:?}"),
+            }
+        }
+        assert!(accepted > 100 && refused > 50, "{accepted} accepted, {refused} refused");
+    }
+
+    /// The same for what is outside the payload: members the relay does not read, a repeated
+    /// member (the last one wins, the others are parsed all the same), strings of the envelope.
+    #[test]
+    fn events_are_accepted_as_a_value_parse_accepts_them() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let mut texts = vec![
+            r#"{"x":1e400,"id":"e","event":"x:y","webhook_id":"W","payload":{}}"#.to_string(),
+            r#"{"x":"\ud800","id":"e","event":"x:y","webhook_id":"W","payload":{}}"#.into(),
+            r#"{"x":"\ud83d\ude00","id":"e","event":"x:y","webhook_id":"W","payload":{}}"#.into(),
+            r#"{"\ud800":1,"id":"e","event":"x:y","webhook_id":"W","payload":{}}"#.into(),
+            r#"{"id":"\ud800","id":"e","event":"x:y","webhook_id":"W","payload":{}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{"a":1e400},"payload":{"b":1}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{"a":1},"payload":{"b":2}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{"a":1},"payload":null}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":null,"payload":{"a":1}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":[1e400]}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":"\ud800"}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","created_at":1e400,"payload":{}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","callback_url":null,"environment_id":null,"payload":{}}"#
+                .into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","environment_id":"\ud83d\ude00","payload":{}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","p\u0061yload":{"a":1}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{}} "#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{}} x"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{"a":01}}"#.into(),
+            r#"{"id":"e","event":"x:y","webhook_id":"W","payload":{"a":"\x"}}"#.into(),
+            "[1e400]".into(),
+            "[1]".into(),
+            "\"\\ud800\"".into(),
+            " 1 ".into(),
+            "".into(),
+        ];
+        for n in 124..=128 {
+            texts.push(format!(
+                r#"{{"x":{},"id":"e","event":"x:y","webhook_id":"W","payload":{{}}}}"#,
+                deep(n)
+            ));
+        }
+        for t in texts {
+            let t = t.replace("\"W\"", &format!("\"{RUN}\""));
+            match (serde_json::from_str::<Value>(&t), Envelope::parse_text(&t, 0, false)) {
+                (Ok(v), Ok(e)) => assert_eq!(&Value::Object(e.payload.map().clone()), &v["payload"], "{t}"),
+                (Err(_), Err(_)) => {}
+                (Ok(_), Err(e)) if t.contains("\"payload\":null") => assert_eq!(field(e), "payload", "{t}"),
+                (Ok(v), Err(e)) if !v.is_object() || !v["payload"].is_object() => {
+                    assert!(matches!(e, ApiError::BadRequest { .. }), "{t}")
+                }
+                (want, got) => panic!("{t}: a Value parse says {want:?}, parse_text {got:?}"),
+            }
+        }
+    }
+
+    /// `resource()` reads one member from the bytes; it says what the parsed map says.
+    #[test]
+    fn the_resource_is_what_the_parsed_payload_says() {
+        for p in [
+            r#"{"resource":"a"}"#,
+            r#"{"resource":"a","resource":"b"}"#,
+            r#"{"resource":"a","resource":1}"#,
+            r#"{"resource":1,"resource":"b"}"#,
+            r#"{"resource":1}"#,
+            r#"{"resource":null}"#,
+            r#"{"resource":["a"]}"#,
+            r#"{"resource":"t\u00e9l\"x"}"#,
+            r#"{"x":{"resource":"no"}}"#,
+            r#"{"r\u0065source":"escaped key"}"#,
+            r#"{}"#,
+        ] {
+            let text = format!(r#"{{"id":"e","event":"x:y","webhook_id":"{RUN}","payload":{p}}}"#);
+            let e = Envelope::parse_text(&text, 0, false).unwrap();
+            let r = e.payload.resource().map(Cow::into_owned);
+            assert_eq!(
+                r.as_deref(),
+                e.payload.map().get("resource").and_then(Value::as_str),
+                "{p}"
+            );
+            // Once parsed, the map answers; the same.
+            assert_eq!(e.payload.resource().map(Cow::into_owned), r, "{p}");
+        }
+        let made = Payload::made(json!({"resource": "m"}).as_object().unwrap().clone());
+        assert_eq!(made.resource().as_deref(), Some("m"));
+        assert!(made.raw().is_none());
+    }
+
+    /// A clone shares the bytes and the parsed map (a routed run event is cloned).
+    #[test]
+    fn a_clone_shares_the_payload() {
+        let text = format!(r#"{{"id":"e","event":"x:y","webhook_id":"{RUN}","payload":{{"a":[1,2]}}}}"#);
+        let e = Envelope::parse_text(&text, 0, false).unwrap();
+        let before_parse = e.clone();
+        assert!(std::ptr::eq(
+            e.payload.raw().unwrap(),
+            before_parse.payload.raw().unwrap()
+        ));
+        let m = e.payload.map() as *const _;
+        let after_parse = e.clone();
+        assert!(std::ptr::eq(m, after_parse.payload.map()));
+        assert_eq!(before_parse.payload.map(), e.payload.map());
     }
 
     #[test]

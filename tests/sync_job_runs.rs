@@ -356,8 +356,9 @@ async fn complete(app: &TestApp, run_id: &str) {
     .unwrap();
     let runs = Runs::new(store.clone(), BatchLimits::default());
     for (n, kind) in ["started", "completed"].iter().enumerate() {
-        let e = syncrelay::domain::Envelope::parse(
-            json!({"id": format!("x{n}"), "event": format!("sync_job_run:{kind}"), "sync_job_run_id": run_id, "payload": {}}),
+        let e = syncrelay::domain::Envelope::parse_text(
+            &json!({"id": format!("x{n}"), "event": format!("sync_job_run:{kind}"), "sync_job_run_id": run_id, "payload": {}})
+                .to_string(),
             0,
             false,
         )

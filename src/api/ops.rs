@@ -256,11 +256,7 @@ pub async fn replay_dead_letters(state: State, body: web::Payload) -> Result<Htt
     // Unroutable events are routed again: their webhook may exist now.
     let mut envelopes = Vec::new();
     for raw in raws {
-        if let Ok(e) = serde_json::from_str(&raw)
-            .map_err(|e| ApiError::bad(e.to_string()))
-            .and_then(|v| Envelope::parse(v, now, false))
-            .map(|e| e.with_raw_payload(&raw))
-        {
+        if let Ok(e) = Envelope::parse_text(&raw, now, false) {
             envelopes.push(e);
         }
     }

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::sync_jobs::off_thread;
 use super::{check_target_url, list_response, read_body, PageQuery, State};
-use crate::domain::{check_json_size, check_text, limits, now_ms, parse_uuid, rfc3339_ms, Envelope};
+use crate::domain::{check_json_size, check_text, limits, now_ms, parse_uuid, rfc3339_ms, Envelope, Payload};
 use crate::error::{parse_json, ApiError};
 use crate::runs::lifecycle::relay_event_prefix;
 use crate::runs::validate::{compile_args_schema, validate_args};
@@ -94,8 +94,7 @@ fn run_event(run: &Run, id: String, event: &str) -> Option<Envelope> {
             .and_then(Value::as_str)
             .map(str::to_string),
         created_at_ms: now_ms(),
-        payload: payload_of(run),
-        payload_raw: None,
+        payload: Payload::made(payload_of(run)),
         relay_made: true,
     })
 }

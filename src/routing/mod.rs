@@ -4,7 +4,7 @@
 
 use crate::delivery::dead_letter::{dead_letter, Cause};
 use crate::delivery::engine::{Engine, Routed};
-use crate::domain::{subscribed, Envelope};
+use crate::domain::{subscribed, Envelope, Payload};
 use crate::runs::{Action, Decision};
 use crate::store::{NewDeadLetter, NewDelivery};
 
@@ -119,6 +119,7 @@ impl Engine {
                         self.metrics.runs_finished.with_label_values(&[status]).inc();
                     }
                 }
+                // Cheap: the clone shares the payload's bytes and parsed form (`Payload`).
                 let main = Envelope {
                     webhook_id: d.webhook_id.clone(),
                     callback_url: d.callback_url.clone(),
@@ -196,15 +197,15 @@ impl Engine {
                     // The transform works on the parsed payload; the event's other targets
                     // get it untransformed.
                     let max = crate::syncs::mapping::MAX_MAPPED_BYTES;
-                    let Some(payload) = crate::syncs::mapping::map_payload_within(&e.payload, s.id, &s.config, max)
+                    let Some(payload) =
+                        crate::syncs::mapping::map_payload_within(e.payload.map(), s.id, &s.config, max)
                     else {
                         dead.push(event_dead_letter(e, Some(wid.clone()), "payload_too_large"));
                         continue;
                     };
                     // The mapped payload is new JSON: the original bytes must not be sent.
                     let mapped = Envelope {
-                        payload,
-                        payload_raw: None,
+                        payload: Payload::made(payload),
                         ..e.clone()
                     };
                     out.push(delivery(

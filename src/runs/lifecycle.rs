@@ -14,13 +14,14 @@
 //! made inside one store transaction (`Store::with_runs`), so decisions on one run are
 //! serialised even across tasks.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 use url::Url;
 
 use super::model::{ErrorHandling, Run, Stats, Status};
-use crate::domain::{now_ms, Envelope};
+use crate::domain::{now_ms, Envelope, Payload};
 use crate::store::{RunBatch as Batch, Store};
 
 /// When batch-mode record errors are flushed as one `sync_job_run:record_error`.
@@ -124,12 +125,10 @@ pub fn relay_event_prefix(run_id: &str) -> String {
     format!("sr_{}_", run_id.replace('-', ""))
 }
 
-fn resource_of(payload: &Map<String, Value>) -> String {
+fn resource_of(payload: &Payload) -> String {
     payload
-        .get("resource")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_string()
+        .resource()
+        .map_or_else(|| "unknown".to_string(), Cow::into_owned)
 }
 
 fn environment_of(run: &Run) -> Option<String> {
@@ -148,8 +147,7 @@ fn run_envelope(run: &Run, id: String, event: &str, payload: Map<String, Value>,
         callback_url: run.callback_url.as_deref().and_then(|u| Url::parse(u).ok()),
         environment_id: environment_of(run),
         created_at_ms: now,
-        payload,
-        payload_raw: None,
+        payload: Payload::made(payload),
         relay_made: true,
     }
 }
@@ -305,7 +303,7 @@ impl Runs {
                         run.updated_at = now;
                         let mut payload = obj(run.to_json());
                         payload.insert("reason".into(), json!("fail_fast"));
-                        payload.insert("error".into(), Value::Object(e.payload.clone()));
+                        payload.insert("error".into(), Value::Object(e.payload.map().clone()));
                         d.after.push(run_envelope(
                             run,
                             format!("{}failed", relay_event_prefix(&run.id)),
@@ -316,7 +314,7 @@ impl Runs {
                     }
                     ErrorHandling::Batch => {
                         d.action = Action::Absorb;
-                        let item = Value::Object(e.payload.clone());
+                        let item = Value::Object(e.payload.map().clone());
                         let size = item.to_string().len() as i64;
                         // One more error would overflow the byte limit: send what we have first.
                         if !batch.errors.is_empty() && batch.bytes + size + 1 > self.limits.max_bytes as i64 {
@@ -521,8 +519,7 @@ mod tests {
             callback_url: None,
             environment_id: None,
             created_at_ms: 0,
-            payload,
-            payload_raw: None,
+            payload: Payload::made(payload),
             relay_made: false,
         }
     }
@@ -608,7 +605,7 @@ mod tests {
         assert_eq!(after[0].event, "sync_job_run:failed");
         assert_eq!(after[0].webhook_id.as_deref(), Some(WEBHOOK));
         assert_eq!(after[0].environment_id.as_deref(), Some("env_1"));
-        assert_eq!(after[0].payload["error"]["n"], 2);
+        assert_eq!(after[0].payload.map()["error"]["n"], 2);
         // The synthesized event passes through when fed back.
         let back = runs.on_ingest(&after[0]).await.unwrap().unwrap();
         assert_eq!(back.action, Action::Deliver);
@@ -666,7 +663,7 @@ mod tests {
         let full = &got[3].2;
         assert_eq!(full.len(), 1);
         assert_eq!(full[0].event, "sync_job_run:record_error");
-        let ns: Vec<Value> = full[0].payload["errors"]
+        let ns: Vec<Value> = full[0].payload.map()["errors"]
             .as_array()
             .unwrap()
             .iter()
@@ -676,7 +673,7 @@ mod tests {
         // The rest goes before completed.
         let before = &got[5].1;
         assert_eq!(before.len(), 1);
-        assert_eq!(before[0].payload["errors"].as_array().unwrap().len(), 1);
+        assert_eq!(before[0].payload.map()["errors"].as_array().unwrap().len(), 1);
         assert_ne!(before[0].id, full[0].id);
         assert_eq!(
             runs.on_ingest(&before[0]).await.unwrap().unwrap().action,
@@ -718,7 +715,11 @@ mod tests {
         assert!(flushed >= 1, "a batch was flushed by size");
         for g in &got {
             for e in &g.2 {
-                assert!(e.payload["errors"].to_string().len() <= 62, "{}", e.payload["errors"]);
+                assert!(
+                    e.payload.map()["errors"].to_string().len() <= 62,
+                    "{}",
+                    e.payload.map()["errors"]
+                );
             }
         }
         // Age 0: what is left is due now.

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::attempt::payload_resource;
 use crate::delivery::engine::Engine;
-use crate::domain::{now_ms, subscribed, Envelope};
+use crate::domain::{now_ms, subscribed, Envelope, Payload};
 use crate::runs::eloqua;
 
 /// Runs that may have just finished because of these events (their final events, and record
@@ -75,8 +75,7 @@ impl Engine {
             callback_url: Some(cb),
             environment_id: None,
             created_at_ms: now_ms(),
-            payload,
-            payload_raw: None,
+            payload: Payload::made(payload),
             relay_made: true,
         };
         if let Err(e) = self.queue(std::slice::from_ref(&env)).await {
@@ -245,8 +244,7 @@ impl Engine {
                 callback_url: None,
                 environment_id: None,
                 created_at_ms: now,
-                payload: payload.clone(),
-                payload_raw: None,
+                payload: Payload::made(payload.clone()),
                 relay_made: true,
             })
             .collect();
@@ -368,8 +366,7 @@ impl Engine {
                 let n = requeued + raws.len() as u64;
                 let envelopes: Vec<Envelope> = raws
                     .iter()
-                    .filter_map(|raw| serde_json::from_str(raw).ok())
-                    .filter_map(|v| Envelope::parse(v, at, false).ok())
+                    .filter_map(|raw| Envelope::parse_text(raw, at, false).ok())
                     .collect();
                 if !envelopes.is_empty() {
                     self.ingest(&envelopes, "api").await?;

@@ -579,10 +579,7 @@ fn decode(raw: &[u8], max_bytes: usize, now: i64) -> Result<Envelope, (&'static 
         return Err(("event_too_large", format!("{} bytes > {max_bytes}", raw.len())));
     }
     let text = std::str::from_utf8(raw).map_err(|e| ("malformed", format!("not UTF-8: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| ("malformed", format!("not JSON: {e}")))?;
-    Envelope::parse(v, now, false)
-        .map(|e| e.with_raw_payload(text))
-        .map_err(|e| ("malformed", e.to_string()))
+    Envelope::parse_text(text, now, false).map_err(|e| ("malformed", e.to_string()))
 }
 
 /// The id of a delivery made from a Kafka message: the same each time the message is read (it
