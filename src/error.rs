@@ -155,40 +155,84 @@ impl ResponseError for ApiError {
     }
 }
 
+/// A step of the path to a value in a JSON document: an object's key or an array's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step<'a> {
+    Key(std::borrow::Cow<'a, str>),
+    Index(usize),
+}
+
+/// A path as errors name it: `resources[2].query.q`.
+fn path_text(steps: &[Step<'_>]) -> String {
+    let mut out = String::new();
+    for s in steps {
+        match s {
+            Step::Key(k) if out.is_empty() => out.push_str(k),
+            Step::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
 /// Refuse a JSON document in which an object repeats a key (serde would silently keep the last
 /// one, or name the field `body`): a typed 400 naming the repeated key's path, e.g.
 /// `resources[2].query.q`. Values at paths for which `opaque` is true are not looked into (an
 /// event's `payload` is the producer's, passed on as given). Syntax errors are left to the
 /// parser that follows, which names them.
-pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&str) -> bool) -> Result<(), ApiError> {
+///
+/// Every `POST /events` body is read through here first, so it costs no allocation a key: the
+/// path is one stack of steps borrowed from the text (made into text only for the error), and
+/// an object's keys are compared with the ones before them (a set only for large objects).
+/// Allocating a path and a key for every member was 1.6 % of the relay's CPU in the embedded
+/// throughput profile.
+pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&[Step<'_>]) -> bool) -> Result<(), ApiError> {
+    use crate::domain::JsonKey;
     use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use std::cell::RefCell;
 
-    struct Node<'a> {
-        path: String,
-        opaque: &'a dyn Fn(&str) -> bool,
+    /// Keys an object compares by scanning the ones before; past this, a set.
+    const SCANNED_KEYS: usize = 32;
+
+    struct Node<'a, 'de> {
+        path: &'a RefCell<Vec<Step<'de>>>,
+        opaque: &'a dyn Fn(&[Step<'_>]) -> bool,
         found: &'a RefCell<Option<String>>,
     }
-    impl<'a> Node<'a> {
-        fn child(&self, path: String) -> Node<'a> {
+    impl<'a, 'de> Node<'a, 'de> {
+        fn again(&self) -> Node<'a, 'de> {
             Node {
-                path,
+                path: self.path,
                 opaque: self.opaque,
                 found: self.found,
             }
         }
+        /// Read a child value at `step` (pushed for its reading only).
+        fn at<T>(&self, step: Step<'de>, read: impl FnOnce(Node<'a, 'de>) -> T) -> T {
+            self.path.borrow_mut().push(step);
+            let out = read(self.again());
+            self.path.borrow_mut().pop();
+            out
+        }
     }
-    impl<'de> DeserializeSeed<'de> for Node<'_> {
+    impl<'de> DeserializeSeed<'de> for Node<'_, 'de> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            if !self.path.is_empty() && (self.opaque)(&self.path) {
+            let skip = {
+                let path = self.path.borrow();
+                !path.is_empty() && (self.opaque)(&path)
+            };
+            if skip {
                 <IgnoredAny as serde::Deserialize>::deserialize(d)?;
                 return Ok(());
             }
             d.deserialize_any(self)
         }
     }
-    impl<'de> Visitor<'de> for Node<'_> {
+    impl<'de> Visitor<'de> for Node<'_, 'de> {
         type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("any JSON value")
@@ -213,36 +257,45 @@ pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&str) -> bool) -> Resu
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             let mut i = 0;
-            while seq
-                .next_element_seed(self.child(format!("{}[{i}]", self.path)))?
-                .is_some()
-            {
+            while self.at(Step::Index(i), |n| seq.next_element_seed(n))?.is_some() {
                 i += 1;
             }
             Ok(())
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            let mut seen = std::collections::HashSet::new();
-            while let Some(key) = map.next_key::<String>()? {
-                let path = if self.path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{}.{key}", self.path)
+            let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+            let mut set: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>> = None;
+            while let Some(JsonKey(key)) = map.next_key::<JsonKey<'de>>()? {
+                let repeated = match &mut set {
+                    Some(set) => !set.insert(key.clone()),
+                    None if keys.len() < SCANNED_KEYS => keys.contains(&key),
+                    None => {
+                        let mut all: std::collections::HashSet<_> = keys.drain(..).collect();
+                        let repeated = !all.insert(key.clone());
+                        set = Some(all);
+                        repeated
+                    }
                 };
-                if !seen.insert(key) {
-                    *self.found.borrow_mut() = Some(path);
+                if repeated {
+                    let mut path = self.path.borrow().clone();
+                    path.push(Step::Key(key));
+                    *self.found.borrow_mut() = Some(path_text(&path));
                     return Err(A::Error::custom("duplicate key"));
                 }
-                map.next_value_seed(self.child(path))?;
+                if set.is_none() {
+                    keys.push(key.clone());
+                }
+                self.at(Step::Key(key), |n| map.next_value_seed(n))?;
             }
             Ok(())
         }
     }
 
     let found = RefCell::new(None);
+    let path = RefCell::new(Vec::new());
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let _ = Node {
-        path: String::new(),
+        path: &path,
         opaque,
         found: &found,
     }
@@ -331,9 +384,20 @@ mod tests {
             let e = check_duplicate_keys(body.as_bytes(), &|_| false).unwrap_err();
             assert_eq!(field_of(e).as_deref(), Some(want), "{body}");
         }
+        // A key written with an escape is the same key; past the keys compared one by one, a
+        // set finds the repeat (and a large object without one passes).
+        let e = check_duplicate_keys(br#"{"x":[{"ab":1,"a\u0062":2}]}"#, &|_| false).unwrap_err();
+        assert_eq!(field_of(e).as_deref(), Some("x[0].ab"));
+        let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let e = check_duplicate_keys(format!(r#"{{"o":{{{},"k3":0}}}}"#, many.join(",")).as_bytes(), &|_| {
+            false
+        })
+        .unwrap_err();
+        assert_eq!(field_of(e).as_deref(), Some("o.k3"));
+        check_duplicate_keys(format!(r#"{{"o":{{{}}}}}"#, many.join(",")).as_bytes(), &|_| false).unwrap();
         // Same key in different objects is fine; opaque values are not looked into.
         check_duplicate_keys(br#"{"a":{"k":1},"b":{"k":1}}"#, &|_| false).unwrap();
-        check_duplicate_keys(br#"{"p":{"k":1,"k":2}}"#, &|p| p == "p").unwrap();
+        check_duplicate_keys(br#"{"p":{"k":1,"k":2}}"#, &|p| p == [Step::Key("p".into())]).unwrap();
         // Syntax errors are left to the parser.
         check_duplicate_keys(br#"{"a":"#, &|_| false).unwrap();
         assert_eq!(

@@ -7,15 +7,15 @@ use serde_json::value::RawValue;
 
 use super::{read_body, State};
 use crate::domain::{now_ms, Envelope, JsonKey};
-use crate::error::ApiError;
+use crate::error::{ApiError, Step};
 
 /// `payload` of a single event or `events[i].payload` of a batch.
-fn is_payload(path: &str) -> bool {
-    path == "payload"
-        || path
-            .strip_prefix("events[")
-            .and_then(|p| p.strip_suffix("].payload"))
-            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+fn is_payload(path: &[Step<'_>]) -> bool {
+    match path {
+        [Step::Key(k)] => k == "payload",
+        [Step::Key(e), Step::Index(_), Step::Key(k)] => e == "events" && k == "payload",
+        _ => false,
+    }
 }
 
 /// The members of a `POST /events` body the route reads, as their text borrowed from the body

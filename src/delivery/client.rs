@@ -214,11 +214,15 @@ impl DeliveryClient {
                 Err(_) => continue,
             };
         }
-        let req = self.http.post(url.clone()).headers(map);
+        let req = self.http.post(url.clone()).body(body).build();
         // reqwest's timeout also bounds reading the (capped) body: a 2xx whose body does not
         // arrive in time is a timeout, not a delivery (the body's error is not swallowed).
         let fut = async {
-            let resp = req.body(body).send().await?;
+            let mut req = req?;
+            // Set whole: `RequestBuilder::headers` merges a map into the request's one header
+            // at a time, as costly as naming them (0.7 – 1.0 % in the same profile).
+            *req.headers_mut() = map;
+            let resp = self.http.execute(req).await?;
             let status = resp.status().as_u16();
             let retry_after = resp
                 .headers()
