@@ -5,10 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::HeaderName;
 use url::Url;
 
-use super::client::Attempt;
+use super::client::{Attempt, DeliveryHeader};
 use super::dead_letter::{dead_letter, Cause};
 use super::engine::Engine;
 use super::job::{Job, Origin};
@@ -62,11 +61,11 @@ impl Engine {
         let refs: Vec<&Secret> = secrets.iter().collect();
         let (sig, truto) = signature_headers(&refs, event_id, ts, body.as_bytes());
         let headers = [
-            (HeaderName::from_static("webhook-id"), event_id.to_string()),
-            (HeaderName::from_static("webhook-timestamp"), ts.to_string()),
-            (HeaderName::from_static("webhook-signature"), sig),
-            (HeaderName::from_static("x-truto-signature"), truto),
-            (HeaderName::from_static("webhook-attempt"), attempt_no.to_string()),
+            (DeliveryHeader::WebhookId, event_id.to_string()),
+            (DeliveryHeader::WebhookTimestamp, ts.to_string()),
+            (DeliveryHeader::WebhookSignature, sig),
+            (DeliveryHeader::TrutoSignature, truto),
+            (DeliveryHeader::WebhookAttempt, attempt_no.to_string()),
         ];
         self.client.post(url, &headers, body).await
     }
