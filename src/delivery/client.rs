@@ -234,15 +234,18 @@ impl DeliveryClient {
         let mut map = HeaderMap::with_capacity(headers.len() + 2);
         map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         map.insert(USER_AGENT, self.user_agent.clone());
+        let mut builder = self.http.post(url.clone());
         for (k, v) in headers {
             match HeaderValue::try_from(v.as_str()) {
-                Ok(v) => map.append(k.name(), v),
-                // Values are ids, numbers and signatures the relay made: never invalid, and
-                // if one were, the receiver would see the request without it and refuse it.
-                Err(_) => continue,
-            };
+                Ok(v) => {
+                    map.append(k.name(), v);
+                }
+                // Never for the ids, numbers and signatures the relay makes; were one invalid,
+                // the builder keeps its error and the attempt fails with it, as it always did.
+                Err(_) => builder = builder.header(k.name(), v.as_str()),
+            }
         }
-        let req = self.http.post(url.clone()).body(body).build();
+        let req = builder.body(body).build();
         // reqwest's timeout also bounds reading the (capped) body: a 2xx whose body does not
         // arrive in time is a timeout, not a delivery (the body's error is not swallowed).
         let fut = async {
