@@ -197,23 +197,17 @@ pub fn check_duplicate_keys(bytes: &[u8], opaque: &dyn Fn(&[Step<'_>]) -> bool) 
     /// Keys an object compares by scanning the ones before; past this, a set.
     const SCANNED_KEYS: usize = 32;
 
+    #[derive(Clone, Copy)]
     struct Node<'a, 'de> {
         path: &'a RefCell<Vec<Step<'de>>>,
         opaque: &'a dyn Fn(&[Step<'_>]) -> bool,
         found: &'a RefCell<Option<String>>,
     }
     impl<'a, 'de> Node<'a, 'de> {
-        fn again(&self) -> Node<'a, 'de> {
-            Node {
-                path: self.path,
-                opaque: self.opaque,
-                found: self.found,
-            }
-        }
         /// Read a child value at `step` (pushed for its reading only).
         fn at<T>(&self, step: Step<'de>, read: impl FnOnce(Node<'a, 'de>) -> T) -> T {
             self.path.borrow_mut().push(step);
-            let out = read(self.again());
+            let out = read(*self);
             self.path.borrow_mut().pop();
             out
         }
