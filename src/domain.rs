@@ -207,18 +207,23 @@ impl Payload {
     /// a map; when that targeted read fails (`resource` repeated, where the last one wins, or
     /// not a string) the parsed form answers.
     pub fn resource(&self) -> Option<Cow<'_, str>> {
-        #[derive(serde::Deserialize)]
-        struct Only<'a> {
-            #[serde(borrow)]
-            resource: Option<Cow<'a, str>>,
-        }
         if let (Some(raw), None) = (&self.raw, self.parsed.get()) {
-            if let Ok(only) = serde_json::from_str::<Only>(raw.get()) {
+            if let Ok(only) = serde_json::from_str::<ResourceOnly>(raw.get()) {
                 return only.resource;
             }
         }
         self.map().get("resource").and_then(Value::as_str).map(Cow::Borrowed)
     }
+}
+
+/// A payload's text read for its `resource` member alone, the rest skipped without a map (a
+/// string, borrowed unless it holds escapes; the read fails when `resource` is something else
+/// or repeated). Run bookkeeping reads it from an event's payload ([`Payload::resource`]) and
+/// from a delivery body's (`delivery::attempt::payload_resource`).
+#[derive(serde::Deserialize)]
+pub(crate) struct ResourceOnly<'a> {
+    #[serde(borrow)]
+    pub resource: Option<Cow<'a, str>>,
 }
 
 /// One valid event (CONTRACT §1).

@@ -268,12 +268,7 @@ pub(crate) fn payload_resource(body: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Body<'a> {
         #[serde(borrow)]
-        payload: Option<Payload<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Payload<'a> {
-        #[serde(borrow)]
-        resource: Option<std::borrow::Cow<'a, str>>,
+        payload: Option<crate::domain::ResourceOnly<'a>>,
     }
     let b: Body = serde_json::from_str(body).ok()?;
     b.payload?.resource.map(|r| r.into_owned())
