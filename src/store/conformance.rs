@@ -103,6 +103,12 @@ macro_rules! suite {
         }
 
         #[tokio::test]
+        async fn conformance_a_message_read_again_records_only_its_new_deliveries() {
+            let (store, _guard) = $open().await;
+            crate::store::conformance::a_message_read_again_records_only_its_new_deliveries(&store).await;
+        }
+
+        #[tokio::test]
         async fn conformance_replay_by_more_ids_than_a_statement_binds() {
             let (store, _guard) = $open().await;
             crate::store::conformance::replay_by_more_ids_than_a_statement_binds(&store).await;
@@ -674,6 +680,110 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
         p9.iter().map(|a| a.status).collect::<Vec<_>>(),
         [Some(503)],
         "the first reading's attempt, not replaced by the second's"
+    );
+}
+
+/// Logged (Kafka) deliveries recorded again — their messages read again after a crash, alone or
+/// with new ones in the same batch, no parked rows beside them — are kept as first recorded,
+/// with their attempts and dead letters, and counted once; the new ones in the batch are
+/// recorded and counted.
+pub(crate) async fn a_message_read_again_records_only_its_new_deliveries(store: &Store) {
+    let now = crate::domain::now_ms();
+    store.insert_run(&run("r1", now)).await.unwrap();
+    let logged = |id: &str, status: i64| {
+        let mut d = delivery(id, Some(&format!("k-{id}")), Some("r1"), now);
+        d.source = Some(format!("events/0/{id}"));
+        d.attempts = 1;
+        d.first_attempt_at = Some(now);
+        d.log = vec![AttemptRecord {
+            started_at: now,
+            duration_ms: 1,
+            status: Some(status),
+            error: None,
+            excerpt: None,
+        }];
+        let state = if status < 300 { "delivered" } else { "dead" };
+        Logged { delivery: d, state }
+    };
+    let dead_of = |l: &Logged| NewDeadLetter {
+        delivery_id: Some(l.delivery.id.clone()),
+        event_id: l.delivery.event_id.clone(),
+        event: l.delivery.event.clone(),
+        webhook_id: l.delivery.webhook_id.clone(),
+        kind: "webhook",
+        reason: "exhausted",
+        attempts: 1,
+        last_status: Some(500),
+        last_error: None,
+        raw: l.delivery.body.clone(),
+    };
+    // Each reading answered differently: what is kept shows which reading was recorded.
+    let readings = [
+        vec![logged("a1", 200), logged("a2", 500)],
+        vec![logged("a1", 201), logged("a2", 502), logged("a3", 200)],
+        vec![logged("a3", 202)],
+    ];
+    let expect_recorded = [vec![], vec!["a1", "a2"], vec!["a3"]];
+    for (round, batch) in readings.iter().enumerate() {
+        let dead: Vec<NewDeadLetter> = batch.iter().filter(|l| l.state == "dead").map(dead_of).collect();
+        let mut seen = None;
+        let mut count = |recorded: &HashSet<String>, runs: &mut RunsLocked| {
+            seen = Some(recorded.clone());
+            let r = runs.get_mut("r1").expect("r1 loaded");
+            for l in batch.iter().filter(|l| !recorded.contains(&l.delivery.id)) {
+                let s = r.run.resource_stats.entry("t".into()).or_default();
+                match l.state {
+                    "delivered" => s.records_delivered += 1,
+                    _ => s.records_dead_lettered += 1,
+                }
+                r.changed = true;
+            }
+        };
+        store
+            .record(
+                batch,
+                &[],
+                &dead,
+                now,
+                Some(Counting {
+                    run_ids: vec!["r1"],
+                    count: &mut count,
+                }),
+            )
+            .await
+            .unwrap();
+        let expect: HashSet<String> = expect_recorded[round].iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen, Some(expect), "round {round}: the deliveries recorded before");
+    }
+    let stats = &store.get_run("r1").await.unwrap().unwrap().resource_stats["t"];
+    assert_eq!(
+        (stats.records_delivered, stats.records_dead_lettered),
+        (2, 1),
+        "each delivery counted once"
+    );
+    let page = store.list_deliveries(&DeliveryFilter::default(), 0, 100).await.unwrap();
+    let mut listed: Vec<(&str, &str)> = page.results.iter().map(|d| (d.id.as_str(), d.state.as_str())).collect();
+    listed.sort();
+    assert_eq!(listed, [("a1", "delivered"), ("a2", "dead"), ("a3", "delivered")]);
+    for (id, status) in [("a1", 200), ("a2", 500), ("a3", 200)] {
+        let attempts = store.list_attempts(id).await.unwrap();
+        assert_eq!(
+            attempts.iter().map(|a| a.status).collect::<Vec<_>>(),
+            [Some(status)],
+            "{id}: the first reading's attempt"
+        );
+    }
+    let open = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        open.results
+            .iter()
+            .filter(|d| d.delivery_id.as_deref() == Some("a2"))
+            .count(),
+        1,
+        "one dead letter"
     );
 }
 
