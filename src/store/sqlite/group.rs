@@ -363,13 +363,25 @@ fn end(g: &mut Conn, shared: &Shared, failed: Option<&str>) {
 /// Commits whatever group transaction is open each time it is woken. It queues for the lock
 /// like any caller: the callers already queued add their writes first, so one commit (one
 /// fsync) carries all of them.
+///
+/// The `COMMIT` runs on a thread of the blocking pool, not on the runtime's: it waits for the
+/// WAL's sync (and, every thousand pages, a checkpoint's writes and sync), and a runtime worker
+/// blocked there is one of the machine's two taken from the deliveries meanwhile.
 async fn committer(shared: Weak<Shared>, wake: Arc<Notify>) {
     loop {
         wake.notified().await;
         let Some(shared) = shared.upgrade() else { return };
-        let mut g = shared.conn.lock().await;
+        let mut g = shared.conn.clone().lock_owned().await;
         settle(&mut g).await;
-        commit_open(&mut g, &shared);
+        if !g.open {
+            continue;
+        }
+        // The lock goes with the commit and is given back when it is done.
+        let done = tokio::task::spawn_blocking(move || commit_open(&mut g, &shared)).await;
+        if let Err(e) = done {
+            // Only a panic in SQLite's commit gets here; its callers were not told.
+            tracing::error!(error = %e, "the store's commit did not finish");
+        }
     }
 }
 
