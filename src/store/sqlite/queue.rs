@@ -411,64 +411,6 @@ fn recorded_ids(c: &Connection, ids: &[&str]) -> anyhow::Result<HashSet<String>>
     Ok(ids.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Write the logged deliveries' rows, leaving out those the store already has; returns the ones
-/// written and the ids among `logged` and `parked` it had (see [`Queue::record`]).
-///
-/// First as if it had none (a message read once, the usual case): the unique index of delivery
-/// ids, which each insert probes anyway, refuses a row written before, and then (inside a
-/// savepoint, rolled back) the rows are looked up and written again without those. Looking every
-/// batch up before writing it was 2.2 % of the Kafka relay's samples (docs/BENCHMARKS.md,
-/// fourteenth session). The parked rows (rare: a delivery that must wait) are looked up.
-fn insert_logged<'a>(
-    c: &Connection,
-    logged: &'a [Logged],
-    parked: &[(Vec<NewDelivery>, bool)],
-    now: i64,
-) -> anyhow::Result<(Vec<&'a Logged>, HashSet<String>)> {
-    let write = |logged: &[&Logged]| {
-        let rows: Vec<InsertRow> = logged
-            .iter()
-            .map(|l| InsertRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
-            .collect();
-        insert_rows(c, &rows)
-    };
-    let parked_ids: Vec<&str> = parked
-        .iter()
-        .flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str()))
-        .collect();
-    let all: Vec<&Logged> = logged.iter().collect();
-    if all.is_empty() {
-        return Ok((all, recorded_ids(c, &parked_ids)?));
-    }
-    c.execute_batch("SAVEPOINT fresh")?;
-    match write(&all) {
-        Ok(_) => {
-            c.execute_batch("RELEASE fresh")?;
-            return Ok((all, recorded_ids(c, &parked_ids)?));
-        }
-        Err(e) if is_unique_violation(&e) => c.execute_batch("ROLLBACK TO fresh; RELEASE fresh")?,
-        // The caller's savepoint (`group::turn`) undoes the rest.
-        Err(e) => return Err(e),
-    }
-    let ids: Vec<&str> = logged
-        .iter()
-        .map(|l| l.delivery.id.as_str())
-        .chain(parked_ids)
-        .collect();
-    let recorded = recorded_ids(c, &ids)?;
-    let fresh: Vec<&Logged> = all.into_iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
-    write(&fresh)?;
-    Ok((fresh, recorded))
-}
-
-/// Whether a statement failed on a unique index (a row that is there already).
-fn is_unique_violation(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<rusqlite::Error>(),
-        Some(rusqlite::Error::SqliteFailure(f, _)) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-    )
-}
-
 /// Take the waiting rows of a chain out of the queue (to be written again behind rows that
 /// must go first), oldest first. Their attempt logs, keyed by delivery id, stay.
 fn take_waiting(c: &Connection, key: &str) -> anyhow::Result<Vec<NewDelivery>> {
@@ -575,7 +517,18 @@ impl Queue for SqliteStore {
                 // Deliveries recorded before (their Kafka message was read again after a crash:
                 // the same message makes the same delivery ids) stay as they are, with their
                 // attempts and dead letters, counted once.
-                let (logged, recorded) = insert_logged(c, logged, parked, now)?;
+                let ids: Vec<&str> = logged
+                    .iter()
+                    .map(|l| l.delivery.id.as_str())
+                    .chain(parked.iter().flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str())))
+                    .collect();
+                let recorded = recorded_ids(c, &ids)?;
+                let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
+                let rows: Vec<InsertRow> = logged
+                    .iter()
+                    .map(|l| InsertRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
+                    .collect();
+                insert_rows(c, &rows)?;
                 // A first-try success keeps its attempt on its row (written above).
                 insert_attempt_logs(c, with_logged_attempts(&logged))?;
                 for (rows, ahead) in parked {
