@@ -181,6 +181,18 @@ fn dead_letter(q: &QueuedDelivery) -> NewDeadLetter {
     }
 }
 
+/// How many open dead letters delivery `id` has.
+async fn open_dead_letters_of(store: &Store, id: &str) -> usize {
+    let open = store
+        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
+        .await
+        .unwrap();
+    open.results
+        .iter()
+        .filter(|d| d.delivery_id.as_deref() == Some(id))
+        .count()
+}
+
 pub(crate) fn ids(rows: &[QueuedDelivery]) -> Vec<&str> {
     rows.iter().map(|q| q.id.as_str()).collect()
 }
@@ -651,18 +663,7 @@ pub(crate) async fn outcomes_and_their_run_counts_commit_together(store: &Store)
     let r1 = store.get_run("r1").await.unwrap().unwrap();
     assert_eq!(r1.resource_stats["t"].records_dead_lettered, 1, "counted once");
     assert_eq!(store.list_attempts("m1").await.unwrap().len(), 1);
-    let open = store
-        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        open.results
-            .iter()
-            .filter(|d| d.delivery_id.as_deref() == Some("m1"))
-            .count(),
-        1,
-        "one dead letter"
-    );
+    assert_eq!(open_dead_letters_of(store, "m1").await, 1, "one dead letter");
     assert_eq!(
         store
             .active_order_keys()
@@ -773,18 +774,7 @@ pub(crate) async fn a_message_read_again_records_only_its_new_deliveries(store: 
             "{id}: the first reading's attempt"
         );
     }
-    let open = store
-        .list_dead_letters(&DeadLetterFilter::default(), 0, 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        open.results
-            .iter()
-            .filter(|d| d.delivery_id.as_deref() == Some("a2"))
-            .count(),
-        1,
-        "one dead letter"
-    );
+    assert_eq!(open_dead_letters_of(store, "a2").await, 1, "one dead letter");
 }
 
 /// A run's queued rows can be dropped (except those in flight); delivered rows are purged after
