@@ -775,6 +775,11 @@ pub(crate) async fn a_message_read_again_records_only_its_new_deliveries(store: 
         );
     }
     assert_eq!(open_dead_letters_of(store, "a2").await, 1, "one dead letter");
+    // One delivery twice in a batch is refused whole: nothing of it is written.
+    let twice = [logged("a4", 200), logged("a4", 200), logged("a5", 200)];
+    assert!(store.record(&twice, &[], &[], now, None).await.is_err());
+    let page = store.list_deliveries(&DeliveryFilter::default(), 0, 100).await.unwrap();
+    assert_eq!(page.results.len(), 3, "a4 and a5 were not written");
 }
 
 /// A run's queued rows can be dropped (except those in flight); delivered rows are purged after

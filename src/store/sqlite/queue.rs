@@ -272,21 +272,50 @@ impl<'a> InsertRow<'a> {
 /// Rows an insert statement takes.
 const INSERT_ROWS: usize = 256;
 
+/// What [`write_rows`] does with a row whose id the store already has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    /// Fail the statement (and the caller's turn): the rows are new by construction.
+    Fail,
+    /// Leave it as it is and write the others: a Kafka message read again after a crash makes
+    /// the same delivery ids, recorded the first time (see [`Queue::record`]).
+    Skip,
+}
+
 /// Write rows in the order given (so a chain's `seq`s follow its order); returns each row's
-/// `seq` by its id. Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of
-/// NULLs (left out by the `WHERE`) to a power of two: the statement's text is then one of nine,
-/// so each connection prepares them once and keeps them (see [`json_list`]; event bodies are
-/// bound as they are rather than inside a JSON list, which SQLite would parse once per column).
+/// `seq` by its id. See [`write_rows`].
+fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap<String, i64>> {
+    let seqs = write_rows(c, rows, Existing::Fail)?;
+    Ok(rows
+        .iter()
+        .zip(seqs)
+        .filter_map(|(r, seq)| Some((r.id.to_string(), seq?)))
+        .collect())
+}
+
+/// Write rows in the order given; answers, for each row, the `seq` it was written at, or None
+/// when its id was in the store already (`Existing::Skip`; with `Existing::Fail` that fails).
+/// Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of NULLs (left out by
+/// the `WHERE`) to a power of two: the statement's text is then one of nine, so each connection
+/// prepares them once and keeps them (see [`json_list`]; event bodies are bound as they are
+/// rather than inside a JSON list, which SQLite would parse once per column).
 ///
 /// `OR FAIL`, here and in [`promote_next`]: the caller's savepoint or transaction makes its
 /// writes atomic (`group::turn`), and without it a statement of many rows that may abort opens a
-/// statement journal of its own, a copy of every page it changes.
-fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap<String, i64>> {
-    let mut seqs = HashMap::with_capacity(rows.len());
+/// statement journal of its own, a copy of every page it changes. `OR IGNORE` (Skip) never
+/// aborts: the unique index of delivery ids, which each insert probes anyway, tells which rows
+/// were there, where a lookup of every batch's ids before writing it was 2.2 % of the Kafka
+/// relay's samples (docs/BENCHMARKS.md, fourteenth session).
+fn write_rows(c: &Connection, rows: &[InsertRow<'_>], existing: Existing) -> anyhow::Result<Vec<Option<i64>>> {
+    let mut out = Vec::with_capacity(rows.len());
     for piece in rows.chunks(INSERT_ROWS) {
         let n = piece.len().next_power_of_two();
+        let verb = match existing {
+            Existing::Fail => "INSERT OR FAIL",
+            Existing::Skip => "INSERT OR IGNORE",
+        };
         let mut st = c.prepare_cached(&format!(
-            "INSERT OR FAIL INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
+            "{verb} INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, \
              state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, last_error, \
              last_duration_ms, last_excerpt, lease_owner, lease_until, finished_at) \
              SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
@@ -321,53 +350,74 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
         // The seqs the rows drew, without a `RETURNING` (which runs a trigger program a row and
         // stores its rows in an ephemeral table): AUTOINCREMENT gives each new row one more than
         // the largest seq the table ever had, so the rows of one statement take the seqs after
-        // the last one recorded, in their order. Checked: the last row's seq must be exactly as
-        // many past it as rows were written; else they are looked up by id.
+        // the last one recorded, in their order. Checked: when every row was written, the last
+        // one's seq must be exactly as many past it as rows were written; else they are looked
+        // up by id, and a row is this statement's when its seq is past the last one before it.
         let last_before: i64 = c
             .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'deliveries'")?
             .query_row([], |r| r.get(0))?;
         let written = st.raw_execute()?;
         anyhow::ensure!(
-            written == piece.len(),
+            existing == Existing::Skip || written == piece.len(),
             "{written} of {} deliveries were written",
             piece.len()
         );
-        if c.last_insert_rowid() == last_before + piece.len() as i64 {
-            seqs.extend(
-                piece
-                    .iter()
-                    .zip(last_before + 1..)
-                    .map(|(r, seq)| (r.id.to_string(), seq)),
-            );
+        let at = out.len();
+        if written == piece.len() && c.last_insert_rowid() == last_before + piece.len() as i64 {
+            out.extend((last_before + 1..).take(piece.len()).map(Some));
         } else {
             let ids: Vec<&str> = piece.iter().map(|r| r.id).collect();
             let mut st =
                 c.prepare_cached("SELECT id, seq FROM deliveries WHERE id IN (SELECT value FROM json_each(?))")?;
-            let found = st.query_map([json_list(&ids)?], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })?;
-            for row in found {
-                let (id, seq) = row?;
-                seqs.insert(id, seq);
+            let found: HashMap<String, i64> = st
+                .query_map([json_list(&ids)?], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut taken = HashSet::new();
+            for r in piece {
+                let seq = match found.get(r.id) {
+                    // Written now, by the first row of its id (a second one in the same batch
+                    // was left out).
+                    Some(seq) if *seq > last_before && taken.insert(r.id) => Some(*seq),
+                    // There before, or a repeat of a row written now.
+                    Some(_) => None,
+                    // `OR IGNORE` also leaves out a row that breaks another constraint; none
+                    // can here (every NOT NULL column is bound from a non-optional field), and
+                    // such a row must not pass for one recorded before.
+                    None => anyhow::bail!("delivery {} was neither written nor found in the store", r.id),
+                };
+                out.push(seq);
             }
+            let mine = out[at..].iter().flatten().count();
+            anyhow::ensure!(
+                mine == written,
+                "{written} deliveries were written, {mine} found as written"
+            );
         }
         // The bodies, once: the same padding, by the seqs just given.
+        let new: Vec<(i64, &str)> = piece
+            .iter()
+            .zip(&out[at..])
+            .filter_map(|(r, seq)| Some(((*seq)?, r.body)))
+            .collect();
+        if new.is_empty() {
+            continue;
+        }
+        let n = new.len().next_power_of_two();
         let mut st = c.prepare_cached(&format!(
             "INSERT OR FAIL INTO delivery_bodies (seq, body) SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
             vec!["(?, ?)"; n].join(", ")
         ))?;
         let mut b = Binder::new(&mut st);
-        for r in piece {
-            let seq = seqs
-                .get(r.id)
-                .ok_or_else(|| anyhow::anyhow!("delivery {} was not written", r.id))?;
+        for (seq, body) in &new {
             b.bind(*seq)?;
-            b.bind(r.body)?;
+            b.bind(*body)?;
         }
-        b.nulls((n - piece.len()) * 2)?;
+        b.nulls((n - new.len()) * 2)?;
         st.raw_execute()?;
     }
-    Ok(seqs)
+    Ok(out)
 }
 
 /// The attempt log of deliveries that were attempted in memory before their row was written.
@@ -517,18 +567,28 @@ impl Queue for SqliteStore {
                 // Deliveries recorded before (their Kafka message was read again after a crash:
                 // the same message makes the same delivery ids) stay as they are, with their
                 // attempts and dead letters, counted once.
-                let ids: Vec<&str> = logged
-                    .iter()
-                    .map(|l| l.delivery.id.as_str())
-                    .chain(parked.iter().flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str())))
-                    .collect();
-                let recorded = recorded_ids(c, &ids)?;
-                let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
+                // The logged rows are written leaving out those the store has (see `write_rows`);
+                // the parked ones (rare) are looked up.
                 let rows: Vec<InsertRow> = logged
                     .iter()
                     .map(|l| InsertRow::new(&l.delivery, l.state, l.delivery.log.len() as i64, now, Some(now)))
                     .collect();
-                insert_rows(c, &rows)?;
+                let seqs = write_rows(c, &rows, Existing::Skip)?;
+                let (fresh, old): (Vec<_>, Vec<_>) = logged.iter().zip(&seqs).partition(|(_, seq)| seq.is_some());
+                let logged: Vec<&Logged> = fresh.into_iter().map(|(l, _)| l).collect();
+                let parked_ids: Vec<&str> = parked
+                    .iter()
+                    .flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str()))
+                    .collect();
+                let mut recorded = recorded_ids(c, &parked_ids)?;
+                if !old.is_empty() {
+                    // As when the lookup came first: one delivery twice in a batch is an error.
+                    let written: HashSet<&str> = logged.iter().map(|l| l.delivery.id.as_str()).collect();
+                    if let Some((l, _)) = old.iter().find(|(l, _)| written.contains(l.delivery.id.as_str())) {
+                        anyhow::bail!("delivery {} is twice in one batch", l.delivery.id);
+                    }
+                    recorded.extend(old.into_iter().map(|(l, _)| l.delivery.id.clone()));
+                }
                 // A first-try success keeps its attempt on its row (written above).
                 insert_attempt_logs(c, with_logged_attempts(&logged))?;
                 for (rows, ahead) in parked {
