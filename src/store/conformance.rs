@@ -167,17 +167,22 @@ pub(crate) fn completion(q: &QueuedDelivery, next: Next, now: i64) -> Completion
 }
 
 fn dead_letter(q: &QueuedDelivery) -> NewDeadLetter {
+    dead_letter_of(&q.id, &q.event_id, &q.event, q.webhook_id.as_deref(), &q.body)
+}
+
+/// The dead letter of a delivery given by its parts, exhausted after one attempt answered 500.
+fn dead_letter_of(id: &str, event_id: &str, event: &str, webhook_id: Option<&str>, body: &str) -> NewDeadLetter {
     NewDeadLetter {
-        delivery_id: Some(q.id.clone()),
-        event_id: q.event_id.clone(),
-        event: q.event.clone(),
-        webhook_id: q.webhook_id.clone(),
+        delivery_id: Some(id.into()),
+        event_id: event_id.into(),
+        event: event.into(),
+        webhook_id: webhook_id.map(str::to_string),
         kind: "webhook",
         reason: "exhausted",
         attempts: 1,
         last_status: Some(500),
         last_error: None,
-        raw: q.body.clone(),
+        raw: body.into(),
     }
 }
 
@@ -706,17 +711,9 @@ pub(crate) async fn a_message_read_again_records_only_its_new_deliveries(store: 
         let state = if status < 300 { "delivered" } else { "dead" };
         Logged { delivery: d, state }
     };
-    let dead_of = |l: &Logged| NewDeadLetter {
-        delivery_id: Some(l.delivery.id.clone()),
-        event_id: l.delivery.event_id.clone(),
-        event: l.delivery.event.clone(),
-        webhook_id: l.delivery.webhook_id.clone(),
-        kind: "webhook",
-        reason: "exhausted",
-        attempts: 1,
-        last_status: Some(500),
-        last_error: None,
-        raw: l.delivery.body.clone(),
+    let dead_of = |l: &Logged| {
+        let d = &l.delivery;
+        dead_letter_of(&d.id, &d.event_id, &d.event, d.webhook_id.as_deref(), &d.body)
     };
     // Each reading answered differently: what is kept shows which reading was recorded.
     let readings = [
