@@ -295,6 +295,7 @@ fn insert_rows(c: &Connection, rows: &[InsertRow<'_>]) -> anyhow::Result<HashMap
 
 /// Write rows in the order given; answers, for each row, the `seq` it was written at, or None
 /// when its id was in the store already (`Existing::Skip`; with `Existing::Fail` that fails).
+/// One id twice among rows written now fails either way.
 /// Up to [`INSERT_ROWS`] a statement, its `VALUES` list padded with rows of NULLs (left out by
 /// the `WHERE`) to a power of two: the statement's text is then one of nine, so each connection
 /// prepares them once and keeps them (see [`json_list`]; event bodies are bound as they are
@@ -377,10 +378,15 @@ fn write_rows(c: &Connection, rows: &[InsertRow<'_>], existing: Existing) -> any
             let mut taken = HashSet::new();
             for r in piece {
                 let seq = match found.get(r.id) {
-                    // Written now, by the first row of its id (a second one in the same batch
-                    // was left out).
-                    Some(seq) if *seq > last_before && taken.insert(r.id) => Some(*seq),
-                    // There before, or a repeat of a row written now.
+                    // A second row of an id written now: one delivery twice in a batch is an
+                    // error, as when `Existing::Fail` fails the statement.
+                    Some(_) if taken.contains(r.id) => anyhow::bail!("delivery {} is twice in one batch", r.id),
+                    // Written now.
+                    Some(seq) if *seq > last_before => {
+                        taken.insert(r.id);
+                        Some(*seq)
+                    }
+                    // There before.
                     Some(_) => None,
                     // `OR IGNORE` also leaves out a row that breaks another constraint; none
                     // can here (every NOT NULL column is bound from a non-optional field), and
@@ -581,14 +587,7 @@ impl Queue for SqliteStore {
                     .flat_map(|(rows, _)| rows.iter().map(|d| d.id.as_str()))
                     .collect();
                 let mut recorded = recorded_ids(c, &parked_ids)?;
-                if !old.is_empty() {
-                    // As when the lookup came first: one delivery twice in a batch is an error.
-                    let written: HashSet<&str> = logged.iter().map(|l| l.delivery.id.as_str()).collect();
-                    if let Some((l, _)) = old.iter().find(|(l, _)| written.contains(l.delivery.id.as_str())) {
-                        anyhow::bail!("delivery {} is twice in one batch", l.delivery.id);
-                    }
-                    recorded.extend(old.into_iter().map(|(l, _)| l.delivery.id.clone()));
-                }
+                recorded.extend(old.into_iter().map(|(l, _)| l.delivery.id.clone()));
                 // A first-try success keeps its attempt on its row (written above).
                 insert_attempt_logs(c, with_logged_attempts(&logged))?;
                 for (rows, ahead) in parked {
