@@ -173,13 +173,16 @@ impl PgServer {
                 .arg("-o")
                 .arg(format!(
                     "-p {port} -k {} -c listen_addresses=127.0.0.1 \
-                     -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on {}",
+                     -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on {} {}",
                     dir.display(),
                     if durable {
                         ""
                     } else {
                         "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-                    }
+                    },
+                    // More server settings, for looking into a run (`-c auto_explain…`): tests
+                    // and benchmarks leave it unset.
+                    std::env::var("SYNCRELAY_TEST_PG_OPTIONS").unwrap_or_default()
                 ))
                 .args(["-w", "-t", "60", "start"])
                 .stdin(Stdio::null());
