@@ -352,10 +352,9 @@ pub trait Queue: Send + Sync {
     /// Rows held `paused`, per sync id.
     async fn paused_counts(&self) -> anyhow::Result<Vec<(i64, i64)>>;
 
-    /// Forget some delivered rows finished before `before`, and their attempts; returns how many
-    /// (a bounded number per call, so the write lock is held briefly).
     /// Forget delivered rows (and their attempts) finished before `before`, and those delivered
-    /// on their first attempt finished before `first_try_before` (`delivery.log = failures`).
+    /// on their first attempt finished before `first_try_before` (`delivery.log = failures`);
+    /// returns how many (a bounded number per call, so the write lock is held briefly).
     async fn purge_delivered(&self, before: i64, first_try_before: i64) -> anyhow::Result<u64>;
 
     /// Forget dead and dropped rows (and their attempts) finished before `rows_before`, and dead
