@@ -29,7 +29,7 @@ port=""
 dir=""
 while kill -0 "$bench_pid" 2>/dev/null; do
   if [ -z "$port" ]; then
-    line=$(pgrep -fa "postgres -D /tmp/syncrelay-pg-" | head -1 || true)
+    line=$(pgrep -fa "postgres -D [^ ]*/syncrelay-pg-" | head -1 || true)
     port=$(grep -o -- "-p [0-9]*" <<<"$line" | awk '{print $2}' || true)
     dir=$(grep -o -- "-D [^ ]*" <<<"$line" | awk '{print $2}' || true)
   fi
