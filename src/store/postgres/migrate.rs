@@ -55,7 +55,18 @@ const MIGRATIONS: &[Migration] = &[
         name: "delivery_bodies",
         sql: include_str!("../../../migrations/postgres/0008_delivery_bodies.sql"),
     },
+    Migration {
+        version: 9,
+        name: "no_run_index",
+        sql: include_str!("../../../migrations/postgres/0009_no_run_index.sql"),
+    },
 ];
+
+/// The schema version this build migrates to.
+#[cfg(test)]
+pub(super) fn latest() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
 
 /// The advisory lock key of syncrelay's migrations (any constant shared by every instance).
 const LOCK_KEY: i64 = 0x5359_4e43_5245_4c41; // "SYNCRELA"

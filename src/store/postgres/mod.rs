@@ -171,7 +171,11 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(versions, (1..=8).collect::<Vec<i64>>(), "each migration applied once");
+        assert_eq!(
+            versions,
+            (1..=super::migrate::latest()).collect::<Vec<i64>>(),
+            "each migration applied once"
+        );
     }
 
     #[tokio::test]

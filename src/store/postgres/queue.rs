@@ -694,7 +694,7 @@ impl Queue for PgStore {
             // the plan is then the list, each row found by its primary key. With
             // `state = 'ready'` the generic plan a prepared statement gets after five runs
             // (made while the table was small) could read a partial index whole instead,
-            // `deliveries_run` or `deliveries_due`, with the dead entry every finished row
+            // `deliveries_run` (dropped since) or `deliveries_due`, with the dead entry every finished row
             // leaves there until vacuum, and join the list to that: 0.30 ms a row against 0.02
             // (`EXPLAIN ANALYZE` of both plans; the statement took 2.5 x as long over the
             // embedded benchmark once the rows were small, with bodies apart).
@@ -843,6 +843,9 @@ impl Queue for PgStore {
         now: i64,
     ) -> anyhow::Result<Vec<(String, String, String)>> {
         let mut tx = self.pool.begin().await?;
+        // Through the chain index (its predicate is the `IN` term): the queued rows, the run's
+        // among them. A run's rows have no index of their own (migrations/postgres/0009): it
+        // was written twice for every row and read only here.
         let rows = sqlx::query(&pg(&format!(
             "SELECT seq, kind, event, {BODY} FROM deliveries \
                  WHERE run_id = ? AND state IN ('ready', 'waiting', 'paused') ORDER BY seq"
