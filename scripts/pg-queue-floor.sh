@@ -76,48 +76,43 @@ BEGIN
   END IF;
 END $$;
 
--- rows: the relay's statements (`complete_rows`, `promote_next`), a completion at a time.
-CREATE PROCEDURE run_rows(batch int) LANGUAGE plpgsql AS $$
-DECLARE r record; n int;
-BEGIN
-  LOOP
-    n := 0;
-    FOR r IN SELECT seq, order_key FROM deliveries WHERE state = 'ready' ORDER BY next_attempt_at, seq LIMIT batch LOOP
-      UPDATE deliveries SET state = 'delivered', attempts = 1, next_attempt_at = 1, first_attempt_at = 1,
-             last_status = 200, finished_at = 1, last_duration_ms = 3, lease_owner = NULL, lease_until = NULL
-       WHERE seq = r.seq AND state = 'ready';
-      UPDATE deliveries SET state = 'ready', next_attempt_at = 2, lease_owner = 'me', lease_until = 99
-       WHERE seq = ANY(ARRAY(SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = r.order_key
-             AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1))) AND (state = 'waiting') IS TRUE;
-      n := n + 1;
-    END LOOP;
-    COMMIT;
-    EXIT WHEN n = 0;
-  END LOOP;
-END $$;
-
--- chains / cursor: finish the head (its row updated, or an outcome appended), move the chain.
-CREATE PROCEDURE run_chains(batch int, with_outcomes boolean) LANGUAGE plpgsql AS $$
+-- Finish the ready heads, `batch` a transaction, until none is left. rows: the relay's
+-- statements (`complete_rows`, `promote_next`), a completion at a time; chains / cursor: the
+-- head's row updated or its outcome appended, then the chain moved to its next row.
+CREATE PROCEDURE run_design(design text, batch int) LANGUAGE plpgsql AS $$
 DECLARE r record; n int; nxt bigint;
 BEGIN
   LOOP
     n := 0;
-    FOR r IN SELECT key, head FROM chains WHERE state = 'ready' ORDER BY next_attempt_at, head LIMIT batch LOOP
-      IF with_outcomes THEN
-        INSERT INTO outcomes (seq, state, attempts, first_attempt_at, last_status, last_duration_ms, finished_at)
-        VALUES (r.head, 'delivered', 1, 1, 200, 3, 1);
-        SELECT x.seq INTO nxt FROM deliveries x WHERE x.order_key = r.key AND x.seq > r.head
-         AND NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.seq = x.seq) ORDER BY x.seq LIMIT 1;
-      ELSE
+    FOR r IN EXECUTE CASE design
+        WHEN 'rows' THEN 'SELECT seq AS head, order_key AS key FROM deliveries WHERE state = ''ready''
+                          ORDER BY next_attempt_at, seq LIMIT $1'
+        ELSE 'SELECT head, key FROM chains WHERE state = ''ready'' ORDER BY next_attempt_at, head LIMIT $1'
+      END USING batch LOOP
+      IF design = 'rows' THEN
         UPDATE deliveries SET state = 'delivered', attempts = 1, next_attempt_at = 1, first_attempt_at = 1,
-               last_status = 200, finished_at = 1, last_duration_ms = 3 WHERE seq = r.head;
-        SELECT x.seq INTO nxt FROM deliveries x WHERE x.order_key = r.key AND x.seq > r.head
-         AND x.finished_at IS NULL ORDER BY x.seq LIMIT 1;
-      END IF;
-      IF nxt IS NULL THEN
-        DELETE FROM chains WHERE key = r.key;
+               last_status = 200, finished_at = 1, last_duration_ms = 3, lease_owner = NULL, lease_until = NULL
+         WHERE seq = r.head AND state = 'ready';
+        UPDATE deliveries SET state = 'ready', next_attempt_at = 2, lease_owner = 'me', lease_until = 99
+         WHERE seq = ANY(ARRAY(SELECT (SELECT x.seq FROM deliveries x WHERE x.order_key = r.key
+               AND x.state IN ('ready', 'waiting', 'paused') ORDER BY x.seq LIMIT 1))) AND (state = 'waiting') IS TRUE;
       ELSE
-        UPDATE chains SET head = nxt, next_attempt_at = 2, lease_owner = 'me', lease_until = 99 WHERE key = r.key;
+        IF design = 'cursor' THEN
+          INSERT INTO outcomes (seq, state, attempts, first_attempt_at, last_status, last_duration_ms, finished_at)
+          VALUES (r.head, 'delivered', 1, 1, 200, 3, 1);
+          SELECT x.seq INTO nxt FROM deliveries x WHERE x.order_key = r.key AND x.seq > r.head
+           AND NOT EXISTS (SELECT 1 FROM outcomes o WHERE o.seq = x.seq) ORDER BY x.seq LIMIT 1;
+        ELSE
+          UPDATE deliveries SET state = 'delivered', attempts = 1, next_attempt_at = 1, first_attempt_at = 1,
+                 last_status = 200, finished_at = 1, last_duration_ms = 3 WHERE seq = r.head;
+          SELECT x.seq INTO nxt FROM deliveries x WHERE x.order_key = r.key AND x.seq > r.head
+           AND x.finished_at IS NULL ORDER BY x.seq LIMIT 1;
+        END IF;
+        IF nxt IS NULL THEN
+          DELETE FROM chains WHERE key = r.key;
+        ELSE
+          UPDATE chains SET head = nxt, next_attempt_at = 2, lease_owner = 'me', lease_until = 99 WHERE key = r.key;
+        END IF;
       END IF;
       n := n + 1;
     END LOOP;
@@ -133,13 +128,13 @@ for run in $(seq 1 "$runs"); do
   for design in rows+run rows chains cursor; do
     "${P[@]}" -c "CALL populate()" >/dev/null
     case $design in
-      rows) call="CALL run_rows($batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
+      rows) call="CALL run_design('rows', $batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
       rows+run) "${P[@]}" -c "CREATE INDEX deliveries_run ON deliveries(run_id) WHERE state IN ('ready', 'waiting', 'paused')" >/dev/null
-        call="CALL run_rows($batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
+        call="CALL run_design('rows', $batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
       chains) "${P[@]}" -c "CALL make_chains(false)" >/dev/null
-        call="CALL run_chains($batch, false)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
+        call="CALL run_design('chains', $batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
       cursor) "${P[@]}" -c "CALL make_chains(true)" >/dev/null
-        call="CALL run_chains($batch, true)"; left="SELECT 20000 - COUNT(*) FROM outcomes" ;;
+        call="CALL run_design('cursor', $batch)"; left="SELECT 20000 - COUNT(*) FROM outcomes" ;;
     esac
     # Statistics for the tables read, not for `outcomes` while it is empty: analysed empty, the
     # next-row probe's anti-join is planned as a scan of it (seconds instead of milliseconds).
