@@ -127,15 +127,13 @@ echo "|---|---:|---:|---:|---:|"
 for run in $(seq 1 "$runs"); do
   for design in rows+run rows chains cursor; do
     "${P[@]}" -c "CALL populate()" >/dev/null
+    left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL"
     case $design in
-      rows) call="CALL run_design('rows', $batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
-      rows+run) "${P[@]}" -c "CREATE INDEX deliveries_run ON deliveries(run_id) WHERE state IN ('ready', 'waiting', 'paused')" >/dev/null
-        call="CALL run_design('rows', $batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
-      chains) "${P[@]}" -c "CALL make_chains(false)" >/dev/null
-        call="CALL run_design('chains', $batch)"; left="SELECT COUNT(*) FROM deliveries WHERE finished_at IS NULL" ;;
-      cursor) "${P[@]}" -c "CALL make_chains(true)" >/dev/null
-        call="CALL run_design('cursor', $batch)"; left="SELECT 20000 - COUNT(*) FROM outcomes" ;;
+      rows+run) "${P[@]}" -c "CREATE INDEX deliveries_run ON deliveries(run_id) WHERE state IN ('ready', 'waiting', 'paused')" >/dev/null ;;
+      chains) "${P[@]}" -c "CALL make_chains(false)" >/dev/null ;;
+      cursor) "${P[@]}" -c "CALL make_chains(true)" >/dev/null; left="SELECT 20000 - COUNT(*) FROM outcomes" ;;
     esac
+    call="CALL run_design('${design%+run}', $batch)"
     # Statistics for the tables read, not for `outcomes` while it is empty: analysed empty, the
     # next-row probe's anti-join is planned as a scan of it (seconds instead of milliseconds).
     "${P[@]}" -c "VACUUM ANALYZE deliveries" -c "VACUUM ANALYZE delivery_bodies" >/dev/null

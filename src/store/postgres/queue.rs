@@ -694,8 +694,8 @@ impl Queue for PgStore {
             // the plan is then the list, each row found by its primary key. With
             // `state = 'ready'` the generic plan a prepared statement gets after five runs
             // (made while the table was small) could read a partial index whole instead,
-            // `deliveries_run` (dropped since) or `deliveries_due`, with the dead entry every finished row
-            // leaves there until vacuum, and join the list to that: 0.30 ms a row against 0.02
+            // `deliveries_run` (dropped since) or `deliveries_due`, with the dead entry every
+            // finished row leaves there until vacuum, and join the list to that: 0.30 ms a row against 0.02
             // (`EXPLAIN ANALYZE` of both plans; the statement took 2.5 x as long over the
             // embedded benchmark once the rows were small, with bodies apart).
             let states: Vec<(&str, i64, Option<i64>)> = chunk.iter().map(|c| c.row_state(now)).collect();
