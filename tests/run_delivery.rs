@@ -449,9 +449,14 @@ both_buses!(
 both_buses!(
     a_400_to_started_stops_the_run_and_its_later_events_are_not_delivered,
     |bus| async move {
-        let rx = Receiver::with_script(Arc::new(|r, _| {
+        // `started` is answered once the relay holds r1 and r2 behind it: on Kafka they may
+        // otherwise come in after the run has stopped, and be refused as events of a finished
+        // run (dead letters, `run_finished`) instead of dropped from its queue, which is what
+        // this test is about.
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let rx = Receiver::with_script(Arc::new(move |r, _| {
             if r.json()["event"] == "sync_job_run:started" {
-                Reply::status(400)
+                Reply::status(400).after(gate.clone())
             } else {
                 Reply::status(200)
             }
@@ -460,12 +465,26 @@ both_buses!(
         let h = Harness::start(bus, &[]).await;
         let app = h.api();
         let (_, _, run) = run_on(app, &rx, "ignore").await;
+        let ingested = || async move {
+            app.metrics()
+                .await
+                .get("syncrelay_events_ingested_total", &[])
+                .unwrap_or(0.0)
+        };
+        let before = ingested().await;
         h.send(&[
             ev("s1", &run, "started", ""),
             ev("r1", &run, "record", "ticketing/tickets"),
             ev("r2", &run, "record", "ticketing/tickets"),
         ])
         .await;
+        eventually(WAIT, "the run's three events ingested", || async move {
+            (ingested().await >= before + 3.0).then_some(())
+        })
+        .await;
+        // Counted when decoded; planned and queued behind `started` right after.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        open.send(true).unwrap();
         let r = wait_status(app, &run, "stopped").await;
         assert_eq!(r["stop_reason"], "started answered 400", "{r}");
         assert!(r["finished_at"].is_string(), "{r}");

@@ -53,12 +53,14 @@ impl Received {
     }
 }
 
-/// What the receiver answers: status, extra headers, and a delay before answering.
+/// What the receiver answers: status, extra headers, a delay before answering, and a gate the
+/// answer waits for (the test opens it when what it needs in place before this answer is).
 #[derive(Clone)]
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub delay: Duration,
+    pub gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Reply {
@@ -67,10 +69,16 @@ impl Reply {
             status,
             headers: vec![],
             delay: Duration::ZERO,
+            gate: None,
         }
     }
     pub fn delayed(mut self, d: Duration) -> Reply {
         self.delay = d;
+        self
+    }
+    /// Answer only once `gate` holds true.
+    pub fn after(mut self, gate: tokio::sync::watch::Receiver<bool>) -> Reply {
+        self.gate = Some(gate);
         self
     }
     pub fn header(mut self, k: &str, v: &str) -> Reply {
@@ -361,6 +369,10 @@ impl State {
         if (200..300).contains(&reply.status) && self.ok.fetch_add(1, Ordering::Relaxed).is_multiple_of(SAMPLE_EVERY) {
             self.samples.lock().unwrap().push((header_map(&req), r.body.clone()));
         }
+        if let Some(mut gate) = reply.gate.clone() {
+            // A closed gate (its sender dropped) answers at once.
+            let _ = gate.wait_for(|open| *open).await;
+        }
         if !reply.delay.is_zero() {
             tokio::time::sleep(reply.delay).await;
         }
@@ -371,7 +383,7 @@ impl State {
             e.0 = e.0.saturating_sub(1);
         }
         if self.generation.load(Ordering::SeqCst) == generation {
-            let at_once = reply.delay.is_zero() && (200..300).contains(&reply.status);
+            let at_once = reply.delay.is_zero() && reply.gate.is_none() && (200..300).contains(&reply.status);
             if let Some(sched) = sched_us(&r.body).filter(|_| at_once) {
                 let now = self.epoch.elapsed().as_micros() as u64;
                 self.lat.lock().unwrap().push(now.saturating_sub(sched));
