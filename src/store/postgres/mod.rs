@@ -34,8 +34,8 @@ pub struct PgStore {
 
 pub(super) use super::Lease;
 
-/// Rows per multi-row statement (at 19 columns a row, far below PostgreSQL's limit of 65535
-/// parameters a statement).
+/// Rows per multi-row `VALUES` statement (at 7 columns a row, far below PostgreSQL's limit of
+/// 65535 parameters a statement). The deliveries' own rows go as arrays, whatever their number.
 const INSERT_CHUNK: usize = 500;
 
 /// Values per `IN (...)` list.
