@@ -9,8 +9,8 @@
 //!   when something may be waiting only in the store, from a query of due `ready` rows; targets
 //!   at their cap are skipped (and excluded from the query), so a hanging receiver cannot
 //!   starve the others;
-//! - one task per attempt; its outcome goes to one writer task that commits outcomes in batches
-//!   (group commit). A stored row is released from the in-flight set only after its outcome is
+//! - one task per attempt; its outcome goes to its chain's writer task (one of two, see
+//!   `outcome::Writers`), which commits outcomes in batches (group commit). A stored row is released from the in-flight set only after its outcome is
 //!   committed, so it is never picked twice, and a crash at any point leaves it `ready` to be
 //!   attempted again (at least once, same `webhook-id`).
 //! - the order of a run's events is kept by `ordering::Chains` (memory) and by the store's
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::DeliveryClient;
 use super::dead_letter::DeadLetterSink;
 use super::job::{Ack, Job};
-use super::outcome::Write;
+use super::outcome::{Write, Writers};
 use super::ready::Ready;
 use super::retry::RetryPolicy;
 use super::targets::Targets;
@@ -170,8 +170,13 @@ pub struct Engine {
     /// `webhooks.disable_after_seconds` in ms (0: never).
     pub(crate) disable_after_ms: i64,
     pub(super) wake: Notify,
-    pub(super) writes: mpsc::UnboundedSender<Write>,
-    writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    /// The outcome writers' queues (see `outcome::Writers`).
+    pub(super) writes: Writers,
+    writes_rx: Mutex<Option<Vec<mpsc::UnboundedReceiver<Write>>>>,
+    /// Held for reading by an outcome writer from its batch's first store write until its rows
+    /// are released, and for writing by a lease renewal: a renewal never sees a row another
+    /// writer has just finished and not yet released (it would take it for a lost lease).
+    pub(super) batches: tokio::sync::RwLock<()>,
 }
 
 #[derive(Default)]
@@ -239,7 +244,7 @@ impl Engine {
             Duration::from_millis(d.request_timeout_ms),
             d.response_excerpt_bytes,
         );
-        let (writes, writes_rx) = mpsc::unbounded_channel();
+        let (writes, writes_rx) = Writers::new();
         let limits = settings.runs.batch_limits();
         let runs = Arc::new(Runs::new(store.clone(), limits));
         Arc::new(Engine {
@@ -273,6 +278,7 @@ impl Engine {
             wake: Notify::new(),
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
+            batches: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -506,8 +512,11 @@ impl Engine {
     /// `deadline` for attempts under way to be recorded. Unfinished rows stay queued;
     /// unfinished memory jobs are redelivered from their uncommitted offsets.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, deadline: Duration) {
-        let rx = self.writes_rx.lock().expect("lock").take().expect("engine runs once");
-        let writer = tokio::spawn(self.clone().write_outcomes(rx));
+        let rxs = self.writes_rx.lock().expect("lock").take().expect("engine runs once");
+        let writers: Vec<_> = rxs
+            .into_iter()
+            .map(|rx| tokio::spawn(self.clone().write_outcomes(rx)))
+            .collect();
         let housekeeping = tokio::spawn(self.clone().housekeeping(stop.clone(), self.retention));
         let flusher = tokio::spawn(self.clone().flush_batches(stop.clone()));
         let renewer = tokio::spawn(self.clone().renew_leases(stop.clone()));
@@ -526,7 +535,9 @@ impl Engine {
                 "shutdown deadline passed; unfinished deliveries stay queued"
             );
         }
-        writer.abort();
+        for w in writers {
+            w.abort();
+        }
         housekeeping.abort();
         flusher.abort();
         renewer.abort();
@@ -769,9 +780,10 @@ impl Engine {
         self.targets.unhealthy(target_key, self.inline_max_delay)
     }
 
-    /// Keep the leases of this instance's claimed rows alive: every `lease_every`, the writer
-    /// renews them in one statement (in the writer, so a renewal never races a completion of
-    /// the same rows: it sees every outcome committed before it, and none after).
+    /// Keep the leases of this instance's claimed rows alive: every `lease_every`, the first
+    /// writer renews them in one statement, between two of its rounds and while no other writer
+    /// is in one (`batches`), so a renewal never races a completion of the same rows: it sees
+    /// every outcome committed and released before it, and none after.
     async fn renew_leases(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.lease_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -791,6 +803,8 @@ impl Engine {
     /// lease was lost are another instance's now: those not yet started are dropped from `hot`;
     /// those under way are marked, and their outcome is discarded (counted once, here).
     pub(super) async fn renew_now(&self) {
+        // No writer is between a commit and the release of its rows (see `batches`).
+        let _batches = self.batches.write().await;
         // Rows in flight and stored rows waiting in `hot`. Not rows claimed by a transaction
         // still open (in `claimed`, not yet in `hot`): the store cannot show them yet, and their
         // lease was just taken.

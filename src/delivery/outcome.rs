@@ -2,8 +2,9 @@
 //! (stored, and published to the bus's dead-letter topic), promotion of a chain's next event,
 //! and the acknowledgement (a stored row's outcome committed, or a Kafka offset released).
 //!
-//! Everything that touches the store goes through one writer task that commits in batches
-//! (group commit), so recording never bounds throughput:
+//! Everything that touches the store goes through the writer task of its chain (two of them,
+//! see [`Writers`]), each committing in batches (group commit), so recording never bounds
+//! throughput:
 //! - a stored job's outcome is committed before the row is released (never attempted twice);
 //! - a memory job answered 2xx is acknowledged at once — its log row is written later in a
 //!   batch, so a first-try Kafka success costs no synchronous store write;
@@ -72,11 +73,73 @@ pub(super) enum Write {
     Renew,
 }
 
+impl Write {
+    /// The chain this write belongs to, if any: its writer is that chain's.
+    fn chain(&self) -> Option<&str> {
+        match self {
+            Write::Complete(c, _) => c.order_key.as_deref(),
+            Write::Finished { logged, .. } => logged.as_ref()?.delivery.order_key.as_deref(),
+            Write::Park { rows, .. } => rows.first()?.order_key.as_deref(),
+            Write::Dead { .. } | Write::Barrier(_) | Write::Renew => None,
+        }
+    }
+}
+
+/// How many outcome writers commit at once.
+///
+/// A writer's round is a transaction whose time on PostgreSQL is mostly waiting: round trips,
+/// the commit's flush, the chain locks of the intake's transactions. With one writer the
+/// delivery side was bound by that latency, not by either process's CPU (1.45 of 2 cores busy in
+/// the benchmark); two writers, each with its own chains, keep two transactions going:
+/// PostgreSQL's benchmark delivered 14 – 22 % more events a second, SQLite's (whose writes share
+/// one group commit anyway) the same as with one; three or four made the intake's transactions
+/// wait longer for the chains' locks (docs/BENCHMARKS.md, seventeenth session).
+const OUTCOME_WRITERS: usize = 2;
+
+/// The outcome writers' queues. A write goes to the writer of its chain (the order key's hash),
+/// so each chain's outcomes are committed by one writer, in the order they were made, and two
+/// writers' transactions never lock the same chain (neither waits for the other there). Writes
+/// of no chain (unordered deliveries, dead letters of refused events, renewals) go to the
+/// first.
+pub(super) struct Writers(Vec<mpsc::UnboundedSender<Write>>);
+
+impl Writers {
+    pub(super) fn new() -> (Writers, Vec<mpsc::UnboundedReceiver<Write>>) {
+        let (txs, rxs) = (0..OUTCOME_WRITERS).map(|_| mpsc::unbounded_channel()).unzip();
+        (Writers(txs), rxs)
+    }
+
+    /// Queue `w` for its chain's writer. Fails once the writers are gone (shutting down).
+    pub(super) fn send(&self, w: Write) -> Result<(), WritersGone> {
+        let i = match w.chain() {
+            Some(key) => {
+                use std::hash::{Hash, Hasher};
+                // Fixed keys: a chain has the same writer for the life of the process.
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish() % self.0.len() as u64) as usize
+            }
+            None => 0,
+        };
+        self.0[i].send(w).map_err(|_| WritersGone)
+    }
+}
+
+/// The outcome writers have stopped: nothing more is recorded by this process.
+#[derive(Debug)]
+pub(super) struct WritersGone;
+
 impl Engine {
-    /// Wait until every outcome handed to the writer so far is committed.
+    /// Wait until every outcome handed to the writers so far is committed.
     pub async fn barrier(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.writes.send(Write::Barrier(tx)).is_ok() {
+        let mut waits = Vec::with_capacity(self.writes.0.len());
+        for q in &self.writes.0 {
+            let (tx, rx) = oneshot::channel();
+            if q.send(Write::Barrier(tx)).is_ok() {
+                waits.push(rx);
+            }
+        }
+        for rx in waits {
             let _ = rx.await;
         }
     }
@@ -471,6 +534,9 @@ impl Engine {
                     Write::Renew => renew = true,
                 }
             }
+            // From here until this batch's rows are released, no lease renewal runs (see
+            // `Engine::batches`); the other writers' batches go on meanwhile.
+            let batch_guard = self.batches.read().await;
             // Outcomes of rows whose lease a renewal found lost are not recorded: the row may be
             // another instance's now (it records it). They were counted when found.
             let mut discarded = Vec::new();
@@ -568,6 +634,7 @@ impl Engine {
                 }
             }
             self.wake.notify_one();
+            drop(batch_guard);
             if renew {
                 self.renew_now().await;
             }
