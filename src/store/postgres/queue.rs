@@ -351,47 +351,89 @@ async fn insert_new_deliveries(
 async fn write_rows(
     tx: &mut Transaction<'_, Postgres>,
     deliveries: &[NewDelivery],
-    states: &[&str],
+    states: &[&'static str],
     now: i64,
     lease: &Lease,
 ) -> anyhow::Result<HashMap<String, i64>> {
-    // The rows as arrays, one parameter a column (see `complete`): one statement text whatever
-    // the batch's size, prepared once per connection, and 19 parameters to bind and send instead
-    // of 19 a row (as a `VALUES` list the write took 27 ms a `POST` of 500 events in the
-    // PostgreSQL benchmark, 18 ms this way: docs/BENCHMARKS.md, seventeenth session). `unnest`
-    // yields the arrays in order, so the rows draw their seqs in the order given: a chain's
-    // order.
-    let lasts: Vec<Option<&AttemptRecord>> = deliveries.iter().map(|d| d.log.last()).collect();
-    let ready: Vec<bool> = states.iter().map(|s| *s == "ready").collect();
-    let rows = sqlx::query(
+    let rows: Vec<RowWrite> = deliveries
+        .iter()
+        .zip(states)
+        .map(|(d, state)| RowWrite {
+            d,
+            state,
+            attempts: d.attempts,
+            next_attempt_at: d.next_attempt_at.unwrap_or(now),
+            // A queued row keeps its last attempt's status and error; its full log is in
+            // `attempts` (`insert_attempt_logs`).
+            last_measure: false,
+            finished_at: None,
+            // A ready row is this instance's (handed to its claim, or parked by it).
+            lease: (*state == "ready").then_some((lease.owner.as_str(), now + lease.ms)),
+        })
+        .collect();
+    insert_rows(tx, &rows).await
+}
+
+/// How one delivery's row is written: the delivery, and the queue columns its state sets.
+struct RowWrite<'a> {
+    d: &'a NewDelivery,
+    state: &'static str,
+    attempts: i64,
+    next_attempt_at: i64,
+    /// The last attempt's duration and response excerpt on the row too (a finished row keeps
+    /// its attempt there: `store::first_try_success`).
+    last_measure: bool,
+    finished_at: Option<i64>,
+    /// (owner, until)
+    lease: Option<(&'a str, i64)>,
+}
+
+/// Insert delivery rows and their bodies, in the order given (a chain's order: `unnest` yields
+/// the arrays in order, so the rows draw their seqs in it). Returns their seqs by delivery id.
+///
+/// The rows go as arrays, one parameter a column (see `complete`): one statement text whatever
+/// the batch's size, prepared once per connection, and 22 parameters to bind and send instead
+/// of 19 or 20 a row. As a `VALUES` list the intake's write took 27 ms a `POST` of 500 events in
+/// the PostgreSQL benchmark, 18 ms this way (docs/BENCHMARKS.md, seventeenth session), and the
+/// Kafka log's rounds, whose size varies, each had a statement text of its own to prepare.
+async fn insert_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[RowWrite<'_>],
+) -> anyhow::Result<HashMap<String, i64>> {
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let text = |f: fn(&NewDelivery) -> Option<&str>| rows.iter().map(|r| f(r.d)).collect::<Vec<_>>();
+    let lasts: Vec<Option<&AttemptRecord>> = rows.iter().map(|r| r.d.log.last()).collect();
+    let measured: Vec<Option<&AttemptRecord>> = rows
+        .iter()
+        .zip(&lasts)
+        .map(|(r, last)| last.filter(|_| r.last_measure))
+        .collect();
+    let seqs = sqlx::query(
         "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-         order_key, state, attempts, next_attempt_at, first_attempt_at, created_at, source, \
-         last_status, last_error, lease_owner, lease_until) \
+         order_key, state, attempts, next_attempt_at, first_attempt_at, created_at, source, last_status, \
+         last_error, last_duration_ms, last_excerpt, finished_at, lease_owner, lease_until) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::bigint[], $13::bigint[], \
-         $14::bigint[], $15::text[], $16::bigint[], $17::text[], $18::text[], $19::bigint[]) \
-         RETURNING seq, id",
+         $14::bigint[], $15::text[], $16::bigint[], $17::text[], $18::bigint[], $19::text[], $20::bigint[], \
+         $21::text[], $22::bigint[]) RETURNING seq, id",
     )
-    .bind(deliveries.iter().map(|d| d.id.as_str()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.event.as_str()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.run_id.as_deref()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.kind).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.webhook_id.as_deref()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.target_url.as_deref()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.target_key.as_str()).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.order_key.as_deref()).collect::<Vec<_>>())
-    .bind(states)
-    .bind(deliveries.iter().map(|d| d.attempts).collect::<Vec<_>>())
-    .bind(
-        deliveries
-            .iter()
-            .map(|d| d.next_attempt_at.unwrap_or(now))
-            .collect::<Vec<_>>(),
-    )
-    .bind(deliveries.iter().map(|d| d.first_attempt_at).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.created_at).collect::<Vec<_>>())
-    .bind(deliveries.iter().map(|d| d.source.as_deref()).collect::<Vec<_>>())
+    .bind(text(|d| Some(d.id.as_str())))
+    .bind(text(|d| Some(d.event_id.as_str())))
+    .bind(text(|d| Some(d.event.as_str())))
+    .bind(text(|d| d.run_id.as_deref()))
+    .bind(text(|d| Some(d.kind)))
+    .bind(text(|d| d.webhook_id.as_deref()))
+    .bind(text(|d| d.target_url.as_deref()))
+    .bind(text(|d| Some(d.target_key.as_str())))
+    .bind(text(|d| d.order_key.as_deref()))
+    .bind(rows.iter().map(|r| r.state).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.next_attempt_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.d.first_attempt_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.d.created_at).collect::<Vec<_>>())
+    .bind(text(|d| d.source.as_deref()))
     .bind(lasts.iter().map(|a| a.and_then(|a| a.status)).collect::<Vec<_>>())
     .bind(
         lasts
@@ -399,18 +441,22 @@ async fn write_rows(
             .map(|a| a.and_then(|a| a.error.as_deref()))
             .collect::<Vec<_>>(),
     )
-    // A ready row is this instance's (handed to its claim, or parked by it).
+    .bind(measured.iter().map(|a| a.map(|a| a.duration_ms)).collect::<Vec<_>>())
     .bind(
-        ready
+        measured
             .iter()
-            .map(|r| r.then_some(lease.owner.as_str()))
+            .map(|a| a.and_then(|a| a.excerpt.as_deref()))
             .collect::<Vec<_>>(),
     )
-    .bind(ready.iter().map(|r| r.then_some(now + lease.ms)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.lease.map(|l| l.0)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.lease.map(|l| l.1)).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
-    .await?;
-    let seqs: HashMap<String, i64> = rows.iter().map(|r| (r.get("id"), r.get("seq"))).collect();
-    insert_bodies(tx, deliveries.iter(), &seqs).await?;
+    .await?
+    .iter()
+    .map(|r| (r.get("id"), r.get("seq")))
+    .collect();
+    insert_bodies(tx, rows.iter().map(|r| r.d), &seqs).await?;
     Ok(seqs)
 }
 
@@ -533,61 +579,19 @@ impl Queue for PgStore {
             .collect();
         let recorded = recorded_ids(&mut tx, &ids).await?;
         let logged: Vec<&Logged> = logged.iter().filter(|l| !recorded.contains(&l.delivery.id)).collect();
-        if !logged.is_empty() {
-            // As arrays, one parameter a column (see `write_rows`): a round's size varies, and
-            // as a `VALUES` list each size was a statement text of its own to prepare and plan.
-            let lasts: Vec<Option<&AttemptRecord>> = logged.iter().map(|l| l.delivery.log.last()).collect();
-            let d = |f: fn(&NewDelivery) -> Option<&str>| logged.iter().map(|l| f(&l.delivery)).collect::<Vec<_>>();
-            let seqs: HashMap<String, i64> = sqlx::query(
-                "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
-                 order_key, state, attempts, next_attempt_at, first_attempt_at, last_status, last_error, \
-                 last_duration_ms, last_excerpt, created_at, finished_at, source) \
-                 SELECT v.id, v.event_id, v.event, v.run_id, v.kind, v.webhook_id, v.target_url, v.target_key, \
-                 v.order_key, v.state, v.attempts, $19, v.first_attempt_at, v.last_status, v.last_error, \
-                 v.last_duration_ms, v.last_excerpt, v.created_at, $19, v.source \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-                 $8::text[], $9::text[], $10::text[], $11::bigint[], $12::bigint[], $13::bigint[], $14::text[], \
-                 $15::bigint[], $16::text[], $17::bigint[], $18::text[]) \
-                 AS v (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, order_key, state, \
-                 attempts, first_attempt_at, last_status, last_error, last_duration_ms, last_excerpt, created_at, \
-                 source) RETURNING seq, id",
-            )
-            .bind(d(|d| Some(d.id.as_str())))
-            .bind(d(|d| Some(d.event_id.as_str())))
-            .bind(d(|d| Some(d.event.as_str())))
-            .bind(d(|d| d.run_id.as_deref()))
-            .bind(d(|d| Some(d.kind)))
-            .bind(d(|d| d.webhook_id.as_deref()))
-            .bind(d(|d| d.target_url.as_deref()))
-            .bind(d(|d| Some(d.target_key.as_str())))
-            .bind(d(|d| d.order_key.as_deref()))
-            .bind(logged.iter().map(|l| l.state).collect::<Vec<_>>())
-            .bind(logged.iter().map(|l| l.delivery.log.len() as i64).collect::<Vec<_>>())
-            .bind(logged.iter().map(|l| l.delivery.first_attempt_at).collect::<Vec<_>>())
-            .bind(lasts.iter().map(|a| a.and_then(|a| a.status)).collect::<Vec<_>>())
-            .bind(
-                lasts
-                    .iter()
-                    .map(|a| a.and_then(|a| a.error.as_deref()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(lasts.iter().map(|a| a.map(|a| a.duration_ms)).collect::<Vec<_>>())
-            .bind(
-                lasts
-                    .iter()
-                    .map(|a| a.and_then(|a| a.excerpt.as_deref()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(logged.iter().map(|l| l.delivery.created_at).collect::<Vec<_>>())
-            .bind(d(|d| d.source.as_deref()))
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?
+        let rows: Vec<RowWrite> = logged
             .iter()
-            .map(|r| (r.get("id"), r.get("seq")))
+            .map(|l| RowWrite {
+                d: &l.delivery,
+                state: l.state,
+                attempts: l.delivery.log.len() as i64,
+                next_attempt_at: now,
+                last_measure: true,
+                finished_at: Some(now),
+                lease: None,
+            })
             .collect();
-            insert_bodies(&mut tx, logged.iter().map(|l| &l.delivery), &seqs).await?;
-        }
+        insert_rows(&mut tx, &rows).await?;
         // A first-try success keeps its attempt on its row (written above).
         insert_attempt_logs(&mut tx, with_logged_attempts(&logged)).await?;
         // Every chain parked to, at once and in order (each group locks its own again: a no-op).
