@@ -177,6 +177,13 @@ pub struct Engine {
     /// are released, and for writing by a lease renewal: a renewal never sees a row another
     /// writer has just finished and not yet released (it would take it for a lost lease).
     pub(super) batches: tokio::sync::RwLock<()>,
+    /// Held for reading by whoever queues events (the intake of either bus, events the relay
+    /// makes) from before their runs' lifecycle decides on them until they are queued (stored,
+    /// or in memory), and for writing by a run's stop while it drops the run's queued events.
+    /// Without it an event decided while its run was active but queued after the stop's drop
+    /// was delivered after the stop; with it, it is either queued before the drop (and
+    /// dropped) or decided after the stop (and dead-lettered `run_finished`).
+    pub(crate) run_gate: tokio::sync::RwLock<()>,
 }
 
 #[derive(Default)]
@@ -279,6 +286,7 @@ impl Engine {
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
             batches: tokio::sync::RwLock::new(()),
+            run_gate: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -392,12 +400,14 @@ impl Engine {
         let mut dead = Vec::new();
         let mut routed = Vec::with_capacity(events.len());
         let refs: Vec<&Envelope> = events.iter().collect();
+        let gate = self.run_gate.read().await;
         for (o, d, r) in self.plan_many(&refs, now).await? {
             out.extend(o);
             dead.extend(d);
             routed.push(r);
         }
         self.store_rows(&out, &dead, now).await?;
+        drop(gate);
         for r in &routed {
             if r.status == "filtered" {
                 self.metrics.events_filtered.inc();

@@ -135,6 +135,10 @@ impl Engine {
     /// gathered batch of errors is queued. Returns false when the run is unknown or no longer
     /// active (nothing changed).
     pub async fn stop_run(&self, run_id: &str, why: &str) -> bool {
+        // No event is between its run's decision and its queueing while the run stops and its
+        // queued events are dropped (see `Engine::run_gate`). Released before anything that
+        // queues events itself (the callbacks, the alerts, the flushed batch).
+        let gate = self.run_gate.write().await;
         let flushed = match self.runs.stop(run_id, why).await {
             Ok(Some(f)) => f,
             Ok(None) => return false,
@@ -143,16 +147,17 @@ impl Engine {
                 return false;
             }
         };
-        tracing::info!(run_id, reason = why, "run stopped");
-        self.eloqua_callbacks(&[run_id.to_string()]).await;
-        self.sync_alerts(&[run_id.to_string()]).await;
-        self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
         let (keep, mut dropped_memory, mut promote) = self.forget_run(run_id);
         let res = self.store.drop_queued_for_run(run_id, &keep, now_ms()).await;
         // Rows of the run promoted while the drop waited for the write lock.
         let (_, later, more) = self.forget_run(run_id);
+        drop(gate);
         dropped_memory.extend(later);
         promote.extend(more);
+        tracing::info!(run_id, reason = why, "run stopped");
+        self.eloqua_callbacks(&[run_id.to_string()]).await;
+        self.sync_alerts(&[run_id.to_string()]).await;
+        self.metrics.runs_finished.with_label_values(&["stopped"]).inc();
         if !promote.is_empty() {
             self.promote(&promote).await;
         }

@@ -430,6 +430,8 @@ impl KafkaBus {
         }
         // The run lifecycle decides first (it may refuse an event, or queue events before or
         // after it on the same chains). A store error is retried; the messages stay unfinished.
+        // A run's stop waits until the events decided here are queued (`Engine::run_gate`).
+        let gate = engine.run_gate.read().await;
         let mut backoff = Duration::from_millis(50);
         let plans = loop {
             let events: Vec<&Envelope> = good.iter().map(|(_, e)| e).collect();
@@ -477,6 +479,7 @@ impl KafkaBus {
         engine.submit(jobs);
         // A paused sync's deliveries are held in the store, never attempted from memory.
         engine.store_held(held).await;
+        drop(gate);
         if !alerting.is_empty() {
             let engine = engine.clone();
             tokio::spawn(async move { engine.sync_alerts(&alerting).await });
