@@ -10,9 +10,10 @@
 //!   at their cap are skipped (and excluded from the query), so a hanging receiver cannot
 //!   starve the others;
 //! - one task per attempt; its outcome goes to its chain's writer task (one of two, see
-//!   `outcome::Writers`), which commits outcomes in batches (group commit). A stored row is released from the in-flight set only after its outcome is
-//!   committed, so it is never picked twice, and a crash at any point leaves it `ready` to be
-//!   attempted again (at least once, same `webhook-id`).
+//!   `outcome::Writers`), which commits outcomes in batches (group commit). A stored row is
+//!   released from the in-flight set only after its outcome is committed, so it is never picked
+//!   twice, and a crash at any point leaves it `ready` to be attempted again (at least once,
+//!   same `webhook-id`).
 //! - the order of a run's events is kept by `ordering::Chains` (memory) and by the store's
 //!   ready/waiting rows (stored): only a chain's head is ever handed to the dispatcher.
 
