@@ -363,9 +363,6 @@ async fn write_rows(
             state,
             attempts: d.attempts,
             next_attempt_at: d.next_attempt_at.unwrap_or(now),
-            // A queued row keeps its last attempt's status and error; its full log is in
-            // `attempts` (`insert_attempt_logs`).
-            last_measure: false,
             finished_at: None,
             // A ready row is this instance's (handed to its claim, or parked by it).
             lease: (*state == "ready").then_some((lease.owner.as_str(), now + lease.ms)),
@@ -380,9 +377,9 @@ struct RowWrite<'a> {
     state: &'static str,
     attempts: i64,
     next_attempt_at: i64,
-    /// The last attempt's duration and response excerpt on the row too (a finished row keeps
-    /// its attempt there: `store::first_try_success`).
-    last_measure: bool,
+    /// Set for a finished row, which keeps its last attempt's duration and response excerpt on
+    /// the row too (`store::first_try_success`); a queued row keeps only its last attempt's
+    /// status and error there, its full log being in `attempts` (`insert_attempt_logs`).
     finished_at: Option<i64>,
     /// (owner, until)
     lease: Option<(&'a str, i64)>,
@@ -408,7 +405,7 @@ async fn insert_rows(
     let measured: Vec<Option<&AttemptRecord>> = rows
         .iter()
         .zip(&lasts)
-        .map(|(r, last)| last.filter(|_| r.last_measure))
+        .map(|(r, last)| last.filter(|_| r.finished_at.is_some()))
         .collect();
     let seqs = sqlx::query(
         "INSERT INTO deliveries (id, event_id, event, run_id, kind, webhook_id, target_url, target_key, \
@@ -586,7 +583,6 @@ impl Queue for PgStore {
                 state: l.state,
                 attempts: l.delivery.log.len() as i64,
                 next_attempt_at: now,
-                last_measure: true,
                 finished_at: Some(now),
                 lease: None,
             })
