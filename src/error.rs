@@ -29,7 +29,20 @@ pub enum ApiError {
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
+}
+
+/// A failure from below the API: `service_unavailable` when the store could not be reached
+/// or could not take the work just now (see [`crate::store::unavailable`]: the client should
+/// send the request again), else an `internal_error`.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        if crate::store::unavailable(&e) {
+            tracing::warn!(error = %format!("{e:#}"), "the store is unavailable; answered 503");
+            return ApiError::Unavailable("the store is unavailable for the moment; send the request again".into());
+        }
+        ApiError::Internal(e)
+    }
 }
 
 impl ApiError {
@@ -145,6 +158,9 @@ impl ResponseError for ApiError {
             }
             ApiError::TooManyRequests { retry_after } => {
                 resp.insert_header(("retry-after", retry_after.to_string()));
+            }
+            ApiError::Unavailable(_) => {
+                resp.insert_header(("retry-after", "1"));
             }
             ApiError::MethodNotAllowed { allowed, .. } => {
                 resp.insert_header(("allow", allowed.join(", ")));

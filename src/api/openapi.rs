@@ -182,9 +182,9 @@ fn list_of(item: Value) -> Value {
 }
 
 /// What every operation that needs no body can answer besides its own responses.
-const COMMON: &[&str] = &["401", "429", "500"];
+const COMMON: &[&str] = &["401", "429", "500", "503"];
 /// … and with a JSON body.
-const WITH_BODY: &[&str] = &["400", "401", "408", "413", "429", "500"];
+const WITH_BODY: &[&str] = &["400", "401", "408", "413", "429", "500", "503"];
 
 struct Op {
     id: &'static str,
@@ -350,6 +350,17 @@ fn error_responses() -> Value {
             "schema": {"type": "string", "pattern": "^[0-9]+$"},
         }
     });
+    let mut unavailable = e(
+        "A dependency (the store, the bus) cannot take the request just now — PostgreSQL restarting or out of connections, SQLite busy or its disk full, the bus not acknowledging: send it again after `Retry-After`.",
+        "ServiceUnavailableError",
+    );
+    unavailable["headers"] = json!({
+        "Retry-After": {
+            "description": "Seconds to wait before sending the request again.",
+            "required": true,
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    });
     json!({
         "400": e("Invalid request: `detail.field` names the field (`events[3].payload`, `resources[0].query.a`).", "BadRequestError"),
         "401": e("Missing or invalid bearer token.", "UnauthenticatedError"),
@@ -360,7 +371,7 @@ fn error_responses() -> Value {
         "413": e("The body (or one event) is larger than its limit.", "RequestEntityTooLargeError"),
         "429": too_many,
         "500": e("Unexpected error; quote `reference_id`.", "InternalError"),
-        "503": e("A dependency (store, bus) is not available.", "ServiceUnavailableError"),
+        "503": unavailable,
     })
 }
 

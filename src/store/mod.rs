@@ -41,6 +41,46 @@ use secrets::Sealer;
 
 pub use rows::*;
 
+/// Whether a store call failed because the store could not be reached or could not take the
+/// work just now — a connection ended or refused (PostgreSQL restarting, failing over, out of
+/// connection slots), no pooled connection free in time, SQLite's database busy or its disk
+/// full — rather than because of what was asked. The API answers those with
+/// `503 service_unavailable` and a `Retry-After`, so that a client sends the request again;
+/// nothing of a request that failed so is kept (its transaction did not commit).
+pub fn unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
+            return match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| unavailable_code(&c)),
+                _ => false,
+            };
+        }
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = cause.downcast_ref::<rusqlite::Error>() {
+            return matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked | rusqlite::ErrorCode::DiskFull
+            );
+        }
+        false
+    })
+}
+
+/// A database error code that says "not now" rather than "not this": PostgreSQL's connection
+/// exceptions (class 08), too many connections (53300), the server shutting down, crashed or
+/// starting (57P01 – 57P03); SQLite's busy (5), locked (6) and full (13), extended codes too.
+fn unavailable_code(code: &str) -> bool {
+    if code.starts_with("08") || matches!(code, "53300" | "57P01" | "57P02" | "57P03") {
+        return true;
+    }
+    code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 13))
+}
+
 /// Called with the rows that became ready inside a queue transaction, just before it commits.
 pub type Claim<'a> = &'a mut (dyn FnMut(&[QueuedDelivery]) + Send);
 
@@ -1074,5 +1114,33 @@ impl Store {
 
     pub async fn list_commands(&self, after: i64, limit: i64) -> anyhow::Result<Page<CommandRow>> {
         self.runs.list_commands(after, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable;
+
+    fn sqlite(code: i32) -> anyhow::Error {
+        anyhow::Error::from(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None))
+    }
+
+    #[test]
+    fn a_store_that_cannot_take_the_work_now_is_unavailable_and_a_bad_request_of_it_is_not() {
+        assert!(unavailable(&anyhow::Error::from(sqlx::Error::PoolTimedOut)));
+        assert!(unavailable(&anyhow::Error::from(sqlx::Error::Io(
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset)
+        ))));
+        // Through the context the store's callers add.
+        assert!(unavailable(
+            &anyhow::Error::from(sqlx::Error::PoolClosed).context("queueing")
+        ));
+        assert!(unavailable(&sqlite(rusqlite::ffi::SQLITE_BUSY)));
+        assert!(unavailable(&sqlite(rusqlite::ffi::SQLITE_FULL)));
+        assert!(!unavailable(&anyhow::Error::from(sqlx::Error::RowNotFound)));
+        assert!(!unavailable(&sqlite(rusqlite::ffi::SQLITE_CONSTRAINT)));
+        assert!(!unavailable(&anyhow::anyhow!("a sync renders as an object")));
+        assert!(super::unavailable_code("57P01") && super::unavailable_code("08006") && super::unavailable_code("517"));
+        assert!(!super::unavailable_code("23505") && !super::unavailable_code("19"));
     }
 }

@@ -237,6 +237,21 @@ impl PgServer {
         }
     }
 
+    /// Restart the server (`pg_ctl restart -m fast`: every connection is ended, as in a
+    /// failover or an upgrade), on the same port and data; returns once it accepts connections.
+    #[allow(dead_code)]
+    pub fn restart(&self) {
+        let mut pg_ctl = as_pg_user(&bin_dir().join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .stdin(Stdio::null());
+        run(pg_ctl, "pg_ctl restart");
+    }
+
     /// The server's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
