@@ -61,6 +61,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub events_ingested: IntCounterVec,
     pub events_filtered: IntCounter,
+    pub writes_joined: IntCounter,
     pub attempts: IntCounterVec,
     pub attempt_duration: HistogramVec,
     pub deliveries: IntCounterVec,
@@ -171,6 +172,10 @@ impl Metrics {
             events_filtered: counter(
                 "syncrelay_events_filtered_total",
                 "Events not delivered to a webhook because its event_types do not include them.",
+            ),
+            writes_joined: counter(
+                "syncrelay_queue_writes_joined_total",
+                "Writes of new rows that joined another caller's store transaction instead of making their own.",
             ),
             attempts: counter_vec(
                 "syncrelay_delivery_attempts_total",

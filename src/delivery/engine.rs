@@ -185,6 +185,8 @@ pub struct Engine {
     /// was delivered after the stop; with it, it is either queued before the drop (and
     /// dropped) or decided after the stop (and dead-lettered `run_finished`).
     pub(crate) run_gate: tokio::sync::RwLock<()>,
+    /// Concurrent writes of new rows, combined (see `combine`).
+    pub(super) combiner: super::combine::Combiner,
 }
 
 #[derive(Default)]
@@ -288,6 +290,7 @@ impl Engine {
             writes_rx: Mutex::new(Some(writes_rx)),
             batches: tokio::sync::RwLock::new(()),
             run_gate: tokio::sync::RwLock::new(()),
+            combiner: Default::default(),
         })
     }
 
@@ -427,13 +430,15 @@ impl Engine {
 
     /// Write new rows (and dead letters) to the store, in their chains' order: a chain whose
     /// head is kept in memory has its new rows held behind it (see `ordering`). Ready rows are
-    /// handed to the dispatcher in memory.
-    pub(crate) async fn store_rows(
+    /// handed to the dispatcher in memory. Returns the chains whose held rows are to be made
+    /// eligible now (see `after_rows`). Callers go through `store_rows` (`combine`), which
+    /// writes concurrent callers' rows together.
+    pub(super) async fn write_rows(
         &self,
         rows: &[NewDelivery],
         dead: &[NewDeadLetter],
         now: i64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<String>> {
         let keys: Vec<String> = rows
             .iter()
             .filter_map(|d| d.order_key.clone())
@@ -455,15 +460,20 @@ impl Engine {
             }
         };
         self.push_hot(ready, &taken);
-        if !promote.is_empty() {
-            self.promote(&promote).await;
-        }
-        self.dead_lettered(dead, &[]).await;
         if !rows.is_empty() {
             // Rows beyond the in-memory bound, or waiting, are found by the query or promoted.
             self.wake.notify_one();
         }
-        Ok(())
+        Ok(promote)
+    }
+
+    /// What follows a write of new rows, outside of it: the held rows of chains whose memory
+    /// part drained meanwhile made eligible, the dead letters counted and published.
+    pub(super) async fn after_rows(&self, promote: &[String], dead: &[NewDeadLetter]) {
+        if !promote.is_empty() {
+            self.promote(promote).await;
+        }
+        self.dead_lettered(dead, &[]).await;
     }
 
     /// Make held rows of these chains eligible (their memory part drained).

@@ -6,6 +6,7 @@
 
 pub mod attempt;
 pub mod client;
+mod combine;
 pub mod dead_letter;
 pub mod engine;
 pub mod job;
