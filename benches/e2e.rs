@@ -582,10 +582,15 @@ async fn post_events(relay: &RelayProcess, events: &[Value]) {
     post_events_batched(relay, events, 500).await
 }
 
-/// Post `events` in batches of `batch`, two batches in flight; returns when all are accepted.
+/// Post `events` in batches of `batch`, two batches in flight (`E2E_IN_FLIGHT`: more); returns
+/// when all are accepted.
 async fn post_events_batched(relay: &RelayProcess, events: &[Value], batch: usize) {
     let chunks: Vec<&[Value]> = events.chunks(batch).collect();
-    for pair in chunks.chunks(2) {
+    let in_flight: usize = std::env::var("E2E_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    for pair in chunks.chunks(in_flight) {
         let futs = pair.iter().map(|c| {
             relay
                 .req(reqwest::Method::POST, "/events")

@@ -1,11 +1,13 @@
-//! New rows written together. Concurrent [`Engine::store_rows`] calls — two `POST /events`
-//! answered at once, events the relay makes while others are being queued — are combined into
-//! one store transaction: whoever finds no write under way writes its rows at once; whoever
-//! finds one adds its rows to the next write and waits for it, and the first of those waiters to
-//! get the turn writes them all. A transaction's fixed costs (its round trips, the chains'
-//! locks, the reads of the chains' heads, the commit's flush) are then paid once for all of
-//! them. On PostgreSQL two `POST`s of the same runs ran one after the other anyway, each waiting
-//! on the other's chain locks; on SQLite they shared a group commit but not their statements.
+//! New rows written together. Concurrent [`Engine::store_rows`] calls — `POST /events` answered
+//! at once, events the relay makes while others are being queued — are combined into fewer
+//! store transactions: up to `WRITES_AT_ONCE` writes run at a time, each started by a caller at
+//! once; a caller that finds that many under way adds its rows to the waiting ones and waits,
+//! and the first waiter to get a turn writes all that waited in one transaction, answering each.
+//! A transaction's fixed costs (its round trips, the chains' locks, the reads of the chains'
+//! heads, the commit's flush) are then paid once for all of them: on PostgreSQL `POST`s of the
+//! same runs serialise on their chains' intake locks anyway; on SQLite they share a group
+//! commit but not their statements. Two at a time, not one: a second write's statements overlap
+//! the first's commit (its flush), as they did before writes were combined.
 //!
 //! A combined write that fails is not retried combined: each caller then writes its own rows
 //! alone and gets its own answer (a store outage still answers 503 to each, and one caller's
@@ -14,8 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use tokio::sync::oneshot;
-use tokio::sync::oneshot::error::TryRecvError;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::engine::Engine;
 use crate::store::{NewDeadLetter, NewDelivery};
@@ -24,12 +25,25 @@ use crate::store::{NewDeadLetter, NewDelivery};
 /// more than this are written alone).
 const MAX_COMBINED: usize = 4_000;
 
-#[derive(Default)]
+/// Writes of new rows under way at once (see the module's text).
+const WRITES_AT_ONCE: usize = 2;
+
 pub(crate) struct Combiner {
-    /// Held by the caller writing (its rows and the waiting ones).
-    turn: tokio::sync::Mutex<()>,
+    /// A permit for each write under way.
+    turns: Semaphore,
+    /// Requests no write has taken yet, oldest first.
     waiting: Mutex<Vec<Request>>,
     next_id: AtomicU64,
+}
+
+impl Default for Combiner {
+    fn default() -> Combiner {
+        Combiner {
+            turns: Semaphore::new(WRITES_AT_ONCE),
+            waiting: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
 }
 
 struct Request {
@@ -62,9 +76,12 @@ impl Combiner {
         waiting.drain(..n).collect()
     }
 
-    /// Take back a request of one's own that no write has taken.
-    fn withdraw(&self, id: u64) {
-        self.waiting().retain(|r| r.id != id);
+    /// Take back a request of one's own if no write has taken it; whether it was still there.
+    fn withdraw(&self, id: u64) -> bool {
+        let mut waiting = self.waiting();
+        let before = waiting.len();
+        waiting.retain(|r| r.id != id);
+        waiting.len() < before
     }
 }
 
@@ -78,34 +95,32 @@ impl Engine {
         now: i64,
     ) -> anyhow::Result<()> {
         let c = &self.combiner;
-        let turn = match c.turn.try_lock() {
+        let turn = match c.turns.try_acquire() {
             Ok(turn) => turn,
             Err(_) if rows.len() > MAX_COMBINED => return self.write_alone(rows, dead, now).await,
             Err(_) => {
-                // A write is under way: wait to be taken into the next one.
+                // As many writes as may run at once are under way: wait to be taken into the
+                // next one.
                 let id = c.next_id.fetch_add(1, Ordering::Relaxed);
-                let (done, mut answer) = oneshot::channel();
+                let (done, answer) = oneshot::channel();
                 c.waiting().push(Request {
                     id,
                     rows: rows.to_vec(),
                     dead: dead.to_vec(),
                     done,
                 });
-                let turn = c.turn.lock().await;
-                // A write that took our request answered it before it gave the turn up.
-                match answer.try_recv() {
-                    Ok(true) => return Ok(()),
-                    // It failed (or its writer went away before answering): alone, now.
-                    Ok(false) | Err(TryRecvError::Closed) => {
-                        drop(turn);
-                        return self.write_alone(rows, dead, now).await;
-                    }
-                    // Not taken: ours is the turn, and we write for ourselves as for anyone.
-                    Err(TryRecvError::Empty) => {
-                        c.withdraw(id);
-                        turn
-                    }
+                let turn = c.turns.acquire().await.expect("the semaphore is never closed");
+                if !c.withdraw(id) {
+                    // A write took ours: its answer.
+                    drop(turn);
+                    return match answer.await {
+                        Ok(true) => Ok(()),
+                        // It failed (or its writer went away before answering): alone, now.
+                        Ok(false) | Err(_) => self.write_alone(rows, dead, now).await,
+                    };
                 }
+                // Still waiting: ours is a turn, and we write for ourselves as for anyone.
+                turn
             }
         };
         let others = c.take(MAX_COMBINED.saturating_sub(rows.len()));
