@@ -45,8 +45,9 @@ pub use rows::*;
 /// work just now — a connection ended or refused (PostgreSQL restarting, failing over, out of
 /// connection slots), no pooled connection free in time, SQLite's database busy or its disk
 /// full — rather than because of what was asked. The API answers those with
-/// `503 service_unavailable` and a `Retry-After`, so that a client sends the request again;
-/// nothing of a request that failed so is kept (its transaction did not commit).
+/// `503 service_unavailable` and a `Retry-After`, so that a client sends the request again:
+/// its transaction did not commit (unless the connection ended between the commit and its
+/// answer, CONTRACT §3's "at least once").
 pub fn unavailable(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
