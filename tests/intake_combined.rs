@@ -42,21 +42,17 @@ async fn concurrent_posts_are_combined_and_each_run_arrives_whole_and_in_order(e
     let total = CLIENTS * BATCHES * PER_BATCH;
     rx.wait_for(WAIT, "every event", |g| g.len() >= total).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ids: Vec<String> = rx
-        .received()
-        .iter()
-        .map(|g| g.header("webhook-id").to_string())
-        .collect();
+    let ids = rx.webhook_ids();
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!((ids.len(), unique.len()), (total, total), "each event once");
     for c in 0..CLIENTS {
         for r in 0..2 {
             let prefix = format!("c{c}r{r}_");
-            let seen: Vec<&String> = ids.iter().filter(|id| id.starts_with(&prefix)).collect();
-            let mut sorted = seen.clone();
-            sorted.sort();
-            assert_eq!(seen.len(), BATCHES * PER_BATCH / 2, "run {prefix} whole");
-            assert_eq!(seen, sorted, "run {prefix} in order");
+            assert_eq!(
+                in_order(&ids, &prefix).len(),
+                BATCHES * PER_BATCH / 2,
+                "run {prefix} whole"
+            );
         }
     }
     // The writes were combined (without it, the test above is only the plain path's).

@@ -193,16 +193,11 @@ async fn two_relays_on_one_postgres_deliver_every_event_once_in_run_order() {
     }
     rx.wait_for(WAIT, "200 deliveries", |g| g.len() >= 200).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = rx.received();
-    let ids: Vec<String> = got.iter().map(|g| g.header("webhook-id").to_string()).collect();
+    let ids = rx.webhook_ids();
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!((ids.len(), unique.len()), (200, 200), "no duplicates");
     for r in 0..runs.len() {
-        let prefix = format!("t{r}_");
-        let seen: Vec<&String> = ids.iter().filter(|id| id.starts_with(&prefix)).collect();
-        let mut sorted = seen.clone();
-        sorted.sort();
-        assert_eq!(seen, sorted, "run {r} in order");
+        in_order(&ids, &format!("t{r}_"));
     }
 }
 
@@ -241,19 +236,11 @@ async fn renewals_beside_busy_outcome_writers_lose_no_lease() {
     rx.wait_for(Duration::from_secs(60), "every delivery", |g| g.len() >= total)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ids: Vec<String> = rx
-        .received()
-        .iter()
-        .map(|g| g.header("webhook-id").to_string())
-        .collect();
+    let ids = rx.webhook_ids();
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!((ids.len(), unique.len()), (total, total), "each event delivered once");
     for r in 0..runs {
-        let prefix = format!("l{r:02}_");
-        let seen: Vec<&String> = ids.iter().filter(|id| id.starts_with(&prefix)).collect();
-        let mut sorted = seen.clone();
-        sorted.sort();
-        assert_eq!(seen, sorted, "run {r} in order");
+        in_order(&ids, &format!("l{r:02}_"));
     }
     assert_eq!(
         app.metric("syncrelay_leases_lost_total", &[]).await,
@@ -312,11 +299,7 @@ async fn a_postgres_restart_under_the_relay_loses_nothing_and_delivery_resumes()
     }
     let got = rx.wait_for(WAIT, "all 160", |g| g.len() >= 160).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ids: Vec<String> = rx
-        .received()
-        .iter()
-        .map(|g| g.header("webhook-id").to_string())
-        .collect();
+    let ids = rx.webhook_ids();
     let unique: std::collections::HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), 160, "every event delivered ({} requests)", got.len());
     for r in 0..runs.len() {

@@ -49,6 +49,16 @@ pub fn event(id: &str, webhook_id: &str, run: Option<&str>, payload: Value) -> V
 }
 
 /// The `n`-th run id (a valid UUID).
+/// The ids among `ids` that start with `prefix`, in their order, checked to be sorted: for a
+/// run whose events are numbered in the order they were accepted, that it arrived in order.
+pub fn in_order<'a>(ids: &'a [String], prefix: &str) -> Vec<&'a String> {
+    let seen: Vec<&String> = ids.iter().filter(|id| id.starts_with(prefix)).collect();
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "{prefix}… in order");
+    seen
+}
+
 pub fn run_id(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }

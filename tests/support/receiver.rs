@@ -198,6 +198,14 @@ impl Receiver {
         self.state.got.lock().unwrap().clone()
     }
 
+    /// The `webhook-id` of every request so far, in the order they arrived.
+    pub fn webhook_ids(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|r| r.header("webhook-id").to_string())
+            .collect()
+    }
+
     /// Distinct `webhook-id`s answered with a 2xx.
     pub fn delivered_ids(&self) -> std::collections::HashSet<String> {
         self.received()
