@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,28 @@ async fn wait_committed_at_end(broker: &Broker, group: &str, topic: &str, total:
             return offs;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every partition's committed offset at its log end (`ends`, as the produce returned them),
+/// once the group's committed offsets add up to all the messages.
+async fn assert_committed_at_end(broker: &Broker, group: &str, topic: &str, ends: &BTreeMap<i32, i64>) {
+    let offs = wait_committed_at_end(broker, group, topic, ends.values().sum()).await;
+    for (p, committed, _) in &offs {
+        assert_eq!(
+            Some(committed),
+            ends.get(p),
+            "partition {p}: committed offset != log end ({ends:?})"
+        );
+    }
+}
+
+/// `runs` runs answered 2xx, each with its events `0..n`, in order.
+fn assert_runs_in_order(got: &[Received], runs: usize, n: i64) {
+    let per_run = delivered_per_run(got);
+    assert_eq!(per_run.len(), runs);
+    for (run, seq) in &per_run {
+        assert_eq!(seq, &(0..n).collect::<Vec<_>>(), "run {run} out of order");
     }
 }
 
@@ -92,26 +114,15 @@ async fn ten_thousand_events_over_a_hundred_runs_arrive_in_order_with_valid_sign
         10_000.0 / took.as_secs_f64()
     );
     assert_eq!(got.len(), 10_000, "no duplicates without faults");
-    let per_run = delivered_per_run(&got);
-    assert_eq!(per_run.len(), 100);
-    for (run, seq) in &per_run {
-        assert_eq!(seq, &(0..100).collect::<Vec<_>>(), "run {run} out of order");
-    }
+    assert_runs_in_order(&got, 100, 100);
     let verifier = standardwebhooks::Webhook::new(&secret).unwrap();
     for r in &got {
         verifier
             .verify(&r.body, &r.header_map())
             .expect("every signature verifies");
     }
-    let offs = wait_committed_at_end(&broker, "g1", "ev1", 10_000).await;
     assert_eq!(ends.values().sum::<i64>(), 10_000);
-    for (p, committed, _) in &offs {
-        assert_eq!(
-            Some(committed),
-            ends.get(p),
-            "partition {p}: committed offset != log end ({ends:?})"
-        );
-    }
+    assert_committed_at_end(&broker, "g1", "ev1", &ends).await;
     // Close the consumer while the broker is still up (librdkafka waits for it when closing).
     app.stop().await;
 }
@@ -150,18 +161,9 @@ async fn large_events_pause_a_partition_at_its_byte_bound_and_all_arrive_in_orde
     }
     let got = rx.received();
     assert_eq!(got.len(), 400, "every event once");
-    for (run, seq) in &delivered_per_run(&got) {
-        assert_eq!(seq, &(0..20).collect::<Vec<_>>(), "run {run} out of order");
-    }
+    assert_runs_in_order(&got, 20, 20);
     assert!(paused_seen >= 1.0, "no partition paused on its byte bound");
-    let offs = wait_committed_at_end(&broker, "gb", "evb", 400).await;
-    for (p, committed, _) in &offs {
-        assert_eq!(
-            Some(committed),
-            ends.get(p),
-            "partition {p}: committed offset != log end"
-        );
-    }
+    assert_committed_at_end(&broker, "gb", "evb", &ends).await;
     app.stop().await;
 }
 
@@ -758,18 +760,7 @@ async fn a_postgres_restart_under_a_kafka_relay_loses_nothing() {
         .filter(|r| seen.insert(r.header("webhook-id").to_string()))
         .cloned()
         .collect();
-    let per_run = delivered_per_run(&firsts);
-    assert_eq!(per_run.len(), 20);
-    for (run, seq) in &per_run {
-        assert_eq!(seq, &(0..100).collect::<Vec<_>>(), "run {run} out of order");
-    }
-    let offs = wait_committed_at_end(&broker, "gpg", "evpg", 2000).await;
-    for (p, committed, _) in &offs {
-        assert_eq!(
-            Some(committed),
-            ends.get(p),
-            "partition {p}: committed offset != log end"
-        );
-    }
+    assert_runs_in_order(&firsts, 20, 100);
+    assert_committed_at_end(&broker, "gpg", "evpg", &ends).await;
     app.stop().await;
 }
