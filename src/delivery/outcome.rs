@@ -123,6 +123,18 @@ impl Writers {
         };
         self.0[i].send(w).map_err(|_| WritersGone)
     }
+
+    /// A barrier queued to every writer still running: each answers once what was queued to
+    /// it before is committed.
+    fn barriers(&self) -> Vec<oneshot::Receiver<()>> {
+        self.0
+            .iter()
+            .filter_map(|q| {
+                let (tx, rx) = oneshot::channel();
+                q.send(Write::Barrier(tx)).ok().map(|_| rx)
+            })
+            .collect()
+    }
 }
 
 /// The outcome writers have stopped: nothing more is recorded by this process.
@@ -132,14 +144,7 @@ pub(super) struct WritersGone;
 impl Engine {
     /// Wait until every outcome handed to the writers so far is committed.
     pub async fn barrier(&self) {
-        let mut waits = Vec::with_capacity(self.writes.0.len());
-        for q in &self.writes.0 {
-            let (tx, rx) = oneshot::channel();
-            if q.send(Write::Barrier(tx)).is_ok() {
-                waits.push(rx);
-            }
-        }
-        for rx in waits {
+        for rx in self.writes.barriers() {
             let _ = rx.await;
         }
     }
